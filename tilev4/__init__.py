@@ -1,0 +1,11 @@
+"""tilev4: TileLang kernels for the DeepSeek-V4 architecture, with an fp32 reference.
+
+Public ops run TileLang kernels on CUDA tensors; :mod:`tilev4.reference` holds the same math
+in plain fp32 torch for the CPU and for tests.
+"""
+
+from tilev4.kernels import fp8_quantize, rmsnorm
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "fp8_quantize", "rmsnorm"]

@@ -1,0 +1,34 @@
+"""The command line works on a machine without a GPU."""
+
+import subprocess
+import sys
+
+import torch
+
+from tilev4.cli import info_rows, main
+
+
+def test_info_rows_report_the_toolchain():
+    rows = dict(info_rows())
+    for key in ("GPU", "nvcc", "torch", "tilelang", "cache directory", "kernel arch", "registered kernels"):
+        assert rows.get(key)
+    if not torch.cuda.is_available():
+        assert rows["GPU"].startswith("none")
+    assert "rmsnorm" in rows["registered kernels"]
+
+
+def test_python_dash_m_info():
+    out = subprocess.run([sys.executable, "-m", "tilev4", "info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tilelang" in out.stdout and "cache directory" in out.stdout
+
+
+def test_compile_one_kernel_cli():
+    assert main(["compile", "--arch", "sm_90a", "--kernel", "rmsnorm", "--default-only", "--jobs", "1"]) == 0
+
+
+def test_unknown_kernel_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown kernel"):
+        main(["compile", "--kernel", "nope"])

@@ -1,0 +1,3 @@
+from tilev4.cli import main
+
+raise SystemExit(main())

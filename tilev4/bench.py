@@ -1,0 +1,167 @@
+"""Benchmark harness: CUDA-event timing, same-run peaks, JSON records, the README table.
+
+Every run first measures the two peaks that results are reported against — the bf16 matmul
+peak (``torch.matmul`` 8192³) and device-to-device copy bandwidth (read + write) — then times
+each kernel after warm-up as the median of per-launch CUDA-event timings, on random (never
+zero) inputs. A record gives ms, the bytes or FLOPs counted, GB/s or TFLOPS, and the fraction
+of the matching peak.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BENCHES", "measure_peaks", "render_table", "run_benches", "time_cuda"]
+
+README_BEGIN = "<!-- perf-table:begin -->"
+README_END = "<!-- perf-table:end -->"
+
+
+def time_cuda(fn: Callable[[], Any], warmup: int = 10, reps: int = 50, flush_l2: bool = True) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` launches, each timed with CUDA events.
+
+    ``flush_l2`` overwrites a 256 MiB buffer before each launch so that no run reads its
+    inputs from the 50 MB L2 left warm by the previous one.
+    """
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.fill_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_peaks() -> dict[str, float]:
+    """bf16 matmul TFLOPS (8192³) and copy GB/s (1 GiB, read + write counted) in this run."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: torch.matmul(a, b, out=c), warmup=5, reps=20, flush_l2=False)
+    src = torch.randn(2**28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms_copy = time_cuda(lambda: dst.copy_(src), warmup=5, reps=20, flush_l2=False)
+    return {
+        "bf16_matmul_tflops": 2 * n**3 / ms / 1e9,
+        "copy_gbps": 2 * src.numel() * 4 / ms_copy / 1e6,
+    }
+
+
+def _bench_rmsnorm(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    import tilev4
+
+    out = []
+    for n, d in [(16384, 4096), (16384, 7168), (64, 4096)]:
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d, device="cuda")
+        y = torch.empty_like(x)
+        ms = time_cuda(lambda x=x, w=w, y=y: tilev4.rmsnorm(x, w, out=y))
+        nbytes = 2 * x.numel() * 2 + w.numel() * 4
+        out.append(_record("rmsnorm", f"N={n} D={d}", ms, nbytes=nbytes, peaks=peaks))
+    return out
+
+
+def _bench_fp8_quantize(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    import tilev4
+
+    out = []
+    for n, k in [(16384, 4096), (16384, 7168), (64, 7168)]:
+        x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn)
+        s = torch.empty(n, k // 128, device="cuda")
+        ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)))
+        nbytes = x.numel() * 2 + q.numel() + s.numel() * 4
+        out.append(_record("fp8_quantize", f"N={n} K={k}", ms, nbytes=nbytes, peaks=peaks))
+    return out
+
+
+BENCHES: dict[str, Callable[[dict[str, float]], list[dict[str, Any]]]] = {
+    "rmsnorm": _bench_rmsnorm,
+    "fp8_quantize": _bench_fp8_quantize,
+}
+
+
+def _record(
+    kernel: str, shape: str, ms: float, *, peaks: dict[str, float], nbytes: float = 0.0, flops: float = 0.0
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {"kernel": kernel, "shape": shape, "ms": ms}
+    if nbytes:
+        rec["gbps"] = nbytes / ms / 1e6
+        rec["fraction_of_copy_bw"] = rec["gbps"] / peaks["copy_gbps"]
+    if flops:
+        rec["tflops"] = flops / ms / 1e9
+        rec["fraction_of_bf16_peak"] = rec["tflops"] / peaks["bf16_matmul_tflops"]
+    return rec
+
+
+def run_benches(names: list[str] | None = None) -> dict[str, Any]:
+    """Run the named benchmarks (all by default) and return the JSON-ready report."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks need a CUDA GPU; none is visible")
+    unknown = set(names or []) - set(BENCHES)
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(BENCHES)}")
+    peaks = measure_peaks()
+    results = []
+    for name in names or list(BENCHES):
+        results += BENCHES[name](peaks)
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "gpu": props.name,
+        "commit": os.environ.get("TILEV4_COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "peaks": peaks,
+        "results": results,
+    }
+
+
+def render_table(reports: list[dict[str, Any]]) -> str:
+    """Markdown table of benchmark reports (one row per kernel and shape)."""
+    lines = [
+        "| kernel | shape | ms | GB/s | TFLOPS | fraction of same-run peak | GPU | date | commit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for rep in reports:
+        for r in rep["results"]:
+            frac = r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw"))
+            which = "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW"
+            lines.append(
+                f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('gbps', 0):.0f} | "
+                f"{r.get('tflops', 0):.1f} | {frac:.2f} of {which} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
+            )
+    peaks = "; ".join(
+        f"{rep['gpu']} {rep['date']}: bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS, "
+        f"copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
+    )
+    return "\n".join(lines) + f"\n\nSame-run peaks — {peaks}.\n"
+
+
+def update_readme(readme: Path, json_files: list[Path]) -> None:
+    """Replace the README's table between the perf-table markers with one made from ``json_files``."""
+    reports = [json.loads(p.read_text()) for p in sorted(json_files)]
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: the markers {README_BEGIN} / {README_END} are missing")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    sources = ", ".join(f"`{p.as_posix()}`" for p in sorted(json_files))
+    body = f"\n_Generated by `tilev4 bench-table --update-readme` from {sources}._\n\n" + render_table(reports)
+    readme.write_text(head + README_BEGIN + body + README_END + tail)

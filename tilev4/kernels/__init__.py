@@ -1,0 +1,25 @@
+"""TileLang kernels. Importing this package registers every kernel in the registry."""
+
+from tilev4.kernels.quant import fp8_quantize
+from tilev4.kernels.registry import (
+    DEFAULT_AOT_ARCH,
+    KernelDef,
+    compile_kernel,
+    current_arch,
+    get_kernel_def,
+    iter_registry,
+    registry_names,
+)
+from tilev4.kernels.rmsnorm import rmsnorm
+
+__all__ = [
+    "DEFAULT_AOT_ARCH",
+    "KernelDef",
+    "compile_kernel",
+    "current_arch",
+    "fp8_quantize",
+    "get_kernel_def",
+    "iter_registry",
+    "registry_names",
+    "rmsnorm",
+]
