@@ -54,10 +54,9 @@ def info_rows() -> list[tuple[str, str]]:
     """The facts ``tilev4 info`` prints, as (label, value) rows."""
     import torch
 
+    import tilev4
     from tilev4.autotune import cache_dir
     from tilev4.kernels import current_arch, registry_names
-
-    import tilev4
 
     rows: list[tuple[str, str]] = [("tilev4", tilev4.__version__)]
     if torch.cuda.is_available():
