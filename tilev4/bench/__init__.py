@@ -10,8 +10,10 @@ of the matching peak.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
+import pkgutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,31 @@ from typing import Any
 
 import torch
 
-__all__ = ["BENCHES", "measure_peaks", "render_table", "run_benches", "time_cuda"]
+__all__ = ["BENCHES", "benchmark", "measure_peaks", "record", "render_table", "run_benches", "time_cuda"]
+
+BenchFn = Callable[[dict[str, float]], list[dict[str, Any]]]
+BENCHES: dict[str, BenchFn] = {}
+
+
+def benchmark(name: str) -> Callable[[BenchFn], BenchFn]:
+    """Register ``fn(peaks) -> list of records`` as benchmark ``name`` (``tilev4 bench NAME``).
+
+    Benchmarks live in the submodules of :mod:`tilev4.bench`, one per area; all are imported
+    when a run starts.
+    """
+
+    def wrap(fn: BenchFn) -> BenchFn:
+        if name in BENCHES:
+            raise ValueError(f"benchmark {name!r} is registered twice")
+        BENCHES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
 
 README_BEGIN = "<!-- perf-table:begin -->"
 README_END = "<!-- perf-table:end -->"
@@ -64,43 +90,10 @@ def measure_peaks() -> dict[str, float]:
     }
 
 
-def _bench_rmsnorm(peaks: dict[str, float]) -> list[dict[str, Any]]:
-    import tilev4
-
-    out = []
-    for n, d in [(16384, 4096), (16384, 7168), (64, 4096)]:
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(d, device="cuda")
-        y = torch.empty_like(x)
-        ms = time_cuda(lambda x=x, w=w, y=y: tilev4.rmsnorm(x, w, out=y))
-        nbytes = 2 * x.numel() * 2 + w.numel() * 4
-        out.append(_record("rmsnorm", f"N={n} D={d}", ms, nbytes=nbytes, peaks=peaks))
-    return out
-
-
-def _bench_fp8_quantize(peaks: dict[str, float]) -> list[dict[str, Any]]:
-    import tilev4
-
-    out = []
-    for n, k in [(16384, 4096), (16384, 7168), (64, 7168)]:
-        x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        q = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn)
-        s = torch.empty(n, k // 128, device="cuda")
-        ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)))
-        nbytes = x.numel() * 2 + q.numel() + s.numel() * 4
-        out.append(_record("fp8_quantize", f"N={n} K={k}", ms, nbytes=nbytes, peaks=peaks))
-    return out
-
-
-BENCHES: dict[str, Callable[[dict[str, float]], list[dict[str, Any]]]] = {
-    "rmsnorm": _bench_rmsnorm,
-    "fp8_quantize": _bench_fp8_quantize,
-}
-
-
-def _record(
+def record(
     kernel: str, shape: str, ms: float, *, peaks: dict[str, float], nbytes: float = 0.0, flops: float = 0.0
 ) -> dict[str, Any]:
+    """One result: ms, and GB/s (from ``nbytes``) and/or TFLOPS (from ``flops``) with their peak fractions."""
     rec: dict[str, Any] = {"kernel": kernel, "shape": shape, "ms": ms}
     if nbytes:
         rec["gbps"] = nbytes / ms / 1e6
@@ -115,6 +108,7 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
     """Run the named benchmarks (all by default) and return the JSON-ready report."""
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks need a CUDA GPU; none is visible")
+    _load_all()
     unknown = set(names or []) - set(BENCHES)
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(BENCHES)}")
@@ -133,6 +127,10 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+def _fmt(v: float | None, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def render_table(reports: list[dict[str, Any]]) -> str:
     """Markdown table of benchmark reports (one row per kernel and shape)."""
     lines = [
@@ -144,8 +142,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
             frac = r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw"))
             which = "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW"
             lines.append(
-                f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('gbps', 0):.0f} | "
-                f"{r.get('tflops', 0):.1f} | {frac:.2f} of {which} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
+                f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
+                f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
             )
     peaks = "; ".join(
         f"{rep['gpu']} {rep['date']}: bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS, "

@@ -1,0 +1,39 @@
+"""Benchmarks of the memory-bound basics: rmsnorm and the FP8 activation quantiser."""
+
+from typing import Any
+
+import torch
+
+from tilev4.bench import benchmark, record, time_cuda
+
+__all__ = ["bench_fp8_quantize", "bench_rmsnorm"]
+
+
+@benchmark("rmsnorm")
+def bench_rmsnorm(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    import tilev4
+
+    out = []
+    for n, d in [(16384, 4096), (16384, 7168), (64, 4096)]:
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d, device="cuda")
+        y = torch.empty_like(x)
+        ms = time_cuda(lambda x=x, w=w, y=y: tilev4.rmsnorm(x, w, out=y))
+        nbytes = 2 * x.numel() * 2 + w.numel() * 4
+        out.append(record("rmsnorm", f"N={n} D={d}", ms, nbytes=nbytes, peaks=peaks))
+    return out
+
+
+@benchmark("fp8_quantize")
+def bench_fp8_quantize(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    import tilev4
+
+    out = []
+    for n, k in [(16384, 4096), (16384, 7168), (64, 7168)]:
+        x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn)
+        s = torch.empty(n, k // 128, device="cuda")
+        ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)))
+        nbytes = x.numel() * 2 + q.numel() + s.numel() * 4
+        out.append(record("fp8_quantize", f"N={n} K={k}", ms, nbytes=nbytes, peaks=peaks))
+    return out
