@@ -1,5 +1,6 @@
 """TileLang kernels. Importing this package registers every kernel in the registry."""
 
+from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
 from tilev4.kernels.quant import fp8_quantize
 from tilev4.kernels.registry import (
     DEFAULT_AOT_ARCH,
@@ -16,10 +17,13 @@ __all__ = [
     "DEFAULT_AOT_ARCH",
     "KernelDef",
     "compile_kernel",
+    "csa_attention",
     "current_arch",
     "fp8_quantize",
     "get_kernel_def",
+    "hca_attention",
     "iter_registry",
     "registry_names",
     "rmsnorm",
+    "sparse_attention",
 ]

@@ -1,0 +1,41 @@
+"""Attention DSL: spec validation, input checks that need no GPU."""
+
+import pytest
+import torch
+
+import tilev4
+from tilev4.dsl import AttentionSpec, CompressedDense, IndexList, Window
+from tilev4.dsl.codegen import head_block, tensor_layout
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="heads"):
+        AttentionSpec(heads=0, sources=(Window(),))
+    with pytest.raises(ValueError, match="head_dim"):
+        AttentionSpec(heads=4, head_dim=100, sources=(Window(),))
+    with pytest.raises(ValueError, match="unique"):
+        AttentionSpec(heads=4, sources=(IndexList("a"), IndexList("a")))
+    with pytest.raises(ValueError, match="at least one"):
+        AttentionSpec(heads=4, sources=())
+    with pytest.raises(ValueError, match="Window size"):
+        Window(size=0)
+
+
+def test_layout_and_head_blocks():
+    spec = AttentionSpec(heads=64, sources=(Window("window"), CompressedDense("comp")), return_lse=True)
+    names = [n for n, _ in tensor_layout(spec, split=False)]
+    assert names == ["q", "positions", "sink", "window_kv", "window_start", "comp_kv", "o", "lse"]
+    assert [head_block(h) for h in (64, 128, 96, 48, 8, 20)] == [64, 64, 32, 16, 16, 32]
+    assert "Window(128) ∪ CompressedDense(128)" in spec.describe()
+
+
+def test_public_ops_reject_bad_input_on_cpu():
+    q = torch.randn(1, 2, 64, 512)
+    with pytest.raises(TypeError, match="q must be bfloat16"):
+        tilev4.sparse_attention(q, torch.randn(1, 4, 512), torch.zeros(64), torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="CUDA"):
+        tilev4.sparse_attention(q.bfloat16(), torch.randn(1, 4, 512).bfloat16(), torch.zeros(64),
+                                torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="scale"):
+        tilev4.sparse_attention(q.bfloat16(), torch.randn(1, 4, 512).bfloat16(), torch.zeros(64),
+                                torch.zeros(1, 2, 4, dtype=torch.int32), scale=-1.0)

@@ -1,0 +1,209 @@
+"""Sparse / CSA / HCA attention kernels (DSL-built) against the fp32 reference, on the GPU.
+
+Tolerances: q and kv are bf16 (exact in fp32), QK is accumulated in fp32, but the softmax
+weights P are rounded to bf16 (relative 2^-9) before the P·V product and the output is rounded to
+bf16 (relative 2^-9); with |v| of N(0,1) rows below ~5 that bounds |o − o_ref| by ~1e-2.
+The lse goes through fp32 only (atol 1e-3 covers exp2/log2 and the summation order).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tilev4
+from tilev4.reference import attention as RA
+
+pytestmark = pytest.mark.gpu
+O_TOL = {"atol": 1e-2, "rtol": 1e-2}
+LSE_TOL = {"atol": 1e-3, "rtol": 1e-4}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _randn(*shape, g, dtype=torch.bfloat16):
+    return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+
+def _poisoned(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def _ref_sparse(q, kv, sink, idx, return_lse=False):
+    return RA.sparse_attention(q.cpu().float(), kv.cpu().float(), None if sink is None else sink.cpu(), idx.cpu(),
+                               return_lse=return_lse)
+
+
+def _check(o, ref, lse=None, ref_lse=None):
+    assert not torch.isnan(o).any(), "NaN in the output"
+    torch.testing.assert_close(o.float().cpu(), ref, **O_TOL)
+    if lse is not None:
+        assert not torch.isnan(lse).any()
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse.cpu()), finite)
+        torch.testing.assert_close(lse.cpu()[finite], ref_lse[finite], **LSE_TOL)
+
+
+@pytest.mark.parametrize("heads", [64, 128, 8, 96, 20])
+def test_sparse_matches_reference(heads):
+    g = _gen(heads)
+    b, s, n, k = 2, 9, 300, 200  # k is not a multiple of the 64-key block
+    q, kv = _randn(b, s, heads, 512, g=g), _randn(b, n, 512, g=g)
+    sink = torch.randn(heads, generator=g, device="cuda")
+    idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
+    idx[:, :, ::3] = -1  # scattered unused slots
+    idx[0, 1, 64:128] = -1  # one whole 64-key block unused
+    idx[1, 2, :] = -1  # a query with no key at all -> 0
+    idx[1, 3, 10:20] = idx[1, 3, 0]  # duplicated index counts ten more times
+    o, lse = tilev4.sparse_attention(q, kv, sink, idx, return_lse=True, out=_poisoned(q))
+    ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
+    _check(o, ref, lse, ref_lse)
+    assert torch.count_nonzero(o[1, 2]) == 0
+
+
+def test_sparse_without_keys_and_huge_sink():
+    g = _gen(1)
+    q, kv = _randn(1, 3, 64, 512, g=g), _randn(1, 64, 512, g=g)
+    sink = torch.full((64,), 80.0, device="cuda")  # e^80 dominates: output ~0 but finite
+    idx = torch.randint(0, 64, (1, 3, 64), generator=g, device="cuda", dtype=torch.int32)
+    idx[0, 0] = -1
+    o = tilev4.sparse_attention(q, kv, sink, idx, out=_poisoned(q))
+    _check(o, _ref_sparse(q, kv, sink, idx))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_split_kv_matches(num_splits):
+    from tilev4.kernels.attention import _kernel
+
+    g = _gen(num_splits)
+    q, kv = _randn(2, 2, 64, 512, g=g), _randn(2, 500, 512, g=g)
+    sink = torch.randn(64, generator=g, device="cuda")
+    idx = torch.randint(-1, 500, (2, 2, 400), generator=g, device="cuda", dtype=torch.int32)
+    kern = _kernel("sparse", 64, False, None, True)
+    pos = torch.zeros(2, 2, dtype=torch.int32, device="cuda")
+    o, lse = kern(q, pos, sink, num_splits=num_splits, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
+    ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
+    _check(o, ref, lse, ref_lse)
+
+
+def _window_rows(positions, start=None, ring=None):
+    """Reference window key set as rows of the window tensor (stream or ring)."""
+    win = RA.window_indices(positions.cpu())  # token positions or -1, [b, s, 128]
+    if ring is not None:
+        return torch.where(win >= 0, win % ring, -1).to(torch.int32)
+    st = start.cpu().view(-1, 1, 1)
+    return torch.where(win >= st, win - st, -1).to(torch.int32)
+
+
+def _csa_case(g, b, s, heads, n_c, k, positions, ring=None, start=None, n_stream=None):
+    q = _randn(b, s, heads, 512, g=g)
+    rows = ring if ring is not None else n_stream
+    kv_w = _randn(b, rows, 512, g=g)
+    kv_c = _randn(b, n_c, 512, g=g)
+    sink = torch.randn(heads, generator=g, device="cuda")
+    vis = ((positions + 1) // 4).clamp(max=n_c)  # visible compressed entries per query
+    scores = torch.rand(b, s, n_c, generator=g, device="cuda")
+    scores = scores.masked_fill(torch.arange(n_c, device="cuda") >= vis.unsqueeze(-1), -math.inf)
+    idx = torch.full((b, s, k), -1, dtype=torch.int32, device="cuda")
+    top = scores.topk(min(k, n_c), dim=-1)
+    take = torch.where(torch.isfinite(top.values), top.indices, -1).to(torch.int32)
+    idx[..., : take.shape[-1]] = take
+    return q, kv_w, kv_c, sink, idx
+
+
+@pytest.mark.parametrize("heads", [64, 128, 16])
+def test_csa_prefill_stream(heads):
+    g = _gen(100 + heads)
+    b, s, k = 2, 160, 96
+    start = torch.tensor([0, 37], dtype=torch.int32, device="cuda")  # second sequence continues a prefill
+    positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    n_c = 64
+    q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, heads, n_c, k, positions, start=start, n_stream=s)
+    o = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, window_start=start, out=_poisoned(q))
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), idx.cpu())
+    _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_csa_decode_ring_ragged(s, batch_invariant):
+    g = _gen(200 + s)
+    b, heads, k, ring = 3, 64, 512, 256
+    last = torch.tensor([5, 300, 4000], dtype=torch.int32, device="cuda")  # ragged positions
+    positions = last.view(-1, 1) - (s - 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    n_c = 1024
+    q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, heads, n_c, k, positions, ring=ring)
+    o = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, batch_invariant=batch_invariant,
+                             out=_poisoned(q))
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, ring=ring), idx.cpu())
+    _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
+@pytest.mark.parametrize(("ring", "s"), [(None, 300), (256, 1)])
+def test_hca_matches_reference(ring, s):
+    g = _gen(300 + s)
+    b, heads = 2, 64
+    if ring is None:
+        start = torch.tensor([0, 1000], dtype=torch.int32, device="cuda")
+        positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+        kv_w = _randn(b, s, 512, g=g)
+    else:
+        positions = torch.tensor([[130], [9000]], dtype=torch.int32, device="cuda")
+        kv_w = _randn(b, ring, 512, g=g)
+        start = None
+    n_c = int((positions.max() + 1) // 128) + 3  # a few entries beyond the visible ones (never read)
+    q, kv_c = _randn(b, s, heads, 512, g=g), _randn(b, n_c, 512, g=g)
+    kv_c[:, -2:] = float("nan")  # invisible entries: must not leak into the output
+    sink = torch.randn(heads, generator=g, device="cuda")
+    o = tilev4.hca_attention(q, kv_w, kv_c, sink, positions, window_start=start, out=_poisoned(q))
+    win = _window_rows(positions, start=start) if ring is None else _window_rows(positions, ring=ring)
+    comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu().nan_to_num(), win, comp)
+    _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=st.integers(1, 64), row=st.integers(0, 63), seed=st.integers(0, 2**20))
+def test_batch_invariant_decode_bit_exact(batch, row, seed):
+    g = _gen(seed)
+    row = row % batch
+    heads, k, ring, n_c = 64, 512, 256, 2048
+    positions = torch.randint(0, 8000, (batch, 1), generator=g, device="cuda", dtype=torch.int32)
+    q, kv_w, kv_c, sink, idx = _csa_case(g, batch, 1, heads, n_c, k, positions, ring=ring)
+    full = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, batch_invariant=True)
+    sl = slice(row, row + 1)
+    alone = tilev4.csa_attention(q[sl].contiguous(), kv_w[sl].contiguous(), kv_c[sl].contiguous(),
+                                 idx[sl].contiguous(), sink, positions[sl].contiguous(), batch_invariant=True)
+    assert torch.equal(full[sl], alone)
+    # HCA: the compressed cache length differs with the batch; the row's bits must not
+    hca_full = tilev4.hca_attention(q, kv_w, kv_c, sink, positions, batch_invariant=True)
+    short = int((positions[row] + 1) // 128) + 1
+    hca_alone = tilev4.hca_attention(q[sl].contiguous(), kv_w[sl].contiguous(), kv_c[sl, :short].contiguous(),
+                                     sink, positions[sl].contiguous(), batch_invariant=True)
+    assert torch.equal(hca_full[sl], hca_alone)
+
+
+def test_bad_input_gpu():
+    g = _gen(5)
+    q, kv = _randn(1, 2, 64, 512, g=g), _randn(1, 10, 512, g=g)
+    sink = torch.zeros(64, device="cuda")
+    idx = torch.zeros(1, 2, 8, dtype=torch.int32, device="cuda")
+    idx[0, 1, 3] = 10
+    with pytest.raises(ValueError, match="index 10 is out of range"):
+        tilev4.sparse_attention(q, kv, sink, idx)
+    idx[0, 1, 3] = -2
+    with pytest.raises(ValueError, match=">= -1"):
+        tilev4.sparse_attention(q, kv, sink, idx)
+    with pytest.raises(TypeError, match="sel_idx must be int32"):
+        tilev4.sparse_attention(q, kv, sink, idx.long())
+    with pytest.raises(ValueError, match="contiguous"):
+        tilev4.sparse_attention(q, kv.transpose(0, 1).contiguous().transpose(0, 1), sink, idx.clamp(min=0))
+    with pytest.raises(ValueError, match="sink"):
+        tilev4.sparse_attention(q, kv, sink[:8], idx.clamp(min=0))
+    with pytest.raises(ValueError, match="ring"):
+        tilev4.csa_attention(_randn(1, 2, 64, 512, g=g), _randn(1, 128, 512, g=g), kv, idx.clamp(min=0), sink,
+                             torch.zeros(1, 2, dtype=torch.int32, device="cuda"))

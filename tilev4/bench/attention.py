@@ -1,0 +1,94 @@
+"""Attention benchmarks: V4-Flash / V4-Pro CSA prefill, CSA decode, HCA prefill, batch-invariant variants.
+
+FLOPs count only valid keys: 4·H·D per (query, valid key) (QKᵀ and PV). Decode bytes count the
+KV rows actually gathered (every valid key's 512 bf16 values) plus q and o.
+"""
+
+from typing import Any
+
+import torch
+
+from tilev4.bench import benchmark, record, time_cuda
+
+__all__ = ["bench_attention"]
+
+D = 512
+
+
+def _csa_prefill_inputs(s: int, heads: int, topk: int, n_c: int = 16384, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    t0 = 4 * n_c  # every query sees all n_c entries and a full window
+    positions = (t0 + torch.arange(s, device="cuda", dtype=torch.int32)).view(1, s)
+    start = torch.tensor([t0 - 127], dtype=torch.int32, device="cuda")
+    q = torch.randn(1, s, heads, D, generator=g, device="cuda").bfloat16()
+    kv_w = torch.randn(1, s + 127, D, generator=g, device="cuda").bfloat16()
+    kv_c = torch.randn(1, n_c, D, generator=g, device="cuda").bfloat16()
+    idx = torch.argsort(torch.rand(1, s, n_c, generator=g, device="cuda"), dim=-1)[..., :topk].int().contiguous()
+    sink = torch.randn(heads, generator=g, device="cuda")
+    return q, kv_w, kv_c, idx, sink, positions, start
+
+
+def _time_both(fn, **kw) -> dict[bool, float]:
+    """Median ms of ``fn(batch_invariant)`` for the default and the batch-invariant variant."""
+    return {bi: time_cuda(lambda bi=bi: fn(bi), **kw) for bi in (False, True)}
+
+
+def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: int = 4096) -> list[dict[str, Any]]:
+    import tilev4
+
+    q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(s, heads, topk)
+    o = torch.empty_like(q)
+    ms = _time_both(lambda bi: tilev4.csa_attention(q, kv_w, kv_c, idx, sink, pos, window_start=start,
+                                                    batch_invariant=bi, out=o), reps=20)
+    flops = 4.0 * s * heads * D * (128 + topk)
+    return [record(f"{name}{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+{topk}", t,
+                   flops=flops, peaks=peaks) for bi, t in ms.items()]
+
+
+def _csa_decode(peaks: dict[str, float], b: int = 64, heads: int = 64, topk: int = 512, n_c: int = 32768):
+    """b sequences at 128K context (n_c = 32768 compressed entries), one new token each."""
+    import tilev4
+
+    ring = 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pos = torch.full((b, 1), 4 * n_c - 1, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, 1, heads, D, generator=g, device="cuda").bfloat16()
+    kv_w = torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()
+    kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
+    idx = torch.argsort(torch.rand(b, 1, n_c, generator=g, device="cuda"), dim=-1)[..., :topk].int().contiguous()
+    sink = torch.randn(heads, generator=g, device="cuda")
+    o = torch.empty_like(q)
+    ms = _time_both(lambda bi: tilev4.csa_attention(q, kv_w, kv_c, idx, sink, pos, batch_invariant=bi, out=o))
+    nbytes = b * (128 + topk) * D * 2 + 2 * q.numel() * 2 + idx.numel() * 4
+    return [record(f"V4-Flash CSA decode{' (batch-invariant)' if bi else ''}",
+                   f"b={b} s=1 H={heads} ctx=128K keys=128+{topk}", t, nbytes=nbytes, peaks=peaks)
+            for bi, t in ms.items()]
+
+
+def _hca_prefill(peaks: dict[str, float], s: int = 65536, heads: int = 64) -> list[dict[str, Any]]:
+    """From position 0: each query sees min(t+1, 128) window keys and (t+1)//128 entries."""
+    import tilev4
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    pos = torch.arange(s, device="cuda", dtype=torch.int32).view(1, s)
+    start = torch.zeros(1, dtype=torch.int32, device="cuda")
+    q = torch.randn(1, s, heads, D, generator=g, device="cuda").bfloat16()
+    kv_w = torch.randn(1, s, D, generator=g, device="cuda").bfloat16()
+    kv_c = torch.randn(1, s // 128, D, generator=g, device="cuda").bfloat16()
+    sink = torch.randn(heads, generator=g, device="cuda")
+    o = torch.empty_like(q)
+    ms = _time_both(lambda bi: tilev4.hca_attention(q, kv_w, kv_c, sink, pos, window_start=start,
+                                                    batch_invariant=bi, out=o), warmup=2, reps=5)
+    t = torch.arange(s, dtype=torch.float64)
+    keys = (torch.clamp(t + 1, max=128) + torch.floor((t + 1) / 128)).sum().item()
+    return [record(f"HCA prefill{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+<=512",
+                   ms_, flops=4.0 * heads * D * keys, peaks=peaks) for bi, ms_ in ms.items()]
+
+
+@benchmark("attention")
+def bench_attention(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    out = _csa_prefill(peaks, "V4-Flash CSA prefill", 64, 512)
+    out += _csa_prefill(peaks, "V4-Pro CSA prefill", 128, 1024)
+    out += _csa_decode(peaks)
+    out += _hca_prefill(peaks)
+    return out

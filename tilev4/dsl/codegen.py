@@ -1,0 +1,363 @@
+"""TileLang programs from an :class:`~tilev4.dsl.spec.AttentionSpec`.
+
+Two programs per spec:
+
+* the **main** program — grid ``(head_blocks · splits, S, B)``; a CTA owns one query token and
+  ``block_heads`` heads, loads Q once, then walks the key blocks of every source in order
+  (``BI`` keys per block), gathering K=V rows into shared memory (invalid keys read as zero rows
+  so garbage never reaches the PV product), and runs one online softmax over all of them:
+
+      acc_s = Q @ KVᵀ                       # [HB, D] @ [D, BI] -> [HB, BI]
+      acc_s = mods(acc_s · scale) · log2(e)  # score_mod, mask_mod, invalid -> -inf
+      m' = max(m, rowmax(acc_s)); p = 2^(acc_s - m'); l = l·2^(m-m') + rowsum(p)
+      acc_o = acc_o·2^(m-m') + P @ KV        # [HB, BI] @ [BI, D] -> [HB, D]
+
+  With ``split=True`` the global sequence of key blocks is cut into splits of ``split_blocks``
+  blocks (a compile-time constant when > 0, so that a row's split boundaries never depend on
+  the batch), and each CTA writes its normalised partial output and base-2 log-sum-exp.
+* the **combine** program — merges the partials of each (token, head) in split order, adds
+  the sink, and writes the bf16 output (and the natural-log LSE).
+
+Epilogue arithmetic is shared: the unsplit epilogue computes exactly what the combine computes
+for a single non-empty split, so a row that fits in one split gets the same bits either way.
+"""
+
+import linecache
+from dataclasses import dataclass
+from typing import Any
+
+import tilelang.language as T
+
+from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
+
+__all__ = ["AttentionConfig", "build_combine_program", "build_main_program", "head_block", "tensor_layout"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never sees inf - inf
+
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Compile-time knobs of the main program (the autotuner's space).
+
+    block_kv: keys per block (BI). threads: CTA size. num_stages: software pipeline depth.
+    split_blocks: key blocks per split in split mode; 0 derives it from the number of splits.
+    """
+
+    block_kv: int = 64
+    threads: int = 256
+    num_stages: int = 1
+    split_blocks: int = 0
+
+
+def head_block(heads: int) -> int:
+    """Heads per CTA: 64 when it divides H, else the largest of 32/16 dividing H, else H rounded to 16."""
+    for hb in (64, 32, 16):
+        if heads % hb == 0:
+            return hb
+    return min(64, -(-heads // 16) * 16)
+
+
+def tensor_layout(spec: AttentionSpec, split: bool) -> list[tuple[str, str]]:
+    """Argument names of the main program in order, with a short role each."""
+    args = [("q", "query"), ("positions", "query positions")]
+    if spec.sink:
+        args.append(("sink", "sink"))
+    for src in spec.sources:
+        args += [(n, "source") for n in src.tensor_names()]
+    if split:
+        args += [("o_part", "partial output"), ("lse_part", "partial lse")]
+    else:
+        args.append(("o", "output"))
+        if spec.return_lse:
+            args.append(("lse", "lse"))
+    return args
+
+
+def _generated_prim_func(name: str, arg_names: list[str], annotations: dict[str, Any], body: Any) -> Any:
+    """A ``T.prim_func`` with named parameters ``arg_names`` whose body is the macro ``body(dict)``.
+
+    TileLang parses a prim_func's source, so the thin wrapper is generated as source text and
+    registered with ``linecache``; the real body is an ordinary ``T.macro`` taking the tensors.
+    """
+    src = f"def {name}({', '.join(arg_names)}):\n    body(dict({', '.join(f'{a}={a}' for a in arg_names)}))\n"
+    fname = f"<tilev4.dsl:{name}({','.join(arg_names)})>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    scope: dict[str, Any] = {"body": body}
+    exec(compile(src, fname, "exec"), scope)
+    fn = scope[name]
+    fn.__annotations__ = dict(annotations)
+    return T.prim_func(fn)
+
+
+class _SourceGen:
+    """Per-source expressions: how many key blocks, and (row, valid, kv_idx) of key ``j``."""
+
+    def __init__(self, src: KVSource, BI: int, D: int):
+        self.src, self.BI, self.D = src, BI, D
+        self.rows = T.dynamic(f"{src.name}_rows")
+        self.topk = T.dynamic(f"{src.name}_k") if isinstance(src, IndexList) else None
+
+    def annotations(self, B: Any, S: Any) -> dict[str, Any]:
+        src, D = self.src, self.D
+        ann = {f"{src.name}_kv": T.Tensor[(B, self.rows, D), T.bfloat16]}
+        if isinstance(src, Window) and not src.ring:
+            ann[f"{src.name}_start"] = T.Tensor[(B,), T.int32]
+        if isinstance(src, IndexList):
+            ann[f"{src.name}_idx"] = T.Tensor[(B, S, self.topk), T.int32]
+        return ann
+
+    def num_keys_max(self) -> Any:
+        """An upper bound on the keys of any query (shape-only: same for every row of a batch)."""
+        src = self.src
+        if isinstance(src, Window):
+            return src.size
+        if isinstance(src, IndexList):
+            return self.topk * src.block
+        return self.rows
+
+    def num_blocks(self, t: dict, b: Any, tq: Any) -> Any:
+        """Key blocks this query walks (may depend on its position for dense sources)."""
+        src, BI = self.src, self.BI
+        if isinstance(src, CompressedDense):
+            visible = T.min(T.max((tq + 1) // src.ratio, 0), self.rows)
+            return T.ceildiv(visible, BI)
+        return T.ceildiv(self.num_keys_max(), BI)
+
+    def key(self, t: dict, b: Any, s: Any, tq: Any, j: Any) -> tuple[Any, Any, Any]:
+        """(row in ``{name}_kv``, valid, kv_idx) of key ``j`` of this source for query (b, s) at ``tq``."""
+        src = self.src
+        if isinstance(src, Window):
+            p = tq - src.size + 1 + j  # absolute token position
+            if src.ring:
+                valid = T.And(T.And(p >= 0, j < src.size), p <= tq)
+                row = T.truncmod(T.max(p, 0), self.rows)
+            else:
+                start = t[f"{src.name}_start"][b]
+                valid = T.And(T.And(p >= T.max(start, 0), p - start < self.rows), j < src.size)
+                row = p - start
+            return row, valid, p
+        if isinstance(src, IndexList):
+            slot = j // src.block
+            idx = t[f"{src.name}_idx"][b, s, T.min(slot, self.topk - 1)]
+            row = idx * src.block + T.truncmod(j, src.block)
+            valid = T.And(T.And(slot < self.topk, idx >= 0), row < self.rows)
+            return row, valid, row
+        if isinstance(src, CompressedDense):
+            valid = T.And(j < (tq + 1) // src.ratio, j < self.rows)
+            return j, valid, j
+        raise TypeError(f"unsupported KV source {type(src).__name__}")
+
+
+def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
+    """The fused attention program for ``spec`` (see the module docstring)."""
+    H, D, BI = spec.heads, spec.head_dim, config.block_kv
+    HB = head_block(H)
+    NHB = -(-H // HB)
+    threads, stages, fixed_sb = config.threads, config.num_stages, config.split_blocks
+    scale = spec.softmax_scale
+    score_mod, mask_mod = spec.score_mod, spec.mask_mod
+    B, S = T.dynamic("B"), T.dynamic("S")
+    NS = T.dynamic("NS") if split else 1
+    gens = [_SourceGen(src, BI, D) for src in spec.sources]
+
+    ann: dict[str, Any] = {"q": T.Tensor[(B, S, H, D), T.bfloat16], "positions": T.Tensor[(B, S), T.int32]}
+    if spec.sink:
+        ann["sink"] = T.Tensor[(H,), T.float32]
+    for g in gens:
+        ann.update(g.annotations(B, S))
+    if split:
+        ann["o_part"] = T.Tensor[(B, S, NS, H, D), T.float32]
+        ann["lse_part"] = T.Tensor[(B, S, NS, H), T.float32]
+    else:
+        ann["o"] = T.Tensor[(B, S, H, D), T.bfloat16]
+        if spec.return_lse:
+            ann["lse"] = T.Tensor[(B, S, H), T.float32]
+    arg_names = [n for n, _ in tensor_layout(spec, split)]
+
+    total_blocks_max = 0
+    for g in gens:
+        total_blocks_max = total_blocks_max + T.ceildiv(g.num_keys_max(), BI)
+
+    @T.macro
+    def body(t):
+        with T.Kernel(NHB * NS, S, B, threads=threads) as (bx, s_i, b_i):
+            q_shared = T.alloc_shared((HB, D), T.bfloat16)
+            kv_shared = T.alloc_shared((BI, D), T.bfloat16)
+            p_shared = T.alloc_shared((HB, BI), T.bfloat16)
+            o_shared = T.alloc_shared((HB, D), T.bfloat16)
+            row_shared = T.alloc_shared((BI,), T.int32)
+            ok_shared = T.alloc_shared((BI,), T.int32)
+            kvpos_shared = T.alloc_shared((BI,), T.int32)
+            acc_s = T.alloc_fragment((HB, BI), T.float32)
+            acc_o = T.alloc_fragment((HB, D), T.float32)
+            m = T.alloc_fragment((HB,), T.float32)
+            m_prev = T.alloc_fragment((HB,), T.float32)
+            alpha = T.alloc_fragment((HB,), T.float32)
+            l_sum = T.alloc_fragment((HB,), T.float32)
+            row_sum = T.alloc_fragment((HB,), T.float32)
+            lse2 = T.alloc_fragment((HB,), T.float32)
+
+            h0 = (bx % NHB) * HB
+            sp = bx // NHB
+            tq = t["positions"][b_i, s_i]
+            if split:
+                if fixed_sb > 0:
+                    sb = fixed_sb
+                else:
+                    sb = T.ceildiv(total_blocks_max, NS)
+
+            T.copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared)
+            T.fill(acc_o, 0)
+            T.fill(l_sum, 0)
+            T.fill(m, NEG_BIG)
+
+            base = 0
+            for g in gens:
+                kv = t[f"{g.src.name}_kv"]
+                nblk = g.num_blocks(t, b_i, tq)
+                if split:
+                    lo = T.min(T.max(sp * sb - base, 0), nblk)
+                    hi = T.min(T.max((sp + 1) * sb - base, 0), nblk)
+                else:
+                    lo = 0
+                    hi = nblk
+                for jb in T.Pipelined(hi - lo, num_stages=stages):
+                    for jj in T.Parallel(BI):
+                        row, valid, kvpos = g.key(t, b_i, s_i, tq, (lo + jb) * BI + jj)
+                        ok_shared[jj] = T.if_then_else(valid, 1, 0)
+                        row_shared[jj] = T.if_then_else(valid, row, 0)
+                        kvpos_shared[jj] = kvpos
+                    for jj, d in T.Parallel(BI, D):
+                        kv_shared[jj, d] = T.if_then_else(
+                            ok_shared[jj] != 0, kv[b_i, row_shared[jj], d], T.cast(0, T.bfloat16)
+                        )
+                    T.fill(acc_s, 0)
+                    T.gemm(q_shared, kv_shared, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    # [HB, D] @ [D, BI] -> [HB, BI]
+                    for h, jj in T.Parallel(HB, BI):
+                        score = acc_s[h, jj] * scale
+                        if score_mod is not None:
+                            score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[jj])
+                        keep = ok_shared[jj] != 0
+                        if mask_mod is not None:
+                            keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[jj]))
+                        acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+                    T.copy(m, m_prev)
+                    T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(acc_s))  [HB]
+                    for h in T.Parallel(HB):
+                        alpha[h] = T.exp2(m_prev[h] - m[h])
+                    for h, jj in T.Parallel(HB, BI):
+                        acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                    T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = p.sum(-1)  [HB]
+                    for h in T.Parallel(HB):
+                        l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+                    for h, d in T.Parallel(HB, D):
+                        acc_o[h, d] = acc_o[h, d] * alpha[h]
+                    T.copy(acc_s, p_shared)
+                    T.gemm(p_shared, kv_shared, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                    # [HB, BI] @ [BI, D] -> [HB, D]
+                base = base + nblk if not isinstance(g.src, CompressedDense) else base + T.ceildiv(g.rows, BI)
+
+            # normalised partial: o = acc_o / l, lse2 = log2(l) + m (base 2, sink excluded)
+            for h in T.Parallel(HB):
+                lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
+                alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+            for h, d in T.Parallel(HB, D):
+                acc_o[h, d] = acc_o[h, d] * alpha[h]
+            if split:
+                for h, d in T.Parallel(HB, D):
+                    if h0 + h < H:
+                        t["o_part"][b_i, s_i, sp, h0 + h, d] = acc_o[h, d]
+                for h in T.Parallel(HB):
+                    if h0 + h < H:
+                        t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
+            else:
+                # the combine of one split: M = max(lse2, sink2); w = 2^(lse2-M); o = w·o / (w + 2^(sink2-M))
+                for h in T.Parallel(HB):
+                    if spec.sink:
+                        sink2 = t["sink"][T.min(h0 + h, H - 1)] * LOG2E
+                        mx = T.max(lse2[h], sink2)
+                        w = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
+                        den = w + T.exp2(sink2 - mx)
+                    else:
+                        w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
+                        den = w
+                    m_prev[h] = w
+                    alpha[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
+                for h, d in T.Parallel(HB, D):
+                    o_shared[h, d] = T.cast(acc_o[h, d] * m_prev[h] * alpha[h], T.bfloat16)
+                T.copy(o_shared, t["o"][b_i, s_i, h0 : h0 + HB, :])
+                if spec.return_lse:
+                    for h in T.Parallel(HB):
+                        if h0 + h < H:
+                            t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
+
+    return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}", arg_names, ann, body)
+
+
+def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
+    """Merge ``o_part``/``lse_part`` over splits (fixed order), add the sink, write bf16 ``o`` (+ lse)."""
+    H, D = spec.heads, spec.head_dim
+    HC = 4  # heads per CTA
+    B, S, NS = T.dynamic("B"), T.dynamic("S"), T.dynamic("NS")
+    ann: dict[str, Any] = {}
+    names = []
+    if spec.sink:
+        ann["sink"] = T.Tensor[(H,), T.float32]
+        names.append("sink")
+    ann["o_part"] = T.Tensor[(B, S, NS, H, D), T.float32]
+    ann["lse_part"] = T.Tensor[(B, S, NS, H), T.float32]
+    ann["o"] = T.Tensor[(B, S, H, D), T.bfloat16]
+    names += ["o_part", "lse_part", "o"]
+    if spec.return_lse:
+        ann["lse"] = T.Tensor[(B, S, H), T.float32]
+        names.append("lse")
+
+    @T.macro
+    def body(t):
+        with T.Kernel(T.ceildiv(H, HC), S, B, threads=threads) as (hb, s_i, b_i):
+            acc = T.alloc_fragment((HC, D), T.float32)
+            mx = T.alloc_fragment((HC,), T.float32)
+            w = T.alloc_fragment((HC,), T.float32)
+            lsum = T.alloc_fragment((HC,), T.float32)
+            den = T.alloc_fragment((HC,), T.float32)
+            o_local = T.alloc_fragment((HC, D), T.bfloat16)
+            h0 = hb * HC
+            for h in T.Parallel(HC):
+                if spec.sink:
+                    mx[h] = t["sink"][T.min(h0 + h, H - 1)] * LOG2E
+                else:
+                    mx[h] = -T.infinity(T.float32)
+            for k in T.serial(NS):
+                for h in T.Parallel(HC):
+                    mx[h] = T.max(mx[h], t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)])
+            T.fill(acc, 0)
+            T.fill(lsum, 0)
+            for k in T.serial(NS):
+                for h in T.Parallel(HC):
+                    lse_k = t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)]
+                    w[h] = T.if_then_else(lse_k == -T.infinity(T.float32), 0.0, T.exp2(lse_k - mx[h]))
+                    lsum[h] = lsum[h] + w[h]
+                for h, d in T.Parallel(HC, D):
+                    acc[h, d] = acc[h, d] + w[h] * t["o_part"][b_i, s_i, k, T.min(h0 + h, H - 1), d]
+            for h in T.Parallel(HC):
+                if spec.sink:
+                    den[h] = lsum[h] + T.exp2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
+                else:
+                    den[h] = lsum[h]
+                w[h] = T.if_then_else(lsum[h] > 0, 1.0 / den[h], 0.0)
+            for h, d in T.Parallel(HC, D):
+                o_local[h, d] = T.cast(acc[h, d] * w[h], T.bfloat16)
+            T.copy(o_local, t["o"][b_i, s_i, h0 : h0 + HC, :])
+            if spec.return_lse:
+                for h in T.Parallel(HC):
+                    if h0 + h < H:
+                        t["lse"][b_i, s_i, h0 + h] = T.if_then_else(
+                            lsum[h] > 0, (mx[h] + T.log2(lsum[h])) * LN2, -T.infinity(T.float32)
+                        )
+
+    return _generated_prim_func(f"{spec.name}_combine", names, ann, body)
+

@@ -1,0 +1,223 @@
+"""V4 attention: sparse (index list), CSA (window ∪ top-k) and HCA (window ∪ all compressed), built with the DSL.
+
+Semantics (``shared/spec/deepseek-v4.md``, attention layer): MQA, one 512-dim vector per key is
+both K and V; one online softmax over the union of the key sets; a per-head sink logit in the
+denominator only, ``o = Σ e^{s_j−M} v_j / (Σ e^{s_j−M} + e^{sink−M})``; a query with no key
+outputs 0. Scale defaults to ``512^-1/2``.
+
+Dimension glossary: b batch, s queries per sequence, H heads, D = 512, n window/stream rows,
+n_c compressed entries, k indices per query, W = 128 window.
+
+Window layouts: **stream** (prefill) — ``kv_window`` [b, n, D] holds tokens at positions
+``window_start[b] + i``; **ring** (decode, ``window_start=None``) — ``kv_window`` [b, R, D] holds
+token ``p`` in slot ``p % R`` with ``R >= 128 + s − 1``.
+
+Batch invariance: every CTA owns one (token, head block) and walks its keys in a fixed order, so a
+row never depends on the others; the only batch-dependent choice is the number of KV splits used
+to fill the GPU on small batches. ``batch_invariant=True`` fixes the split SIZE (4 blocks of 64
+keys) instead, so a row's bits are the same for any batch size and position in the batch.
+"""
+
+import functools
+from typing import Any
+
+import torch
+
+from tilev4._checks import check_tensor
+from tilev4.dsl import AttentionConfig, AttentionKernel, AttentionSpec, CompressedDense, IndexList, Window
+from tilev4.dsl.codegen import build_combine_program, build_main_program
+from tilev4.kernels.registry import compile_kernel, register
+
+__all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_attention", "sparse_spec"]
+
+WINDOW = 128
+HCA_RATIO = 128
+_KINDS = ("main", "split", "combine")
+
+
+def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
+    return AttentionSpec(heads=heads, sources=(IndexList("sel"),), scale=scale, return_lse=return_lse, name="sparse")
+
+
+def csa_spec(heads: int, ring: bool = False, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
+    return AttentionSpec(heads=heads, sources=(Window("window", WINDOW, ring=ring), IndexList("sel")), scale=scale,
+                         return_lse=return_lse, name="csa")
+
+
+def hca_spec(heads: int, ring: bool = False, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
+    # the dense source goes last so that split boundaries depend on shapes only (batch invariance)
+    return AttentionSpec(heads=heads, sources=(Window("window", WINDOW, ring=ring), CompressedDense("comp", HCA_RATIO)),
+                         scale=scale, return_lse=return_lse, name="hca")
+
+
+_SPECS = {"sparse": sparse_spec, "csa": csa_spec, "hca": hca_spec}
+
+
+def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_blocks: int,
+           block_kv: int, threads: int, num_stages: int) -> Any:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    spec = _SPECS[variant](heads, **({"ring": ring} if variant != "sparse" else {}), return_lse=return_lse)
+    if kind == "combine":
+        return build_combine_program(spec)
+    cfg = AttentionConfig(block_kv=block_kv, threads=threads, num_stages=num_stages, split_blocks=split_blocks)
+    return build_main_program(spec, cfg, split=(kind == "split"))
+
+
+def _configs(ring_decode: bool) -> list[dict[str, Any]]:
+    out = []
+    for h in (64, 128):
+        out.append({"heads": h, "kind": "main"})
+        out.append({"heads": h, "kind": "split", "ring": ring_decode, "split_blocks": 4})
+        out.append({"heads": h, "kind": "combine"})
+    return out
+
+
+@register("sparse_attention", configs=_configs(False), tags=("attention", "batch_invariant"))
+def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
+                           split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+    """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
+    return _build("sparse", heads, kind, False, return_lse, split_blocks, block_kv, threads, num_stages)
+
+
+@register("csa_attention", configs=_configs(True), tags=("attention", "batch_invariant"))
+def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
+                        split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+    """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
+    return _build("csa", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
+
+
+@register("hca_attention", configs=_configs(True), tags=("attention", "batch_invariant"))
+def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
+                        split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+    """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
+    return _build("hca", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
+
+
+class _RegistryAttention(AttentionKernel):
+    """An AttentionKernel whose programs are the registry's (so AOT builds and caches apply)."""
+
+    def __init__(self, variant: str, spec: AttentionSpec, ring: bool):
+        super().__init__(spec)
+        self.variant, self.ring = variant, ring
+
+    def compiled(self, kind: str, split_blocks: int = 0) -> Any:
+        cfg: dict[str, Any] = {"heads": self.spec.heads, "kind": kind, "return_lse": self.spec.return_lse}
+        if kind != "combine":
+            cfg["split_blocks"] = split_blocks
+            if self.variant != "sparse":
+                cfg["ring"] = self.ring
+        return compile_kernel(f"{self.variant}_attention", cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(variant: str, heads: int, ring: bool, scale: float | None, return_lse: bool) -> AttentionKernel:
+    spec = _SPECS[variant](heads, **({"ring": ring} if variant != "sparse" else {}), scale=scale,
+                           return_lse=return_lse)
+    if scale is None:
+        return _RegistryAttention(variant, spec, ring)
+    return AttentionKernel(spec)  # a non-default scale is a different program: compiled directly
+
+
+def _scale_key(scale: float | None, d: int) -> float | None:
+    if scale is None or scale == d**-0.5:
+        return None
+    if not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    batch_invariant: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MQA attention with a sink.
+
+    Args:
+        q: [b, s, H, 512] bf16. kv: [b, n, 512] bf16 (K = V). sink: [H] fp32.
+        indices: [b, s, k] int32 rows of ``kv``; −1 marks an unused slot; a duplicated index
+            counts twice; an index ≥ n raises ``ValueError``.
+        scale: softmax scale, default 512^-1/2.
+        return_lse: also return lse [b, s, H] fp32 = log Σ_j e^{s_j} (sink excluded, −inf if empty).
+        batch_invariant: fixed split size, see the module docstring.
+        out: optional preallocated [b, s, H, 512] bf16.
+
+    Returns:
+        o [b, s, H, 512] bf16 (and lse).
+    """
+    check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
+    kernel = _kernel("sparse", q.shape[2], False, _scale_key(scale, q.shape[3]), return_lse)
+    positions = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device=q.device)
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, sel_kv=kv, sel_idx=indices)
+
+
+def _window_args(kv_window: torch.Tensor, window_start: torch.Tensor | None) -> tuple[bool, dict[str, torch.Tensor]]:
+    if window_start is None:
+        return True, {"window_kv": kv_window}
+    return False, {"window_kv": kv_window, "window_start": window_start}
+
+
+def csa_attention(
+    q: torch.Tensor,
+    kv_window: torch.Tensor,
+    kv_compressed: torch.Tensor,
+    indices: torch.Tensor,
+    sink: torch.Tensor,
+    positions: torch.Tensor,
+    window_start: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    batch_invariant: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CSA attention: the 128-token window of the raw KV stream ∪ the top-k compressed entries.
+
+    Args:
+        q: [b, s, H, 512] bf16 (roped, normalised queries).
+        kv_window: the raw KV — a stream [b, n, 512] (prefill, with ``window_start``) or a ring
+            [b, R, 512] (decode, ``window_start=None``), bf16.
+        kv_compressed: [b, n_c, 512] bf16 compressed cache (entry c at row c).
+        indices: [b, s, k] int32 rows of ``kv_compressed`` chosen by the indexer, −1 = unused.
+        sink: [H] fp32. positions: [b, s] int32 absolute positions of the queries (ragged batches
+            give each sequence its own).
+        window_start: [b] int32 position of stream row 0, or None for a ring.
+        scale, return_lse, batch_invariant, out: as in :func:`sparse_attention`.
+
+    Returns:
+        o [b, s, H, 512] bf16 (and lse [b, s, H] fp32).
+    """
+    check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
+    ring, win = _window_args(kv_window, window_start)
+    kernel = _kernel("csa", q.shape[2], ring, _scale_key(scale, q.shape[3]), return_lse)
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, sel_kv=kv_compressed,
+                  sel_idx=indices, **win)
+
+
+def hca_attention(
+    q: torch.Tensor,
+    kv_window: torch.Tensor,
+    kv_compressed: torch.Tensor,
+    sink: torch.Tensor,
+    positions: torch.Tensor,
+    window_start: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    batch_invariant: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HCA attention: the 128-token window ∪ every compressed entry visible to the query
+    (``c < (t+1) // 128``), read straight from ``kv_compressed`` [b, n_c, 512] (no index gather).
+    Arguments as in :func:`csa_attention`."""
+    check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
+    ring, win = _window_args(kv_window, window_start)
+    kernel = _kernel("hca", q.shape[2], ring, _scale_key(scale, q.shape[3]), return_lse)
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, comp_kv=kv_compressed, **win)
