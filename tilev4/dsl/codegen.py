@@ -30,7 +30,14 @@ import tilelang.language as T
 
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
 
-__all__ = ["AttentionConfig", "build_combine_program", "build_main_program", "head_block", "tensor_layout"]
+__all__ = [
+    "AttentionConfig",
+    "build_combine_program",
+    "build_main_program",
+    "head_block",
+    "tensor_layout",
+    "ws_supported",
+]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -44,12 +51,27 @@ class AttentionConfig:
 
     block_kv: keys per block (BI). threads: CTA size. num_stages: software pipeline depth.
     split_blocks: key blocks per split in split mode; 0 derives it from the number of splits.
+    schedule: "simple" (all warps gather, then compute) or "ws" (warp-specialised: one producer
+        warpgroup gathers rows with cp.async into a double buffer while two consumer warpgroups
+        run QKᵀ/softmax/PV on the two halves of D; needs 64 heads per CTA and D = 512).
     """
 
     block_kv: int = 64
     threads: int = 256
     num_stages: int = 1
     split_blocks: int = 0
+    schedule: str = "ws"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("simple", "ws"):
+            raise ValueError(f"schedule must be 'simple' or 'ws', got {self.schedule!r}")
+        if self.block_kv % 16 or self.block_kv < 16:
+            raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
+
+
+def ws_supported(spec: AttentionSpec) -> bool:
+    """The warp-specialised schedule needs 64-head CTAs and D = 512."""
+    return head_block(spec.heads) == 64 and spec.head_dim == 512
 
 
 def head_block(heads: int) -> int:
@@ -153,6 +175,8 @@ class _SourceGen:
 
 def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """The fused attention program for ``spec`` (see the module docstring)."""
+    if config.schedule == "ws" and ws_supported(spec):
+        return _build_ws_program(spec, config, split)
     H, D, BI = spec.heads, spec.head_dim, config.block_kv
     HB = head_block(H)
     NHB = -(-H // HB)
@@ -296,6 +320,230 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
                             t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}", arg_names, ann, body)
+
+
+def _annotations(spec: AttentionSpec, gens: list, split: bool, B: Any, S: Any, NS: Any) -> dict[str, Any]:
+    H, D = spec.heads, spec.head_dim
+    ann: dict[str, Any] = {"q": T.Tensor[(B, S, H, D), T.bfloat16], "positions": T.Tensor[(B, S), T.int32]}
+    if spec.sink:
+        ann["sink"] = T.Tensor[(H,), T.float32]
+    for g in gens:
+        ann.update(g.annotations(B, S))
+    if split:
+        ann["o_part"] = T.Tensor[(B, S, NS, H, D), T.float32]
+        ann["lse_part"] = T.Tensor[(B, S, NS, H), T.float32]
+    else:
+        ann["o"] = T.Tensor[(B, S, H, D), T.bfloat16]
+        if spec.return_lse:
+            ann["lse"] = T.Tensor[(B, S, H), T.float32]
+    return ann
+
+
+def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
+    """Warp-specialised main program: 3 warpgroups (consumer 0, consumer 1, producer).
+
+    The key blocks of all sources form one sequence: source i owns global blocks
+    ``[base_i, base_i + cnt_i)`` where ``base_i`` is shape-only and ``cnt_i`` the query's own
+    count (dense sources); blocks outside every range, and the padding block that makes the
+    count even, are zero-filled and fully masked. The producer fills stage ``st`` of a 2-stage
+    buffer with cp.async (zero-fill for invalid keys) and arrives on ``k_ready[st]``; consumer 0
+    computes ``S = Q Kᵀ`` over all of D, the softmax and ``P V[:, :256]``; consumer 1 rescales and
+    computes ``P V[:, 256:]``; ``p_ready``/``p_free`` hand P and the rescale factors over.
+    """
+    H, D, BI = spec.heads, spec.head_dim, config.block_kv
+    HB, DH = 64, spec.head_dim // 2
+    NHB = H // HB
+    fixed_sb = config.split_blocks
+    scale = spec.softmax_scale
+    score_mod, mask_mod = spec.score_mod, spec.mask_mod
+    B, S = T.dynamic("B"), T.dynamic("S")
+    NS = T.dynamic("NS") if split else 1
+    gens = [_SourceGen(src, BI, D) for src in spec.sources]
+    ann = _annotations(spec, gens, split, B, S, NS)
+    arg_names = [n for n, _ in tensor_layout(spec, split)]
+    rows_per_pass = 16  # 128 producer threads, 8 per row (16 B each over 64 dims)
+    max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
+    total_blocks_max = 0
+    for mb in max_blocks:
+        total_blocks_max = total_blocks_max + mb
+
+    @T.macro
+    def body(t):
+        with T.Kernel(NHB * NS, S, B, threads=384) as (bx, s_i, b_i):
+            q_shared = T.alloc_shared((HB, D), T.bfloat16)
+            kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
+            p_shared = T.alloc_shared((HB, BI), T.bfloat16)
+            ok_shared = T.alloc_shared((2, BI), T.int32)
+            kvpos_shared = T.alloc_shared((2, BI), T.int32)
+            alpha_shared = T.alloc_shared((HB,), T.float32)
+            fac_shared = T.alloc_shared((3, HB), T.float32)
+            acc_s = T.alloc_fragment((HB, BI), T.float32)
+            acc_o_l = T.alloc_fragment((HB, DH), T.float32)
+            acc_o_r = T.alloc_fragment((HB, DH), T.float32)
+            m = T.alloc_fragment((HB,), T.float32)
+            m_prev = T.alloc_fragment((HB,), T.float32)
+            alpha = T.alloc_fragment((HB,), T.float32)
+            l_sum = T.alloc_fragment((HB,), T.float32)
+            row_sum = T.alloc_fragment((HB,), T.float32)
+            lse2 = T.alloc_fragment((HB,), T.float32)
+            k_ready = T.alloc_barrier(arrive_count=[128, 128])
+            k_free = T.alloc_barrier(arrive_count=[256, 256])
+            p_ready = T.alloc_barrier(arrive_count=256)
+            p_free = T.alloc_barrier(arrive_count=256)
+            fin = T.alloc_barrier(arrive_count=128)
+
+            h0 = (bx % NHB) * HB
+            sp = bx // NHB
+            tq = t["positions"][b_i, s_i]
+            # this query's global block range [lo, hi)
+            end = 0
+            base = 0
+            for i, g in enumerate(gens):
+                end = base + g.num_blocks(t, b_i, tq)
+                base = base + max_blocks[i]
+            if split:
+                if fixed_sb > 0:
+                    sb = fixed_sb
+                else:
+                    sb = T.ceildiv(total_blocks_max, NS)
+                lo = T.min(sp * sb, end)
+                hi = T.min((sp + 1) * sb, end)
+            else:
+                lo = 0
+                hi = end
+            n_iter = T.ceildiv(hi - lo, 2)
+
+            T.copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared)
+            tx = T.get_thread_binding()
+
+            if tx < 128:
+                T.set_max_nreg(240, 1)
+                T.fill(acc_o_l, 0)
+                T.fill(l_sum, 0)
+                T.fill(m, NEG_BIG)
+                for it in T.serial(n_iter):
+                    for st in T.unroll(2):
+                        T.barrier_wait(k_ready[st], it & 1)
+                        T.fill(acc_s, 0)
+                        T.gemm(q_shared, kv_shared[st, :, :], acc_s, transpose_B=True)
+                        # [HB, D] @ [D, BI] -> [HB, BI]
+                        for h, jj in T.Parallel(HB, BI):
+                            score = acc_s[h, jj] * scale
+                            if score_mod is not None:
+                                score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
+                            keep = ok_shared[st, jj] != 0
+                            if mask_mod is not None:
+                                keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+                            acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+                        if it * 2 + st > 0:
+                            T.barrier_arrive(p_free)
+                            T.barrier_wait(p_free, ((it * 2 + st) & 1) ^ 1)
+                        T.copy(m, m_prev)
+                        T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(acc_s))  [HB]
+                        for h in T.Parallel(HB):
+                            alpha[h] = T.exp2(m_prev[h] - m[h])
+                        for h, jj in T.Parallel(HB, BI):
+                            acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                        T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = p.sum(-1)  [HB]
+                        for h in T.Parallel(HB):
+                            l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+                        for h, d in T.Parallel(HB, DH):
+                            acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                        T.copy(alpha, alpha_shared)
+                        T.copy(acc_s, p_shared)
+                        T.gemm(p_shared, kv_shared[st, :, 0:DH], acc_o_l)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                        T.barrier_arrive(p_ready)
+                        T.barrier_arrive(k_free[st])
+                # epilogue factors: inv_l, then (split) done or (direct) w and 1/den as in the combine
+                for h in T.Parallel(HB):
+                    lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
+                    alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+                    if spec.sink:
+                        sink2 = t["sink"][h0 + h] * LOG2E
+                        mx = T.max(lse2[h], sink2)
+                        w = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
+                        den = w + T.exp2(sink2 - mx)
+                    else:
+                        w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
+                        den = w
+                    m_prev[h] = w
+                    row_sum[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
+                for h in T.Parallel(HB):
+                    fac_shared[0, h] = alpha[h]
+                    fac_shared[1, h] = m_prev[h]
+                    fac_shared[2, h] = row_sum[h]
+                T.barrier_arrive(fin)
+                for h, d in T.Parallel(HB, DH):
+                    acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                if split:
+                    for h, d in T.Parallel(HB, DH):
+                        t["o_part"][b_i, s_i, sp, h0 + h, d] = acc_o_l[h, d]
+                    for h in T.Parallel(HB):
+                        t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
+                else:
+                    for h, d in T.Parallel(HB, DH):
+                        q_shared[h, d] = T.cast(acc_o_l[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
+                    T.copy(q_shared[:, 0:DH], t["o"][b_i, s_i, h0 : h0 + HB, 0:DH])
+                    if spec.return_lse:
+                        for h in T.Parallel(HB):
+                            t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
+            elif tx >= 128 and tx < 256:
+                T.set_max_nreg(168, 1)
+                T.fill(acc_o_r, 0)
+                for it in T.serial(n_iter):
+                    for st in T.unroll(2):
+                        T.barrier_arrive(p_ready)
+                        T.barrier_wait(p_ready, (it * 2 + st) & 1)
+                        for h, d in T.Parallel(HB, DH):
+                            acc_o_r[h, d] = acc_o_r[h, d] * alpha_shared[h]
+                        T.gemm(p_shared, kv_shared[st, :, DH:D], acc_o_r)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                        T.barrier_arrive(k_free[st])
+                        if it * 2 + st < n_iter * 2 - 1:
+                            T.barrier_arrive(p_free)
+                T.barrier_wait(fin, 0)
+                for h, d in T.Parallel(HB, DH):
+                    acc_o_r[h, d] = acc_o_r[h, d] * fac_shared[0, h]
+                if split:
+                    for h, d in T.Parallel(HB, DH):
+                        t["o_part"][b_i, s_i, sp, h0 + h, DH + d] = acc_o_r[h, d]
+                else:
+                    for h, d in T.Parallel(HB, DH):
+                        q_shared[h, DH + d] = T.cast(acc_o_r[h, d] * fac_shared[1, h] * fac_shared[2, h], T.bfloat16)
+                    T.copy(q_shared[:, DH:D], t["o"][b_i, s_i, h0 : h0 + HB, DH:D])
+            elif tx >= 256:
+                T.set_max_nreg(80, 0)
+                ptx = tx - 256
+                for it in T.serial(n_iter):
+                    for st in T.unroll(2):
+                        T.barrier_wait(k_free[st], (it & 1) ^ 1)
+                        gblk = lo + it * 2 + st
+                        for r in T.serial(BI // rows_per_pass):
+                            jj = r * rows_per_pass + ptx // 8
+                            col = (ptx % 8) * 8
+                            ok_shared[st, jj] = 0
+                            kvpos_shared[st, jj] = 0
+                            sbase = 0
+                            for i, g in enumerate(gens):
+                                if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
+                                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
+                                    ok_shared[st, jj] = T.if_then_else(valid, 1, 0)
+                                    kvpos_shared[st, jj] = kvpos
+                                    kv = t[f"{g.src.name}_kv"]
+                                    for u in T.serial(D // 64):
+                                        T.ptx_cp_async(
+                                            T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
+                                            T.access_ptr(kv[b_i, T.if_then_else(valid, row, 0), u * 64 + col], "r", 8),
+                                            8,
+                                            predicate=valid,
+                                        )
+                                sbase = sbase + max_blocks[i]
+                            if ok_shared[st, jj] == 0:
+                                for u in T.serial(D // 64):
+                                    for e in T.vectorized(8):
+                                        kv_shared[st, jj, u * 64 + col + e] = T.cast(0, T.bfloat16)
+                        T.cp_async_barrier_noinc(k_ready[st])
+
+    return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_ws", arg_names, ann, body)
 
 
 def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:

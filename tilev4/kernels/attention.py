@@ -64,30 +64,36 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
     return build_main_program(spec, cfg, split=(kind == "split"))
 
 
-def _configs(ring_decode: bool) -> list[dict[str, Any]]:
+def _configs(windowed: bool) -> list[dict[str, Any]]:
+    """Shipped configs: prefill (one pass), batch-invariant and occupancy splits, decode rings, combine."""
     out = []
     for h in (64, 128):
         out.append({"heads": h, "kind": "main"})
-        out.append({"heads": h, "kind": "split", "ring": ring_decode, "split_blocks": 4})
+        out.append({"heads": h, "kind": "split", "split_blocks": 4})
+        if windowed:
+            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 4})
+            out.append({"heads": h, "kind": "split", "ring": True})
+        else:
+            out.append({"heads": h, "kind": "split"})
         out.append({"heads": h, "kind": "combine"})
     return out
 
 
-@register("sparse_attention", configs=_configs(False), tags=("attention", "batch_invariant"))
+@register("sparse_attention", configs=_configs(windowed=False), tags=("attention", "batch_invariant"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
-@register("csa_attention", configs=_configs(True), tags=("attention", "batch_invariant"))
+@register("csa_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
-@register("hca_attention", configs=_configs(True), tags=("attention", "batch_invariant"))
+@register("hca_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
