@@ -25,6 +25,12 @@ from tilev4.reference.mhc import (
 EPS = 1e-6
 N = 4  # streams
 
+# Every comparison also runs with a large eps (LARGE_EPS) and a distinct norm_eps: with the V4 value
+# 1e-6 a missing or misplaced epsilon changes results by ~1e-6 relative, below any honest fp32
+# tolerance, while 0.05 makes each use of eps visible.
+LARGE_EPS = 0.05
+EPS_CASES = [(EPS, 1e-6), (LARGE_EPS, 0.01)]  # (eps, norm_eps)
+
 # Tolerances (fp32 reference vs fp64 naive loops):
 # * Sinkhorn entries lie in [0, 1]; each of the 2·iters normalisations rounds every entry by a few
 #   ulps of 1 (1.2e-7) and the iteration does not amplify earlier errors (it is a contraction in
@@ -88,11 +94,11 @@ def naive_mix(hs: list[list[float]], fn: list[list[float]], eps: float = EPS) ->
     return [sum(flat[q] * row[q] for q in range(len(flat))) * r for row in fn]
 
 
-def naive_coefficients(mix: list[float], base: list[float], scale: list[float], iters: int = 20):
-    pre = [_sigmoid(mix[i] * scale[0] + base[i]) + EPS for i in range(N)]
+def naive_coefficients(mix: list[float], base: list[float], scale: list[float], iters: int = 20, eps: float = EPS):
+    pre = [_sigmoid(mix[i] * scale[0] + base[i]) + eps for i in range(N)]
     post = [2.0 * _sigmoid(mix[N + i] * scale[1] + base[N + i]) for i in range(N)]
     logits = [[mix[8 + 4 * j + k] * scale[2] + base[8 + 4 * j + k] for k in range(N)] for j in range(N)]
-    return pre, post, naive_sinkhorn(logits, iters)
+    return pre, post, naive_sinkhorn(logits, iters, eps)
 
 
 def naive_rmsnorm(x: list[float], w: list[float], eps: float = 1e-6) -> list[float]:
@@ -121,13 +127,14 @@ def make_params(g: torch.Generator, b: int, s: int, dim: int, dtype: torch.dtype
 # --------------------------------------------------------------------------- sinkhorn
 
 
+@pytest.mark.parametrize("eps", [EPS, LARGE_EPS])
 @pytest.mark.parametrize("iters", [1, 2, 3, 20])
-def test_sinkhorn_matches_naive_rounds(iters: int) -> None:
+def test_sinkhorn_matches_naive_rounds(iters: int, eps: float) -> None:
     g = torch.Generator().manual_seed(100 + iters)
     logits = torch.randn(5, 3, N, N, generator=g) * 2
-    got = sinkhorn(logits, iters=iters)
+    got = sinkhorn(logits, iters=iters, eps=eps)
     want = torch.tensor(
-        [[naive_sinkhorn(m, iters) for m in batch] for batch in logits.double().tolist()], dtype=torch.float64
+        [[naive_sinkhorn(m, iters, eps) for m in batch] for batch in logits.double().tolist()], dtype=torch.float64
     )
     assert got.dtype == torch.float32 and got.shape == logits.shape
     torch.testing.assert_close(got.double(), want, atol=SINKHORN_ATOL, rtol=0)
@@ -155,18 +162,22 @@ def test_sinkhorn_orientation() -> None:
     assert comb[0, 2] > 0.5 and comb[1, 2] > 0.1
 
 
-# Doubly-stochastic property. Tolerances, measured and reasoned:
+# Doubly-stochastic property. Tolerances, reasoned and measured:
 # * Columns: the last step divides each column by (its sum S + eps), so a column sums to
-#   S / (S + eps) = 1 − eps/(S + eps) ≈ 1 − 1e-6 when S ≈ 1, plus the rounding of a 4-term fp32 sum
-#   and 4 divisions (≤ ~8 ulps of 1 = 1e-6). Bound 2e-6. Measured worst: 1.25e-6 (logit std 10).
-#   This holds for any logit scale once iters ≥ 2, so the draw below goes to |logit| ≤ 20.
+#   S/(S + eps) = 1 − eps/(S + eps), plus the rounding of 4 divisions and of the 4-term fp32 sum
+#   (≤ ~5 ulps of 1 ≈ 6e-7). Before that step a row normalisation divided every row by its sum,
+#   which is ≤ 4 (four entries ≤ 1 after the previous column step), so S ≥ ~1/4 for any logits
+#   once iters ≥ 2: |col sum − 1| ≤ 4·eps + 6e-7 < COL_SUM_TOL_ANY = 5e-6 (hill-climbing search
+#   over |logit| ≤ 20: worst 3.5e-6). In the operating range below rows have converged, S ≈ 1, so
+#   |col sum − 1| ≤ eps + 6e-7 < COL_SUM_TOL = 2e-6 (searched worst: 1.2e-6).
 # * Rows only converge. With |logit| ≤ 1 the Birkhoff–Hopf contraction ratio is
 #   tanh(Δ/4)² ≤ tanh(1)² = 0.58 per round (Δ ≤ 4 is the log of the largest cross-ratio), so 19 rounds
-#   guarantee a row error ≤ e^{4·0.58^19} − 1 ≈ 1.3e-4; measured over all 2^16 logit matrices with
-#   entries ±1 and 2e5 uniform ones: worst 1.3e-6 (the eps/rounding floor). Bound 1e-5.
-#   For larger logits 20 rounds do NOT make rows sum to 1 (measured worst row error 4e-2 for
-#   logits of std 2, 8e-2 for std 10), so no row bound is claimed there.
+#   guarantee a row error ≤ e^{4·0.58^19} − 1 ≈ 1.3e-4; measured over all 2^16 matrices with entries
+#   ±1, 2e5 uniform ones and a hill-climbing search for the worst case: 1.2e-6 (the eps/rounding
+#   floor). ROW_SUM_TOL = 1e-5. For larger logits 20 rounds do NOT make rows sum to 1 (measured
+#   worst row error 4e-2 for logits of std 2, 8e-2 for std 10), so no row bound is claimed there.
 COL_SUM_TOL = 2e-6
+COL_SUM_TOL_ANY = 5e-6
 ROW_SUM_TOL = 1e-5
 
 _logit = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False, width=32)
@@ -187,7 +198,7 @@ def test_sinkhorn_doubly_stochastic_small_logits(values: list[float], iters: int
 def test_sinkhorn_columns_sum_to_one_any_scale(values: list[float], iters: int) -> None:
     comb = sinkhorn(torch.tensor(values).view(N, N), iters=iters)
     assert torch.isfinite(comb).all() and (comb > 0).all()
-    assert (comb.sum(-2) - 1).abs().max() <= COL_SUM_TOL
+    assert (comb.sum(-2) - 1).abs().max() <= COL_SUM_TOL_ANY
 
 
 def test_sinkhorn_random_batch_doubly_stochastic() -> None:
@@ -201,12 +212,14 @@ def test_sinkhorn_random_batch_doubly_stochastic() -> None:
 # --------------------------------------------------------------------------- mix / coefficients
 
 
-def test_mhc_mix_matches_naive() -> None:
+@pytest.mark.parametrize("eps", [EPS, LARGE_EPS])
+def test_mhc_mix_matches_naive(eps: float) -> None:
     g = torch.Generator().manual_seed(1)
     h, fn, *_ = make_params(g, 2, 3, 8)
-    got = mhc_mix(h, fn)
+    got = mhc_mix(h, fn, eps=eps)
     want = torch.tensor(
-        [[naive_mix(tok, fn.double().tolist()) for tok in seq] for seq in h.double().tolist()], dtype=torch.float64
+        [[naive_mix(tok, fn.double().tolist(), eps) for tok in seq] for seq in h.double().tolist()],
+        dtype=torch.float64,
     )
     assert got.dtype == torch.float32 and got.shape == (2, 3, 24)
     torch.testing.assert_close(got.double(), want, **MIX_TOL)
@@ -224,16 +237,17 @@ def test_mhc_mix_bf16_streams_upcast() -> None:
     torch.testing.assert_close(got.double(), want, **MIX_TOL)
 
 
-def test_mhc_coefficients_match_naive() -> None:
+@pytest.mark.parametrize("eps", [EPS, LARGE_EPS])
+def test_mhc_coefficients_match_naive(eps: float) -> None:
     g = torch.Generator().manual_seed(3)
     mix = torch.randn(2, 3, 24, generator=g)
     base = torch.randn(24, generator=g)
     scale = torch.rand(3, generator=g) + 0.5
-    pre, post, comb = mhc_coefficients(mix, base, scale)
+    pre, post, comb = mhc_coefficients(mix, base, scale, eps=eps)
     want_pre, want_post, want_comb = [], [], []
     for seq in mix.double().tolist():
         for tok in seq:
-            p, q, c = naive_coefficients(tok, base.double().tolist(), scale.double().tolist())
+            p, q, c = naive_coefficients(tok, base.double().tolist(), scale.double().tolist(), eps=eps)
             want_pre.append(p)
             want_post.append(q)
             want_comb.append(c)
@@ -244,6 +258,15 @@ def test_mhc_coefficients_match_naive() -> None:
         comb.double(), torch.tensor(want_comb, dtype=f64).view(2, 3, N, N), atol=SINKHORN_ATOL, rtol=0
     )
     assert (pre > 0).all() and (post > 0).all() and (post < 2).all()
+
+
+def test_mhc_coefficients_saturated_pre_is_eps() -> None:
+    # sigmoid(-200) is exactly 0 in fp32, so pre must be exactly eps (and post exactly 0).
+    base = torch.zeros(24)
+    base[:8] = -200.0
+    pre, post, _ = mhc_coefficients(torch.zeros(1, 2, 24), base, torch.ones(3))
+    assert torch.equal(pre, torch.full((1, 2, N), EPS))
+    assert torch.equal(post, torch.zeros(1, 2, N))
 
 
 def test_mhc_coefficients_comb_index_layout() -> None:
@@ -258,18 +281,20 @@ def test_mhc_coefficients_comb_index_layout() -> None:
 # --------------------------------------------------------------------------- pre / post / head
 
 
+@pytest.mark.parametrize(("eps", "norm_eps"), EPS_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mhc_pre_matches_naive(dtype: torch.dtype) -> None:
+def test_mhc_pre_matches_naive(dtype: torch.dtype, eps: float, norm_eps: float) -> None:
     g = torch.Generator().manual_seed(4)
     b, s, dim = 2, 3, 8
     h, fn, base, scale, norm_weight = make_params(g, b, s, dim, dtype)
-    x, post, comb = mhc_pre(h, fn, base, scale, norm_weight)
+    h = h * 0.1  # mean square ~0.01, comparable to norm_eps = 0.01, so a swapped eps shows
+    x, post, comb = mhc_pre(h, fn, base, scale, norm_weight, eps=eps, norm_eps=norm_eps)
     fn64, base64, scale64, w64 = (t.double().tolist() for t in (fn, base, scale, norm_weight))
     want_x, want_post, want_comb = [], [], []
     for seq in h.double().tolist():
         for tok in seq:
-            pre, q, c = naive_coefficients(naive_mix(tok, fn64), base64, scale64)
-            want_x.append(naive_rmsnorm(naive_collapse(pre, tok), w64))
+            pre, q, c = naive_coefficients(naive_mix(tok, fn64, eps), base64, scale64, eps=eps)
+            want_x.append(naive_rmsnorm(naive_collapse(pre, tok), w64, norm_eps))
             want_post.append(q)
             want_comb.append(c)
     f64 = torch.float64
@@ -303,22 +328,23 @@ def test_mhc_post_matches_naive() -> None:
     torch.testing.assert_close(got.double(), want, **OUT_TOL)
 
 
-def test_mhc_head_matches_naive_last_position() -> None:
+@pytest.mark.parametrize(("eps", "norm_eps"), EPS_CASES)
+def test_mhc_head_matches_naive_last_position(eps: float, norm_eps: float) -> None:
     g = torch.Generator().manual_seed(6)
     b, s, dim, vocab = 2, 5, 8, 11
-    h = torch.randn(b, s, N, dim, generator=g)
+    h = torch.randn(b, s, N, dim, generator=g) * 0.1  # mean square ~ norm_eps (see mhc_pre)
     fn = torch.randn(N, N * dim, generator=g) / math.sqrt(N * dim)
     base = torch.randn(N, generator=g)
     scale = torch.rand(1, generator=g) + 0.5
     norm_weight = torch.rand(dim, generator=g) + 0.5
     head_weight = torch.randn(vocab, dim, generator=g)
-    got = mhc_head(h, fn, base, scale, norm_weight, head_weight)
+    got = mhc_head(h, fn, base, scale, norm_weight, head_weight, eps=eps, norm_eps=norm_eps)
     want = []
     for seq in h.double().tolist():
         tok = seq[-1]
-        mix = naive_mix(tok, fn.double().tolist())
-        pre = [_sigmoid(mix[i] * scale.item() + base[i].item()) + EPS for i in range(N)]
-        x = naive_rmsnorm(naive_collapse(pre, tok), norm_weight.double().tolist())
+        mix = naive_mix(tok, fn.double().tolist(), eps)
+        pre = [_sigmoid(mix[i] * scale.item() + base[i].item()) + eps for i in range(N)]
+        x = naive_rmsnorm(naive_collapse(pre, tok), norm_weight.double().tolist(), norm_eps)
         want.append([sum(x[d] * row[d] for d in range(dim)) for row in head_weight.double().tolist()])
     assert got.dtype == torch.float32 and got.shape == (b, vocab)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), **HEAD_TOL)
@@ -326,10 +352,10 @@ def test_mhc_head_matches_naive_last_position() -> None:
     # Only the last position matters: rewriting the others must not change a bit.
     h2 = h.clone()
     h2[:, :-1] = torch.randn(b, s - 1, N, dim, generator=g)
-    assert torch.equal(mhc_head(h2, fn, base, scale, norm_weight, head_weight), got)
+    assert torch.equal(mhc_head(h2, fn, base, scale, norm_weight, head_weight, eps=eps, norm_eps=norm_eps), got)
     # ... and the last one does.
     h2[:, -1] += 1.0
-    assert not torch.allclose(mhc_head(h2, fn, base, scale, norm_weight, head_weight), got)
+    assert not torch.allclose(mhc_head(h2, fn, base, scale, norm_weight, head_weight, eps=eps, norm_eps=norm_eps), got)
 
 
 def test_empty_batch() -> None:

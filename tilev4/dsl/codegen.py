@@ -240,7 +240,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
 
             base = 0
             for g in gens:
-                kv = t[f"{g.src.name}_kv"]
+                kv_name = f"{g.src.name}_kv"  # never bind a buffer to a local name: TileLang would alias it  # index t[...] directly: a local alias renames the buffer
                 nblk = g.num_blocks(t, b_i, tq)
                 if split:
                     lo = T.min(T.max(sp * sb - base, 0), nblk)
@@ -256,7 +256,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
                         kvpos_shared[jj] = kvpos
                     for jj, d in T.Parallel(BI, D):
                         kv_shared[jj, d] = T.if_then_else(
-                            ok_shared[jj] != 0, kv[b_i, row_shared[jj], d], T.cast(0, T.bfloat16)
+                            ok_shared[jj] != 0, t[kv_name][b_i, row_shared[jj], d], T.cast(0, T.bfloat16)
                         )
                     T.fill(acc_s, 0)
                     T.gemm(q_shared, kv_shared, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -528,11 +528,13 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                                     row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
                                     ok_shared[st, jj] = T.if_then_else(valid, 1, 0)
                                     kvpos_shared[st, jj] = kvpos
-                                    kv = t[f"{g.src.name}_kv"]
+                                    kv_name = f"{g.src.name}_kv"
                                     for u in T.serial(D // 64):
                                         T.ptx_cp_async(
                                             T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
-                                            T.access_ptr(kv[b_i, T.if_then_else(valid, row, 0), u * 64 + col], "r", 8),
+                                            T.access_ptr(
+                                                t[kv_name][b_i, T.if_then_else(valid, row, 0), u * 64 + col], "r", 8
+                                            ),
                                             8,
                                             predicate=valid,
                                         )

@@ -216,7 +216,7 @@ def mhc_head(
         fp32 [b, vocab] logits of position ``s − 1`` of each sequence.
     """
     _check_streams(h)
-    b, s, n, dim = h.shape
+    _, s, n, dim = h.shape
     if s == 0:
         raise ValueError(f"h must hold at least one position (s >= 1), got shape {list(h.shape)}")
     check_tensor("fn", fn, dtype=torch.float32, shape=(n, n * dim))
