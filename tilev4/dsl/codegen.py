@@ -240,7 +240,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
 
             base = 0
             for g in gens:
-                kv_name = f"{g.src.name}_kv"  # never bind a buffer to a local name: TileLang would alias it  # index t[...] directly: a local alias renames the buffer
+                kv_name = f"{g.src.name}_kv"  # no local alias: it renames the buffer
                 nblk = g.num_blocks(t, b_i, tq)
                 if split:
                     lo = T.min(T.max(sp * sb - base, 0), nblk)
