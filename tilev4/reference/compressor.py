@@ -341,12 +341,10 @@ def compressor_decode_step(
         entries[sel] = _finish(pooled, entry_index[sel], norm_weight, ratio, rope, quant)
 
     # An emitted block becomes the previous half (m = 4) and the current block starts empty.
-    done = emitted.view(b, 1, 1)
-    new_state = CompressorState(
-        kv=torch.where(done, 0.0, cur_kv),
-        score=torch.where(done, -math.inf, cur_score),
-        prev_kv=torch.where(done, cur_kv, state.prev_kv) if overlap else None,
-        prev_score=torch.where(done, cur_score, state.prev_score) if overlap else None,
-        num_tokens=t + 1,
-    )
+    prev_kv, prev_score = None, None
+    if overlap:
+        prev_kv, prev_score = state.prev_kv.clone(), state.prev_score.clone()
+        prev_kv[sel], prev_score[sel] = cur_kv[sel], cur_score[sel]
+    cur_kv[sel], cur_score[sel] = 0.0, -math.inf
+    new_state = CompressorState(cur_kv, cur_score, prev_kv, prev_score, num_tokens=t + 1)
     return entries, emitted, entry_index, new_state
