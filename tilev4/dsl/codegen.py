@@ -2,7 +2,7 @@
 
 Two programs per spec:
 
-* the **main** program — grid ``(head_blocks · splits, S, B)``; a CTA owns one query token and
+* the **main** program — grid ``(S, head_blocks · splits, B)`` (tokens on x: no 65535 limit); a CTA owns one query token and
   ``block_heads`` heads, loads Q once, then walks the key blocks of every source in order
   (``BI`` keys per block), gathering K=V rows into shared memory (invalid keys read as zero rows
   so garbage never reaches the PV product), and runs one online softmax over all of them:
@@ -207,7 +207,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
 
     @T.macro
     def body(t):
-        with T.Kernel(NHB * NS, S, B, threads=threads) as (bx, s_i, b_i):
+        with T.Kernel(S, NHB * NS, B, threads=threads) as (s_i, bx, b_i):
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
@@ -369,7 +369,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
 
     @T.macro
     def body(t):
-        with T.Kernel(NHB * NS, S, B, threads=384) as (bx, s_i, b_i):
+        with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
@@ -568,7 +568,7 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
 
     @T.macro
     def body(t):
-        with T.Kernel(T.ceildiv(H, HC), S, B, threads=threads) as (hb, s_i, b_i):
+        with T.Kernel(S, T.ceildiv(H, HC), B, threads=threads) as (s_i, hb, b_i):
             acc = T.alloc_fragment((HC, D), T.float32)
             mx = T.alloc_fragment((HC,), T.float32)
             w = T.alloc_fragment((HC,), T.float32)
