@@ -51,23 +51,39 @@ README_BEGIN = "<!-- perf-table:begin -->"
 README_END = "<!-- perf-table:end -->"
 
 
-def time_cuda(fn: Callable[[], Any], warmup: int = 10, reps: int = 50, flush_l2: bool = True) -> float:
+def time_cuda(
+    fn: Callable[[], Any], warmup: int = 10, reps: int = 50, flush_l2: bool = True, graph: bool = False
+) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` launches, each timed with CUDA events.
 
     ``flush_l2`` overwrites a 256 MiB buffer before each launch so that no run reads its
-    inputs from the 50 MB L2 left warm by the previous one.
+    inputs from the 50 MB L2 left warm by the previous one. ``graph=True`` captures ``fn`` in a
+    CUDA graph and times its replays, so that only GPU time is measured (small decode kernels
+    otherwise measure the host's launch path); it falls back to plain launches when capture fails.
     """
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            g.replay()
+            torch.cuda.synchronize()
+            run = g.replay
+        except Exception:
+            torch.cuda.synchronize()
+            run = fn
     times = []
     for _ in range(reps):
         if flush is not None:
             flush.fill_(1)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))

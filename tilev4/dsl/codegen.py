@@ -2,8 +2,8 @@
 
 Two programs per spec:
 
-* the **main** program — grid ``(S, head_blocks · splits, B)`` (tokens on x: no 65535 limit); a CTA owns one query token and
-  ``block_heads`` heads, loads Q once, then walks the key blocks of every source in order
+* the **main** program — grid ``(S, head_blocks · splits, B)`` (tokens on x: no 65535 limit);
+  a CTA owns one query token and ``block_heads`` heads, loads Q once, then walks the key blocks of every source in order
   (``BI`` keys per block), gathering K=V rows into shared memory (invalid keys read as zero rows
   so garbage never reaches the PV product), and runs one online softmax over all of them:
 
@@ -13,8 +13,8 @@ Two programs per spec:
       acc_o = acc_o·2^(m-m') + P @ KV        # [HB, BI] @ [BI, D] -> [HB, D]
 
   With ``split=True`` the global sequence of key blocks is cut into splits of ``split_blocks``
-  blocks (a compile-time constant when > 0, so that a row's split boundaries never depend on
-  the batch), and each CTA writes its normalised partial output and base-2 log-sum-exp.
+  blocks (a compile-time constant, so that a row's split boundaries never depend on the batch),
+  and each CTA writes its normalised partial output and base-2 log-sum-exp.
 * the **combine** program — merges the partials of each (token, head) in split order, adds
   the sink, and writes the bf16 output (and the natural-log LSE).
 
@@ -50,7 +50,8 @@ class AttentionConfig:
     """Compile-time knobs of the main program (the autotuner's space).
 
     block_kv: keys per block (BI). threads: CTA size. num_stages: software pipeline depth.
-    split_blocks: key blocks per split in split mode; 0 derives it from the number of splits.
+    split_blocks: key blocks per split (split programs only; a compile-time constant, so that a row's
+        split boundaries never depend on the batch).
     schedule: "simple" (all warps gather, then compute) or "ws" (warp-specialised: one producer
         warpgroup gathers rows with cp.async into a double buffer while two consumer warpgroups
         run QKᵀ/softmax/PV on the two halves of D; needs 64 heads per CTA and D = 512).
@@ -59,12 +60,14 @@ class AttentionConfig:
     block_kv: int = 64
     threads: int = 256
     num_stages: int = 1
-    split_blocks: int = 0
+    split_blocks: int = 16
     schedule: str = "ws"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws"):
             raise ValueError(f"schedule must be 'simple' or 'ws', got {self.schedule!r}")
+        if self.split_blocks < 1:
+            raise ValueError(f"split_blocks must be >= 1, got {self.split_blocks}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
 
@@ -201,10 +204,6 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
             ann["lse"] = T.Tensor[(B, S, H), T.float32]
     arg_names = [n for n, _ in tensor_layout(spec, split)]
 
-    total_blocks_max = 0
-    for g in gens:
-        total_blocks_max = total_blocks_max + T.ceildiv(g.num_keys_max(), BI)
-
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=threads) as (s_i, bx, b_i):
@@ -228,10 +227,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
             sp = bx // NHB
             tq = t["positions"][b_i, s_i]
             if split:
-                if fixed_sb > 0:
-                    sb = fixed_sb
-                else:
-                    sb = T.ceildiv(total_blocks_max, NS)
+                sb = fixed_sb
 
             T.copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared)
             T.fill(acc_o, 0)
@@ -363,9 +359,6 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
     rows_per_pass = 16  # 128 producer threads, 8 per row (16 B each over 64 dims)
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
-    total_blocks_max = 0
-    for mb in max_blocks:
-        total_blocks_max = total_blocks_max + mb
 
     @T.macro
     def body(t):
@@ -402,12 +395,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                 end = base + g.num_blocks(t, b_i, tq)
                 base = base + max_blocks[i]
             if split:
-                if fixed_sb > 0:
-                    sb = fixed_sb
-                else:
-                    sb = T.ceildiv(total_blocks_max, NS)
-                lo = T.min(sp * sb, end)
-                hi = T.min((sp + 1) * sb, end)
+                lo = T.min(sp * fixed_sb, end)
+                hi = T.min((sp + 1) * fixed_sb, end)
             else:
                 lo = 0
                 hi = end

@@ -47,14 +47,14 @@ class AttentionKernel:
         self._kernels: dict[tuple[str, int], Any] = {}
 
     # -- programs ---------------------------------------------------------------------------
-    def program(self, kind: str, split_blocks: int = 0) -> Any:
+    def program(self, kind: str, split_blocks: int = BATCH_INVARIANT_SPLIT_BLOCKS) -> Any:
         """The TileLang program ``kind`` in {"main", "split", "combine"}."""
         if kind == "combine":
             return build_combine_program(self.spec)
         cfg = AttentionConfig(**{**self.config.__dict__, "split_blocks": split_blocks})
         return build_main_program(self.spec, cfg, split=(kind == "split"))
 
-    def compiled(self, kind: str, split_blocks: int = 0) -> Any:
+    def compiled(self, kind: str, split_blocks: int = BATCH_INVARIANT_SPLIT_BLOCKS) -> Any:
         key = (kind, split_blocks)
         if key not in self._kernels:
             import tilelang
@@ -108,20 +108,23 @@ class AttentionKernel:
         total = self.num_key_blocks_max(tensors)
         nhb = -(-h // head_block(h))
         if batch_invariant:
-            split_blocks = DEFAULT_SPLIT_BLOCKS
-            ns = max(1, -(-total // split_blocks))
+            # fixed split SIZE: a row's splits depend on its own keys only, and a row that fits in
+            # one split gets the same bits from the one-pass kernel as from split + combine
+            split_blocks = BATCH_INVARIANT_SPLIT_BLOCKS
+            ns = -(-total // split_blocks)
+        elif num_splits is not None:
+            split_blocks = max(1, -(-total // max(1, int(num_splits))))
+            ns = -(-total // split_blocks)
         else:
-            split_blocks = 0
-            if num_splits is None:
-                ctas = b * s * nhb
-                sms = _num_sms(q.device.index or 0)
-                num_splits = 1 if ctas >= sms else min(total, max(1, -(-2 * sms // ctas)))
-            ns = max(1, min(int(num_splits), max(total, 1)))
+            split_blocks = OCCUPANCY_SPLIT_BLOCKS
+            ctas = b * s * nhb
+            ns = 1 if ctas >= _num_sms(q.device.index or 0) else -(-total // split_blocks)
+        ns = max(1, ns)
         src_args = [tensors[n] for src in spec.sources for n in src.tensor_names()]
         head = [q, positions] + ([sink] if spec.sink else [])
         if ns == 1:
             args = head + src_args + [out] + ([lse] if spec.return_lse else [])
-            self.compiled("main")(*args)
+            self.compiled("main", BATCH_INVARIANT_SPLIT_BLOCKS)(*args)
         else:
             o_part = torch.empty(b, s, ns, h, d, dtype=torch.float32, device=q.device)
             lse_part = torch.empty(b, s, ns, h, dtype=torch.float32, device=q.device)

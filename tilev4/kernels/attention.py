@@ -13,9 +13,12 @@ Window layouts: **stream** (prefill) — ``kv_window`` [b, n, D] holds tokens at
 token ``p`` in slot ``p % R`` with ``R >= 128 + s − 1``.
 
 Batch invariance: every CTA owns one (token, head block) and walks its keys in a fixed order, so a
-row never depends on the others; the only batch-dependent choice is the number of KV splits used
-to fill the GPU on small batches. ``batch_invariant=True`` fixes the split SIZE (4 blocks of 64
-keys) instead, so a row's bits are the same for any batch size and position in the batch.
+row never depends on the others; the only batch-dependent choice is whether small batches are
+split into 256-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 1024
+keys instead; a row that fits in one split gets identical bits from the one-pass kernel and from
+split + combine (the epilogues share their arithmetic), so a row's output is the same for any
+batch size and position in the batch. V4-Flash CSA rows (640 keys) and HCA rows (≤ 640 keys)
+always take the one-pass kernel.
 """
 
 import functools
@@ -65,37 +68,38 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
 
 
 def _configs(windowed: bool) -> list[dict[str, Any]]:
-    """Shipped configs: prefill (one pass), batch-invariant and occupancy splits, decode rings, combine."""
+    """Shipped configs: prefill (one pass), split sizes 16 (batch-invariant) and 4 (small batches)
+    for the stream layout and, for windowed variants, the decode ring; the combine."""
     out = []
     for h in (64, 128):
         out.append({"heads": h, "kind": "main"})
+        out.append({"heads": h, "kind": "split", "split_blocks": 16})
         out.append({"heads": h, "kind": "split", "split_blocks": 4})
         if windowed:
+            out.append({"heads": h, "kind": "main", "ring": True})
+            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 16})
             out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 4})
-            out.append({"heads": h, "kind": "split", "ring": True})
-        else:
-            out.append({"heads": h, "kind": "split"})
         out.append({"heads": h, "kind": "combine"})
     return out
 
 
 @register("sparse_attention", configs=_configs(windowed=False), tags=("attention", "batch_invariant"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                           split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                           split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
 @register("csa_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
 @register("hca_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 0, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
 
@@ -107,12 +111,12 @@ class _RegistryAttention(AttentionKernel):
         super().__init__(spec)
         self.variant, self.ring = variant, ring
 
-    def compiled(self, kind: str, split_blocks: int = 0) -> Any:
+    def compiled(self, kind: str, split_blocks: int = 16) -> Any:
         cfg: dict[str, Any] = {"heads": self.spec.heads, "kind": kind, "return_lse": self.spec.return_lse}
-        if kind != "combine":
+        if kind == "split":
             cfg["split_blocks"] = split_blocks
-            if self.variant != "sparse":
-                cfg["ring"] = self.ring
+        if kind != "combine" and self.variant != "sparse":
+            cfg["ring"] = self.ring
         return compile_kernel(f"{self.variant}_attention", cfg)
 
 
@@ -142,6 +146,7 @@ def sparse_attention(
     *,
     return_lse: bool = False,
     batch_invariant: bool = False,
+    validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse MQA attention with a sink.
@@ -153,6 +158,8 @@ def sparse_attention(
         scale: softmax scale, default 512^-1/2.
         return_lse: also return lse [b, s, H] fp32 = log Σ_j e^{s_j} (sink excluded, −inf if empty).
         batch_invariant: fixed split size, see the module docstring.
+        validate: check index ranges and positions on the device (two small reductions and a host
+            sync); pass False on hot paths (CUDA graphs) once inputs are known to be well formed.
         out: optional preallocated [b, s, H, 512] bf16.
 
     Returns:
@@ -161,7 +168,8 @@ def sparse_attention(
     check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
     kernel = _kernel("sparse", q.shape[2], False, _scale_key(scale, q.shape[3]), return_lse)
     positions = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device=q.device)
-    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, sel_kv=kv, sel_idx=indices)
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, validate=validate, out=out,
+                  sel_kv=kv, sel_idx=indices)
 
 
 def _window_args(kv_window: torch.Tensor, window_start: torch.Tensor | None) -> tuple[bool, dict[str, torch.Tensor]]:
@@ -182,6 +190,7 @@ def csa_attention(
     *,
     return_lse: bool = False,
     batch_invariant: bool = False,
+    validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """CSA attention: the 128-token window of the raw KV stream ∪ the top-k compressed entries.
@@ -195,7 +204,7 @@ def csa_attention(
         sink: [H] fp32. positions: [b, s] int32 absolute positions of the queries (ragged batches
             give each sequence its own).
         window_start: [b] int32 position of stream row 0, or None for a ring.
-        scale, return_lse, batch_invariant, out: as in :func:`sparse_attention`.
+        scale, return_lse, batch_invariant, validate, out: as in :func:`sparse_attention`.
 
     Returns:
         o [b, s, H, 512] bf16 (and lse [b, s, H] fp32).
@@ -203,7 +212,7 @@ def csa_attention(
     check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
     ring, win = _window_args(kv_window, window_start)
     kernel = _kernel("csa", q.shape[2], ring, _scale_key(scale, q.shape[3]), return_lse)
-    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, sel_kv=kv_compressed,
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, validate=validate, out=out, sel_kv=kv_compressed,
                   sel_idx=indices, **win)
 
 
@@ -218,6 +227,7 @@ def hca_attention(
     *,
     return_lse: bool = False,
     batch_invariant: bool = False,
+    validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HCA attention: the 128-token window ∪ every compressed entry visible to the query
@@ -226,4 +236,5 @@ def hca_attention(
     check_tensor("q", q, dtype=torch.bfloat16, ndim=4)
     ring, win = _window_args(kv_window, window_start)
     kernel = _kernel("hca", q.shape[2], ring, _scale_key(scale, q.shape[3]), return_lse)
-    return kernel(q, positions, sink, batch_invariant=batch_invariant, out=out, comp_kv=kv_compressed, **win)
+    return kernel(q, positions, sink, batch_invariant=batch_invariant, validate=validate, out=out,
+                  comp_kv=kv_compressed, **win)
