@@ -21,9 +21,10 @@ from tilev4.dsl.codegen import (
 )
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, Window
 
-__all__ = ["DEFAULT_SPLIT_BLOCKS", "AttentionKernel"]
+__all__ = ["BATCH_INVARIANT_SPLIT_BLOCKS", "OCCUPANCY_SPLIT_BLOCKS", "AttentionKernel"]
 
-DEFAULT_SPLIT_BLOCKS = 4  # batch-invariant split size: 4 key blocks (256 keys at BI = 64)
+BATCH_INVARIANT_SPLIT_BLOCKS = 16  # 1024 keys at BI = 64: V4-Flash CSA (640 keys) and HCA rows fit in one
+OCCUPANCY_SPLIT_BLOCKS = 4  # small batches: split into 256-key pieces to fill the GPU
 
 
 @functools.lru_cache(maxsize=8)
