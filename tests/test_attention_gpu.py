@@ -171,9 +171,9 @@ def test_hca_matches_reference(ring, s):
 def test_batch_invariant_decode_bit_exact(batch, row, seed):
     g = _gen(seed)
     row = row % batch
-    heads, k, ring, n_c = 64, 512, 256, 2048
-    # up to 2^18: HCA rows of more than 16 key blocks span two splits, shorter ones fit in one
-    positions = torch.randint(0, 2**18, (batch, 1), generator=g, device="cuda", dtype=torch.int32)
+    heads, k, ring, n_c = 64, 512, 256, 4096
+    # up to 2^19: HCA rows of more than 32 key blocks (t >= ~245K) span two splits, shorter rows fit in one
+    positions = torch.randint(0, 2**19, (batch, 1), generator=g, device="cuda", dtype=torch.int32)
     q, kv_w, kv_c, sink, idx = _csa_case(g, batch, 1, heads, n_c, k, positions, ring=ring)
     full = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, batch_invariant=True)
     sl = slice(row, row + 1)

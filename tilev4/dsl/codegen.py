@@ -60,7 +60,7 @@ class AttentionConfig:
     block_kv: int = 64
     threads: int = 256
     num_stages: int = 1
-    split_blocks: int = 16
+    split_blocks: int = 32
     schedule: str = "ws"
 
     def __post_init__(self) -> None:
@@ -358,6 +358,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     ann = _annotations(spec, gens, split, B, S, NS)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
     rows_per_pass = 16  # 128 producer threads, 8 per row (16 B each over 64 dims)
+    NR = BI // rows_per_pass  # rows per producer thread and block
+    has_mods = score_mod is not None or mask_mod is not None
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
 
     @T.macro
@@ -366,8 +368,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
-            ok_shared = T.alloc_shared((2, BI), T.int32)
-            kvpos_shared = T.alloc_shared((2, BI), T.int32)
+            ok_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
+            kvpos_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
             alpha_shared = T.alloc_shared((HB,), T.float32)
             fac_shared = T.alloc_shared((3, HB), T.float32)
             acc_s = T.alloc_fragment((HB, BI), T.float32)
@@ -384,6 +386,9 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             p_ready = T.alloc_barrier(arrive_count=256)
             p_free = T.alloc_barrier(arrive_count=256)
             fin = T.alloc_barrier(arrive_count=128)
+            src_local = T.alloc_local((NR,), T.int32)
+            row_local = T.alloc_local((NR,), T.int32)
+            pos_local = T.alloc_local((NR,), T.int32)
 
             h0 = (bx % NHB) * HB
             sp = bx // NHB
@@ -502,36 +507,42 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             elif tx >= 256:
                 T.set_max_nreg(80, 0)
                 ptx = tx - 256
+                col = (ptx % 8) * 8
                 for it in T.serial(n_iter):
                     for st in T.unroll(2):
-                        T.barrier_wait(k_free[st], (it & 1) ^ 1)
                         gblk = lo + it * 2 + st
-                        for r in T.serial(BI // rows_per_pass):
+                        # resolve this thread's rows first (index loads overlap the wait), then copy
+                        for r in T.unroll(NR):
                             jj = r * rows_per_pass + ptx // 8
-                            col = (ptx % 8) * 8
-                            ok_shared[st, jj] = 0
-                            kvpos_shared[st, jj] = 0
+                            src_local[r] = -1
+                            row_local[r] = 0
+                            pos_local[r] = 0
                             sbase = 0
                             for i, g in enumerate(gens):
                                 if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
                                     row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
-                                    ok_shared[st, jj] = T.if_then_else(valid, 1, 0)
-                                    kvpos_shared[st, jj] = kvpos
-                                    kv_name = f"{g.src.name}_kv"
-                                    for u in T.serial(D // 64):
+                                    src_local[r] = T.if_then_else(valid, i, -1)
+                                    row_local[r] = T.if_then_else(valid, row, 0)
+                                    pos_local[r] = kvpos
+                                sbase = sbase + max_blocks[i]
+                        T.barrier_wait(k_free[st], (it & 1) ^ 1)
+                        for r in T.unroll(NR):
+                            jj = r * rows_per_pass + ptx // 8
+                            for i, g in enumerate(gens):
+                                # source 0 also zero-fills invalid rows (predicated-off cp.async)
+                                if (src_local[r] <= 0) if i == 0 else (src_local[r] == i):
+                                    for u in T.unroll(D // 64):
                                         T.ptx_cp_async(
                                             T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
-                                            T.access_ptr(
-                                                t[kv_name][b_i, T.if_then_else(valid, row, 0), u * 64 + col], "r", 8
-                                            ),
+                                            T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[r], u * 64 + col], "r", 8),  # noqa: E501
                                             8,
-                                            predicate=valid,
+                                            predicate=src_local[r] == i,
                                         )
-                                sbase = sbase + max_blocks[i]
-                            if ok_shared[st, jj] == 0:
-                                for u in T.serial(D // 64):
-                                    for e in T.vectorized(8):
-                                        kv_shared[st, jj, u * 64 + col + e] = T.cast(0, T.bfloat16)
+                        for r in T.unroll(NR):
+                            jj = r * rows_per_pass + ptx // 8
+                            ok_shared[st, jj] = T.if_then_else(src_local[r] >= 0, 1, 0)
+                            if has_mods:
+                                kvpos_shared[st, jj] = pos_local[r]
                         T.cp_async_barrier_noinc(k_ready[st])
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_ws", arg_names, ann, body)

@@ -13,11 +13,11 @@ Window layouts: **stream** (prefill) — ``kv_window`` [b, n, D] holds tokens at
 token ``p`` in slot ``p % R`` with ``R >= 128 + s − 1``.
 
 Batch invariance: every CTA owns one (token, head block) and walks its keys in a fixed order, so a
-row never depends on the others; the only batch-dependent choice is whether small batches are
-split into 256-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 1024
+row never depends on the others; the only batch-dependent choice is whether tiny batches are
+split into 256-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 2048
 keys instead; a row that fits in one split gets identical bits from the one-pass kernel and from
 split + combine (the epilogues share their arithmetic), so a row's output is the same for any
-batch size and position in the batch. V4-Flash CSA rows (640 keys) and HCA rows (≤ 640 keys)
+batch size and position in the batch. V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys)
 always take the one-pass kernel.
 """
 
@@ -73,11 +73,11 @@ def _configs(windowed: bool) -> list[dict[str, Any]]:
     out = []
     for h in (64, 128):
         out.append({"heads": h, "kind": "main"})
-        out.append({"heads": h, "kind": "split", "split_blocks": 16})
+        out.append({"heads": h, "kind": "split", "split_blocks": 32})
         out.append({"heads": h, "kind": "split", "split_blocks": 4})
         if windowed:
             out.append({"heads": h, "kind": "main", "ring": True})
-            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 16})
+            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 32})
             out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 4})
         out.append({"heads": h, "kind": "combine"})
     return out
@@ -85,21 +85,21 @@ def _configs(windowed: bool) -> list[dict[str, Any]]:
 
 @register("sparse_attention", configs=_configs(windowed=False), tags=("attention", "batch_invariant"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                           split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                           split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
 @register("csa_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
 
 
 @register("hca_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 16, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
 
@@ -111,7 +111,7 @@ class _RegistryAttention(AttentionKernel):
         super().__init__(spec)
         self.variant, self.ring = variant, ring
 
-    def compiled(self, kind: str, split_blocks: int = 16) -> Any:
+    def compiled(self, kind: str, split_blocks: int = 32) -> Any:
         cfg: dict[str, Any] = {"heads": self.spec.heads, "kind": kind, "return_lse": self.spec.return_lse}
         if kind == "split":
             cfg["split_blocks"] = split_blocks
