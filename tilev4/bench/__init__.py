@@ -107,10 +107,20 @@ def measure_peaks() -> dict[str, float]:
 
 
 def record(
-    kernel: str, shape: str, ms: float, *, peaks: dict[str, float], nbytes: float = 0.0, flops: float = 0.0
+    kernel: str,
+    shape: str,
+    ms: float,
+    *,
+    peaks: dict[str, float],
+    nbytes: float = 0.0,
+    flops: float = 0.0,
+    target: float | None = None,
 ) -> dict[str, Any]:
-    """One result: ms, and GB/s (from ``nbytes``) and/or TFLOPS (from ``flops``) with their peak fractions."""
+    """One result: ms, and GB/s (from ``nbytes``) and/or TFLOPS (from ``flops``) with their peak
+    fractions; ``target`` is the fraction of that peak the kernel's issue asks for."""
     rec: dict[str, Any] = {"kernel": kernel, "shape": shape, "ms": ms}
+    if target is not None:
+        rec["target_fraction"] = target
     if nbytes:
         rec["gbps"] = nbytes / ms / 1e6
         rec["fraction_of_copy_bw"] = rec["gbps"] / peaks["copy_gbps"]
@@ -150,8 +160,8 @@ def _fmt(v: float | None, digits: int) -> str:
 def render_table(reports: list[dict[str, Any]]) -> str:
     """Markdown table of benchmark reports (one row per kernel and shape)."""
     lines = [
-        "| kernel | shape | ms | GB/s | TFLOPS | fraction of same-run peak | GPU | date | commit |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| kernel | shape | ms | GB/s | TFLOPS | fraction of same-run peak | target | GPU | date | commit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for rep in reports:
         for r in rep["results"]:
@@ -159,7 +169,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
             which = "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW"
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
-                f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
+                f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {_fmt(r.get('target_fraction'), 2)} | "
+                f"{rep['gpu']} | {rep['date']} | {rep['commit']} |"
             )
     peaks = "; ".join(
         f"{rep['gpu']} {rep['date']}: bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS, "

@@ -18,7 +18,7 @@ def bench_rmsnorm(peaks: dict[str, float]) -> list[dict[str, Any]]:
         x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(d, device="cuda")
         y = torch.empty_like(x)
-        ms = time_cuda(lambda x=x, w=w, y=y: tilev4.rmsnorm(x, w, out=y))
+        ms = time_cuda(lambda x=x, w=w, y=y: tilev4.rmsnorm(x, w, out=y), graph=True)
         nbytes = 2 * x.numel() * 2 + w.numel() * 4
         out.append(record("rmsnorm", f"N={n} D={d}", ms, nbytes=nbytes, peaks=peaks))
     return out
@@ -33,7 +33,7 @@ def bench_fp8_quantize(peaks: dict[str, float]) -> list[dict[str, Any]]:
         x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         q = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn)
         s = torch.empty(n, k // 128, device="cuda")
-        ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)))
+        ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)), graph=True)
         nbytes = x.numel() * 2 + q.numel() + s.numel() * 4
         out.append(record("fp8_quantize", f"N={n} K={k}", ms, nbytes=nbytes, peaks=peaks))
     return out
