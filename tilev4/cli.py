@@ -1,4 +1,9 @@
-"""The ``tilev4`` command line: ``info`` and ``compile`` (ahead of time, no GPU needed)."""
+"""The ``tilev4`` command line.
+
+``info`` (GPU, toolchain, caches, which kernels are tuned here), ``compile`` (ahead of time, no GPU
+needed), ``tune`` (per-GPU autotuning), ``cache ls|verify|clear|prune|export|import`` (the
+compiled-kernel cache), ``bench`` and ``bench-table``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -38,16 +43,47 @@ def _nvcc_version() -> str:
 
 
 def _driver_version() -> str:
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return "unknown (no nvidia-smi)"
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    from tilev4.autotune.identity import driver_version
+
+    return driver_version()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"size must look like 500M or 2G, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def _tuned_row() -> str:
+    from tilev4.autotune.identity import current_gpu
+    from tilev4.autotune.store import tuned_kernels
+    from tilev4.kernels import iter_registry
+
+    gpu = current_gpu()
+    if gpu is None:
+        return "none (untuned: heuristics; no GPU visible)"
+    tuned = tuned_kernels([(k.name, k.source_hash) for k in iter_registry() if k.space is not None], gpu)
+    if not tuned:
+        return "none (untuned: heuristics)"
+    return ", ".join(f"{k} ({len(b)} bucket{'s' * (len(b) != 1)})" for k, b in sorted(tuned.items()))
+
+
+def _cache_row() -> str:
+    from tilev4.autotune.kernel_cache import list_entries
+
+    entries = list_entries()
+    here = sum(1 for e in entries if e.current_toolchain)
+    return (f"{len(entries)} entries, {_human_bytes(sum(e.size_bytes for e in entries))} "
+            f"({here} for this toolchain)")
 
 
 def info_rows() -> list[tuple[str, str]]:
@@ -55,7 +91,7 @@ def info_rows() -> list[tuple[str, str]]:
     import torch
 
     import tilev4
-    from tilev4.autotune import cache_dir
+    from tilev4.autotune import cache_dir, toolchain, toolchain_hash
     from tilev4.kernels import current_arch, registry_names
 
     rows: list[tuple[str, str]] = [("tilev4", tilev4.__version__)]
@@ -78,8 +114,11 @@ def info_rows() -> list[tuple[str, str]]:
         ("tilelang", _version("tilelang")),
         ("python", sys.version.split()[0]),
         ("cache directory", str(cache_dir())),
+        ("kernel cache", _cache_row()),
+        ("toolchain", f"{toolchain_hash()} {toolchain()}"),
         ("TileLang cache", os.environ.get("TILELANG_CACHE_DIR", os.path.expanduser("~/.tilelang/cache"))),
         ("registered kernels", ", ".join(registry_names())),
+        ("tuned for this GPU", _tuned_row()),
     ]
     return rows
 
@@ -95,48 +134,169 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compile_one(name: str, config: dict[str, Any], arch: str) -> float:
-    from tilev4.kernels import compile_kernel
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    t0 = time.perf_counter()
-    compile_kernel(name, config, arch)
-    return time.perf_counter() - t0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=False)
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from tilev4.autotune.tuner import compile_jobs
     from tilev4.kernels import get_kernel_def, iter_registry
+    from tilev4.kernels.registry import aot_configs
 
     console = Console()
     kdefs = [get_kernel_def(k) for k in args.kernel] if args.kernel else list(iter_registry())
-    jobs = [(k.name, dict(c)) for k in kdefs for c in (k.configs if not args.default_only else k.configs[:1])]
+    jobs = [(k.name, cfg, src) for k in kdefs for cfg, src in aot_configs(k, args.arch, args.default_only)]
     console.print(f"compiling {len(jobs)} kernel configs for [bold]{args.arch}[/bold] with {args.jobs} process(es)")
-    results: list[tuple[str, dict[str, Any], float | None, str]] = []
     t_all = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("compile", total=len(jobs))
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futs = {pool.submit(_compile_one, n, c, args.arch): (n, c) for n, c in jobs}
-            for fut in as_completed(futs):
-                n, c = futs[fut]
-                try:
-                    results.append((n, c, fut.result(), ""))
-                except Exception as e:
-                    results.append((n, c, None, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
-                progress.advance(task)
-    table = Table("kernel", "config", "seconds", "status")
-    for n, c, t, err in sorted(results, key=lambda r: (r[0], str(r[1]))):
-        table.add_row(n, ", ".join(f"{k}={v}" for k, v in c.items()), f"{t:.1f}" if t is not None else "-",
-                      "ok" if not err else f"[red]{err}[/red]")
+        outcomes = compile_jobs([(n, c) for n, c, _ in jobs], args.arch, args.jobs,
+                                on_done=lambda oc: progress.advance(task))
+    source = {(n, repr(sorted(c.items()))): src for n, c, src in jobs}
+    table = Table("kernel", "config", "for", "seconds", "status")
+    for oc in sorted(outcomes, key=lambda o: (o.kernel, str(o.config))):
+        status = f"[red]{oc.error}[/red]" if oc.status == "error" else oc.status
+        table.add_row(oc.kernel, ", ".join(f"{k}={v}" for k, v in oc.config.items()),
+                      source.get((oc.kernel, repr(sorted(oc.config.items()))), ""), f"{oc.seconds:.1f}", status)
     console.print(table)
-    failed = sum(1 for r in results if r[3])
-    console.print(f"{len(results) - failed}/{len(results)} compiled for {args.arch} in "
-                  f"{time.perf_counter() - t_all:.1f} s")
+    failed = sum(1 for o in outcomes if o.status == "error")
+    built = sum(1 for o in outcomes if o.status == "compiled")
+    console.print(f"{len(outcomes) - failed}/{len(outcomes)} ready for {args.arch} ({built} compiled, "
+                  f"{len(outcomes) - failed - built} already cached) in {time.perf_counter() - t_all:.1f} s")
     return 1 if failed else 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from tilev4.autotune.tuner import parse_shapes, tune
+
+    console = Console()
+    if args.import_report:
+        return _import_report(args, console)
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else None
+        space = None
+        if args.quick:
+            space = _quick_space(args.kernel)
+        with _progress(console) as progress:
+            report = tune(args.kernel or None, shapes, workers=args.jobs, rounds=args.rounds, reps=args.reps,
+                          space=space, progress=progress, log=console.print)
+    except (RuntimeError, ValueError) as e:
+        print(f"tilev4 tune: {e}", file=sys.stderr)
+        return 2
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True, default=repr) + "\n")
+    if args.ship:
+        _ship(report["records"], console)
+    from rich.table import Table
+
+    table = Table("kernel", "bucket", "winner", "ms", "default ms", "speed-up", "cands", "pruned", "rejected")
+    for name, rows in sorted(report["kernels"].items()):
+        for r in rows:
+            table.add_row(name, r["bucket"], str(r["winner"]), f"{r['winner_ms']:.4f}",
+                          f"{r['default_ms']:.4f}" if r["default_ms"] else "-",
+                          f"{r['speedup_vs_default']:.3f}" if r["speedup_vs_default"] else "-",
+                          str(r["candidates"]), str(r["pruned"]), str(r["rejected"]))
+    console.print(table)
+    console.print(f"tuned in {report['seconds']['total']:.0f} s (compile {report['seconds']['compile']:.0f} s, "
+                  f"measure {report['seconds']['measure']:.0f} s)")
+    return 0
+
+
+def _quick_space(kernels: list[str] | None) -> Any:
+    from tilev4.autotune.space import Space
+    from tilev4.kernels import get_kernel_def
+
+    if not kernels or len(kernels) != 1:
+        raise ValueError("--quick needs exactly one --kernel")
+    space = get_kernel_def(kernels[0]).space
+    if space is None:
+        raise ValueError(f"kernel {kernels[0]!r} has no tuning space")
+    return Space({k: tuple(v)[:2] for k, v in space.params.items()}, space.constraints, space.smem_bytes,
+                 space.heuristic)
+
+
+def _ship(records: list[dict[str, Any]], console: Any) -> None:
+    from tilev4.autotune.store import SHIPPED_DIR, TuningRecord, save_record
+
+    paths = {save_record(TuningRecord.from_dict(r), SHIPPED_DIR) for r in records}
+    for p in sorted(paths):
+        console.print(f"shipped defaults: {p}")
+
+
+def _import_report(args: argparse.Namespace, console: Any) -> int:
+    import json
+
+    from tilev4.autotune.store import TuningRecord, save_record
+
+    records = json.loads(Path(args.import_report).read_text())["records"]
+    if args.ship:
+        _ship(records, console)
+    else:
+        for r in records:
+            save_record(TuningRecord.from_dict(r))
+        console.print(f"imported {len(records)} tuning records into this machine's results")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tilev4.autotune import kernel_cache as kc
+
+    console = Console()
+    if args.cache_cmd in ("ls", "verify"):
+        from rich.table import Table
+
+        entries = kc.list_entries(verify=args.cache_cmd == "verify" or args.verify)
+        table = Table("kernel", "arch", "toolchain", "config", "size", "created", "status")
+        for e in entries:
+            status = "ok" if e.problem is None else f"[red]{e.problem}[/red]"
+            table.add_row(e.kernel, e.arch, e.toolchain_hash[:8] + ("" if e.current_toolchain else " (other)"),
+                          ", ".join(f"{k}={v}" for k, v in e.config.items()), _human_bytes(e.size_bytes),
+                          e.created, status)
+        console.print(table)
+        console.print(f"{len(entries)} entries, {_human_bytes(sum(e.size_bytes for e in entries))} in "
+                      f"{kc.kernels_root()}")
+        return 1 if args.cache_cmd == "verify" and any(e.problem for e in entries) else 0
+    if args.cache_cmd == "clear":
+        n, freed = kc.clear(kernel=args.kernel, arch=args.arch)
+        if args.results:
+            from tilev4.autotune.store import results_dir
+
+            shutil.rmtree(results_dir(), ignore_errors=True)
+        also = " and the tuning results" if args.results else ""
+        console.print(f"removed {n} entries ({_human_bytes(freed)}){also}")
+        return 0
+    if args.cache_cmd == "prune":
+        from tilev4.kernels import iter_registry
+
+        sources = {k.name: k.source_hash for k in iter_registry()}
+        n, freed = kc.prune(max_bytes=_parse_size(args.max_size) if args.max_size else None, current_sources=sources)
+        console.print(f"pruned {n} entries ({_human_bytes(freed)})")
+        return 0
+    if args.cache_cmd == "export":
+        summary = kc.export_cache(Path(args.file), arch=args.arch, include_results=not args.no_results)
+        console.print(f"exported {summary['entries']} entries and {summary['results']} tuning files to {args.file}"
+                      + (f" ({summary['skipped']} entries that do not verify left out)" if summary["skipped"] else ""))
+        return 0
+    if args.cache_cmd == "import":
+        counts = kc.import_cache(Path(args.file))
+        console.print(f"imported {counts['imported']} entries ({counts['present']} already present, "
+                      f"{counts['rejected']} rejected), {counts['results']} tuning records; "
+                      f"{counts['usable_here']} entries match this machine's toolchain")
+        return 1 if counts["rejected"] else 0
+    raise AssertionError(args.cache_cmd)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -175,12 +335,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="GPU, toolchain, versions and cache locations")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("compile", help="compile registry kernels ahead of time (no GPU needed)")
+    p = sub.add_parser("compile", help="compile registry kernels ahead of time into the kernel cache (no GPU needed)")
     p.add_argument("--arch", default="sm_90a", help="CUDA arch to build for (default sm_90a)")
     p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
-    p.add_argument("--default-only", action="store_true", help="only each kernel's default config")
+    p.add_argument("--default-only", action="store_true", help="only each kernel's default config (no tuned ones)")
     p.set_defaults(func=_cmd_compile)
+    p = sub.add_parser("tune", help="tune registry kernels on this GPU and store the results")
+    p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
+    p.add_argument("--shapes", nargs="+", metavar="K=V,...",
+                   help="problems to tune for every --kernel, e.g. D=4096,N=16384 D=7168 "
+                        "(default: the registry's configs)")
+    p.add_argument("--jobs", type=int, default=max(1, min(16, os.cpu_count() or 1)), help="compile processes")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (candidates reshuffled each round)")
+    p.add_argument("--reps", type=int, default=10, help="samples per candidate, shape and round")
+    p.add_argument("--quick", action="store_true", help="the first two values of each tunable (one --kernel)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report (records, speed-ups, times)")
+    p.add_argument("--ship", action="store_true", help="also write the records as the package's shipped defaults")
+    p.add_argument("--import-report", metavar="FILE", help="store the records of a report instead of tuning")
+    p.set_defaults(func=_cmd_tune)
+    p = sub.add_parser("cache", help="the compiled-kernel cache: ls, verify, clear, prune, export, import")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    c = csub.add_parser("ls", help="list entries with size")
+    c.add_argument("--verify", action="store_true", help="check every file's sha256 against its manifest")
+    c = csub.add_parser("verify", help="verify every entry; exit 1 if one does not")
+    c = csub.add_parser("clear", help="remove entries")
+    c.add_argument("--kernel", help="only this kernel's entries")
+    c.add_argument("--arch", help="only this arch's entries")
+    c.add_argument("--results", action="store_true", help="also remove this machine's tuning results")
+    c = csub.add_parser("prune", help="remove stale entries (other toolchain, old source, bad), then the oldest")
+    c.add_argument("--max-size", help="then remove the oldest entries until the cache fits, e.g. 2G")
+    c = csub.add_parser("export", help="write the verified entries and tuning results to a .tar.gz")
+    c.add_argument("file")
+    c.add_argument("--arch", help="only this arch's entries")
+    c.add_argument("--no-results", action="store_true", help="leave the tuning results out")
+    c = csub.add_parser("import", help="add the entries and tuning results of an export")
+    c.add_argument("file")
+    p.set_defaults(func=_cmd_cache)
     p = sub.add_parser("bench", help="benchmark kernels on the GPU against same-run peaks")
     p.add_argument("name", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--json", help="write the report to this JSON file")

@@ -11,21 +11,81 @@ The power-of-two scale is computed from the bits of ``amax``, not with ``log2``:
 ``qmax = 1.f × 2^E`` and ``amax = 1.m × 2^e`` the smallest ``k`` with ``qmax·2^k >= amax`` is
 ``e − E`` if ``1.m <= 1.f`` else ``e − E + 1`` — exact, whereas ``ceil(log2(·))`` of a rounded
 quotient can be off by one at powers of two.
+
+Tuning: ``block_rows`` and ``threads`` (:data:`FP8_QUANTIZE_SPACE`); K shares a config per bucket
+(``K<=2048``, ``K<=4096``, ``K>4096``); the config never depends on N.
 """
 
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import tilelang.language as T
 import torch
 
 from tilev4._checks import check_tensor
+from tilev4.autotune.harness import TuningCase, TuningHarness
+from tilev4.autotune.space import Space
 from tilev4.kernels.registry import compile_kernel, register
 
-__all__ = ["build_fp8_quantize", "fp8_quantize", "pow2_scale_bits"]
+__all__ = ["FP8_QUANTIZE_SPACE", "build_fp8_quantize", "fp8_quantize", "pow2_scale_bits"]
 
 FP8_MAX = 448.0
 FP8_AMAX_FLOOR = 1e-4
+MAX_FRAGMENT_BYTES_PER_THREAD = 768  # x (fp32) and q (fp8) fragments
+
+
+def _tile_fits_threads(c: Mapping[str, Any]) -> str | None:
+    tile = c["block_rows"] * c["BK"]
+    if tile % c["threads"]:
+        return f"block_rows*BK={tile} not a multiple of threads={c['threads']}"
+    if tile * 5 // c["threads"] > MAX_FRAGMENT_BYTES_PER_THREAD:
+        return f"{tile * 5 // c['threads']} B of fragments per thread > {MAX_FRAGMENT_BYTES_PER_THREAD}"
+    return None
+
+
+FP8_QUANTIZE_SPACE = Space(
+    params={"block_rows": (1, 2, 4, 8, 16, 32), "threads": (32, 64, 128, 256)},
+    constraints=(_tile_fits_threads,),
+    smem_bytes=lambda c: 4 * c["block_rows"] * (c["threads"] // 32),  # cross-warp amax
+)
+
+
+def _fp8_bucket(problem: Mapping[str, Any]) -> str:
+    k = problem["K"]
+    size = "K<=2048" if k <= 2048 else "K<=4096" if k <= 4096 else "K>4096"
+    return f"BK={problem['BK']},{size}"
+
+
+def _fp8_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool) -> TuningCase:
+    from tilev4 import reference as R
+
+    k, bk = problem["K"], problem["BK"]
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    x = torch.randn(n, k, generator=g, device=device) * 5
+    x[0, :bk] *= 1e-6  # a block under the amax floor
+    x = x.bfloat16()
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty(n, k // bk, device=device)
+    expected = tuple(t.to(device) for t in R.fp8_e4m3_quantize(x.cpu(), bk)) if reference else None
+    return TuningCase((x, q, scale), outputs=(1, 2), expected=expected, rows=n)
+
+
+def _fp8_check(outputs: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> str | None:
+    q, scale = outputs
+    if not torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8)):
+        return "q differs from the reference (must be bit-exact)"
+    if not torch.equal(scale, expected[1]):
+        return "scale differs from the reference (must be bit-exact)"
+    return None
+
+
+def _fp8_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    x, q, scale = case.args
+    xs = x[start:stop].contiguous()
+    return TuningCase((xs, torch.empty_like(q[start:stop]), torch.empty_like(scale[start:stop])), outputs=(1, 2),
+                      expected=None, rows=stop - start)
 
 
 def pow2_scale_bits(amax: T.PrimExpr, qmax: float) -> tuple[T.PrimExpr, T.PrimExpr]:
@@ -48,6 +108,9 @@ def pow2_scale_bits(amax: T.PrimExpr, qmax: float) -> tuple[T.PrimExpr, T.PrimEx
     "fp8_quantize",
     configs=[{"K": 4096}, {"K": 2048}, {"K": 7168}, {"K": 3072}, {"K": 1024}],
     tags=("quant", "batch_invariant"),
+    space=FP8_QUANTIZE_SPACE,
+    bucket=_fp8_bucket,
+    harness=TuningHarness(_fp8_case, _fp8_check, sizes=(67, 16384), batch_slice=_fp8_slice),
 )
 def build_fp8_quantize(K: int, BK: int = 128, block_rows: int = 8, threads: int = 128):
     """FP8 e4m3 1×128 activation quantiser with ue8m0 scales (bf16 in)."""

@@ -3,26 +3,37 @@
 Each kernel module registers its ``build_<op>`` factory with :func:`register`, giving the
 compile-time configurations that ship as defaults (the first one is the default; the others
 are shapes the model uses, built ahead of time). A factory takes only compile-time keys and
-returns a ``T.prim_func``; run-time sizes (batch, tokens) are ``T.dynamic``.
+returns a ``T.prim_func``; run-time sizes (batch, tokens) are ``T.dynamic``. A kernel may also
+register a tuning ``space`` (:class:`tilev4.autotune.space.Space`), a shape ``bucket`` function
+and a tuning ``harness`` (:class:`tilev4.autotune.harness.TuningHarness`).
 
-:func:`compile_kernel` lowers a factory's program for a CUDA arch (``sm_90a`` by default, or
-the arch of the current GPU) and memoises the result in-process; TileLang's own disk cache
-keeps the shared library between processes.
+:func:`compile_kernel` resolves a config (keys the caller leaves out that are tunable come from
+the tuned results for the current GPU, else from the heuristic — see :func:`resolve_config`),
+then goes memory → disk → compile: an in-process memo, then tilev4's compiled-kernel cache
+(:mod:`tilev4.autotune.kernel_cache`, shared by processes and machines), then TileLang lowering
+and nvcc for the CUDA arch (``sm_90a`` by default, or the arch of the current GPU).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tilev4.autotune.harness import TuningHarness
+    from tilev4.autotune.space import Space
 
 __all__ = [
     "DEFAULT_AOT_ARCH",
     "KernelDef",
+    "Resolution",
+    "aot_configs",
     "canonical_config",
+    "clear_kernel_memo",
     "compile_kernel",
     "current_arch",
     "get_kernel_def",
@@ -30,6 +41,7 @@ __all__ = [
     "load_all_kernels",
     "register",
     "registry_names",
+    "resolve_config",
 ]
 
 DEFAULT_AOT_ARCH = "sm_90a"
@@ -39,29 +51,98 @@ _REGISTRY: dict[str, KernelDef] = {}
 
 @dataclass(frozen=True)
 class KernelDef:
-    """One registered kernel: its factory and the configurations built by default."""
+    """One registered kernel: its factory, the configurations built by default, and how to tune it
+    (``space``, ``bucket_fn``, ``harness``; all None for a kernel that is not tuned)."""
 
     name: str
     builder: Callable[..., Any]
     configs: tuple[Mapping[str, Any], ...]
     summary: str = ""
     tags: tuple[str, ...] = field(default=())
+    space: Space | None = None
+    bucket_fn: Callable[[Mapping[str, Any]], str] | None = None
+    harness: TuningHarness | None = None
 
     @property
     def default_config(self) -> Mapping[str, Any]:
         return self.configs[0]
 
+    @property
+    def tunable_keys(self) -> tuple[str, ...]:
+        return self.space.keys if self.space is not None else ()
 
-def register(name: str, configs: list[dict[str, Any]], tags: tuple[str, ...] = ()) -> Callable:
-    """Class the decorated ``build_<op>`` factory as registry entry ``name``."""
+    @property
+    def batch_invariant(self) -> bool:
+        return "batch_invariant" in self.tags
+
+    @property
+    def source_hash(self) -> str:
+        """Hash of the source this kernel's programs come from (see ``kernel_source_hash``)."""
+        from tilev4.autotune.identity import kernel_source_hash
+
+        return kernel_source_hash(self.builder)
+
+    def problem(self, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The non-tunable keys of ``config`` (default: the default config), completed with the factory's defaults."""
+        cfg = dict(self.default_config if config is None else config)
+        tunable = set(self.tunable_keys)
+        items = canonical_config(self, {k: v for k, v in cfg.items() if k not in tunable}, fill=False)
+        return {k: v for k, v in items if k not in tunable}
+
+    def bucket(self, problem: Mapping[str, Any]) -> str:
+        """The shape bucket of ``problem`` (its non-tunable keys): problems of a bucket share a tuned config."""
+        if self.bucket_fn is not None:
+            return str(self.bucket_fn(problem))
+        from tilev4.autotune.space import exact_bucket
+
+        return exact_bucket(problem)
+
+    def heuristic(self, problem: Mapping[str, Any]) -> dict[str, Any]:
+        """The tunables used when nothing is tuned: the space's heuristic, else the factory's defaults."""
+        if self.space is None:
+            return {}
+        if self.space.heuristic is not None:
+            return dict(self.space.heuristic(problem))
+        params = inspect.signature(self.builder).parameters
+        missing = [k for k in self.space.keys if params[k].default is inspect.Parameter.empty]
+        if missing:
+            raise ValueError(f"kernel {self.name!r}: tunable keys {missing} need a default or a space heuristic")
+        return {k: params[k].default for k in self.space.keys}
+
+
+def register(
+    name: str,
+    configs: list[dict[str, Any]],
+    tags: tuple[str, ...] = (),
+    *,
+    space: Space | None = None,
+    bucket: Callable[[Mapping[str, Any]], str] | None = None,
+    harness: TuningHarness | None = None,
+) -> Callable:
+    """Class the decorated ``build_<op>`` factory as registry entry ``name``.
+
+    Args:
+        configs: shipped configs (the first is the default); usually only problem keys, the
+            tunable keys being resolved per GPU at compile time.
+        tags: e.g. ``"batch_invariant"`` (tuning then checks sub-batches bit-exactly).
+        space: the tuning space (tunable keys must be factory parameters).
+        bucket: problem → shape-bucket label (default: every problem its own bucket).
+        harness: how the tuner makes inputs, runs the kernel and checks it against the reference.
+    """
     if not configs:
         raise ValueError(f"kernel {name!r}: at least one config is needed")
 
     def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"kernel {name!r} is registered twice")
+        if space is not None:
+            params = inspect.signature(builder).parameters
+            unknown = [k for k in space.keys if k not in params]
+            if unknown:
+                raise ValueError(f"kernel {name!r}: space keys {unknown} are not parameters of {builder.__name__}")
         summary = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
-        _REGISTRY[name] = KernelDef(name, builder, tuple(dict(c) for c in configs), summary, tags)
+        _REGISTRY[name] = KernelDef(name, builder, tuple(dict(c) for c in configs), summary, tags,
+                                    space, bucket, harness)
         return builder
 
     return wrap
@@ -101,51 +182,184 @@ def current_arch() -> str:
         import torch
 
         if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return f"sm_{major}{minor}" + ("a" if major in (9, 10) else "")
+            from tilev4.autotune.identity import arch_for_capability
+
+            return arch_for_capability(*torch.cuda.get_device_capability())
     except Exception:
         pass
     return DEFAULT_AOT_ARCH
 
 
-def _target(arch: str) -> dict[str, str]:
-    if not arch.startswith("sm_"):
-        raise ValueError(f"arch must look like 'sm_90a', got {arch!r}")
-    return {"kind": "cuda", "arch": arch}
+@dataclass(frozen=True)
+class Resolution:
+    """A config made complete for one arch: the canonical items, where the tunables came from, the bucket.
+
+    ``source`` is ``given`` (the caller set every tunable, or the kernel has no space),
+    ``tuned`` / ``shipped…`` (tuned results, see :func:`tilev4.autotune.store.lookup`) or
+    ``heuristic``.
+    """
+
+    items: tuple[tuple[str, Any], ...]
+    source: str
+    bucket: str | None = None
 
 
-@functools.cache
-def _compile_cached(name: str, config_items: tuple[tuple[str, Any], ...], arch: str) -> Any:
-    import tilelang
+def resolve_config(
+    name: str | KernelDef, config: Mapping[str, Any] | None = None, arch: str | None = None, *,
+    gpu: Any = "current",
+) -> Resolution:
+    """Complete ``config`` for ``arch``: tunable keys the caller left out come from tuning.
 
-    kdef = get_kernel_def(name)
-    program = kdef.builder(**dict(config_items))
-    return tilelang.compile(program, target=_target(arch))
+    Tuned results apply only on a GPU of that arch (``gpu``: a
+    :class:`~tilev4.autotune.identity.GpuIdentity`, ``None`` for none, default the current one);
+    a tuned config that the space rejects for this problem is ignored. Without a tuned result on
+    a GPU, the heuristic is used and a one-line notice is logged once per kernel.
+    """
+    kdef = name if isinstance(name, KernelDef) else get_kernel_def(name)
+    arch = arch or current_arch()
+    cfg = dict(kdef.default_config if config is None else config)
+    missing = [k for k in kdef.tunable_keys if k not in cfg]
+    if not missing:
+        return Resolution(canonical_config(kdef, cfg), "given")
+    from tilev4.autotune import store
+    from tilev4.autotune.identity import current_gpu
+
+    problem = kdef.problem(cfg)
+    bucket = kdef.bucket(problem)
+    if gpu == "current":
+        gpu = current_gpu()
+    if gpu is not None and gpu.arch == arch:
+        key = store.current_key(kdef.name, kdef.source_hash, bucket, gpu)
+        found = store.lookup(key) if key is not None else None
+        if found is not None:
+            assert kdef.space is not None
+            tuned = {**cfg, **{k: v for k, v in found.config.items() if k in missing}}
+            reason = kdef.space.why_invalid(dict(canonical_config(kdef, tuned)))
+            if reason is None:
+                return Resolution(canonical_config(kdef, tuned), found.source, bucket)
+            store.notice_once(f"invalid:{kdef.name}:{bucket}", f"tilev4: tuned config {found.config} of "
+                              f"{kdef.name} does not fit {problem} ({reason}); using the heuristic")
+        else:
+            store.notice_once(f"untuned:{kdef.name}", f"tilev4: {kdef.name} is not tuned for {gpu.name} "
+                              f"(bucket {bucket}); using heuristic configs — run `tilev4 tune --kernel {kdef.name}`")
+    heur = kdef.heuristic(problem)
+    full = {**cfg, **{k: v for k, v in heur.items() if k in missing}}
+    return Resolution(canonical_config(kdef, full), "heuristic", bucket)
+
+
+_MEMO: dict[Any, Any] = {}
+_BY_ITEMS: dict[Any, Any] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def clear_kernel_memo() -> None:
+    """Forget the kernels compiled or loaded in this process (after tuning, or a cache-dir change)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
+        _BY_ITEMS.clear()
+
+
+def _memo_key(name: str, config: Mapping[str, Any] | None, arch: str) -> Any:
+    try:
+        key = (name, None if config is None else tuple(sorted(config.items())), arch)
+        hash(key)
+        return key
+    except TypeError:
+        return None
 
 
 def compile_kernel(name: str, config: Mapping[str, Any] | None = None, arch: str | None = None) -> Any:
     """Compile registry kernel ``name`` with ``config`` (default: its default config) for ``arch``.
 
-    Returns TileLang's ``JITKernel``; calling it launches the kernel on the current stream
-    (only possible on a machine with that GPU). Compiled once per process per key.
+    Tunable keys left out of ``config`` are resolved per GPU (:func:`resolve_config`). Returns
+    TileLang's ``JITKernel``; calling it launches the kernel on the current stream (only possible
+    on a machine with that GPU). Memory → disk cache → compile; compiled once per key across
+    processes that share the cache directory.
     """
+    arch = arch or current_arch()
+    mkey = _memo_key(name, config, arch)
+    if mkey is not None:
+        kernel = _MEMO.get(mkey)
+        if kernel is not None:
+            return kernel
     kdef = get_kernel_def(name)
-    return _compile_cached(name, canonical_config(kdef, config), arch or current_arch())
+    items = resolve_config(kdef, config, arch).items
+    kernel = _compile_items(kdef, items, arch)
+    if mkey is not None:
+        _MEMO[mkey] = kernel
+    return kernel
 
 
-def canonical_config(kdef: KernelDef, config: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+def _compile_items(kdef: KernelDef, items: tuple[tuple[str, Any], ...], arch: str) -> Any:
+    from tilev4.autotune import kernel_cache
+
+    ikey = (kdef.name, items, arch)
+    try:
+        kernel = _BY_ITEMS.get(ikey)
+    except TypeError:  # an unhashable config value: no memo
+        ikey, kernel = None, None
+    if kernel is not None:
+        return kernel
+    key = kernel_cache.entry_key(kdef.name, items, arch, kdef.source_hash)
+    kernel = kernel_cache.get(key, lambda: kdef.builder(**dict(items)))
+    if ikey is not None:
+        with _MEMO_LOCK:
+            kernel = _BY_ITEMS.setdefault(ikey, kernel)
+    return kernel
+
+
+def aot_configs(kdef: KernelDef, arch: str, default_only: bool = False) -> list[tuple[dict[str, Any], str]]:
+    """The complete configs ahead-of-time compilation builds for ``kdef`` on ``arch``, with their source.
+
+    For each shipped config: its heuristic completion (what an untuned GPU runs) and, for every
+    tuned record of a GPU of ``arch`` (this machine's results and the shipped defaults) with this
+    source hash and bucket, its tuned completion (what that GPU runs). Duplicates are dropped.
+    """
+    from tilev4.autotune import store
+
+    out: list[tuple[dict[str, Any], str]] = []
+    seen: set[str] = set()
+
+    def add(items: tuple[tuple[str, Any], ...], source: str) -> None:
+        label = repr(items)
+        if label not in seen:
+            seen.add(label)
+            out.append((dict(items), source))
+
+    records = [] if default_only or kdef.space is None else store.records_for_arch(kdef.name, arch)
+    for cfg in kdef.configs[:1] if default_only else kdef.configs:
+        add(resolve_config(kdef, cfg, arch, gpu=None).items, "default")
+        if not records:
+            continue
+        problem = kdef.problem(cfg)
+        bucket = kdef.bucket(problem)
+        missing = [k for k in kdef.tunable_keys if k not in cfg]
+        for r in records:
+            if r.key.bucket != bucket or r.key.source_hash != kdef.source_hash:
+                continue
+            tuned = dict(canonical_config(kdef, {**cfg, **{k: v for k, v in r.config.items() if k in missing}}))
+            if kdef.space is not None and kdef.space.why_invalid(tuned) is None:
+                add(tuple(sorted(tuned.items())), f"tuned for {r.key.gpu_name}")
+    return out
+
+
+def canonical_config(
+    kdef: KernelDef, config: Mapping[str, Any] | None = None, *, fill: bool = True
+) -> tuple[tuple[str, Any], ...]:
     """``config`` (default: the kernel's default) completed with the factory's defaults, sorted.
 
     Two spellings of one configuration (an argument left out or passed at its default value)
-    give the same key, so they compile once.
+    give the same key, so they compile once. ``fill=False`` leaves tunable keys out instead of
+    completing them (used to split off the problem).
     """
     cfg = dict(kdef.default_config if config is None else config)
     params = inspect.signature(kdef.builder).parameters
     unknown = set(cfg) - set(params)
     if unknown:
         raise ValueError(f"kernel {kdef.name!r}: unknown config keys {sorted(unknown)}; known: {sorted(params)}")
+    skip = set() if fill else set(kdef.tunable_keys)
     for pname, p in params.items():
-        if pname not in cfg:
+        if pname not in cfg and pname not in skip:
             if p.default is inspect.Parameter.empty:
                 raise ValueError(f"kernel {kdef.name!r}: config lacks required key {pname!r}")
             cfg[pname] = p.default

@@ -1,0 +1,203 @@
+"""The tuner's CPU-testable parts: checks and rotation with stand-in kernels, records, parallel compile, CLI."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from tilev4 import reference as R
+from tilev4.autotune import store
+from tilev4.autotune.harness import TuningCase, TuningHarness
+from tilev4.autotune.identity import GpuIdentity
+from tilev4.autotune.kernel_cache import cache_stats, verify_entry
+from tilev4.autotune.space import config_label
+from tilev4.autotune.tuner import (
+    DEFAULT_LABEL,
+    BucketPlan,
+    WallTimer,
+    compile_jobs,
+    finalize_bucket,
+    measure_bucket,
+    plan_kernel,
+)
+from tilev4.cli import main
+from tilev4.kernels.registry import clear_kernel_memo, compile_kernel, get_kernel_def
+
+H200 = GpuIdentity("NVIDIA H200", "9.0", 132, 143771)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEV4_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "shipped")
+    clear_kernel_memo()
+    yield tmp_path
+    clear_kernel_memo()
+
+
+# --- stand-ins: an rmsnorm harness on the CPU and kernels that are right, wrong, lazy or batch-variant ---
+
+def _case(problem, n, gen, device, reference):
+    x = torch.randn(n, problem["D"], generator=gen).bfloat16()
+    w = torch.randn(problem["D"], generator=gen)
+    exp = (R.rmsnorm(x, w),) if reference else None
+    return TuningCase((x, w, torch.empty(n, problem["D"])), outputs=(2,), expected=exp, rows=n)
+
+
+def _check(outputs, expected):
+    y = outputs[0]
+    if torch.isnan(y).any():
+        return "NaN"
+    return None if torch.allclose(y, expected[0], rtol=1e-5, atol=1e-6) else "mismatch"
+
+
+def _slice(case, a, b):
+    x, w, _ = case.args
+    return TuningCase((x[a:b].contiguous(), w, torch.empty(b - a, x.shape[1])), (2,), None, b - a)
+
+
+HARNESS = TuningHarness(_case, _check, sizes=(5,), batch_slice=_slice)
+SEEN_INPUTS: set[int] = set()
+
+
+def good(x, w, y):
+    SEEN_INPUTS.add(x.data_ptr())
+    y.copy_(R.rmsnorm(x, w))
+
+
+def slow(x, w, y):
+    time.sleep(0.003)
+    good(x, w, y)
+
+
+def wrong(x, w, y):
+    y.copy_(R.rmsnorm(x, w) * 1.01)
+
+
+def lazy(x, w, y):
+    pass  # never writes y: the poisoned NaNs stay
+
+
+def batch_variant(x, w, y):
+    y.copy_(R.rmsnorm(x, w) * (1 + 1e-7 * (x.shape[0] % 3)))  # within tolerance, different bits per batch
+
+
+def boom(x, w, y):
+    raise RuntimeError("illegal memory access")
+
+
+def _plan(defaults=None):
+    cands = [{"v": v} for v in ("good", "slow", "wrong", "lazy", "variant", "boom", "missing", "good2")]
+    return BucketPlan("fake", "b", "sm_90a", [{"D": 64}], [[5, 33]], cands, [({"v": "huge"}, "too big")],
+                      defaults or [{"v": "good"}])
+
+
+def _kernels(plan, extra=None):
+    fns = {"good": good, "slow": slow, "wrong": wrong, "lazy": lazy, "variant": batch_variant, "boom": boom,
+           "good2": good}
+    ks = {(0, config_label(c)): fns[c["v"]] for c in plan.candidates if c["v"] in fns}
+    ks.update(extra or {})
+    return ks
+
+
+def test_measure_checks_rejects_and_rotates_inputs():
+    plan = _plan()
+    SEEN_INPUTS.clear()
+    m = measure_bucket(plan, _kernels(plan), HARNESS, batch_invariant=True, device="cpu", timer=WallTimer(),
+                       rounds=2, reps=3, num_inputs=3)
+    status = {json.loads(k)["v"]: v for k, v in m.status.items()}
+    assert status == {"good": "ok", "slow": "ok", "good2": "ok", "wrong": "wrong_output", "lazy": "wrong_output",
+                      "variant": "not_batch_invariant", "boom": "error", "missing": "not_compiled"}
+    assert "NaN" in m.detail[config_label({"v": "lazy"})]
+    assert "illegal memory access" in m.detail[config_label({"v": "boom"})]
+    for label in (config_label({"v": v}) for v in ("good", "slow", "good2")):
+        assert len(m.samples[label]) == 2 * 3  # rounds × reps, summed over the two sizes
+        assert set(m.per_shape_ms[label]) == {"D=64,N=5", "D=64,N=33"}
+    assert len(SEEN_INPUTS) >= 2 * 3  # three input sets per size were launched on, not one
+    # without the invariance tag the batch-variant kernel passes
+    m2 = measure_bucket(plan, _kernels(plan), HARNESS, batch_invariant=False, device="cpu", timer=WallTimer(),
+                        rounds=1, reps=2)
+    assert m2.status[config_label({"v": "variant"})] == "ok"
+
+
+def test_finalize_picks_a_passing_fast_config_and_keeps_every_timing():
+    plan = _plan(defaults=[{"v": "slow"}])  # default is not candidate 0: timed as its own pseudo-candidate
+    assert not plan.default_is_candidate0
+    ks = _kernels(plan, {(0, DEFAULT_LABEL): slow})
+    m = measure_bucket(plan, ks, HARNESS, batch_invariant=True, device="cpu", timer=WallTimer(), rounds=2, reps=5)
+    key = store.ResultKey(H200.name, "9.0", 132, 143771, "580", "13.0", "13.0", "0.1.15", "fake", "abc", "b")
+    rec = finalize_bucket(plan, m, key, meta={"rounds": 2})
+    assert rec.config in ({"v": "good"}, {"v": "good2"})  # never a rejected or the sleeping one
+    assert rec.default_median_ms > rec.winner_median_ms and rec.speedup_vs_default > 1.5
+    rows = {json.dumps(r["config"], sort_keys=True): r for r in rec.candidates}
+    assert rows['{"v": "wrong"}']["status"] == "wrong_output" and "samples_ms" not in rows['{"v": "wrong"}']
+    assert len(rows['{"v": "good"}']["samples_ms"]) == 10
+    assert rows['"heuristic per problem"']["status"] == "ok"
+    assert rec.pruned == [{"config": {"v": "huge"}, "reason": "too big"}]
+    assert rec.meta["rounds"] == 2 and rec.sizes == [5, 33]
+    # nothing passes: a clear error, never a silent pick
+    bad = BucketPlan("fake", "b", "sm_90a", [{"D": 64}], [[5]], [{"v": "wrong"}], [], [{"v": "wrong"}])
+    m = measure_bucket(bad, {(0, config_label({"v": "wrong"})): wrong}, HARNESS, device="cpu", timer=WallTimer(),
+                       rounds=1, reps=1)
+    with pytest.raises(ValueError, match="no candidate passed"):
+        finalize_bucket(bad, m, key)
+
+
+def test_compile_candidates_in_parallel_then_load_without_compiling(cache):
+    from tilev4.autotune.space import Space
+
+    small = Space({"block_rows": (1, 2), "threads": (128,)})
+    (plan,) = plan_kernel("rmsnorm", [{"D": 512}], arch="sm_90a", space=small)
+    jobs = plan.jobs()
+    assert len(jobs) == 2
+    done = []
+    outcomes = compile_jobs(jobs, "sm_90a", workers=2, on_done=done.append)
+    assert sorted(o.status for o in outcomes) == ["compiled", "compiled"] and len(done) == 2
+    before = cache_stats()["compiles"]
+    for _, cfg in jobs:  # the parent finds what the workers published
+        k = compile_kernel("rmsnorm", cfg, "sm_90a")
+        assert "__global__" in k.get_kernel_source()
+    assert cache_stats()["compiles"] == before
+    again = compile_jobs(jobs, "sm_90a", workers=1)
+    assert [o.status for o in again] == ["cached", "cached"]
+    err = compile_jobs([("rmsnorm", {"D": 512, "bogus": 1})], "sm_90a", workers=1)
+    assert err[0].status == "error" and "unknown config keys" in err[0].error
+
+
+def test_harnesses_of_registry_kernels_make_checkable_cases():
+    """The real harnesses on the CPU: reference outputs, a passing check for the reference, a failing one for NaN."""
+    for name in ("rmsnorm", "fp8_quantize"):
+        kdef = get_kernel_def(name)
+        problem = kdef.problem(kdef.configs[-1])
+        case = kdef.harness.make_case(problem, 7, torch.Generator().manual_seed(0), "cpu", True)
+        assert case.rows == 7 and len(case.expected) == len(case.outputs)
+        outs = tuple(t.clone() for t in case.expected)
+        outs = tuple(o.bfloat16() if name == "rmsnorm" else o for o in outs)
+        assert kdef.harness.check(outs, case.expected) is None
+        poisoned = tuple(o.clone() for o in outs)
+        for t in poisoned:
+            t.view(-1).view(torch.uint8).fill_(255)
+        assert kdef.harness.check(poisoned, case.expected)
+        sub = kdef.harness.batch_slice(case, 2, 5)
+        assert sub.rows == 3 and sub.args[0].shape[0] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_tune_without_a_gpu_says_so(capsys):
+    assert main(["tune", "--kernel", "rmsnorm"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_import_report_into_results_and_shipped_defaults(cache):
+    key = store.current_key("rmsnorm", get_kernel_def("rmsnorm").source_hash, "D<=4096", H200)
+    rec = store.TuningRecord(key, {"block_rows": 2, "threads": 256}, {"block_rows": 1, "threads": 128},
+                             [{"D": 4096, "eps": 1e-6}], [67])
+    report = cache / "tune.json"
+    report.write_text(json.dumps({"records": [rec.to_dict()]}))
+    assert main(["tune", "--import-report", str(report)]) == 0
+    assert store.lookup(key).source == "tuned"
+    assert main(["tune", "--import-report", str(report), "--ship"]) == 0
+    shipped = store.SHIPPED_DIR / H200.slug / "rmsnorm.json"
+    assert json.loads(shipped.read_text())["records"][0]["config"] == {"block_rows": 2, "threads": 256}
+    assert verify_entry(cache / "nothing") == "missing"
