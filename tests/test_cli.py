@@ -32,3 +32,10 @@ def test_unknown_kernel_is_an_error():
 
     with pytest.raises(ValueError, match="unknown kernel"):
         main(["compile", "--kernel", "nope"])
+
+
+def test_demo_runs_the_model_on_the_reference(capsys):
+    assert main(["demo", "--skip-compile", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens generated for 3 ragged prompts" in out
+    assert "1,048,576" in out  # the KV-cache table

@@ -172,6 +172,59 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: facts, the kernels built ahead of time, and a model generating end to end."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from tilev4.kernels import current_arch, iter_registry
+    from tilev4.model import V32_BYTES_PER_TOKEN_PER_LAYER, Config, Model, kv_footprint, write_random_checkpoint
+
+    console = Console()
+    _cmd_info(args)
+    gpu = torch.cuda.is_available()
+    arch = current_arch() if gpu else "sm_90a"
+    if not args.skip_compile:
+        console.rule(f"kernels, built ahead of time for {arch}")
+        rc = _cmd_compile(argparse.Namespace(arch=arch, kernel=None, jobs=args.jobs, default_only=False))
+        if rc:
+            return rc
+    table = Table("kernel", "configs", "batch-invariant", "summary")
+    for k in iter_registry():
+        table.add_row(k.name, str(len(k.configs)), "yes" if "batch_invariant" in k.tags else "no", k.summary)
+    console.print(table)
+
+    device = "cuda" if gpu else "cpu"
+    config = Config.preset(args.model)
+    console.rule(f"{args.model} model on {device}: " + ("reference ops on the GPU" if gpu else "the fp32 reference"))
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        write_random_checkpoint(config, directory, seed=0)
+        model = Model.from_checkpoint(directory, device=device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (48, 17, 5)]
+    model.generate([[1]], max_new_tokens=1)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompts, args.new_tokens)
+    dt = time.perf_counter() - t0
+    for p, o in zip(prompts, out):
+        console.print(f"prompt of {len(p):3d} tokens -> {o}")
+    n_new = sum(map(len, out))
+    console.print(f"{n_new} tokens generated for {len(prompts)} ragged prompts in {dt:.2f} s "
+                  f"({n_new / dt:.1f} tokens/s, prefill included)")
+    kv = Table("context", "V4-Flash KV B/token", "per layer", "vs V3.2 (656 B/token/layer)")
+    flash = Config.flash()
+    for ctx in (4096, 32768, 131072, 2**20):
+        fp = kv_footprint(flash, ctx)
+        kv.add_row(f"{ctx:,}", f"{fp.bytes_per_token:.0f}", f"{fp.bytes_per_token_per_layer:.1f}",
+                   f"{fp.bytes_per_token_per_layer / V32_BYTES_PER_TOKEN_PER_LAYER:.1%}")
+    console.print(kv)
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     import json
 
@@ -341,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
     p.add_argument("--default-only", action="store_true", help="only each kernel's default config (no tuned ones)")
     p.set_defaults(func=_cmd_compile)
+    p = sub.add_parser("demo", help="the main job: info, AOT kernels, a random model generating end to end")
+    p.add_argument("--model", default="tiny", choices=["tiny", "small"], help="model preset (random weights)")
+    p.add_argument("--new-tokens", type=int, default=12, help="tokens to generate per prompt")
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
+    p.add_argument("--skip-compile", action="store_true", help="do not build the registry first")
+    p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("tune", help="tune registry kernels on this GPU and store the results")
     p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
     p.add_argument("--shapes", nargs="+", metavar="K=V,...",
