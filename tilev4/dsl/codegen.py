@@ -189,19 +189,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     B, S = T.dynamic("B"), T.dynamic("S")
     NS = T.dynamic("NS") if split else 1
     gens = [_SourceGen(src, BI, D) for src in spec.sources]
-
-    ann: dict[str, Any] = {"q": T.Tensor[(B, S, H, D), T.bfloat16], "positions": T.Tensor[(B, S), T.int32]}
-    if spec.sink:
-        ann["sink"] = T.Tensor[(H,), T.float32]
-    for g in gens:
-        ann.update(g.annotations(B, S))
-    if split:
-        ann["o_part"] = T.Tensor[(B, S, NS, H, D), T.float32]
-        ann["lse_part"] = T.Tensor[(B, S, NS, H), T.float32]
-    else:
-        ann["o"] = T.Tensor[(B, S, H, D), T.bfloat16]
-        if spec.return_lse:
-            ann["lse"] = T.Tensor[(B, S, H), T.float32]
+    ann = _annotations(spec, gens, split, B, S, NS)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
 
     @T.macro
