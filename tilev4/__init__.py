@@ -4,8 +4,27 @@ Public ops run TileLang kernels on CUDA tensors; :mod:`tilev4.reference` holds t
 in plain fp32 torch for the CPU and for tests.
 """
 
-from tilev4.kernels import csa_attention, fp8_quantize, hca_attention, rmsnorm, sparse_attention
+from tilev4.kernels import (
+    csa_attention,
+    fp8_quantize,
+    hca_attention,
+    moe,
+    moe_experts,
+    moe_route,
+    rmsnorm,
+    sparse_attention,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "csa_attention", "fp8_quantize", "hca_attention", "rmsnorm", "sparse_attention"]
+__all__ = [
+    "__version__",
+    "csa_attention",
+    "fp8_quantize",
+    "hca_attention",
+    "moe",
+    "moe_experts",
+    "moe_route",
+    "rmsnorm",
+    "sparse_attention",
+]

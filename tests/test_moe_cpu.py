@@ -1,0 +1,153 @@
+"""MoE kernels without a GPU: registry entries, input checks, the schedule bound, the exact gate weight split."""
+
+import importlib
+
+import pytest
+import torch
+
+from tilev4.kernels import get_kernel_def, iter_registry
+
+K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
+
+MOE_KERNELS = {"moe_gate", "moe_count", "moe_scan", "moe_scatter", "moe_up", "moe_down", "moe_combine"}
+
+
+def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
+    kernels = {k.name: k for k in iter_registry() if "moe" in k.tags}
+    assert set(kernels) == MOE_KERNELS
+    assert sum(len(k.configs) for k in kernels.values()) <= 12  # every config is compiled by the AOT test
+    for k in kernels.values():
+        assert k.summary, f"{k.name}: the factory needs a docstring"
+        assert k.batch_invariant, f"{k.name}: every MoE kernel is batch-invariant"
+    gate = [dict(c) for c in kernels["moe_gate"].configs]
+    assert {"dim": 4096, "num_experts": 256, "top_k": 6} in gate  # V4-Flash score layers
+    assert {"dim": 4096, "num_experts": 256, "top_k": 6, "hash": True} in gate  # V4-Flash hash layers
+    assert {"dim": 256, "num_experts": 8, "top_k": 2} in gate  # the tiny test model
+    combine = [dict(c) for c in kernels["moe_combine"].configs]
+    assert {"dim": 4096, "top_k": 6} in combine and {"dim": 256, "top_k": 2} in combine
+    assert [dict(c) for c in kernels["moe_up"].configs] == [{}, {"dense": True}]  # sizes are run-time
+    assert [dict(c) for c in kernels["moe_down"].configs] == [{}, {"dense": True}]
+
+
+@pytest.mark.parametrize(
+    ("build", "kwargs", "match"),
+    [
+        (K.build_moe_up, {"weight_format": "fp8"}, "weight_format"),
+        (K.build_moe_down, {"weight_format": "fp4"}, "weight_format"),
+        (K.build_moe_gate, {"dim": 256, "num_experts": 8, "top_k": 9}, "top_k"),
+        (K.build_moe_gate, {"dim": 256, "num_experts": 400, "top_k": 6}, "num_experts"),
+        (K.build_moe_combine, {"dim": 256, "top_k": 2, "out_dtype": "float16"}, "out_dtype"),
+    ],
+)
+def test_factories_reject_bad_keys(build, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(**kwargs)
+
+
+def test_max_tiles_bounds_every_routing(gen):
+    """The grouped GEMM grid is sized from _max_tiles: it must cover Σ_e ceil(count_e / BM) for any counts."""
+    bm = K.BLOCK_M
+    for _ in range(200):
+        num_experts = int(torch.randint(1, 400, (1,), generator=gen))
+        n = int(torch.randint(0, 5000, (1,), generator=gen))
+        ids = torch.randint(0, num_experts, (n,), generator=gen)
+        if n and torch.rand(1, generator=gen) < 0.3:  # skewed: most pairs on a few experts
+            ids = ids % max(1, num_experts // 50)
+        counts = torch.bincount(ids, minlength=num_experts)
+        assert int(((counts + bm - 1) // bm).sum()) <= K._max_tiles(n, num_experts, bm)
+
+
+def test_gate_weight_split_is_exact(gen):
+    """The gate runs x·(hi + mid + lo) with three bf16 roundings of what is left: their sum is the fp32 weight."""
+    w = torch.randn(1 << 16, generator=gen) * torch.exp2(torch.randint(-60, 60, (1 << 16,), generator=gen).float())
+    w = torch.cat([w, torch.tensor([0.0, -0.0, 1.0, -3.0e38, 3.0e38, 1.0e-30, 0.1, 1 / 3])])
+    hi = w.bfloat16()
+    rest = w - hi.float()  # exact (Sterbenz), as in the kernel
+    mid = rest.bfloat16()
+    lo = (rest - mid.float()).bfloat16()
+    assert torch.equal(hi.double() + mid.double() + lo.double(), w.double())
+
+
+def _routing(t=4, dim=64, k=2):
+    x = torch.randn(t, dim).bfloat16()
+    return x, torch.rand(t, k), torch.randint(0, 8, (t, k), dtype=torch.int32)
+
+
+def _stacked(e=8, inter=32, dim=64):
+    return (torch.randn(e, inter, dim).bfloat16(), torch.randn(e, dim, inter).bfloat16(),
+            torch.randn(e, inter, dim).bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda: K.moe_route(torch.randn(4, 64), torch.randn(8, 64), top_k=2), TypeError, "x must be bfloat16"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64).bfloat16(), top_k=2), TypeError,
+         "weight must be float32"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), top_k=9), ValueError,
+         "top_k must be <= the number of experts E=8"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 32), top_k=2), ValueError,
+         r"weight must have shape \[8, 64\]"),
+        (lambda: K.moe_route(torch.randn(4, 60).bfloat16(), torch.randn(8, 60), top_k=2), ValueError,
+         "multiple of 8"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), top_k=2, route_scale=0.0),
+         ValueError, "route_scale"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), torch.zeros(7), top_k=2),
+         ValueError, "bias must have shape"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), top_k=2,
+                             tid2eid=torch.zeros(10, 2, dtype=torch.int32)), ValueError, "token_ids is None"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), torch.zeros(8), top_k=2,
+                             tid2eid=torch.zeros(10, 2, dtype=torch.int32),
+                             token_ids=torch.zeros(4, dtype=torch.int64)), ValueError, "bias must be None"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), top_k=2,
+                             tid2eid=torch.zeros(10, 3, dtype=torch.int32),
+                             token_ids=torch.zeros(4, dtype=torch.int64)), ValueError, "tid2eid must have shape"),
+        (lambda: K.moe_route(torch.randn(4, 64).bfloat16(), torch.randn(8, 64), top_k=2), ValueError,
+         "x must be a CUDA tensor"),
+        (lambda: K.moe_permute(*_routing(), num_experts=0), ValueError, "num_experts must be >= 1"),
+        (lambda: K.moe_permute(_routing()[0], _routing()[1].double(), _routing()[2], 8), TypeError,
+         "weights must be float32"),
+        (lambda: K.moe_permute(_routing()[0], torch.rand(4, 3), _routing()[2], 8), ValueError,
+         r"experts must have shape \[4, 3\]"),
+        (lambda: K.moe_permute(*_routing(), num_experts=8), ValueError, "x must be a CUDA tensor"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), weight_format="fp4"), ValueError, "weight_format"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), swiglu_limit=-1.0), ValueError, "swiglu_limit"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), out_dtype=torch.float16), TypeError, "out_dtype"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(inter=30)), ValueError, "multiple of 8"),
+        (lambda: K.moe_experts(*_routing(), *_stacked()[:2], torch.randn(8, 16, 64).bfloat16()), ValueError,
+         r"w3 must have shape \[8, 32, 64\]"),
+        (lambda: K.moe_experts(*_routing(), _stacked()[0].float(), *_stacked()[1:]), TypeError,
+         "w1 must be bfloat16"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), shared=(torch.randn(32, 64).bfloat16(),)), TypeError,
+         "shared must be a"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), shared=(torch.randn(32, 64).bfloat16(),
+                                                                 torch.randn(64, 16).bfloat16(),
+                                                                 torch.randn(32, 64).bfloat16())), ValueError,
+         r"shared.w2 must have shape \[64, 32\]"),
+        (lambda: K.moe_experts(*_routing(), *_stacked()), ValueError, "x must be a CUDA tensor"),
+        (lambda: K.moe_shared_expert(torch.randn(4, 64).bfloat16(), torch.randn(32, 64).bfloat16(),
+                                     torch.randn(64, 32).bfloat16(), torch.randn(32, 64).bfloat16()), ValueError,
+         "x must be a CUDA tensor"),
+        (lambda: K.moe_combine(torch.randn(8, 64).bfloat16(), torch.zeros(4, 2, dtype=torch.int64)), TypeError,
+         "pair_pos must be int32"),
+        (lambda: K.moe_combine(torch.randn(8, 64).bfloat16(), torch.zeros(4, 2, dtype=torch.int32)), ValueError,
+         "y_sorted must be a CUDA tensor"),
+        (lambda: K.moe("x", torch.randn(8, 64), None, *_stacked()), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_zero_tokens_are_validated_like_any_batch():
+    x = torch.empty(0, 64).bfloat16()
+    with pytest.raises(ValueError, match="CUDA"):  # shapes are fine: only the device is wrong
+        K.moe_experts(x, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int32), *_stacked())
+    with pytest.raises(ValueError, match=r"experts must have shape \[0, 2\]"):
+        K.moe_experts(x, torch.empty(0, 2), torch.empty(0, 3, dtype=torch.int32), *_stacked())
+
+
+def test_kernel_lookup_by_name():
+    assert get_kernel_def("moe_up").default_config == {}
+    assert get_kernel_def("moe_gate").default_config == {"dim": 4096, "num_experts": 256, "top_k": 6}

@@ -1,0 +1,378 @@
+"""MoE kernels on the GPU: routing, permutation, grouped SwiGLU GEMMs and combine against the fp32 reference.
+
+Tolerances (``_check_experts``), for an output ``out`` against ``tilev4.reference.moe``:
+
+* the output is rounded to bf16 once (relative 2^-9); 2^-8·|ref| also absorbs the fp32 sum order;
+* every routed term ``w·expert(x)`` and the shared term go through two bf16 roundings: h before the
+  down projection (relative 2^-9 per element, which reaches y as a random-sign sum of standard
+  deviation ~2^-9/√3 · rms(y) — the row's rms, not the element, since an element near 0 gets the
+  same absolute error) and y itself (2^-9·|y|). Over ~10^5 elements the extreme is ~5σ, so a term
+  is off by at most ~3·2^-9·(|y| + rms(y)); we allow 2^-6·(|y| + rms_row(y)) per term, summed;
+* the fp32 GEMMs differ from torch's only in accumulation order (~1e-6 relative): negligible.
+
+A wrong expert, slot, weight or clamp moves an element by about the size of a term, 30× the
+allowance. Integer outputs (ids, counts, offsets, positions) and anything that claims batch
+invariance are compared bit for bit; outputs are poisoned (NaN / -1) before every launch and NaN
+never passes a check.
+"""
+
+import functools
+import importlib
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from tilev4.reference import moe as R
+
+K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
+
+pytestmark = pytest.mark.gpu
+OUT_ULP = 2.0**-8  # bf16 output rounding (2^-9) with a factor 2 for the fp32 summation order
+TERM_TOL = 2.0**-6  # per routed / shared term, see the module docstring
+# scores: the logits are fp32 sums in another order; the tensor core truncates (round toward zero) once per
+# 16-term step, 3·dim/16 steps, so |Δlogit| <= 3·dim/16 · 2^-23 · |partial sum| ≈ 2e-4 at dim 4096 in the worst
+# case, ~1e-5 typically, and ds/dlogit <= 0.5. A gate weight rounded to bf16 instead of split exactly would be off
+# by ~1e-3 per logit: the mean error (~3e-4 then, ~1e-5 here) tells the two apart.
+SCORE_TOL = {"atol": 3e-4, "rtol": 1e-4}
+SCORE_MEAN_ERR = 5e-5
+NEAR_TIE = 2 * 3e-4  # two keys closer than twice the score tolerance may come out in either order
+WEIGHT_TOL = {"atol": 0.0, "rtol": 2e-6}  # the same fp32 ops on the same scores, sum of k values reordered
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _randn(*shape, g, scale=1.0, dtype=torch.bfloat16):
+    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+
+def _layer(dim, inter, num_experts, shared_inter, seed):
+    """Gate (fp32) and expert weights (bf16) scaled so that gate / up logits are ~N(0, |x|²)."""
+    g = _gen(seed)
+    gate = _randn(num_experts, dim, g=g, scale=dim**-0.5, dtype=torch.float32)
+    bias = _randn(num_experts, g=g, scale=0.1, dtype=torch.float32)
+    w1 = _randn(num_experts, inter, dim, g=g, scale=dim**-0.5)
+    w3 = _randn(num_experts, inter, dim, g=g, scale=dim**-0.5)
+    w2 = _randn(num_experts, dim, inter, g=g, scale=inter**-0.5)
+    shared = None
+    if shared_inter:
+        shared = (_randn(shared_inter, dim, g=g, scale=dim**-0.5),
+                  _randn(dim, shared_inter, g=g, scale=shared_inter**-0.5),
+                  _randn(shared_inter, dim, g=g, scale=dim**-0.5))
+    return gate, bias, w1, w2, w3, shared
+
+
+def _random_routing(num_tokens, top_k, num_experts, g, used=None):
+    """Distinct experts per token (from ``used`` if given) and positive weights."""
+    pool = torch.arange(num_experts, device="cuda") if used is None else torch.tensor(used, device="cuda")
+    keys = torch.rand(num_tokens, pool.numel(), generator=g, device="cuda")
+    experts = pool[keys.topk(top_k, dim=-1).indices].to(torch.int32)
+    weights = torch.rand(num_tokens, top_k, generator=g, device="cuda") + 0.1
+    return weights, experts
+
+
+def _poison(*shape, dtype):
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device="cuda")
+
+
+def _reference(x, weights, experts, w1, w2, w3, shared, limit):
+    """``R.moe`` on the CPU in fp32, and the per-element tolerance scale Σ_terms (|term| + rms_row(term))."""
+    xf, wts, ex = x.float().cpu(), weights.cpu(), experts.cpu().long()
+    w1c, w2c, w3c = w1.cpu(), w2.cpu(), w3.cpu()
+    routed = [(w1c[e], w2c[e], w3c[e]) for e in range(w1.shape[0])]
+    shared_c = None if shared is None else tuple(t.cpu() for t in shared)
+    ref = R.moe(xf, wts, ex, routed, shared_c, limit)
+    scale = torch.zeros_like(ref)
+    for e, (a, b, c) in enumerate(routed):
+        tok, slot = torch.nonzero(ex == e, as_tuple=True)
+        if tok.numel():
+            term = R.swiglu_expert(xf[tok], a, b, c, wts[tok, slot], limit)  # [n_e, dim]
+            scale.index_add_(0, tok, term.abs() + term.square().mean(-1, keepdim=True).sqrt())
+    if shared_c is not None:
+        term = R.swiglu_expert(xf, *shared_c)
+        scale += term.abs() + term.square().mean(-1, keepdim=True).sqrt()
+    return ref, scale
+
+
+def _check_experts(out, ref, scale, bf16_out=True):
+    out = out.float().cpu()
+    assert not torch.isnan(out).any(), "NaN in the output"
+    tol = (OUT_ULP if bf16_out else 0.0) * ref.abs() + TERM_TOL * scale + 1e-6
+    excess = (out - ref).abs() - tol
+    assert (excess <= 0).all(), f"max excess {excess.max().item():.3g} at {divmod(int(excess.argmax()), ref.shape[1])}"
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+def _expected_ids(scores, bias, top_k):
+    """The reference's selection rule applied to the kernel's own scores: stable sort of s + bias, descending."""
+    key = scores if bias is None else scores + bias
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k].to(torch.int32)
+
+
+@pytest.mark.parametrize(("dim", "num_experts", "top_k", "num_tokens"),
+                         [(256, 8, 2, 67), (4096, 256, 6, 300), (4096, 256, 6, 1), (4096, 256, 6, 129)])
+def test_route_score_layer(dim, num_experts, top_k, num_tokens):
+    g = _gen(dim + num_tokens)
+    x = _randn(num_tokens, dim, g=g)
+    gate, bias, *_ = _layer(dim, 8, num_experts, 0, seed=dim)
+    out = (_poison(num_tokens, top_k, dtype=torch.float32), _poison(num_tokens, top_k, dtype=torch.int32),
+           _poison(num_tokens, num_experts, dtype=torch.float32))
+    weights, experts, scores = K.moe_route(x, gate, bias, top_k, 1.5, return_scores=True, out=out)
+    assert not torch.isnan(scores).any() and not torch.isnan(weights).any()
+    # scores: fp32 logits from the exact 3×bf16 split, against fp64
+    ref_scores = torch.sqrt(torch.nn.functional.softplus(x.double() @ gate.double().T)).float()
+    torch.testing.assert_close(scores, ref_scores, **SCORE_TOL)
+    assert (scores - ref_scores).abs().mean() < SCORE_MEAN_ERR
+    # ids: bit-exact against the reference rule on the kernel's own scores (ties -> smaller id)
+    assert torch.equal(experts, _expected_ids(scores, bias, top_k))
+    # weights: s_sel / Σ s_sel · route_scale on the kernel's scores; they sum to route_scale
+    sel = scores.gather(1, experts.long())
+    torch.testing.assert_close(weights, sel / sel.sum(-1, keepdim=True) * 1.5, **WEIGHT_TOL)
+    torch.testing.assert_close(weights.sum(-1), torch.full((num_tokens,), 1.5, device="cuda"), atol=0, rtol=1e-5)
+    # against the CPU reference: only near-ties may pick differently
+    ref_w, ref_e = R.moe_gate(x.cpu(), gate.cpu(), bias.cpu(), top_k, 1.5)
+    key = (torch.sqrt(torch.nn.functional.softplus(x.cpu().float() @ gate.cpu().T)) + bias.cpu())
+    differ = experts.cpu() != ref_e
+    if differ.any():
+        gap = (key.gather(1, experts.cpu().long()) - key.gather(1, ref_e.long())).abs()
+        assert (gap[differ] < NEAR_TIE).all(), "a selection differs from the reference away from a near-tie"
+    same = ~differ.any(-1)
+    torch.testing.assert_close(weights.cpu()[same], ref_w[same], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("dim", "num_experts", "top_k"), [(256, 8, 2), (4096, 256, 6)])
+def test_route_ties_go_to_the_smaller_expert_id(dim, num_experts, top_k):
+    x = _randn(33, dim, g=_gen(5))
+    gate = torch.zeros(num_experts, dim, device="cuda")  # every logit is exactly 0: all scores tie
+    weights, experts = K.moe_route(x, gate, None, top_k, 1.5)
+    assert torch.equal(experts.cpu(), torch.arange(top_k, dtype=torch.int32).expand(33, top_k))
+    torch.testing.assert_close(weights, torch.full_like(weights, 1.5 / top_k), atol=0, rtol=1e-6)
+    bias = torch.zeros(num_experts, device="cuda")
+    bias[torch.arange(num_experts) % 3 == 1] = 0.5  # ties within the raised group and within the rest
+    _, experts = K.moe_route(x, gate, bias, top_k, 1.5)
+    raised = [e for e in range(num_experts) if e % 3 == 1]
+    expected = (raised + [e for e in range(num_experts) if e % 3 != 1])[:top_k]
+    assert torch.equal(experts.cpu(), torch.tensor(expected, dtype=torch.int32).expand(33, top_k))
+
+
+@pytest.mark.parametrize(("dim", "num_experts", "top_k"), [(256, 8, 2), (4096, 256, 6)])
+def test_route_hash_layer(dim, num_experts, top_k):
+    g = _gen(11)
+    num_tokens, vocab = 77, 1000
+    x = _randn(num_tokens, dim, g=g)
+    gate, *_ = _layer(dim, 8, num_experts, 0, seed=3)
+    tid2eid = torch.randint(0, num_experts, (vocab, top_k), generator=g, device="cuda", dtype=torch.int32)
+    tid2eid[7] = num_experts - 1  # a row naming one expert twice (the reference counts it twice)
+    token_ids = torch.randint(0, vocab, (num_tokens,), generator=g, device="cuda")  # int64, as the model has them
+    token_ids[:3] = 7
+    weights, experts, scores = K.moe_route(x, gate, None, top_k, 1.5, tid2eid, token_ids, return_scores=True)
+    assert torch.equal(experts, tid2eid[token_ids])
+    sel = scores.gather(1, experts.long())
+    torch.testing.assert_close(weights, sel / sel.sum(-1, keepdim=True) * 1.5, **WEIGHT_TOL)
+    ref_w, ref_e = R.moe_gate(x.cpu(), gate.cpu(), None, top_k, 1.5, tid2eid.cpu(), token_ids.cpu())
+    assert torch.equal(experts.cpu(), ref_e)
+    torch.testing.assert_close(weights.cpu(), ref_w, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ permutation
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "num_experts", "pattern"),
+    [(3000, 6, 256, "random"), (500, 2, 16, "two experts"), (1, 6, 256, "random"), (700, 4, 8, "duplicates"),
+     (129, 1, 1, "random")],
+)
+def test_permutation_is_the_stable_sort(monkeypatch, num_tokens, top_k, num_experts, pattern):
+    monkeypatch.setattr(K, "_POISON_SCRATCH", True)  # every internal buffer starts as NaN / -1
+    g = _gen(num_tokens)
+    x = _randn(num_tokens, 264, g=g)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g)
+    if pattern == "two experts":  # most experts empty, two with many M tiles
+        experts = torch.where(experts % 2 == 0, 3, 11).to(torch.int32)
+    if pattern == "duplicates":
+        experts[::5, 1] = experts[::5, 0]
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    flat = experts.flatten().long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    tiles = (counts + K.BLOCK_M - 1) // K.BLOCK_M
+    zero = torch.zeros(1, dtype=torch.long, device="cuda")
+    assert torch.equal(perm.counts.long(), counts)
+    assert torch.equal(perm.offsets.long(), torch.cat([zero, counts.cumsum(0)]))
+    assert torch.equal(perm.sorted_tokens.long(), order // top_k)
+    pair_pos = torch.empty_like(flat)
+    pair_pos[order] = torch.arange(flat.numel(), device="cuda")
+    assert torch.equal(perm.pair_pos.long().flatten(), pair_pos)
+    assert torch.equal(perm.tile_offsets.long(), torch.cat([zero, tiles.cumsum(0)]))
+    num_tiles = int(tiles.sum())
+    assert torch.equal(perm.tile_expert[:num_tiles].long(), torch.repeat_interleave(torch.arange(num_experts,
+                                                                                                 device="cuda"), tiles))
+    assert torch.equal(perm.x_sorted, x[order // top_k])
+    assert torch.equal(perm.w_sorted, weights.flatten()[order])
+
+
+# ------------------------------------------------------------------------------------------------ experts
+
+
+EXPERT_CASES = {
+    # dim, inter, E, top_k, T, shared inter, x scale (4: some gate / up logits pass the clamp at 10)
+    "tiny": (256, 128, 8, 2, 67, 128, 4.0),
+    "flash": (4096, 2048, 16, 6, 40, 2048, 4.0),
+    "odd sizes": (264, 200, 5, 3, 33, 72, 4.0),  # K, N and the shared expert not multiples of the tiles
+    "no shared": (256, 128, 8, 2, 50, 0, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERT_CASES))
+def test_experts_match_reference(case):
+    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = EXPERT_CASES[case]
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=len(case))
+    g = _gen(1 + len(case))
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    # the last expert receives no token
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    out = K.moe_experts(x, weights, experts, w1, w2, w3, shared, 10.0, out=_poison(num_tokens, dim,
+                                                                                   dtype=torch.bfloat16))
+    ref, tol_scale = _reference(x, weights, experts, w1, w2, w3, shared, 10.0)
+    _check_experts(out, ref, tol_scale)
+    # fp32 output: the same accumulator, not rounded; rounding it gives the bf16 output bit for bit
+    out32 = K.moe_experts(x, weights, experts, w1, w2, w3, shared, 10.0, out_dtype=torch.float32,
+                          out=_poison(num_tokens, dim, dtype=torch.float32))
+    _check_experts(out32, ref, tol_scale, bf16_out=False)
+    assert torch.equal(out32.bfloat16(), out)
+    # deterministic: a second run gives the same bits
+    assert torch.equal(K.moe_experts(x, weights, experts, w1, w2, w3, shared, 10.0), out)
+
+
+def test_experts_with_few_used_experts_and_poisoned_scratch(monkeypatch):
+    dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 300
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=21)
+    g = _gen(22)
+    x = _randn(num_tokens, dim, g=g, scale=2.0)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=[1, 5])  # 300 rows each: 3 tiles
+    clean = K.moe_experts(x, weights, experts, w1, w2, w3, shared)
+    monkeypatch.setattr(K, "_POISON_SCRATCH", True)  # h, x_sorted / y_sorted, tables: NaN / -1 before launch
+    out = K.moe_experts(x, weights, experts, w1, w2, w3, shared)
+    assert torch.equal(out, clean)
+    ref, tol_scale = _reference(x, weights, experts, w1, w2, w3, shared, 10.0)
+    _check_experts(out, ref, tol_scale)
+
+
+def test_pieces_compose_to_moe_experts():
+    dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 45
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=31)
+    g = _gen(32)
+    x = _randn(num_tokens, dim, g=g)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g)
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = num_tokens * top_k
+    h = K.moe_up(perm, w1, w3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    y = K.moe_down(perm, h, w2, out=_poison(n, dim, dtype=torch.bfloat16))
+    ys = K.moe_shared_expert(x, *shared, out=_poison(num_tokens, dim, dtype=torch.bfloat16))
+    out = K.moe_combine(y, perm.pair_pos, ys, out=_poison(num_tokens, dim, dtype=torch.bfloat16))
+    assert not torch.isnan(h).any() and not torch.isnan(y).any() and not torch.isnan(ys).any()
+    assert torch.equal(out, K.moe_experts(x, weights, experts, w1, w2, w3, shared))
+    # h rows are the reference's h (fp32) rounded once to bf16
+    xf, rows = x.float().cpu(), perm.sorted_tokens.long().cpu()
+    ex = experts.flatten().cpu()[torch.sort(experts.flatten().cpu().long(), stable=True).indices]
+    gate = torch.einsum("nd,nid->ni", xf[rows], w1.cpu().float()[ex.long()])
+    up = torch.einsum("nd,nid->ni", xf[rows], w3.cpu().float()[ex.long()])
+    h_ref = torch.nn.functional.silu(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0) * perm.w_sorted.cpu()[:, None]
+    torch.testing.assert_close(h.float().cpu(), h_ref, atol=1e-4, rtol=2.0**-8)
+
+
+def test_zero_tokens():
+    dim, inter, num_experts = 256, 128, 8
+    gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=41)
+    x = torch.empty(0, dim, device="cuda", dtype=torch.bfloat16)
+    weights, experts, scores = K.moe_route(x, gate, bias, 2, 1.5, return_scores=True)
+    assert weights.shape == (0, 2) and experts.shape == (0, 2) and scores.shape == (0, num_experts)
+    out = K.moe_experts(x, weights, experts, w1, w2, w3, shared)
+    assert out.shape == (0, dim) and out.dtype == torch.bfloat16
+    assert K.moe(x, gate, bias, w1, w2, w3, shared, top_k=2).shape == (0, dim)
+    assert K.moe_shared_expert(x, *shared).shape == (0, dim)
+
+
+def test_full_layer_matches_reference_routing_and_experts():
+    dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 90
+    gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=51)
+    x = _randn(num_tokens, dim, g=_gen(52), scale=3.0)
+    out = K.moe(x, gate, bias, w1, w2, w3, shared, top_k=top_k, route_scale=1.5)
+    weights, experts = K.moe_route(x, gate, bias, top_k, 1.5)
+    ref, tol_scale = _reference(x, weights, experts, w1, w2, w3, shared, 10.0)
+    _check_experts(out, ref, tol_scale)
+
+
+def test_nan_token_stays_nan_and_alone():
+    dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 40
+    gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=61)
+    x = _randn(num_tokens, dim, g=_gen(62), scale=20.0)  # large: the clamp is active on many elements
+    clean = K.moe(x, gate, bias, w1, w2, w3, shared, top_k=top_k)
+    x[3, 5] = float("nan")
+    out = K.moe(x, gate, bias, w1, w2, w3, shared, top_k=top_k)
+    assert torch.isnan(out[3]).all(), "a NaN input must not be hidden (e.g. by the clamp)"
+    keep = torch.arange(num_tokens, device="cuda") != 3
+    assert torch.equal(out[keep], clean[keep])
+    # with a finite routing the clamp alone must still propagate it
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, _gen(63))
+    out = K.moe_experts(x, weights, experts, w1, w2, w3, None)
+    assert torch.isnan(out[3]).all()
+    assert not torch.isnan(out[keep]).any()
+
+
+# ------------------------------------------------------------------------------------------------ batch invariance
+
+
+@functools.lru_cache(maxsize=1)
+def _invariance_layer():
+    """V4-Flash gate (dim 4096, 256 experts, top-6) with small experts; 4 experts favoured so that their
+    segments span many M tiles and the probe token lands at every kind of tile offset."""
+    gate, bias, w1, w2, w3, shared = _layer(4096, 256, 256, 256, seed=71)
+    bias[:4] += 3.0
+    probe = _randn(1, 4096, g=_gen(72))
+    alone = K.moe(probe, gate, bias, w1, w2, w3, shared)
+    return gate, bias, w1, w2, w3, shared, probe, alone
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(n=st.integers(1, 600), pos=st.integers(0, 10**6), seed=st.integers(0, 2**31 - 1))
+@example(n=2000, pos=1999, seed=1)
+@example(n=1, pos=0, seed=2)
+def test_batch_invariance(n, pos, seed):
+    gate, bias, w1, w2, w3, shared, probe, alone = _invariance_layer()
+    pos %= n
+    batch = _randn(n, 4096, g=_gen(seed))
+    batch[pos] = probe[0]
+    out = K.moe(batch, gate, bias, w1, w2, w3, shared)
+    assert not torch.isnan(alone).any()
+    assert torch.equal(out[pos], alone[0]), f"token at {pos} of {n} differs from the token alone"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_on_gpu():
+    dim, inter, num_experts = 256, 128, 8
+    gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=81)
+    x = _randn(4, dim, g=_gen(82))
+    weights = torch.rand(4, 2, device="cuda")
+    experts = torch.tensor([[0, 1], [2, 8], [3, 4], [5, 6]], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"experts must lie in \[0, 8\).*got 8"):
+        K.moe_experts(x, weights, experts, w1, w2, w3, shared)
+    tid2eid = torch.zeros(100, 2, device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 100\).*got 100"):
+        K.moe_route(x, gate, None, 2, 1.5, tid2eid, torch.tensor([0, 1, 100, 2], device="cuda"))
+    tid2eid[5, 1] = -1
+    with pytest.raises(ValueError, match=r"tid2eid must lie in \[0, 8\).*got -1"):
+        K.moe_route(x, gate, None, 2, 1.5, tid2eid, torch.tensor([0, 1, 2, 3], device="cuda"))
+    misaligned = torch.empty(w1.numel() + 1, device="cuda", dtype=torch.bfloat16)[1:].view(w1.shape)
+    with pytest.raises(ValueError, match="w1 must start at a 16-byte aligned address"):
+        K.moe_experts(x, weights, experts.clamp(max=7), misaligned, w2, w3, shared)
+    with pytest.raises(ValueError, match="weight must be on cuda"):
+        K.moe_route(x, gate.cpu(), bias, 2, 1.5)

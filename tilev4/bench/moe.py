@@ -1,0 +1,111 @@
+"""Benchmarks of the MoE layer at V4-Flash dims (dim 4096, inter 2048, 256 experts, top-6, bf16 weights).
+
+* Prefill, 8192 tokens: the routed grouped GEMMs (up with the fused SwiGLU, down) on a given
+  permutation, against ``torch._grouped_mm`` with the same SwiGLU (clamp, routing weight, fp32 math,
+  bf16 h) in the same run; FLOPs count the routed (token, expert) pairs only, ``6·T·k·dim·inter``
+  (the padding rows of the M tiles are not counted). The whole layer (routing, permutation, routed
+  and shared experts, combine) counts the shared expert's ``6·T·dim·inter`` too.
+* Decode, 64 tokens: bytes are the expert weights actually touched, ``3·dim·inter·2`` per expert
+  with at least one token (plus the shared expert and the gate for the whole layer); CUDA-graph
+  timing, so that only GPU time is measured.
+
+Each record also carries the largest difference of the routed output from the torch path on the same
+inputs (``max_abs_diff_vs_torch``; the torch path rounds gate and up to bf16, so it is not zero), as a
+sanity check of the timed kernels.
+"""
+
+import importlib
+from typing import Any
+
+import torch
+
+from tilev4.bench import benchmark, record, time_cuda
+
+__all__ = ["bench_moe"]
+
+DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
+
+
+def _layer(gen: torch.Generator) -> dict[str, Any]:
+    def randn(*shape, scale, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    return {
+        "gate": randn(NUM_EXPERTS, DIM, scale=DIM**-0.5, dtype=torch.float32),
+        "bias": randn(NUM_EXPERTS, scale=0.1, dtype=torch.float32),
+        "w1": randn(NUM_EXPERTS, INTER, DIM, scale=DIM**-0.5),
+        "w3": randn(NUM_EXPERTS, INTER, DIM, scale=DIM**-0.5),
+        "w2": randn(NUM_EXPERTS, DIM, INTER, scale=INTER**-0.5),
+        "shared": (randn(INTER, DIM, scale=DIM**-0.5), randn(DIM, INTER, scale=INTER**-0.5),
+                   randn(INTER, DIM, scale=DIM**-0.5)),
+    }
+
+
+def _torch_routed(perm: Any, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """The same routed computation with torch._grouped_mm: two up GEMMs (bf16 out: the only dtype it offers),
+    the SwiGLU in fp32, the down GEMM."""
+    offs = perm.offsets[1:]  # [E] int32 end row of each expert
+    gate = torch._grouped_mm(perm.x_sorted, w1.transpose(1, 2), offs=offs).float()  # [N, dim] @ [dim, inter]
+    up = torch._grouped_mm(perm.x_sorted, w3.transpose(1, 2), offs=offs).float()  # [N, dim] @ [dim, inter]
+    h = (torch.nn.functional.silu(gate.clamp(max=LIMIT)) * up.clamp(-LIMIT, LIMIT)
+         * perm.w_sorted[:, None]).bfloat16()  # [N, inter]
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N, inter] @ [inter, dim] -> [N, dim]
+
+
+@benchmark("moe")
+def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layer = _layer(gen)
+    w1, w2, w3, shared = layer["w1"], layer["w2"], layer["w3"], layer["shared"]
+    expert_bytes = 3 * DIM * INTER * 2
+    out = []
+    for num_tokens in (8192, 64):
+        x = torch.randn(num_tokens, DIM, generator=gen, device="cuda").bfloat16()
+        weights, experts = K.moe_route(x, layer["gate"], layer["bias"], TOP_K, ROUTE_SCALE)
+        perm = K.moe_permute(x, weights, experts, NUM_EXPERTS)
+        n = num_tokens * TOP_K
+        shape = f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K}"
+        h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
+
+        def routed(perm=perm, h=h, y=y):
+            K.moe_up(perm, w1, w3, LIMIT, out=h)
+            K.moe_down(perm, h, w2, out=y)
+
+        def full(x=x):
+            K.moe(x, layer["gate"], layer["bias"], w1, w2, w3, shared, top_k=TOP_K, route_scale=ROUTE_SCALE,
+                  swiglu_limit=LIMIT, validate=False)
+
+        routed()
+        touched = int((perm.counts > 0).sum().item())
+        graph = num_tokens <= 256
+        ms_routed = time_cuda(routed, graph=graph)
+        ms_full = time_cuda(full, graph=graph)
+        try:  # the baseline must not take the tilev4 records down with it
+            diff = (y.float() - _torch_routed(perm, w1, w2, w3).float()).abs().max().item()
+            ms_torch = time_cuda(lambda perm=perm: _torch_routed(perm, w1, w2, w3), graph=graph)
+        except RuntimeError as exc:
+            diff, ms_torch, torch_error = None, None, str(exc).splitlines()[0]
+        else:
+            torch_error = None
+        routed_flops = 6.0 * n * DIM * INTER
+        shared_flops = 6.0 * num_tokens * DIM * INTER
+        routed_bytes = touched * expert_bytes
+        layer_bytes = routed_bytes + expert_bytes + NUM_EXPERTS * DIM * 4  # + shared expert + gate
+        if num_tokens > 256:  # prefill: compute-bound, FLOPs over the routed pairs
+            routed_work, layer_work = {"flops": routed_flops}, {"flops": routed_flops + shared_flops}
+        else:  # decode: weight-bandwidth-bound, bytes of the experts touched
+            routed_work, layer_work = {"nbytes": routed_bytes}, {"nbytes": layer_bytes}
+        recs = [record("moe routed (up+SwiGLU, down)", shape, ms_routed, peaks=peaks, **routed_work)]
+        if ms_torch is not None:
+            recs.append(record("torch._grouped_mm routed", shape, ms_torch, peaks=peaks, **routed_work))
+        recs.append(record("moe layer", shape, ms_full, peaks=peaks, **layer_work))
+        for r in recs:
+            r["experts_touched"] = touched
+            r["max_abs_diff_vs_torch"] = diff
+            if torch_error:
+                r["torch_error"] = torch_error
+        out += recs
+    return out
