@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TileLang logs two INFO lines per kernel it compiles; the CLI shows its own progress instead
+    os.environ.setdefault("TILEV4_TILELANG_LOG_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     if getattr(args, "jobs", 1) < 1:
         args.jobs = 1

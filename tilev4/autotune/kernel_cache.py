@@ -275,10 +275,13 @@ def _compile_args(prim: Any) -> tuple[list[int] | None, dict[str, Any] | None, l
 
 def _compile_into(staging: Path, key: EntryKey, build: Callable[[], Any]) -> dict[str, Any]:
     """Build the program, compile it with TileLang (its own cache bypassed) and write the entry files."""
+    import tilelang
     import tvm
     from tilelang.engine.param import dump_kernel_params
     from tilelang.jit import JITKernel
 
+    if os.environ.get("TILEV4_TILELANG_LOG_LEVEL"):  # the CLI quiets TileLang's per-compile INFO lines
+        tilelang.set_log_level(os.environ["TILEV4_TILELANG_LOG_LEVEL"])
     t0 = time.perf_counter()
     prim = build()
     out_idx, pass_configs, flags = _compile_args(prim)
