@@ -445,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # TileLang logs two INFO lines per kernel it compiles; the CLI shows its own progress instead
     os.environ.setdefault("TILEV4_TILELANG_LOG_LEVEL", "WARNING")
+    dump_after = os.environ.get("TILEV4_DUMP_STACKS_AFTER")
+    if dump_after:  # debugging a stall: every thread's stack to stderr every N seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(dump_after), repeat=True)
     args = build_parser().parse_args(argv)
     if getattr(args, "jobs", 1) < 1:
         args.jobs = 1
