@@ -25,15 +25,18 @@ def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
     assert {"dim": 256, "num_experts": 8, "top_k": 2} in gate  # the tiny test model
     combine = [dict(c) for c in kernels["moe_combine"].configs]
     assert {"dim": 4096, "top_k": 6} in combine and {"dim": 256, "top_k": 2} in combine
-    assert [dict(c) for c in kernels["moe_up"].configs] == [{}, {"dense": True}]  # sizes are run-time
-    assert [dict(c) for c in kernels["moe_down"].configs] == [{}, {"dense": True}]
+    # the K extent of each GEMM is static (dim for up, inter for down); token counts and N are run-time
+    up = [dict(c) for c in kernels["moe_up"].configs]
+    assert {"dim": 4096} in up and {"dim": 4096, "dense": True} in up
+    down = [dict(c) for c in kernels["moe_down"].configs]
+    assert {"inter": 2048} in down and {"inter": 2048, "dense": True} in down
 
 
 @pytest.mark.parametrize(
     ("build", "kwargs", "match"),
     [
-        (K.build_moe_up, {"weight_format": "fp8"}, "weight_format"),
-        (K.build_moe_down, {"weight_format": "fp4"}, "weight_format"),
+        (K.build_moe_up, {"dim": 4096, "weight_format": "fp8"}, "weight_format"),
+        (K.build_moe_down, {"inter": 2048, "weight_format": "fp4"}, "weight_format"),
         (K.build_moe_gate, {"dim": 256, "num_experts": 8, "top_k": 9}, "top_k"),
         (K.build_moe_gate, {"dim": 256, "num_experts": 400, "top_k": 6}, "num_experts"),
         (K.build_moe_combine, {"dim": 256, "top_k": 2, "out_dtype": "float16"}, "out_dtype"),
@@ -149,5 +152,5 @@ def test_zero_tokens_are_validated_like_any_batch():
 
 
 def test_kernel_lookup_by_name():
-    assert get_kernel_def("moe_up").default_config == {}
+    assert get_kernel_def("moe_up").default_config == {"dim": 4096}
     assert get_kernel_def("moe_gate").default_config == {"dim": 4096, "num_experts": 256, "top_k": 6}

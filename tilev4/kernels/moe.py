@@ -49,7 +49,14 @@ the FP8 / FP4 formats will be other values of the same factory key.
 
 Dimension glossary: T tokens (dynamic, may be 0), dim hidden size, E routed experts, k = top_k,
 inter expert intermediate size, N = T·k (token, slot) pairs = sorted rows, NC = ⌈N/chunk⌉ chunks,
-MT = max_tiles. Kernels other than the gate and the combine take every size at run time.
+MT = max_tiles. Compile-time sizes: the gate (dim, E, k), the combine (dim, k), and the K extent of
+each expert GEMM (dim for ``moe_up``, inter for ``moe_down``: the software pipeline needs a constant
+trip count); every other size, token counts included, is a run-time argument.
+
+Pipelines: the expert GEMMs run a cp.async multi-stage pipeline by default. TileLang's warp-specialised
+TMA producer/consumer pipeline (``warp_specialized=True``) deadlocked on the H200 for one shape
+(2000 tokens, dim 4096, inter 256, 256 experts: the up-projection never returned) while others ran;
+it is kept as a config for measurement only.
 """
 
 import math
@@ -424,15 +431,20 @@ def _dense_tile(bx, num_n_tiles, num_rows, group_m, a0: T.Ref, c: T.Ref, row0: T
 
 @register(
     "moe_up",
-    configs=[{}, {"dense": True}],
+    configs=[{"dim": 4096}, {"dim": 4096, "dense": True}],  # V4-Flash; other sizes compile on first use
     tags=("moe", "batch_invariant"),
 )
-def build_moe_up(dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M, block_n: int = 128,
-                 block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8):
+def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
+                 block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
+                 warp_specialized: bool = False):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
     _check_weight_format(weight_format)
+    # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
+    # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
+    pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
-    NR, D, I, E, MT = (T.dynamic(n) for n in ("NR", "D", "I", "E", "MT"))
+    NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
+    D = dim  # static: the K loop of a software pipeline needs a constant trip count
     policy = T.GemmWarpPolicy.FullRow  # each warpgroup owns 64 rows × all BN columns
 
     @T.macro
@@ -472,6 +484,7 @@ def build_moe_up(dense: bool = False, weight_format: str = "bf16", block_m: int 
             h: T.Tensor[(NR, I), T.bfloat16],
             limit: T.float32,
         ):
+            T.annotate_pass_configs(pass_configs)
             with T.Kernel(T.ceildiv(NR, BM) * T.ceildiv(I, BN), threads=threads) as bx:
                 a_shared = T.alloc_shared((BM, BK), T.bfloat16)
                 b1_shared = T.alloc_shared((BN, BK), T.bfloat16)
@@ -502,6 +515,7 @@ def build_moe_up(dense: bool = False, weight_format: str = "bf16", block_m: int 
         h: T.Tensor[(NR, I), T.bfloat16],
         limit: T.float32,
     ):
+        T.annotate_pass_configs(pass_configs)
         with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
             a_shared = T.alloc_shared((BM, BK), T.bfloat16)
             b1_shared = T.alloc_shared((BN, BK), T.bfloat16)
@@ -529,15 +543,20 @@ def build_moe_up(dense: bool = False, weight_format: str = "bf16", block_m: int 
 
 @register(
     "moe_down",
-    configs=[{}, {"dense": True}],
+    configs=[{"inter": 2048}, {"inter": 2048, "dense": True}],
     tags=("moe", "batch_invariant"),
 )
-def build_moe_down(dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M, block_n: int = 256,
-                   block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8):
+def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
+                   block_n: int = 256, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
+                   warp_specialized: bool = False):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
     _check_weight_format(weight_format)
+    # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
+    # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
+    pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
-    NR, D, I, E, MT = (T.dynamic(n) for n in ("NR", "D", "I", "E", "MT"))
+    NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
+    I = inter  # static: the K loop of a software pipeline needs a constant trip count
     policy = T.GemmWarpPolicy.FullRow
 
     @T.macro
@@ -559,6 +578,7 @@ def build_moe_down(dense: bool = False, weight_format: str = "bf16", block_m: in
             w2: T.Tensor[(1, D, I), T.bfloat16],
             y: T.Tensor[(NR, D), T.bfloat16],
         ):
+            T.annotate_pass_configs(pass_configs)
             with T.Kernel(T.ceildiv(NR, BM) * T.ceildiv(D, BN), threads=threads) as bx:
                 a_shared = T.alloc_shared((BM, BK), T.bfloat16)
                 b_shared = T.alloc_shared((BN, BK), T.bfloat16)
@@ -582,6 +602,7 @@ def build_moe_down(dense: bool = False, weight_format: str = "bf16", block_m: in
         tile_expert: T.Tensor[(MT,), T.int32],
         y: T.Tensor[(NR, D), T.bfloat16],
     ):
+        T.annotate_pass_configs(pass_configs)
         with T.Kernel(MT * T.ceildiv(D, BN), threads=threads) as bx:
             a_shared = T.alloc_shared((BM, BK), T.bfloat16)
             b_shared = T.alloc_shared((BN, BK), T.bfloat16)
@@ -970,7 +991,7 @@ def moe_up(
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel("moe_up", {})(x_sorted, perm.w_sorted, w1, w3, perm.offsets, perm.tile_offsets,
+            compile_kernel("moe_up", {"dim": dim})(x_sorted, perm.w_sorted, w1, w3, perm.offsets, perm.tile_offsets,
                                          perm.tile_expert, out, limit)
     return out
 
@@ -1001,7 +1022,7 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel("moe_down", {})(h, w2, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+            compile_kernel("moe_down", {"inter": inter})(h, w2, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
     return out
 
 
@@ -1052,8 +1073,8 @@ def moe_shared_expert(
     if num_tokens:
         h = _empty((num_tokens, inter), torch.bfloat16, x.device)
         with torch.cuda.device(x.device):
-            compile_kernel("moe_up", {"dense": True})(x, w1.unsqueeze(0), w3.unsqueeze(0), h, limit)
-            compile_kernel("moe_down", {"dense": True})(h, w2.unsqueeze(0), out)
+            compile_kernel("moe_up", {"dim": dim, "dense": True})(x, w1.unsqueeze(0), w3.unsqueeze(0), h, limit)
+            compile_kernel("moe_down", {"inter": inter, "dense": True})(h, w2.unsqueeze(0), out)
     return out
 
 
