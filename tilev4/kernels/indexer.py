@@ -21,15 +21,19 @@ is still exact (e4m3 reaches 2^-9 with subnormals). Since ``s > 0`` is a power o
 
     I[t, c] = s_k[c] · Σ_h (w[t, h] · s_q[t, h]) · ReLU(q8[t, h] · k8[c])
 
-is the reference value up to the fp32 summation order (the head sum here, the D-sum inside the
-tensor core, which is exact when the row's products span < 2^24 quanta).
+is the reference value up to the fp32 order of the head sum. (The D-sum is exact on both sides: with
+a row's FP4 blocks within a few binades of each other, the products are small integers in one unit —
+e.g. ≤ 144 units of 1024 when all blocks share a scale — well inside both the tensor core's aligned
+accumulation and fp32.)
 
 Logits kernel (``indexer_logits``): grid (N / SPLIT, S / BQ, B); a CTA loads the FP8 queries of
 its BQ queries ([BQ·H, D], once) and the folded head weights, then streams the visible key tiles of
 its entry range through a cp.async pipeline: ``acc[BC, BQ·H] = k8[BC, D] @ q8[BQ·H, D]ᵀ`` on the FP8
 tensor cores (fp32 accumulation; entries on the wgmma M side so the head sum is a row reduction:
 thread-local then a quad shuffle), ReLU, × weight, the head sum, × key scale, the visibility
-mask, and the fp32 store. Key tiles past the CTA's last visible entry are not read (−inf stored).
+mask, and the fp32 store. A CTA whose whole range is invisible stores −inf without reading keys;
+otherwise the loop has a static trip count (TileLang 0.1.15's pipeline epilogue fails to build with a
+dynamic one) and tiles past the last visible one re-read that tile (no new DRAM traffic) and store −inf.
 Each logit is computed alone (no split over D or over the heads), so a query's row does not depend
 on B, S, the other queries of its CTA or the config (checked by the GPU tests).
 
@@ -37,17 +41,24 @@ Top-k kernel (``topk_select``): one CTA (1024 threads) per row; radix select, 11
 over the 64-bit key ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32
 monotonically, ``IB`` = bits of N − 1), which is unique per entry, so "ties by the smaller index" is
 just a larger key. A pass histograms the digit of the entries that match the prefix found so far
-(shared-memory atomics), a block scan finds the digit of the K-th largest key, and the search stops
+(shared-memory atomics, one per group of equal digits in a warp: ``__match_any_sync``), a block
+scan (warp shuffles, then the warp totals) finds the digit of the K-th largest key, and the search stops
 as soon as the entries above the prefix number exactly K. Entries −inf or past the row's length are
 never selected. The selected keys go to shared memory, are bitonic-sorted descending and written as
 ``c + offset`` (−1 after the last). The result is exactly a stable sort of ``-logits`` (top K), so
-it is deterministic and batch-invariant. NaN logits are not allowed (unspecified selection).
+it is deterministic and batch-invariant. NaN logits are not allowed (not checked: such an entry
+is treated as −inf).
 
 Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, so the two-pass path
 (logits, then select over the visible prefix) costs ~3% of the key traffic; no fused kernel.
 
-Tuning notes: ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on shared-memory bandwidth)
-against wasted columns when S < BQ; decode uses BQ=1 (see :func:`_logits_config`).
+Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM
+(BQ=2: 167 registers/thread → 3 CTAs; BQ=1: 98 → 5) and one CTA's wgmma overlaps another's epilogue;
+3 pipeline stages of 8 KB key tiles. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
+shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, everything else
+BQ=2 (:func:`_logits_config`); the GPU tests check that a query's logits are the same bits either way.
+The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads its row from
+global memory (L2) once per radix pass.
 """
 
 import math
@@ -73,6 +84,7 @@ FP8_ROW_MAX = 448.0
 _RATIOS = (4, 128)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _NO_WS = {"tl.disable_warp_specialized": True}
+_MAX_GRID_YZ = 65535  # CUDA grid limit of the query-block and batch dims
 
 
 # ------------------------------------------------------------------------------------------------- logits
@@ -83,8 +95,8 @@ _NO_WS = {"tl.disable_warp_specialized": True}
     configs=[{"H": 64, "D": 128, "BQ": 2}, {"H": 64, "D": 128, "BQ": 1}],
     tags=("indexer", "batch_invariant"),
 )
-def build_indexer_logits(H: int = 64, D: int = 128, BQ: int = 2, BC: int = 128, SPLIT: int = 2048,
-                         num_stages: int = 2, threads: int = 256):
+def build_indexer_logits(H: int = 64, D: int = 128, BQ: int = 2, BC: int = 64, SPLIT: int = 2048,
+                         num_stages: int = 3, threads: int = 128):
     """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked."""
     if SPLIT % BC:
         raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
@@ -465,9 +477,12 @@ def indexer_logits(
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
         return out
+    config = _logits_config(s)
+    if b > _MAX_GRID_YZ or -(-s // config["BQ"]) > _MAX_GRID_YZ:
+        raise ValueError(f"q8: B={b} and ceil(S/{config['BQ']}) for S={s} must be <= {_MAX_GRID_YZ}")
     visible = _visible_counts(positions, ratio, n, k_lens)  # [B, S]
     qw = (w.float() * q_scale).contiguous()  # [B, S, H]: s_q folded into the head weight (exact)
-    compile_kernel("indexer_logits", _logits_config(s))(q8, qw, k8, k_scale, visible, out)
+    compile_kernel("indexer_logits", config)(q8, qw, k8, k_scale, visible, out)
     return out
 
 
