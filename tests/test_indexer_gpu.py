@@ -261,7 +261,8 @@ def test_batch_invariance(seed, b, s, n, top_k, pick):
     # the same query as the second query of a pair (another slot of a 2-query CTA)
     sel = torch.tensor([(si + 1) % s, si], device="cuda")
     pair = lambda t: t[bi:bi + 1, sel].contiguous()  # noqa: E731
-    logits2 = _logits(pair(q8), pair(qs), pair(w), k8[bi:bi + 1], ks[bi:bi + 1], pair(positions))
+    q8_pair = pair(q8.view(torch.uint8)).view(torch.float8_e4m3fn)  # (gather on bytes)
+    logits2 = _logits(q8_pair, pair(qs), pair(w), k8[bi:bi + 1], ks[bi:bi + 1], pair(positions))
     assert torch.equal(logits2[0, 1], logits[bi, si])
     # the selector alone on a batch of rows vs one row
     rows = logits.view(-1, n)
