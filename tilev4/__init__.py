@@ -8,11 +8,15 @@ from tilev4.kernels import (
     csa_attention,
     fp8_quantize,
     hca_attention,
+    indexer_fp8_cast,
+    indexer_logits,
+    indexer_topk,
     moe,
     moe_experts,
     moe_route,
     rmsnorm,
     sparse_attention,
+    topk_select,
 )
 
 __version__ = "0.1.0"
@@ -22,9 +26,13 @@ __all__ = [
     "csa_attention",
     "fp8_quantize",
     "hca_attention",
+    "indexer_fp8_cast",
+    "indexer_logits",
+    "indexer_topk",
     "moe",
     "moe_experts",
     "moe_route",
     "rmsnorm",
     "sparse_attention",
+    "topk_select",
 ]

@@ -165,8 +165,9 @@ def render_table(reports: list[dict[str, Any]]) -> str:
     ]
     for rep in reports:
         for r in rep["results"]:
-            frac = r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw"))
-            which = "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW"
+            frac = r.get("fraction_of_fp8_peak", r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw")))
+            which = ("fp8 matmul" if "fraction_of_fp8_peak" in r
+                     else "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW")
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
                 f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {_fmt(r.get('target_fraction'), 2)} | "

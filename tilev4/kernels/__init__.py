@@ -1,6 +1,7 @@
 """TileLang kernels. Importing this package registers every kernel in the registry."""
 
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
+from tilev4.kernels.indexer import indexer_fp8_cast, indexer_logits, indexer_topk, topk_select
 from tilev4.kernels.moe import (
     moe,
     moe_combine,
@@ -32,6 +33,9 @@ __all__ = [
     "fp8_quantize",
     "get_kernel_def",
     "hca_attention",
+    "indexer_fp8_cast",
+    "indexer_logits",
+    "indexer_topk",
     "iter_registry",
     "moe",
     "moe_combine",
@@ -44,4 +48,5 @@ __all__ = [
     "registry_names",
     "rmsnorm",
     "sparse_attention",
+    "topk_select",
 ]

@@ -1,0 +1,586 @@
+"""Lightning indexer (CSA layers): FP8 logits ``I[t, c]`` and the top-k selection of compressed entries.
+
+Semantics (spec, "Lightning indexer"; :mod:`tilev4.reference.indexer`)::
+
+    I[t, c] = Σ_h w[t, h] · ReLU(q_I[t, h] · K_I[c])        (−inf unless c < visible[t])
+    visible[t] = min((pos[t] + 1) // ratio, n_keys[b])
+    idx[t, :] = the min(top_k, #visible) entries with the largest I[t, c], by score descending, equal
+                scores by the smaller index, + offset; −1 in the unused slots
+
+Dimension glossary: ``B`` sequences, ``S`` query tokens per sequence, ``N`` compressed entries (key
+slots per sequence), ``H`` indexer heads (64), ``D`` indexer head dim (128), ``BQ`` queries per CTA,
+``BC`` entries per GEMM tile, ``SPLIT`` entries per CTA, ``R`` rows of a logits matrix, ``K`` top_k.
+
+FP8 storage (:func:`indexer_fp8_cast`): ``q_I`` and ``K_I`` are FP4-simulated (e2m1 value × a
+power-of-two scale per block of 32). Each row of D values (a head of one query, a key) is stored as
+float8_e4m3fn values ``x8`` and one fp32 power-of-two scale ``s`` per row with ``x = x8 · s`` exactly:
+``s = 2^ceil(log2(amax / 448))`` puts the row's largest value at 256 or 384 (an FP4 value has a
+1-bit mantissa), and every block of the row whose scale is at least ``2^-16`` of the largest block's
+is still exact (e4m3 reaches 2^-9 with subnormals). Since ``s > 0`` is a power of two,
+``ReLU(s_q s_k · acc) = s_q s_k · ReLU(acc)`` and every product ``q8 · k8`` is exact in fp32, so::
+
+    I[t, c] = s_k[c] · Σ_h (w[t, h] · s_q[t, h]) · ReLU(q8[t, h] · k8[c])
+
+is the reference value up to the fp32 order of the head sum. (The D-sum is exact on both sides: with
+a row's FP4 blocks within a few binades of each other, the products are small integers in one unit —
+e.g. ≤ 144 units of 1024 when all blocks share a scale — well inside both the tensor core's aligned
+accumulation and fp32.)
+
+Logits kernel (``indexer_logits``): grid (N / SPLIT, S / BQ, B); a CTA loads the FP8 queries of
+its BQ queries ([BQ·H, D], once) and the folded head weights, then streams the visible key tiles of
+its entry range through a cp.async pipeline: ``acc[BC, BQ·H] = k8[BC, D] @ q8[BQ·H, D]ᵀ`` on the FP8
+tensor cores (fp32 accumulation; entries on the wgmma M side so the head sum is a row reduction:
+thread-local then a quad shuffle), ReLU, × weight, the head sum, × key scale, the visibility
+mask, and the fp32 store. A CTA whose whole range is invisible stores −inf without reading keys;
+otherwise the loop has a static trip count (TileLang 0.1.15's pipeline epilogue fails to build with a
+dynamic one) and tiles past the last visible one re-read that tile (no new DRAM traffic) and store −inf.
+Each logit is computed alone (no split over D or over the heads), so a query's row does not depend
+on B, S, the other queries of its CTA or the config (checked by the GPU tests).
+
+Top-k kernel (``topk_select``): one CTA (1024 threads) per row; radix select, 11 bits per pass,
+over the 64-bit key ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32
+monotonically, ``IB`` = bits of N − 1), which is unique per entry, so "ties by the smaller index" is
+just a larger key. A pass histograms the digit of the entries that match the prefix found so far
+(shared-memory atomics, one per group of equal digits in a warp: ``__match_any_sync``), a block
+scan (warp shuffles, then the warp totals) finds the digit of the K-th largest key, and the search stops
+as soon as the entries above the prefix number exactly K. Entries −inf or past the row's length are
+never selected. The selected keys go to shared memory, are bitonic-sorted descending and written as
+``c + offset`` (−1 after the last). The result is exactly a stable sort of ``-logits`` (top K), so
+it is deterministic and batch-invariant. NaN logits are not allowed (not checked: such an entry
+is treated as −inf).
+
+Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, so the two-pass path
+(logits, then select over the visible prefix) costs ~3% of the key traffic; no fused kernel.
+
+Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM
+(BQ=2: 167 registers/thread → 3 CTAs; BQ=1: 98 → 5) and one CTA's wgmma overlaps another's epilogue;
+3 pipeline stages of 8 KB key tiles. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
+shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, everything else
+BQ=2 (:func:`_logits_config`); the GPU tests check that a query's logits are the same bits either way.
+The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads its row from
+global memory (L2) once per radix pass.
+"""
+
+import math
+from typing import Any
+
+import tilelang.language as T
+import torch
+
+from tilev4._checks import check_int, check_same_device, check_tensor
+from tilev4.kernels.registry import compile_kernel, register
+
+__all__ = [
+    "FP8_ROW_MAX",
+    "build_indexer_logits",
+    "build_topk_select",
+    "indexer_fp8_cast",
+    "indexer_logits",
+    "indexer_topk",
+    "topk_select",
+]
+
+FP8_ROW_MAX = 448.0
+_RATIOS = (4, 128)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_NO_WS = {"tl.disable_warp_specialized": True}
+_MAX_GRID_YZ = 65535  # CUDA grid limit of the query-block and batch dims
+
+
+# ------------------------------------------------------------------------------------------------- logits
+
+
+@register(
+    "indexer_logits",
+    configs=[{"H": 64, "D": 128, "BQ": 2}, {"H": 64, "D": 128, "BQ": 1}],
+    tags=("indexer", "batch_invariant"),
+)
+def build_indexer_logits(H: int = 64, D: int = 128, BQ: int = 2, BC: int = 64, SPLIT: int = 2048,
+                         num_stages: int = 3, threads: int = 128):
+    """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked."""
+    if SPLIT % BC:
+        raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
+    if D % 32 or H % 8:
+        raise ValueError(f"D={D} must be a multiple of 32 and H={H} of 8")
+    B = T.dynamic("B")
+    S = T.dynamic("S")
+    N = T.dynamic("N")
+    NH = BQ * H
+    num_blocks = SPLIT // BC
+
+    @T.prim_func
+    def indexer_logits_kernel(
+        q4: T.Tensor[(B, S, H, D), T.float8_e4m3fn],
+        qw3: T.Tensor[(B, S, H), T.float32],  # w · s_q
+        k3: T.Tensor[(B, N, D), T.float8_e4m3fn],
+        ks2: T.Tensor[(B, N), T.float32],  # s_k
+        visible2: T.Tensor[(B, S), T.int32],  # entries c < visible[b, s] are scored
+        out3: T.Tensor[(B, S, N), T.float32],
+    ):
+        T.annotate_pass_configs(_NO_WS)
+        q = T.reshape(q4, (B * S * H, D))  # flat views: a CTA's rows are one contiguous range
+        qw = T.reshape(qw3, (B * S, H))
+        k = T.reshape(k3, (B * N, D))
+        ks = T.reshape(ks2, (B * N,))
+        visible = T.reshape(visible2, (B * S,))
+        out = T.reshape(out3, (B * S, N))
+        with T.Kernel(T.ceildiv(N, SPLIT), T.ceildiv(S, BQ), B, threads=threads) as (bx, by, bz):
+            q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
+            k_shared = T.alloc_shared((BC, D), T.float8_e4m3fn)
+            acc = T.alloc_fragment((BC, NH), T.float32)
+            acc3 = T.reshape(acc, (BC, BQ, H))
+            logit_frag = T.alloc_fragment((BC, BQ), T.float32)
+            w_frag = T.alloc_fragment((BQ, H), T.float32)
+            ks_frag = T.alloc_fragment((BC,), T.float32)
+            vis_shared = T.alloc_shared((BQ,), T.int32)
+            num_vis = T.alloc_var(T.int32)
+
+            row0 = bz * S + by * BQ  # first query row of the CTA
+            c0 = bx * SPLIT  # first entry of the CTA
+            num_vis = 0
+            for j in T.serial(BQ):
+                num_vis = T.max(num_vis, T.if_then_else(by * BQ + j < S, visible[row0 + j], 0))
+            for j in T.Parallel(BQ):
+                vis_shared[j] = T.if_then_else(by * BQ + j < S, visible[row0 + j], 0)
+            c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
+            num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+
+            if num_tiles > 0:
+                T.copy(q[row0 * H, 0], q_shared)
+                T.copy(qw[row0, 0], w_frag)
+                # a static trip count (a dynamic one breaks this TileLang's pipeline epilogue): tiles
+                # past the last visible one reload it and store −inf
+                for it in T.Pipelined(num_blocks, num_stages=num_stages):
+                    tile = T.min(it, num_tiles - 1)
+                    T.copy(k[bz * N + c0 + tile * BC, 0], k_shared)
+                    T.copy(ks[bz * N + c0 + tile * BC], ks_frag)
+                    # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
+                    T.gemm(k_shared, q_shared, acc, transpose_B=True, clear_accum=True,
+                           policy=T.GemmWarpPolicy.FullRow)
+                    for c, j, h in T.Parallel(BC, BQ, H):
+                        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
+                    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
+                    for c, j in T.Parallel(BC, BQ):
+                        col = c0 + it * BC + c
+                        if by * BQ + j < S and col < N:
+                            out[row0 + j, col] = T.if_then_else(
+                                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
+            else:
+                for it in T.serial(num_blocks):
+                    for j, c in T.Parallel(BQ, BC):
+                        col = c0 + it * BC + c
+                        if by * BQ + j < S and col < N:
+                            out[row0 + j, col] = -T.infinity(T.float32)
+
+    return indexer_logits_kernel
+
+
+# -------------------------------------------------------------------------------------------------- top-k
+
+_TOPK_THREADS = 1024
+_DIGIT_BITS = 11
+_NUM_BINS = 1 << _DIGIT_BITS  # 2048 = 2 bins per thread
+_NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
+
+
+def _order_key(v):
+    """fp32 → uint32 in the same order (−0.0 and +0.0 the same key, as the reference's sort treats them)."""
+    raw = T.reinterpret(v, T.uint32)
+    # zero tested on the bits: a float compare may flush subnormals to zero
+    bits = T.if_then_else(T.bitwise_and(raw, T.uint32(0x7FFFFFFF)) == T.uint32(0), T.uint32(0), raw)
+    return T.if_then_else(T.shift_right(bits, T.uint32(31)) == T.uint32(1),
+                          T.bitwise_not(bits), T.bitwise_or(bits, T.uint32(0x80000000)))
+
+
+def _entry_key(ukey, c, n, ib, pad):
+    """The unique 64-bit key of entry c: ``((ukey << ib) | (n − 1 − c)) << pad`` (larger = selected first)."""
+    low = T.cast(n - 1 - c, T.uint64)
+    return T.shift_left(T.bitwise_or(T.shift_left(T.cast(ukey, T.uint64), T.cast(ib, T.uint64)), low),
+                        T.cast(pad, T.uint64))
+
+
+@register(
+    "topk_select",
+    configs=[{"K": 512}, {"K": 1024}],
+    tags=("indexer", "batch_invariant"),
+)
+def build_topk_select(K: int = 512):
+    """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen."""
+    if K < 1 or K > 2048:
+        raise ValueError(f"K must be in [1, 2048], got {K}")
+    threads = _TOPK_THREADS
+    num_warps = threads // 32
+    KP = 1 << max(1, (K - 1).bit_length())  # sort width, a power of two >= K
+    max_passes = -(-64 // _DIGIT_BITS)
+    R = T.dynamic("R")
+    N = T.dynamic("N")
+
+    @T.prim_func
+    def topk_select_kernel(
+        logits: T.Tensor[(R, N), T.float32],
+        lengths: T.Tensor[(R,), T.int32],  # entries c >= lengths[r] are not candidates
+        out: T.Tensor[(R, K), T.int32],
+        offset: T.int32,  # added to every selected index
+        ib: T.int32,  # index bits: N − 1 < 2^ib
+        pad: T.int32,  # key padding bits: 32 + ib + pad is a multiple of the digit width
+    ):
+        T.annotate_pass_configs(_NO_AUTO_SYNC)
+        with T.Kernel(R, threads=threads) as r:
+            tx = T.get_thread_binding()
+            hist = T.alloc_shared((_NUM_BINS,), T.int32)
+            warp_sum = T.alloc_shared((num_warps,), T.int32)
+            sel = T.alloc_shared((KP,), T.uint64)
+            state = T.alloc_shared((4,), T.int32)  # [d*, count above d*, count in d*, selected slots]
+            prefix = T.alloc_var(T.uint64)
+            need = T.alloc_var(T.int32)
+            level = T.alloc_var(T.int32)  # the selection is (key >> level) >= prefix
+            done = T.alloc_var(T.int32)
+            take_all = T.alloc_var(T.int32)
+            cnt = T.alloc_var(T.int32)
+            a = T.alloc_var(T.int32)
+            b = T.alloc_var(T.int32)
+            below = T.alloc_var(T.int32)
+            part = T.alloc_var(T.int32)
+            digit = T.alloc_var(T.uint32)
+            peers = T.alloc_var(T.uint32)
+            ka = T.alloc_var(T.uint64)
+            kb = T.alloc_var(T.uint64)
+            v = T.alloc_var(T.float32)
+            ukey = T.alloc_var(T.uint32)
+            key = T.alloc_var(T.uint64)
+
+            lane = tx % 32
+            warp = tx // 32
+            num_passes = (32 + ib + pad) // _DIGIT_BITS
+            row_len = T.max(T.min(lengths[r], N), 0)
+            num_chunks = T.ceildiv(row_len, threads)  # uniform over the CTA
+            total_bits = 32 + ib + pad
+
+            prefix = T.uint64(0)
+            need = K
+            level = total_bits
+            done = 0
+            take_all = 0
+            for i in T.serial(KP // threads + 1):
+                if i * threads + tx < KP:
+                    sel[i * threads + tx] = T.uint64(0)  # 0 is below every real key: a −1 slot
+            if tx == 0:
+                state[3] = 0
+
+            for p in T.serial(max_passes):
+                if done == 0 and p < num_passes:
+                    shift = total_bits - (p + 1) * _DIGIT_BITS
+                    hist[2 * tx] = 0
+                    hist[2 * tx + 1] = 0
+                    if tx == 0:
+                        state[0] = -1
+                    T.sync_threads()
+                    # histogram of the next digit among the candidates matching the prefix; equal digits
+                    # of a warp are counted once (match_any + popc) to spare same-address atomics
+                    for i in T.serial(num_chunks):
+                        c = i * threads + tx
+                        v = -T.infinity(T.float32)
+                        if c < row_len:
+                            v = logits[r, c]
+                        part = 0
+                        digit = T.uint32(0xFFFFFFFF)
+                        if v > -T.infinity(T.float32):
+                            ukey = _order_key(v)
+                            key = _entry_key(ukey, c, N, ib, pad)
+                            if T.shift_right(key, T.cast(shift + _DIGIT_BITS, T.uint64)) == prefix:
+                                part = 1
+                                digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
+                                                             T.uint64(_NUM_BINS - 1)), T.uint32)
+                        peers = T.call_extern(T.uint32, "__match_any_sync", T.uint32(0xFFFFFFFF), digit)
+                        if part == 1:
+                            # the lowest lane of each group of equal digits adds the group's size
+                            if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
+                                             - T.uint32(1)) == T.uint32(0):
+                                T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
+                    T.sync_threads()
+                    # count(>= 2t) = Σ of the bin pairs t' >= t: a suffix scan in the warp, then the warps above
+                    a = hist[2 * tx]
+                    b = hist[2 * tx + 1]
+                    cnt = a + b
+                    for st in T.unroll(5):
+                        below = T.shfl_down(cnt, 1 << st)
+                        if lane + (1 << st) < 32:
+                            cnt = cnt + below
+                    if lane == 0:
+                        warp_sum[warp] = cnt
+                    T.sync_threads()
+                    for w in T.serial(num_warps):
+                        if w > warp:
+                            cnt = cnt + warp_sum[w]
+                    # the digit of the need-th largest key: count(>= d*) >= need > count(> d*)
+                    if cnt >= need and cnt - a < need:
+                        state[0] = 2 * tx
+                        state[1] = cnt - a
+                        state[2] = a
+                    if cnt - a >= need and cnt - a - b < need:
+                        state[0] = 2 * tx + 1
+                        state[1] = cnt - a - b
+                        state[2] = b
+                    T.sync_threads()
+                    if state[0] < 0:  # fewer candidates than need (first pass only): take them all
+                        take_all = 1
+                        done = 1
+                    else:
+                        need = need - state[1]
+                        prefix = T.bitwise_or(T.shift_left(prefix, T.uint64(_DIGIT_BITS)),
+                                              T.cast(state[0], T.uint64))
+                        level = shift
+                        if state[2] == need:
+                            done = 1
+                    T.sync_threads()
+
+            # gather the selected keys (any order: sorted next)
+            for i in T.serial(num_chunks):
+                c = i * threads + tx
+                if c < row_len:
+                    v = logits[r, c]
+                    if v > -T.infinity(T.float32):
+                        ukey = _order_key(v)
+                        key = _entry_key(ukey, c, N, ib, pad)
+                        if take_all == 1 or T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
+                            sel[T.atomic_add(state[3], 1, return_prev=True)] = key
+            T.sync_threads()
+            # bitonic sort of sel[0:KP], descending
+            for lsize in T.serial(KP.bit_length() - 1):
+                for lstride in T.serial(lsize + 1):
+                    half = T.shift_left(1, lsize - lstride)  # the compare distance (size / 2^(lstride+1))
+                    if tx < KP // 2:
+                        i0 = T.shift_left(T.shift_right(tx, lsize - lstride), lsize - lstride + 1) + \
+                            T.bitwise_and(tx, half - 1)
+                        ka = sel[i0]
+                        kb = sel[i0 + half]
+                        if (ka < kb) == (T.bitwise_and(i0, T.shift_left(2, lsize)) == 0):
+                            sel[i0] = kb
+                            sel[i0 + half] = ka
+                    T.sync_threads()
+            for i in T.serial(T.ceildiv(K, threads)):
+                j = i * threads + tx
+                if j < K:
+                    ka = sel[j]
+                    out[r, j] = T.if_then_else(
+                        ka == T.uint64(0), -1,
+                        N - 1 - T.cast(T.bitwise_and(T.shift_right(ka, T.cast(pad, T.uint64)),
+                                                     T.shift_left(T.uint64(1), T.cast(ib, T.uint64)) - T.uint64(1)),
+                                       T.int32) + offset)
+
+    return topk_select_kernel
+
+
+# ------------------------------------------------------------------------------------------------- public
+
+
+def indexer_fp8_cast(x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4-simulated indexer values → FP8 e4m3 rows with one power-of-two scale per row (exactly).
+
+    Args:
+        x: [..., D] fp32/bf16/fp16, e.g. the prepared queries ``[B, S, H, D]``
+            (:func:`tilev4.reference.indexer_prepare_queries`) or the indexer keys ``[B, N, D]``.
+        exact: if True (default), raise ``ValueError`` when some value is not exactly
+            ``x8 · scale`` (an FP4 block more than 2^16 below the row's largest; not an FP4 value).
+
+    Returns:
+        ``(x8, scale)``: x8 float8_e4m3fn [..., D], scale fp32 [...], ``scale = 2^ceil(log2(amax/448))``
+        per row (amax floored at 2^-100; a zero row gets a tiny scale and zeros), ``x = x8 · scale``.
+    """
+    check_tensor("x", x, dtype=_FLOATS)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim, got shape {list(x.shape)}")
+    xf = x.float()
+    if not torch.isfinite(xf).all():
+        raise ValueError("x must be finite")
+    amax = xf.abs().amax(-1).clamp_min(2.0**-100)  # [...]
+    # the smallest power of two with 448 · scale >= amax (frexp: amax = m · 2^e, m in [0.5, 1))
+    mant, exp = torch.frexp(amax / FP8_ROW_MAX)
+    exp = torch.where(mant == 0.5, exp - 1, exp)  # an exact power of two
+    scale = torch.ldexp(torch.ones_like(amax), exp)  # [...]
+    x8 = (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    if exact:
+        back = x8.float() * scale.unsqueeze(-1)
+        bad = back != xf
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(f"x is not exactly representable as FP8 e4m3 × a per-row power-of-two scale "
+                             f"(first at {where}: {float(xf[tuple(where)])!r}); pass exact=False to round")
+    return x8, scale
+
+
+def _logits_config(S: int) -> dict[str, Any]:
+    return {"H": 64, "D": 128, "BQ": 1 if S == 1 else 2}
+
+
+def _visible_counts(positions: torch.Tensor, ratio: int, n: int, k_lens: torch.Tensor | None) -> torch.Tensor:
+    """int32 [B, S]: min((pos + 1) // ratio, k_lens[b] (or N))."""
+    vis = torch.div(positions.long() + 1, ratio, rounding_mode="floor")  # [B, S]
+    cap = torch.full_like(vis[:, :1], n) if k_lens is None else k_lens.long().clamp_max(n).unsqueeze(1)
+    return torch.minimum(vis, cap).to(torch.int32)
+
+
+def indexer_logits(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    w: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    ratio: int = 4,
+    k_lens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Lightning-indexer logits ``I[b, s, c] = Σ_h w · ReLU(q_I · K_I[c])`` on FP8 tensor cores.
+
+    Prefill is ``B = 1`` (S queries of one sequence), decode is ``S = 1`` (a ragged batch: ``k8`` padded to
+    the longest sequence, ``k_lens`` the valid entries of each).
+
+    Args:
+        q8: float8_e4m3fn [B, S, H=64, D=128], q_scale: fp32 [B, S, H] — the prepared queries as
+            :func:`indexer_fp8_cast` stores them.
+        w: fp32/bf16/fp16 [B, S, H], the head weights (already scaled by the caller).
+        k8: float8_e4m3fn [B, N, D], k_scale: fp32 [B, N] — the compressed indexer keys (same cast).
+        positions: int32/int64 [B, S], absolute position of each query (>= 0; not checked on the
+            device, to stay free of host syncs: a negative position sees nothing).
+        ratio: compression ratio m (4 for CSA; 128 accepted): entry c is visible iff c < (pos+1)//m.
+        k_lens: optional int32/int64 [B], valid entries per sequence (<= N); entries past it are hidden.
+        out: optional fp32 [B, S, N] contiguous output.
+
+    Returns:
+        fp32 [B, S, N]; −inf where not visible. Equal to :func:`tilev4.reference.indexer_scores` of the
+        dequantised inputs up to the fp32 order of the 64-head sum. Batch-invariant: a query's row
+        does not depend on B, S or the other queries.
+    """
+    check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=4, contiguous=True)
+    b, s, h, d = q8.shape
+    if (h, d) != (64, 128):
+        raise ValueError(f"q8 must have H=64 heads of D=128, got H={h}, D={d}")
+    check_tensor("q_scale", q_scale, dtype=torch.float32, shape=(b, s, h), contiguous=True)
+    check_tensor("w", w, dtype=_FLOATS, shape=(b, s, h))
+    check_tensor("k8", k8, dtype=torch.float8_e4m3fn, ndim=3, contiguous=True)
+    n = k8.shape[1]
+    if k8.shape[0] != b or k8.shape[2] != d:
+        raise ValueError(f"k8 must have shape [{b}, *, {d}], got {list(k8.shape)}")
+    check_tensor("k_scale", k_scale, dtype=torch.float32, shape=(b, n), contiguous=True)
+    check_tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(b, s))
+    check_int("ratio", ratio, choices=_RATIOS)
+    if k_lens is not None:
+        check_tensor("k_lens", k_lens, dtype=(torch.int32, torch.int64), shape=(b,))
+    check_same_device(q8=q8, q_scale=q_scale, w=w, k8=k8, k_scale=k_scale, positions=positions, k_lens=k_lens)
+    if q8.device.type != "cuda":
+        raise ValueError(f"q8 must be a CUDA tensor, got device {q8.device}")
+    if out is None:
+        out = torch.empty(b, s, n, dtype=torch.float32, device=q8.device)
+    else:
+        check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
+    if out.numel() == 0:
+        return out
+    config = _logits_config(s)
+    if b > _MAX_GRID_YZ or -(-s // config["BQ"]) > _MAX_GRID_YZ:
+        raise ValueError(f"q8: B={b} and ceil(S/{config['BQ']}) for S={s} must be <= {_MAX_GRID_YZ}")
+    visible = _visible_counts(positions, ratio, n, k_lens)  # [B, S]
+    qw = (w.float() * q_scale).contiguous()  # [B, S, H]: s_q folded into the head weight (exact)
+    compile_kernel("indexer_logits", config)(q8, qw, k8, k_scale, visible, out)
+    return out
+
+
+_MAX_TOPK_N = 1 << 23  # the 64-bit key holds 32 value bits + 23 index bits (+ padding to 5 digits)
+
+
+def _topk_key_bits(n: int) -> tuple[int, int]:
+    """(IB, pad): index bits of N − 1 and the padding that makes 32 + IB + pad a whole number of digits."""
+    ib = max(n - 1, 0).bit_length()
+    return ib, (-(32 + ib)) % _DIGIT_BITS
+
+
+def topk_select(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    lengths: torch.Tensor | None = None,
+    offset: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row top-k indices of a logits matrix, ordered by value descending, ties by the smaller index.
+
+    Args:
+        logits: fp32 [R, N] (or [..., N], flattened to rows), contiguous, CUDA; N <= 2^23. −inf entries
+            are never selected; NaN is not allowed (such an entry is treated as −inf, unchecked).
+        k: int, one of the compiled widths (512, 1024) or any int in [1, 2048] (compiled on first use).
+        lengths: optional int32/int64 [R] (or [...]): only entries ``c < lengths[r]`` are candidates
+            (default N).
+        offset: int >= 0 added to every selected index; −1 slots stay −1.
+        out: optional int32 [R, k] (or [..., k]) contiguous output.
+
+    Returns:
+        int32 [..., k]: the ``min(k, #candidates)`` selected indices + offset, then −1 — bit-exactly
+        ``torch.sort(-logits, stable=True)`` restricted to the candidates
+        (:func:`tilev4.reference.indexer_topk`). Each row is computed alone (batch-invariant).
+    """
+    check_tensor("logits", logits, dtype=torch.float32, contiguous=True)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least 1 dim, got a scalar")
+    check_int("k", k, min_value=1)
+    if k > 2048:
+        raise ValueError(f"k must be <= 2048, got {k}")
+    check_int("offset", offset, min_value=0)
+    lead, n = tuple(logits.shape[:-1]), logits.shape[-1]
+    if n > _MAX_TOPK_N:
+        raise ValueError(f"logits: N must be <= {_MAX_TOPK_N}, got {n}")
+    if offset + n > 2**31 - 1:
+        raise ValueError(f"offset + N must fit int32, got {offset + n}")
+    if lengths is not None:
+        check_tensor("lengths", lengths, dtype=(torch.int32, torch.int64), shape=lead)
+        check_same_device(logits=logits, lengths=lengths)
+    if logits.device.type != "cuda":
+        raise ValueError(f"logits must be a CUDA tensor, got device {logits.device}")
+    if out is None:
+        out = torch.empty(*lead, k, dtype=torch.int32, device=logits.device)
+    else:
+        check_tensor("out", out, dtype=torch.int32, shape=(*lead, k), contiguous=True, device=logits.device)
+    rows = math.prod(lead)
+    if rows == 0:
+        return out
+    if n == 0:
+        return out.fill_(-1)
+    if lengths is None:
+        lens = torch.full((rows,), n, dtype=torch.int32, device=logits.device)
+    else:
+        lens = lengths.reshape(rows).clamp(0, n).to(torch.int32)
+    ib, pad = _topk_key_bits(n)
+    compile_kernel("topk_select", {"K": k})(logits.view(rows, n), lens, out.view(rows, k), offset, ib, pad)
+    return out
+
+
+def indexer_topk(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    w: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    positions: torch.Tensor,
+    top_k: int,
+    *,
+    ratio: int = 4,
+    k_lens: torch.Tensor | None = None,
+    offset: int = 0,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The lightning indexer end to end: :func:`indexer_logits`, then :func:`topk_select` of the visible prefix.
+
+    Args: as :func:`indexer_logits` (q8 [B, S, 64, 128] fp8, q_scale [B, S, 64], w [B, S, 64],
+        k8 [B, N, 128] fp8, k_scale [B, N], positions [B, S], ratio, k_lens), plus ``top_k`` (512 or
+        1024 compiled ahead; any int in [1, 2048]) and ``offset`` (added to every selected index).
+
+    Returns:
+        int32 [B, S, top_k]: per query the ``min(top_k, visible)`` best entries (score descending, ties
+        by the smaller index) + offset, then −1; with ``return_logits`` also the fp32 [B, S, N] logits
+        the selection was made from. Two passes: the logits are 4 bytes per entry against 128 FP8
+        key bytes (~3% extra traffic), and the select reads only each query's visible prefix.
+    """
+    logits = indexer_logits(q8, q_scale, w, k8, k_scale, positions, ratio=ratio, k_lens=k_lens)
+    lengths = _visible_counts(positions, ratio, logits.shape[-1], k_lens)  # [B, S]
+    idx = topk_select(logits, top_k, lengths=lengths, offset=offset)
+    return (idx, logits) if return_logits else idx
