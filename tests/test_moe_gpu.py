@@ -376,3 +376,101 @@ def test_bad_input_on_gpu():
         K.moe_experts(x, weights, experts.clamp(max=7), misaligned, w2, w3, shared)
     with pytest.raises(ValueError, match="weight must be on cuda"):
         K.moe_route(x, gate.cpu(), bias, 2, 1.5)
+
+
+# ------------------------------------------------------------------------------------------------ FP8 weights
+
+F = importlib.import_module("tilev4.kernels.moe_fp8")
+
+
+def _dequant(w: "F.FP8Weight") -> torch.Tensor:
+    """[E, N, K] fp32 from FP8 data and 128×128 scales (on the CPU)."""
+    data, scale = w.data.cpu().float(), w.scale.cpu()
+    n, k = data.shape[1:]
+    return data * scale.repeat_interleave(128, 1)[:, :n].repeat_interleave(128, 2)[:, :, :k]
+
+
+def _fp8_reference(x, weights, experts, w1, w2, w3, shared, limit):
+    """The FP8 path in fp32 on the CPU: x and h quantised 1×128 (ue8m0) as the kernels do, h rounded to bf16
+    first (the up kernel stores bf16), dequantised weights; the per-term tolerance scale as ``_reference``."""
+    from tilev4.reference.quant import fp8_e4m3_simulate
+
+    xq = fp8_e4m3_simulate(x.float().cpu(), 128)
+    d1, d2, d3 = _dequant(w1), _dequant(w2), _dequant(w3)
+    ex, wts = experts.cpu().long(), weights.cpu()
+    ref = torch.zeros(x.shape, dtype=torch.float32)
+    scale = torch.zeros_like(ref)
+    for e in range(d1.shape[0]):
+        tok, slot = torch.nonzero(ex == e, as_tuple=True)
+        if not tok.numel():
+            continue
+        g, u = xq[tok] @ d1[e].T, xq[tok] @ d3[e].T
+        h = torch.nn.functional.silu(g.clamp(max=limit)) * u.clamp(-limit, limit) * wts[tok, slot][:, None]
+        hq = fp8_e4m3_simulate(h.bfloat16().float(), 128)
+        term = (hq @ d2[e].T).bfloat16().float()
+        ref.index_add_(0, tok, term)
+        scale.index_add_(0, tok, term.abs() + term.square().mean(-1, keepdim=True).sqrt())
+    if shared is not None:
+        term = R.swiglu_expert(x.float().cpu(), *(t.cpu() for t in shared))
+        ref += term
+        scale += term.abs() + term.square().mean(-1, keepdim=True).sqrt()
+    return ref, scale
+
+
+FP8_CASES = {
+    # dim, inter, E, top_k, T, shared inter, x scale
+    "small": (256, 256, 8, 2, 67, 128, 4.0),
+    "flash": (4096, 2048, 16, 6, 40, 2048, 4.0),
+    "ragged tiles": (384, 640, 5, 3, 301, 0, 1.0),  # several M tiles per expert, N not a multiple of 128
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_fp8_experts_match_reference(case):
+    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = FP8_CASES[case]
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=100 + len(case))
+    q1, q2, q3 = (F.quantize_fp8_weight(w) for w in (w1, w2, w3))
+    g = _gen(200 + len(case))
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format="fp8",
+                        out=_poison(num_tokens, dim, dtype=torch.bfloat16))
+    ref, tol_scale = _fp8_reference(x, weights, experts, q1, q2, q3, shared, 10.0)
+    _check_experts(out, ref, tol_scale)
+    # the FP8 path is its own arithmetic: close to the bf16 weights' result, not equal to it
+    assert torch.equal(K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format="fp8"), out)
+
+
+def test_fp8_weight_quantisation_is_exact_on_its_grid():
+    w = _randn(3, 200, 384, g=_gen(300), scale=0.02, dtype=torch.float32)
+    q = F.quantize_fp8_weight(w)
+    assert q.data.dtype == torch.float8_e4m3fn and q.scale.shape == (3, 2, 3)
+    assert torch.equal(torch.exp2(torch.log2(q.scale).round()), q.scale)  # powers of two
+    back = _dequant(q)
+    assert torch.equal(_dequant(F.quantize_fp8_weight(back.cuda())), back)  # idempotent
+    # round to nearest: within half a quantum — 2^-4 relative for normal e4m3 values (3 mantissa bits), half
+    # the subnormal step 2^-9 (times the block scale) below the normal range
+    s = q.scale.cpu().repeat_interleave(128, 1)[:, :200].repeat_interleave(128, 2)
+    err = (back - w.cpu()).abs()
+    assert (err <= torch.maximum(2.0**-4 * w.cpu().abs(), 2.0**-10 * s)).all(), err.max().item()
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(n=st.integers(1, 700), pos=st.integers(0, 10**6), seed=st.integers(0, 2**31 - 1))
+@example(n=2000, pos=1999, seed=1)
+def test_fp8_batch_invariance(n, pos, seed):
+    gate, bias, _, _, _, shared, probe, _ = _invariance_layer()
+    q = _fp8_invariance_weights()
+    pos %= n
+    batch = _randn(n, 4096, g=_gen(seed))
+    batch[pos] = probe[0]
+    alone = K.moe(probe, gate, bias, *q, shared, weight_format="fp8")
+    out = K.moe(batch, gate, bias, *q, shared, weight_format="fp8")
+    assert not torch.isnan(alone).any()
+    assert torch.equal(out[pos], alone[0]), f"token at {pos} of {n} differs from the token alone"
+
+
+@functools.lru_cache(maxsize=1)
+def _fp8_invariance_weights():
+    _, _, w1, w2, w3, _, _, _ = _invariance_layer()
+    return tuple(F.quantize_fp8_weight(w) for w in (w1, w2, w3))

@@ -91,7 +91,7 @@ __all__ = [
     "moe_up",
 ]
 
-WEIGHT_FORMATS = ("bf16",)
+WEIGHT_FORMATS = ("bf16", "fp8")  # fp8: tilev4.kernels.moe_fp8 (routed experts)
 BLOCK_M = 128  # M tile of both grouped GEMMs; the scan builds the tile table for it
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory
@@ -104,7 +104,14 @@ _NO_WS = {"tl.disable_warp_specialized": True}
 
 def _check_weight_format(weight_format: str) -> None:
     if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS} (FP8/FP4 are not implemented yet), "
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS} (FP4 is not implemented yet), "
+                         f"got {weight_format!r}")
+
+
+def _check_gemm_format(weight_format: str) -> None:
+    """The bf16 GEMM factories: the FP8 GEMMs are their own kernels (moe_up_fp8 / moe_down_fp8)."""
+    if weight_format != "bf16":
+        raise ValueError(f"weight_format must be 'bf16' for this kernel (FP8: moe_up_fp8 / moe_down_fp8), "
                          f"got {weight_format!r}")
 
 
@@ -438,7 +445,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
                  block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
                  warp_specialized: bool = False):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
-    _check_weight_format(weight_format)
+    _check_gemm_format(weight_format)
     # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
     # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
     pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
@@ -550,7 +557,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
                    block_n: int = 256, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
                    warp_specialized: bool = False):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
-    _check_weight_format(weight_format)
+    _check_gemm_format(weight_format)
     # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
     # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
     pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
@@ -1150,11 +1157,15 @@ def moe_experts(
     Args:
         x: [T, dim] bf16 tokens, contiguous, CUDA; dim a multiple of 8; T may be 0.
         weights: [T, k] fp32 routing weights; experts: [T, k] int32 / int64 ids in ``[0, E)``.
-        w1, w3: [E, inter, dim] bf16 routed gate / up weights; w2: [E, dim, inter] bf16.
+        w1, w3: [E, inter, dim] bf16 routed gate / up weights; w2: [E, dim, inter] bf16. With
+            ``weight_format="fp8"``: :class:`tilev4.kernels.moe_fp8.FP8Weight` triples (e4m3 data and
+            128×128 power-of-two scales; dim and inter multiples of 128); the activations are then
+            quantised 1×128 on the fly (x after the permutation, h between the GEMMs).
         shared: ``(w1, w2, w3)`` of the shared expert ([inter_s, dim], [dim, inter_s],
             [inter_s, dim] bf16; run on every token with weight 1 and no clamp), or None.
         swiglu_limit: routed-expert clamp (``up`` to [−l, l], ``gate`` to <= l), None for none.
-        weight_format: "bf16" (FP8 / FP4 expert weights are future values of this argument).
+        weight_format: "bf16" or "fp8" (routed experts; the shared expert stays bf16). FP4 is not
+            implemented yet.
         out_dtype: bf16 or fp32 output.
         validate: check the expert ids on the device (one host sync).
         out: optional preallocated [T, dim] of ``out_dtype``.
@@ -1170,15 +1181,31 @@ def moe_experts(
         raise TypeError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
     _check_routing(x, weights, experts)
     num_tokens, dim = x.shape
-    check_tensor("w1", w1, dtype=torch.bfloat16, ndim=3, device=x.device)
-    num_experts, inter = w1.shape[0], w1.shape[1]
+    fp8 = weight_format == "fp8"
+    if fp8:
+        from tilev4.kernels import moe_fp8 as F
+
+        if not isinstance(w1, F.FP8Weight):
+            raise TypeError(f"w1 must be an FP8Weight(data, scale) for weight_format='fp8', got {type(w1).__name__}")
+        check_tensor("w1.data", w1.data, ndim=3, device=x.device)
+        num_experts, inter = w1.data.shape[0], w1.data.shape[1]
+        if dim % F.SCALE_BLOCK or inter % F.SCALE_BLOCK:
+            raise ValueError(f"weight_format='fp8' needs dim and inter multiples of {F.SCALE_BLOCK}, "
+                             f"got dim={dim}, inter={inter}")
+        F._check_fp8_weight("w1", w1, num_experts, inter, dim, x.device)
+        F._check_fp8_weight("w3", w3, num_experts, inter, dim, x.device)
+        F._check_fp8_weight("w2", w2, num_experts, dim, inter, x.device)
+    else:
+        check_tensor("w1", w1, dtype=torch.bfloat16, ndim=3, device=x.device)
+        num_experts, inter = w1.shape[0], w1.shape[1]
     if inter % 8 or inter == 0:
         raise ValueError(f"w1: inter={inter} must be a positive multiple of 8")
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"w1 must have at most {MAX_EXPERTS} experts, got {num_experts}")
-    _check_stacked("w1", w1, (num_experts, inter, dim), x.device)
-    _check_stacked("w3", w3, (num_experts, inter, dim), x.device)
-    _check_stacked("w2", w2, (num_experts, dim, inter), x.device)
+    if not fp8:
+        _check_stacked("w1", w1, (num_experts, inter, dim), x.device)
+        _check_stacked("w3", w3, (num_experts, inter, dim), x.device)
+        _check_stacked("w2", w2, (num_experts, dim, inter), x.device)
     if shared is not None:
         if not isinstance(shared, Sequence) or len(shared) != 3:
             raise TypeError(f"shared must be a (w1, w2, w3) triple or None, got {type(shared).__name__}")
@@ -1191,8 +1218,16 @@ def moe_experts(
     if num_tokens == 0:
         return out
     perm = moe_permute(x, weights, experts, num_experts, validate=validate)
-    h = moe_up(perm, w1, w3, swiglu_limit)
-    y_sorted = moe_down(perm, h, w2, out=perm.x_sorted)  # x_sorted is dead after the up-projection
+    if fp8:
+        from tilev4.kernels.quant import fp8_quantize
+
+        x8, xs = fp8_quantize(perm.x_sorted)
+        h = F.moe_up_fp8(perm, x8, xs, w1, w3, swiglu_limit)
+        h8, hs = fp8_quantize(h)
+        y_sorted = F.moe_down_fp8(perm, h8, hs, w2, out=perm.x_sorted)
+    else:
+        h = moe_up(perm, w1, w3, swiglu_limit)
+        y_sorted = moe_down(perm, h, w2, out=perm.x_sorted)  # x_sorted is dead after the up-projection
     y_shared = None if shared is None else moe_shared_expert(x, *shared)
     return moe_combine(y_sorted, perm.pair_pos, y_shared, out_dtype=out_dtype, out=out)
 

@@ -1,0 +1,298 @@
+"""MoE expert GEMMs with FP8 e4m3 weights (128×128 power-of-two block scales) on Hopper FP8 tensor cores.
+
+Semantics: the bf16 path of :mod:`tilev4.kernels.moe` with the weights dequantised (``w = q · s``
+per 128×128 block) and the activations quantised 1×128 on the fly (:func:`tilev4.fp8_quantize`,
+ue8m0 scales): ``x ≈ x8 · sx`` per row and 128-column block. Both scales are powers of two.
+
+Per M tile and K block of 128 (one scale block on each side) the CTA runs the FP8 wgmma into a
+scratch accumulator ``t = x8[:, kb] · w8[:, kb]ᵀ`` and promotes it into the fp32 accumulator
+``acc += t · sx[row, kb] · sw[n_block, kb]`` — a power-of-two product, so the promotion itself is
+exact and the only rounding is the fp32 sum over K blocks (the FP8 tensor-core sum within a block
+is promoted every 128 K, the practice that keeps its reduced-precision accumulation harmless).
+
+Kernels (schedule, tile → expert map and batch invariance exactly as the bf16 kernels):
+
+* ``moe_up_fp8`` — ``h = silu(min(x W1ᵀ, l)) · clamp(x W3ᵀ, ±l) · w`` → bf16.
+* ``moe_down_fp8`` — ``y = h W2ᵀ`` → bf16, from ``h`` quantised 1×128 (a separate
+  :func:`tilev4.fp8_quantize` launch).
+
+Layouts: ``FP8Weight(data, scale)`` with data [E, N, K] float8_e4m3fn and scale [E, ⌈N/128⌉, K/128]
+fp32 (powers of two; the checkpoint's e8m0 bytes decode to these exactly). K (dim for the up
+projection, inter for the down projection) is a multiple of 128 and static (a kernel per size).
+
+Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128.
+"""
+
+from typing import NamedTuple
+
+import tilelang.language as T
+import torch
+
+from tilev4._checks import check_tensor
+from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _check_limit, _empty, _grouped_tile
+from tilev4.kernels.registry import compile_kernel, register
+
+__all__ = ["FP8Weight", "build_moe_down_fp8", "build_moe_up_fp8", "moe_down_fp8", "moe_up_fp8",
+           "quantize_fp8_weight"]
+
+SCALE_BLOCK = 128
+FP8_MAX = 448.0
+_PASS_CONFIGS = {**_NO_WS, "tl.disable_tma_lower": True}  # cp.async software pipeline (see moe.py)
+
+
+class FP8Weight(NamedTuple):
+    """Stacked FP8 expert weights: data [E, N, K] float8_e4m3fn, scale [E, ⌈N/128⌉, K/128] fp32."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+def quantize_fp8_weight(w: torch.Tensor) -> FP8Weight:
+    """Quantise [E, N, K] (or [N, K]) weights to FP8 e4m3 with 128×128 power-of-two scales (host-side prep).
+
+    ``scale = 2^ceil(log2(max(amax, 1e-4) / 448))`` per block, ``data = rne(w / scale)``: the format of
+    the released checkpoint (whose e8m0 scale bytes are the exponents of these scales).
+    """
+    check_tensor("w", w, dtype=(torch.float32, torch.bfloat16))
+    if w.ndim not in (2, 3):
+        raise ValueError(f"w must be [E, N, K] or [N, K], got shape {tuple(w.shape)}")
+    squeeze = w.ndim == 2
+    w3 = w.unsqueeze(0) if squeeze else w
+    e, n, k = w3.shape
+    if k % SCALE_BLOCK:
+        raise ValueError(f"w: K={k} must be a multiple of {SCALE_BLOCK}")
+    nb = -(-n // SCALE_BLOCK)
+    pad = torch.zeros(e, nb * SCALE_BLOCK, k, dtype=torch.float32, device=w.device)
+    pad[:, :n] = w3.float()
+    blocks = pad.view(e, nb, SCALE_BLOCK, k // SCALE_BLOCK, SCALE_BLOCK)
+    amax = blocks.abs().amax(dim=(2, 4)).clamp_min(1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    # exactness of the power of two: bump where the rounded log2 fell one short
+    scale = torch.where(scale * FP8_MAX < amax, scale * 2, scale)
+    q = (blocks / scale[:, :, None, :, None]).view(e, nb * SCALE_BLOCK, k)[:, :n].to(torch.float8_e4m3fn)
+    if squeeze:
+        return FP8Weight(q[0].contiguous(), scale[0].contiguous())
+    return FP8Weight(q.contiguous(), scale.contiguous())
+
+
+def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torch.device) -> FP8Weight:
+    if not isinstance(w, FP8Weight):
+        raise TypeError(f"{name} must be an FP8Weight(data, scale), got {type(w).__name__}")
+    check_tensor(f"{name}.data", w.data, dtype=torch.float8_e4m3fn, shape=(e, n, k), contiguous=True, device=device)
+    check_tensor(f"{name}.scale", w.scale, dtype=torch.float32, shape=(e, -(-n // SCALE_BLOCK), k // SCALE_BLOCK),
+                 contiguous=True, device=device)
+    return w
+
+
+@register("moe_up_fp8", configs=[{"dim": 4096}], tags=("moe", "fp8", "batch_invariant"))
+def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 3, threads: int = 256):
+    """MoE grouped up-projection, FP8 weights and activations: SwiGLU with clamp and routing weight fused."""
+    if dim % SCALE_BLOCK:
+        raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
+    if SCALE_BLOCK % block_n:
+        raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
+    BM, BN, BK = block_m, block_n, SCALE_BLOCK
+    D, KB = dim, dim // SCALE_BLOCK
+    NR, I, IS, E, MT = (T.dynamic(n) for n in ("NR", "I", "IS", "E", "MT"))
+    policy = T.GemmWarpPolicy.FullRow
+    fp8 = T.float8_e4m3fn
+
+    @T.prim_func
+    def moe_up_fp8_kernel(
+        x8: T.Tensor[(NR, D), fp8],
+        xs: T.Tensor[(NR, KB), T.float32],
+        w_sorted: T.Tensor[(NR,), T.float32],
+        w1: T.Tensor[(E, I, D), fp8],
+        w1s: T.Tensor[(E, IS, KB), T.float32],
+        w3: T.Tensor[(E, I, D), fp8],
+        w3s: T.Tensor[(E, IS, KB), T.float32],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        h: T.Tensor[(NR, I), T.bfloat16],
+        limit: T.float32,
+    ):
+        T.annotate_pass_configs(_PASS_CONFIGS)
+        with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
+            a_shared = T.alloc_shared((BM, BK), fp8)
+            b1_shared = T.alloc_shared((BN, BK), fp8)
+            b3_shared = T.alloc_shared((BN, BK), fp8)
+            h_shared = T.alloc_shared((BM, BN), T.bfloat16)
+            w_shared = T.alloc_shared((BM,), T.float32)
+            gate_frag = T.alloc_fragment((BM, BN), T.float32)
+            up_frag = T.alloc_fragment((BM, BN), T.float32)
+            t_frag = T.alloc_fragment((BM, BN), T.float32)
+            e = T.alloc_var(T.int32)
+            a0 = T.alloc_var(T.int32)
+            c = T.alloc_var(T.int32)
+            row0 = T.alloc_var(T.int32)
+            rows = T.alloc_var(T.int32)
+            n0 = T.alloc_var(T.int32)
+            if bx // T.ceildiv(I, BN) < tile_offsets[E]:  # CTAs past the real tiles exit
+                _grouped_tile(bx, T.ceildiv(I, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                              BM, BN)
+                for i in T.Parallel(BM):
+                    w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
+                T.clear(gate_frag)
+                T.clear(up_frag)
+                for k in T.Pipelined(KB, num_stages=num_stages):
+                    T.copy(x8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
+                    T.copy(w1[e, n0, k * BK], b1_shared)
+                    T.copy(w3[e, n0, k * BK], b3_shared)
+                    T.gemm(a_shared, b1_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
+                    for i, j in T.Parallel(BM, BN):  # promote: exact power-of-two rescale, fp32 sum
+                        gate_frag[i, j] += t_frag[i, j] * (
+                            T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0) * w1s[e, n0 // SCALE_BLOCK, k])
+                    T.gemm(a_shared, b3_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
+                    for i, j in T.Parallel(BM, BN):
+                        up_frag[i, j] += t_frag[i, j] * (
+                            T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0) * w3s[e, n0 // SCALE_BLOCK, k])
+                for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: selects keep NaN
+                    g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
+                    u = T.if_then_else(up_frag[i, j] > limit, limit,
+                                       T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
+                    h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
+                for i, j in T.Parallel(BM, BN):
+                    if i < rows:
+                        h[row0 + i, n0 + j] = h_shared[i, j]
+
+    return moe_up_fp8_kernel
+
+
+@register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"))
+def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
+                       threads: int = 256):
+    """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
+    if inter % SCALE_BLOCK:
+        raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")
+    if SCALE_BLOCK % block_n:
+        raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
+    BM, BN, BK = block_m, block_n, SCALE_BLOCK
+    I, KB = inter, inter // SCALE_BLOCK
+    NR, D, DS, E, MT = (T.dynamic(n) for n in ("NR", "D", "DS", "E", "MT"))
+    policy = T.GemmWarpPolicy.FullRow
+    fp8 = T.float8_e4m3fn
+
+    @T.prim_func
+    def moe_down_fp8_kernel(
+        h8: T.Tensor[(NR, I), fp8],
+        hs: T.Tensor[(NR, KB), T.float32],
+        w2: T.Tensor[(E, D, I), fp8],
+        w2s: T.Tensor[(E, DS, KB), T.float32],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        y: T.Tensor[(NR, D), T.bfloat16],
+    ):
+        T.annotate_pass_configs(_PASS_CONFIGS)
+        with T.Kernel(MT * T.ceildiv(D, BN), threads=threads) as bx:
+            a_shared = T.alloc_shared((BM, BK), fp8)
+            b_shared = T.alloc_shared((BN, BK), fp8)
+            acc = T.alloc_fragment((BM, BN), T.float32)
+            t_frag = T.alloc_fragment((BM, BN), T.float32)
+            e = T.alloc_var(T.int32)
+            a0 = T.alloc_var(T.int32)
+            c = T.alloc_var(T.int32)
+            row0 = T.alloc_var(T.int32)
+            rows = T.alloc_var(T.int32)
+            n0 = T.alloc_var(T.int32)
+            if bx // T.ceildiv(D, BN) < tile_offsets[E]:
+                _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                              BM, BN)
+                T.clear(acc)
+                for k in T.Pipelined(KB, num_stages=num_stages):
+                    T.copy(h8[row0, k * BK], a_shared)
+                    T.copy(w2[e, n0, k * BK], b_shared)
+                    T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
+                    for i, j in T.Parallel(BM, BN):
+                        acc[i, j] += t_frag[i, j] * (
+                            T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0) * w2s[e, n0 // SCALE_BLOCK, k])
+                for i, j in T.Parallel(BM, BN):
+                    if i < rows:
+                        y[row0 + i, n0 + j] = T.cast(acc[i, j], T.bfloat16)
+
+    return moe_down_fp8_kernel
+
+
+def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.device) -> None:
+    check_tensor(name, q, dtype=torch.float8_e4m3fn, shape=(n, k), contiguous=True, device=device)
+    check_tensor(f"{name} scale", s, dtype=torch.float32, shape=(n, k // SCALE_BLOCK), contiguous=True,
+                 device=device)
+
+
+def moe_up_fp8(
+    perm: MoEPermutation,
+    x8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w1: FP8Weight,
+    w3: FP8Weight,
+    swiglu_limit: float | None = 10.0,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped FP8 up-projection with the SwiGLU fused (the FP8 form of :func:`tilev4.kernels.moe.moe_up`).
+
+    Args:
+        perm: the permutation (:func:`tilev4.kernels.moe.moe_permute`); N = its sorted rows.
+        x8, x_scale: ``fp8_quantize(perm.x_sorted)``: [N, dim] float8_e4m3fn and [N, dim/128] fp32.
+        w1, w3: :class:`FP8Weight` of [E, inter, dim]; dim a multiple of 128.
+        swiglu_limit: the routed-expert clamp, or None.
+        out: optional preallocated [N, inter] bf16.
+    """
+    limit = _check_limit(swiglu_limit)
+    n, dim = perm.x_sorted.shape
+    dev = perm.x_sorted.device
+    if dim % SCALE_BLOCK:
+        raise ValueError(f"x: dim={dim} must be a multiple of {SCALE_BLOCK} for FP8 weights")
+    _check_act("x8", x8, x_scale, n, dim, dev)
+    if not isinstance(w1, FP8Weight):
+        raise TypeError(f"w1 must be an FP8Weight(data, scale), got {type(w1).__name__}")
+    check_tensor("w1.data", w1.data, ndim=3)
+    inter = w1.data.shape[1]
+    _check_fp8_weight("w1", w1, perm.num_experts, inter, dim, dev)
+    _check_fp8_weight("w3", w3, perm.num_experts, inter, dim, dev)
+    if out is None:
+        out = _empty((n, inter), torch.bfloat16, dev)
+    else:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
+    if n:
+        with torch.cuda.device(dev):
+            compile_kernel("moe_up_fp8", {"dim": dim})(
+                x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
+                perm.tile_expert, out, limit)
+    return out
+
+
+def moe_down_fp8(
+    perm: MoEPermutation,
+    h8: torch.Tensor,
+    h_scale: torch.Tensor,
+    w2: FP8Weight,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped FP8 down-projection ``y = h W2ᵀ`` per expert (the FP8 form of ``moe_down``).
+
+    Args:
+        perm: the permutation; N = its sorted rows.
+        h8, h_scale: ``fp8_quantize(h)``: [N, inter] float8_e4m3fn and [N, inter/128] fp32.
+        w2: :class:`FP8Weight` of [E, dim, inter]; inter a multiple of 128.
+        out: optional preallocated [N, dim] bf16.
+    """
+    n, dim = perm.x_sorted.shape
+    dev = perm.x_sorted.device
+    check_tensor("h8", h8, ndim=2)
+    inter = h8.shape[1]
+    if inter % SCALE_BLOCK:
+        raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
+    _check_act("h8", h8, h_scale, n, inter, dev)
+    _check_fp8_weight("w2", w2, perm.num_experts, dim, inter, dev)
+    if out is None:
+        out = _empty((n, dim), torch.bfloat16, dev)
+    else:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
+    if n:
+        with torch.cuda.device(dev):
+            compile_kernel("moe_down_fp8", {"inter": inter})(
+                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+    return out
