@@ -250,19 +250,26 @@ def test_batch_invariance(seed, b, s, n, top_k, pick):
     q, k, w = _inputs(b, s, n, g)
     positions = torch.randint(0, 4 * n + 8, (b, s), generator=g, device="cuda")
     q8, qs, k8, ks = _cast(q, k)
-    idx, logits = tilev4.indexer_topk(q8, qs, w, k8, ks, positions, top_k, return_logits=True)
+    idx, logits = tilev4.indexer_topk(q8, qs, w, k8, ks, positions, top_k, return_logits=True,
+                                      batch_invariant=True)
     bi, si = pick % b, (pick // b) % s
     one = (slice(bi, bi + 1), slice(si, si + 1))
     idx1, logits1 = tilev4.indexer_topk(q8[one].contiguous(), qs[one].contiguous(), w[one].contiguous(),
                                         k8[bi:bi + 1], ks[bi:bi + 1], positions[one].contiguous(), top_k,
-                                        return_logits=True)
+                                        return_logits=True, batch_invariant=True)
     assert torch.equal(logits1[0, 0], logits[bi, si])
     assert torch.equal(idx1[0, 0], idx[bi, si])
+    # the default mode: the same S, sequence alone vs inside the batch
+    _, logits_b = tilev4.indexer_topk(q8, qs, w, k8, ks, positions, top_k, return_logits=True)
+    _, logits_1 = tilev4.indexer_topk(q8[bi:bi + 1], qs[bi:bi + 1], w[bi:bi + 1], k8[bi:bi + 1], ks[bi:bi + 1],
+                                      positions[bi:bi + 1], top_k, return_logits=True)
+    assert torch.equal(logits_1[0], logits_b[bi])
     # the same query as the second query of a pair (another slot of a 2-query CTA)
     sel = torch.tensor([(si + 1) % s, si], device="cuda")
     pair = lambda t: t[bi:bi + 1, sel].contiguous()  # noqa: E731
     q8_pair = pair(q8.view(torch.uint8)).view(torch.float8_e4m3fn)  # (gather on bytes)
-    logits2 = _logits(q8_pair, pair(qs), pair(w), k8[bi:bi + 1], ks[bi:bi + 1], pair(positions))
+    logits2 = _logits(q8_pair, pair(qs), pair(w), k8[bi:bi + 1], ks[bi:bi + 1], pair(positions),
+                      batch_invariant=True)
     assert torch.equal(logits2[0, 1], logits[bi, si])
     # the selector alone on a batch of rows vs one row
     rows = logits.view(-1, n)

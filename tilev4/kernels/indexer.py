@@ -56,7 +56,9 @@ Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that sev
 (BQ=2: 167 registers/thread → 3 CTAs; BQ=1: 98 → 5) and one CTA's wgmma overlaps another's epilogue;
 3 pipeline stages of 8 KB key tiles. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
 shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, everything else
-BQ=2 (:func:`_logits_config`); the GPU tests check that a query's logits are the same bits either way.
+BQ=2 (:func:`_logits_config`). On the H200 the two builds sum the heads in different orders (last
+bits differ), so ``batch_invariant=True`` pins BQ=1; the GPU tests check bit-equality across batch
+sizes, positions and S in that mode, and across batch sizes at fixed S in the default one.
 The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads its row from
 global memory (L2) once per radix pass.
 """
@@ -409,8 +411,10 @@ def indexer_fp8_cast(x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor,
     return x8, scale
 
 
-def _logits_config(S: int) -> dict[str, Any]:
-    return {"H": 64, "D": 128, "BQ": 1 if S == 1 else 2}
+def _logits_config(S: int, batch_invariant: bool = False) -> dict[str, Any]:
+    # BQ=1 and BQ=2 builds sum the 64 heads in different orders (measured on the H200: the last bits
+    # differ), so a query's bits depend on S unless BQ is pinned
+    return {"H": 64, "D": 128, "BQ": 1 if S == 1 or batch_invariant else 2}
 
 
 def _visible_counts(positions: torch.Tensor, ratio: int, n: int, k_lens: torch.Tensor | None) -> torch.Tensor:
@@ -430,6 +434,7 @@ def indexer_logits(
     *,
     ratio: int = 4,
     k_lens: torch.Tensor | None = None,
+    batch_invariant: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lightning-indexer logits ``I[b, s, c] = Σ_h w · ReLU(q_I · K_I[c])`` on FP8 tensor cores.
@@ -446,12 +451,15 @@ def indexer_logits(
             device, to stay free of host syncs: a negative position sees nothing).
         ratio: compression ratio m (4 for CSA; 128 accepted): entry c is visible iff c < (pos+1)//m.
         k_lens: optional int32/int64 [B], valid entries per sequence (<= N); entries past it are hidden.
+        batch_invariant: one query per CTA whatever S, so that a query's bits do not depend on S
+            either (prefill chunking vs decode); slower prefill.
         out: optional fp32 [B, S, N] contiguous output.
 
     Returns:
         fp32 [B, S, N]; −inf where not visible. Equal to :func:`tilev4.reference.indexer_scores` of the
-        dequantised inputs up to the fp32 order of the 64-head sum. Batch-invariant: a query's row
-        does not depend on B, S or the other queries.
+        dequantised inputs up to the fp32 order of the 64-head sum. A query's row never depends on B or
+        the other queries; with the default it may differ in the last bits between S = 1 and S > 1
+        (decode vs prefill: two CTA shapes); ``batch_invariant=True`` removes that too.
     """
     check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=4, contiguous=True)
     b, s, h, d = q8.shape
@@ -477,7 +485,7 @@ def indexer_logits(
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
         return out
-    config = _logits_config(s)
+    config = _logits_config(s, batch_invariant)
     if b > _MAX_GRID_YZ or -(-s // config["BQ"]) > _MAX_GRID_YZ:
         raise ValueError(f"q8: B={b} and ceil(S/{config['BQ']}) for S={s} must be <= {_MAX_GRID_YZ}")
     visible = _visible_counts(positions, ratio, n, k_lens)  # [B, S]
@@ -566,12 +574,13 @@ def indexer_topk(
     ratio: int = 4,
     k_lens: torch.Tensor | None = None,
     offset: int = 0,
+    batch_invariant: bool = False,
     return_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The lightning indexer end to end: :func:`indexer_logits`, then :func:`topk_select` of the visible prefix.
 
     Args: as :func:`indexer_logits` (q8 [B, S, 64, 128] fp8, q_scale [B, S, 64], w [B, S, 64],
-        k8 [B, N, 128] fp8, k_scale [B, N], positions [B, S], ratio, k_lens), plus ``top_k`` (512 or
+        k8 [B, N, 128] fp8, k_scale [B, N], positions [B, S], ratio, k_lens, batch_invariant), plus ``top_k`` (512 or
         1024 compiled ahead; any int in [1, 2048]) and ``offset`` (added to every selected index).
 
     Returns:
@@ -580,7 +589,8 @@ def indexer_topk(
         the selection was made from. Two passes: the logits are 4 bytes per entry against 128 FP8
         key bytes (~3% extra traffic), and the select reads only each query's visible prefix.
     """
-    logits = indexer_logits(q8, q_scale, w, k8, k_scale, positions, ratio=ratio, k_lens=k_lens)
+    logits = indexer_logits(q8, q_scale, w, k8, k_scale, positions, ratio=ratio, k_lens=k_lens,
+                            batch_invariant=batch_invariant)
     lengths = _visible_counts(positions, ratio, logits.shape[-1], k_lens)  # [B, S]
     idx = topk_select(logits, top_k, lengths=lengths, offset=offset)
     return (idx, logits) if return_logits else idx
