@@ -1,6 +1,7 @@
 """TileLang kernels. Importing this package registers every kernel in the registry."""
 
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
+from tilev4.kernels.mhc import mhc_head_pre, mhc_post, mhc_pre
 from tilev4.kernels.moe import (
     moe,
     moe_combine,
@@ -33,6 +34,9 @@ __all__ = [
     "get_kernel_def",
     "hca_attention",
     "iter_registry",
+    "mhc_head_pre",
+    "mhc_post",
+    "mhc_pre",
     "moe",
     "moe_combine",
     "moe_down",
