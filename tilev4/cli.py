@@ -239,13 +239,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_model(name: str, device: str, directory: str, batch_invariant: bool = False, seed: int = 0) -> Any:
-    """A random-weight ``name`` preset checkpoint written to ``directory`` and loaded on ``device``."""
-    from tilev4.model import Config, Model, write_random_checkpoint
+def _random_model(name: str, device: str, batch_invariant: bool = False, seed: int = 0) -> Any:
+    """The ``name`` preset with random weights (the tensors a random checkpoint holds) on ``device``."""
+    from tilev4.model import Config, Model, random_checkpoint_tensors
 
     config = Config.preset(name)
-    write_random_checkpoint(config, directory, seed=seed)
-    return Model.from_checkpoint(directory, device=device, batch_invariant=batch_invariant)
+    return Model(config, random_checkpoint_tensors(config, seed), device, batch_invariant=batch_invariant)
 
 
 def _cmd_check_determinism(args: argparse.Namespace) -> int:
@@ -258,7 +257,6 @@ def _cmd_check_determinism(args: argparse.Namespace) -> int:
     import json
     import subprocess
     import sys
-    import tempfile
 
     import torch
     from rich.console import Console
@@ -271,8 +269,7 @@ def _cmd_check_determinism(args: argparse.Namespace) -> int:
         console.print("check-determinism needs a CUDA GPU (it checks the TileLang kernel path); none is visible")
         return 2
     g = torch.Generator().manual_seed(args.seed)
-    with tempfile.TemporaryDirectory() as directory:
-        model = _random_model(args.model, "cuda", directory, batch_invariant=not args.default_mode)
+    model = _random_model(args.model, "cuda", batch_invariant=not args.default_mode)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
     if args.digest_only:  # the child process of the two-process check

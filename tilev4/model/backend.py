@@ -449,12 +449,17 @@ class KernelOps(ReferenceOps):
         return _cat(parts)
 
     def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
-        """REFERENCE MATH on the GPU (switch to the indexer kernels here); one sequence at a time in
-        batch-invariant mode."""
-        if not self.batch_invariant or q.shape[0] == 1:
+        """REFERENCE MATH on the GPU (switch to the indexer kernels here). Batch-invariant mode runs one
+        sequence at a time over its own visible keys only (the batch's ``keys`` are sliced to the longest
+        sequence, a shape that would otherwise depend on the other sequences)."""
+        if not self.batch_invariant:
             return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
-        return torch.cat([ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1],
-                                               positions[i : i + 1], rope, top_k) for i in range(q.shape[0])])
+        parts = []
+        for i in range(q.shape[0]):
+            n_i = min(int((positions[i, -1] + 1) // 4), keys.shape[1])  # entries visible to its last query
+            parts.append(ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1, :n_i],
+                                              positions[i : i + 1], rope, top_k))
+        return torch.cat(parts)
 
     def non_invariant_ops(self) -> dict[str, str]:
         """Ops whose result for a sequence may depend on the rest of the batch in the current mode."""
