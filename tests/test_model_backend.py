@@ -14,6 +14,10 @@ from tilev4.cli import main
 from tilev4.kernels import mhc as K
 from tilev4.model import Config, KVCache, Model, random_checkpoint_tensors
 from tilev4.model.backend import KernelOps, Linear, ReferenceOps, ops_for_device, read_window, write_window
+from tilev4.reference import attention as RA
+from tilev4.reference import mhc as RH
+from tilev4.reference import moe as RM
+from tilev4.reference import norm as RN
 from tilev4.reference.compressor import CompressorState
 from tilev4.reference.rope import RopeConfig
 
@@ -189,3 +193,148 @@ def test_check_determinism_needs_a_gpu(capsys):
         pytest.skip("a GPU is visible: the command would run")
     assert main(["check-determinism"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# KernelOps' calls into the public kernels, emulated on the CPU: each fake checks the dtypes, shapes and
+# contiguity the real op demands and computes the op's documented semantics with the reference (attention:
+# from ``positions`` / ``window_start`` / the cache rows, independently of the runtime's own index building).
+
+
+def _contig(name, t, dtype):
+    assert t.dtype == dtype, f"{name}: {t.dtype} != {dtype}"
+    assert t.is_contiguous(), f"{name} is not contiguous"
+    return t
+
+
+class _FakeKernels:
+    calls: dict[str, int]
+
+    def __init__(self):
+        self.calls = {}
+
+    def _count(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def rmsnorm(self, x, weight, eps=1e-6, out=None):
+        self._count("rmsnorm")
+        _contig("x", x, torch.bfloat16)
+        _contig("weight", weight, torch.float32)
+        assert weight.shape == (x.shape[-1],)
+        return RN.rmsnorm(x, weight, eps).bfloat16()
+
+    def mhc_pre(self, h, fn, base, scale, norm_weight, iters=20, eps=1e-6, norm_eps=1e-6):
+        self._count("mhc_pre")
+        for n, t in (("h", h), ("fn", fn), ("base", base), ("scale", scale), ("norm_weight", norm_weight)):
+            _contig(n, t, torch.float32)
+        assert fn.shape == (24, 4 * h.shape[-1]) and scale.shape == (3,)
+        return RH.mhc_pre(h, fn, base, scale, norm_weight, iters, eps, norm_eps)
+
+    def mhc_head_pre(self, h, fn, base, scale, norm_weight, eps=1e-6, norm_eps=1e-6):
+        self._count("mhc_head_pre")
+        for n, t in (("h", h), ("fn", fn), ("base", base), ("scale", scale), ("norm_weight", norm_weight)):
+            _contig(n, t, torch.float32)
+        assert fn.shape == (4, 4 * h.shape[-1]) and scale.shape == (1,)
+        mix = RH.mhc_mix(h, fn, eps)
+        pre = torch.sigmoid(mix * scale[0] + base) + eps  # [b, s, 4]
+        return RN.rmsnorm((pre.unsqueeze(-1) * h).sum(-2), norm_weight, norm_eps)
+
+    def mhc_post(self, h, f_out, post, comb):
+        self._count("mhc_post")
+        for n, t in (("h", h), ("f_out", f_out), ("post", post), ("comb", comb)):
+            _contig(n, t, torch.float32)
+        return RH.mhc_post(h, f_out, post, comb)
+
+    @staticmethod
+    def _window_keys(positions, window_start, rows):
+        """Stream rows of the window of each query, as the kernel's Window source (non-ring) defines it."""
+        p = positions.long().unsqueeze(-1) + torch.arange(-127, 1)  # [b, s, 128] absolute positions
+        start = window_start.long().view(-1, 1, 1)
+        ok = (p >= start.clamp(min=0)) & (p - start < rows)
+        return torch.where(ok, p - start, -1).int()
+
+    def _attend(self, q, kv_window, positions, window_start, sink, comp_kv, comp_idx):
+        b, s, h, _ = _contig("q", q, torch.bfloat16).shape
+        _contig("kv_window", kv_window, torch.bfloat16)
+        _contig("positions", positions, torch.int32)
+        _contig("window_start", window_start, torch.int32)
+        _contig("sink", sink, torch.float32)
+        assert positions.shape == (b, s) and window_start.shape == (b,) and sink.shape == (h,)
+        win = self._window_keys(positions, window_start, kv_window.shape[1])
+        kv_all, idx = RA.concat_key_sets(kv_window.float(), comp_kv.float(), win, comp_idx)
+        return RA.sparse_attention(q.float(), kv_all, sink, idx).bfloat16()
+
+    def sparse_attention(self, q, kv, sink, indices, scale=None, *, batch_invariant=False, validate=True):
+        self._count("sparse_attention")
+        _contig("q", q, torch.bfloat16)
+        _contig("kv", kv, torch.bfloat16)
+        _contig("indices", indices, torch.int32)
+        return RA.sparse_attention(q.float(), kv.float(), sink, indices).bfloat16()
+
+    def csa_attention(self, q, kv_window, kv_compressed, indices, sink, positions, window_start=None, scale=None,
+                      *, batch_invariant=False, validate=True):
+        self._count("csa_attention")
+        assert window_start is not None
+        _contig("kv_compressed", kv_compressed, torch.bfloat16)
+        _contig("indices", indices, torch.int32)
+        assert int(indices.max()) < kv_compressed.shape[1]
+        return self._attend(q, kv_window, positions, window_start, sink, kv_compressed, indices)
+
+    def hca_attention(self, q, kv_window, kv_compressed, sink, positions, window_start=None, scale=None,
+                      *, batch_invariant=False, validate=True):
+        self._count("hca_attention")
+        assert window_start is not None and kv_compressed.shape[1] >= 1
+        _contig("kv_compressed", kv_compressed, torch.bfloat16)
+        n = kv_compressed.shape[1]
+        t = positions.long().unsqueeze(-1)
+        j = torch.arange(n)
+        dense = torch.where(j < (t + 1) // 128, j, -1).int()  # every visible entry, as CompressedDense
+        return self._attend(q, kv_window, positions, window_start, sink, kv_compressed, dense)
+
+    def moe(self, x, gate_weight, gate_bias, w1, w2, w3, shared=None, *, top_k=6, route_scale=1.5,
+            swiglu_limit=10.0, tid2eid=None, token_ids=None, weight_format="bf16", out_dtype=torch.bfloat16,
+            validate=True, out=None):
+        self._count("moe")
+        _contig("x", x, torch.bfloat16)
+        _contig("gate_weight", gate_weight, torch.float32)
+        for n, t in (("w1", w1), ("w2", w2), ("w3", w3), *((f"shared[{i}]", s) for i, s in enumerate(shared))):
+            _contig(n, t, torch.bfloat16)
+        if tid2eid is not None:
+            _contig("tid2eid", tid2eid, torch.int32)
+            _contig("token_ids", token_ids, torch.int32)
+            assert gate_bias is None
+        weights, experts = RM.moe_gate(x, gate_weight, gate_bias, top_k, route_scale, tid2eid, token_ids)
+        routed = [(w1[e], w2[e], w3[e]) for e in range(w1.shape[0])]
+        return RM.moe(x, weights, experts, routed, shared, swiglu_limit).to(out_dtype)
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_kernel_ops_call_the_public_kernels_correctly(monkeypatch, batch_invariant):
+    """The tiny model on KernelOps with the kernels emulated: every kernel is called with the dtypes and
+    layouts it requires, the bf16 cache works, and the logits stay within the GPU test's tolerance of the
+    reference (the emulation rounds exactly where the kernels do)."""
+    import tilev4
+    from tilev4.model.backend import LOGITS_REL_TOL
+
+    fake = _FakeKernels()
+    for name in ("rmsnorm", "mhc_pre", "mhc_head_pre", "mhc_post", "sparse_attention", "csa_attention",
+                 "hca_attention", "moe"):
+        monkeypatch.setattr(tilev4, name, getattr(fake, name))
+    cfg = Config.tiny().replace(name="tiny-smooth", n_activated_experts=8, index_topk=64)
+    t = random_checkpoint_tensors(cfg, seed=21)
+    ref, kern = Model(cfg, t), Model(cfg, t, ops=KernelOps(batch_invariant))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (140, 40, 1)]
+    for capacity, n in ((256, 140), (100, 90)):  # 100: no HCA row in the cache (the kernels get one zero row)
+        cr, ck = ref.new_cache(3, capacity), kern.new_cache(3, capacity)
+        assert ck.layers[1].compressed.dtype == torch.bfloat16
+        lr, lk = ref.prefill([p[:n] for p in prompts], cr), kern.prefill([p[:n] for p in prompts], ck)
+        errs = [((lk - lr).norm(dim=-1) / lr.norm(dim=-1)).max().item()]
+        for _ in range(3):
+            nxt = lr.argmax(-1)
+            lr, lk = ref.decode(nxt, cr), kern.decode(nxt, ck)
+            errs.append(((lk - lr).norm(dim=-1) / lr.norm(dim=-1)).max().item())
+        print(capacity, errs)
+        assert max(errs) < LOGITS_REL_TOL, errs
+    assert set(fake.calls) == {"rmsnorm", "mhc_pre", "mhc_head_pre", "mhc_post", "sparse_attention",
+                               "csa_attention", "hca_attention", "moe"}, fake.calls
