@@ -334,7 +334,6 @@ def test_kernel_ops_call_the_public_kernels_correctly(monkeypatch, batch_invaria
             nxt = lr.argmax(-1)
             lr, lk = ref.decode(nxt, cr), kern.decode(nxt, ck)
             errs.append(((lk - lr).norm(dim=-1) / lr.norm(dim=-1)).max().item())
-        print(capacity, errs)
         assert max(errs) < LOGITS_REL_TOL, errs
     assert set(fake.calls) == {"rmsnorm", "mhc_pre", "mhc_head_pre", "mhc_post", "sparse_attention",
                                "csa_attention", "hca_attention", "moe"}, fake.calls

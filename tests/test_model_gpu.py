@@ -4,14 +4,15 @@
   :class:`~tilev4.model.backend.KernelOps` and on :class:`~tilev4.model.backend.ReferenceOps` on the same GPU
   with the same weights. Prompts of 300, 129 and 17 tokens cover windows that wrap the ring, CSA top-k over
   more entries than ``index_topk`` (75 > 32), HCA with 1 and 2 entries and none. Prefill, then decode steps
-  fed the same tokens on both paths. The kernels round activations to bf16 at their boundaries (~2^-9
-  each, a few dozen per layer: ~1e-2 after 7 layers), so the tolerance is a relative L2 error per logits row
-  <= :data:`~tilev4.model.backend.LOGITS_REL_TOL` (5e-2; a wrong key set or coefficient is O(1)). That bound
-  holds for continuous math only: a discrete choice (the top-4 experts, the indexer's top-32) turns a
-  rounding difference at a near-tie into another expert or entry. So the tight check runs on ``small`` with
-  every expert active and ``index_topk`` >= the visible entries ("smooth"); the preset itself is checked
-  with the median row under the tolerance and every row under 0.5 (a flipped choice moves a row by a
-  fraction, a broken kernel moves all of them). Greedy tokens are not compared: near-ties may flip.
+  fed the same tokens on both paths. Tolerance: relative L2 error per logits row <=
+  :data:`~tilev4.model.backend.LOGITS_REL_TOL` (0.1; its comment gives the measured rounding error of the
+  bf16 boundaries, <= 3.2e-2, and what wiring errors give, >= 0.2). That bound holds for continuous math
+  only: a discrete choice (the top-4 experts, the indexer's top-32) turns a rounding difference at a near-tie
+  into another expert or entry. So the tight check runs on ``small`` with every expert active and
+  ``index_topk`` >= the visible entries ("smooth"); the preset itself is checked with the median row under
+  the tolerance and every row under 0.5 (a flipped choice moves a row by a fraction, a broken kernel moves
+  all of them). Greedy tokens are not compared: near-ties may flip. Subtle key-set errors do not show in a
+  random model's logits; the kernel tests (attention, MoE, mHC) are where those are caught.
 * Batch invariance (hypothesis): in ``batch_invariant`` mode the same prompt alone and inside a batch of
   random other prompts, at a random row, gives bitwise-identical logits after its prefill and after every
   decode step, and identical greedy tokens.

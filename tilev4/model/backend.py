@@ -50,11 +50,16 @@ from tilev4.reference.rope import apply_rope
 
 __all__ = ["LOGITS_REL_TOL", "KernelOps", "Linear", "ReferenceOps", "ops_for_device", "read_window", "write_window"]
 
-#: Relative L2 error per row allowed between the kernel path's logits and the reference path's (``small``
-#: preset, random weights): the kernels round activations to bf16 at their boundaries (rmsnorm in / out,
-#: attention q / kv / o, the MoE input and hidden), ~2^-9 relative each, a few dozen roundings per layer that
-#: add up like a random walk over 7 layers to ~1e-2; a wrong key set, stream or coefficient is O(1).
-LOGITS_REL_TOL = 5e-2
+#: Relative L2 error per row allowed between the kernel path's logits and the reference path's (random weights,
+#: no discrete choice flipped). The kernels round activations to bf16 at their boundaries (rmsnorm in / out,
+#: attention q / kv / o, the MoE input and hidden), ~2^-9 each, and a random-weight model amplifies them:
+#: emulating exactly those roundings on the CPU (tests/test_model_backend.py) gave at most 3.2e-2 on
+#: ``small`` (1e-2 typical, the worst on a 17-token prompt) and 2.9e-2 on ``tiny``; the attention kernels'
+#: bf16 probabilities add a little. Wiring errors are far above: a CSA output of zeros gave 0.2-0.65, MoE
+#: outputs of the wrong tokens ~1.1. Subtle key-set or coefficient errors are NOT visible at this level (a
+#: window one key short or a transposed comb moved the logits by 1-3e-2, like the roundings): the kernel
+#: tests catch those.
+LOGITS_REL_TOL = 0.1
 
 
 @dataclass
@@ -285,6 +290,7 @@ class KernelOps(ReferenceOps):
     def __init__(self, batch_invariant: bool = False) -> None:
         self.batch_invariant = bool(batch_invariant)
         self._converted: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
+        self._ones: dict[tuple[int, str], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"KernelOps(batch_invariant={self.batch_invariant})"
@@ -342,18 +348,12 @@ class KernelOps(ReferenceOps):
 
         d = x.shape[-1]
         if weight is None:
-            w = self._ones(d, x.device)
+            w = self._ones.get((d, str(x.device)))
+            if w is None:
+                w = self._ones[(d, str(x.device))] = torch.ones(d, device=x.device)
         else:
             w = self._f32(weight)
         return tilev4.rmsnorm(x.to(torch.bfloat16).contiguous(), w, eps).float()
-
-    def _ones(self, d: int, device: torch.device) -> torch.Tensor:
-        key = (d, str(device))
-        ones = getattr(self, "_ones_cache", {})
-        if key not in ones:
-            ones[key] = torch.ones(d, device=device)
-            self._ones_cache = ones
-        return ones[key]
 
     def mhc_pre(self, h, fn, base, scale, norm_weight, iters=20, eps=1e-6, norm_eps=1e-6):  # type: ignore[override]
         """``tilev4.mhc_pre`` on the fp32 streams."""
