@@ -107,7 +107,8 @@ class Model:
         return cls(cfg, tensors, device, batch_invariant, ops)
 
     def __repr__(self) -> str:
-        return f"Model({self.config.name}, layers={self.config.layer_kinds}, backend={self.ops.name}, {self.device})"
+        backend = self.ops.name + (", batch-invariant" if self.ops.batch_invariant else "")
+        return f"Model({self.config.name}, layers={self.config.layer_kinds}, backend={backend}, {self.device})"
 
     def new_cache(self, batch: int, capacity: int, mtp: bool = False) -> KVCache:
         """An empty :class:`~tilev4.model.cache.KVCache` of ``batch`` sequences of up to ``capacity`` tokens;
