@@ -266,6 +266,14 @@ def build_mhc_post(dim: int, h_dtype: str = "float32", f_dtype: str = "float32",
 
 # ------------------------------------------------------------------------------------------------ public ops
 
+_POISON_OUTPUTS = False  # tests set it: outputs start as NaN, so that an element the kernel misses shows
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
 
 def _dtype_key(name: str, t: torch.Tensor) -> str:
     for k, v in _DTYPES.items():
@@ -297,8 +305,8 @@ def _pre_common(h, fn, base, scale, norm_weight, m, n_scale, out_dtype):
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     check_same_device(h=h, fn=fn)
-    x = torch.empty(b, s, dim, dtype=out_dtype, device=dev)
-    mix = torch.empty(b, s, m, dtype=torch.float32, device=dev)
+    x = _empty(b, s, dim, dtype=out_dtype, device=dev)
+    mix = _empty(b, s, m, dtype=torch.float32, device=dev)
     return b, s, dim, x, mix
 
 
@@ -334,8 +342,8 @@ def mhc_pre(
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     b, s, dim, x, mix = _pre_common(h, fn, base, scale, norm_weight, MIX_WIDTH, 3, out_dtype)
-    post = torch.empty(b, s, NUM_STREAMS, dtype=torch.float32, device=h.device)
-    comb = torch.empty(b, s, NUM_STREAMS, NUM_STREAMS, dtype=torch.float32, device=h.device)
+    post = _empty(b, s, NUM_STREAMS, dtype=torch.float32, device=h.device)
+    comb = _empty(b, s, NUM_STREAMS, NUM_STREAMS, dtype=torch.float32, device=h.device)
     if b * s:
         kernel = compile_kernel("mhc_pre", {
             "dim": dim, "h_dtype": _dtype_key("h", h), "x_dtype": _dtype_key("out_dtype", x), "iters": iters,
@@ -400,7 +408,7 @@ def mhc_post(
     check_tensor("comb", comb, dtype=torch.float32, shape=(b, s, n, n), contiguous=True, device=dev)
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
-    out = torch.empty(b, s, n, dim, dtype=out_dtype, device=dev)
+    out = _empty(b, s, n, dim, dtype=out_dtype, device=dev)
     if b * s:
         kernel = compile_kernel("mhc_post", {"dim": dim, "h_dtype": _dtype_key("h", h),
                                              "f_dtype": _dtype_key("f_out", f_out),
