@@ -121,8 +121,10 @@ def read_window(
     rows = torch.arange(b, device=kv.device).unsqueeze(1)  # [b, 1]
     prior = ring[rows, prior_pos.remainder(r)].to(dtype)  # [b, W-1, D]
     stream = torch.cat([prior, kv.to(dtype)], dim=1)  # [b, W-1+s, D]
-    widx = _attention.window_indices(positions, window)  # [b, s, W] positions or -1
-    idx = torch.where(widx >= 0, widx.long() - base.unsqueeze(-1), -1)  # [b, s, W] stream rows
+    # the window key set of query t, positions t-W+1 … t (as reference.window_indices, without its host-side
+    # validation: the runtime's positions are valid by construction), as stream rows; -1 before position 0
+    pos = positions.unsqueeze(-1) + torch.arange(-window + 1, 1, device=kv.device)  # [b, s, W]
+    idx = torch.where(pos >= 0, pos - base.unsqueeze(-1), -1)  # [b, s, W] stream rows
     return stream, idx.to(torch.int32), base[:, 0]
 
 

@@ -216,8 +216,10 @@ def _compress(
         entries, emitted, index, new_state = ops.compressor(
             kv, gate, state, cw.ape, cw.norm, ratio, rope, quant
         )  # [b, D], [b], [b]
-        sel = emitted.nonzero().squeeze(1)  # [N]
-        store[sel, index[sel]] = entries[sel].to(store.dtype)
+        if store.shape[1]:  # a masked write (no host sync): rows that emitted nothing write their old value back
+            rows = torch.arange(store.shape[0], device=store.device)
+            at = index.long().clamp(0, store.shape[1] - 1)  # [b]
+            store[rows, at] = torch.where(emitted.unsqueeze(1), entries.to(store.dtype), store[rows, at])
         return new_state
     entries, new_state = ops.compressor(kv, gate, state, cw.ape, cw.norm, ratio, rope, quant)  # [b, E, D]
     c0 = int(positions[0, 0]) // ratio
