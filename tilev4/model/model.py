@@ -8,8 +8,10 @@ Usage::
     logits = model.decode([7, 9], cache)                        # [2, vocab]: one token per sequence
     out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # greedy; temperature= / seed= to sample
 
-Backends: CPU tensors run :mod:`tilev4.reference`; CUDA tensors run the ops of
-:class:`~tilev4.model.backend.KernelOps` (the switch point for the TileLang kernels). Same weights, same API.
+Backends: CPU tensors run :mod:`tilev4.reference`; CUDA tensors run :class:`~tilev4.model.backend.KernelOps`
+(the public TileLang ops; ``batch_invariant=True`` selects their batch-invariant variants, so that a sequence's
+logits are bitwise the same whatever shares its batch). ``ops=ReferenceOps()`` runs the reference on a GPU.
+Same weights, same API.
 
 Ragged batches. Each sequence of the cache has its own length. A prefill groups the sequences that start at
 the same position with the same number of new tokens and runs each group as one batch (compressors need a
