@@ -182,6 +182,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from tilev4.kernels import current_arch, iter_registry
     from tilev4.model import V32_BYTES_PER_TOKEN_PER_LAYER, Config, Model, kv_footprint, write_random_checkpoint
+    from tilev4.model.backend import LOGITS_REL_TOL, ReferenceOps
 
     console = Console()
     _cmd_info(args)
@@ -199,14 +200,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     device = "cuda" if gpu else "cpu"
     config = Config.preset(args.model)
-    console.rule(f"{args.model} model on {device}: " + ("reference ops on the GPU" if gpu else "the fp32 reference"))
+    console.rule(f"{args.model} model on {device}: " + ("TileLang kernels" if gpu else "the fp32 reference"))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
         write_random_checkpoint(config, directory, seed=0)
         model = Model.from_checkpoint(directory, device=device)
+        reference = Model(model.config, model.tensors, device, ops=ReferenceOps()) if gpu else None
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (48, 17, 5)]
-    model.generate([[1]], max_new_tokens=1)  # warm-up
+    model.generate([[1]], max_new_tokens=1)  # warm-up (compiles or loads the kernels on a GPU)
     t0 = time.perf_counter()
     out = model.generate(prompts, args.new_tokens)
     dt = time.perf_counter() - t0
@@ -214,7 +216,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"prompt of {len(p):3d} tokens -> {o}")
     n_new = sum(map(len, out))
     console.print(f"{n_new} tokens generated for {len(prompts)} ragged prompts in {dt:.2f} s "
-                  f"({n_new / dt:.1f} tokens/s, prefill included)")
+                  f"({n_new / dt:.1f} tokens/s, prefill included) on {model.ops.name}")
+    if reference is not None:  # the kernels against the reference ops on the same GPU and weights
+        t0 = time.perf_counter()
+        ref_out = reference.generate(prompts, args.new_tokens)
+        dt_ref = time.perf_counter() - t0
+        console.print(f"reference ops on the GPU: {dt_ref:.2f} s ({n_new / dt_ref:.1f} tokens/s); kernels "
+                      f"{dt_ref / dt:.1f}× faster; same tokens for {sum(a == b for a, b in zip(out, ref_out))}"
+                      f"/{len(prompts)} prompts")
+        cache_k, cache_r = model.new_cache(len(prompts), 64), reference.new_cache(len(prompts), 64)
+        lk, lr = model.prefill(prompts, cache_k), reference.prefill(prompts, cache_r)
+        err = ((lk - lr).norm(dim=-1) / lr.norm(dim=-1)).max().item()
+        console.print(f"prefill logits, kernels vs reference: max relative L2 error {err:.2e} "
+                      f"(bf16 activations; the GPU tests allow {LOGITS_REL_TOL:g} on a model with no discrete choice)")
     kv = Table("context", "V4-Flash KV B/token", "per layer", "vs V3.2 (656 B/token/layer)")
     flash = Config.flash()
     for ctx in (4096, 32768, 131072, 2**20):
@@ -223,6 +237,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                    f"{fp.bytes_per_token_per_layer / V32_BYTES_PER_TOKEN_PER_LAYER:.1%}")
     console.print(kv)
     return 0
+
+
+def _random_model(name: str, device: str, batch_invariant: bool = False, seed: int = 0) -> Any:
+    """The ``name`` preset with random weights (the tensors a random checkpoint holds) on ``device``."""
+    from tilev4.model import Config, Model, random_checkpoint_tensors
+
+    config = Config.preset(name)
+    return Model(config, random_checkpoint_tensors(config, seed), device, batch_invariant=batch_invariant)
+
+
+def _cmd_check_determinism(args: argparse.Namespace) -> int:
+    """Batch invariance and run-to-run determinism of the kernel path (GPU only).
+
+    The same prompt alone and inside random batches must give bitwise-identical logits and tokens at every
+    step (batch-invariant mode), and a second process must produce the same digest. On a machine without a
+    GPU it says so and exits 2: the reference path makes no batch-invariance promise to check.
+    """
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from rich.console import Console
+
+    from tilev4.model.backend import KernelOps
+    from tilev4.model.determinism import check_batch_invariance, digest, run_target
+
+    console = Console()
+    if not torch.cuda.is_available():
+        console.print("check-determinism needs a CUDA GPU (it checks the TileLang kernel path); none is visible")
+        return 2
+    g = torch.Generator().manual_seed(args.seed)
+    model = _random_model(args.model, "cuda", batch_invariant=not args.default_mode)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
+    if args.digest_only:  # the child process of the two-process check
+        run = run_target(model, prompt, args.steps, args.capacity)
+        print(json.dumps({"digest": digest(run)}))
+        return 0
+    mode = "default" if args.default_mode else "batch-invariant"
+    console.rule(f"{args.model} model, {mode} mode: prompt of {args.prompt_len} tokens, {args.steps} decode steps")
+    not_inv = KernelOps(batch_invariant=False).non_invariant_ops()
+    console.print("ops NOT batch-invariant in the default mode (batch_invariant=False):")
+    for op, why in not_inv.items():
+        console.print(f"  {op}: {why}")
+    left = model.ops.non_invariant_ops()
+    console.print(f"ops not batch-invariant in this run's mode: {', '.join(left) if left else 'none'}")
+    alone, trials = check_batch_invariance(model, prompt, args.steps, args.trials, args.max_others,
+                                           capacity=args.capacity, seed=args.seed)
+    ok = True
+    for t in trials:
+        same = t.identical_logits and t.identical_tokens
+        ok &= same
+        console.print(f"  batch of {len(t.other_lengths) + 1} (others {t.other_lengths}), target at row {t.row}: "
+                      f"{'bitwise identical' if same else f'DIFFERENT (max |Δlogit| {t.max_abs_diff:.3g})'}")
+    mine = digest(alone)
+    cmd = [sys.executable, "-m", "tilev4", "check-determinism", "--digest-only", "--model", args.model,
+           "--prompt-len", str(args.prompt_len), "--steps", str(args.steps), "--capacity", str(args.capacity),
+           "--seed", str(args.seed)] + (["--default-mode"] if args.default_mode else [])
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
+    theirs = json.loads(lines[-1])["digest"] if child.returncode == 0 and lines else None
+    same_proc = theirs == mine
+    ok &= same_proc
+    console.print(f"second process: {'identical digest' if same_proc else 'DIFFERENT'} ({mine[:16]}…"
+                  + ("" if same_proc else f" vs {theirs and theirs[:16]}; {child.stderr[-300:]}") + ")")
+    console.print(f"tokens of the lone run: {alone.tokens}")
+    console.print("[bold green]deterministic[/]" if ok else "[bold red]NOT deterministic[/]")
+    return 0 if ok else 1
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -400,6 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
     p.add_argument("--skip-compile", action="store_true", help="do not build the registry first")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("check-determinism",
+                       help="GPU: same prompt alone and in random batches -> bitwise-identical logits; two processes")
+    p.add_argument("--model", default="small", choices=["tiny", "small"], help="model preset (random weights)")
+    p.add_argument("--prompt-len", type=int, default=200, help="tokens in the target prompt")
+    p.add_argument("--steps", type=int, default=4, help="greedy decode steps after the prefill")
+    p.add_argument("--trials", type=int, default=4, help="random batches to compare")
+    p.add_argument("--max-others", type=int, default=5, help="most other prompts in a batch")
+    p.add_argument("--capacity", type=int, default=1024, help="cache capacity (the same for every run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--default-mode", action="store_true",
+                   help="check the default (not batch-invariant) kernels instead, to see what differs")
+    p.add_argument("--digest-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_check_determinism)
     p = sub.add_parser("tune", help="tune registry kernels on this GPU and store the results")
     p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
     p.add_argument("--shapes", nargs="+", metavar="K=V,...",

@@ -2,6 +2,7 @@
 
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
 from tilev4.kernels.indexer import indexer_fp8_cast, indexer_logits, indexer_topk, topk_select
+from tilev4.kernels.mhc import mhc_head_pre, mhc_post, mhc_pre
 from tilev4.kernels.moe import (
     moe,
     moe_combine,
@@ -39,6 +40,9 @@ __all__ = [
     "indexer_logits",
     "indexer_topk",
     "iter_registry",
+    "mhc_head_pre",
+    "mhc_post",
+    "mhc_pre",
     "moe",
     "moe_combine",
     "moe_down",

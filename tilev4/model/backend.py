@@ -1,29 +1,41 @@
 """The ops the runtime calls, per device: the switch point between the reference and the TileLang kernels.
 
 :class:`ReferenceOps` runs every op of the model on :mod:`tilev4.reference` (plain fp32 torch, any
-device). :class:`KernelOps` is what CUDA tensors get: it is the place where each op is replaced by its
-TileLang kernel once that kernel matches the reference within its test's tolerance. None is switched
-yet, so on CUDA the same reference math runs on GPU tensors; the planned mapping is
+device). :class:`KernelOps` is what CUDA tensors get: each op below calls the public TileLang op that
+replaces it, casting at the boundary where a kernel wants bf16:
 
 =========================  =============================================================================
-op                         kernel (``tilev4.kernels``)
+op                         on CUDA (:class:`KernelOps`)
 =========================  =============================================================================
-rmsnorm                    ``rmsnorm`` (bf16 out; batch-invariant)
-linear (FP8 weights)       FP8 GEMM after ``fp8_quantize`` of the activations (1×128, ue8m0)
-sparse_attention           ``csa_attention`` / ``hca_attention`` (window ring + top-k / dense compressed)
-                           or ``sparse_attention`` for window-only layers
-compressor, indexer, MoE,  not written yet; the reference runs
-mHC
+rmsnorm                    ``tilev4.rmsnorm`` (bf16 in / out, fp32 math; no-weight norms get ones)
+mhc_pre / mhc_post /       ``tilev4.mhc_pre`` / ``tilev4.mhc_post`` / ``tilev4.mhc_head_pre`` (fp32 streams)
+mhc_head                   then the fp32 vocabulary projection (:meth:`KernelOps.linear`)
+attention                  ``tilev4.csa_attention`` (window ∪ top-k), ``tilev4.hca_attention`` (window ∪
+                           all compressed) or ``tilev4.sparse_attention`` (window only), on a bf16 cache
+ffn (MoE)                  ``tilev4.moe`` (routing + grouped SwiGLU GEMMs, bf16 weights, fp32 out)
+compressor                 reference math on the GPU (its kernel is being written: switch it here)
+indexer                    reference math on the GPU (its kernel is being written: switch it here)
+linear / grouped_linear    reference math on the GPU (fp64 accumulation, rounded to fp32)
+rope, FP8 simulation       reference math (elementwise)
 =========================  =============================================================================
+
+Batch invariance (``KernelOps(batch_invariant=True)``): every op then gives a sequence the same bits
+whatever else is in the batch — attention with its fixed split size, the linears on fixed 64-row chunks,
+and the two ops still on reference math (compressor, indexer) one sequence at a time;
+rmsnorm, mHC and MoE are invariant by construction. :meth:`KernelOps.non_invariant_ops` lists what is not
+invariant in the current mode.
 
 Every op has the signature of the reference function it stands for (see that function's docstring for
 shapes), except :meth:`ReferenceOps.linear` and :meth:`ReferenceOps.grouped_linear`, which take a
-:class:`Linear` (the weight as stored in the checkpoint, plus its scale).
+:class:`Linear` (the weight as stored in the checkpoint, plus its scale), and the layer-level ops
+:meth:`~ReferenceOps.attention`, :meth:`~ReferenceOps.compressor`, :meth:`~ReferenceOps.indexer` and
+:meth:`~ReferenceOps.ffn`, documented where they are defined.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,7 +48,18 @@ from tilev4.reference.norm import rmsnorm
 from tilev4.reference.quant import dequant_fp4_weight, dequant_fp8_weight, kv_fp8_simulate
 from tilev4.reference.rope import apply_rope
 
-__all__ = ["KernelOps", "Linear", "ReferenceOps", "ops_for_device"]
+__all__ = ["LOGITS_REL_TOL", "KernelOps", "Linear", "ReferenceOps", "ops_for_device", "read_window", "write_window"]
+
+#: Relative L2 error per row allowed between the kernel path's logits and the reference path's (random weights,
+#: no discrete choice flipped). The kernels round activations to bf16 at their boundaries (rmsnorm in / out,
+#: attention q / kv / o, the MoE input and hidden), ~2^-9 each, and a random-weight model amplifies them:
+#: emulating exactly those roundings on the CPU (tests/test_model_backend.py) gave at most 3.2e-2 on
+#: ``small`` (1e-2 typical, the worst on a 17-token prompt) and 2.9e-2 on ``tiny``; the attention kernels'
+#: bf16 probabilities add a little. Wiring errors are far above: a CSA output of zeros gave 0.2-0.65, MoE
+#: outputs of the wrong tokens ~1.1. Subtle key-set or coefficient errors are NOT visible at this level (a
+#: window one key short or a transposed comb moved the logits by 1-3e-2, like the roundings): the kernel
+#: tests catch those.
+LOGITS_REL_TOL = 0.1
 
 
 @dataclass
@@ -73,10 +96,56 @@ class Linear:
         return self._dense64
 
 
+
+# ---------------------------------------------------------------------------------------------- window ring
+
+
+def read_window(
+    ring: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, window: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The window key stream of ``s`` new tokens, read from the ring BEFORE the new tokens are written.
+
+    Args:
+        ring: [b, R, D] (token p of a sequence in slot p % R, R >= window − 1).
+        kv: [b, s, D] the new tokens' kv; positions: int64 [b, s] consecutive per sequence.
+        window: W; dtype: dtype of the stream.
+
+    Returns:
+        ``(stream, idx, start)``: stream [b, W − 1 + s, D] (row r ↔ position ``start + r``; rows before
+        position 0 are never indexed), idx int32 [b, s, W] rows of the stream (−1 before position 0) and
+        start int64 [b] = ``positions[:, 0] − (W − 1)``.
+    """
+    b, r = ring.shape[0], ring.shape[1]
+    base = positions[:, :1] - (window - 1)  # [b, 1] position of stream row 0
+    prior_pos = base + torch.arange(window - 1, device=kv.device)  # [b, W-1]
+    rows = torch.arange(b, device=kv.device).unsqueeze(1)  # [b, 1]
+    prior = ring[rows, prior_pos.remainder(r)].to(dtype)  # [b, W-1, D]
+    stream = torch.cat([prior, kv.to(dtype)], dim=1)  # [b, W-1+s, D]
+    # the window key set of query t, positions t-W+1 … t (as reference.window_indices, without its host-side
+    # validation: the runtime's positions are valid by construction), as stream rows; -1 before position 0
+    pos = positions.unsqueeze(-1) + torch.arange(-window + 1, 1, device=kv.device)  # [b, s, W]
+    idx = torch.where(pos >= 0, pos - base.unsqueeze(-1), -1)  # [b, s, W] stream rows
+    return stream, idx.to(torch.int32), base[:, 0]
+
+
+def write_window(ring: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor) -> None:
+    """ring[b, p % R] = kv of position p, for the last min(s, R) new tokens (earlier ones would be overwritten)."""
+    r = ring.shape[1]
+    keep = min(kv.shape[1], r)
+    rows = torch.arange(ring.shape[0], device=kv.device).unsqueeze(1)  # [b, 1]
+    ring[rows, positions[:, -keep:].remainder(r)] = kv[:, -keep:].to(ring.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
 class ReferenceOps:
     """Every op on :mod:`tilev4.reference` (fp32 math, any device)."""
 
     name = "reference"
+    batch_invariant = False
+    #: dtype of the window ring and the compressed entries in the KV cache.
+    cache_dtype = torch.float32
 
     @staticmethod
     def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
@@ -101,28 +170,312 @@ class ReferenceOps:
     rmsnorm = staticmethod(rmsnorm)
     apply_rope = staticmethod(apply_rope)
     kv_fp8_simulate = staticmethod(kv_fp8_simulate)
-    compressor_prefill = staticmethod(_compressor.compressor_prefill)
-    compressor_decode_step = staticmethod(_compressor.compressor_decode_step)
-    indexer_prepare_queries = staticmethod(_indexer.indexer_prepare_queries)
-    indexer_scores = staticmethod(_indexer.indexer_scores)
-    indexer_topk = staticmethod(_indexer.indexer_topk)
-    window_indices = staticmethod(_attention.window_indices)
-    compressed_indices = staticmethod(_attention.compressed_indices)
-    concat_key_sets = staticmethod(_attention.concat_key_sets)
-    sparse_attention = staticmethod(_attention.sparse_attention)
-    moe_gate = staticmethod(_moe.moe_gate)
-    moe = staticmethod(_moe.moe)
     mhc_pre = staticmethod(_mhc.mhc_pre)
     mhc_post = staticmethod(_mhc.mhc_post)
     mhc_head = staticmethod(_mhc.mhc_head)
 
+    def compressor(
+        self,
+        kv: torch.Tensor,
+        gate: torch.Tensor,
+        state: _compressor.CompressorState,
+        ape: torch.Tensor,
+        norm: torch.Tensor,
+        ratio: int,
+        rope: Any,
+        quant: str,
+    ) -> tuple[Any, ...]:
+        """One compressor over ``s`` new tokens: kv / gate [b, s, coff·D] (projected), ``state`` of the b sequences.
+
+        ``s == 1`` is a ragged decode step (:func:`~tilev4.reference.compressor.compressor_decode_step`,
+        returns ``(entries [b, D], emitted [b], index [b], new_state)``); ``s > 1`` a prefill from a common
+        position (:func:`~tilev4.reference.compressor.compressor_prefill`, returns ``(entries [b, E, D],
+        new_state)``).
+        """
+        if kv.shape[1] == 1:
+            return _compressor.compressor_decode_step(kv[:, 0], gate[:, 0], state, ape, norm, ratio, rope, quant)
+        return _compressor.compressor_prefill(kv, gate, ape, norm, ratio, rope, quant, state)
+
+    def indexer(
+        self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, rope: Any, top_k: int
+    ) -> torch.Tensor:
+        """The lightning indexer: q [b, s, HI, DI] (projected), w [b, s, HI] (scaled head weights),
+        keys [b, n_c, DI] → the selected compressed entries int32 [b, s, top_k] (−1 padded)."""
+        q = _indexer.indexer_prepare_queries(q, positions, rope)  # RoPE, Hadamard, FP4
+        scores = _indexer.indexer_scores(q, w, keys, positions, 4)  # [b, s, n_c]
+        return _indexer.indexer_topk(scores, top_k)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        positions: torch.Tensor,
+        lc: Any,
+        sink: torch.Tensor,
+        comp_idx: torch.Tensor | None,
+        window: int,
+    ) -> torch.Tensor:
+        """One sparse attention with the sink over the window ∪ the layer's compressed key set.
+
+        Args:
+            q: [b, s, H, D] roped, normalised queries; kv: [b, s, D] the new tokens' kv (as the cache stores
+                it); positions: int64 [b, s].
+            lc: the layer's :class:`~tilev4.model.cache.LayerCache`; the new kv is written into its ring.
+            sink: fp32 [H]. comp_idx: int32 [b, s, k] entries chosen by the indexer (CSA layers), else None
+                (HCA layers take every visible entry; window layers none).
+            window: W.
+
+        Returns:
+            fp32 [b, s, H, D].
+        """
+        stream, win_idx, _ = read_window(lc.window, kv, positions, window)  # [b, W-1+s, D], [b, s, W]
+        write_window(lc.window, kv, positions)
+        if lc.ratio == 0:
+            return _attention.sparse_attention(q, stream, sink, win_idx)
+        n_c = int(((positions[:, -1] + 1) // lc.ratio).max())  # entries visible to the last query of any sequence
+        compressed = lc.compressed[:, :n_c]  # [b, n_c, D]
+        if comp_idx is None:
+            comp_idx = _attention.compressed_indices(positions, lc.ratio, n_c)  # [b, s, n_c], all visible
+        kv_all, idx = _attention.concat_key_sets(stream, compressed.float(), win_idx, comp_idx)
+        return _attention.sparse_attention(q, kv_all, sink, idx)  # [b, s, H, D]
+
+    def ffn(self, cfg: Any, w: Any, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The MoE on x [T, dim] with the layer's :class:`~tilev4.model.layers.FFNWeights`; token_ids int64 [T]
+        (hash layers) → fp32 [T, dim]."""
+        weights, experts = _moe.moe_gate(
+            x, w.gate, w.bias, cfg.n_activated_experts, cfg.route_scale, w.tid2eid,
+            token_ids if w.tid2eid is not None else None,
+        )
+        routed = [(w1.dense(), w2.dense(), w3.dense()) for w1, w2, w3 in w.experts]
+        shared = (w.shared[0].dense(), w.shared[1].dense(), w.shared[2].dense())
+        return _moe.moe(x, weights, experts, routed, shared, cfg.swiglu_limit or None)  # [T, dim]
+
+    def non_invariant_ops(self) -> dict[str, str]:
+        """Ops whose result for a sequence may depend on the other sequences of the batch: op → reason."""
+        return {"all": "the reference path makes no batch-invariance promise (torch picks kernels by shape)"}
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+_BI_CHUNK = 64  # rows per linear call in batch-invariant mode (the last chunk is zero-padded)
+
+
+def _state_rows(st: _compressor.CompressorState, i: int) -> _compressor.CompressorState:
+    pick = lambda t: None if t is None else t[i : i + 1]  # noqa: E731
+    return _compressor.CompressorState(pick(st.kv), pick(st.score), pick(st.prev_kv), pick(st.prev_score),
+                                       pick(st.num_tokens))
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate per-sequence results along dim 0 (tensors, states, tuples of them)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, _compressor.CompressorState):
+        fields = ("kv", "score", "prev_kv", "prev_score", "num_tokens")
+        return _compressor.CompressorState(*(
+            None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts]) for f in fields))
+    return tuple(_cat([p[k] for p in parts]) for k in range(len(first)))
+
 
 class KernelOps(ReferenceOps):
-    """The CUDA backend: TileLang kernels where they are switched in (none yet, see the module docstring)."""
+    """The CUDA backend: the public TileLang ops (see the module docstring for the mapping).
+
+    Args:
+        batch_invariant: select the batch-invariant variants (bitwise the same result for a sequence
+            whatever else shares the batch), at some cost in speed.
+    """
 
     name = "tilelang"
+    cache_dtype = torch.bfloat16
+
+    def __init__(self, batch_invariant: bool = False) -> None:
+        self.batch_invariant = bool(batch_invariant)
+        self._converted: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
+        self._ones: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"KernelOps(batch_invariant={self.batch_invariant})"
+
+    def _cached(self, t: torch.Tensor, kind: str, make: Any) -> Any:
+        """``make(t)`` computed once per (tensor, kind) (weights converted for a kernel)."""
+        key = (id(t), kind)
+        hit = self._converted.get(key)
+        if hit is None or hit[0] is not t:
+            hit = (t, make(t))
+            self._converted[key] = hit
+        return hit[1]
+
+    def _f32(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float32 and t.is_contiguous():
+            return t
+        return self._cached(t, "f32", lambda v: v.float().contiguous())
+
+    # -- linears: reference math; fixed-shape chunks in batch-invariant mode -------------------------
+
+    def _rows_matmul(self, rows: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """rows [M, K] @ w_t [K, N] (same dtype). In batch-invariant mode every call has M = 64 (zero-padded),
+        so cuBLAS runs the same kernel on a row wherever it sits and however many rows there are."""
+        if not self.batch_invariant:
+            return rows @ w_t
+        m = rows.shape[0]
+        pad = (-m) % _BI_CHUNK
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        return torch.cat([rows[i : i + _BI_CHUNK] @ w_t for i in range(0, m + pad, _BI_CHUNK)])[:m]
+
+    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
+        """As :meth:`ReferenceOps.linear` (fp64 accumulation, rounded to fp32)."""
+        if not self.batch_invariant:
+            return ReferenceOps.linear(x, lin)
+        k = x.shape[-1]
+        y = self._rows_matmul(x.reshape(-1, k).double(), lin.dense64().T)  # [M, K] @ [K, N]
+        return y.float().view(*x.shape[:-1], -1)
+
+    def grouped_linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
+        """As :meth:`ReferenceOps.grouped_linear`."""
+        if not self.batch_invariant:
+            return ReferenceOps.grouped_linear(x, lin)
+        g, k = x.shape[-2], x.shape[-1]
+        w = lin.dense64().view(g, -1, k)  # [G, R, K]
+        rows = x.reshape(-1, g, k).double()  # [M, G, K]
+        out = torch.stack([self._rows_matmul(rows[:, j].contiguous(), w[j].T) for j in range(g)], dim=1)
+        return out.float().view(*x.shape[:-1], -1)  # [..., G, R]
+
+    # -- rmsnorm and mHC: kernels (batch-invariant by construction) -----------------------------------
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:  # type: ignore[override]
+        """``tilev4.rmsnorm`` on bf16(x) (a no-weight norm uses ones); returns the bf16 result as fp32."""
+        import tilev4
+
+        d = x.shape[-1]
+        if weight is None:
+            w = self._ones.get((d, str(x.device)))
+            if w is None:
+                w = self._ones[(d, str(x.device))] = torch.ones(d, device=x.device)
+        else:
+            w = self._f32(weight)
+        return tilev4.rmsnorm(x.to(torch.bfloat16).contiguous(), w, eps).float()
+
+    def mhc_pre(self, h, fn, base, scale, norm_weight, iters=20, eps=1e-6, norm_eps=1e-6):  # type: ignore[override]
+        """``tilev4.mhc_pre`` on the fp32 streams."""
+        import tilev4
+
+        return tilev4.mhc_pre(h.float().contiguous(), self._f32(fn), self._f32(base), self._f32(scale),
+                              self._f32(norm_weight), iters, eps, norm_eps)
+
+    def mhc_post(self, h, f_out, post, comb):  # type: ignore[override]
+        """``tilev4.mhc_post`` (fp32 out)."""
+        import tilev4
+
+        return tilev4.mhc_post(h.float().contiguous(), f_out.float().contiguous(), post, comb)
+
+    def mhc_head(self, h, fn, base, scale, norm_weight, head_weight, eps=1e-6, norm_eps=1e-6):  # type: ignore[override]
+        """``tilev4.mhc_head_pre`` of the last position, then the vocabulary projection (fp32; fp64-accumulated
+        on fixed chunks in batch-invariant mode)."""
+        import tilev4
+
+        x = tilev4.mhc_head_pre(h[:, -1:].float().contiguous(), self._f32(fn), self._f32(base), self._f32(scale),
+                                self._f32(norm_weight), eps, norm_eps)[:, 0]  # [b, dim]
+        if self.batch_invariant:
+            w_t = self._cached(head_weight, "f64T", lambda v: v.double().T)
+            return self._rows_matmul(x.double(), w_t).float()  # [b, dim] @ [dim, vocab]
+        w_t = self._cached(head_weight, "f32T", lambda v: v.float().T)
+        return x @ w_t  # [b, dim] @ [dim, vocab] -> [b, vocab]
+
+    # -- attention: kernels on the bf16 cache ----------------------------------------------------------
+
+    def attention(self, q, kv, positions, lc, sink, comp_idx, window):  # type: ignore[override]
+        """``tilev4.sparse_attention`` (window layers: the window stream with its index list),
+        ``tilev4.csa_attention`` (window stream ∪ top-k) or ``tilev4.hca_attention`` (window stream ∪ every
+        visible entry), on bf16 q / cache; returns fp32 [b, s, H, D]."""
+        import tilev4
+
+        b = q.shape[0]
+        stream, win_idx, start = read_window(lc.window, kv, positions, window, torch.bfloat16)
+        write_window(lc.window, kv, positions)
+        qb = q.to(torch.bfloat16).contiguous()
+        sink = self._f32(sink)
+        bi = self.batch_invariant
+        if lc.ratio == 0:
+            o = tilev4.sparse_attention(qb, stream, sink, win_idx, batch_invariant=bi, validate=False)
+            return o.float()
+        comp = lc.compressed.to(torch.bfloat16).contiguous()  # [b, cap // m, D], rows past n_c never read
+        if comp.shape[1] == 0:  # a cache shorter than one block: one zero row (never visible)
+            comp = torch.zeros(b, 1, comp.shape[2], dtype=torch.bfloat16, device=q.device)
+        pos32 = positions.to(torch.int32).contiguous()
+        start32 = start.to(torch.int32).contiguous()
+        if lc.ratio == 4:
+            assert comp_idx is not None
+            o = tilev4.csa_attention(qb, stream, comp, comp_idx.to(torch.int32).contiguous(), sink, pos32, start32,
+                                     batch_invariant=bi, validate=False)
+        else:
+            o = tilev4.hca_attention(qb, stream, comp, sink, pos32, start32, batch_invariant=bi, validate=False)
+        return o.float()
+
+    # -- MoE: kernels ---------------------------------------------------------------------------------
+
+    def _moe_weights(self, w: Any) -> tuple[torch.Tensor, ...]:
+        def make(_: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            w1 = torch.stack([e[0].dense() for e in w.experts]).bfloat16()  # [E, inter, dim], exact: FP4·2^k
+            w2 = torch.stack([e[1].dense() for e in w.experts]).bfloat16()  # [E, dim, inter]
+            w3 = torch.stack([e[2].dense() for e in w.experts]).bfloat16()
+            shared = tuple(lin.dense().bfloat16().contiguous() for lin in w.shared)  # FP8·2^k: exact in bf16
+            tid = None if w.tid2eid is None else w.tid2eid.to(torch.int32).contiguous()
+            bias = None if w.bias is None else w.bias.float().contiguous()
+            return (w.gate.float().contiguous(), bias, w1, w2, w3, shared, tid)
+
+        return self._cached(w.gate, "moe", make)
+
+    def ffn(self, cfg, w, x, token_ids):  # type: ignore[override]
+        """``tilev4.moe`` on bf16(x) with the expert weights dequantised to bf16 (exact), fp32 out."""
+        import tilev4
+
+        gate, bias, w1, w2, w3, shared, tid = self._moe_weights(w)
+        return tilev4.moe(
+            x.to(torch.bfloat16).contiguous(), gate, bias, w1, w2, w3, shared,
+            top_k=cfg.n_activated_experts, route_scale=cfg.route_scale, swiglu_limit=cfg.swiglu_limit or None,
+            tid2eid=tid, token_ids=None if tid is None else token_ids.to(torch.int32).contiguous(),
+            out_dtype=torch.float32, validate=False,
+        )
+
+    # -- compressor and indexer: reference math until their kernels land -------------------------------
+
+    def compressor(self, kv, gate, state, ape, norm, ratio, rope, quant):  # type: ignore[override]
+        """REFERENCE MATH on the GPU (switch to the compressor kernel here). Batch-invariant mode runs one
+        sequence at a time, so that torch's shape-dependent kernels see the same shapes alone or batched."""
+        if not self.batch_invariant or kv.shape[0] == 1:
+            return ReferenceOps.compressor(self, kv, gate, state, ape, norm, ratio, rope, quant)
+        parts = [ReferenceOps.compressor(self, kv[i : i + 1], gate[i : i + 1], _state_rows(state, i), ape, norm,
+                                         ratio, rope, quant) for i in range(kv.shape[0])]
+        return _cat(parts)
+
+    def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
+        """REFERENCE MATH on the GPU (switch to the indexer kernels here). Batch-invariant mode runs one
+        sequence at a time over its own visible keys only (the batch's ``keys`` are sliced to the longest
+        sequence, a shape that would otherwise depend on the other sequences)."""
+        if not self.batch_invariant:
+            return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
+        parts = []
+        for i in range(q.shape[0]):
+            n_i = min(int((positions[i, -1] + 1) // 4), keys.shape[1])  # entries visible to its last query
+            parts.append(ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1, :n_i],
+                                              positions[i : i + 1], rope, top_k))
+        return torch.cat(parts)
+
+    def non_invariant_ops(self) -> dict[str, str]:
+        """Ops whose result for a sequence may depend on the rest of the batch in the current mode."""
+        if self.batch_invariant:
+            return {}
+        return {
+            "attention": "split-KV count chosen from the batch size (small batches split to fill the SMs)",
+            "linear": "cuBLAS picks its GEMM kernel (and split-K) from the number of rows",
+            "mhc_head": "the vocabulary projection is a cuBLAS GEMM over the batch's rows",
+            "compressor": "reference torch math on the GPU: reductions and kernels chosen by shape",
+            "indexer": "reference torch math on the GPU: the score GEMM and top-k are chosen by shape",
+        }
 
 
-def ops_for_device(device: torch.device | str) -> ReferenceOps:
-    """:class:`KernelOps` for a CUDA device, :class:`ReferenceOps` for everything else."""
-    return KernelOps() if torch.device(device).type == "cuda" else ReferenceOps()
+def ops_for_device(device: torch.device | str, batch_invariant: bool = False) -> ReferenceOps:
+    """:class:`KernelOps` (with ``batch_invariant``) for a CUDA device, :class:`ReferenceOps` for everything else."""
+    return KernelOps(batch_invariant) if torch.device(device).type == "cuda" else ReferenceOps()

@@ -3,10 +3,12 @@
 Per layer and sequence (dimension glossary: ``b`` sequences, ``R`` ring slots, ``cap`` capacity in tokens,
 ``m`` the layer's compress ratio, ``D = 512``, ``DI = 128`` the indexer key dim):
 
-* ``window`` fp32 [b, R, D]: the sliding-window ring; token ``p`` of a sequence sits in slot ``p % R``, as
-  the kv after RoPE and the FP8 storage simulation (``kv_fp8_simulate``). ``R = 128`` plus one slot per MTP
-  layer when the cache keeps MTP state (a speculative step writes ``1 + n_mtp`` tokens before reading).
-* ``compressed`` fp32 [b, cap // m, D] (CSA and HCA layers): compressed entry ``c`` in row ``c``.
+* ``window`` fp32 (bf16 on the kernel path) [b, R, D]: the sliding-window ring; token ``p`` of a sequence
+  sits in slot ``p % R``, as the kv after RoPE and the FP8 storage simulation (``kv_fp8_simulate``).
+  ``R = 128`` plus one slot per MTP layer when the cache keeps MTP state (a speculative step
+  writes ``1 + n_mtp`` tokens before reading).
+* ``compressed`` fp32 (bf16 on the kernel path) [b, cap // m, D] (CSA and HCA layers): compressed entry ``c``
+  in row ``c``.
 * ``index_keys`` fp32 [b, cap // 4, DI] (CSA layers): the indexer compressor's keys (FP4-simulated).
 * ``compressor`` / ``index_compressor``: the streaming :class:`~tilev4.reference.compressor.CompressorState`
   of each compressor (rows of the incomplete block, and of the previous block for m = 4).
@@ -22,6 +24,7 @@ bytes + 64 bf16 rope dims) over 61 layers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ import torch
 from tilev4._checks import check_int
 from tilev4.model.config import Config
 from tilev4.reference.compressor import CompressorState, compressor_coff
+from tilev4.reference.quant import fp4_e2m1_simulate, kv_fp8_simulate
 
 __all__ = [
     "ENTRY_BYTES",
@@ -195,10 +199,18 @@ class KVCache:
         device: where the tensors live.
         mtp: also keep the state of the MTP layers (their window rings, ``mtp_lengths``, ``last_hidden``);
             needs ``config.n_mtp_layers >= 1``.
+        dtype: dtype of the window rings and compressed entries: fp32 (reference path) or bf16 (the
+            kernels' layout; the stored values are FP8-simulated, so bf16 holds their non-rope dims exactly).
     """
 
     def __init__(
-        self, config: Config, batch: int, capacity: int, device: torch.device | str = "cpu", mtp: bool = False
+        self,
+        config: Config,
+        batch: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        mtp: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a tilev4.model.Config, got {type(config).__name__}")
@@ -213,6 +225,9 @@ class KVCache:
         self.capacity = capacity
         self.device = torch.device(device)
         self.mtp = bool(mtp)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.dtype = dtype
         self.ring_size = config.window_size + (config.n_mtp_layers if mtp else 0)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self.layers = [self._layer(r) for r in config.compress_ratios]
@@ -224,9 +239,9 @@ class KVCache:
 
     def _layer(self, ratio: int) -> LayerCache:
         b, d, dev = self.batch, self.config.head_dim, self.device
-        lc = LayerCache(ratio, torch.zeros(b, self.ring_size, d, device=dev))
+        lc = LayerCache(ratio, torch.zeros(b, self.ring_size, d, device=dev, dtype=self.dtype))
         if ratio:
-            lc.compressed = torch.zeros(b, self.capacity // ratio, d, device=dev)
+            lc.compressed = torch.zeros(b, self.capacity // ratio, d, device=dev, dtype=self.dtype)
             lc.compressor = CompressorState.empty(b, ratio, d, dev)
         if ratio == 4:
             lc.index_keys = torch.zeros(b, self.capacity // 4, self.config.index_head_dim, device=dev)
@@ -286,8 +301,58 @@ class KVCache:
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
         """Empty the sequences ``rows`` (all by default) so they can take new prompts."""
         idx = torch.arange(self.batch, device=self.device) if rows is None else self._rows(rows)
-        fresh = KVCache(self.config, idx.numel(), self.capacity, self.device, self.mtp)
+        fresh = KVCache(self.config, idx.numel(), self.capacity, self.device, self.mtp, self.dtype)
         self.assign(idx, fresh)
+
+    def fill_random(self, length: int, seed: int = 0) -> None:
+        """Make every sequence hold ``length`` tokens of random but valid cache contents (for benchmarks).
+
+        What a prefill of ``length`` tokens would leave, with random values in place of the model's: the
+        window rings hold FP8-simulated N(0, 1) kv, the compressed rows ``< length // m`` FP8-simulated
+        entries, the indexer keys FP4-simulated ones, and each compressor state the projected rows and
+        finite scores of its incomplete block (and, for m = 4, of the previous complete block). Decode
+        speed does not depend on the values, so a long context can be measured without its prefill.
+        Not for MTP caches (their last hidden states are left as they are).
+        """
+        check_int("length", length, min_value=0)
+        if length > self.capacity:
+            raise ValueError(f"length must be <= the capacity {self.capacity}, got {length}")
+        g = torch.Generator(device=self.device).manual_seed(seed)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g, device=self.device)
+
+        b, d = self.batch, self.config.head_dim
+        for lc in [*self.layers, *self.mtp_layers]:
+            lc.window.copy_(kv_fp8_simulate(randn(b, self.ring_size, d)))
+            if lc.compressed is not None:
+                n = length // lc.ratio
+                lc.compressed.zero_()
+                for c0 in range(0, n, 4096):  # in pieces: the fp32 temporaries of a 1M context are large
+                    c1 = min(n, c0 + 4096)
+                    lc.compressed[:, c0:c1] = kv_fp8_simulate(randn(b, c1 - c0, d)).to(self.dtype)
+            if lc.index_keys is not None:
+                n = length // 4
+                lc.index_keys.zero_()
+                for c0 in range(0, n, 4096):
+                    c1 = min(n, c0 + 4096)
+                    lc.index_keys[:, c0:c1] = fp4_e2m1_simulate(randn(b, c1 - c0, lc.index_keys.shape[-1]), 32)
+            for st in (lc.compressor, lc.index_compressor):
+                if st is None:
+                    continue
+                m, width = st.kv.shape[1], st.kv.shape[2]
+                have = length % m  # rows of the incomplete block
+                st.kv.zero_()
+                st.score.fill_(-math.inf)
+                st.kv[:, :have] = randn(b, have, width)
+                st.score[:, :have] = randn(b, have, width)
+                if st.prev_kv is not None and st.prev_score is not None:
+                    done = length >= m
+                    st.prev_kv.copy_(randn(b, m, width) if done else torch.zeros_like(st.prev_kv))
+                    st.prev_score.copy_(randn(b, m, width) if done else torch.full_like(st.prev_score, -math.inf))
+                st.num_tokens.fill_(length)
+        self.lengths.fill_(length)
+        self.mtp_lengths.fill_(max(length - 1, 0))
 
     # ------------------------------------------------------------------ bytes
 

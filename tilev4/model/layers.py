@@ -197,34 +197,6 @@ class MTPWeights:
 # ---------------------------------------------------------------------------------------------- attention
 
 
-def _window_keys(
-    ops: ReferenceOps, ring: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window key stream and its indices.
-
-    ring [b, R, D] (token p in slot p % R, R >= window − 1), kv [b, s, D] of the new tokens, positions [b, s].
-    Returns stream [b, window − 1 + s, D] (row r ↔ position ``positions[:, 0] − (window − 1) + r``; rows
-    before position 0 are never indexed) and idx int32 [b, s, window] into it (−1 before position 0).
-    """
-    b, r = ring.shape[0], ring.shape[1]
-    base = positions[:, :1] - (window - 1)  # [b, 1] position of stream row 0
-    prior_pos = base + torch.arange(window - 1, device=kv.device)  # [b, W-1]
-    rows = torch.arange(b, device=kv.device).unsqueeze(1)  # [b, 1]
-    prior = ring[rows, prior_pos.remainder(r)]  # [b, W-1, D]
-    stream = torch.cat([prior, kv.float()], dim=1)  # [b, W-1+s, D]
-    widx = ops.window_indices(positions, window)  # [b, s, W] positions or -1
-    idx = torch.where(widx >= 0, widx.long() - base.unsqueeze(-1), -1)  # [b, s, W] stream rows
-    return stream, idx.to(torch.int32)
-
-
-def _write_ring(ring: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor) -> None:
-    """ring[b, p % R] = kv of position p, for the last min(s, R) new tokens (earlier ones would be overwritten)."""
-    r = ring.shape[1]
-    keep = min(kv.shape[1], r)
-    rows = torch.arange(ring.shape[0], device=kv.device).unsqueeze(1)  # [b, 1]
-    ring[rows, positions[:, -keep:].remainder(r)] = kv[:, -keep:].float()
-
-
 def _compress(
     ops: ReferenceOps,
     cw: CompressorWeights,
@@ -241,15 +213,17 @@ def _compress(
     gate = ops.linear(x, cw.wgate)  # [b, s, coff·D]
     rope = cfg.rope(ratio)
     if x.shape[1] == 1:  # ragged decode step: each sequence at its own position
-        entries, emitted, index, new_state = ops.compressor_decode_step(
-            kv[:, 0], gate[:, 0], state, cw.ape, cw.norm, ratio, rope, quant
+        entries, emitted, index, new_state = ops.compressor(
+            kv, gate, state, cw.ape, cw.norm, ratio, rope, quant
         )  # [b, D], [b], [b]
-        sel = emitted.nonzero().squeeze(1)  # [N]
-        store[sel, index[sel]] = entries[sel]
+        if store.shape[1]:  # a masked write (no host sync): rows that emitted nothing write their old value back
+            rows = torch.arange(store.shape[0], device=store.device)
+            at = index.long().clamp(0, store.shape[1] - 1)  # [b]
+            store[rows, at] = torch.where(emitted.unsqueeze(1), entries.to(store.dtype), store[rows, at])
         return new_state
-    entries, new_state = ops.compressor_prefill(kv, gate, cw.ape, cw.norm, ratio, rope, quant, state)  # [b, E, D]
+    entries, new_state = ops.compressor(kv, gate, state, cw.ape, cw.norm, ratio, rope, quant)  # [b, E, D]
     c0 = int(positions[0, 0]) // ratio
-    store[:, c0 : c0 + entries.shape[1]] = entries
+    store[:, c0 : c0 + entries.shape[1]] = entries.to(store.dtype)
     return new_state
 
 
@@ -276,34 +250,25 @@ def attention_forward(
     kv = ops.rmsnorm(ops.linear(x, w.wkv), w.kv_norm, eps)  # [b, s, D]
     kv = ops.kv_fp8_simulate(ops.apply_rope(kv, positions, rope))  # [b, s, D] as the cache stores it
 
-    stream, win_idx = _window_keys(ops, lc.window, kv, positions, cfg.window_size)  # [b, W-1+s, D], [b, s, W]
-    _write_ring(lc.window, kv, positions)
-    if ratio == 0:
-        kv_all, idx = stream, win_idx
-    else:
+    comp_idx = None
+    if ratio:
         assert w.compressor is not None and lc.compressed is not None and lc.compressor is not None
         lc.compressor = _compress(
             ops, w.compressor, x, positions, lc.compressor, lc.compressed, ratio, "attention", cfg
         )
-        n_c = int(((positions[:, -1] + 1) // ratio).max())  # entries visible to the last query of any sequence
-        compressed = lc.compressed[:, :n_c]  # [b, n_c, D]
-        if ratio == 128:
-            comp_idx = ops.compressed_indices(positions, 128, n_c)  # [b, s, n_c], all visible entries
-        else:
+        if ratio == 4:
             assert w.index_compressor is not None and lc.index_keys is not None and lc.index_compressor is not None
             assert w.index_wq_b is not None and w.index_weights is not None
             lc.index_compressor = _compress(
                 ops, w.index_compressor, x, positions, lc.index_compressor, lc.index_keys, 4, "indexer", cfg
             )
             hi, di = cfg.index_n_heads, cfg.index_head_dim
+            n_c = int(((positions[:, -1] + 1) // ratio).max())  # entries visible to the last query of any sequence
             q_idx = ops.linear(qr, w.index_wq_b).view(b, s, hi, di)  # [b, s, HI, DI]
-            q_idx = ops.indexer_prepare_queries(q_idx, positions, rope)  # RoPE, Hadamard, FP4
             w_idx = ops.linear(x, w.index_weights) * (di**-0.5 * hi**-0.5)  # [b, s, HI]
-            scores = ops.indexer_scores(q_idx, w_idx, lc.index_keys[:, :n_c], positions, 4)  # [b, s, n_c]
-            comp_idx = ops.indexer_topk(scores, cfg.index_topk)  # [b, s, top_k], -1 padded
-        kv_all, idx = ops.concat_key_sets(stream, compressed, win_idx, comp_idx)  # [b, n, D], [b, s, W + k]
-
-    o = ops.sparse_attention(q, kv_all, w.sink, idx)  # [b, s, H, D], scale D^-1/2, sink in the denominator
+            comp_idx = ops.indexer(q_idx, w_idx, lc.index_keys[:, :n_c], positions, rope, cfg.index_topk)  # [b, s, k]
+    # one sparse attention with the sink over window ∪ compressed (writes the new kv into the ring)
+    o = ops.attention(q, kv, positions, lc, w.sink, comp_idx, cfg.window_size)  # [b, s, H, D]
     o = ops.apply_rope(o, positions, rope, inverse=True)  # undo the rotation of the value's rope dims
     o = o.reshape(b, s, cfg.o_groups, cfg.heads_per_group * d)  # [b, s, G, H/G·D]
     o = ops.grouped_linear(o, w.wo_a)  # [b, s, G, o_lora]
@@ -319,18 +284,7 @@ def ffn_forward(
     """The MoE sub-layer: x fp32 [b, s, dim], token_ids int64 [b, s] (hash routing) → fp32 [b, s, dim]."""
     b, s, dim = x.shape
     flat = x.reshape(b * s, dim)  # [T, dim]
-    weights, experts = ops.moe_gate(
-        flat,
-        w.gate,
-        w.bias,
-        cfg.n_activated_experts,
-        cfg.route_scale,
-        w.tid2eid,
-        token_ids.reshape(-1) if w.tid2eid is not None else None,
-    )
-    routed = [(w1.dense(), w2.dense(), w3.dense()) for w1, w2, w3 in w.experts]
-    shared = (w.shared[0].dense(), w.shared[1].dense(), w.shared[2].dense())
-    y = ops.moe(flat, weights, experts, routed, shared, cfg.swiglu_limit or None)  # [T, dim]
+    y = ops.ffn(cfg, w, flat, token_ids.reshape(-1))  # [T, dim]
     return y.view(b, s, dim)
 
 

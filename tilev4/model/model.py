@@ -8,8 +8,10 @@ Usage::
     logits = model.decode([7, 9], cache)                        # [2, vocab]: one token per sequence
     out = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # greedy; temperature= / seed= to sample
 
-Backends: CPU tensors run :mod:`tilev4.reference`; CUDA tensors run the ops of
-:class:`~tilev4.model.backend.KernelOps` (the switch point for the TileLang kernels). Same weights, same API.
+Backends: CPU tensors run :mod:`tilev4.reference`; CUDA tensors run :class:`~tilev4.model.backend.KernelOps`
+(the public TileLang ops; ``batch_invariant=True`` selects their batch-invariant variants, so that a sequence's
+logits are bitwise the same whatever shares its batch). ``ops=ReferenceOps()`` runs the reference on a GPU.
+Same weights, same API.
 
 Ragged batches. Each sequence of the cache has its own length. A prefill groups the sequences that start at
 the same position with the same number of new tokens and runs each group as one batch (compressors need a
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from tilev4._checks import check_int
-from tilev4.model.backend import ops_for_device
+from tilev4.model.backend import ReferenceOps, ops_for_device
 from tilev4.model.cache import KVCache, LayerCache
 from tilev4.model.config import Config
 from tilev4.model.layers import BlockWeights, HeadWeights, MTPWeights, block_forward
@@ -62,10 +64,20 @@ class Model:
     Args:
         config: the configuration.
         tensors: every tensor of :func:`~tilev4.model.weights.checkpoint_specs` (as stored in the checkpoint).
-        device: where the weights and caches live; its type picks the backend.
+        device: where the weights and caches live; its type picks the backend (TileLang kernels on CUDA).
+        batch_invariant: on CUDA, select the batch-invariant kernel variants: a sequence's logits and tokens
+            are then bitwise the same whatever else shares its batch (see :mod:`tilev4.model.backend`).
+        ops: use this backend instead of the device's default (e.g. ``ReferenceOps()`` on a GPU).
     """
 
-    def __init__(self, config: Config, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: Config,
+        tensors: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        batch_invariant: bool = False,
+        ops: ReferenceOps | None = None,
+    ) -> None:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a tilev4.model.Config, got {type(config).__name__}")
         missing = [n for n in checkpoint_specs(config) if n not in tensors]
@@ -73,7 +85,7 @@ class Model:
             raise ValueError(f"tensors lack {len(missing)} entries for this config, e.g. {missing[:4]}")
         self.config = config
         self.device = torch.device(device)
-        self.ops = ops_for_device(self.device)
+        self.ops = ops if ops is not None else ops_for_device(self.device, batch_invariant)
         t = {k: v.to(self.device) for k, v in tensors.items()}
         self.tensors = t
         e = config.n_routed_experts
@@ -85,19 +97,25 @@ class Model:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | os.PathLike[str], device: torch.device | str = "cpu", config: Config | None = None
+        cls,
+        directory: str | os.PathLike[str],
+        device: torch.device | str = "cpu",
+        config: Config | None = None,
+        batch_invariant: bool = False,
+        ops: ReferenceOps | None = None,
     ) -> Model:
         """Load a checkpoint in the released V4 format (:func:`~tilev4.model.weights.load_checkpoint`)."""
         cfg, tensors = load_checkpoint(directory, device="cpu", config=config)
-        return cls(cfg, tensors, device)
+        return cls(cfg, tensors, device, batch_invariant, ops)
 
     def __repr__(self) -> str:
-        return f"Model({self.config.name}, layers={self.config.layer_kinds}, backend={self.ops.name}, {self.device})"
+        backend = self.ops.name + (", batch-invariant" if self.ops.batch_invariant else "")
+        return f"Model({self.config.name}, layers={self.config.layer_kinds}, backend={backend}, {self.device})"
 
     def new_cache(self, batch: int, capacity: int, mtp: bool = False) -> KVCache:
         """An empty :class:`~tilev4.model.cache.KVCache` of ``batch`` sequences of up to ``capacity`` tokens;
         ``mtp=True`` also keeps the MTP layer's state (for :meth:`mtp_draft`)."""
-        return KVCache(self.config, batch, capacity, self.device, mtp=mtp)
+        return KVCache(self.config, batch, capacity, self.device, mtp=mtp, dtype=self.ops.cache_dtype)
 
     # ------------------------------------------------------------------ forward
 
@@ -408,6 +426,8 @@ class Model:
         return out
 
 
-def load_model(directory: str | os.PathLike[str], device: torch.device | str = "cpu") -> Model:
-    """``Model.from_checkpoint(directory, device)``."""
-    return Model.from_checkpoint(directory, device)
+def load_model(
+    directory: str | os.PathLike[str], device: torch.device | str = "cpu", batch_invariant: bool = False
+) -> Model:
+    """``Model.from_checkpoint(directory, device, batch_invariant=batch_invariant)``."""
+    return Model.from_checkpoint(directory, device, batch_invariant=batch_invariant)
