@@ -173,9 +173,13 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                 f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {_fmt(r.get('target_fraction'), 2)} | "
                 f"{rep['gpu']} | {rep['date']} | {rep['commit']} |"
             )
+    def fp8_peak(rep: dict[str, Any]) -> str:
+        vals = [r["fp8_peak_tflops"] for r in rep["results"] if "fp8_peak_tflops" in r]
+        return f", fp8 matmul {vals[0]:.0f} TFLOPS" if vals else ""
+
     peaks = "; ".join(
-        f"{rep['gpu']} {rep['date']}: bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS, "
-        f"copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
+        f"{rep['gpu']} {rep['date']} ({rep['commit']}): bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS"
+        f"{fp8_peak(rep)}, copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
     )
     return "\n".join(lines) + f"\n\nSame-run peaks — {peaks}.\n"
 
