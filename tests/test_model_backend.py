@@ -15,9 +15,11 @@ from tilev4.kernels import mhc as K
 from tilev4.model import Config, KVCache, Model, random_checkpoint_tensors
 from tilev4.model.backend import KernelOps, Linear, ReferenceOps, ops_for_device, read_window, write_window
 from tilev4.reference import attention as RA
+from tilev4.reference import indexer as R_I
 from tilev4.reference import mhc as RH
 from tilev4.reference import moe as RM
 from tilev4.reference import norm as RN
+from tilev4.reference import quant as RQ
 from tilev4.reference.compressor import CompressorState
 from tilev4.reference.rope import RopeConfig
 
@@ -31,6 +33,7 @@ class CpuBatchInvariantOps(KernelOps):
     mhc_post = staticmethod(ReferenceOps.mhc_post)
     mhc_head = staticmethod(ReferenceOps.mhc_head)
     attention = ReferenceOps.attention
+    indexer = ReferenceOps.indexer  # the kernel call is checked with the emulated kernels below
     ffn = ReferenceOps.ffn
 
     def __init__(self) -> None:
@@ -90,15 +93,25 @@ def test_per_sequence_compressor_matches_batched(gen, ratio):
     assert torch.equal(out1[1], out2[1]) and torch.equal(out1[2], out2[2])
 
 
-def test_per_sequence_indexer_matches_batched(gen):
-    ops, ref = KernelOps(batch_invariant=True), ReferenceOps()
-    b, s, hi, di, n_c = 3, 5, 4, 128, 30
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_indexer_through_the_kernel_ops(monkeypatch, gen, batch_invariant):
+    """KernelOps.indexer casts the prepared queries and the keys to FP8 rows exactly and selects what the
+    reference selects (the kernel op emulated from its documented semantics)."""
+    import tilev4
+
+    fake = _FakeKernels()
+    monkeypatch.setattr(tilev4, "indexer_topk", fake.indexer_topk)
+    ops, ref = KernelOps(batch_invariant=batch_invariant), ReferenceOps()
+    b, s, hi, di, n_c = 3, 5, 64, 128, 30
     q = torch.randn(b, s, hi, di, generator=gen)
     w = torch.randn(b, s, hi, generator=gen)
-    keys = torch.randn(b, n_c, di, generator=gen)
+    keys = RQ.fp4_e2m1_simulate(torch.randn(b, n_c, di, generator=gen), 32)  # as the indexer compressor stores
     positions = torch.arange(100, 100 + s).repeat(b, 1)
     rope = RopeConfig.compressed()
-    assert torch.equal(ops.indexer(q, w, keys, positions, rope, 8), ref.indexer(q, w, keys, positions, rope, 8))
+    got = ops.indexer(q, w, keys, positions, rope, 8)
+    want = ref.indexer(q, w, keys, positions, rope, 8)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)  # the same set (the kernel orders by score)
+    assert fake.calls["indexer_topk"] == (b if batch_invariant else 1)
 
 
 def test_window_stream_and_ring(gen):
@@ -145,7 +158,7 @@ def test_model_decodes_from_a_random_cache():
 
 
 def test_batch_invariant_plumbing_matches_reference_on_cpu():
-    """KernelOps' batch-invariant linears / compressor / indexer inside the model (kernels swapped for the
+    """KernelOps' batch-invariant linears / compressor inside the model (kernels swapped for the
     reference): the same logits as the reference path, to fp32 rounding."""
     cfg = Config.tiny()
     t = random_checkpoint_tensors(cfg, seed=7)
@@ -291,6 +304,20 @@ class _FakeKernels:
         dense = torch.where(j < (t + 1) // 128, j, -1).int()  # every visible entry, as CompressedDense
         return self._attend(q, kv_window, positions, window_start, sink, kv_compressed, dense)
 
+    def indexer_topk(self, q8, q_scale, w, k8, k_scale, positions, top_k, *, ratio=4, k_lens=None, offset=0,
+                     batch_invariant=False, return_logits=False):
+        self._count("indexer_topk")
+        _contig("q8", q8, torch.float8_e4m3fn)
+        _contig("q_scale", q_scale, torch.float32)
+        _contig("k8", k8, torch.float8_e4m3fn)
+        _contig("k_scale", k_scale, torch.float32)
+        assert w.dtype == torch.float32 and q8.shape[2:] == (64, 128) and k8.shape[2] == 128
+        q = q8.float() * q_scale.unsqueeze(-1)
+        k = k8.float() * k_scale.unsqueeze(-1)
+        scores = R_I.indexer_scores(q, w, k, positions, ratio)
+        idx = R_I.indexer_topk(scores, top_k)
+        return (idx, scores) if return_logits else idx
+
     def moe(self, x, gate_weight, gate_bias, w1, w2, w3, shared=None, *, top_k=6, route_scale=1.5,
             swiglu_limit=10.0, tid2eid=None, token_ids=None, weight_format="bf16", out_dtype=torch.bfloat16,
             validate=True, out=None):
@@ -318,7 +345,7 @@ def test_kernel_ops_call_the_public_kernels_correctly(monkeypatch, batch_invaria
 
     fake = _FakeKernels()
     for name in ("rmsnorm", "mhc_pre", "mhc_head_pre", "mhc_post", "sparse_attention", "csa_attention",
-                 "hca_attention", "moe"):
+                 "hca_attention", "moe", "indexer_topk"):
         monkeypatch.setattr(tilev4, name, getattr(fake, name))
     cfg = Config.tiny().replace(name="tiny-smooth", n_activated_experts=8, index_topk=64)
     t = random_checkpoint_tensors(cfg, seed=21)

@@ -14,7 +14,7 @@ attention                  ``tilev4.csa_attention`` (window ∪ top-k), ``tilev4
                            all compressed) or ``tilev4.sparse_attention`` (window only), on a bf16 cache
 ffn (MoE)                  ``tilev4.moe`` (routing + grouped SwiGLU GEMMs, bf16 weights, fp32 out)
 compressor                 reference math on the GPU (its kernel is being written: switch it here)
-indexer                    reference math on the GPU (its kernel is being written: switch it here)
+indexer                    ``tilev4.indexer_topk`` (FP8 logits + radix top-k; query preparation in torch)
 linear / grouped_linear    reference math on the GPU (fp64 accumulation, rounded to fp32)
 rope, FP8 simulation       reference math (elementwise)
 =========================  =============================================================================
@@ -451,17 +451,30 @@ class KernelOps(ReferenceOps):
         return _cat(parts)
 
     def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
-        """REFERENCE MATH on the GPU (switch to the indexer kernels here). Batch-invariant mode runs one
-        sequence at a time over its own visible keys only (the batch's ``keys`` are sliced to the longest
-        sequence, a shape that would otherwise depend on the other sequences)."""
-        if not self.batch_invariant:
-            return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
-        parts = []
-        for i in range(q.shape[0]):
-            n_i = min(int((positions[i, -1] + 1) // 4), keys.shape[1])  # entries visible to its last query
-            parts.append(ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1, :n_i],
-                                              positions[i : i + 1], rope, top_k))
-        return torch.cat(parts)
+        """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
+        radix top-k. The query preparation (RoPE, Hadamard, FP4 simulation) is torch math; batch-invariant
+        mode prepares one sequence at a time and pins one query per CTA in the logits kernel."""
+        import tilev4
+
+        if q.shape[-2:] != (64, 128):  # the kernel's shape (V4: 64 heads of 128); scaled-down configs: torch
+            if not self.batch_invariant or q.shape[0] == 1:
+                return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
+            parts = []
+            for i in range(q.shape[0]):  # one sequence at a time, over its own visible keys only
+                n_i = min(int((positions[i, -1] + 1) // 4), keys.shape[1])
+                parts.append(ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1, :n_i],
+                                                  positions[i : i + 1], rope, top_k))
+            return torch.cat(parts)
+        if self.batch_invariant and q.shape[0] > 1:
+            return torch.cat([self.indexer(q[i : i + 1], w[i : i + 1], keys[i : i + 1], positions[i : i + 1], rope,
+                                           top_k) for i in range(q.shape[0])])
+        qp = _indexer.indexer_prepare_queries(q, positions, rope)  # [b, s, HI, DI] FP4-simulated fp32
+        # exact=False: no host-side exactness check; the FP4 values times their block scales are FP8 values
+        # times the row's power-of-two scale unless a block is 2^16 below the row's largest
+        q8, qs = tilev4.indexer_fp8_cast(qp.contiguous(), exact=False)
+        k8, ks = tilev4.indexer_fp8_cast(keys.contiguous(), exact=False)
+        return tilev4.indexer_topk(q8.contiguous(), qs.contiguous(), w.float().contiguous(), k8.contiguous(),
+                                   ks.contiguous(), positions, top_k, batch_invariant=self.batch_invariant)
 
     def non_invariant_ops(self) -> dict[str, str]:
         """Ops whose result for a sequence may depend on the rest of the batch in the current mode."""
@@ -472,7 +485,7 @@ class KernelOps(ReferenceOps):
             "linear": "cuBLAS picks its GEMM kernel (and split-K) from the number of rows",
             "mhc_head": "the vocabulary projection is a cuBLAS GEMM over the batch's rows",
             "compressor": "reference torch math on the GPU: reductions and kernels chosen by shape",
-            "indexer": "reference torch math on the GPU: the score GEMM and top-k are chosen by shape",
+            "indexer": "the query preparation (RoPE, Hadamard) is torch math whose kernels are chosen by shape",
         }
 
 
