@@ -122,6 +122,8 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
             gate_frag = T.alloc_fragment((BM, BN), T.float32)
             up_frag = T.alloc_fragment((BM, BN), T.float32)
             t_frag = T.alloc_fragment((BM, BN), T.float32)
+            sc1 = T.alloc_fragment((BM,), T.float32)
+            sc3 = T.alloc_fragment((BM,), T.float32)
             e = T.alloc_var(T.int32)
             a0 = T.alloc_var(T.int32)
             c = T.alloc_var(T.int32)
@@ -139,14 +141,16 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
                     T.copy(x8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
                     T.copy(w1[e, n0, k * BK], b1_shared)
                     T.copy(w3[e, n0, k * BK], b3_shared)
+                    for i in T.Parallel(BM):  # the row's combined scales of this K block (powers of two)
+                        sx = T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0)
+                        sc1[i] = sx * w1s[e, n0 // SCALE_BLOCK, k]
+                        sc3[i] = sx * w3s[e, n0 // SCALE_BLOCK, k]
                     T.gemm(a_shared, b1_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):  # promote: exact power-of-two rescale, fp32 sum
-                        gate_frag[i, j] += t_frag[i, j] * (
-                            T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0) * w1s[e, n0 // SCALE_BLOCK, k])
+                        gate_frag[i, j] += t_frag[i, j] * sc1[i]
                     T.gemm(a_shared, b3_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):
-                        up_frag[i, j] += t_frag[i, j] * (
-                            T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0) * w3s[e, n0 // SCALE_BLOCK, k])
+                        up_frag[i, j] += t_frag[i, j] * sc3[i]
                 for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: selects keep NaN
                     g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
                     u = T.if_then_else(up_frag[i, j] > limit, limit,
@@ -190,6 +194,7 @@ def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
             b_shared = T.alloc_shared((BN, BK), fp8)
             acc = T.alloc_fragment((BM, BN), T.float32)
             t_frag = T.alloc_fragment((BM, BN), T.float32)
+            sc = T.alloc_fragment((BM,), T.float32)
             e = T.alloc_var(T.int32)
             a0 = T.alloc_var(T.int32)
             c = T.alloc_var(T.int32)
@@ -203,10 +208,11 @@ def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
                 for k in T.Pipelined(KB, num_stages=num_stages):
                     T.copy(h8[row0, k * BK], a_shared)
                     T.copy(w2[e, n0, k * BK], b_shared)
+                    for i in T.Parallel(BM):
+                        sc[i] = T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0) * w2s[e, n0 // SCALE_BLOCK, k]
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):
-                        acc[i, j] += t_frag[i, j] * (
-                            T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0) * w2s[e, n0 // SCALE_BLOCK, k])
+                        acc[i, j] += t_frag[i, j] * sc[i]
                 for i, j in T.Parallel(BM, BN):
                     if i < rows:
                         y[row0 + i, n0 + j] = T.cast(acc[i, j], T.bfloat16)
