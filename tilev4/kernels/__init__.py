@@ -1,6 +1,7 @@
 """TileLang kernels. Importing this package registers every kernel in the registry."""
 
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
+from tilev4.kernels.compressor import compress_decode, compress_prefill
 from tilev4.kernels.moe import (
     moe,
     moe_combine,
@@ -27,6 +28,8 @@ __all__ = [
     "DEFAULT_AOT_ARCH",
     "KernelDef",
     "compile_kernel",
+    "compress_decode",
+    "compress_prefill",
     "csa_attention",
     "current_arch",
     "fp8_quantize",
