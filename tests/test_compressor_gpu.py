@@ -63,7 +63,10 @@ def _cache(b, rows, d, dtype=torch.bfloat16):
 
 
 def _state_to(state: CompressorState, device) -> CompressorState:
-    return CompressorState(*(None if getattr(state, f) is None else getattr(state, f).to(device) for f in FIELDS))
+    """A copy of ``state`` on ``device`` (always a copy, also on the same device)."""
+    return CompressorState(
+        *(None if getattr(state, f) is None else getattr(state, f).to(device, copy=True) for f in FIELDS)
+    )
 
 
 def _state_cat(states) -> CompressorState:

@@ -96,6 +96,8 @@ def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, 
         raise ValueError(f"rope_dim must be a positive multiple of {VEC} and <= D={D}, got {rope_dim}")
     if quant == "attention" and ((D - rope_dim) <= 0 or (D - rope_dim) % FP8_BLOCK):
         raise ValueError(f"quant='attention' needs D - rope_dim to be a positive multiple of 64, got D={D}")
+    if quant == "indexer" and D > 256:
+        raise ValueError(f"quant='indexer' needs D <= 256 (the Hadamard butterflies stay inside a warp), got D={D}")
 
 
 def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool):
@@ -515,6 +517,8 @@ def _check_params(
         raise ValueError(f"rope.rope_dim must be a multiple of {VEC} and <= D={d}, got {rope.rope_dim}")
     if quant == "attention" and (d - rope.rope_dim <= 0 or (d - rope.rope_dim) % FP8_BLOCK):
         raise ValueError(f"quant='attention' needs D - rope_dim to be a positive multiple of 64, got D={d}")
+    if quant == "indexer" and d > 256:
+        raise ValueError(f"quant='indexer' needs D <= 256 (the Hadamard butterflies stay inside a warp), got D={d}")
     c = (2 if ratio == 4 else 1) * d
     check_tensor("ape", ape, dtype=torch.float32, shape=(ratio, c), contiguous=True)
     check_tensor("cache", cache, dtype=(torch.bfloat16, torch.float32), ndim=3, contiguous=True)
