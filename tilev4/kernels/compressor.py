@@ -48,6 +48,13 @@ warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For 
 groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order. The
 pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
 A prefill grid has one extra CTA per sequence that writes the new streaming state.
+
+Configs (compile-time keys): ``ratio``, ``D``, ``quant`` (``"attention"``, ``"indexer"`` with D <= 256,
+``"none"``), ``in_dtype`` of kv'/gate and ``out_dtype`` of the cache (``"bfloat16"`` default, or
+``"float32"``), ``rope_dim`` (64). Shipped (built ahead of time): bf16 in/out for (m=4, D=512, attention),
+(m=128, D=512, attention), (m=4, D=128, indexer); other combinations compile on first use. Sequence counts
+and lengths are dynamic. Not tuned yet: the pooling shape is fixed (see above), the one knob that prefill
+and decode must share.
 """
 
 import functools
