@@ -107,6 +107,15 @@ def test_decode_bad_inputs_raise_with_the_argument_named():
         compress_decode(kv, gate, ape, weight, cache, CompressorState.empty(2, 128, 128), 128, quant="indexer")
 
 
+def test_misaligned_tensors_are_rejected():
+    from tilev4.kernels.compressor import _check_aligned
+
+    x = torch.zeros(2, 256)
+    _check_aligned(x=x, rows=x[1:], none=None)
+    with pytest.raises(ValueError, match=r"y must start at a 16-byte aligned address, got data_ptr\(\) % 16 = 4"):
+        _check_aligned(y=x.view(-1)[1:])
+
+
 def test_state_is_validated():
     from tilev4.kernels.compressor import _check_state
 

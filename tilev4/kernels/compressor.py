@@ -507,6 +507,15 @@ def _check_cuda(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
 
 
+def _check_aligned(**tensors: torch.Tensor | None) -> None:
+    """The kernels move 8 channels per 16-byte (bf16) or 2×16-byte (fp32) access: base addresses must be 16-byte
+    aligned (a contiguous slice of whole rows is; a tensor offset by a few elements is not)."""
+    for name, t in tensors.items():
+        if t is not None and t.data_ptr() % 16:
+            off = t.data_ptr() % 16
+            raise ValueError(f"{name} must start at a 16-byte aligned address, got data_ptr() % 16 = {off}")
+
+
 def _check_params(
     ape: torch.Tensor, norm_weight: torch.Tensor, cache: torch.Tensor, ratio: int, quant: str | None, rope: RopeConfig
 ) -> tuple[int, int, str]:
@@ -622,6 +631,8 @@ def compress_prefill(
     _check_cuda("kv", kv)
     if state is None:
         state = CompressorState.empty(b, ratio, d, kv.device)
+    _check_aligned(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache, **{
+        f"state.{f}": getattr(state, f) for f in ("kv", "score", "prev_kv", "prev_score")})
     if validate and b:
         need = int(((state.num_tokens + n) // ratio).max())
         if need > cache.shape[1]:
@@ -686,6 +697,8 @@ def compress_decode(
     check_same_device(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache)
     _check_state(state, b, ratio, c, kv.device)
     _check_cuda("kv", kv)
+    _check_aligned(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache, **{
+        f"state.{f}": getattr(state, f) for f in ("kv", "score", "prev_kv", "prev_score")})
     if b == 0:
         return
     if validate:
