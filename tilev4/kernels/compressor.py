@@ -594,6 +594,8 @@ def compress_prefill(
 ) -> CompressorState:
     """Compress ``n`` new tokens of every sequence into the cache (one fused kernel).
 
+    Every tensor must be contiguous, on one CUDA device, and start at a 16-byte aligned address.
+
     Args:
         kv: [b, n, coff·D] bf16 or fp32, contiguous, CUDA: the projected rows ``x @ Wkv_c`` of the new tokens
             (coff = 2 for m = 4, 1 for m = 128).
@@ -677,6 +679,8 @@ def compress_decode(
     the previous half. ``state`` is updated IN PLACE (``num_tokens`` included), so that a step allocates
     nothing and can be captured in a CUDA graph; its values equal :func:`tilev4.reference.compressor_decode_step`'s
     new state bit for bit.
+
+    Every tensor must be contiguous, on one CUDA device, and start at a 16-byte aligned address.
 
     Args:
         kv: [b, coff·D] bf16 or fp32, contiguous, CUDA: the projected row of each sequence's new token.
