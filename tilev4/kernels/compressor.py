@@ -80,6 +80,10 @@ QUANTS = ("attention", "indexer", "none")
 RATIOS = (4, 128)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _COMPRESSED_ROPE = RopeConfig.compressed()
+# No FMA contraction (nvcc -fmad=false): every product and sum is rounded on its own, as in the fp32 reference,
+# so that the prefill and decode programs cannot fuse the same expression differently (their bit equality
+# rests on it). The kernels are memory-bound: the extra instructions cost nothing measurable.
+_PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
 
 
 def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
@@ -382,7 +386,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                         for v in T.vectorized(VEC):
                             cache[s, i, c0 + v] = T.cast(y[v], out_dt)
 
-        return compressor_prefill_kernel
+        return compressor_prefill_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
 
     @T.prim_func
     def compressor_decode_kernel(
@@ -472,7 +476,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             if live and g == 0 and lane == 0:  # after finish's barrier: every thread has read num_tokens[s]
                 num_tokens[s] = num_tokens[s] + 1
 
-    return compressor_decode_kernel
+    return compressor_decode_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
 
 
 def _configs() -> list[dict[str, Any]]:
