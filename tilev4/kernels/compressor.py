@@ -31,8 +31,9 @@ updates the state in place (no allocation: it can be captured in a CUDA graph).
 
 Exactness: a prefill and the decode steps that produce the same entry load the same fp32 values
 (``float(kv)``, ``float(g) + ape``: one fp32 add, the same in both) and reduce them with the same code in
-the same order, so prefill-then-decode gives the SAME BITS as one long prefill, and an entry never depends
-on the other sequences or on the batch size (batch-invariant). Against the fp32 reference the pooled
+the same order, compiled without FMA contraction (``-fmad=false``, so neither program can fuse an
+expression the other rounds twice), so prefill-then-decode gives the SAME BITS as one long prefill, and an
+entry never depends on the other sequences or on the batch size (batch-invariant). Against the fp32 reference the pooled
 values differ by fp32 rounding (the softmax is evaluated as ``Σ e^{s−M}·kv / Σ e^{s−M}`` in chunks, the
 Hadamard transform as a butterfly), which can move a quantised value by one quantum of its format.
 
