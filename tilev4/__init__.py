@@ -5,6 +5,8 @@ in plain fp32 torch for the CPU and for tests.
 """
 
 from tilev4.kernels import (
+    compress_decode,
+    compress_prefill,
     csa_attention,
     fp8_quantize,
     hca_attention,
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "compress_decode",
+    "compress_prefill",
     "csa_attention",
     "fp8_quantize",
     "hca_attention",

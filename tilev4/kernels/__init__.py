@@ -1,6 +1,7 @@
 """TileLang kernels. Importing this package registers every kernel in the registry."""
 
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
+from tilev4.kernels.compressor import compress_decode, compress_prefill
 from tilev4.kernels.indexer import indexer_fp8_cast, indexer_logits, indexer_topk, topk_select
 from tilev4.kernels.mhc import mhc_head_pre, mhc_post, mhc_pre
 from tilev4.kernels.moe import (
@@ -31,6 +32,8 @@ __all__ = [
     "FP8Weight",
     "KernelDef",
     "compile_kernel",
+    "compress_decode",
+    "compress_prefill",
     "csa_attention",
     "current_arch",
     "fp8_quantize",

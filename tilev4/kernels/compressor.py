@@ -1,0 +1,720 @@
+"""Fused compressor kernels: gated m-to-1 pooling → rmsnorm → RoPE → cache quantisation, written into the cache.
+
+Semantics (``shared/spec/deepseek-v4.md``, "Compressor" and "Quantisation";
+:mod:`tilev4.reference.compressor` is the fp32 reference). A token at position ``t`` has the projected
+rows ``kv'`` and ``g`` (width ``C = coff·D``) and the score ``g + ape[t % m]``. Entry ``i`` pools, per
+channel, a softmax over positions of the score weighting ``kv'``:
+
+* m = 128 (coff 1): the tokens ``128i … 128i+127``, all D channels;
+* m = 4 (coff 2): the previous block ``4i−4 … 4i−1`` through channels ``[:D]`` and the current block
+  ``4i … 4i+3`` through ``[D:]``, one softmax over the 8 (entry 0: the previous half is masked);
+
+then ``rmsnorm(weight, eps=1e-6)`` → RoPE on the last ``rope_dim`` (64) dims at position ``i·m`` → the
+quantisation simulation of the cache (``quant``): ``"attention"`` FP8 e4m3 on ``[:D−64]`` in blocks of 64
+with power-of-two (ue8m0) scales; ``"indexer"`` the Hadamard rotation of all D dims (scale ``D^-1/2``),
+then FP4 e2m1 in blocks of 32 with power-of-two scales; ``"none"`` nothing. The entry is written to
+``cache[b, i]``.
+
+Cache layout: ``cache`` [b, n_c, D], bf16 (default) or fp32, entry ``i`` of sequence ``b`` in row
+``cache[b, i]`` — what :func:`tilev4.kernels.attention.csa_attention` / ``hca_attention`` read as
+``kv_compressed`` and what :class:`tilev4.model.cache.KVCache` keeps (fp32 there). The stored values are
+the dequantised ones: an FP8 (or FP4) value times its power-of-two scale is exact in bf16, so a bf16 cache
+loses nothing on the quantised dims and rounds only the 64 rope dims to bf16 (as the production layout
+stores them).
+
+Streaming state: the reference's :class:`~tilev4.reference.compressor.CompressorState` — fp32 ``kv`` and
+``score`` [b, m, C] rows of the incomplete block (row r = offset r; unseen rows 0 / −inf), for m = 4 also
+``prev_kv`` / ``prev_score`` [b, m, C] of the previous complete block, and ``num_tokens`` int64 [b].
+:func:`compress_prefill` continues each sequence from its own ``num_tokens`` (a ragged start is allowed,
+unlike the reference) and returns a new state; :func:`compress_decode` appends one token per sequence and
+updates the state in place (no allocation: it can be captured in a CUDA graph).
+
+Exactness: a prefill and the decode steps that produce the same entry load the same fp32 values
+(``float(kv)``, ``float(g) + ape``: one fp32 add, the same in both) and reduce them with the same code in
+the same order, compiled without FMA contraction (``-fmad=false``, so neither program can fuse an
+expression the other rounds twice), so prefill-then-decode gives the SAME BITS as one long prefill, and an
+entry never depends on the other sequences or on the batch size (batch-invariant). Against the fp32 reference the pooled
+values differ by fp32 rounding (the softmax is evaluated as ``Σ e^{s−M}·kv / Σ e^{s−M}`` in chunks, the
+Hadamard transform as a butterfly), which can move a quantised value by one quantum of its format.
+
+Dimension glossary: ``b`` batch, ``n`` new tokens per sequence, ``m`` ratio (4 or 128), ``coff`` 2 for
+m = 4 else 1, ``D`` entry dim (512 attention, 128 indexer), ``C = coff·D``, ``n_c`` cache rows,
+``R`` rope dims (64), ``P`` pooled positions (8 for m = 4, 128 for m = 128).
+
+Thread layout: a thread owns 8 consecutive channels of an entry (one 16-byte bf16 load per row), so an
+entry takes ``TPE = D/8`` lanes (64 for D = 512, 16 for D = 128); RoPE pairs and the 8-channel slices of
+the quantisation blocks lie inside a thread, block maxima and the Hadamard butterflies across lanes use
+warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 one CTA pools
+``256/TPE`` entries (8 rows each, in two chunks of 4); for m = 128 one CTA pools one entry with 4 row
+groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order. The
+pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
+A prefill grid has one extra CTA per sequence that writes the new streaming state.
+
+Configs (compile-time keys): ``ratio``, ``D``, ``quant`` (``"attention"``, ``"indexer"`` with D <= 256,
+``"none"``), ``in_dtype`` of kv'/gate and ``out_dtype`` of the cache (``"bfloat16"`` default, or
+``"float32"``), ``rope_dim`` (64). Shipped (built ahead of time): bf16 in/out for (m=4, D=512, attention),
+(m=128, D=512, attention), (m=4, D=128, indexer); other combinations compile on first use. Sequence counts
+and lengths are dynamic. Not tuned yet: the pooling shape is fixed (see above), the one knob that prefill
+and decode must share.
+"""
+
+import functools
+import math
+from typing import Any
+
+import tilelang.language as T
+import torch
+
+from tilev4._checks import check_int, check_same_device, check_tensor
+from tilev4.kernels.quant import pow2_scale_bits
+from tilev4.kernels.registry import compile_kernel, register
+from tilev4.reference.compressor import CompressorState
+from tilev4.reference.rope import RopeConfig, rope_frequencies
+
+__all__ = ["build_compressor_decode", "build_compressor_prefill", "compress_decode", "compress_prefill"]
+
+VEC = 8  # channels per thread: one 16-byte bf16 load per row
+RMS_EPS = 1e-6
+FP8_MAX, FP8_BLOCK, FP8_AMAX_FLOOR = 448.0, 64, 1e-4
+FP4_MAX, FP4_BLOCK, FP4_AMAX_FLOOR = 6.0, 32, 6.0 * 2.0**-126
+QUANTS = ("attention", "indexer", "none")
+RATIOS = (4, 128)
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_COMPRESSED_ROPE = RopeConfig.compressed()
+# No FMA contraction (nvcc -fmad=false): every product and sum is rounded on its own, as in the fp32 reference,
+# so that the prefill and decode programs cannot fuse the same expression differently (their bit equality
+# rests on it). The kernels are memory-bound: the extra instructions cost nothing measurable.
+_PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
+
+
+def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
+    """(row_groups, chunk, entries per prefill CTA) for (m, D); shared by prefill and decode."""
+    tpe = D // VEC
+    if ratio == 4:
+        return 1, 4, max(1, 256 // tpe)
+    return 4, 8, 1
+
+
+def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int) -> None:
+    if ratio not in RATIOS:
+        raise ValueError(f"ratio must be one of {RATIOS}, got {ratio}")
+    if D < 64 or D > 1024 or D & (D - 1):
+        raise ValueError(f"D must be a power of two in [64, 1024], got {D}")
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    if in_dtype not in _DTYPES or out_dtype not in _DTYPES:
+        raise ValueError(f"in_dtype/out_dtype must be one of {sorted(_DTYPES)}, got {in_dtype!r}/{out_dtype!r}")
+    if rope_dim <= 0 or rope_dim % VEC or rope_dim > D:
+        raise ValueError(f"rope_dim must be a positive multiple of {VEC} and <= D={D}, got {rope_dim}")
+    if quant == "attention" and ((D - rope_dim) <= 0 or (D - rope_dim) % FP8_BLOCK):
+        raise ValueError(f"quant='attention' needs D - rope_dim to be a positive multiple of 64, got D={D}")
+    if quant == "indexer" and D > 256:
+        raise ValueError(f"quant='indexer' needs D <= 256 (the Hadamard butterflies stay inside a warp), got D={D}")
+
+
+def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool):
+    """The prefill (``decode=False``) or decode-step program; see the module docstring."""
+    _check_build(ratio, D, quant, in_dtype, out_dtype, rope_dim)
+    overlap = ratio == 4
+    coff = 2 if overlap else 1
+    C = coff * D
+    TPE = D // VEC  # lanes per entry
+    G, CH, EPC = _pool_shape(ratio, D)
+    if decode:
+        EPC = max(1, 32 // (G * TPE))  # whole warps (the shuffles use the full mask)
+    threads = G * EPC * TPE
+    P = 2 * ratio if overlap else ratio  # pooled positions
+    RPG = P // G  # rows per group
+    NCH = RPG // CH  # chunks per group
+    ROWS_OWNED = ratio if overlap else RPG  # state rows a decode thread reads and resets
+    PM = ratio if overlap else 1  # rows of prev_kv / prev_score (a 1-row dummy for m = 128)
+    NOPE = D - rope_dim
+    R2 = rope_dim // 2
+    LOG_TPE = int(math.log2(TPE))
+    h_scale = 1.0 / math.sqrt(D)  # as the reference: x @ H * (1 / sqrt(D))
+    f32 = T.float32
+    neg_inf = -T.infinity(f32)
+    in_dt = T.bfloat16 if in_dtype == "bfloat16" else T.float32
+    out_dt = T.bfloat16 if out_dtype == "bfloat16" else T.float32
+    B = T.dynamic("B")
+    NC = T.dynamic("NC")
+
+    @T.macro
+    def load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, j):
+        """Row at absolute position p (< the first new token) from the state; base = its current block start."""
+        if overlap:
+            if p >= base:
+                for v in T.vectorized(VEC):
+                    kv_l[j * VEC + v] = st_kv[s, p - base, col + v]
+                for v in T.vectorized(VEC):
+                    sc_l[j * VEC + v] = st_score[s, p - base, col + v]
+            else:  # the previous (complete) block
+                for v in T.vectorized(VEC):
+                    kv_l[j * VEC + v] = st_pkv[s, p - base + ratio, col + v]
+                for v in T.vectorized(VEC):
+                    sc_l[j * VEC + v] = st_pscore[s, p - base + ratio, col + v]
+        else:
+            for v in T.vectorized(VEC):
+                kv_l[j * VEC + v] = st_kv[s, p - base, col + v]
+            for v in T.vectorized(VEC):
+                sc_l[j * VEC + v] = st_score[s, p - base, col + v]
+
+    @T.macro
+    def load_new(kv, gate, ape, s, row, p, col, kv_l, sc_l, j):
+        """New token ``row`` (absolute position p): kv' and its score gate + ape[p % m], fp32."""
+        for v in T.vectorized(VEC):
+            kv_l[j * VEC + v] = T.cast(kv[s, row, col + v], f32)
+        for v in T.vectorized(VEC):
+            sc_l[j * VEC + v] = T.cast(gate[s, row, col + v], f32) + ape[p % ratio, col + v]
+
+    @T.macro
+    def chunk_update(kv_l, sc_l, mx, den, num):
+        """Online softmax over the CH rows in kv_l/sc_l, per channel: (mx, den, num) rescaled and extended."""
+        for v in T.unroll(VEC):
+            cm = T.alloc_var(f32)
+            cm = mx[v]
+            for j in T.unroll(CH):
+                cm = T.max(cm, sc_l[j * VEC + v])
+            # a chunk of masked rows (score -inf, e.g. entry 0's previous half) leaves the sums as they are
+            alpha = T.if_then_else(cm == neg_inf, T.float32(1.0), T.exp(mx[v] - cm))
+            den[v] = den[v] * alpha
+            num[v] = num[v] * alpha
+            for j in T.unroll(CH):
+                ev = T.if_then_else(cm == neg_inf, T.float32(0.0), T.exp(sc_l[j * VEC + v] - cm))
+                den[v] = den[v] + ev
+                num[v] = num[v] + ev * kv_l[j * VEC + v]
+            mx[v] = cm
+
+    @T.macro
+    def combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane):
+        """pooled = num / den over the G row groups (fixed group order), into y; all threads get it."""
+        if G == 1:
+            for v in T.unroll(VEC):
+                y[v] = num[v] / den[v]
+        else:
+            for v in T.unroll(VEC):
+                part_mx[g, e, lane * VEC + v] = mx[v]
+                part_den[g, e, lane * VEC + v] = den[v]
+                part_num[g, e, lane * VEC + v] = num[v]
+            T.sync_threads()
+            for v in T.unroll(VEC):
+                mm = T.alloc_var(f32)
+                dd = T.alloc_var(f32)
+                nn = T.alloc_var(f32)
+                mm = part_mx[0, e, lane * VEC + v]
+                for gg in T.unroll(1, G):
+                    mm = T.max(mm, part_mx[gg, e, lane * VEC + v])
+                dd = 0.0
+                nn = 0.0
+                for gg in T.unroll(G):
+                    w = T.exp(part_mx[gg, e, lane * VEC + v] - mm)
+                    dd = dd + part_den[gg, e, lane * VEC + v] * w
+                    nn = nn + part_num[gg, e, lane * VEC + v] * w
+                y[v] = nn / dd
+
+    @T.macro
+    def finish(y, weight, freqs, red, g, e, lane, pos):
+        """rmsnorm → RoPE at ``pos`` → quantisation simulation, on this thread's 8 channels of y."""
+        c0 = lane * VEC
+        ss = T.alloc_var(f32)
+        ss = 0.0
+        for v in T.unroll(VEC):
+            ss = ss + y[v] * y[v]
+        if g == 0:
+            red[e, lane] = ss
+        T.sync_threads()
+        tot = T.alloc_var(f32)
+        tot = 0.0
+        for jj in T.serial(TPE):  # sum(x²) in lane order
+            tot = tot + red[e, jj]
+        rstd = 1.0 / T.sqrt(tot / D + RMS_EPS)  # x * rsqrt(mean(x²) + eps) * w
+        for v in T.unroll(VEC):
+            y[v] = y[v] * rstd * weight[c0 + v]
+        if c0 >= NOPE:  # RoPE: interleaved pairs (2k, 2k+1) of the last R dims
+            for k in T.unroll(VEC // 2):
+                ang = T.cast(T.cast(pos, T.float64) * T.cast(freqs[(c0 - NOPE) // 2 + k], T.float64), f32)
+                cs = T.cos(ang)
+                sn = T.sin(ang)
+                re = y[2 * k]
+                im = y[2 * k + 1]
+                y[2 * k] = re * cs - im * sn
+                y[2 * k + 1] = re * sn + im * cs
+        if quant == "attention":  # FP8 e4m3 on [:NOPE], blocks of 64 = 8 lanes
+            amax = T.alloc_var(f32)
+            amax = 0.0
+            for v in T.unroll(VEC):
+                amax = T.max(amax, T.abs(y[v]))
+            for k in T.unroll(3):
+                amax = T.max(amax, T.shfl_xor(amax, 1 << k))
+            if c0 < NOPE:
+                scale, inv = pow2_scale_bits(T.max(amax, FP8_AMAX_FLOOR), FP8_MAX)
+                for v in T.unroll(VEC):
+                    y[v] = T.cast(T.cast(y[v] * inv, T.float8_e4m3fn), f32) * scale
+        if quant == "indexer":  # x @ H_D * D^-1/2 (butterflies), then FP4 e2m1, blocks of 32 = 4 lanes
+            for hb in T.unroll(3):  # channel bits 0..2: inside the thread
+                for q in T.unroll(VEC // 2):
+                    lo = (q >> hb) * (2 << hb) + (q & ((1 << hb) - 1))
+                    u = y[lo]
+                    w = y[lo + (1 << hb)]
+                    y[lo] = u + w
+                    y[lo + (1 << hb)] = u - w
+            for hb in T.unroll(LOG_TPE):  # channel bits 3..: across lanes
+                for v in T.unroll(VEC):
+                    other = T.shfl_xor(y[v], 1 << hb)
+                    y[v] = T.if_then_else((lane >> hb) & 1 == 0, y[v] + other, other - y[v])
+            amax = T.alloc_var(f32)
+            amax = 0.0
+            for v in T.unroll(VEC):
+                y[v] = y[v] * h_scale
+                amax = T.max(amax, T.abs(y[v]))
+            for k in T.unroll(2):
+                amax = T.max(amax, T.shfl_xor(amax, 1 << k))
+            scale, inv = pow2_scale_bits(T.max(amax, FP4_AMAX_FLOOR), FP4_MAX)
+            for v in T.unroll(VEC):
+                a = T.min(T.abs(y[v] * inv), FP4_MAX)
+                # round to the e2m1 grid, ties to the even code: steps 0.5 below 2, 1 below 4, then 2
+                qa = T.if_then_else(
+                    a < 2.0, T.nearbyint(a * 2.0) * 0.5,
+                    T.if_then_else(a < 4.0, T.nearbyint(a), T.nearbyint(a * 0.5) * 2.0),
+                )
+                y[v] = T.if_then_else(y[v] < 0.0, -qa, qa) * scale
+
+    if not decode:
+        N = T.dynamic("n")
+        num_blocks_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
+
+        @T.prim_func
+        def compressor_prefill_kernel(
+            kv: T.Tensor[(B, N, C), in_dt],
+            gate: T.Tensor[(B, N, C), in_dt],
+            ape: T.Tensor[(ratio, C), f32],
+            weight: T.Tensor[(D,), f32],
+            freqs: T.Tensor[(R2,), f32],
+            num_tokens: T.Tensor[(B,), T.int64],
+            st_kv: T.Tensor[(B, ratio, C), f32],
+            st_score: T.Tensor[(B, ratio, C), f32],
+            st_pkv: T.Tensor[(B, PM, C), f32],
+            st_pscore: T.Tensor[(B, PM, C), f32],
+            cache: T.Tensor[(B, NC, D), out_dt],
+            new_kv: T.Tensor[(B, ratio, C), f32],
+            new_score: T.Tensor[(B, ratio, C), f32],
+            new_pkv: T.Tensor[(B, PM, C), f32],
+            new_pscore: T.Tensor[(B, PM, C), f32],
+            new_num_tokens: T.Tensor[(B,), T.int64],
+        ):
+            with T.Kernel(num_blocks_x + 1, B, threads=threads) as (bx, s):
+                tx = T.get_thread_binding()
+                lane = tx % TPE
+                e = (tx // TPE) % EPC
+                g = tx // (TPE * EPC)
+                c0 = lane * VEC
+                kv_l = T.alloc_local((CH * VEC,), f32)
+                sc_l = T.alloc_local((CH * VEC,), f32)
+                t0 = T.cast(num_tokens[s], T.int32)  # position of the first new token
+                base = (t0 // ratio) * ratio  # start of the block the state holds
+                total = t0 + N
+                if bx == num_blocks_x:  # the new streaming state, from the state and the new rows
+                    cur_base = (total // ratio) * ratio
+                    for it in T.serial((ratio * C // VEC + threads - 1) // threads):
+                        idx = it * threads + tx
+                        if idx < ratio * C // VEC:
+                            r = idx // (C // VEC)
+                            col = (idx % (C // VEC)) * VEC
+                            p = cur_base + r
+                            if p < total:
+                                if p >= t0:
+                                    load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, 0)
+                                else:
+                                    load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, 0)
+                                for v in T.vectorized(VEC):
+                                    new_kv[s, r, col + v] = kv_l[v]
+                                for v in T.vectorized(VEC):
+                                    new_score[s, r, col + v] = sc_l[v]
+                            else:
+                                for v in T.vectorized(VEC):
+                                    new_kv[s, r, col + v] = 0.0
+                                for v in T.vectorized(VEC):
+                                    new_score[s, r, col + v] = neg_inf
+                            if overlap:
+                                p2 = cur_base - ratio + r  # the last complete block
+                                if p2 >= t0:
+                                    load_new(kv, gate, ape, s, p2 - t0, p2, col, kv_l, sc_l, 0)
+                                else:
+                                    load_state(st_kv, st_score, st_pkv, st_pscore, s, p2, base, col, kv_l, sc_l, 0)
+                                for v in T.vectorized(VEC):
+                                    new_pkv[s, r, col + v] = kv_l[v]
+                                for v in T.vectorized(VEC):
+                                    new_pscore[s, r, col + v] = sc_l[v]
+                    if tx == 0:
+                        new_num_tokens[s] = num_tokens[s] + N
+                else:
+                    mx = T.alloc_local((VEC,), f32)
+                    den = T.alloc_local((VEC,), f32)
+                    num = T.alloc_local((VEC,), f32)
+                    y = T.alloc_local((VEC,), f32)
+                    part_mx = T.alloc_shared((G, EPC, D), f32)
+                    part_den = T.alloc_shared((G, EPC, D), f32)
+                    part_num = T.alloc_shared((G, EPC, D), f32)
+                    red = T.alloc_shared((EPC, TPE), f32)
+                    ent = bx * EPC + e  # entry of this call
+                    valid = ent < total // ratio - t0 // ratio
+                    i = t0 // ratio + ent  # its absolute index
+                    for v in T.unroll(VEC):
+                        mx[v] = neg_inf
+                        den[v] = 0.0
+                        num[v] = 0.0
+                    if valid:
+                        for ck in T.serial(NCH):
+                            for j in T.unroll(CH):
+                                rr = g * RPG + ck * CH + j  # pooled position
+                                if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
+                                    p = i * ratio - ratio + rr
+                                    col = c0 + (rr // ratio) * D
+                                    if p >= t0:
+                                        load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, j)
+                                    else:
+                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, j)
+                                else:
+                                    p = i * ratio + rr
+                                    if p >= t0:
+                                        load_new(kv, gate, ape, s, p - t0, p, c0, kv_l, sc_l, j)
+                                    else:
+                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, c0, kv_l, sc_l, j)
+                            chunk_update(kv_l, sc_l, mx, den, num)
+                    combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
+                    finish(y, weight, freqs, red, g, e, lane, i * ratio)
+                    if valid and g == 0 and i < NC:
+                        for v in T.vectorized(VEC):
+                            cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+
+        return compressor_prefill_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
+
+    @T.prim_func
+    def compressor_decode_kernel(
+        kv: T.Tensor[(B, C), in_dt],
+        gate: T.Tensor[(B, C), in_dt],
+        ape: T.Tensor[(ratio, C), f32],
+        weight: T.Tensor[(D,), f32],
+        freqs: T.Tensor[(R2,), f32],
+        num_tokens: T.Tensor[(B,), T.int64],
+        st_kv: T.Tensor[(B, ratio, C), f32],
+        st_score: T.Tensor[(B, ratio, C), f32],
+        st_pkv: T.Tensor[(B, PM, C), f32],
+        st_pscore: T.Tensor[(B, PM, C), f32],
+        cache: T.Tensor[(B, NC, D), out_dt],
+    ):
+        with T.Kernel(T.ceildiv(B, EPC), threads=threads) as bx:
+            tx = T.get_thread_binding()
+            lane = tx % TPE
+            e = (tx // TPE) % EPC
+            g = tx // (TPE * EPC)
+            c0 = lane * VEC
+            kv_l = T.alloc_local((CH * VEC,), f32)
+            sc_l = T.alloc_local((CH * VEC,), f32)
+            mx = T.alloc_local((VEC,), f32)
+            den = T.alloc_local((VEC,), f32)
+            num = T.alloc_local((VEC,), f32)
+            y = T.alloc_local((VEC,), f32)
+            part_mx = T.alloc_shared((G, EPC, D), f32)
+            part_den = T.alloc_shared((G, EPC, D), f32)
+            part_num = T.alloc_shared((G, EPC, D), f32)
+            red = T.alloc_shared((EPC, TPE), f32)
+            s = bx * EPC + e
+            live = s < B
+            t = T.alloc_var(T.int32)
+            t = 0
+            if live:
+                t = T.cast(num_tokens[s], T.int32)
+            r_new = t % ratio
+            emit = live and (t + 1) % ratio == 0
+            i = t // ratio
+            base = i * ratio
+            # 1. the new row into the current block, by the threads that own (and later read) its elements
+            owner = live if overlap else (live and r_new // RPG == g)
+            if owner:
+                for hh in T.unroll(coff):
+                    for v in T.vectorized(VEC):
+                        st_kv[s, r_new, hh * D + c0 + v] = T.cast(kv[s, hh * D + c0 + v], f32)
+                    for v in T.vectorized(VEC):
+                        st_score[s, r_new, hh * D + c0 + v] = (
+                            T.cast(gate[s, hh * D + c0 + v], f32) + ape[r_new, hh * D + c0 + v]
+                        )
+            # 2. the entry, where the block is complete: the same pooling as the prefill's
+            for v in T.unroll(VEC):
+                mx[v] = neg_inf
+                den[v] = 0.0
+                num[v] = 0.0
+            if emit:
+                for ck in T.serial(NCH):
+                    for j in T.unroll(CH):
+                        rr = g * RPG + ck * CH + j
+                        if overlap:
+                            load_state(st_kv, st_score, st_pkv, st_pscore, s, base - ratio + rr, base,
+                                       c0 + (rr // ratio) * D, kv_l, sc_l, j)
+                        else:
+                            load_state(st_kv, st_score, st_pkv, st_pscore, s, base + rr, base, c0, kv_l, sc_l, j)
+                    chunk_update(kv_l, sc_l, mx, den, num)
+            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
+            finish(y, weight, freqs, red, g, e, lane, base)
+            if emit and g == 0 and i < NC:
+                for v in T.vectorized(VEC):
+                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+            # 3. an emitted block becomes the previous half (m = 4); the current block starts empty.
+            #    Every element below is read and written by the one thread that read it above.
+            if emit:
+                for rr in T.serial(ROWS_OWNED):
+                    row = rr + (0 if overlap else g * RPG)
+                    for hh in T.unroll(coff):
+                        if overlap:
+                            for v in T.vectorized(VEC):
+                                st_pkv[s, row, hh * D + c0 + v] = st_kv[s, row, hh * D + c0 + v]
+                            for v in T.vectorized(VEC):
+                                st_pscore[s, row, hh * D + c0 + v] = st_score[s, row, hh * D + c0 + v]
+                        for v in T.vectorized(VEC):
+                            st_kv[s, row, hh * D + c0 + v] = 0.0
+                        for v in T.vectorized(VEC):
+                            st_score[s, row, hh * D + c0 + v] = neg_inf
+            if live and g == 0 and lane == 0:  # after finish's barrier: every thread has read num_tokens[s]
+                num_tokens[s] = num_tokens[s] + 1
+
+    return compressor_decode_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
+
+
+def _configs() -> list[dict[str, Any]]:
+    return [
+        {"ratio": 4, "D": 512, "quant": "attention"},
+        {"ratio": 128, "D": 512, "quant": "attention"},
+        {"ratio": 4, "D": 128, "quant": "indexer"},
+    ]
+
+
+@register("compressor_prefill", configs=_configs(), tags=("compressor", "batch_invariant"))
+def build_compressor_prefill(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
+                             out_dtype: str = "bfloat16", rope_dim: int = 64):
+    """Compressor prefill: pool the new tokens' complete blocks into cache entries, write the new state."""
+    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, decode=False)
+
+
+@register("compressor_decode", configs=_configs(), tags=("compressor", "batch_invariant"))
+def build_compressor_decode(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
+                            out_dtype: str = "bfloat16", rope_dim: int = 64):
+    """Compressor decode step: append one token per sequence (ragged), emit completed entries, state in place."""
+    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, decode=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _frequencies(rope: RopeConfig, device: str) -> torch.Tensor:
+    return rope_frequencies(rope).to(device)  # fp32 [rope_dim / 2]
+
+
+def _check_cuda(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+
+
+def _check_aligned(**tensors: torch.Tensor | None) -> None:
+    """The kernels move 8 channels per 16-byte (bf16) or 2×16-byte (fp32) access: base addresses must be 16-byte
+    aligned (a contiguous slice of whole rows is; a tensor offset by a few elements is not)."""
+    for name, t in tensors.items():
+        if t is not None and t.data_ptr() % 16:
+            off = t.data_ptr() % 16
+            raise ValueError(f"{name} must start at a 16-byte aligned address, got data_ptr() % 16 = {off}")
+
+
+def _check_params(
+    ape: torch.Tensor, norm_weight: torch.Tensor, cache: torch.Tensor, ratio: int, quant: str | None, rope: RopeConfig
+) -> tuple[int, int, str]:
+    """Validate what prefill and decode share; returns ``(D, C, quant key)``."""
+    check_int("ratio", ratio, choices=RATIOS)
+    if quant not in ("attention", "indexer", None):
+        raise ValueError(f"quant must be 'attention', 'indexer' or None, got {quant!r}")
+    if not isinstance(rope, RopeConfig):
+        raise TypeError(f"rope must be a RopeConfig, got {type(rope).__name__}")
+    check_tensor("norm_weight", norm_weight, dtype=torch.float32, ndim=1, contiguous=True)
+    d = norm_weight.shape[0]
+    if d < 64 or d > 1024 or d & (d - 1):
+        raise ValueError(f"norm_weight: the entry dim D must be a power of two in [64, 1024], got D={d}")
+    if rope.rope_dim % VEC or rope.rope_dim > d:
+        raise ValueError(f"rope.rope_dim must be a multiple of {VEC} and <= D={d}, got {rope.rope_dim}")
+    if quant == "attention" and (d - rope.rope_dim <= 0 or (d - rope.rope_dim) % FP8_BLOCK):
+        raise ValueError(f"quant='attention' needs D - rope_dim to be a positive multiple of 64, got D={d}")
+    if quant == "indexer" and d > 256:
+        raise ValueError(f"quant='indexer' needs D <= 256 (the Hadamard butterflies stay inside a warp), got D={d}")
+    c = (2 if ratio == 4 else 1) * d
+    check_tensor("ape", ape, dtype=torch.float32, shape=(ratio, c), contiguous=True)
+    check_tensor("cache", cache, dtype=(torch.bfloat16, torch.float32), ndim=3, contiguous=True)
+    if cache.shape[2] != d:
+        raise ValueError(f"cache must have shape [b, n_c, D={d}], got {list(cache.shape)}")
+    return d, c, quant or "none"
+
+
+def _check_state(state: object, b: int, ratio: int, c: int, device: torch.device) -> CompressorState:
+    if not isinstance(state, CompressorState):
+        raise TypeError(f"state must be a CompressorState, got {type(state).__name__}")
+    for f in ("kv", "score") + (("prev_kv", "prev_score") if ratio == 4 else ()):
+        check_tensor(f"state.{f}", getattr(state, f), dtype=torch.float32, shape=(b, ratio, c), contiguous=True,
+                     device=device)
+    if ratio == 128 and (state.prev_kv is not None or state.prev_score is not None):
+        raise ValueError("state.prev_kv and state.prev_score must be None for ratio 128 (no overlap)")
+    check_tensor("state.num_tokens", state.num_tokens, dtype=torch.int64, shape=(b,), contiguous=True, device=device)
+    return state
+
+
+_DUMMIES: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _prev_or_dummy(t: torch.Tensor | None, b: int, c: int, device: torch.device) -> torch.Tensor:
+    """``t``, or (m = 128, no previous block) a [b, 1, C] stand-in that the kernel never touches."""
+    if t is not None:
+        return t
+    key = (b, c, str(device))
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(b, 1, c, dtype=torch.float32, device=device)
+    return _DUMMIES[key]
+
+
+def _config(ratio: int, d: int, quant: str, kv: torch.Tensor, cache: torch.Tensor, rope: RopeConfig) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"ratio": ratio, "D": d, "quant": quant}
+    if kv.dtype != torch.bfloat16:
+        cfg["in_dtype"] = "float32"
+    if cache.dtype != torch.bfloat16:
+        cfg["out_dtype"] = "float32"
+    if rope.rope_dim != 64:
+        cfg["rope_dim"] = rope.rope_dim
+    return cfg
+
+
+def compress_prefill(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    cache: torch.Tensor,
+    ratio: int,
+    *,
+    quant: str | None = "attention",
+    rope: RopeConfig = _COMPRESSED_ROPE,
+    state: CompressorState | None = None,
+    validate: bool = True,
+) -> CompressorState:
+    """Compress ``n`` new tokens of every sequence into the cache (one fused kernel).
+
+    Every tensor must be contiguous, on one CUDA device, and start at a 16-byte aligned address.
+
+    Args:
+        kv: [b, n, coff·D] bf16 or fp32, contiguous, CUDA: the projected rows ``x @ Wkv_c`` of the new tokens
+            (coff = 2 for m = 4, 1 for m = 128).
+        gate: [b, n, coff·D], the dtype of ``kv``: the projected gate rows ``x @ Wgate_c``.
+        ape: [m, coff·D] fp32, the positional bias of the gate by offset in the block.
+        norm_weight: [D] fp32, the rmsnorm weight (D is read from its length; a power of two, 64 … 1024).
+        cache: [b, n_c, D] bf16 or fp32, contiguous: the compressed cache. Entry ``i`` of sequence ``j`` is
+            written to ``cache[j, i]``; rows not completed by this call are left as they are.
+        ratio: m, 4 (overlapping) or 128.
+        quant: ``"attention"`` (FP8 on ``[:D−64]``, block 64), ``"indexer"`` (Hadamard, then FP4, block 32)
+            or ``None``.
+        rope: the RoPE applied to the last ``rope.rope_dim`` dims at position ``i·m`` (YaRN included).
+        state: where each sequence left off (a :class:`CompressorState` on the device, fp32 contiguous), or
+            ``None`` for fresh sequences. Sequence ``j``'s new tokens have positions
+            ``state.num_tokens[j] …`` (may differ between sequences); the entries completed are
+            ``num_tokens[j] // m … (num_tokens[j] + n) // m − 1``.
+        validate: check on the host (one device sync) that every completed entry fits in ``cache``;
+            without it, entries past ``n_c`` are dropped.
+
+    Returns:
+        The new :class:`CompressorState` (new tensors; ``state`` is not modified), equal bit for bit to
+        :func:`tilev4.reference.compressor_prefill`'s.
+    """
+    d, c, qkey = _check_params(ape, norm_weight, cache, ratio, quant, rope)
+    check_tensor("kv", kv, dtype=(torch.bfloat16, torch.float32), ndim=3, contiguous=True)
+    b, n, width = kv.shape
+    if width != c:
+        raise ValueError(f"kv must have last dimension coff*D={c} for ratio {ratio}, got {width}")
+    check_tensor("gate", gate, dtype=kv.dtype, shape=(b, n, c), contiguous=True)
+    if cache.shape[0] != b:
+        raise ValueError(f"cache must have shape [b={b}, n_c, {d}], got {list(cache.shape)}")
+    check_same_device(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache)
+    if state is not None:
+        _check_state(state, b, ratio, c, kv.device)
+    _check_cuda("kv", kv)
+    if state is None:
+        state = CompressorState.empty(b, ratio, d, kv.device)
+    _check_aligned(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache, **{
+        f"state.{f}": getattr(state, f) for f in ("kv", "score", "prev_kv", "prev_score")})
+    if validate and b:
+        need = int(((state.num_tokens + n) // ratio).max())
+        if need > cache.shape[1]:
+            raise ValueError(f"cache has {cache.shape[1]} entry rows but the prefill completes entries up to "
+                             f"index {need - 1} (num_tokens {state.num_tokens.tolist()} + n={n})")
+    if b == 0 or n == 0:
+        return CompressorState(*(None if t is None else t.clone() for t in (
+            state.kv, state.score, state.prev_kv, state.prev_score, state.num_tokens)))
+    overlap = ratio == 4
+    new = CompressorState(
+        kv=torch.empty_like(state.kv),
+        score=torch.empty_like(state.score),
+        prev_kv=torch.empty_like(state.prev_kv) if overlap else None,
+        prev_score=torch.empty_like(state.prev_score) if overlap else None,
+        num_tokens=torch.empty_like(state.num_tokens),
+    )
+    kernel = compile_kernel("compressor_prefill", _config(ratio, d, qkey, kv, cache, rope))
+    kernel(kv, gate, ape, norm_weight, _frequencies(rope, str(kv.device)), state.num_tokens, state.kv, state.score,
+           _prev_or_dummy(state.prev_kv, b, c, kv.device), _prev_or_dummy(state.prev_score, b, c, kv.device), cache,
+           new.kv, new.score, _prev_or_dummy(new.prev_kv, b, c, kv.device),
+           _prev_or_dummy(new.prev_score, b, c, kv.device), new.num_tokens)
+    return new
+
+
+def compress_decode(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    ape: torch.Tensor,
+    norm_weight: torch.Tensor,
+    cache: torch.Tensor,
+    state: CompressorState,
+    ratio: int,
+    *,
+    quant: str | None = "attention",
+    rope: RopeConfig = _COMPRESSED_ROPE,
+    validate: bool = True,
+) -> None:
+    """Append one token to each sequence of a ragged batch; write the entries that complete (one kernel).
+
+    Sequence ``j``'s token has position ``t = state.num_tokens[j]``; its row goes into the state, and if
+    ``(t + 1) % m == 0`` entry ``t // m`` is written to ``cache[j, t // m]`` and (m = 4) the block becomes
+    the previous half. ``state`` is updated IN PLACE (``num_tokens`` included), so that a step allocates
+    nothing and can be captured in a CUDA graph; its values equal :func:`tilev4.reference.compressor_decode_step`'s
+    new state bit for bit.
+
+    Every tensor must be contiguous, on one CUDA device, and start at a 16-byte aligned address.
+
+    Args:
+        kv: [b, coff·D] bf16 or fp32, contiguous, CUDA: the projected row of each sequence's new token.
+        gate: [b, coff·D], the dtype of ``kv``: its projected gate row.
+        ape, norm_weight, cache, ratio, quant, rope: as in :func:`compress_prefill`.
+        state: the :class:`CompressorState` of the ``b`` sequences (fp32 contiguous, on the device).
+        validate: check on the host (one device sync) that every entry that may complete fits in ``cache``;
+            pass ``False`` inside a CUDA graph (entries past ``n_c`` are then dropped).
+    """
+    d, c, qkey = _check_params(ape, norm_weight, cache, ratio, quant, rope)
+    check_tensor("kv", kv, dtype=(torch.bfloat16, torch.float32), ndim=2, contiguous=True)
+    b, width = kv.shape
+    if width != c:
+        raise ValueError(f"kv must have last dimension coff*D={c} for ratio {ratio}, got {width}")
+    check_tensor("gate", gate, dtype=kv.dtype, shape=(b, c), contiguous=True)
+    if cache.shape[0] != b:
+        raise ValueError(f"cache must have shape [b={b}, n_c, {d}], got {list(cache.shape)}")
+    check_same_device(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache)
+    _check_state(state, b, ratio, c, kv.device)
+    _check_cuda("kv", kv)
+    _check_aligned(kv=kv, gate=gate, ape=ape, norm_weight=norm_weight, cache=cache, **{
+        f"state.{f}": getattr(state, f) for f in ("kv", "score", "prev_kv", "prev_score")})
+    if b == 0:
+        return
+    if validate:
+        need = int(((state.num_tokens + 1) // ratio).max())
+        if need > cache.shape[1]:
+            raise ValueError(f"cache has {cache.shape[1]} entry rows but this step completes entry {need - 1} "
+                             f"(num_tokens {state.num_tokens.tolist()})")
+    kernel = compile_kernel("compressor_decode", _config(ratio, d, qkey, kv, cache, rope))
+    kernel(kv, gate, ape, norm_weight, _frequencies(rope, str(kv.device)), state.num_tokens, state.kv, state.score,
+           _prev_or_dummy(state.prev_kv, b, c, kv.device), _prev_or_dummy(state.prev_score, b, c, kv.device), cache)
