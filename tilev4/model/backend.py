@@ -13,7 +13,7 @@ mhc_head                   then the fp32 vocabulary projection (:meth:`KernelOps
 attention                  ``tilev4.csa_attention`` (window ∪ top-k), ``tilev4.hca_attention`` (window ∪
                            all compressed) or ``tilev4.sparse_attention`` (window only), on a bf16 cache
 ffn (MoE)                  ``tilev4.moe`` (routing + grouped SwiGLU GEMMs, bf16 weights, fp32 out)
-compressor                 reference math on the GPU (its kernel is being written: switch it here)
+compressor                 ``tilev4.compress_prefill`` / ``tilev4.compress_decode`` (fused, into the cache)
 indexer                    ``tilev4.indexer_topk`` (FP8 logits + radix top-k; query preparation in torch)
 linear / grouped_linear    reference math on the GPU (fp64 accumulation, rounded to fp32)
 rope, FP8 simulation       reference math (elementwise)
@@ -196,6 +196,33 @@ class ReferenceOps:
             return _compressor.compressor_decode_step(kv[:, 0], gate[:, 0], state, ape, norm, ratio, rope, quant)
         return _compressor.compressor_prefill(kv, gate, ape, norm, ratio, rope, quant, state)
 
+    def compress_into(
+        self,
+        kv: torch.Tensor,
+        gate: torch.Tensor,
+        state: _compressor.CompressorState,
+        ape: torch.Tensor,
+        norm: torch.Tensor,
+        ratio: int,
+        rope: Any,
+        quant: str,
+        store: torch.Tensor,
+    ) -> _compressor.CompressorState:
+        """One compressor over ``s`` new tokens, completed entries written into ``store`` [b, n, D]; returns the
+        new state. Entry ``i`` of sequence ``j`` goes to ``store[j, i]``; ``s == 1`` is a ragged decode step,
+        ``s > 1`` a prefill (all sequences at ``state.num_tokens``, equal on this path)."""
+        if kv.shape[1] == 1:
+            entries, emitted, index, new_state = self.compressor(kv, gate, state, ape, norm, ratio, rope, quant)
+            if store.shape[1]:  # a masked write (no host sync): rows that emitted nothing write their old value
+                rows = torch.arange(store.shape[0], device=store.device)
+                at = index.long().clamp(0, store.shape[1] - 1)  # [b]
+                store[rows, at] = torch.where(emitted.unsqueeze(1), entries.to(store.dtype), store[rows, at])
+            return new_state
+        c0 = int(state.num_tokens[0]) // ratio
+        entries, new_state = self.compressor(kv, gate, state, ape, norm, ratio, rope, quant)  # [b, E, D]
+        store[:, c0 : c0 + entries.shape[1]] = entries.to(store.dtype)
+        return new_state
+
     def indexer(
         self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, rope: Any, top_k: int
     ) -> torch.Tensor:
@@ -258,24 +285,6 @@ class ReferenceOps:
 # ---------------------------------------------------------------------------------------------- kernels
 
 _BI_CHUNK = 64  # rows per linear call in batch-invariant mode (the last chunk is zero-padded)
-
-
-def _state_rows(st: _compressor.CompressorState, i: int) -> _compressor.CompressorState:
-    pick = lambda t: None if t is None else t[i : i + 1]  # noqa: E731
-    return _compressor.CompressorState(pick(st.kv), pick(st.score), pick(st.prev_kv), pick(st.prev_score),
-                                       pick(st.num_tokens))
-
-
-def _cat(parts: list[Any]) -> Any:
-    """Concatenate per-sequence results along dim 0 (tensors, states, tuples of them)."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, _compressor.CompressorState):
-        fields = ("kv", "score", "prev_kv", "prev_score", "num_tokens")
-        return _compressor.CompressorState(*(
-            None if getattr(first, f) is None else torch.cat([getattr(p, f) for p in parts]) for f in fields))
-    return tuple(_cat([p[k] for p in parts]) for k in range(len(first)))
 
 
 class KernelOps(ReferenceOps):
@@ -439,16 +448,21 @@ class KernelOps(ReferenceOps):
             out_dtype=torch.float32, validate=False,
         )
 
-    # -- compressor and indexer: reference math until their kernels land -------------------------------
+    # -- compressor and indexer -------------------------------------------------------------------------------
 
-    def compressor(self, kv, gate, state, ape, norm, ratio, rope, quant):  # type: ignore[override]
-        """REFERENCE MATH on the GPU (switch to the compressor kernel here). Batch-invariant mode runs one
-        sequence at a time, so that torch's shape-dependent kernels see the same shapes alone or batched."""
-        if not self.batch_invariant or kv.shape[0] == 1:
-            return ReferenceOps.compressor(self, kv, gate, state, ape, norm, ratio, rope, quant)
-        parts = [ReferenceOps.compressor(self, kv[i : i + 1], gate[i : i + 1], _state_rows(state, i), ape, norm,
-                                         ratio, rope, quant) for i in range(kv.shape[0])]
-        return _cat(parts)
+    def compress_into(self, kv, gate, state, ape, norm, ratio, rope, quant, store):  # type: ignore[override]
+        """``tilev4.compress_prefill`` / ``tilev4.compress_decode``: pooling, rmsnorm, RoPE and the quantisation
+        simulation fused, written straight into ``store``. The decode step updates ``state`` in place. Both are
+        batch-invariant by construction (a sequence's entries never depend on the other sequences)."""
+        import tilev4
+
+        kv, gate = kv.float().contiguous(), gate.float().contiguous()
+        ape, norm = ape.float().contiguous(), norm.float().contiguous()
+        if kv.shape[1] == 1:
+            tilev4.compress_decode(kv[:, 0].contiguous(), gate[:, 0].contiguous(), ape, norm, store, state, ratio,
+                                   quant=quant, rope=rope)
+            return state
+        return tilev4.compress_prefill(kv, gate, ape, norm, store, ratio, quant=quant, rope=rope, state=state)
 
     def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
         """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
@@ -484,7 +498,6 @@ class KernelOps(ReferenceOps):
             "attention": "split-KV count chosen from the batch size (small batches split to fill the SMs)",
             "linear": "cuBLAS picks its GEMM kernel (and split-K) from the number of rows",
             "mhc_head": "the vocabulary projection is a cuBLAS GEMM over the batch's rows",
-            "compressor": "reference torch math on the GPU: reductions and kernels chosen by shape",
             "indexer": "the query preparation (RoPE, Hadamard) is torch math whose kernels are chosen by shape",
         }
 

@@ -211,20 +211,7 @@ def _compress(
     """Run one compressor over the new tokens x [b, s, dim]; write completed entries into store [b, n, D]."""
     kv = ops.linear(x, cw.wkv)  # [b, s, coff·D]
     gate = ops.linear(x, cw.wgate)  # [b, s, coff·D]
-    rope = cfg.rope(ratio)
-    if x.shape[1] == 1:  # ragged decode step: each sequence at its own position
-        entries, emitted, index, new_state = ops.compressor(
-            kv, gate, state, cw.ape, cw.norm, ratio, rope, quant
-        )  # [b, D], [b], [b]
-        if store.shape[1]:  # a masked write (no host sync): rows that emitted nothing write their old value back
-            rows = torch.arange(store.shape[0], device=store.device)
-            at = index.long().clamp(0, store.shape[1] - 1)  # [b]
-            store[rows, at] = torch.where(emitted.unsqueeze(1), entries.to(store.dtype), store[rows, at])
-        return new_state
-    entries, new_state = ops.compressor(kv, gate, state, cw.ape, cw.norm, ratio, rope, quant)  # [b, E, D]
-    c0 = int(positions[0, 0]) // ratio
-    store[:, c0 : c0 + entries.shape[1]] = entries.to(store.dtype)
-    return new_state
+    return ops.compress_into(kv, gate, state, cw.ape, cw.norm, ratio, cfg.rope(ratio), quant, store)
 
 
 def attention_forward(
