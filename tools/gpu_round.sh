@@ -1,0 +1,37 @@
+#!/bin/bash
+# One GPU round on the device machine: GPU tests file by file, then benchmarks, each under its own time limit,
+# results gathered into few files under $OUT (the device tool returns a limited number of files).
+#
+#   TESTS="tests/test_moe_gpu.py tests/test_indexer_gpu.py" BENCHES="moe indexer" bash tools/gpu_round.sh
+#
+# Defaults: every tests/test_*_gpu.py, every benchmark. TEST_LIMIT / BENCH_LIMIT: seconds per file / benchmark.
+# A kernel cache exported here (`tilev4 cache export .whl/aot.tar.gz`) is imported first, so that nothing
+# compiles there that was built here.
+set -u
+OUT=${OUT:-/tmp/gpu-round}; mkdir -p "$OUT"
+source .device/activate
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=${PYTHONPATH:-}:/tmp/site TILEV4_TILELANG_LOG_LEVEL=WARNING
+export TILEV4_COMMIT=${TILEV4_COMMIT:-$(cat .whl/commit 2>/dev/null || echo unknown)}
+TESTS=${TESTS:-$(ls tests/test_*_gpu.py)}
+BENCHES=${BENCHES:-all}
+TEST_LIMIT=${TEST_LIMIT:-240}; BENCH_LIMIT=${BENCH_LIMIT:-120}
+t0=$(date +%s); log="$OUT/round.log"; summary="$OUT/summary.txt"
+note() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$summary"; }
+python3 -m tilev4 info > "$log" 2>&1
+[ -f .whl/aot.tar.gz ] && python3 -m tilev4 cache import .whl/aot.tar.gz >> "$log" 2>&1 && note "cache imported"
+for f in $TESTS; do
+  echo "===== $f" >> "$log"
+  timeout -s KILL "$TEST_LIMIT" python3 -m pytest -q -n 8 -p no:cacheprovider --tb=short -rf \
+    -o faulthandler_timeout=$((TEST_LIMIT - 20)) "$f" >> "$log" 2>&1
+  rc=$?
+  note "$f rc=$rc $(tail -1 "$log" | grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' | head -1)"
+done
+[ "$BENCHES" = "all" ] && BENCHES=$(python3 -c "import tilev4.bench as b; b._load_all(); print(' '.join(sorted(b.BENCHES)))")
+for b in $BENCHES; do
+  timeout -s KILL "$BENCH_LIMIT" python3 -m tilev4 bench "$b" --json "/tmp/bench-$b.json" >> "$log" 2>&1
+  note "bench $b rc=$?"
+done
+# one report per benchmark (each with its own same-run peaks), packed into one file: tar -xf bench-json.tar
+(cd /tmp && ls bench-*.json >/dev/null 2>&1 && tar -cf "$OUT/bench-json.tar" bench-*.json)
+note "done"
