@@ -436,6 +436,24 @@ def _dense_tile(bx, num_n_tiles, num_rows, group_m, a0: T.Ref, c: T.Ref, row0: T
     rows = T.min(BM, num_rows - row0)  # noqa: F841
 
 
+@T.macro
+def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shared, weighted, BM, BN):
+    """The up-projection epilogue: ``h = silu(min(gate, l)) · clamp(up, ±l) [· w]`` in fp32, bf16 rows of the
+    segment stored (rows past it belong to the next expert)."""
+    for i, j in T.Parallel(BM, BN):
+        # written as selects so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+        g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
+        u = T.if_then_else(up_frag[i, j] > limit, limit,
+                           T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
+        if weighted:
+            h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
+        else:
+            h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
+    for i, j in T.Parallel(BM, BN):
+        if i < rows:
+            h[row0 + i, n0 + j] = h_shared[i, j]
+
+
 @register(
     "moe_up",
     configs=[{"dim": 4096}, {"dim": 4096, "dense": True}],  # V4-Flash; other sizes compile on first use
@@ -467,19 +485,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
 
     @T.macro
     def epilogue(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shared, weighted):
-        for i, j in T.Parallel(BM, BN):
-            # h = silu(min(gate, limit)) · clamp(up, -limit, limit) [· w], fp32, then bf16; written as
-            # selects so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
-            g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
-            u = T.if_then_else(up_frag[i, j] > limit, limit,
-                               T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
-            if weighted:
-                h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
-            else:
-                h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
-        for i, j in T.Parallel(BM, BN):
-            if i < rows:  # rows past the expert's segment belong to the next expert: never stored
-                h[row0 + i, n0 + j] = h_shared[i, j]
+        _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shared, weighted, BM, BN)
 
     if dense:
 

@@ -29,7 +29,15 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_tensor
-from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _check_limit, _empty, _grouped_tile
+from tilev4.kernels.moe import (
+    _NO_WS,
+    BLOCK_M,
+    MoEPermutation,
+    _check_limit,
+    _empty,
+    _grouped_tile,
+    _swiglu_store,
+)
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = ["FP8Weight", "build_moe_down_fp8", "build_moe_up_fp8", "moe_down_fp8", "moe_up_fp8",
@@ -151,14 +159,7 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
                     T.gemm(a_shared, b3_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):
                         up_frag[i, j] += t_frag[i, j] * sc3[i]
-                for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: selects keep NaN
-                    g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
-                    u = T.if_then_else(up_frag[i, j] > limit, limit,
-                                       T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
-                    h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
-                for i, j in T.Parallel(BM, BN):
-                    if i < rows:
-                        h[row0 + i, n0 + j] = h_shared[i, j]
+                _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shared, True, BM, BN)
 
     return moe_up_fp8_kernel
 
