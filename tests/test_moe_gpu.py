@@ -381,6 +381,7 @@ def test_bad_input_on_gpu():
 # ------------------------------------------------------------------------------------------------ FP8 weights
 
 F = importlib.import_module("tilev4.kernels.moe_fp8")
+FP8Weight = F.FP8Weight
 FP8_ACC = 2.0**-10  # bound on the FP8 tensor-core accumulation error relative to Σ|products| of a 128-K block
 
 
@@ -494,3 +495,40 @@ def test_fp8_batch_invariance(n, pos, seed):
 def _fp8_invariance_weights():
     _, _, w1, w2, w3, _, _, _ = _invariance_layer()
     return tuple(F.quantize_fp8_weight(w) for w in (w1, w2, w3))
+
+
+# ------------------------------------------------------------------------------------------------ dense FP8 linear
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (67, 640, 1024), (300, 200, 384)])
+def test_fp8_linear_matches_reference(m, n, k):
+    """``tilev4.fp8_linear`` against fp32 math on its dequantised inputs (x quantised 1×128 as the op does),
+    within the FP8 tensor-core accumulation bound; e8m0 byte scales give the same bits as fp32 scales."""
+    import tilev4
+    from tilev4.reference.quant import e8m0_encode, fp8_e4m3_simulate
+
+    g = _gen(500 + m)
+    w = F.quantize_fp8_weight(_randn(n, k, g=g, scale=k**-0.5, dtype=torch.float32))
+    x = _randn(m, k, g=g, scale=2.0)
+    y = tilev4.fp8_linear(x, w.data, w.scale)
+    assert y.shape == (m, n) and y.dtype == torch.float32 and not torch.isnan(y).any()
+    xq = fp8_e4m3_simulate(x.float().cpu(), 128)
+    wd = _dequant(FP8Weight(w.data.unsqueeze(0), w.scale.unsqueeze(0)))[0]
+    ref = xq @ wd.T
+    bound = FP8_ACC * (xq.abs() @ wd.abs().T) + 1e-6
+    excess = (y.cpu() - ref).abs() - bound
+    assert (excess <= 0).all(), f"max excess {excess.max().item():.3g}"
+    assert torch.equal(tilev4.fp8_linear(x, w.data, e8m0_encode(w.scale)), y)
+    yb = tilev4.fp8_linear(x, w.data, w.scale, out_dtype=torch.bfloat16)
+    assert torch.equal(yb, y.bfloat16())
+
+
+def test_fp8_linear_rows_are_batch_invariant():
+    import tilev4
+
+    g = _gen(600)
+    w = F.quantize_fp8_weight(_randn(512, 4096, g=g, scale=4096**-0.5, dtype=torch.float32))
+    x = _randn(300, 4096, g=g)
+    full = tilev4.fp8_linear(x, w.data, w.scale)
+    for r in (0, 63, 64, 299):
+        assert torch.equal(tilev4.fp8_linear(x[r : r + 1], w.data, w.scale)[0], full[r])

@@ -6,7 +6,7 @@ import torch
 
 from tilev4.bench import benchmark, record, time_cuda
 
-__all__ = ["bench_fp8_quantize", "bench_rmsnorm"]
+__all__ = ["bench_fp8_linear", "bench_fp8_quantize", "bench_rmsnorm"]
 
 
 @benchmark("rmsnorm")
@@ -36,4 +36,30 @@ def bench_fp8_quantize(peaks: dict[str, float]) -> list[dict[str, Any]]:
         ms = time_cuda(lambda x=x, q=q, s=s: tilev4.fp8_quantize(x, out=(q, s)), graph=True)
         nbytes = x.numel() * 2 + q.numel() + s.numel() * 4
         out.append(record("fp8_quantize", f"N={n} K={k}", ms, nbytes=nbytes, peaks=peaks))
+    return out
+
+
+@benchmark("fp8_linear")
+def bench_fp8_linear(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """The dense FP8 linear (activation quantisation included): prefill-sized rows against the FP8 matmul peak
+    measured in the same run, decode-sized rows against copy bandwidth over the FP8 weight bytes."""
+    import tilev4
+    from tilev4.bench.indexer import measure_fp8_peak
+    from tilev4.kernels.moe_fp8 import quantize_fp8_weight
+
+    fp8_peak = measure_fp8_peak()
+    out = []
+    for m, n, k in [(8192, 4096, 4096), (8192, 7168, 4096), (64, 4096, 4096)]:
+        w = quantize_fp8_weight(torch.randn(n, k, device="cuda") * k**-0.5)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ms = time_cuda(lambda x=x, w=w: tilev4.fp8_linear(x, w.data, w.scale), graph=m <= 256)
+        shape = f"M={m} N={n} K={k}"
+        if m > 256:
+            rec = record("fp8_linear (quantise x + FP8 GEMM)", shape, ms, flops=2.0 * m * n * k, peaks=peaks)
+            rec["fp8_peak_tflops"] = fp8_peak
+            rec["fraction_of_fp8_peak"] = rec["tflops"] / fp8_peak
+        else:
+            rec = record("fp8_linear (quantise x + FP8 GEMM)", shape, ms, peaks=peaks,
+                         nbytes=n * k + w.scale.numel() * 4 + m * k * 2 + m * n * 4)
+        out.append(rec)
     return out

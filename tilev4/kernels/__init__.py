@@ -3,6 +3,7 @@
 from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attention
 from tilev4.kernels.compressor import compress_decode, compress_prefill
 from tilev4.kernels.indexer import indexer_fp8_cast, indexer_logits, indexer_topk, topk_select
+from tilev4.kernels.linear import fp8_linear
 from tilev4.kernels.mhc import mhc_head_pre, mhc_post, mhc_pre
 from tilev4.kernels.moe import (
     moe,
@@ -36,6 +37,7 @@ __all__ = [
     "compress_prefill",
     "csa_attention",
     "current_arch",
+    "fp8_linear",
     "fp8_quantize",
     "get_kernel_def",
     "hca_attention",

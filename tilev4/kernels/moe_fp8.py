@@ -34,6 +34,7 @@ from tilev4.kernels.moe import (
     BLOCK_M,
     MoEPermutation,
     _check_limit,
+    _dense_tile,
     _empty,
     _grouped_tile,
     _swiglu_store,
@@ -164,30 +165,76 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
     return moe_up_fp8_kernel
 
 
-@register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"))
-def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
-                       threads: int = 256):
-    """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
-    if inter % SCALE_BLOCK:
-        raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")
+@T.macro
+def _fp8_gemm_store(a8, a_scale, w8, w_scale, y, e, row0, rows, n0, NR, KB, num_stages, a_shared, b_shared, acc,
+                    t_frag, sc, BK, BN, BM, out_dtype):
+    """``y[rows of the tile] = (a8·sa) (w8·sw)ᵀ`` over KB blocks of 128: FP8 wgmma per block, exact power-of-two
+    promotion into the fp32 accumulator, one rounding to ``out_dtype`` at the store."""
+    T.clear(acc)
+    for k in T.Pipelined(KB, num_stages=num_stages):
+        T.copy(a8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
+        T.copy(w8[e, n0, k * BK], b_shared)
+        for i in T.Parallel(BM):
+            sc[i] = T.if_then_else(row0 + i < NR, a_scale[row0 + i, k], 0.0) * w_scale[e, n0 // SCALE_BLOCK, k]
+        T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=T.GemmWarpPolicy.FullRow, clear_accum=True)
+        for i, j in T.Parallel(BM, BN):
+            acc[i, j] += t_frag[i, j] * sc[i]
+    for i, j in T.Parallel(BM, BN):
+        if i < rows:
+            y[row0 + i, n0 + j] = T.cast(acc[i, j], out_dtype)
+
+
+def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages: int, threads: int, group_m: int,
+                    out_dtype: str):
+    """The FP8 GEMM ``y = a·wᵀ`` (a quantised 1×128, w 128×128): grouped over the MoE tile table, or dense."""
+    if K % SCALE_BLOCK:
+        raise ValueError(f"K={K} must be a multiple of {SCALE_BLOCK}")
     if SCALE_BLOCK % block_n:
         raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
-    BM, BN, BK = block_m, block_n, SCALE_BLOCK
-    I, KB = inter, inter // SCALE_BLOCK
+    if out_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"out_dtype must be 'bfloat16' or 'float32', got {out_dtype!r}")
+    BM, BN, BK, KB = block_m, block_n, SCALE_BLOCK, K // SCALE_BLOCK
     NR, D, DS, E, MT = (T.dynamic(n) for n in ("NR", "D", "DS", "E", "MT"))
-    policy = T.GemmWarpPolicy.FullRow
-    fp8 = T.float8_e4m3fn
+    fp8, odt = T.float8_e4m3fn, getattr(T, out_dtype)
+
+    if dense:
+
+        @T.prim_func
+        def fp8_linear_kernel(
+            a8: T.Tensor[(NR, K), fp8],
+            a_scale: T.Tensor[(NR, KB), T.float32],
+            w8: T.Tensor[(1, D, K), fp8],
+            w_scale: T.Tensor[(1, DS, KB), T.float32],
+            y: T.Tensor[(NR, D), odt],
+        ):
+            T.annotate_pass_configs(_PASS_CONFIGS)
+            with T.Kernel(T.ceildiv(NR, BM) * T.ceildiv(D, BN), threads=threads) as bx:
+                a_shared = T.alloc_shared((BM, BK), fp8)
+                b_shared = T.alloc_shared((BN, BK), fp8)
+                acc = T.alloc_fragment((BM, BN), T.float32)
+                t_frag = T.alloc_fragment((BM, BN), T.float32)
+                sc = T.alloc_fragment((BM,), T.float32)
+                a0 = T.alloc_var(T.int32)
+                c = T.alloc_var(T.int32)
+                row0 = T.alloc_var(T.int32)
+                rows = T.alloc_var(T.int32)
+                n0 = T.alloc_var(T.int32)
+                _dense_tile(bx, T.ceildiv(D, BN), NR, group_m, a0, c, row0, rows, n0, BM, BN)
+                _fp8_gemm_store(a8, a_scale, w8, w_scale, y, 0, row0, rows, n0, NR, KB, num_stages, a_shared,
+                                b_shared, acc, t_frag, sc, BK, BN, BM, odt)
+
+        return fp8_linear_kernel
 
     @T.prim_func
     def moe_down_fp8_kernel(
-        h8: T.Tensor[(NR, I), fp8],
+        h8: T.Tensor[(NR, K), fp8],
         hs: T.Tensor[(NR, KB), T.float32],
-        w2: T.Tensor[(E, D, I), fp8],
+        w2: T.Tensor[(E, D, K), fp8],
         w2s: T.Tensor[(E, DS, KB), T.float32],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
         tile_expert: T.Tensor[(MT,), T.int32],
-        y: T.Tensor[(NR, D), T.bfloat16],
+        y: T.Tensor[(NR, D), odt],
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
         with T.Kernel(MT * T.ceildiv(D, BN), threads=threads) as bx:
@@ -205,20 +252,17 @@ def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
                 _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
-                T.clear(acc)
-                for k in T.Pipelined(KB, num_stages=num_stages):
-                    T.copy(h8[row0, k * BK], a_shared)
-                    T.copy(w2[e, n0, k * BK], b_shared)
-                    for i in T.Parallel(BM):
-                        sc[i] = T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0) * w2s[e, n0 // SCALE_BLOCK, k]
-                    T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
-                    for i, j in T.Parallel(BM, BN):
-                        acc[i, j] += t_frag[i, j] * sc[i]
-                for i, j in T.Parallel(BM, BN):
-                    if i < rows:
-                        y[row0 + i, n0 + j] = T.cast(acc[i, j], T.bfloat16)
+                _fp8_gemm_store(h8, hs, w2, w2s, y, e, row0, rows, n0, NR, KB, num_stages, a_shared, b_shared, acc,
+                                t_frag, sc, BK, BN, BM, odt)
 
     return moe_down_fp8_kernel
+
+
+@register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"))
+def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
+                       threads: int = 256):
+    """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
+    return _build_fp8_gemm(inter, False, block_m, block_n, num_stages, threads, 8, "bfloat16")
 
 
 def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.device) -> None:
