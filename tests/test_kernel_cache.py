@@ -328,3 +328,17 @@ def test_cache_cli_ls_verify_prune_clear_export_import(pristine, tmp_path, monke
     assert main(["cache", "clear"]) == 0 and list_entries(root) == []
     assert main(["cache", "import", str(tmp_path / "y.tar.gz")]) == 0
     assert [e.kernel for e in list_entries(root, verify=True) if e.problem is None] == ["rmsnorm"]
+
+
+@pytest.mark.compile
+def test_export_filters_by_kernel_and_toolchain(aot, tmp_path):
+    """``--kernel`` / ``--current-toolchain`` keep an export small enough to carry to the GPU machine."""
+    everything = export_cache(tmp_path / "all.tar.gz", arch=ARCH, include_results=False)
+    only = export_cache(tmp_path / "rms.tar.gz", arch=ARCH, include_results=False, kernels={"rmsnorm"},
+                        current_toolchain_only=True)
+    n_rms = sum(1 for name, _ in aot if name == "rmsnorm")
+    assert n_rms <= only["entries"] < everything["entries"]
+    counts = import_cache(tmp_path / "rms.tar.gz", root=tmp_path / "other")
+    assert counts["imported"] == only["entries"] and counts["rejected"] == 0
+    assert {e.kernel for e in list_entries(tmp_path / "other")} == {"rmsnorm"}
+    assert export_cache(tmp_path / "none.tar.gz", kernels={"no_such_kernel"})["entries"] == 0

@@ -422,7 +422,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         console.print(f"pruned {n} entries ({_human_bytes(freed)})")
         return 0
     if args.cache_cmd == "export":
-        summary = kc.export_cache(Path(args.file), arch=args.arch, include_results=not args.no_results)
+        summary = kc.export_cache(Path(args.file), arch=args.arch, include_results=not args.no_results,
+                                  kernels=args.kernel, current_toolchain_only=args.current_toolchain)
         console.print(f"exported {summary['entries']} entries and {summary['results']} tuning files to {args.file}"
                       + (f" ({summary['skipped']} entries that do not verify left out)" if summary["skipped"] else ""))
         return 0
@@ -524,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--arch", help="only this arch's entries")
     c.add_argument("--no-results", action="store_true", help="leave the tuning results out")
+    c.add_argument("--kernel", action="append", help="only this registry kernel's entries (repeatable)")
+    c.add_argument("--current-toolchain", action="store_true", help="only entries built by this machine's toolchain")
     c = csub.add_parser("import", help="add the entries and tuning results of an export")
     c.add_argument("file")
     p.set_defaults(func=_cmd_cache)

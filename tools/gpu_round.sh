@@ -5,8 +5,9 @@
 #   TESTS="tests/test_moe_gpu.py tests/test_indexer_gpu.py" BENCHES="moe indexer" bash tools/gpu_round.sh
 #
 # Defaults: every tests/test_*_gpu.py, every benchmark. TEST_LIMIT / BENCH_LIMIT: seconds per file / benchmark.
-# A kernel cache exported here (`tilev4 cache export .whl/aot.tar.gz`) is imported first, so that nothing
-# compiles there that was built here.
+# A kernel cache exported here is imported first, so that nothing compiles there that was built here:
+#   tilev4 compile --arch sm_90a && tilev4 cache export .whl/aot.tar.gz --current-toolchain [--kernel K ...]
+# (the device tool carries 64 MiB in all, .device included: name the kernels the round needs).
 set -u
 OUT=${OUT:-/tmp/gpu-round}; mkdir -p "$OUT"
 source .device/activate

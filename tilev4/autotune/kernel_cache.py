@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -610,13 +610,17 @@ def _results_dir(root: Path | None) -> Path:
 
 
 def export_cache(file: Path, root: Path | None = None, arch: str | None = None,
-                 include_results: bool = True) -> dict[str, int]:
-    """Write the verified entries (of ``arch``, if given) and the tuning results to a ``.tar.gz``.
+                 include_results: bool = True, kernels: Collection[str] | None = None,
+                 current_toolchain_only: bool = False) -> dict[str, int]:
+    """Write the verified entries (of ``arch``, of the ``kernels`` named, of this machine's toolchain —
+    each filter if given) and the tuning results to a ``.tar.gz``.
 
     Entries that do not verify are left out. Returns counts: ``entries``, ``skipped``, ``results``.
     """
     base = kernels_root(root)
-    entries = [e for e in list_entries(root, verify=True) if arch is None or e.arch == arch]
+    entries = [e for e in list_entries(root, verify=True)
+               if (arch is None or e.arch == arch) and (kernels is None or e.kernel in kernels)
+               and (not current_toolchain_only or e.current_toolchain)]
     good = [e for e in entries if e.problem is None]
     rdir = _results_dir(root)
     results = sorted(rdir.rglob("*.json")) if include_results and rdir.is_dir() else []
