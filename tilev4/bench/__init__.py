@@ -165,13 +165,18 @@ def render_table(reports: list[dict[str, Any]]) -> str:
     ]
     for rep in reports:
         for r in rep["results"]:
-            frac = r.get("fraction_of_fp8_peak", r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw")))
-            which = ("fp8 matmul" if "fraction_of_fp8_peak" in r
-                     else "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW")
+            if "tokens_per_s" in r:  # the model: throughput, and the speed-up over the reference ops
+                ratio = r.get("speedup_vs_reference")
+                value = f"{r['tokens_per_s']:.1f} tok/s" + (f", {ratio:.2f}× the reference" if ratio else "")
+                target = f"{r['target_speedup']:.0f}×" if "target_speedup" in r else "–"
+            else:
+                frac = r.get("fraction_of_fp8_peak", r.get("fraction_of_bf16_peak", r.get("fraction_of_copy_bw")))
+                which = ("fp8 matmul" if "fraction_of_fp8_peak" in r
+                         else "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW")
+                value, target = f"{frac:.2f} of {which}", _fmt(r.get("target_fraction"), 2)
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
-                f"{_fmt(r.get('tflops'), 1)} | {frac:.2f} of {which} | {_fmt(r.get('target_fraction'), 2)} | "
-                f"{rep['gpu']} | {rep['date']} | {rep['commit']} |"
+                f"{_fmt(r.get('tflops'), 1)} | {value} | {target} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
             )
     def fp8_peak(rep: dict[str, Any]) -> str:
         vals = [r["fp8_peak_tflops"] for r in rep["results"] if "fp8_peak_tflops" in r]
