@@ -73,25 +73,47 @@ def test_quantize_rejects_bad_input():
         F.quantize_fp4_weight(torch.zeros(128))
 
 
-def _kernel_byte(code: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """The kernel's expansion formula (moe_fp4._expand) in torch int32 ops: e4m3 of sign·|v|·2^-min(j, 20)."""
-    mag = code & 7
-    jc = j.clamp(max=F.SHIFT_CLAMP)
-    bits = torch.where(mag >= 2, (252 + mag) << 22, torch.full_like(mag, 252 << 22)) - (jc << 23)
-    a = torch.where(mag == 0, torch.zeros(mag.shape), bits.to(torch.int32).view(torch.float32))
-    return torch.where(code >= 8, -a, a).to(torch.float8_e4m3fn)
+def _byte_perm(x: int, y: int, sel: torch.Tensor) -> torch.Tensor:
+    """CUDA ``__byte_perm(x, y, sel)`` for selector nibbles 0..7: byte i of the result is byte sel_i of (y:x)."""
+    table = torch.tensor([(x >> 8 * i) & 255 for i in range(4)] + [(y >> 8 * i) & 255 for i in range(4)])
+    return sum(table[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+
+def _vsubus4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """CUDA ``__vsubus4``: per-byte unsigned saturating subtraction."""
+    return sum(((((a >> 8 * i) & 255) - ((b >> 8 * i) & 255)).clamp(min=0)) << 8 * i for i in range(4))
+
+
+def _kernel_bytes(p16: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The kernel's expansion (moe_fp4._expand) in int64 torch ops: the 4 e4m3 bytes of the codes in p16 at
+    shift min(j, 20) — the byte-permute path for j <= 5, the fp32-bits path above. Returns [..., 4] uint8."""
+    j = j.clamp(max=F.SHIFT_CLAMP)
+    mags = _byte_perm(F._E4M3_LO, F._E4M3_HI, p16 & 0x7777)
+    signs = _byte_perm(0x8000, 0, (p16 >> 3) & 0x1111)
+    word = _vsubus4(mags, j * 0x08080808) | signs
+    out = []
+    for i in range(4):
+        fast = ((word >> 8 * i) & 255).to(torch.uint8)
+        code = (p16 >> 4 * i) & 15
+        mag = code & 7
+        bits = torch.where(mag >= 2, (252 + mag) << 22, torch.full_like(mag, 252 << 22)) - (j << 23)
+        a = torch.where(mag == 0, torch.zeros(mag.shape), bits.to(torch.int32).view(torch.float32))
+        slow = torch.where(code >= 8, -a, a).to(torch.float8_e4m3fn).view(torch.uint8)
+        out.append(torch.where(j <= F.FAST_SHIFT, fast, slow))
+    return torch.stack(out, -1)
 
 
 def test_expansion_formula_is_the_e4m3_rounding_of_v_times_2_to_minus_j():
-    """For every code and every shift the kernel's bit construction gives rne_e4m3(v · 2^-j), and that is v · 2^-j
-    itself for j <= 8 (the derivation in the module docstring)."""
-    code = torch.arange(16, dtype=torch.int32).repeat_interleave(255)
-    j = torch.arange(255, dtype=torch.int32).repeat(16)
-    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    v = torch.where(code >= 8, -grid[code & 7], grid[code & 7])
-    exact = v.double() * torch.exp2(-j.double())
-    got = _kernel_byte(code, j).float().double()
-    assert torch.equal(got, exact.to(torch.float8_e4m3fn).float().double())  # torch's cast rounds to nearest even
+    """For every 4 codes and every shift the kernel's bit construction gives rne_e4m3(v · 2^-j) (both paths), and
+    that is v · 2^-j itself for j <= 8 (the derivation in the module docstring)."""
+    p16 = torch.arange(1 << 16).repeat_interleave(24)
+    j = torch.arange(24).repeat(1 << 16)
+    got = _kernel_bytes(p16, j).view(torch.float8_e4m3fn).float().double()  # [65536·24, 4]
+    codes = torch.stack([(p16 >> 4 * i) & 15 for i in range(4)], -1)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    v = torch.where(codes >= 8, -grid[codes & 7], grid[codes & 7])
+    exact = v * torch.exp2(-j.double())[:, None]
+    assert torch.equal(got, exact.float().to(torch.float8_e4m3fn).float().double())  # torch's cast: nearest even
     small = j <= F.MAX_EXACT_SHIFT
     assert torch.equal(got[small], exact[small])
     assert not torch.equal(got[j == 9], exact[j == 9])  # the bound is tight: 0.5 · 2^-9 is not in e4m3

@@ -27,17 +27,21 @@ The promotion of the FP8 tensor-core block sum ``t = x8[:, kb] · w8[:, kb]ᵀ``
 scale (from shared memory), both powers of two, so the promotion is exact and the only roundings are
 the FP8 tensor core's block sum and the fp32 sum over K blocks, as for FP8 weights.
 
-The e4m3 byte of ``v · 2^−j`` is made without a table: the fp32 bit pattern of ``v · 2^−j`` is built with
-integer operations (``j`` clamped to 20, past which everything rounds to 0 anyway, so the exponent field
-never underflows) and converted by the hardware (``cvt.rn.satfinite.e4m3x2.f32``: round to nearest even).
+The e4m3 bytes are made four at a time (a thread takes two packed bytes — four consecutive elements of
+one 32-group, so one ``j``): for ``j <= 5`` every non-zero ``v · 2^−j`` is a normal e4m3 number, whose byte
+is the byte of ``|v|`` (a ``__byte_perm`` lookup of the magnitude indices in the 8-byte table of
+0, 0.5, 1, 1.5, 2, 3, 4, 6) with ``8·j`` taken off its exponent field (``__vsubus4``: 0 stays 0) and the
+sign bit set (a second ``__byte_perm``); for ``j >= 6`` (subnormal results, rounding) each element's fp32
+bit pattern of ``v · 2^−j`` is built with integer operations (``j`` clamped to 20, past which everything
+rounds to 0 anyway, so that the exponent field stays positive) and converted by the hardware
+(``cvt.rn.satfinite.e4m3x2.f32``: round to nearest even). A 32-bit store writes the four bytes.
 
 Kernels (schedule, tile → expert map and batch invariance exactly as the bf16 and FP8 kernels):
 
 * ``moe_up_fp4`` — ``h = silu(min(x W1ᵀ, l)) · clamp(x W3ᵀ, ±l) · w`` → bf16. A CTA computes 64 columns of
   h: its B tile stacks 64 rows of W1 over the same 64 rows of W3, so one [128, 128] FP8 GEMM per K block
-  gives gate and up side by side: two fp32 [128, 128] register tiles (accumulator and block sum; ~194
-  registers a thread) where the FP8 kernel's layout — two GEMMs, three tiles — plus the column scales
-  spilled past 255.
+  gives gate and up side by side: two fp32 [128, 128] register tiles (accumulator and block sum) where the
+  FP8 kernel's layout — two GEMMs, three tiles — plus the column scales spilled past 255 registers.
 * ``moe_down_fp4`` — ``y = h W2ᵀ`` → bf16, from ``h`` quantised 1×128 (a separate
   :func:`tilev4.fp8_quantize` launch).
 
@@ -47,9 +51,10 @@ scale [E, N, K/32] uint8 e8m0 bytes (``2^(byte − 127)``; byte 255, e8m0's NaN,
 ``2^−127``, is read as 0 — :func:`quantize_fp4_weight` never writes either). K (dim for the up projection,
 inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
-Tuning notes: the expansion costs integer work per weight element in every CTA that reads the tile (the
-M tiles of an expert each expand it again); it is what FP4 buys on Hopper — half the weight bytes of FP8
-(decode is weight-bandwidth-bound) — at some cost in prefill, where the FP8 GEMMs are compute-bound.
+Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~5
+integer instructions per element on the fast path, serialised with the (synchronous) FP8 wgmma of the K
+block: prefill, compute-bound, should run slower than with FP8 weights; decode, weight-bandwidth-bound,
+reads half the bytes of FP8. 184 / 187 registers a thread (up / down), no spills (ptxas, sm_90a).
 
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128,
 KP = K/2 packed bytes, KS = K/32 scales.
@@ -72,6 +77,8 @@ FP4_BLOCK = 32  # K elements per e8m0 weight scale
 GROUPS = SCALE_BLOCK // FP4_BLOCK  # scales per row and K block
 MAX_EXACT_SHIFT = 8  # v · 2^-j is exact in e4m3 for every e2m1 value v when j <= 8
 SHIFT_CLAMP = 20  # j past 12 rounds everything to 0; clamping keeps the fp32 exponent field positive
+FAST_SHIFT = 5  # j <= 5 keeps every non-zero v · 2^-j a normal e4m3 number (0.5 · 2^-5 = 2^-6, exponent field 1)
+_E4M3_LO, _E4M3_HI = 0x3C383000, 0x4C484440  # e4m3 bytes of 0, 0.5, 1, 1.5 | 2, 3, 4, 6 (little-endian)
 _PASS_CONFIGS = {**_NO_WS, "tl.disable_tma_lower": True}  # cp.async software pipeline (see moe.py)
 
 
@@ -179,16 +186,31 @@ def _scale_block(s_shared, smax_shared, sw_shared, k, BN, off):
 @T.macro
 def _expand(q_shared, s_shared, smax_shared, b_shared, k, BN, BK, off):
     """b_shared[off + n, kk] = rne_e4m3(v[n, kk] · 2^-j), j = b_max[n] − b[n, kk // 32] (see the module
-    docstring), for the packed tile q_shared [BN, BK/2] of K block k."""
-    for n, kk in T.Parallel(BN, BK):
-        code = (T.cast(q_shared[n, kk // 2], T.int32) >> ((kk % 2) * 4)) & 15  # sign bit 8 | magnitude 0..7
-        mag = code & 7
-        j = T.min(smax_shared[off + n] - T.cast(s_shared[n, k * GROUPS + kk // FP4_BLOCK], T.int32), SHIFT_CLAMP)
-        # fp32 bits of |v|: magnitude index c = 2e + m (e2m1 exponent e, mantissa m) is ((126 + e) << 23 |
-        # m << 22) = (252 + c) << 22 for e >= 1; c = 1 is 0.5 = 252 << 22; then 2^-j lowers the exponent field
-        bits = T.if_then_else(mag >= 2, (252 + mag) << 22, 252 << 22) - (j << 23)
-        a = T.if_then_else(mag == 0, T.float32(0), T.reinterpret(bits, T.float32))
-        b_shared[off + n, kk] = T.cast(T.if_then_else(code >= 8, -a, a), T.float8_e4m3fn)
+    docstring), for the packed tile q_shared [BN, BK/2] of K block k; a thread makes 4 elements at a time."""
+    for n, g in T.Parallel(BN, BK // 4):
+        j = T.min(smax_shared[off + n] - T.cast(s_shared[n, k * GROUPS + g // (FP4_BLOCK // 4)], T.int32),
+                  SHIFT_CLAMP)
+        # the codes of elements 4g .. 4g+3, one nibble each (sign bit 8 | magnitude 0..7), element 4g lowest
+        p16 = T.cast(q_shared[n, 2 * g], T.uint32) | (T.cast(q_shared[n, 2 * g + 1], T.uint32) << 8)
+        # j <= 5: the four e4m3 bytes at once — the magnitudes' bytes at scale 1 by a byte permute of the table
+        # (0, 0.5, 1, 1.5, 2, 3, 4, 6), 8·j off each exponent field (saturating: 0 stays 0; the others stay
+        # normal), the sign bits on top
+        mags = T.call_extern(T.uint32, "__byte_perm", T.uint32(_E4M3_LO), T.uint32(_E4M3_HI), p16 & T.uint32(0x7777))
+        signs = T.call_extern(T.uint32, "__byte_perm", T.uint32(0x8000), T.uint32(0),
+                              (p16 >> T.uint32(3)) & T.uint32(0x1111))
+        word = T.call_extern(T.uint32, "__vsubus4", mags, T.cast(j, T.uint32) * T.uint32(0x08080808)) | signs
+        for i in T.vectorized(4):
+            fast = T.cast((word >> T.cast(8 * i, T.uint32)) & T.uint32(255), T.uint8)
+            # j >= 6 (subnormal results, rounding past 8): the fp32 bits of |v|·2^-j, converted by the hardware.
+            # Magnitude index c = 2e + m (e2m1 exponent e, mantissa m) is ((126 + e) << 23 | m << 22) =
+            # (252 + c) << 22 for e >= 1; c = 1 is 0.5 = 252 << 22; 2^-j lowers the exponent field
+            code = T.cast((p16 >> T.cast(4 * i, T.uint32)) & T.uint32(15), T.int32)
+            mag = code & 7
+            bits = T.if_then_else(mag >= 2, (252 + mag) << 22, 252 << 22) - (j << 23)
+            a = T.if_then_else(mag == 0, T.float32(0), T.reinterpret(bits, T.float32))
+            b_shared[off + n, 4 * g + i] = T.if_then_else(
+                j <= FAST_SHIFT, T.reinterpret(fast, T.float8_e4m3fn),
+                T.cast(T.if_then_else(code >= 8, -a, a), T.float8_e4m3fn))
 
 
 @register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"))
