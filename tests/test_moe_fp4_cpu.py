@@ -197,6 +197,9 @@ def _act(n, k):
         (lambda: F.moe_up_fp4(_perm(), *_act(6, 256), _fp4(4, 128, 256), _fp4(4, 128, 256), swiglu_limit=0.0),
          ValueError, "swiglu_limit"),
         (lambda: F.moe_down_fp4(_perm(), *_act(6, 200), _fp4(4, 256, 200)), ValueError, "inter=200"),
+        (lambda: F.moe_down_fp4(_perm(), *_act(6, 128), F.FP4Weight(
+            torch.zeros(4 * 256 * 64 + 8, dtype=torch.uint8)[8:].view(4, 256, 64), _fp4(4, 256, 128).scale)),
+         ValueError, "w2.data must start at a 16-byte aligned address"),
         (lambda: F.moe_down_fp4(_perm(), *_act(6, 128), _fp4(3, 256, 128)), ValueError,
          r"w2.data must have shape \[4, 256, 64\]"),
         (lambda: F.moe_down_fp4(_perm(), *_act(6, 128), _fp4(4, 256, 128), out=torch.zeros(6, 256)), TypeError,

@@ -549,7 +549,8 @@ def test_fp4_experts_match_reference(case):
         assert all(F4.fp4_expansion_is_exact(q) for q in (q1, q2, q3))
     else:
         assert not F4.fp4_expansion_is_exact(q1)  # the case does reach the rounding shifts
-    assert torch.equal(q2.data.cpu(), F4.quantize_fp4_weight(w2.cpu()).data)  # device-independent host prep
+    host = F4.quantize_fp4_weight(w2[:2].cpu())  # the host prep does not depend on the device
+    assert torch.equal(q2.data[:2].cpu(), host.data) and torch.equal(q2.scale[:2].cpu(), host.scale)
     x = _randn(num_tokens, dim, g=g, scale=scale)
     weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
     perm = K.moe_permute(x, weights, experts, num_experts)

@@ -168,7 +168,15 @@ def _check_fp4_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     check_tensor(f"{name}.data", w.data, dtype=torch.uint8, shape=(e, n, k // 2), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=torch.uint8, shape=(e, n, k // FP4_BLOCK), contiguous=True,
                  device=device)
+    _check_aligned(f"{name}.data", w.data)
+    _check_aligned(f"{name}.scale", w.scale)
     return w
+
+
+def _check_aligned(name: str, t: torch.Tensor) -> None:
+    """The kernels load rows in 16-byte pieces (the row strides are multiples of 16 through the shapes)."""
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address, got storage offset {t.storage_offset()}")
 
 
 @T.macro
@@ -362,6 +370,7 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
     check_tensor(name, q, dtype=torch.float8_e4m3fn, shape=(n, k), contiguous=True, device=device)
     check_tensor(f"{name} scale", s, dtype=torch.float32, shape=(n, k // SCALE_BLOCK), contiguous=True,
                  device=device)
+    _check_aligned(name, q)
 
 
 def moe_up_fp4(
