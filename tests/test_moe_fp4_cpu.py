@@ -128,6 +128,21 @@ def test_expanded_weight_is_the_dequantised_weight_for_ordinary_weights(gen):
     assert torch.equal(F.expand_fp4_weight(q), deq)
 
 
+def test_checkpoint_dtypes_are_the_same_bytes(gen):
+    """The checkpoint stores packed FP4 as int8 and the scales as float8_e8m0fnu (tilev4.model.weights)."""
+    from tilev4.model.weights import quantize_fp4_weight as checkpoint_quantize
+
+    w = _weights(2, 16, 256, gen, spread=3.0)
+    q = F.quantize_fp4_weight(w)
+    packed, scale = zip(*(checkpoint_quantize(w[i]) for i in range(2)), strict=True)
+    ckpt = F.FP4Weight(torch.stack(packed), torch.stack(scale))
+    assert ckpt.data.dtype == torch.int8 and ckpt.scale.dtype == torch.float8_e8m0fnu
+    assert torch.equal(ckpt.data.view(torch.uint8), q.data) and torch.equal(ckpt.scale.view(torch.uint8), q.scale)
+    assert torch.equal(F.expand_fp4_weight(ckpt), F.expand_fp4_weight(q))
+    checked = F._check_fp4_weight("w", ckpt, 2, 16, 256, torch.device("cpu"))
+    assert checked.data.dtype == torch.uint8 and checked.scale.dtype == torch.uint8
+
+
 def test_expanded_weight_rounds_only_past_a_spread_of_2_to_8(gen):
     w = _flat_weights(1, 8, 256, gen)
     w[0, 0, 32:64] *= 2.0**-9  # row 0, block 0: group 1 is 2^9 below the others -> rounded

@@ -48,7 +48,8 @@ Kernels (schedule, tile → expert map and batch invariance exactly as the bf16 
 Layouts: ``FP4Weight(data, scale)`` with data [E, N, K/2] uint8 (two e2m1 codes per byte, the low nibble
 holds the even element; a code is sign bit 8 | magnitude index 0..7 into 0, 0.5, 1, 1.5, 2, 3, 4, 6) and
 scale [E, N, K/32] uint8 e8m0 bytes (``2^(byte − 127)``; byte 255, e8m0's NaN, is not expected; byte 0,
-``2^−127``, is read as 0 — :func:`quantize_fp4_weight` never writes either). K (dim for the up projection,
+``2^−127``, is read as 0 — :func:`quantize_fp4_weight` never writes either); the checkpoint's int8 data and
+float8_e8m0fnu scales are taken as the same bytes. K (dim for the up projection,
 inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
 Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~5
@@ -79,12 +80,15 @@ MAX_EXACT_SHIFT = 8  # v · 2^-j is exact in e4m3 for every e2m1 value v when j 
 SHIFT_CLAMP = 20  # j past 12 rounds everything to 0; clamping keeps the fp32 exponent field positive
 FAST_SHIFT = 5  # j <= 5 keeps every non-zero v · 2^-j a normal e4m3 number (0.5 · 2^-5 = 2^-6, exponent field 1)
 _E4M3_LO, _E4M3_HI = 0x3C383000, 0x4C484440  # e4m3 bytes of 0, 0.5, 1, 1.5 | 2, 3, 4, 6 (little-endian)
+_DATA_DTYPES = (torch.uint8, torch.int8)  # the checkpoint stores the packed bytes as int8
+_SCALE_DTYPES = (torch.uint8, torch.float8_e8m0fnu)  # ... and the scales as float8_e8m0fnu
 _PASS_CONFIGS = {**_NO_WS, "tl.disable_tma_lower": True}  # cp.async software pipeline (see moe.py)
 
 
 class FP4Weight(NamedTuple):
     """Stacked FP4 expert weights: data [E, N, K/2] uint8 (low nibble = even element), scale [E, N, K/32]
-    uint8 e8m0."""
+    uint8 e8m0 bytes. The checkpoint's dtypes (int8 data, float8_e8m0fnu scales) are accepted as the same
+    bytes."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -133,7 +137,7 @@ def _shifts(w: FP4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def expand_fp4_weight(w: FP4Weight) -> torch.Tensor:
     """The weights as the FP4 kernels use them: fp32 [E, N, K] = ``rne_e4m3(v · 2^−j) · S`` (see the module
     docstring); equal to the dequantised weight whenever :func:`fp4_expansion_is_exact`."""
-    _check_fp4_layout("w", w)
+    w = _check_fp4_layout("w", w)
     v, j, b_max = _shifts(w)
     e, n = w.data.shape[:2]
     part = (v * torch.exp2(-j.float())[..., None]).to(torch.float8_e4m3fn).float()  # exact for j <= 8
@@ -144,33 +148,39 @@ def expand_fp4_weight(w: FP4Weight) -> torch.Tensor:
 def fp4_expansion_is_exact(w: FP4Weight) -> bool:
     """True when every non-zero 32-group's scale is within ``2^8`` of its row's largest in the 128-K block,
     so that the kernels compute with exactly the dequantised weights (one host sync)."""
-    _check_fp4_layout("w", w)
+    w = _check_fp4_layout("w", w)
     v, j, _ = _shifts(w)
     nonzero = (v != 0).any(-1)
     return not bool(((j > MAX_EXACT_SHIFT) & nonzero).any())
 
 
+def _as_bytes(w: FP4Weight) -> FP4Weight:
+    """The uint8 views of checkpoint dtypes (int8 packed data, float8_e8m0fnu scales): the same bytes."""
+    return FP4Weight(w.data.view(torch.uint8), w.scale.view(torch.uint8))
+
+
 def _check_fp4_layout(name: str, w: object) -> FP4Weight:
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
-    check_tensor(f"{name}.data", w.data, dtype=torch.uint8, ndim=3, contiguous=True)
+    check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, ndim=3, contiguous=True)
     e, n, kp = w.data.shape
     if (2 * kp) % SCALE_BLOCK:
         raise ValueError(f"{name}.data: K = 2·{kp} = {2 * kp} must be a multiple of {SCALE_BLOCK}")
-    check_tensor(f"{name}.scale", w.scale, dtype=torch.uint8, shape=(e, n, 2 * kp // FP4_BLOCK), contiguous=True,
+    check_tensor(f"{name}.scale", w.scale, dtype=_SCALE_DTYPES, shape=(e, n, 2 * kp // FP4_BLOCK), contiguous=True,
                  device=w.data.device)
-    return w
+    return _as_bytes(w)
 
 
 def _check_fp4_weight(name: str, w: object, e: int, n: int, k: int, device: torch.device) -> FP4Weight:
+    """Check an FP4Weight of logical shape [e, n, k] on ``device``; returns its uint8 views."""
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
-    check_tensor(f"{name}.data", w.data, dtype=torch.uint8, shape=(e, n, k // 2), contiguous=True, device=device)
-    check_tensor(f"{name}.scale", w.scale, dtype=torch.uint8, shape=(e, n, k // FP4_BLOCK), contiguous=True,
+    check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, shape=(e, n, k // 2), contiguous=True, device=device)
+    check_tensor(f"{name}.scale", w.scale, dtype=_SCALE_DTYPES, shape=(e, n, k // FP4_BLOCK), contiguous=True,
                  device=device)
     _check_aligned(f"{name}.data", w.data)
     _check_aligned(f"{name}.scale", w.scale)
-    return w
+    return _as_bytes(w)
 
 
 def _check_aligned(name: str, t: torch.Tensor) -> None:
@@ -408,8 +418,8 @@ def moe_up_fp4(
     inter = w1.data.shape[1]
     if inter % SCALE_BLOCK or inter == 0:
         raise ValueError(f"w1: inter={inter} must be a positive multiple of {SCALE_BLOCK} for FP4 weights")
-    _check_fp4_weight("w1", w1, perm.num_experts, inter, dim, dev)
-    _check_fp4_weight("w3", w3, perm.num_experts, inter, dim, dev)
+    w1 = _check_fp4_weight("w1", w1, perm.num_experts, inter, dim, dev)
+    w3 = _check_fp4_weight("w3", w3, perm.num_experts, inter, dim, dev)
     if out is None:
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
@@ -449,7 +459,7 @@ def moe_down_fp4(
     if inter % SCALE_BLOCK:
         raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
     _check_act("h8", h8, h_scale, n, inter, dev)
-    _check_fp4_weight("w2", w2, perm.num_experts, dim, inter, dev)
+    w2 = _check_fp4_weight("w2", w2, perm.num_experts, dim, inter, dev)
     if out is None:
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
