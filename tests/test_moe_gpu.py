@@ -532,3 +532,118 @@ def test_fp8_linear_rows_are_batch_invariant():
     full = tilev4.fp8_linear(x, w.data, w.scale)
     for r in (0, 63, 64, 299):
         assert torch.equal(tilev4.fp8_linear(x[r : r + 1], w.data, w.scale)[0], full[r])
+
+
+# ------------------------------------------------------------------------------------------------ FP4 weights
+
+F4 = importlib.import_module("tilev4.kernels.moe_fp4")
+
+
+def _expanded(w: "F4.FP4Weight") -> torch.Tensor:
+    """[E, N, K] fp32: the FP4 weights as the kernels use them (expanded to e4m3 at the 128-K block's largest
+    scale; the dequantised weights themselves whenever F4.fp4_expansion_is_exact), computed on the GPU, returned
+    on the CPU."""
+    return F4.expand_fp4_weight(w).cpu()
+
+
+def _spread(w: torch.Tensor, g: torch.Generator, spread: float) -> torch.Tensor:
+    """Scale each 32-group along K by 2^U(-spread/2, spread/2): scales within a 128-K block then differ by up to
+    2^spread, past the 2^8 of the exact expansion for spread > 8."""
+    if not spread:
+        return w
+    e, n, k = w.shape
+    f = torch.exp2((torch.rand(e, n, k // 32, 1, generator=g, device="cuda") - 0.5) * spread)
+    return (w.float().view(e, n, k // 32, 32) * f).view(e, n, k).to(w.dtype)
+
+
+FP4_CASES = {
+    # dim, inter, E, top_k, T, shared inter, x scale, spread of the 32-group scales (log2)
+    "small": (256, 256, 8, 2, 67, 128, 4.0, 0.0),
+    "flash": (4096, 2048, 16, 6, 40, 2048, 4.0, 0.0),
+    "ragged tiles": (384, 640, 5, 3, 301, 0, 1.0, 0.0),  # several M tiles per expert, N not a multiple of 128
+    "scale spread": (256, 384, 4, 2, 50, 0, 2.0, 14.0),  # shifts j up to ~14: subnormal e4m3, rounding, flushes
+}
+
+
+@pytest.mark.parametrize("case", list(FP4_CASES))
+def test_fp4_experts_match_reference(case):
+    """Each FP4 GEMM against fp32 math on its own inputs (FP8 activations dequantised, the weights as expanded),
+    then the layer as their composition (bit for bit), as for FP8 weights.
+
+    The expansion v·2^-j → e4m3 is exact (checked: the expanded weights are the dequantised ones) unless a 128-K
+    block's scales spread past 2^8 ("scale spread", where some elements round: the reference then uses the
+    same rounded weights, expand_fp4_weight, whose rounding the CPU tests check). The FP8 products and the
+    power-of-two promotions (per row and per column) are exact, so the tolerance is the FP8 one: the tensor
+    core's block sum (FP8_ACC of Σ|products|, propagated through the SwiGLU) and one bf16 rounding."""
+    from tilev4.kernels import fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale, spread = FP4_CASES[case]
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=400 + len(case))
+    g = _gen(500 + len(case))
+    w1, w2, w3 = (_spread(w, g, spread) for w in (w1, w2, w3))
+    q1, q2, q3 = (F4.quantize_fp4_weight(w) for w in (w1, w2, w3))
+    d1, d2, d3 = _expanded(q1), _expanded(q2), _expanded(q3)
+    if not spread:
+        assert all(F4.fp4_expansion_is_exact(q) for q in (q1, q2, q3))
+    else:
+        assert not F4.fp4_expansion_is_exact(q1)  # the case does reach the rounding shifts
+    host = F4.quantize_fp4_weight(w2[:2].cpu())  # the host prep does not depend on the device
+    assert torch.equal(q2.data[:2].cpu(), host.data) and torch.equal(q2.scale[:2].cpu(), host.scale)
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = num_tokens * top_k
+    x8, xs = fp8_quantize(perm.x_sorted)
+    h = F4.moe_up_fp4(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    h8, hs = fp8_quantize(h)
+    y = F4.moe_down_fp4(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
+    assert not torch.isnan(h).any() and not torch.isnan(y).any()
+    ex = torch.sort(experts.flatten().cpu().long(), stable=True).values  # expert of each sorted row
+    xq, hq, wts = _dequant_act(x8, xs), _dequant_act(h8, hs), perm.w_sorted.cpu()
+    h_ref, y_ref = torch.zeros(n, inter), torch.zeros(n, dim)
+    h_tol, y_tol = torch.zeros(n, inter), torch.zeros(n, dim)
+    for e in range(num_experts):
+        rows = torch.nonzero(ex == e).flatten()
+        if rows.numel():
+            gate, up = xq[rows] @ d1[e].T, xq[rows] @ d3[e].T
+            h_ref[rows] = torch.nn.functional.silu(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0) * wts[rows, None]
+            y_ref[rows] = hq[rows] @ d2[e].T
+            dg, du = FP8_ACC * (xq[rows].abs() @ d1[e].T.abs()), FP8_ACC * (xq[rows].abs() @ d3[e].T.abs())
+            g_c, u_c = gate.clamp(max=10.0), up.clamp(-10.0, 10.0)
+            h_tol[rows] = (1.1 * u_c.abs() * dg + torch.nn.functional.silu(g_c).abs() * du) * wts[rows, None]
+            y_tol[rows] = FP8_ACC * (hq[rows].abs() @ d2[e].T.abs())
+    for name, got, ref, tol in (("h", h, h_ref, h_tol), ("y", y, y_ref, y_tol)):
+        excess = (got.float().cpu() - ref).abs() - (tol + 2.0**-8 * ref.abs() + 1e-6)  # + one bf16 rounding
+        assert (excess <= 0).all(), f"{name}: max excess {excess.max().item():.3g}"
+    ys = None if shared is None else K.moe_shared_expert(x, *shared)
+    expected = K.moe_combine(y, perm.pair_pos, ys)
+    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format="fp4",
+                        out=_poison(num_tokens, dim, dtype=torch.bfloat16))
+    assert torch.equal(out, expected)
+    # and it approximates the fp32 layer on the same weights: the FP8 roundings of x and h (~3% rms each) give ~5%
+    # (~8% with the scale spread, where h's 1x128 blocks mix magnitudes; both measured in a CPU emulation); a wrong
+    # scale (2x), nibble order or expert moves the output by ~100%
+    ref_fp4, _ = _reference(x, weights, experts, d1, d2, d3, shared, 10.0)
+    rel = ((out.float().cpu() - ref_fp4).norm() / ref_fp4.norm()).item()
+    assert rel < 0.15, rel
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(n=st.integers(1, 700), pos=st.integers(0, 10**6), seed=st.integers(0, 2**31 - 1))
+@example(n=2000, pos=1999, seed=1)
+def test_fp4_batch_invariance(n, pos, seed):
+    gate, bias, _, _, _, shared, probe, _ = _invariance_layer()
+    q = _fp4_invariance_weights()
+    pos %= n
+    batch = _randn(n, 4096, g=_gen(seed))
+    batch[pos] = probe[0]
+    alone = K.moe(probe, gate, bias, *q, shared, weight_format="fp4")
+    out = K.moe(batch, gate, bias, *q, shared, weight_format="fp4")
+    assert not torch.isnan(alone).any()
+    assert torch.equal(out[pos], alone[0]), f"token at {pos} of {n} differs from the token alone"
+
+
+@functools.lru_cache(maxsize=1)
+def _fp4_invariance_weights():
+    _, _, w1, w2, w3, _, _, _ = _invariance_layer()
+    return tuple(F4.quantize_fp4_weight(w) for w in (w1, w2, w3))

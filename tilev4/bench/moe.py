@@ -13,6 +13,10 @@
   ``moe_experts(weight_format="fp8")`` — quantise x 1×128, FP8 up, quantise h, FP8 down — with
   ``speedup_vs_bf16`` against the bf16 routed path of the same run; decode bytes count the FP8
   weights touched (``3·dim·inter`` per expert, plus their fp32 scales).
+* FP4 weights (packed e2m1, e8m0 scales per 32 along K, expanded to FP8 in shared memory), same shapes and
+  the same routed path with the FP4 GEMMs, with ``speedup_vs_bf16`` and ``speedup_vs_fp8`` against the
+  other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
+  expert plus one e8m0 byte per 32 weights).
 
 Each record also carries the largest difference of the routed output from the torch path on the same
 inputs (``max_abs_diff_vs_torch``; the torch path rounds gate and up to bf16, so it is not zero), as a
@@ -61,12 +65,14 @@ def _torch_routed(perm: Any, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
 def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
     K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
 
+    from tilev4.kernels.moe_fp4 import quantize_fp4_weight
     from tilev4.kernels.moe_fp8 import quantize_fp8_weight
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     layer = _layer(gen)
     w1, w2, w3, shared = layer["w1"], layer["w2"], layer["w3"], layer["shared"]
     fp8 = tuple(quantize_fp8_weight(w) for w in (w1, w2, w3))
+    fp4 = tuple(quantize_fp4_weight(w) for w in (w1, w2, w3))
     expert_bytes = 3 * DIM * INTER * 2
     out = []
     for num_tokens in (8192, 64):
@@ -117,7 +123,9 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
             if torch_error:
                 r["torch_error"] = torch_error
         out += recs
-        out += _bench_fp8(K, perm, fp8, graph, ms_routed, routed_flops, touched, shape, peaks)
+        fp8_recs = _bench_fp8(K, perm, fp8, graph, ms_routed, routed_flops, touched, shape, peaks)
+        out += fp8_recs
+        out += _bench_fp4(perm, fp4, graph, ms_routed, fp8_recs[0]["ms"], routed_flops, touched, shape, peaks)
     return out
 
 
@@ -142,6 +150,33 @@ def _bench_fp8(K: Any, perm: Any, fp8: tuple[Any, Any, Any], graph: bool, ms_bf1
     work = {"flops": flops} if not graph else {"nbytes": touched * (3 * DIM * INTER + scale_bytes)}
     rec = record("moe routed FP8 (quantise x, up, quantise h, down)", shape, ms, peaks=peaks, **work)
     rec["speedup_vs_bf16"] = ms_bf16 / ms
+    rec["experts_touched"] = touched
+    rec["has_nan"] = bool(torch.isnan(y).any())
+    return [rec]
+
+
+def _bench_fp4(perm: Any, fp4: tuple[Any, Any, Any], graph: bool, ms_bf16: float, ms_fp8: float, flops: float,
+               touched: int, shape: str, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    from tilev4.kernels import fp8_quantize
+    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4
+
+    q1, q2, q3 = fp4
+    n = perm.x_sorted.shape[0]
+    y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
+
+    def routed_fp4():
+        x8, xs = fp8_quantize(perm.x_sorted)
+        h = moe_up_fp4(perm, x8, xs, q1, q3, LIMIT)
+        h8, hs = fp8_quantize(h)
+        moe_down_fp4(perm, h8, hs, q2, out=y)
+
+    routed_fp4()
+    ms = time_cuda(routed_fp4, graph=graph)
+    expert_bytes = sum(q.data[0].numel() + q.scale[0].numel() for q in fp4)  # packed bytes + e8m0 bytes
+    work = {"flops": flops} if not graph else {"nbytes": touched * expert_bytes}
+    rec = record("moe routed FP4 (quantise x, up, quantise h, down)", shape, ms, peaks=peaks, **work)
+    rec["speedup_vs_bf16"] = ms_bf16 / ms
+    rec["speedup_vs_fp8"] = ms_fp8 / ms
     rec["experts_touched"] = touched
     rec["has_nan"] = bool(torch.isnan(y).any())
     return [rec]

@@ -44,8 +44,9 @@ runs the full K in one CTA in a fixed ``block_k`` order (no split-K), each outpu
 reduction is independent of the row's place in its tile, the configs never depend on T, and the
 combine adds the slots in a fixed order. The gate computes each row alone in the same way.
 
-Weight formats: ``weight_format="bf16"`` only (expert weights [E, inter, dim] / [E, dim, inter]);
-the FP8 / FP4 formats will be other values of the same factory key.
+Weight formats: the GEMM kernels here take bf16 expert weights ([E, inter, dim] / [E, dim, inter]);
+``moe_experts(weight_format=...)`` runs FP8 (:mod:`tilev4.kernels.moe_fp8`) or FP4
+(:mod:`tilev4.kernels.moe_fp4`) routed weights through their own kernels.
 
 Dimension glossary: T tokens (dynamic, may be 0), dim hidden size, E routed experts, k = top_k,
 inter expert intermediate size, N = T·k (token, slot) pairs = sorted rows, NC = ⌈N/chunk⌉ chunks,
@@ -91,7 +92,7 @@ __all__ = [
     "moe_up",
 ]
 
-WEIGHT_FORMATS = ("bf16", "fp8")  # fp8: tilev4.kernels.moe_fp8 (routed experts)
+WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of both grouped GEMMs; the scan builds the tile table for it
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory
@@ -104,15 +105,14 @@ _NO_WS = {"tl.disable_warp_specialized": True}
 
 def _check_weight_format(weight_format: str) -> None:
     if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS} (FP4 is not implemented yet), "
-                         f"got {weight_format!r}")
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
 
 
 def _check_gemm_format(weight_format: str) -> None:
-    """The bf16 GEMM factories: the FP8 GEMMs are their own kernels (moe_up_fp8 / moe_down_fp8)."""
+    """The bf16 GEMM factories: the FP8 / FP4 GEMMs are their own kernels (moe_up_fp8 / moe_up_fp4, ...)."""
     if weight_format != "bf16":
-        raise ValueError(f"weight_format must be 'bf16' for this kernel (FP8: moe_up_fp8 / moe_down_fp8), "
-                         f"got {weight_format!r}")
+        raise ValueError(f"weight_format must be 'bf16' for this kernel (FP8: moe_up_fp8 / moe_down_fp8, FP4: "
+                         f"moe_up_fp4 / moe_down_fp4), got {weight_format!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- routing
@@ -1165,13 +1165,14 @@ def moe_experts(
         weights: [T, k] fp32 routing weights; experts: [T, k] int32 / int64 ids in ``[0, E)``.
         w1, w3: [E, inter, dim] bf16 routed gate / up weights; w2: [E, dim, inter] bf16. With
             ``weight_format="fp8"``: :class:`tilev4.kernels.moe_fp8.FP8Weight` triples (e4m3 data and
-            128×128 power-of-two scales; dim and inter multiples of 128); the activations are then
-            quantised 1×128 on the fly (x after the permutation, h between the GEMMs).
+            128×128 power-of-two scales); with ``"fp4"``: :class:`tilev4.kernels.moe_fp4.FP4Weight`
+            triples (packed e2m1 data and e8m0 scales per 32 along K, expanded to FP8 in the kernels);
+            for both dim and inter are multiples of 128 and the activations are quantised 1×128 to FP8
+            on the fly (x after the permutation, h between the GEMMs).
         shared: ``(w1, w2, w3)`` of the shared expert ([inter_s, dim], [dim, inter_s],
             [inter_s, dim] bf16; run on every token with weight 1 and no clamp), or None.
         swiglu_limit: routed-expert clamp (``up`` to [−l, l], ``gate`` to <= l), None for none.
-        weight_format: "bf16" or "fp8" (routed experts; the shared expert stays bf16). FP4 is not
-            implemented yet.
+        weight_format: "bf16", "fp8" or "fp4" (routed experts; the shared expert stays bf16).
         out_dtype: bf16 or fp32 output.
         validate: check the expert ids on the device (one host sync).
         out: optional preallocated [T, dim] of ``out_dtype``.
@@ -1188,19 +1189,27 @@ def moe_experts(
     _check_routing(x, weights, experts)
     num_tokens, dim = x.shape
     fp8 = weight_format == "fp8"
-    if fp8:
-        from tilev4.kernels import moe_fp8 as F
+    quantized = weight_format in ("fp8", "fp4")
+    if quantized:
+        if fp8:
+            from tilev4.kernels import moe_fp8 as F
 
-        if not isinstance(w1, F.FP8Weight):
-            raise TypeError(f"w1 must be an FP8Weight(data, scale) for weight_format='fp8', got {type(w1).__name__}")
+            cls, check = F.FP8Weight, F._check_fp8_weight
+        else:
+            from tilev4.kernels import moe_fp4 as F
+
+            cls, check = F.FP4Weight, F._check_fp4_weight
+        if not isinstance(w1, cls):
+            raise TypeError(f"w1 must be an {cls.__name__}(data, scale) for weight_format={weight_format!r}, "
+                            f"got {type(w1).__name__}")
         check_tensor("w1.data", w1.data, ndim=3, device=x.device)
         num_experts, inter = w1.data.shape[0], w1.data.shape[1]
         if dim % F.SCALE_BLOCK or inter % F.SCALE_BLOCK:
-            raise ValueError(f"weight_format='fp8' needs dim and inter multiples of {F.SCALE_BLOCK}, "
+            raise ValueError(f"weight_format={weight_format!r} needs dim and inter multiples of {F.SCALE_BLOCK}, "
                              f"got dim={dim}, inter={inter}")
-        F._check_fp8_weight("w1", w1, num_experts, inter, dim, x.device)
-        F._check_fp8_weight("w3", w3, num_experts, inter, dim, x.device)
-        F._check_fp8_weight("w2", w2, num_experts, dim, inter, x.device)
+        check("w1", w1, num_experts, inter, dim, x.device)
+        check("w3", w3, num_experts, inter, dim, x.device)
+        check("w2", w2, num_experts, dim, inter, x.device)
     else:
         check_tensor("w1", w1, dtype=torch.bfloat16, ndim=3, device=x.device)
         num_experts, inter = w1.shape[0], w1.shape[1]
@@ -1208,7 +1217,7 @@ def moe_experts(
         raise ValueError(f"w1: inter={inter} must be a positive multiple of 8")
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"w1 must have at most {MAX_EXPERTS} experts, got {num_experts}")
-    if not fp8:
+    if not quantized:
         _check_stacked("w1", w1, (num_experts, inter, dim), x.device)
         _check_stacked("w3", w3, (num_experts, inter, dim), x.device)
         _check_stacked("w2", w2, (num_experts, dim, inter), x.device)
@@ -1224,13 +1233,14 @@ def moe_experts(
     if num_tokens == 0:
         return out
     perm = moe_permute(x, weights, experts, num_experts, validate=validate)
-    if fp8:
+    if quantized:  # the activations are quantised 1×128 to FP8 on the fly for both weight formats
         from tilev4.kernels.quant import fp8_quantize
 
+        up, down = (F.moe_up_fp8, F.moe_down_fp8) if fp8 else (F.moe_up_fp4, F.moe_down_fp4)
         x8, xs = fp8_quantize(perm.x_sorted)
-        h = F.moe_up_fp8(perm, x8, xs, w1, w3, swiglu_limit)
+        h = up(perm, x8, xs, w1, w3, swiglu_limit)
         h8, hs = fp8_quantize(h)
-        y_sorted = F.moe_down_fp8(perm, h8, hs, w2, out=perm.x_sorted)
+        y_sorted = down(perm, h8, hs, w2, out=perm.x_sorted)
     else:
         h = moe_up(perm, w1, w3, swiglu_limit)
         y_sorted = moe_down(perm, h, w2, out=perm.x_sorted)  # x_sorted is dead after the up-projection
