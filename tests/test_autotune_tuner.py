@@ -167,7 +167,7 @@ def test_compile_candidates_in_parallel_then_load_without_compiling(cache):
 
 def test_harnesses_of_registry_kernels_make_checkable_cases():
     """The real harnesses on the CPU: reference outputs, a passing check for the reference, a failing one for NaN."""
-    for name in ("rmsnorm", "fp8_quantize"):
+    for name in ("rmsnorm", "fp8_quantize", "mhc_post"):
         kdef = get_kernel_def(name)
         problem = kdef.problem(kdef.configs[-1])
         case = kdef.harness.make_case(problem, 7, torch.Generator().manual_seed(0), "cpu", True)

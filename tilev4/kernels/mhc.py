@@ -43,6 +43,8 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_same_device, check_tensor
+from tilev4.autotune.harness import TuningCase, TuningHarness
+from tilev4.autotune.space import Space
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = ["MIX_WIDTH", "NUM_STREAMS", "build_mhc_post", "build_mhc_pre", "mhc_head_pre", "mhc_post", "mhc_pre"]
@@ -216,10 +218,53 @@ def build_mhc_pre(dim: int, head: bool = False, h_dtype: str = "float32", x_dtyp
     return mhc_pre_kernel
 
 
+MHC_POST_SPACE = Space(params={"block_d": (64, 128, 256, 512)})  # elementwise: any block is exact
+
+
+def _mhc_post_bucket(problem) -> str:
+    return "dim<=1024" if problem["dim"] <= 1024 else "dim>1024"
+
+
+def _mhc_post_case(problem, n: int, gen: torch.Generator, device: str, reference: bool) -> TuningCase:
+    from tilev4.reference import mhc as R
+
+    dim, n_s = problem["dim"], NUM_STREAMS
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    h = torch.randn(n, n_s, dim, generator=g, device=device).to(_DTYPES[problem["h_dtype"]])
+    f = torch.randn(n, dim, generator=g, device=device).to(_DTYPES[problem["f_dtype"]])
+    post = 2 * torch.rand(n, n_s, generator=g, device=device)  # 2·sigmoid(·) is in (0, 2)
+    comb = torch.rand(n, n_s * n_s, generator=g, device=device)
+    out = torch.empty(n, n_s, dim, device=device, dtype=_DTYPES[problem["out_dtype"]])
+    expected = None
+    if reference:
+        ref = R.mhc_post(h.cpu()[None], f.cpu()[None], post.cpu()[None], comb.cpu().view(1, n, n_s, n_s))[0]
+        expected = (ref.to(device),)
+    return TuningCase((h, f, post, comb, out), outputs=(4,), expected=expected, rows=n)
+
+
+def _mhc_post_check(outputs, expected) -> str | None:
+    y, ref = outputs[0].float(), expected[0].float()
+    if torch.isnan(y).any():
+        return "NaN in the output"
+    # the reference's fp32 products summed over j in the same order; an fp32 (or one bf16) rounding apart
+    rel = 2.0**-8 if outputs[0].dtype == torch.bfloat16 else 1e-5
+    excess = ((y - ref).abs() - (rel * ref.abs() + 1e-5)).max().item()
+    return f"|h' - ref| exceeds the tolerance by {excess:.3g}" if excess > 0 else None
+
+
+def _mhc_post_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    h, f, post, comb, out = case.args
+    sub = tuple(t[start:stop].contiguous() for t in (h, f, post, comb))
+    return TuningCase((*sub, torch.empty_like(out[start:stop])), outputs=(4,), expected=None, rows=stop - start)
+
+
 @register(
     "mhc_post",
     configs=[{"dim": 4096}, {"dim": 1024}, {"dim": 256}],
     tags=("mhc", "batch_invariant"),
+    space=MHC_POST_SPACE,
+    bucket=_mhc_post_bucket,
+    harness=TuningHarness(_mhc_post_case, _mhc_post_check, sizes=(64, 16384), batch_slice=_mhc_post_slice),
 )
 def build_mhc_post(dim: int, h_dtype: str = "float32", f_dtype: str = "float32", out_dtype: str = "float32",
                    block_d: int = 128):
