@@ -1188,17 +1188,15 @@ def moe_experts(
         raise TypeError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
     _check_routing(x, weights, experts)
     num_tokens, dim = x.shape
-    fp8 = weight_format == "fp8"
     quantized = weight_format in ("fp8", "fp4")
     if quantized:
-        if fp8:
-            from tilev4.kernels import moe_fp8 as F
+        from tilev4.kernels import moe_fp8 as F
 
-            cls, check = F.FP8Weight, F._check_fp8_weight
+        if weight_format == "fp8":
+            fmt = F.FP8_FORMAT
         else:
-            from tilev4.kernels import moe_fp4 as F
-
-            cls, check = F.FP4Weight, F._check_fp4_weight
+            from tilev4.kernels.moe_fp4 import FP4_FORMAT as fmt
+        cls, check = fmt.weight_cls, fmt.check_weight
         if not isinstance(w1, cls):
             raise TypeError(f"w1 must be an {cls.__name__}(data, scale) for weight_format={weight_format!r}, "
                             f"got {type(w1).__name__}")
@@ -1236,11 +1234,10 @@ def moe_experts(
     if quantized:  # the activations are quantised 1×128 to FP8 on the fly for both weight formats
         from tilev4.kernels.quant import fp8_quantize
 
-        up, down = (F.moe_up_fp8, F.moe_down_fp8) if fp8 else (F.moe_up_fp4, F.moe_down_fp4)
         x8, xs = fp8_quantize(perm.x_sorted)
-        h = up(perm, x8, xs, w1, w3, swiglu_limit)
+        h = F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None)
         h8, hs = fp8_quantize(h)
-        y_sorted = down(perm, h8, hs, w2, out=perm.x_sorted)
+        y_sorted = F.grouped_down(fmt, perm, h8, hs, w2, perm.x_sorted)
     else:
         h = moe_up(perm, w1, w3, swiglu_limit)
         y_sorted = moe_down(perm, h, w2, out=perm.x_sorted)  # x_sorted is dead after the up-projection

@@ -67,8 +67,9 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_tensor
-from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _check_limit, _empty, _grouped_tile
-from tilev4.kernels.registry import compile_kernel, register
+from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _grouped_tile
+from tilev4.kernels.moe_fp8 import QuantFormat, grouped_down, grouped_up
+from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
            "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight"]
@@ -383,6 +384,10 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
     _check_aligned(name, q)
 
 
+FP4_FORMAT = QuantFormat("FP4", FP4Weight, _check_fp4_weight, _check_act, "moe_up_fp4", "moe_down_fp4",
+                         inter_multiple=SCALE_BLOCK)
+
+
 def moe_up_fp4(
     perm: MoEPermutation,
     x8: torch.Tensor,
@@ -406,30 +411,7 @@ def moe_up_fp4(
     Returns:
         h [N, inter] bf16 in sorted-row order.
     """
-    limit = _check_limit(swiglu_limit)
-    n, dim = perm.x_sorted.shape
-    dev = perm.x_sorted.device
-    if dim % SCALE_BLOCK:
-        raise ValueError(f"x: dim={dim} must be a multiple of {SCALE_BLOCK} for FP4 weights")
-    _check_act("x8", x8, x_scale, n, dim, dev)
-    if not isinstance(w1, FP4Weight):
-        raise TypeError(f"w1 must be an FP4Weight(data, scale), got {type(w1).__name__}")
-    check_tensor("w1.data", w1.data, ndim=3)
-    inter = w1.data.shape[1]
-    if inter % SCALE_BLOCK or inter == 0:
-        raise ValueError(f"w1: inter={inter} must be a positive multiple of {SCALE_BLOCK} for FP4 weights")
-    w1 = _check_fp4_weight("w1", w1, perm.num_experts, inter, dim, dev)
-    w3 = _check_fp4_weight("w3", w3, perm.num_experts, inter, dim, dev)
-    if out is None:
-        out = _empty((n, inter), torch.bfloat16, dev)
-    else:
-        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
-    if n:
-        with torch.cuda.device(dev):
-            compile_kernel("moe_up_fp4", {"dim": dim})(
-                x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
-                perm.tile_expert, out, limit)
-    return out
+    return grouped_up(FP4_FORMAT, perm, x8, x_scale, w1, w3, swiglu_limit, out)
 
 
 def moe_down_fp4(
@@ -452,20 +434,4 @@ def moe_down_fp4(
     Returns:
         y [N, dim] bf16 in sorted-row order.
     """
-    n, dim = perm.x_sorted.shape
-    dev = perm.x_sorted.device
-    check_tensor("h8", h8, ndim=2)
-    inter = h8.shape[1]
-    if inter % SCALE_BLOCK:
-        raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
-    _check_act("h8", h8, h_scale, n, inter, dev)
-    w2 = _check_fp4_weight("w2", w2, perm.num_experts, dim, inter, dev)
-    if out is None:
-        out = _empty((n, dim), torch.bfloat16, dev)
-    else:
-        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
-    if n:
-        with torch.cuda.device(dev):
-            compile_kernel("moe_down_fp4", {"inter": inter})(
-                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
-    return out
+    return grouped_down(FP4_FORMAT, perm, h8, h_scale, w2, out)

@@ -23,7 +23,9 @@ projection, inter for the down projection) is a multiple of 128 and static (a ke
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import tilelang.language as T
 import torch
@@ -271,6 +273,75 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
                  device=device)
 
 
+@dataclass(frozen=True)
+class QuantFormat:
+    """What differs between the quantised expert-weight paths (FP8 here, FP4 in :mod:`tilev4.kernels.moe_fp4`);
+    the checks and launches of :func:`grouped_up` / :func:`grouped_down` are shared."""
+
+    name: str  # "FP8" / "FP4", for messages
+    weight_cls: type
+    check_weight: Callable[..., Any]  # (name, w, E, N, K, device) -> the weight as the kernel takes it
+    check_act: Callable[..., None]  # (name, q, scale, N, K, device)
+    up_kernel: str
+    down_kernel: str
+    inter_multiple: int = 1  # what inter must be a multiple of, checked before the weights
+
+
+def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: Any, w3: Any,
+               swiglu_limit: float | None, out: torch.Tensor | None) -> torch.Tensor:
+    """Validate and launch ``fmt``'s grouped up-projection (see :func:`moe_up_fp8`)."""
+    limit = _check_limit(swiglu_limit)
+    n, dim = perm.x_sorted.shape
+    dev = perm.x_sorted.device
+    if dim % SCALE_BLOCK:
+        raise ValueError(f"x: dim={dim} must be a multiple of {SCALE_BLOCK} for {fmt.name} weights")
+    fmt.check_act("x8", x8, x_scale, n, dim, dev)
+    if not isinstance(w1, fmt.weight_cls):
+        raise TypeError(f"w1 must be an {fmt.weight_cls.__name__}(data, scale), got {type(w1).__name__}")
+    check_tensor("w1.data", w1.data, ndim=3)
+    inter = w1.data.shape[1]
+    if fmt.inter_multiple > 1 and (inter % fmt.inter_multiple or inter == 0):
+        raise ValueError(f"w1: inter={inter} must be a positive multiple of {fmt.inter_multiple} "
+                         f"for {fmt.name} weights")
+    w1 = fmt.check_weight("w1", w1, perm.num_experts, inter, dim, dev)
+    w3 = fmt.check_weight("w3", w3, perm.num_experts, inter, dim, dev)
+    if out is None:
+        out = _empty((n, inter), torch.bfloat16, dev)
+    else:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
+    if n:
+        with torch.cuda.device(dev):
+            compile_kernel(fmt.up_kernel, {"dim": dim})(
+                x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
+                perm.tile_expert, out, limit)
+    return out
+
+
+def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_scale: torch.Tensor, w2: Any,
+                 out: torch.Tensor | None) -> torch.Tensor:
+    """Validate and launch ``fmt``'s grouped down-projection (see :func:`moe_down_fp8`)."""
+    n, dim = perm.x_sorted.shape
+    dev = perm.x_sorted.device
+    check_tensor("h8", h8, ndim=2)
+    inter = h8.shape[1]
+    if inter % SCALE_BLOCK:
+        raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
+    fmt.check_act("h8", h8, h_scale, n, inter, dev)
+    w2 = fmt.check_weight("w2", w2, perm.num_experts, dim, inter, dev)
+    if out is None:
+        out = _empty((n, dim), torch.bfloat16, dev)
+    else:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
+    if n:
+        with torch.cuda.device(dev):
+            compile_kernel(fmt.down_kernel, {"inter": inter})(
+                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+    return out
+
+
+FP8_FORMAT = QuantFormat("FP8", FP8Weight, _check_fp8_weight, _check_act, "moe_up_fp8", "moe_down_fp8")
+
+
 def moe_up_fp8(
     perm: MoEPermutation,
     x8: torch.Tensor,
@@ -290,28 +361,7 @@ def moe_up_fp8(
         swiglu_limit: the routed-expert clamp, or None.
         out: optional preallocated [N, inter] bf16.
     """
-    limit = _check_limit(swiglu_limit)
-    n, dim = perm.x_sorted.shape
-    dev = perm.x_sorted.device
-    if dim % SCALE_BLOCK:
-        raise ValueError(f"x: dim={dim} must be a multiple of {SCALE_BLOCK} for FP8 weights")
-    _check_act("x8", x8, x_scale, n, dim, dev)
-    if not isinstance(w1, FP8Weight):
-        raise TypeError(f"w1 must be an FP8Weight(data, scale), got {type(w1).__name__}")
-    check_tensor("w1.data", w1.data, ndim=3)
-    inter = w1.data.shape[1]
-    _check_fp8_weight("w1", w1, perm.num_experts, inter, dim, dev)
-    _check_fp8_weight("w3", w3, perm.num_experts, inter, dim, dev)
-    if out is None:
-        out = _empty((n, inter), torch.bfloat16, dev)
-    else:
-        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
-    if n:
-        with torch.cuda.device(dev):
-            compile_kernel("moe_up_fp8", {"dim": dim})(
-                x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
-                perm.tile_expert, out, limit)
-    return out
+    return grouped_up(FP8_FORMAT, perm, x8, x_scale, w1, w3, swiglu_limit, out)
 
 
 def moe_down_fp8(
@@ -330,20 +380,4 @@ def moe_down_fp8(
         w2: :class:`FP8Weight` of [E, dim, inter]; inter a multiple of 128.
         out: optional preallocated [N, dim] bf16.
     """
-    n, dim = perm.x_sorted.shape
-    dev = perm.x_sorted.device
-    check_tensor("h8", h8, ndim=2)
-    inter = h8.shape[1]
-    if inter % SCALE_BLOCK:
-        raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
-    _check_act("h8", h8, h_scale, n, inter, dev)
-    _check_fp8_weight("w2", w2, perm.num_experts, dim, inter, dev)
-    if out is None:
-        out = _empty((n, dim), torch.bfloat16, dev)
-    else:
-        check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
-    if n:
-        with torch.cuda.device(dev):
-            compile_kernel("moe_down_fp8", {"inter": inter})(
-                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
-    return out
+    return grouped_down(FP8_FORMAT, perm, h8, h_scale, w2, out)
