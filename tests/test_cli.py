@@ -39,3 +39,22 @@ def test_demo_runs_the_model_on_the_reference(capsys):
     out = capsys.readouterr().out
     assert "tokens generated for 3 ragged prompts" in out
     assert "1,048,576" in out  # the KV-cache table
+
+
+def test_recorded_kernels_compile_from_the_record(tmp_path, monkeypatch, capsys):
+    """A run with TILEV4_RECORD_KERNELS lists what it compiled; ``compile --configs`` builds exactly that list."""
+    from tilev4.kernels.registry import clear_kernel_memo, compile_kernel, recorded_jobs
+
+    record = tmp_path / "kernels.jsonl"
+    monkeypatch.setenv("TILEV4_RECORD_KERNELS", str(record))
+    clear_kernel_memo()
+    compile_kernel("rmsnorm", {"D": 512}, arch="sm_90a")
+    compile_kernel("rmsnorm", {"D": 512}, arch="sm_90a")  # memo hit: recorded once
+    compile_kernel("rmsnorm", {"D": 1024}, arch="sm_90a")
+    monkeypatch.delenv("TILEV4_RECORD_KERNELS")
+    assert recorded_jobs(record) == [("rmsnorm", {"D": 512}), ("rmsnorm", {"D": 1024})]
+    assert main(["compile", "--arch", "sm_90a", "--configs", str(record), "--jobs", "1"]) == 0
+    assert "2/2 ready for sm_90a" in capsys.readouterr().out
+    record.write_text('{"kernel": "nope", "config": {}}\n')
+    assert main(["compile", "--configs", str(record)]) == 2
+    assert "unknown kernel 'nope'" in capsys.readouterr().out

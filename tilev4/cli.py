@@ -150,8 +150,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from tilev4.kernels.registry import aot_configs
 
     console = Console()
-    kdefs = [get_kernel_def(k) for k in args.kernel] if args.kernel else list(iter_registry())
-    jobs = [(k.name, cfg, src) for k in kdefs for cfg, src in aot_configs(k, args.arch, args.default_only)]
+    if args.configs:
+        from tilev4.kernels.registry import recorded_jobs
+
+        try:
+            jobs = [(n, c, "recorded") for n, c in recorded_jobs(args.configs)
+                    if not args.kernel or n in args.kernel]
+        except (OSError, ValueError) as e:
+            console.print(f"[red]--configs: {e}[/red]")
+            return 2
+    else:
+        kdefs = [get_kernel_def(k) for k in args.kernel] if args.kernel else list(iter_registry())
+        jobs = [(k.name, cfg, src) for k in kdefs for cfg, src in aot_configs(k, args.arch, args.default_only)]
     console.print(f"compiling {len(jobs)} kernel configs for [bold]{args.arch}[/bold] with {args.jobs} process(es)")
     t_all = time.perf_counter()
     with _progress(console) as progress:
@@ -477,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
     p.add_argument("--default-only", action="store_true", help="only each kernel's default config (no tuned ones)")
+    p.add_argument("--configs", metavar="FILE",
+                   help="build the (kernel, config) pairs a run recorded with TILEV4_RECORD_KERNELS=FILE instead")
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("demo", help="the main job: info, AOT kernels, a random model generating end to end")
     p.add_argument("--model", default="tiny", choices=["tiny", "small"], help="model preset (random weights)")

@@ -17,6 +17,7 @@ and nvcc for the CUDA arch (``sm_90a`` by default, or the arch of the current GP
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -287,7 +288,36 @@ def compile_kernel(name: str, config: Mapping[str, Any] | None = None, arch: str
     kernel = _compile_items(kdef, items, arch)
     if mkey is not None:
         _MEMO[mkey] = kernel
+    _record_use(name, config)
     return kernel
+
+
+def _record_use(name: str, config: Mapping[str, Any] | None) -> None:
+    """With ``TILEV4_RECORD_KERNELS=FILE``, append the (kernel, config) a process compiles or loads, one JSON
+    line each: ``tilev4 compile --configs FILE`` then builds exactly those ahead of time on another machine."""
+    path = os.environ.get("TILEV4_RECORD_KERNELS")
+    if not path:
+        return
+    line = json.dumps({"kernel": name, "config": dict(config or {})}, sort_keys=True, default=repr)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def recorded_jobs(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """The distinct (kernel, config) pairs of a ``TILEV4_RECORD_KERNELS`` file, in first-use order."""
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                name, config = rec["kernel"], rec["config"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a kernel record ({e}): {line.strip()[:80]!r}") from None
+            get_kernel_def(name)  # unknown names fail here, with the registered list
+            seen.setdefault(json.dumps([name, config], sort_keys=True), (name, dict(config)))
+    return list(seen.values())
 
 
 def _compile_items(kdef: KernelDef, items: tuple[tuple[str, Any], ...], arch: str) -> Any:
