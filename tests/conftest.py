@@ -1,7 +1,15 @@
 """Shared test setup: the ``gpu`` marker skips cleanly on machines without CUDA."""
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist every worker would start one CPU thread per core: N workers x N threads oversubscribe
+# the cores and CPU-heavy fixtures (random checkpoints, FP4 quantisation) slow down by orders of magnitude.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):

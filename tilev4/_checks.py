@@ -12,12 +12,21 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "capturing",
     "check_dtype",
     "check_int",
     "check_same_device",
     "check_shape",
     "check_tensor",
 ]
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream records a graph. Checks that read tensor VALUES (a host sync:
+    ``int(t.min())``, ``t.any()``) are skipped then: a sync is not allowed during capture, and the graph's
+    inputs are produced on the device by the runtime itself (its values were checked when the first,
+    eager step ran)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_tensor(

@@ -8,11 +8,12 @@ measured, so the cache is filled with random but valid contents of the right len
 indexer keys, compressor states with their incomplete block): decode speed depends on the context length
 and the cache shapes, not on the values.
 
-Each measurement times ``steps`` consecutive :meth:`~tilev4.model.Model.decode` calls (host included: the
-runtime is eager Python, so this is what a user gets) after a warm-up step, median of 3 repetitions;
-tokens/s = batch · steps / time. Records, per (context, batch):
+Each measurement times ``steps`` consecutive :meth:`~tilev4.model.Model.decode` calls (host included: what a
+user gets) after two warm-up steps (the first loads the kernels, the second records the decode CUDA graph),
+median of 3 repetitions; tokens/s = batch · steps / time. Records, per (context, batch):
 
-* ``model decode (kernels)`` and ``model decode (kernels, batch-invariant)``;
+* ``model decode (kernels)`` (CUDA graphs), ``model decode (kernels, no CUDA graph)`` (the same ops launched
+  eagerly from Python) and ``model decode (kernels, batch-invariant)`` (CUDA graphs);
 * ``model decode (reference ops)`` on the same GPU (fewer steps: it is slow), with ``speedup_vs_reference``
   on the kernel records (the target is >= 10×) and ``batch_invariant_slowdown`` on the batch-invariant one.
 
@@ -43,7 +44,8 @@ def _decode_seconds(model: Any, cache: Any, context: int, steps: int) -> float:
     for rep in range(3):
         cache.fill_random(context, seed=rep)
         tok = torch.randint(0, model.config.vocab_size, (b,), device="cuda")
-        model.decode(tok, cache)  # warm-up (compiles / loads kernels the first time)
+        for _ in range(2):  # warm-up: kernels compiled / loaded, then the decode graph recorded
+            tok = model.decode(tok, cache).argmax(-1)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -77,6 +79,7 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
     cfg = Config.small()
     tensors = random_checkpoint_tensors(cfg, seed=0)
     kern = Model(cfg, tensors, "cuda")
+    eager = Model(cfg, tensors, "cuda", cuda_graphs=False)
     bi = Model(cfg, tensors, "cuda", batch_invariant=True)
     ref = Model(cfg, tensors, "cuda", ops=ReferenceOps())
     out = []
@@ -86,8 +89,8 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
             shape = f"small ctx={context} b={batch}"
             nbytes = _step_bytes(kern, context, batch)
             res = {}
-            for name, model, steps in (("kernels", kern, STEPS), ("kernels, batch-invariant", bi, STEPS),
-                                       ("reference ops", ref, REF_STEPS)):
+            for name, model, steps in (("kernels", kern, STEPS), ("kernels, no CUDA graph", eager, STEPS),
+                                       ("kernels, batch-invariant", bi, STEPS), ("reference ops", ref, REF_STEPS)):
                 cache = model.new_cache(batch, capacity)
                 sec = _decode_seconds(model, cache, context, steps)
                 del cache
@@ -101,5 +104,8 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
                     rec["target_speedup"] = 10.0
                 if name == "kernels, batch-invariant":
                     rec["batch_invariant_slowdown"] = sec / res["kernels"]
+                if name != "reference ops":
+                    rec["cuda_graphs"] = model.cuda_graphs  # False if recording failed (graph_failure says why)
+                    rec["graph_failure"] = model.graph_failure
                 out.append(rec)
     return out

@@ -223,6 +223,13 @@ class ReferenceOps:
         store[:, c0 : c0 + entries.shape[1]] = entries.to(store.dtype)
         return new_state
 
+    @staticmethod
+    def index_keys_view(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The indexer keys [b, cap // 4, DI] the indexer scores: the rows visible to the last query of any
+        sequence (a host sync; entries a query may not see are masked inside the indexer)."""
+        n_c = int(((positions[:, -1] + 1) // 4).max())
+        return keys[:, :n_c]
+
     def indexer(
         self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, rope: Any, top_k: int
     ) -> torch.Tensor:
@@ -459,10 +466,17 @@ class KernelOps(ReferenceOps):
         kv, gate = kv.float().contiguous(), gate.float().contiguous()
         ape, norm = ape.float().contiguous(), norm.float().contiguous()
         if kv.shape[1] == 1:
+            # validate=False: no host sync (the runtime checked the room in the cache before the step)
             tilev4.compress_decode(kv[:, 0].contiguous(), gate[:, 0].contiguous(), ape, norm, store, state, ratio,
-                                   quant=quant, rope=rope)
+                                   quant=quant, rope=rope, validate=False)
             return state
         return tilev4.compress_prefill(kv, gate, ape, norm, store, ratio, quant=quant, rope=rope, state=state)
+
+    @staticmethod
+    def index_keys_view(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """All ``cap // 4`` rows: a shape that does not depend on the lengths, so a decode step has no host sync
+        and can be replayed as a CUDA graph (the indexer masks the rows a query may not see)."""
+        return keys
 
     def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
         """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
@@ -473,12 +487,9 @@ class KernelOps(ReferenceOps):
         if q.shape[-2:] != (64, 128):  # the kernel's shape (V4: 64 heads of 128); scaled-down configs: torch
             if not self.batch_invariant or q.shape[0] == 1:
                 return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
-            parts = []
-            for i in range(q.shape[0]):  # one sequence at a time, over its own visible keys only
-                n_i = min(int((positions[i, -1] + 1) // 4), keys.shape[1])
-                parts.append(ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1, :n_i],
-                                                  positions[i : i + 1], rope, top_k))
-            return torch.cat(parts)
+            return torch.cat([ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1],
+                                                   positions[i : i + 1], rope, top_k)
+                              for i in range(q.shape[0])])  # one sequence at a time
         if self.batch_invariant and q.shape[0] > 1:
             return torch.cat([self.indexer(q[i : i + 1], w[i : i + 1], keys[i : i + 1], positions[i : i + 1], rope,
                                            top_k) for i in range(q.shape[0])])

@@ -250,10 +250,10 @@ def attention_forward(
                 ops, w.index_compressor, x, positions, lc.index_compressor, lc.index_keys, 4, "indexer", cfg
             )
             hi, di = cfg.index_n_heads, cfg.index_head_dim
-            n_c = int(((positions[:, -1] + 1) // ratio).max())  # entries visible to the last query of any sequence
             q_idx = ops.linear(qr, w.index_wq_b).view(b, s, hi, di)  # [b, s, HI, DI]
             w_idx = ops.linear(x, w.index_weights) * (di**-0.5 * hi**-0.5)  # [b, s, HI]
-            comp_idx = ops.indexer(q_idx, w_idx, lc.index_keys[:, :n_c], positions, rope, cfg.index_topk)  # [b, s, k]
+            keys = ops.index_keys_view(lc.index_keys, positions)  # [b, n, DI], rows past the visible ones masked
+            comp_idx = ops.indexer(q_idx, w_idx, keys, positions, rope, cfg.index_topk)  # [b, s, k]
     # one sparse attention with the sink over window ∪ compressed (writes the new kv into the ring)
     o = ops.attention(q, kv, positions, lc, w.sink, comp_idx, cfg.window_size)  # [b, s, H, D]
     o = ops.apply_rope(o, positions, rope, inverse=True)  # undo the rotation of the value's rope dims

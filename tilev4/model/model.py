@@ -24,12 +24,23 @@ layer's window ring and the last position's mHC streams. The MTP block at positi
 model's streams at ``t`` and the token at ``t + 1``, so it runs one position behind the main model;
 :meth:`Model.mtp_draft` feeds it the token about to be decoded and returns its logits for the token after
 that (a speculative draft). A prefill of n tokens then decode steps keeps the same MTP state as one prefill.
+
+CUDA graphs (kernel backend, ``cuda_graphs=True``, the default): a decode step is a few hundred small kernel
+launches whose host-side cost is far larger than their GPU time. The first :meth:`Model.decode` on a cache runs
+eagerly (it compiles or loads the kernels and checks the inputs); the second records the step into a CUDA
+graph bound to that cache's tensors; every later step copies the tokens into the graph's input and replays it.
+The step has no host sync and no length-dependent shape (the indexer scores all ``capacity // 4`` rows and
+masks the ones a query may not see), so the replay does exactly what the eager step does, bit for bit. Caches
+that keep MTP state decode eagerly.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +54,28 @@ from tilev4.model.weights import checkpoint_specs, load_checkpoint
 __all__ = ["Model", "load_model"]
 
 TokenInput = Sequence[Sequence[int]] | torch.Tensor
+
+#: decode graphs kept per model (each holds its activations' memory); the least recently used goes first
+MAX_DECODE_GRAPHS = 8
+
+
+@dataclass
+class _DecodeGraph:
+    """One recorded decode step: bound to a cache's tensors (``signature``) and batch size."""
+
+    cache: weakref.ref[KVCache]
+    signature: tuple[tuple[int, tuple[int, ...]], ...]
+    graph: torch.cuda.CUDAGraph | None = None
+    tokens: torch.Tensor | None = None  # int64 [b, 1], the graph's input
+    logits: torch.Tensor | None = None  # fp32 [b, vocab], the graph's output
+
+
+def _cache_signature(cache: KVCache) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Addresses and shapes of every tensor a decode step reads or writes: a graph replays on exactly these."""
+    ts = [cache.lengths, cache.mtp_lengths]
+    for lc in [*cache.layers, *cache.mtp_layers]:
+        ts += lc.tensors()
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in ts)
 
 
 def _token_id(name: str, value: object, vocab: int) -> int:
@@ -68,6 +101,7 @@ class Model:
         batch_invariant: on CUDA, select the batch-invariant kernel variants: a sequence's logits and tokens
             are then bitwise the same whatever else shares its batch (see :mod:`tilev4.model.backend`).
         ops: use this backend instead of the device's default (e.g. ``ReferenceOps()`` on a GPU).
+        cuda_graphs: replay decode steps as CUDA graphs (kernel backend on CUDA only; see the module docstring).
     """
 
     def __init__(
@@ -77,6 +111,7 @@ class Model:
         device: torch.device | str = "cpu",
         batch_invariant: bool = False,
         ops: ReferenceOps | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a tilev4.model.Config, got {type(config).__name__}")
@@ -94,6 +129,10 @@ class Model:
         self.head = HeadWeights.from_tensors(t, "")
         self.blocks = [BlockWeights.from_tensors(t, f"layers.{i}.", r, e) for i, r in enumerate(config.compress_ratios)]
         self.mtp = [MTPWeights.from_tensors(t, f"mtp.{j}.", e) for j in range(config.n_mtp_layers)]
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.ops.name != "reference"
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graph_pool = None  # one memory pool shared by this model's decode graphs
+        self.graph_failure: str | None = None  # why recording a decode graph failed, if it did
 
     @classmethod
     def from_checkpoint(
@@ -186,7 +225,7 @@ class Model:
                 self._mtp_forward(h[:, :-1], tokens[:, 1:], positions[:, :-1], cache, all_rows, need_logits=False)
             cache.last_hidden = h[:, -1].clone()
             cache.mtp_lengths = start + s - 1
-        cache.lengths = start + s
+        cache.lengths.copy_(start + s)  # in place: a recorded decode graph keeps writing this tensor
         return logits
 
     # ------------------------------------------------------------------ public API
@@ -334,7 +373,44 @@ class Model:
         cache = self._check_cache(cache)
         tok = self._next_tokens(next_tokens, cache.batch)
         self._check_room(cache, [1] * cache.batch)
+        if self.cuda_graphs and not cache.mtp:
+            return self._graph_step(tok.unsqueeze(1), cache)
         return self._step(tok.unsqueeze(1), cache)
+
+    def _graph_step(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A decode step through the cache's CUDA graph: eager the first time, recorded the second, replayed
+        after that (see the module docstring). Returns fresh logits (the graph's output is copied)."""
+        key = (id(cache), cache.batch)
+        sig = _cache_signature(cache)
+        g = self._graphs.pop(key, None)
+        if g is None or g.cache() is not cache or g.signature != sig:
+            g = _DecodeGraph(weakref.ref(cache), sig)  # new or re-bound cache: warm up eagerly first
+            out = self._step(tok, cache)
+        elif g.graph is None:
+            g.tokens = tok.clone()
+            g.graph = torch.cuda.CUDAGraph()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            torch.cuda.synchronize(self.device)
+            try:
+                with torch.cuda.graph(g.graph, pool=self._graph_pool):
+                    g.logits = self._step(g.tokens, cache)
+            except RuntimeError as e:  # an op that cannot be recorded: say so once, decode eagerly from now on
+                self.cuda_graphs = False
+                self.graph_failure = f"{type(e).__name__}: {e}"
+                warnings.warn(f"tilev4: decode runs without CUDA graphs ({self.graph_failure[:300]})", stacklevel=3)
+                return self._step(tok, cache)  # recording ran nothing, so the cache is as it was
+            g.graph.replay()  # recording ran nothing: this step runs now
+            out = g.logits.clone()
+        else:
+            assert g.tokens is not None and g.logits is not None
+            g.tokens.copy_(tok)
+            g.graph.replay()
+            out = g.logits.clone()
+        self._graphs[key] = g  # most recently used last
+        while len(self._graphs) > MAX_DECODE_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
+        return out
 
     @torch.no_grad()
     def mtp_draft(self, next_tokens: Sequence[int] | torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from tilev4._checks import check_int, check_same_device, check_shape, check_tensor
+from tilev4._checks import capturing, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = [
     "WINDOW",
@@ -58,14 +58,14 @@ _QUERY_CHUNK = 64
 def _check_positions(positions: object) -> torch.Tensor:
     check_tensor("positions", positions, dtype=_INTS, ndim=2)
     assert isinstance(positions, torch.Tensor)
-    if positions.numel() and int(positions.min()) < 0:
+    if positions.numel() and not capturing() and int(positions.min()) < 0:
         raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
     return positions
 
 
 def _check_indices(name: str, idx: torch.Tensor, n: int) -> None:
     """Every entry of ``idx`` must be -1 (unused) or in ``[0, n)``."""
-    if idx.numel() == 0:
+    if idx.numel() == 0 or capturing():
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < -1:
@@ -203,7 +203,7 @@ def sparse_attention(
     k = indices.shape[2]
     if sink is not None:
         check_tensor("sink", sink, dtype=torch.float32, shape=(h,))
-        if torch.isnan(sink).any() or (sink == math.inf).any():
+        if not capturing() and (torch.isnan(sink).any() or (sink == math.inf).any()):
             raise ValueError(f"sink must not hold NaN or +inf, got {sink.tolist()}")
     check_same_device(q=q, kv=kv, indices=indices, sink=sink)
     _check_indices("indices", indices, n)

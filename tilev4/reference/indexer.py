@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from tilev4._checks import check_int, check_same_device, check_shape, check_tensor
+from tilev4._checks import capturing, check_int, check_same_device, check_shape, check_tensor
 from tilev4.reference.attention import compressed_visible_count
 from tilev4.reference.norm import hadamard_rotate
 from tilev4.reference.quant import fp4_e2m1_simulate
@@ -53,7 +53,7 @@ def indexer_prepare_queries(
     check_tensor("q", q, dtype=_FLOATS, ndim=4)
     b, s, _, d = q.shape
     check_tensor("positions", positions, dtype=(torch.int32, torch.int64), shape=(b, s))
-    if positions.numel() and int(positions.min()) < 0:
+    if positions.numel() and not capturing() and int(positions.min()) < 0:
         raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
     if not isinstance(rope, RopeConfig):
         raise TypeError(f"rope must be a RopeConfig, got {type(rope).__name__}")
@@ -116,8 +116,8 @@ def indexer_topk(scores: torch.Tensor, top_k: int, offset: int = 0) -> torch.Ten
     check_tensor("scores", scores, dtype=_FLOATS, ndim=3)
     check_int("top_k", top_k, min_value=1)
     check_int("offset", offset, min_value=0)
-    nan = torch.isnan(scores)
-    if nan.any():
+    nan = None if capturing() else torch.isnan(scores)
+    if nan is not None and nan.any():
         where = nan.nonzero()[0].tolist()
         raise ValueError(f"scores must not contain NaN, got NaN at [b, s, c] = {where}")
     b, s = scores.shape[:2]
