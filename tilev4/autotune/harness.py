@@ -8,7 +8,10 @@ outputs, and (when asked) the reference outputs computed with :mod:`tilev4.refer
 The tuner poisons every output before a checked launch (all bytes ``0xFF``: NaN for floating
 types, -1 for integers), so an output the kernel forgets to write fails the check. For a kernel
 tagged ``batch_invariant`` it also launches sub-batches made by ``batch_slice`` and requires the
-same bits as the matching rows of the full batch.
+same bits as the matching rows of the full batch. A kernel that updates an input in place (a
+streaming state) lists its initial value in :attr:`TuningCase.initial`; the tuner copies it back
+before every checked launch, so that each candidate starts from the state the expected outputs
+were computed from.
 """
 
 from __future__ import annotations
@@ -29,12 +32,20 @@ class TuningCase:
         outputs: indices into ``args`` of the tensors the kernel writes.
         expected: reference outputs (same order as ``outputs``), or None for a timing-only case.
         rows: the run-time size (leading dimension of the batched tensors).
+        initial: index into ``args`` → initial value, for the inputs the kernel updates in place
+            (they may also be outputs); restored before every checked launch.
     """
 
     args: tuple[Any, ...]
     outputs: tuple[int, ...]
     expected: tuple[Any, ...] | None
     rows: int
+    initial: dict[int, Any] | None = None
+
+    def restore(self) -> None:
+        """Copy the initial values back into the inputs updated in place."""
+        for i, value in (self.initial or {}).items():
+            self.args[i].copy_(value)
 
     def output_tensors(self) -> tuple[Any, ...]:
         return tuple(self.args[i] for i in self.outputs)

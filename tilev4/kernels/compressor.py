@@ -44,9 +44,10 @@ m = 4 else 1, ``D`` entry dim (512 attention, 128 indexer), ``C = coff·D``, ``n
 Thread layout: a thread owns 8 consecutive channels of an entry (one 16-byte bf16 load per row), so an
 entry takes ``TPE = D/8`` lanes (64 for D = 512, 16 for D = 128); RoPE pairs and the 8-channel slices of
 the quantisation blocks lie inside a thread, block maxima and the Hadamard butterflies across lanes use
-warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 one CTA pools
-``256/TPE`` entries (8 rows each, in two chunks of 4); for m = 128 one CTA pools one entry with 4 row
-groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order. The
+warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 an entry pools 8
+rows in two chunks of 4 (by default a prefill CTA pools ``256/TPE`` entries); for m = 128 an entry pools
+4 row groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order (by
+default one entry per CTA). The
 pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
 A prefill grid has one extra CTA per sequence that writes the new streaming state.
 
@@ -54,24 +55,39 @@ Configs (compile-time keys): ``ratio``, ``D``, ``quant`` (``"attention"``, ``"in
 ``"none"``), ``in_dtype`` of kv'/gate and ``out_dtype`` of the cache (``"bfloat16"`` default, or
 ``"float32"``), ``rope_dim`` (64). Shipped (built ahead of time): bf16 in/out for (m=4, D=512, attention),
 (m=128, D=512, attention), (m=4, D=128, indexer); other combinations compile on first use. Sequence counts
-and lengths are dynamic. Not tuned yet: the pooling shape is fixed (see above), the one knob that prefill
-and decode must share.
+and lengths are dynamic.
+
+Tuning: ``block_entries``, the entries (prefill) or sequences (decode) one CTA handles
+(:data:`COMPRESSOR_PREFILL_SPACE`, :data:`COMPRESSOR_DECODE_SPACE`), one bucket per (m, D). The pooling shape
+(see above) is not tunable: prefill and decode must share it. An entry's arithmetic does not depend on the
+other entries of its CTA, so a tuned config keeps every bit (prefill ≡ decode, batch invariance).
 """
 
+import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import tilelang.language as T
 import torch
 
 from tilev4._checks import check_int, check_same_device, check_tensor
+from tilev4.autotune.harness import TuningCase, TuningHarness
+from tilev4.autotune.space import Space
 from tilev4.kernels.quant import pow2_scale_bits
 from tilev4.kernels.registry import compile_kernel, register
 from tilev4.reference.compressor import CompressorState
 from tilev4.reference.rope import RopeConfig, rope_frequencies
 
-__all__ = ["build_compressor_decode", "build_compressor_prefill", "compress_decode", "compress_prefill"]
+__all__ = [
+    "COMPRESSOR_DECODE_SPACE",
+    "COMPRESSOR_PREFILL_SPACE",
+    "build_compressor_decode",
+    "build_compressor_prefill",
+    "compress_decode",
+    "compress_prefill",
+]
 
 VEC = 8  # channels per thread: one 16-byte bf16 load per row
 RMS_EPS = 1e-6
@@ -95,6 +111,16 @@ def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
     return 4, 8, 1
 
 
+def _default_block_entries(ratio: int, D: int, decode: bool) -> int:
+    """Entries per CTA when nothing is tuned: 256 threads for a prefill, one warp (at least) for a decode step."""
+    groups, _, per_cta = _pool_shape(ratio, D)
+    return max(1, 32 // (groups * (D // VEC))) if decode else per_cta
+
+
+def _cta_threads(ratio: int, D: int, block_entries: int) -> int:
+    return _pool_shape(ratio, D)[0] * block_entries * (D // VEC)
+
+
 def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int) -> None:
     if ratio not in RATIOS:
         raise ValueError(f"ratio must be one of {RATIOS}, got {ratio}")
@@ -112,17 +138,20 @@ def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, 
         raise ValueError(f"quant='indexer' needs D <= 256 (the Hadamard butterflies stay inside a warp), got D={D}")
 
 
-def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool):
+def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool,
+             block_entries: int):
     """The prefill (``decode=False``) or decode-step program; see the module docstring."""
     _check_build(ratio, D, quant, in_dtype, out_dtype, rope_dim)
     overlap = ratio == 4
     coff = 2 if overlap else 1
     C = coff * D
     TPE = D // VEC  # lanes per entry
-    G, CH, EPC = _pool_shape(ratio, D)
-    if decode:
-        EPC = max(1, 32 // (G * TPE))  # whole warps (the shuffles use the full mask)
+    G, CH, _ = _pool_shape(ratio, D)
+    EPC = block_entries or _default_block_entries(ratio, D, decode)  # entries (decode: sequences) per CTA
     threads = G * EPC * TPE
+    if EPC < 1 or threads % 32 or threads > 1024:  # whole warps: the shuffles use the full mask
+        raise ValueError(f"block_entries={EPC}: {G}·{EPC}·{TPE} = {threads} threads must be a multiple of 32 "
+                         f"and <= 1024")
     P = 2 * ratio if overlap else ratio  # pooled positions
     RPG = P // G  # rows per group
     NCH = RPG // CH  # chunks per group
@@ -488,18 +517,256 @@ def _configs() -> list[dict[str, Any]]:
     ]
 
 
-@register("compressor_prefill", configs=_configs(), tags=("compressor", "batch_invariant"))
+# ------------------------------------------------------------------------------------------------- tuning
+
+
+def _whole_warps(c: Mapping[str, Any]) -> str | None:
+    threads = _cta_threads(c["ratio"], c["D"], c["block_entries"])
+    if threads % 32 or threads > 1024:
+        return f"{threads} threads: not whole warps, or more than 1024"
+    return None
+
+
+def _pool_smem(c: Mapping[str, Any]) -> int:
+    groups, tpe = _pool_shape(c["ratio"], c["D"])[0], c["D"] // VEC
+    return 4 * c["block_entries"] * (3 * groups * c["D"] + tpe)  # the row groups' (max, den, num), rmsnorm sums
+
+
+def _space(decode: bool) -> Space:
+    """``block_entries``: entries per CTA (decode: sequences per CTA). The pooling shape (row groups, chunks)
+    is NOT tunable: prefill and decode must share it to stay bit-identical. An entry's arithmetic does not
+    depend on the other entries of its CTA, so every candidate gives the default's bits."""
+    return Space(
+        params={"block_entries": (1, 2, 4, 8, 16, 32, 64)},
+        constraints=(_whole_warps,),
+        smem_bytes=_pool_smem,
+        heuristic=lambda p: {"block_entries": _default_block_entries(p["ratio"], p["D"], decode)},
+    )
+
+
+COMPRESSOR_PREFILL_SPACE = _space(decode=False)
+COMPRESSOR_DECODE_SPACE = _space(decode=True)
+TUNE_SEQUENCES = 4  # sequences of a tuning prefill (ragged starts); the harness size is the new tokens of each
+
+
+def _compressor_bucket(problem: Mapping[str, Any]) -> str:
+    """(m, D) fix the pooling shape and the lanes per entry; quant, dtypes and rope_dim share a config."""
+    return f"ratio={problem['ratio']},D={problem['D']}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _EntryFormat:
+    """What the cache check needs to know of the problem (the last item of a compressor case's ``expected``)."""
+
+    quant: str
+    rope_dim: int
+
+
+def _tuning_inputs(problem: Mapping[str, Any], num_tokens: torch.Tensor, rows: tuple[int, ...], g: torch.Generator,
+                   device: str) -> tuple[tuple[torch.Tensor, ...], CompressorState]:
+    """(kv, gate, ape, weight, freqs) at the scales of tests/test_compressor_gpu.py — kv' and gate ``rows``
+    [..., C] in the input dtype — and the streaming state after ``num_tokens[j]`` tokens: random fp32 rows for
+    the tokens seen in the current block and, once a block is complete, the previous block (m = 4);
+    0 / −inf elsewhere, as :class:`CompressorState` keeps them."""
+    ratio, d = problem["ratio"], problem["D"]
+    c = (2 if ratio == 4 else 1) * d
+    dt = _DTYPES[problem["in_dtype"]]
+    kv = torch.randn(*rows, c, generator=g, device=device).to(dt)
+    gate = (2 * torch.randn(*rows, c, generator=g, device=device)).to(dt)
+    ape = torch.randn(ratio, c, generator=g, device=device)
+    weight = 0.5 + torch.rand(d, generator=g, device=device)
+    freqs = rope_frequencies(dataclasses.replace(_COMPRESSED_ROPE, rope_dim=problem["rope_dim"])).to(device)
+    b = num_tokens.shape[0]
+    st = CompressorState.empty(b, ratio, d, device)
+    seen = (torch.arange(ratio, device=device) < (num_tokens % ratio).unsqueeze(1)).unsqueeze(-1)  # [b, m, 1]
+    st.kv.copy_(torch.where(seen, torch.randn(b, ratio, c, generator=g, device=device), st.kv))
+    st.score.copy_(torch.where(seen, 2 * torch.randn(b, ratio, c, generator=g, device=device), st.score))
+    if ratio == 4:
+        done = (num_tokens >= ratio).view(b, 1, 1)
+        st.prev_kv.copy_(torch.where(done, torch.randn(b, ratio, c, generator=g, device=device), st.prev_kv))
+        st.prev_score.copy_(torch.where(done, 2 * torch.randn(b, ratio, c, generator=g, device=device),
+                                        st.prev_score))
+    st.num_tokens.copy_(num_tokens)
+    return (kv, gate, ape, weight, freqs), st
+
+
+def _kernel_state(st: CompressorState) -> tuple[torch.Tensor, ...]:
+    """(num_tokens, kv, score, prev_kv, prev_score) as the kernels take them ([b, 1, C] zeros for m = 128)."""
+    if st.prev_kv is not None:
+        return st.num_tokens, st.kv, st.score, st.prev_kv, st.prev_score
+    dummy = torch.zeros(st.kv.shape[0], 1, st.kv.shape[2], device=st.kv.device)
+    return st.num_tokens, st.kv, st.score, dummy, dummy.clone()
+
+
+def _ref_args(problem: Mapping[str, Any]) -> dict[str, Any]:
+    return {"rope": dataclasses.replace(_COMPRESSED_ROPE, rope_dim=problem["rope_dim"]),
+            "quant": None if problem["quant"] == "none" else problem["quant"]}
+
+
+def _ref_state(st: CompressorState) -> tuple[torch.Tensor, ...]:
+    """The state tensors a case checks, in the order of its outputs after the cache (on the CPU)."""
+    return tuple(t.cpu() for t in (st.num_tokens, st.kv, st.score, st.prev_kv, st.prev_score) if t is not None)
+
+
+def _expected(problem: Mapping[str, Any], refs: tuple[torch.Tensor, ...], device: str) -> tuple[Any, ...]:
+    """(entries, state…) on the device, then the :class:`_EntryFormat` the check reads."""
+    return (*(t.to(device) for t in refs), _EntryFormat(problem["quant"], problem["rope_dim"]))
+
+
+def _prefill_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool,
+                  sequences: int = TUNE_SEQUENCES) -> TuningCase:
+    """``sequences`` sequences with ragged starts (0 … 2m − 1 tokens already seen), ``n`` new tokens each."""
+    from tilev4.reference.compressor import compressor_prefill
+
+    ratio, d = problem["ratio"], problem["D"]
+    heads = torch.randint(0, 2 * ratio, (sequences,), generator=gen)
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    params, st = _tuning_inputs(problem, heads.to(device), (sequences, n), g, device)
+    rows = (int(heads.max()) + n) // ratio + 1  # one row past the last entry completed: it must stay as it was
+    cache = torch.empty(sequences, rows, d, dtype=_DTYPES[problem["out_dtype"]], device=device)
+    state = _kernel_state(st)
+    new_state = tuple(torch.empty_like(t) for t in state)
+    args = (*params, *state, cache, *new_state)
+    outputs = (10, 11, 12, 13) + ((14, 15) if ratio == 4 else ())  # cache, num_tokens, kv, score, prev_kv, prev_score
+    expected = None
+    if reference:
+        kv, gate, ape, weight, _ = (t.cpu() for t in params)
+        entries = torch.full((sequences, rows, d), math.nan)
+        new = []
+        for j, t0 in enumerate(heads.tolist()):
+            one = CompressorState(*(None if t is None else t[j:j + 1].cpu() for t in (
+                st.kv, st.score, st.prev_kv, st.prev_score, st.num_tokens)))
+            e, one_new = compressor_prefill(kv[j:j + 1], gate[j:j + 1], ape, weight, ratio, state=one,
+                                            **_ref_args(problem))
+            entries[j, t0 // ratio:t0 // ratio + e.shape[1]] = e[0]
+            new.append(_ref_state(one_new))
+        states = tuple(torch.cat(parts) for parts in zip(*new))
+        expected = _expected(problem, (entries, *states), device)
+    return TuningCase(args, outputs=outputs, expected=expected, rows=sequences)
+
+
+def _prefill_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    kv, gate, ape, weight, freqs, *rest = case.args
+    state, cache, new_state = rest[:5], rest[5], rest[6:]
+    args = (kv[start:stop].clone(), gate[start:stop].clone(), ape, weight, freqs,
+            *(t[start:stop].clone() for t in state), *(torch.empty_like(t[start:stop]) for t in (cache, *new_state)))
+    return TuningCase(args, outputs=case.outputs, expected=None, rows=stop - start)
+
+
+def _decode_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str,
+                 reference: bool) -> TuningCase:
+    """One step of ``n`` sequences in their first three blocks: every other one completes a block (emits an
+    entry), the others stop anywhere in theirs. The state is updated in place: ``initial`` restores it."""
+    from tilev4.reference.compressor import compressor_decode_step
+
+    ratio, d = problem["ratio"], problem["D"]
+    offset = torch.where(torch.arange(n) % 2 == 0, ratio - 1, torch.randint(0, ratio, (n,), generator=gen))
+    t = torch.randint(0, 3, (n,), generator=gen) * ratio + offset  # [n] tokens seen
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    params, st = _tuning_inputs(problem, t.to(device), (n,), g, device)
+    rows = 4  # entries 0 … 2, and a row that must stay as it was
+    cache = torch.empty(n, rows, d, dtype=_DTYPES[problem["out_dtype"]], device=device)
+    args = (*params, *_kernel_state(st), cache)
+    in_place = (5, 6, 7) + ((8, 9) if ratio == 4 else ())  # num_tokens, kv, score, prev_kv, prev_score
+    expected = None
+    if reference:
+        kv, gate, ape, weight, _ = (t.cpu() for t in params)
+        cpu_state = CompressorState(*(None if x is None else x.cpu() for x in (
+            st.kv, st.score, st.prev_kv, st.prev_score, st.num_tokens)))
+        e, emitted, index, new = compressor_decode_step(kv, gate, cpu_state, ape, weight, ratio, **_ref_args(problem))
+        entries = torch.full((n, rows, d), math.nan)
+        sel = emitted.nonzero().squeeze(1)
+        entries[sel, index[sel]] = e[sel]
+        expected = _expected(problem, (entries, *_ref_state(new)), device)
+    return TuningCase(args, outputs=(10, *in_place), expected=expected, rows=n,
+                      initial={i: args[i].clone() for i in in_place})
+
+
+def _decode_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    """Sequences [start, stop) from the state the case started from (its own tensors have moved on)."""
+    initial = case.initial or {}
+    args = []
+    for i, a in enumerate(case.args):
+        a = initial.get(i, a)
+        args.append(a[start:stop].clone() if i in (0, 1, 5, 6, 7, 8, 9) else a)  # kv, gate and the state
+    args[10] = torch.empty_like(case.args[10][start:stop])  # the cache
+    return TuningCase(tuple(args), outputs=case.outputs, expected=None, rows=stop - start,
+                      initial={i: args[i].clone() for i in initial})
+
+
+def _entries_check(actual: torch.Tensor, expected: torch.Tensor, fmt: _EntryFormat) -> str | None:
+    """Cache rows against the reference's entries, with the tolerances of tests/test_compressor_gpu.py.
+
+    ``expected`` is NaN at the rows the call must not write: they must still hold the poison (NaN).
+    Unquantised values (and the rope dims of ``attention``): atol 2e-5, rtol 2e-5 (fp32 cache) or 2^-8
+    (bf16 cache). Quantised values: every one within one quantum of its format at its magnitude, and at
+    most 1 % of them (at least 2) different at all.
+    """
+    a, e = actual.float(), expected.float()
+    if not torch.equal(torch.isnan(a), torch.isnan(e)):
+        return "NaN in a written entry, or a row written that the call must not write"
+    written = ~torch.isnan(e[..., 0])
+    a, e = a[written], e[written]  # [entries, D]
+    d = a.shape[-1]
+    quantised = {"attention": d - fmt.rope_dim, "indexer": d, "none": 0}[fmt.quant]  # the first dims
+    rtol = 2.0**-8 if actual.dtype == torch.bfloat16 else 2e-5
+    if quantised < d and a.numel():
+        excess = ((a[:, quantised:] - e[:, quantised:]).abs() - (2e-5 + rtol * e[:, quantised:].abs())).max().item()
+        if excess > 0:
+            return f"an unquantised value exceeds atol 2e-5 + rtol {rtol:.3g} by {excess:.3g}"
+    if quantised == 0 or not a.numel():
+        return None
+    block, floor, qmax = ((FP8_BLOCK, FP8_AMAX_FLOOR, FP8_MAX) if fmt.quant == "attention"
+                          else (FP4_BLOCK, FP4_AMAX_FLOOR, FP4_MAX))
+    qa, qe = a[:, :quantised].reshape(-1, block), e[:, :quantised].reshape(-1, block)
+    big = torch.maximum(qa.abs(), qe.abs())
+    scale = torch.exp2(torch.ceil(torch.log2(big.amax(-1, keepdim=True).clamp_min(floor) / qmax)))
+    bound = 2.0**-3 * big + 2.0**-9 * scale if fmt.quant == "attention" else torch.maximum(0.5 * scale, 0.5 * big)
+    over = ((qa - qe).abs() - bound).max().item()
+    if over > 1e-6:
+        return f"a quantised value is off by more than one quantum (by {over:.3g})"
+    differ = int((qa != qe).sum())
+    if differ > max(2, qa.numel() // 100):
+        return f"{differ} of {qa.numel()} quantised values differ from the reference (at most 1 %)"
+    return None
+
+
+def _compressor_check(outputs: tuple[torch.Tensor, ...], expected: tuple[Any, ...]) -> str | None:
+    """The cache as :func:`_entries_check`; the new state bit for bit (copies and one fp32 add, as the GPU tests)."""
+    *refs, fmt = expected
+    why = _entries_check(outputs[0], refs[0], fmt)
+    if why:
+        return why
+    for name, got, ref in zip(("num_tokens", "kv", "score", "prev_kv", "prev_score"), outputs[1:], refs[1:]):
+        if not torch.equal(got, ref):
+            return f"state.{name} differs from the reference (must be bit-exact)"
+    return None
+
+
+@register("compressor_prefill", configs=_configs(), tags=("compressor", "batch_invariant"),
+          space=COMPRESSOR_PREFILL_SPACE, bucket=_compressor_bucket,
+          harness=TuningHarness(_prefill_case, _compressor_check, sizes=(512, 4096), size_name="n",
+                                batch_slice=_prefill_slice))
 def build_compressor_prefill(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
-                             out_dtype: str = "bfloat16", rope_dim: int = 64):
-    """Compressor prefill: pool the new tokens' complete blocks into cache entries, write the new state."""
-    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, decode=False)
+                             out_dtype: str = "bfloat16", rope_dim: int = 64, block_entries: int = 0):
+    """Compressor prefill: pool the new tokens' complete blocks into cache entries, write the new state.
+
+    ``block_entries`` (tunable; 0: the default for (m, D)) is the number of entries a CTA pools.
+    """
+    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, False, block_entries)
 
 
-@register("compressor_decode", configs=_configs(), tags=("compressor", "batch_invariant"))
+@register("compressor_decode", configs=_configs(), tags=("compressor", "batch_invariant"),
+          space=COMPRESSOR_DECODE_SPACE, bucket=_compressor_bucket,
+          harness=TuningHarness(_decode_case, _compressor_check, sizes=(64, 1024), size_name="b",
+                                batch_slice=_decode_slice))
 def build_compressor_decode(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
-                            out_dtype: str = "bfloat16", rope_dim: int = 64):
-    """Compressor decode step: append one token per sequence (ragged), emit completed entries, state in place."""
-    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, decode=True)
+                            out_dtype: str = "bfloat16", rope_dim: int = 64, block_entries: int = 0):
+    """Compressor decode step: append one token per sequence (ragged), emit completed entries, state in place.
+
+    ``block_entries`` (tunable; 0: the default for (m, D)) is the number of sequences a CTA steps.
+    """
+    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, True, block_entries)
 
 
 @functools.lru_cache(maxsize=16)

@@ -37,7 +37,8 @@ dynamic one) and tiles past the last visible one re-read that tile (no new DRAM 
 Each logit is computed alone (no split over D or over the heads), so a query's row does not depend
 on B, S, the other queries of its CTA or the config (checked by the GPU tests).
 
-Top-k kernel (``topk_select``): one CTA (1024 threads) per row; radix select, 11 bits per pass,
+Top-k kernel (``topk_select``): one CTA (``threads``, 1024 by default) per row; radix select,
+``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread),
 over the 64-bit key ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32
 monotonically, ``IB`` = bits of N − 1), which is unique per entry, so "ties by the smaller index" is
 just a larger key. A pass histograms the digit of the entries that match the prefix found so far
@@ -55,22 +56,30 @@ Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, s
 Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM
 (BQ=2: 167 registers/thread → 3 CTAs; BQ=1: 98 → 5) and one CTA's wgmma overlaps another's epilogue;
 3 pipeline stages of 8 KB key tiles. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
-shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, everything else
-BQ=2 (:func:`_logits_config`). On the H200 the two builds sum the heads in different orders (last
-bits differ), so ``batch_invariant=True`` pins BQ=1; the GPU tests check bit-equality across batch
-sizes, positions and S in that mode, and across batch sizes at fixed S in the default one.
-The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads its row from
-global memory (L2) once per radix pass.
+shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, prefill BQ=2 by
+default. On the H200 the two builds sum the heads in different orders (last bits differ), so
+``batch_invariant=True`` compiles one problem for every S whose space pins BQ=1; the GPU tests check
+bit-equality across batch sizes, positions and S in that mode, and across batch sizes at fixed S in
+the default one. The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads
+its row from global memory (L2) once per radix pass.
+
+Tuning (:data:`INDEXER_LOGITS_SPACE`, :data:`TOPK_SPACE`): the logits tune BQ, SPLIT and num_stages, one
+bucket per mode (prefill, decode, batch-invariant; :func:`_logits_problem` picks it from S and the
+flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads``
+(one bucket per sort width), which changes the passes, not the result.
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import tilelang.language as T
 import torch
 
 from tilev4._checks import check_int, check_same_device, check_tensor
-from tilev4.kernels.registry import compile_kernel, register
+from tilev4.autotune.harness import TuningCase, TuningHarness
+from tilev4.autotune.space import Space
+from tilev4.kernels.registry import compile_kernel, register, resolve_config
 
 __all__ = [
     "FP8_ROW_MAX",
@@ -87,19 +96,140 @@ _RATIOS = (4, 128)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _NO_WS = {"tl.disable_warp_specialized": True}
 _MAX_GRID_YZ = 65535  # CUDA grid limit of the query-block and batch dims
+LOGITS_REL_TOL = 1e-5  # of Σ_h |w_h|·ReLU(q_h·k): the fp32 head-sum order (tests/test_indexer_gpu.py)
 
 
 # ------------------------------------------------------------------------------------------------- logits
 
 
+MAX_ACC_REGISTERS = 64  # fp32 accumulators per thread (BC·BQ·H / threads): BQ=2 already takes 167 registers
+
+
+def _one_query_per_cta(c: Mapping[str, Any]) -> str | None:
+    """The invariance constraint: BQ=1 and BQ=2 sum the heads in different orders, so a batch-invariant build
+    (one config for every S) keeps BQ=1; a decode step (S = 1) would leave the other query slots empty."""
+    if (c["batch_invariant"] or c["decode"]) and c["BQ"] != 1:
+        return f"BQ={c['BQ']}: batch-invariant and decode builds take one query per CTA"
+    return None
+
+
+def _logits_tiles(c: Mapping[str, Any]) -> str | None:
+    if c["SPLIT"] % c["BC"]:
+        return f"SPLIT={c['SPLIT']} is not a multiple of BC={c['BC']}"
+    acc = c["BC"] * c["BQ"] * c["H"] // c["threads"]
+    if acc > MAX_ACC_REGISTERS:
+        return f"{acc} accumulator registers per thread > {MAX_ACC_REGISTERS}"
+    return None
+
+
+# BQ (the wgmma N width), the entry range of a CTA and the key pipeline depth. BC and threads stay at one
+# warpgroup of 64 entries (several CTAs per SM, see the module docstring). SPLIT above 2048 is left out: the
+# query tile a CTA loads is 3-6 % of its key traffic at 2048 (BQ=1-2), while a shorter range cuts the tiles a
+# causal prefill computes past the last visible entry.
+INDEXER_LOGITS_SPACE = Space(
+    params={"BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4)},
+    constraints=(_one_query_per_cta, _logits_tiles),
+    smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * c["D"] + 4 * c["BQ"],
+    heuristic=lambda p: {"BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048, "num_stages": 3},
+)
+LOGITS_TUNE_ENTRIES = 16384  # compressed entries per sequence in a tuning case
+LOGITS_TUNE_QUERIES = 128  # queries per sequence of a prefill tuning case (decode: 1); the size is all queries
+
+
+def _logits_mode(problem: Mapping[str, Any]) -> str:
+    return "batch_invariant" if problem["batch_invariant"] else "decode" if problem["decode"] else "prefill"
+
+
+def _logits_bucket(problem: Mapping[str, Any]) -> str:
+    return f"H={problem['H']},D={problem['D']},{_logits_mode(problem)}"
+
+
+def _logits_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool,
+                 entries: int = LOGITS_TUNE_ENTRIES, seq_queries: int = LOGITS_TUNE_QUERIES) -> TuningCase:
+    """``n`` queries: decode ``n`` sequences of one query (ragged ``k_lens``, FP8 NaN bytes and infinite
+    scales in the padding), else ``n / seq_queries`` sequences of ``seq_queries`` queries at sorted random
+    positions (from none visible to all). FP4-simulated q and k, head weights at the model's scale, as
+    tests/test_indexer_gpu.py draws them.
+
+    ``expected`` is (reference logits, Σ_h |w_h|·ReLU(q_h·k)) — the tolerance scale of the check — in fp64:
+    the reference's formula (:func:`tilev4.reference.indexer_scores`) with the exact products of FP4 values
+    and a head sum far more exact than the kernel's fp32 one, so the check holds the kernel to the GPU
+    tests' tolerance against the exact value.
+    """
+    from tilev4.reference.quant import fp4_e2m1_simulate
+
+    h, d = problem["H"], problem["D"]
+    b, s = (n, 1) if problem["decode"] else (max(1, n // seq_queries), min(n, seq_queries))
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    q = fp4_e2m1_simulate(torch.randn(b, s, h, d, generator=g, device=device), block=32)
+    k = fp4_e2m1_simulate(torch.randn(b, entries, d, generator=g, device=device), block=32)
+    w = torch.randn(b, s, h, generator=g, device=device) * (h**-0.5 * d**-0.5)
+    positions = torch.randint(0, 4 * entries + 8, (b, s), generator=g, device=device).sort(-1).values
+    k_lens = torch.randint(0, entries + 1, (b,), generator=g, device=device) if problem["decode"] else None
+    visible = _visible_counts(positions, 4, entries, k_lens)  # [b, s]
+    q8, q_scale = indexer_fp8_cast(q)
+    k8, k_scale = indexer_fp8_cast(k)
+    if k_lens is not None:  # padding slots hold garbage: it must not leak
+        pad = torch.arange(entries, device=device) >= k_lens.unsqueeze(1)  # [b, entries]
+        k8 = k8.view(torch.uint8).masked_fill(pad.unsqueeze(-1), 0x7F).view(torch.float8_e4m3fn)
+        k_scale = k_scale.masked_fill(pad, math.inf)
+    out = torch.empty(b, s, entries, device=device)
+    expected = None
+    if reference:
+        ref = torch.empty(b, s, entries, dtype=torch.float64, device=device)
+        bound = torch.empty_like(ref)
+        step = max(1, (1 << 27) // (s * h * entries))  # sequences per chunk: <= 1 GiB of fp64 products
+        for i in range(0, b, step):
+            qk = torch.einsum("bshd,bcd->bshc", q[i:i + step].double(), k[i:i + step].double()).relu_()
+            wi = w[i:i + step].double()
+            ref[i:i + step] = torch.einsum("bshc,bsh->bsc", qk, wi)
+            bound[i:i + step] = torch.einsum("bshc,bsh->bsc", qk, wi.abs())
+        hidden = torch.arange(entries, device=device) >= visible.unsqueeze(-1)  # [b, s, entries]
+        expected = (ref.masked_fill_(hidden, -math.inf), bound)
+    args = (q8, (w * q_scale).contiguous(), k8, k_scale, visible, out)
+    return TuningCase(args, outputs=(5,), expected=expected, rows=b)
+
+
+def _logits_check(outputs: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> str | None:
+    """As tests/test_indexer_gpu.py: −inf exactly where not visible, finite elsewhere and within 1e-5 of
+    Σ_h |w_h|·ReLU(q_h·k) of the reference (the fp32 head-sum order; see the module docstring)."""
+    out, (ref, bound) = outputs[0], expected
+    if torch.isnan(out).any():
+        return "NaN in the logits"
+    visible = torch.isfinite(ref)
+    if not torch.isneginf(out[~visible]).all():
+        return "an entry that is not visible is not −inf"
+    if not torch.isfinite(out[visible]).all():
+        return "a visible entry is not finite"
+    bad = visible & ((out.double() - ref).abs() > LOGITS_REL_TOL * bound + 1e-30)
+    if bad.any():
+        return f"{int(bad.sum())} logits off by more than {LOGITS_REL_TOL} of Σ_h |w_h|·ReLU(q_h·k)"
+    return None
+
+
+def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    *inputs, out = case.args
+    sub = tuple(t[start:stop].clone() for t in inputs)
+    return TuningCase((*sub, torch.empty_like(out[start:stop])), outputs=(5,), expected=None, rows=stop - start)
+
+
 @register(
     "indexer_logits",
-    configs=[{"H": 64, "D": 128, "BQ": 2}, {"H": 64, "D": 128, "BQ": 1}],
+    configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 64, "D": 128, "batch_invariant": True}],
     tags=("indexer", "batch_invariant"),
+    space=INDEXER_LOGITS_SPACE,
+    bucket=_logits_bucket,
+    harness=TuningHarness(_logits_case, _logits_check, sizes=(512,), size_name="queries", batch_slice=_logits_slice),
 )
-def build_indexer_logits(H: int = 64, D: int = 128, BQ: int = 2, BC: int = 64, SPLIT: int = 2048,
-                         num_stages: int = 3, threads: int = 128):
-    """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked."""
+def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_invariant: bool = False,
+                         BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128):
+    """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked.
+
+    ``decode`` (S = 1) and ``batch_invariant`` (one build for every S) are problem keys; both take BQ=1,
+    the invariant one by necessity (:func:`_one_query_per_cta`). Tunable: BQ, SPLIT, num_stages.
+    """
+    if batch_invariant and BQ != 1:
+        raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
     if SPLIT % BC:
         raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
     if D % 32 or H % 8:
@@ -179,9 +309,8 @@ def build_indexer_logits(H: int = 64, D: int = 128, BQ: int = 2, BC: int = 64, S
 
 # -------------------------------------------------------------------------------------------------- top-k
 
-_TOPK_THREADS = 1024
-_DIGIT_BITS = 11
-_NUM_BINS = 1 << _DIGIT_BITS  # 2048 = 2 bins per thread
+_TOPK_THREADS = 1024  # the default CTA size (tunable); the digit width follows: 2 histogram bins per thread
+_DIGIT_BITS = 11  # of the default CTA size: (2 · 1024 bins) = 2^11
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 
 
@@ -201,19 +330,93 @@ def _entry_key(ukey, c, n, ib, pad):
                         T.cast(pad, T.uint64))
 
 
+def _topk_sort_width(k: int) -> int:
+    return 1 << max(1, (k - 1).bit_length())
+
+
+def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
+    if _topk_sort_width(c["K"]) // 2 > c["threads"]:
+        return f"the bitonic sort of {_topk_sort_width(c['K'])} keys needs >= {_topk_sort_width(c['K']) // 2} threads"
+    return None
+
+
+TOPK_SPACE = Space(
+    params={"threads": (256, 512, 1024)},
+    constraints=(_topk_sort_fits,),
+    # histogram (2 bins per thread), warp totals, the selected keys, the search state
+    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 8 * _topk_sort_width(c["K"]) + 16,
+)
+TOPK_TUNE_ENTRIES = 32768  # logits per row in a tuning case; the harness size is the number of rows
+
+
+def _topk_bucket(problem: Mapping[str, Any]) -> str:
+    """Widths K that sort the same number of keys share a config."""
+    return f"K<={_topk_sort_width(problem['K'])}"
+
+
+def _topk_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool,
+               entries: int = TOPK_TUNE_ENTRIES) -> TuningCase:
+    """``n`` rows of ``entries`` logits as tests/test_indexer_gpu.py draws them: normal values, every fourth row
+    7 distinct values (ties everywhere, decided by the index), 10 % −inf; random lengths (the first rows 0, 1,
+    K − 1 and all), an offset. The reference: a stable sort of −logits over the candidates (CPU)."""
+    from tilev4.reference.indexer import indexer_topk
+
+    k = problem["K"]
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    logits = torch.randn(n, entries, generator=g, device=device)
+    ties = torch.arange(n, device=device) % 4 == 3
+    logits[ties] = torch.randint(-3, 4, (int(ties.sum()), entries), generator=g, device=device).float()
+    logits[torch.rand(n, entries, generator=g, device=device) < 0.1] = -math.inf
+    lengths = torch.randint(0, entries + 1, (n,), generator=g, device=device, dtype=torch.int32)
+    edge = torch.tensor([0, 1, k - 1, entries], dtype=torch.int32, device=device).clamp(0, entries)[:n]
+    lengths[:edge.numel()] = edge
+    out = torch.empty(n, k, dtype=torch.int32, device=device)
+    offset = 7
+    expected = None
+    if reference:
+        hidden = torch.arange(entries, device=device) >= lengths.unsqueeze(1)  # [n, entries]
+        masked = logits.masked_fill(hidden, -math.inf).cpu()
+        expected = (indexer_topk(masked[None], k, offset)[0].to(device),)
+    args = (logits, lengths, out, offset, _topk_key_bits(entries)[0])
+    return TuningCase(args, outputs=(2,), expected=expected, rows=n)
+
+
+def _topk_check(outputs: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> str | None:
+    if not torch.equal(outputs[0], expected[0]):
+        bad = int((outputs[0] != expected[0]).any(-1).sum())
+        return f"{bad} rows differ from the stable sort of -logits (must be bit-exact)"
+    return None
+
+
+def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    logits, lengths, out, offset, ib = case.args
+    args = (logits[start:stop].clone(), lengths[start:stop].clone(), torch.empty_like(out[start:stop]), offset, ib)
+    return TuningCase(args, outputs=(2,), expected=None, rows=stop - start)
+
+
 @register(
     "topk_select",
     configs=[{"K": 512}, {"K": 1024}],
     tags=("indexer", "batch_invariant"),
+    space=TOPK_SPACE,
+    bucket=_topk_bucket,
+    harness=TuningHarness(_topk_case, _topk_check, sizes=(64, 512), size_name="R", batch_slice=_topk_slice),
 )
-def build_topk_select(K: int = 512):
-    """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen."""
+def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS):
+    """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen.
+
+    ``threads`` (tunable): a power of two in [64, 1024] with ``threads >= sort width / 2``; a pass
+    reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread).
+    """
     if K < 1 or K > 2048:
         raise ValueError(f"K must be in [1, 2048], got {K}")
-    threads = _TOPK_THREADS
+    KP = _topk_sort_width(K)  # sort width, a power of two >= K
+    if threads < 64 or threads > 1024 or threads & (threads - 1) or KP // 2 > threads:
+        raise ValueError(f"threads must be a power of two in [64, 1024] and >= {KP // 2} (K={K}), got {threads}")
     num_warps = threads // 32
-    KP = 1 << max(1, (K - 1).bit_length())  # sort width, a power of two >= K
-    max_passes = -(-64 // _DIGIT_BITS)
+    digit_bits = (2 * threads).bit_length() - 1
+    num_bins = 2 * threads
+    max_passes = -(-64 // digit_bits)
     R = T.dynamic("R")
     N = T.dynamic("N")
 
@@ -224,12 +427,11 @@ def build_topk_select(K: int = 512):
         out: T.Tensor[(R, K), T.int32],
         offset: T.int32,  # added to every selected index
         ib: T.int32,  # index bits: N − 1 < 2^ib
-        pad: T.int32,  # key padding bits: 32 + ib + pad is a multiple of the digit width
     ):
         T.annotate_pass_configs(_NO_AUTO_SYNC)
         with T.Kernel(R, threads=threads) as r:
             tx = T.get_thread_binding()
-            hist = T.alloc_shared((_NUM_BINS,), T.int32)
+            hist = T.alloc_shared((num_bins,), T.int32)
             warp_sum = T.alloc_shared((num_warps,), T.int32)
             sel = T.alloc_shared((KP,), T.uint64)
             state = T.alloc_shared((4,), T.int32)  # [d*, count above d*, count in d*, selected slots]
@@ -253,7 +455,8 @@ def build_topk_select(K: int = 512):
 
             lane = tx % 32
             warp = tx // 32
-            num_passes = (32 + ib + pad) // _DIGIT_BITS
+            pad = (digit_bits - (32 + ib) % digit_bits) % digit_bits  # 32 + ib + pad: whole digits
+            num_passes = (32 + ib + pad) // digit_bits
             row_len = T.max(T.min(lengths[r], N), 0)
             num_chunks = T.ceildiv(row_len, threads)  # uniform over the CTA
             total_bits = 32 + ib + pad
@@ -271,7 +474,7 @@ def build_topk_select(K: int = 512):
 
             for p in T.serial(max_passes):
                 if done == 0 and p < num_passes:
-                    shift = total_bits - (p + 1) * _DIGIT_BITS
+                    shift = total_bits - (p + 1) * digit_bits
                     hist[2 * tx] = 0
                     hist[2 * tx + 1] = 0
                     if tx == 0:
@@ -289,10 +492,10 @@ def build_topk_select(K: int = 512):
                         if v > -T.infinity(T.float32):
                             ukey = _order_key(v)
                             key = _entry_key(ukey, c, N, ib, pad)
-                            if T.shift_right(key, T.cast(shift + _DIGIT_BITS, T.uint64)) == prefix:
+                            if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
                                 part = 1
                                 digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
-                                                             T.uint64(_NUM_BINS - 1)), T.uint32)
+                                                             T.uint64(num_bins - 1)), T.uint32)
                         peers = T.call_extern(T.uint32, "__match_any_sync", T.uint32(0xFFFFFFFF), digit)
                         if part == 1:
                             # the lowest lane of each group of equal digits adds the group's size
@@ -329,7 +532,7 @@ def build_topk_select(K: int = 512):
                         done = 1
                     else:
                         need = need - state[1]
-                        prefix = T.bitwise_or(T.shift_left(prefix, T.uint64(_DIGIT_BITS)),
+                        prefix = T.bitwise_or(T.shift_left(prefix, T.uint64(digit_bits)),
                                               T.cast(state[0], T.uint64))
                         level = shift
                         if state[2] == need:
@@ -411,10 +614,13 @@ def indexer_fp8_cast(x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor,
     return x8, scale
 
 
-def _logits_config(S: int, batch_invariant: bool = False) -> dict[str, Any]:
-    # BQ=1 and BQ=2 builds sum the 64 heads in different orders (measured on the H200: the last bits
-    # differ), so a query's bits depend on S unless BQ is pinned
-    return {"H": 64, "D": 128, "BQ": 1 if S == 1 or batch_invariant else 2}
+def _logits_problem(S: int, batch_invariant: bool = False) -> dict[str, Any]:
+    """The compiled problem (no tunables): BQ=1 and BQ=2 builds sum the 64 heads in different orders
+    (measured on the H200: the last bits differ), so the batch-invariant problem is one for every S
+    (decode included) and its space keeps BQ=1; otherwise decode (S = 1) and prefill are tuned apart."""
+    if batch_invariant:
+        return {"H": 64, "D": 128, "batch_invariant": True}
+    return {"H": 64, "D": 128, "decode": S == 1}
 
 
 def _visible_counts(positions: torch.Tensor, ratio: int, n: int, k_lens: torch.Tensor | None) -> torch.Tensor:
@@ -485,22 +691,26 @@ def indexer_logits(
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
         return out
-    config = _logits_config(s, batch_invariant)
-    if b > _MAX_GRID_YZ or -(-s // config["BQ"]) > _MAX_GRID_YZ:
-        raise ValueError(f"q8: B={b} and ceil(S/{config['BQ']}) for S={s} must be <= {_MAX_GRID_YZ}")
+    problem = _logits_problem(s, batch_invariant)
+    bq = 1  # the query-block grid dim is ceil(S / BQ): only a long S needs the resolved (tuned) BQ
+    if s > _MAX_GRID_YZ:
+        bq = dict(resolve_config("indexer_logits", problem).items)["BQ"]
+    if b > _MAX_GRID_YZ or -(-s // bq) > _MAX_GRID_YZ:
+        raise ValueError(f"q8: B={b} and ceil(S/BQ) for S={s}, BQ={bq} must be <= {_MAX_GRID_YZ}")
     visible = _visible_counts(positions, ratio, n, k_lens)  # [B, S]
     qw = (w.float() * q_scale).contiguous()  # [B, S, H]: s_q folded into the head weight (exact)
-    compile_kernel("indexer_logits", config)(q8, qw, k8, k_scale, visible, out)
+    compile_kernel("indexer_logits", problem)(q8, qw, k8, k_scale, visible, out)
     return out
 
 
 _MAX_TOPK_N = 1 << 23  # the 64-bit key holds 32 value bits + 23 index bits (+ padding to 5 digits)
 
 
-def _topk_key_bits(n: int) -> tuple[int, int]:
-    """(IB, pad): index bits of N − 1 and the padding that makes 32 + IB + pad a whole number of digits."""
+def _topk_key_bits(n: int, digit_bits: int = _DIGIT_BITS) -> tuple[int, int]:
+    """(IB, pad): index bits of N − 1 and the padding that makes 32 + IB + pad a whole number of digits
+    (the kernel derives pad from IB the same way, for its own digit width)."""
     ib = max(n - 1, 0).bit_length()
-    return ib, (-(32 + ib)) % _DIGIT_BITS
+    return ib, (-(32 + ib)) % digit_bits
 
 
 def topk_select(
@@ -557,8 +767,8 @@ def topk_select(
         lens = torch.full((rows,), n, dtype=torch.int32, device=logits.device)
     else:
         lens = lengths.reshape(rows).clamp(0, n).to(torch.int32)
-    ib, pad = _topk_key_bits(n)
-    compile_kernel("topk_select", {"K": k})(logits.view(rows, n), lens, out.view(rows, k), offset, ib, pad)
+    ib, _ = _topk_key_bits(n)
+    compile_kernel("topk_select", {"K": k})(logits.view(rows, n), lens, out.view(rows, k), offset, ib)
     return out
 
 

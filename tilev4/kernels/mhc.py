@@ -34,10 +34,16 @@ fp32 ulps of the mix (tests/test_mhc_gpu.py: mix 1e-5 relative, post / comb 2e-5
 Dimension glossary: N tokens (dynamic), dim hidden size, K = 4·dim flat stream width, M mix width
 (24 for a sub-layer, 4 for the head), D the hidden index.
 
-Tuning: ``threads`` (128 up to dim 1024, 256 above: 64 flat elements per thread at dim 4096). The fn
-matrix (24 × 4·dim fp32, 1.5 MB at dim 4096) is read once per token and stays in L2; tiling several
-tokens per CTA to reuse it from shared memory is the next step for long prefills.
+Tuning: ``mhc_pre`` tunes ``threads`` (:data:`MHC_PRE_SPACE`; default 128 up to dim 1024, 256 above: 64
+flat elements per thread at dim 4096), one bucket per (head, dim); ``mhc_post`` tunes ``block_d``
+(:data:`MHC_POST_SPACE`). ``threads`` sets the reduction order, but it is fixed per bucket and never
+depends on N, so the tuned kernel is as batch-invariant as the default one. The fn matrix (24 × 4·dim
+fp32, 1.5 MB at dim 4096) is read once per token and stays in L2; tiling several tokens per CTA to reuse
+it from shared memory is the next step for long prefills.
 """
+
+from collections.abc import Mapping
+from typing import Any
 
 import tilelang.language as T
 import torch
@@ -47,7 +53,8 @@ from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
 from tilev4.kernels.registry import compile_kernel, register
 
-__all__ = ["MIX_WIDTH", "NUM_STREAMS", "build_mhc_post", "build_mhc_pre", "mhc_head_pre", "mhc_post", "mhc_pre"]
+__all__ = ["MHC_POST_SPACE", "MHC_PRE_SPACE", "MIX_WIDTH", "NUM_STREAMS", "build_mhc_post", "build_mhc_pre",
+           "mhc_head_pre", "mhc_post", "mhc_pre"]
 
 NUM_STREAMS = 4
 MIX_WIDTH = 24
@@ -55,18 +62,121 @@ HEAD_MIX_WIDTH = 4
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+MAX_LOCAL_FLOATS = 160  # mhc_pre's per-thread fp32 arrays (h, x, M + 1 partial sums): past ~200 registers, spills
+
+
 def _default_threads(dim: int) -> int:
     return 128 if dim <= 1024 else 256
+
+
+def _pre_threads_fit(c: Mapping[str, Any]) -> str | None:
+    """Whole warps that split the flat row and the hidden dim evenly, and per-thread arrays that fit in registers."""
+    th, dim = c["threads"] or _default_threads(c["dim"]), c["dim"]
+    if th % 32 or dim % th:
+        return f"threads={th} must be a multiple of 32 that divides dim={dim}"
+    local = NUM_STREAMS * dim // th + dim // th + (HEAD_MIX_WIDTH if c["head"] else MIX_WIDTH) + 1
+    if local > MAX_LOCAL_FLOATS:
+        return f"{local} fp32 values per thread in registers > {MAX_LOCAL_FLOATS}"
+    return None
+
+
+def _pre_smem(c: Mapping[str, Any]) -> int:
+    th = c["threads"] or _default_threads(c["dim"])
+    r = (HEAD_MIX_WIDTH if c["head"] else MIX_WIDTH) + 1
+    return 4 * (r * th + r * (th // 32) + r + NUM_STREAMS)  # per-thread partials, group sums, totals, pre
+
+
+MHC_PRE_SPACE = Space(
+    params={"threads": (32, 64, 128, 256, 512, 1024)},
+    constraints=(_pre_threads_fit,),
+    smem_bytes=_pre_smem,
+    heuristic=lambda p: {"threads": _default_threads(p["dim"])},
+)
+
+
+def _mhc_pre_bucket(problem: Mapping[str, Any]) -> str:
+    return f"{'head' if problem['head'] else 'pre'},dim={problem['dim']}"
+
+
+def _mhc_pre_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str,
+                  reference: bool) -> TuningCase:
+    """Random streams and mHC parameters at the scales of tests/test_mhc_gpu.py; the reference on the CPU."""
+    from tilev4.reference import mhc as R
+    from tilev4.reference.norm import rmsnorm
+
+    dim, head, n_s = problem["dim"], problem["head"], NUM_STREAMS
+    m, n_scale = (HEAD_MIX_WIDTH, 1) if head else (MIX_WIDTH, 3)
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    h = (torch.randn(n, n_s * dim, generator=g, device=device) * 2 + 0.3).to(_DTYPES[problem["h_dtype"]])
+    fn = torch.randn(m, n_s * dim, generator=g, device=device) * (n_s * dim) ** -0.5
+    base = torch.randn(m, generator=g, device=device) * 0.5
+    scale = torch.rand(n_scale, generator=g, device=device) * 0.9 + 0.1
+    w = torch.randn(dim, generator=g, device=device) * 0.2 + 1
+    x = torch.empty(n, dim, device=device, dtype=_DTYPES[problem["x_dtype"]])
+    mix = torch.empty(n, m, device=device)
+    outs: tuple[torch.Tensor, ...] = (x, mix)
+    if not head:
+        outs += (torch.empty(n, n_s, device=device), torch.empty(n, n_s * n_s, device=device))
+    expected = None
+    if reference:
+        eps, norm_eps = problem["eps"], problem["norm_eps"]
+        hc, fnc, basec, scalec, wc = (t.cpu() for t in (h, fn, base, scale, w))
+        h4 = hc.view(1, n, n_s, dim)
+        mix_ref = R.mhc_mix(h4, fnc, eps)  # [1, n, M]
+        if head:
+            pre = torch.sigmoid(mix_ref * scalec[0] + basec) + eps
+            x_ref = rmsnorm((pre.unsqueeze(-1) * h4.float()).sum(-2), wc, norm_eps)
+            refs: tuple[torch.Tensor, ...] = (x_ref[0], mix_ref[0])
+        else:
+            x_ref, post_ref, comb_ref = R.mhc_pre(h4, fnc, basec, scalec, wc, problem["iters"], eps, norm_eps)
+            refs = (x_ref[0], mix_ref[0], post_ref[0], comb_ref[0].reshape(n, n_s * n_s))
+        expected = tuple(t.to(device) for t in refs)
+    args = (h, fn, base, scale, w, *outs)
+    return TuningCase(args, outputs=tuple(range(5, len(args))), expected=expected, rows=n)
+
+
+def _excess(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> float:
+    """How far ``|got - ref|`` exceeds ``atol + rtol·|ref|`` at worst (> 0: out of tolerance), as ``assert_close``."""
+    got, ref = got.float(), ref.float()
+    return ((got - ref).abs() - (atol + rtol * ref.abs())).max().item()
+
+
+def _mhc_pre_check(outputs: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> str | None:
+    """The tolerances of tests/test_mhc_gpu.py (see the module docstring): mix 1e-5 relative + 1e-5 of its
+    rms, post / comb 2e-5 absolute, x 1e-4 relative + 1e-4 of its rms (one bf16 rounding more: 2^-7)."""
+    for name, t in zip(("x", "mix", "post", "comb"), outputs):
+        if torch.isnan(t).any():
+            return f"NaN in {name}"
+    rms = [float(e.float().square().mean().sqrt()) for e in expected[:2]]
+    x_rtol = 2.0**-7 if outputs[0].dtype == torch.bfloat16 else 1e-4
+    tolerances = [(x_rtol, 1e-4 * rms[0] + 1e-30), (1e-5, 1e-5 * rms[1] + 1e-30), (0.0, 2e-5), (0.0, 2e-5)]
+    for name, got, ref, (rtol, atol) in zip(("x", "mix", "post", "comb"), outputs, expected, tolerances):
+        excess = _excess(got, ref, rtol, atol)
+        if excess > 0:
+            return f"{name} exceeds its tolerance by {excess:.3g}"
+    return None
+
+
+def _mhc_pre_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
+    h, fn, base, scale, w, *outs = case.args
+    args = (h[start:stop].contiguous(), fn, base, scale, w, *(torch.empty_like(t[start:stop]) for t in outs))
+    return TuningCase(args, outputs=case.outputs, expected=None, rows=stop - start)
 
 
 @register(
     "mhc_pre",
     configs=[{"dim": 4096}, {"dim": 1024}, {"dim": 256}, {"dim": 1024, "head": True}, {"dim": 256, "head": True}],
     tags=("mhc", "batch_invariant"),
+    space=MHC_PRE_SPACE,
+    bucket=_mhc_pre_bucket,
+    harness=TuningHarness(_mhc_pre_case, _mhc_pre_check, sizes=(64, 4096), batch_slice=_mhc_pre_slice),
 )
 def build_mhc_pre(dim: int, head: bool = False, h_dtype: str = "float32", x_dtype: str = "float32",
                   iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6, threads: int = 0):
-    """mHC pre: mix GEMV, pre/post/comb (Sinkhorn) and rmsnorm(Σ pre_i·h_i), one CTA per token."""
+    """mHC pre: mix GEMV, pre/post/comb (Sinkhorn) and rmsnorm(Σ pre_i·h_i), one CTA per token.
+
+    ``threads`` (tunable; 0: the default for ``dim``) must be a multiple of 32 that divides ``dim``.
+    """
     if h_dtype not in _DTYPES or x_dtype not in _DTYPES:
         raise ValueError(f"h_dtype / x_dtype must be one of {sorted(_DTYPES)}, got {h_dtype!r} / {x_dtype!r}")
     TH = threads or _default_threads(dim)
