@@ -8,12 +8,17 @@ dense mode of the grouped FP8 GEMM of :mod:`tilev4.kernels.moe_fp8` (same schedu
 Dimension glossary: M rows (dynamic), N output features (dynamic), K input features (static, a multiple of 128).
 Batch invariance: every row is computed alone over the full K in a fixed order, the config never depends on M,
 so a row's output is bitwise the same whatever the other rows.
+
+Tuning (:mod:`tilev4.kernels.moe_tuning`): ``block_m`` (64 / 128, with one warpgroup per 64 rows), ``block_n``
+(128 / 64: one weight scale per tile) and ``num_stages``; K shares a config per range (``K<=1024``,
+``K<=4096``, ``K>4096``), never per M.
 """
 
 import torch
 
 from tilev4._checks import check_tensor
 from tilev4.kernels.moe_fp8 import SCALE_BLOCK, _build_fp8_gemm
+from tilev4.kernels.moe_tuning import FP8_LINEAR_HARNESS, FP8_LINEAR_SPACE, fp8_linear_bucket
 from tilev4.kernels.quant import fp8_quantize
 from tilev4.kernels.registry import compile_kernel, register
 from tilev4.reference.quant import e8m0_decode
@@ -23,7 +28,8 @@ __all__ = ["build_fp8_linear", "fp8_linear"]
 _OUT = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-@register("fp8_linear", configs=[{"K": 4096}], tags=("linear", "fp8", "batch_invariant"))
+@register("fp8_linear", configs=[{"K": 4096}], tags=("linear", "fp8", "batch_invariant"), space=FP8_LINEAR_SPACE,
+          bucket=fp8_linear_bucket, harness=FP8_LINEAR_HARNESS)
 def build_fp8_linear(K: int, block_m: int = 64, block_n: int = 128, num_stages: int = 4, threads: int = 128,
                      group_m: int = 8, out_dtype: str = "float32"):
     """Dense FP8 linear y = x·Wᵀ: x quantised 1×128, W e4m3 with 128×128 power-of-two scales, fp32 accumulation."""

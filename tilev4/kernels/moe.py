@@ -57,7 +57,12 @@ trip count); every other size, token counts included, is a run-time argument.
 Pipelines: the expert GEMMs run a cp.async multi-stage pipeline by default. TileLang's warp-specialised
 TMA producer/consumer pipeline (``warp_specialized=True``) deadlocked on the H200 for one shape
 (2000 tokens, dim 4096, inter 256, 256 experts: the up-projection never returned) while others ran;
-it is kept as a config for measurement only.
+it is kept as a config for measurement only (never a tuning candidate).
+
+Tuning (:mod:`tilev4.kernels.moe_tuning`): the GEMMs tune ``block_n``, ``block_k`` and ``num_stages``, the
+gate ``block_k``, ``block_e`` and ``num_stages``, the combine ``threads``. ``block_m`` stays a problem key:
+the permutation's tile table is built for it, so :func:`moe_up` / :func:`moe_down` compile the GEMMs for
+``perm.block_m`` (``BLOCK_M``). The permutation kernels are not tuned (see :func:`build_moe_count`).
 """
 
 import math
@@ -68,6 +73,20 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_int, check_tensor
+from tilev4.kernels.moe_tuning import (
+    MOE_COMBINE_HARNESS,
+    MOE_COMBINE_SPACE,
+    MOE_DOWN_HARNESS,
+    MOE_DOWN_SPACE,
+    MOE_GATE_HARNESS,
+    MOE_GATE_SPACE,
+    MOE_UP_HARNESS,
+    MOE_UP_SPACE,
+    combine_bucket,
+    down_bucket,
+    gate_bucket,
+    up_bucket,
+)
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -93,7 +112,7 @@ __all__ = [
 ]
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
-BLOCK_M = 128  # M tile of both grouped GEMMs; the scan builds the tile table for it
+BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory
 MAX_GATE_EXPERTS = 384  # the gate keeps a [64, E] fp32 score tile in shared memory (V4-Pro: 384)
@@ -126,6 +145,9 @@ def _check_gemm_format(weight_format: str) -> None:
         {"dim": 256, "num_experts": 8, "top_k": 2},
     ],
     tags=("moe", "batch_invariant"),
+    space=MOE_GATE_SPACE,
+    bucket=gate_bucket,
+    harness=MOE_GATE_HARNESS,
 )
 def build_moe_gate(dim: int, num_experts: int, top_k: int, route_scale: float = 1.5, hash: bool = False,
                    block_tokens: int = 64, block_k: int = 32, block_e: int = 256, num_stages: int = 2):
@@ -275,7 +297,17 @@ def build_moe_gate(dim: int, num_experts: int, top_k: int, route_scale: float = 
 
 @register("moe_count", configs=[{}], tags=("moe", "batch_invariant"))
 def build_moe_count(chunk: int = CHUNK, threads: int = 256):
-    """MoE permutation, step 1: per chunk of pairs, each pair's rank within its expert and the histogram."""
+    """MoE permutation, step 1: per chunk of pairs, each pair's rank within its expert and the histogram.
+
+    Not tuned, nor are ``moe_scan`` and ``moe_scatter``. ``chunk`` and the scan's ``block_m`` are part of
+    the permutation's contract (the op sizes the chunk tables with ``CHUNK``, the scatter indexes them with
+    it, the GEMMs read the tile table built for ``BLOCK_M``), so they are problem keys. ``threads`` (and the
+    scatter's ``block_pairs`` / ``block_words``) are free, but these outputs are ranks, scans and positions
+    in the expert order of the whole batch: the rows of a sub-batch's outputs are not rows of the full
+    batch's, so the tuner's bit-exact sub-batch check of a batch-invariant kernel does not apply to them;
+    and the launches are short (count and scan walk the E experts in one or two passes of ``threads``; the
+    scatter is a row copy).
+    """
     N, E, NC = T.dynamic("N"), T.dynamic("E"), T.dynamic("NC")
 
     @T.prim_func
@@ -315,7 +347,10 @@ def build_moe_count(chunk: int = CHUNK, threads: int = 256):
 
 @register("moe_scan", configs=[{}], tags=("moe", "batch_invariant"))
 def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
-    """MoE permutation, step 2 (one CTA): chunk bases, counts, offsets, M-tile offsets and tile → expert."""
+    """MoE permutation, step 2 (one CTA): chunk bases, counts, offsets, M-tile offsets and tile → expert.
+
+    Not tuned (see :func:`build_moe_count`); ``block_m`` must be the grouped GEMMs' (the op passes it).
+    """
     E, NC, MT = T.dynamic("E"), T.dynamic("NC"), T.dynamic("MT")
 
     @T.prim_func
@@ -364,7 +399,10 @@ def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
 
 @register("moe_scatter", configs=[{}], tags=("moe", "batch_invariant"))
 def build_moe_scatter(chunk: int = CHUNK, block_pairs: int = 8, block_words: int = 128, threads: int = 256):
-    """MoE permutation, step 3: each pair's sorted row; x rows and routing weights copied there."""
+    """MoE permutation, step 3: each pair's sorted row; x rows and routing weights copied there.
+
+    Not tuned (see :func:`build_moe_count`).
+    """
     NT, K, N, W, E, NC = (T.dynamic(n) for n in ("num_tokens", "K", "N", "W", "E", "NC"))
     BP, BW = block_pairs, block_words
 
@@ -458,6 +496,9 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
     "moe_up",
     configs=[{"dim": 4096}, {"dim": 4096, "dense": True}],  # V4-Flash; other sizes compile on first use
     tags=("moe", "batch_invariant"),
+    space=MOE_UP_SPACE,
+    bucket=up_bucket,
+    harness=MOE_UP_HARNESS,
 )
 def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
                  block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
@@ -558,6 +599,9 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
     "moe_down",
     configs=[{"inter": 2048}, {"inter": 2048, "dense": True}],
     tags=("moe", "batch_invariant"),
+    space=MOE_DOWN_SPACE,
+    bucket=down_bucket,
+    harness=MOE_DOWN_HARNESS,
 )
 def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
                    block_n: int = 256, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
@@ -641,6 +685,9 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
     "moe_combine",
     configs=[{"dim": 4096, "top_k": 6}, {"dim": 256, "top_k": 2}],
     tags=("moe", "batch_invariant"),
+    space=MOE_COMBINE_SPACE,
+    bucket=combine_bucket,
+    harness=MOE_COMBINE_HARNESS,
 )
 def build_moe_combine(dim: int, top_k: int, has_shared: bool = True, out_dtype: str = "bfloat16",
                       threads: int = 128):
@@ -859,7 +906,8 @@ class MoEPermutation:
     """The token → expert permutation of one routing, built on the GPU (N = T·top_k sorted rows).
 
     Attributes:
-        num_experts, top_k, block_m: E, k and the M tile the tile table is built for.
+        num_experts, top_k, block_m: E, k and the M tile the tile table is built for (the grouped GEMMs
+            are compiled for it).
         counts: [E] int32 (token, slot) pairs per expert.
         offsets: [E+1] int32 first sorted row of each expert (``offsets[E] = N``).
         sorted_tokens: [N] int32 token of each sorted row; within an expert rows follow the pair
@@ -955,8 +1003,8 @@ def moe_permute(
     chunk_base = _empty((num_chunks, num_experts), torch.int32, dev)
     with torch.cuda.device(dev):
         compile_kernel("moe_count", {})(experts.view(-1), local_rank, chunk_counts)
-        compile_kernel("moe_scan", {})(chunk_counts, chunk_base, perm.counts, perm.offsets, perm.tile_offsets,
-                                       perm.tile_expert)
+        compile_kernel("moe_scan", {"block_m": perm.block_m})(chunk_counts, chunk_base, perm.counts, perm.offsets,
+                                                              perm.tile_offsets, perm.tile_expert)
         compile_kernel("moe_scatter", {})(x.view(torch.int64), weights, experts, local_rank, chunk_base,
                                           perm.offsets, perm.x_sorted.view(torch.int64), perm.w_sorted,
                                           perm.sorted_tokens, perm.pair_pos)
@@ -1004,8 +1052,8 @@ def moe_up(
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel("moe_up", {"dim": dim})(x_sorted, perm.w_sorted, w1, w3, perm.offsets, perm.tile_offsets,
-                                         perm.tile_expert, out, limit)
+            kernel = compile_kernel("moe_up", {"dim": dim, "block_m": perm.block_m})  # the tile table's M tile
+            kernel(x_sorted, perm.w_sorted, w1, w3, perm.offsets, perm.tile_offsets, perm.tile_expert, out, limit)
     return out
 
 
@@ -1035,7 +1083,8 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel("moe_down", {"inter": inter})(h, w2, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+            kernel = compile_kernel("moe_down", {"inter": inter, "block_m": perm.block_m})  # the tile table's M tile
+            kernel(h, w2, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
     return out
 
 

@@ -55,7 +55,9 @@ inter for the down projection) is a multiple of 128 and static (a kernel per siz
 Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~5
 integer instructions per element on the fast path, serialised with the (synchronous) FP8 wgmma of the K
 block: prefill, compute-bound, should run slower than with FP8 weights; decode, weight-bandwidth-bound,
-reads half the bytes of FP8. 184 / 187 registers a thread (up / down), no spills (ptxas, sm_90a).
+reads half the bytes of FP8. 184 / 187 registers a thread (up / down), no spills (ptxas, sm_90a). Tuned
+(:mod:`tilev4.kernels.moe_tuning`): ``block_n`` (up 64 / 32: its B tile is 2·block_n rows; down 128 / 64) and
+``num_stages``; ``block_m`` is the permutation's (a problem key).
 
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128,
 KP = K/2 packed bytes, KS = K/32 scales.
@@ -69,6 +71,14 @@ import torch
 from tilev4._checks import check_tensor
 from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _grouped_tile
 from tilev4.kernels.moe_fp8 import QuantFormat, grouped_down, grouped_up
+from tilev4.kernels.moe_tuning import (
+    MOE_DOWN_FP4_HARNESS,
+    MOE_DOWN_FP4_SPACE,
+    MOE_UP_FP4_HARNESS,
+    MOE_UP_FP4_SPACE,
+    down_bucket,
+    up_bucket,
+)
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
@@ -232,7 +242,8 @@ def _expand(q_shared, s_shared, smax_shared, b_shared, k, BN, BK, off):
                 T.cast(T.if_then_else(code >= 8, -a, a), T.float8_e4m3fn))
 
 
-@register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"))
+@register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
+          bucket=up_bucket, harness=MOE_UP_FP4_HARNESS)
 def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_stages: int = 3, threads: int = 256):
     """MoE grouped up-projection, FP4 weights (expanded to FP8) × FP8 activations, SwiGLU and weight fused."""
     if dim % SCALE_BLOCK:
@@ -315,7 +326,8 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     return moe_up_fp4_kernel
 
 
-@register("moe_down_fp4", configs=[{"inter": 2048}], tags=("moe", "fp4", "batch_invariant"))
+@register("moe_down_fp4", configs=[{"inter": 2048}], tags=("moe", "fp4", "batch_invariant"),
+          space=MOE_DOWN_FP4_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP4_HARNESS)
 def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
                        threads: int = 256):
     """MoE grouped down-projection, FP4 weights (expanded to FP8) × FP8 activations: y = h·W2ᵀ (bf16 out)."""

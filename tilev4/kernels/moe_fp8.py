@@ -20,6 +20,9 @@ Layouts: ``FP8Weight(data, scale)`` with data [E, N, K] float8_e4m3fn and scale 
 fp32 (powers of two; the checkpoint's e8m0 bytes decode to these exactly). K (dim for the up
 projection, inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
+Tuning (:mod:`tilev4.kernels.moe_tuning`): ``block_n`` (128 / 64: one weight scale per tile) and
+``num_stages``; ``block_m`` is the permutation's (a problem key: the tile table is built for it).
+
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128.
 """
 
@@ -40,6 +43,14 @@ from tilev4.kernels.moe import (
     _empty,
     _grouped_tile,
     _swiglu_store,
+)
+from tilev4.kernels.moe_tuning import (
+    MOE_DOWN_FP8_HARNESS,
+    MOE_DOWN_FP8_SPACE,
+    MOE_UP_FP8_HARNESS,
+    MOE_UP_FP8_SPACE,
+    down_bucket,
+    up_bucket,
 )
 from tilev4.kernels.registry import compile_kernel, register
 
@@ -95,7 +106,8 @@ def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     return w
 
 
-@register("moe_up_fp8", configs=[{"dim": 4096}], tags=("moe", "fp8", "batch_invariant"))
+@register("moe_up_fp8", configs=[{"dim": 4096}], tags=("moe", "fp8", "batch_invariant"), space=MOE_UP_FP8_SPACE,
+          bucket=up_bucket, harness=MOE_UP_FP8_HARNESS)
 def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 3, threads: int = 256):
     """MoE grouped up-projection, FP8 weights and activations: SwiGLU with clamp and routing weight fused."""
     if dim % SCALE_BLOCK:
@@ -260,7 +272,8 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
     return moe_down_fp8_kernel
 
 
-@register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"))
+@register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"),
+          space=MOE_DOWN_FP8_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP8_HARNESS)
 def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
                        threads: int = 256):
     """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
@@ -311,7 +324,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel(fmt.up_kernel, {"dim": dim})(
+            compile_kernel(fmt.up_kernel, {"dim": dim, "block_m": perm.block_m})(  # the tile table's M tile
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
                 perm.tile_expert, out, limit)
     return out
@@ -334,7 +347,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel(fmt.down_kernel, {"inter": inter})(
+            compile_kernel(fmt.down_kernel, {"inter": inter, "block_m": perm.block_m})(
                 h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
     return out
 
