@@ -4,14 +4,16 @@ Layer map::
 
     spec.py     AttentionSpec + KV sources (Window, IndexList, CompressedDense, Causal)   pure data
     codegen.py  spec + AttentionConfig -> TileLang programs (main / split / combine)     compile-time
-    runtime.py  AttentionKernel: validate tensors, choose splits, compile once, launch     run-time
+    runtime.py  AttentionKernel: validate tensors, plan splits, compile once, launch     run-time
+    tuning.py   the config space the autotuner explores, per schedule; shared memory     tuning
     tilev4.kernels.attention   CSA / HCA / sparse attention written with this DSL + registry entries
 
 A spec names the query layout (``heads``, ``head_dim``; MQA with K = V), one or more KV sources
 whose union is the key set under ONE online softmax, optional ``score_mod``/``mask_mod``, an
 optional per-head ``sink``, the ``scale``, and whether to return the log-sum-exp. The same spec
 gives the prefill kernel (one CTA per token and head block) and the decode path (split-KV with a
-fixed-order combine); :class:`AttentionConfig` is the config space the autotuner explores.
+fixed-order combine); :class:`AttentionConfig` holds the compile-time knobs (block size, CTA sizes,
+split size) and :mod:`tilev4.dsl.tuning` says which of them the autotuner varies for a spec.
 
 Contract of a user's modifiers — both are traced once at compile time with TileLang expressions:
 
@@ -32,7 +34,7 @@ Example — ALiBi over a sliding window::
 """
 
 from tilev4.dsl.codegen import AttentionConfig
-from tilev4.dsl.runtime import AttentionKernel
+from tilev4.dsl.runtime import AttentionKernel, LaunchPlan
 from tilev4.dsl.spec import AttentionSpec, Causal, CompressedDense, IndexList, KVSource, Window
 
 __all__ = [
@@ -43,5 +45,6 @@ __all__ = [
     "CompressedDense",
     "IndexList",
     "KVSource",
+    "LaunchPlan",
     "Window",
 ]

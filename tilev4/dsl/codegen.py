@@ -12,14 +12,15 @@ Two programs per spec:
       m' = max(m, rowmax(acc_s)); p = 2^(acc_s - m'); l = l·2^(m-m') + rowsum(p)
       acc_o = acc_o·2^(m-m') + P @ KV        # [HB, BI] @ [BI, D] -> [HB, D]
 
-  With ``split=True`` the global sequence of key blocks is cut into splits of ``split_blocks``
-  blocks (a compile-time constant, so that a row's split boundaries never depend on the batch),
-  and each CTA writes its normalised partial output and base-2 log-sum-exp.
+  With ``split=True`` the global sequence of key blocks is cut into splits of ``split_keys`` keys
+  (``split_keys / BI`` blocks; a compile-time constant, so that a row's split boundaries never
+  depend on the batch), and each CTA writes its normalised partial output and base-2 log-sum-exp.
 * the **combine** program — merges the partials of each (token, head) in split order, adds
   the sink, and writes the bf16 output (and the natural-log LSE).
 
 Epilogue arithmetic is shared: the unsplit epilogue computes exactly what the combine computes
-for a single non-empty split, so a row that fits in one split gets the same bits either way.
+for a single non-empty split, so a row that fits in one split gets the same bits either way —
+provided the main and the split program are built from the same config (block size, threads).
 """
 
 import linecache
@@ -47,29 +48,48 @@ NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never see
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Compile-time knobs of the main program (the autotuner's space).
+    """Compile-time knobs of the programs (the autotuner's space: see :mod:`tilev4.dsl.tuning`).
 
-    block_kv: keys per block (BI). threads: CTA size. num_stages: software pipeline depth.
-    split_blocks: key blocks per split (split programs only; a compile-time constant, so that a row's
-        split boundaries never depend on the batch).
+    block_kv: keys per block (BI).
+    threads: CTA size of the simple schedule (the warp-specialised one always runs 384 threads).
+    num_stages: software pipeline depth of the simple schedule's key loop. It has no effect with the
+        current gathers (TileLang's pipeliner does not multi-buffer predicated element-wise copies;
+        the CUDA source is the same for 1 and 2 up to buffer names), so it is not tuned.
+    split_keys: keys per split (split programs only; a multiple of ``block_kv``), counted along the
+        global key sequence (each source padded to whole blocks). A compile-time constant, so that a
+        row's split boundaries never depend on the batch; with source sizes that are multiples of 64
+        they do not depend on a ``block_kv`` dividing 64 either.
     schedule: "simple" (all warps gather, then compute) or "ws" (warp-specialised: one producer
         warpgroup gathers rows with cp.async into a double buffer while two consumer warpgroups
         run QKᵀ/softmax/PV on the two halves of D; needs 64 heads per CTA and D = 512).
+    combine_threads: CTA size of the combine program (element-wise over 4 heads × D; the splits are
+        merged in a serial loop).
     """
 
     block_kv: int = 64
     threads: int = 256
     num_stages: int = 1
-    split_blocks: int = 32
+    split_keys: int = 2048
     schedule: str = "ws"
+    combine_threads: int = 128
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws"):
             raise ValueError(f"schedule must be 'simple' or 'ws', got {self.schedule!r}")
-        if self.split_blocks < 1:
-            raise ValueError(f"split_blocks must be >= 1, got {self.split_blocks}")
+        if self.split_keys < 1:
+            raise ValueError(f"split_keys must be >= 1, got {self.split_keys}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
+        for name in ("threads", "combine_threads"):
+            v = getattr(self, name)
+            if v < 32 or v % 32 or v > 1024:
+                raise ValueError(f"{name} must be a multiple of 32 in [32, 1024], got {v}")
+
+    def blocks_per_split(self) -> int:
+        """Key blocks per split; ``split_keys`` must be a multiple of ``block_kv``."""
+        if self.split_keys % self.block_kv:
+            raise ValueError(f"split_keys={self.split_keys} must be a multiple of block_kv={self.block_kv}")
+        return self.split_keys // self.block_kv
 
 
 def ws_supported(spec: AttentionSpec) -> bool:
@@ -183,7 +203,8 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     H, D, BI = spec.heads, spec.head_dim, config.block_kv
     HB = head_block(H)
     NHB = -(-H // HB)
-    threads, stages, fixed_sb = config.threads, config.num_stages, config.split_blocks
+    threads, stages = config.threads, config.num_stages
+    fixed_sb = config.blocks_per_split() if split else 1
     scale = spec.softmax_scale
     score_mod, mask_mod = spec.score_mod, spec.mask_mod
     B, S = T.dynamic("B"), T.dynamic("S")
@@ -337,7 +358,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     H, D, BI = spec.heads, spec.head_dim, config.block_kv
     HB, DH = 64, spec.head_dim // 2
     NHB = H // HB
-    fixed_sb = config.split_blocks
+    fixed_sb = config.blocks_per_split() if split else 1
     scale = spec.softmax_scale
     score_mod, mask_mod = spec.score_mod, spec.mask_mod
     B, S = T.dynamic("B"), T.dynamic("S")

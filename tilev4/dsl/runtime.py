@@ -7,7 +7,9 @@ tensor names of each source are listed by ``source.tensor_names()`` (e.g. ``wind
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,10 +23,10 @@ from tilev4.dsl.codegen import (
 )
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, Window
 
-__all__ = ["BATCH_INVARIANT_SPLIT_BLOCKS", "OCCUPANCY_SPLIT_BLOCKS", "AttentionKernel"]
+__all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEYS", "AttentionKernel", "LaunchPlan"]
 
-BATCH_INVARIANT_SPLIT_BLOCKS = 32  # 2048 keys at BI = 64: V4 CSA rows (640 / 1152 keys) and HCA rows fit in one
-OCCUPANCY_SPLIT_BLOCKS = 4  # tiny batches: split into 256-key pieces so that more SMs work
+BATCH_INVARIANT_SPLIT_KEYS = 2048  # V4 CSA rows (640 / 1152 keys) and HCA rows fit in one split
+OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that more SMs work
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,12 +34,33 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _whole_blocks(config: AttentionConfig) -> AttentionConfig:
+    """``config`` with ``split_keys`` rounded up to whole blocks of ``block_kv`` (a no-op for the usual sizes)."""
+    keys = -(-config.split_keys // config.block_kv) * config.block_kv
+    return config if keys == config.split_keys else dataclasses.replace(config, split_keys=keys)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What one call launches: the ``main`` program alone (``num_splits == 1``), or the ``split``
+    program into an fp32 workspace of ``num_splits`` partials per (token, head) and the combine.
+
+    ``config`` is the config of the main or split program launched (the workspace is sized with
+    its ``block_kv``); ``combine`` the combine program's, or None.
+    """
+
+    kind: str
+    config: AttentionConfig
+    num_splits: int
+    combine: AttentionConfig | None = None
+
+
 class AttentionKernel:
     """A compiled attention variant. Programs are built and compiled on first use.
 
     Args:
         spec: the variant.
-        config: block sizes and pipeline depth (default: :class:`AttentionConfig()`).
+        config: block sizes and CTA sizes (default: :class:`AttentionConfig()`).
         arch: CUDA arch to compile for (default: the current GPU's).
     """
 
@@ -45,43 +68,84 @@ class AttentionKernel:
         self.spec = spec
         self.config = config or AttentionConfig()
         self.arch = arch
-        self._kernels: dict[tuple[str, int], Any] = {}
+        self._kernels: dict[tuple[str, AttentionConfig], Any] = {}
 
-    # -- programs ---------------------------------------------------------------------------
-    def program(self, kind: str, split_blocks: int = BATCH_INVARIANT_SPLIT_BLOCKS) -> Any:
-        """The TileLang program ``kind`` in {"main", "split", "combine"}."""
+    # -- configs and programs ---------------------------------------------------------------
+    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
+        """The config program ``kind`` in {"main", "split", "combine"} is built with (here the
+        kernel's own; registry kernels resolve theirs per GPU)."""
+        return dataclasses.replace(self.config, split_keys=split_keys)
+
+    def program(self, kind: str, config: AttentionConfig | None = None) -> Any:
+        """The TileLang program ``kind`` in {"main", "split", "combine"} (default config: :meth:`launch_config`)."""
+        config = config or self.launch_config(kind)
         if kind == "combine":
-            return build_combine_program(self.spec)
-        cfg = AttentionConfig(**{**self.config.__dict__, "split_blocks": split_blocks})
-        return build_main_program(self.spec, cfg, split=(kind == "split"))
+            return build_combine_program(self.spec, threads=config.combine_threads)
+        return build_main_program(self.spec, config, split=(kind == "split"))
 
-    def compiled(self, kind: str, split_blocks: int = BATCH_INVARIANT_SPLIT_BLOCKS) -> Any:
-        key = (kind, split_blocks)
+    def compiled(self, kind: str, config: AttentionConfig) -> Any:
+        if kind == "combine":  # only its CTA size shapes the combine program
+            config = AttentionConfig(combine_threads=config.combine_threads)
+        key = (kind, config)
         if key not in self._kernels:
             import tilelang
 
             from tilev4.kernels.registry import current_arch
 
             arch = self.arch or current_arch()
-            self._kernels[key] = tilelang.compile(
-                self.program(kind, split_blocks), target={"kind": "cuda", "arch": arch}
-            )
+            self._kernels[key] = tilelang.compile(self.program(kind, config), target={"kind": "cuda", "arch": arch})
         return self._kernels[key]
 
     # -- launch -----------------------------------------------------------------------------
-    def num_key_blocks_max(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Upper bound of key blocks of any query (shape-only), as the kernel computes it."""
-        bi = self.config.block_kv
-        total = 0
+    def source_keys(self, tensors: dict[str, torch.Tensor]) -> list[int]:
+        """Per source, an upper bound of the keys of any query (shape-only), as the kernel computes it."""
+        out = []
         for src in self.spec.sources:
             if isinstance(src, Window):
-                n = src.size
+                out.append(src.size)
             elif isinstance(src, IndexList):
-                n = tensors[f"{src.name}_idx"].shape[-1] * src.block
+                out.append(tensors[f"{src.name}_idx"].shape[-1] * src.block)
             else:
-                n = tensors[f"{src.name}_kv"].shape[1]
-            total += -(-n // bi)
-        return total
+                out.append(tensors[f"{src.name}_kv"].shape[1])
+        return out
+
+    @staticmethod
+    def num_key_blocks(source_keys: list[int], block_kv: int) -> int:
+        """Key blocks of the global sequence (each source padded to whole blocks of ``block_kv``)."""
+        return sum(-(-n // block_kv) for n in source_keys)
+
+    def plan(self, b: int, s: int, source_keys: list[int], *, batch_invariant: bool = False,
+             num_splits: int | None = None, num_sms: int | None = None) -> LaunchPlan:
+        """Which programs a call launches, with which configs and how many splits (no GPU needed).
+
+        Args:
+            b, s: batch and queries per sequence. source_keys: :meth:`source_keys`.
+            batch_invariant: fixed split size (:data:`BATCH_INVARIANT_SPLIT_KEYS`, in whole blocks);
+                the split of a long row runs the MAIN program's config, so that a row that fits in one
+                split gets the same bits from the one-pass program as from split + combine.
+            num_splits: force this many splits (rounded to whole blocks).
+            num_sms: SMs of the device; the one-pass program is used when a quarter of them work
+                (None: always one pass, unless ``batch_invariant`` or ``num_splits`` say otherwise).
+        """
+        if batch_invariant:
+            main_cfg = self.launch_config("main")
+            split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS))
+            ns = -(-self.num_key_blocks(source_keys, split_cfg.block_kv) // split_cfg.blocks_per_split())
+        else:
+            split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS))
+            total = self.num_key_blocks(source_keys, split_cfg.block_kv)
+            if num_splits is not None:
+                per = max(1, -(-total // max(1, int(num_splits))))
+                split_cfg = dataclasses.replace(split_cfg, split_keys=per * split_cfg.block_kv)
+                ns = -(-total // per)
+            else:
+                ctas = b * s * -(-self.spec.heads // head_block(self.spec.heads))
+                # measured on the H200: one pass beats split + combine down to ~1/4 of the SMs busy
+                ns = 1 if num_sms is None or 4 * ctas >= num_sms else -(-total // split_cfg.blocks_per_split())
+            main_cfg = None
+        if ns <= 1:
+            return LaunchPlan("main", main_cfg or self.launch_config("main"), 1)
+        return LaunchPlan("split", split_cfg, ns, self.launch_config("combine"))
 
     def __call__(
         self,
@@ -106,33 +170,21 @@ class AttentionKernel:
         if b * s == 0:
             return (out, lse) if spec.return_lse else out
 
-        total = self.num_key_blocks_max(tensors)
-        nhb = -(-h // head_block(h))
-        if batch_invariant:
-            # fixed split SIZE: a row's splits depend on its own keys only, and a row that fits in
-            # one split gets the same bits from the one-pass kernel as from split + combine
-            split_blocks = BATCH_INVARIANT_SPLIT_BLOCKS
-            ns = -(-total // split_blocks)
-        elif num_splits is not None:
-            split_blocks = max(1, -(-total // max(1, int(num_splits))))
-            ns = -(-total // split_blocks)
-        else:
-            split_blocks = OCCUPANCY_SPLIT_BLOCKS
-            ctas = b * s * nhb
-            # measured on the H200: one pass beats split + combine down to ~1/4 of the SMs busy
-            ns = 1 if 4 * ctas >= _num_sms(q.device.index or 0) else -(-total // split_blocks)
-        ns = max(1, ns)
+        sms = None if batch_invariant or num_splits is not None else _num_sms(q.device.index or 0)
+        plan = self.plan(b, s, self.source_keys(tensors), batch_invariant=batch_invariant, num_splits=num_splits,
+                         num_sms=sms)
         src_args = [tensors[n] for src in spec.sources for n in src.tensor_names()]
         head = [q, positions] + ([sink] if spec.sink else [])
-        if ns == 1:
+        if plan.kind == "main":
             args = head + src_args + [out] + ([lse] if spec.return_lse else [])
-            self.compiled("main", BATCH_INVARIANT_SPLIT_BLOCKS)(*args)
+            self.compiled("main", plan.config)(*args)
         else:
-            o_part = torch.empty(b, s, ns, h, d, dtype=torch.float32, device=q.device)
-            lse_part = torch.empty(b, s, ns, h, dtype=torch.float32, device=q.device)
-            self.compiled("split", split_blocks)(*(head + src_args + [o_part, lse_part]))
+            assert plan.combine is not None
+            o_part = torch.empty(b, s, plan.num_splits, h, d, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(b, s, plan.num_splits, h, dtype=torch.float32, device=q.device)
+            self.compiled("split", plan.config)(*(head + src_args + [o_part, lse_part]))
             comb = ([sink] if spec.sink else []) + [o_part, lse_part, out] + ([lse] if spec.return_lse else [])
-            self.compiled("combine")(*comb)
+            self.compiled("combine", plan.combine)(*comb)
         return (out, lse) if spec.return_lse else out
 
     def _check(

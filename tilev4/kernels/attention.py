@@ -15,10 +15,16 @@ token ``p`` in slot ``p % R`` with ``R >= 128 + s − 1``.
 Batch invariance: every CTA owns one (token, head block) and walks its keys in a fixed order, so a
 row never depends on the others; the only batch-dependent choice is whether tiny batches are
 split into 256-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 2048
-keys instead; a row that fits in one split gets identical bits from the one-pass kernel and from
-split + combine (the epilogues share their arithmetic), so a row's output is the same for any
-batch size and position in the batch. V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys)
-always take the one-pass kernel.
+keys instead, and the split program runs the one-pass program's config; a row that fits in one
+split gets identical bits from the one-pass kernel and from split + combine (the epilogues share
+their arithmetic), so a row's output is the same for any batch size and position in the batch.
+V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys) always take the one-pass kernel.
+
+Tuning: problem keys ``heads``, ``kind`` (main / split / combine), ``ring``, ``return_lse``,
+``split_keys``; tunables ``block_kv`` and ``threads`` (main and split programs) and
+``combine_threads`` (see :mod:`tilev4.dsl.tuning` for what each schedule uses and
+:mod:`tilev4.kernels.attention_tuning` for the buckets and the harness). The ops resolve the config
+of every program they launch per GPU and size splits and workspaces from it.
 """
 
 import functools
@@ -29,9 +35,13 @@ import torch
 from tilev4._checks import check_tensor
 from tilev4.dsl import AttentionConfig, AttentionKernel, AttentionSpec, CompressedDense, IndexList, Window
 from tilev4.dsl.codegen import build_combine_program, build_main_program
-from tilev4.kernels.registry import compile_kernel, register
+from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS
+from tilev4.dsl.tuning import config_from
+from tilev4.kernels import attention_tuning as tuning
+from tilev4.kernels.registry import compile_kernel, register, resolved_config
 
-__all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_attention", "sparse_spec"]
+__all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_attention", "sparse_spec",
+           "variant_spec"]
 
 WINDOW = 128
 HCA_RATIO = 128
@@ -56,77 +66,110 @@ def hca_spec(heads: int, ring: bool = False, scale: float | None = None, return_
 _SPECS = {"sparse": sparse_spec, "csa": csa_spec, "hca": hca_spec}
 
 
-def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_blocks: int,
-           block_kv: int, threads: int, num_stages: int) -> Any:
+def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool = False,
+                 scale: float | None = None) -> AttentionSpec:
+    """The spec of ``variant`` in {"sparse", "csa", "hca"} (sparse attention has no window: ``ring`` is ignored)."""
+    return _SPECS[variant](heads, **({"ring": ring} if variant != "sparse" else {}), scale=scale,
+                           return_lse=return_lse)
+
+
+def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
+           block_kv: int, threads: int, combine_threads: int) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    spec = _SPECS[variant](heads, **({"ring": ring} if variant != "sparse" else {}), return_lse=return_lse)
+    spec = variant_spec(variant, heads, ring, return_lse)
+    cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads)
     if kind == "combine":
-        return build_combine_program(spec)
-    cfg = AttentionConfig(block_kv=block_kv, threads=threads, num_stages=num_stages, split_blocks=split_blocks)
+        return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
 
 
 def _configs(windowed: bool) -> list[dict[str, Any]]:
-    """Shipped configs: prefill (one pass), split sizes 16 (batch-invariant) and 4 (small batches)
-    for the stream layout and, for windowed variants, the decode ring; the combine."""
+    """Shipped configs: prefill (one pass), splits of 2048 keys (batch-invariant) and 256 keys (small
+    batches) for the stream layout and, for windowed variants, the decode ring; the combine."""
     out = []
     for h in (64, 128):
-        out.append({"heads": h, "kind": "main"})
-        out.append({"heads": h, "kind": "split", "split_blocks": 32})
-        out.append({"heads": h, "kind": "split", "split_blocks": 4})
-        if windowed:
-            out.append({"heads": h, "kind": "main", "ring": True})
-            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 32})
-            out.append({"heads": h, "kind": "split", "ring": True, "split_blocks": 4})
+        for ring in (False, True) if windowed else (False,):
+            extra = {"ring": True} if ring else {}
+            out.append({"heads": h, "kind": "main", **extra})
+            out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
+            out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
     return out
 
 
-@register("sparse_attention", configs=_configs(windowed=False), tags=("attention", "batch_invariant"))
+def _registration(variant: str) -> dict[str, Any]:
+    return {"configs": _configs(windowed=variant != "sparse"), "tags": ("attention", "batch_invariant"),
+            "space": tuning.space(variant), "bucket": tuning.bucket_fn(variant), "harness": tuning.harness(variant)}
+
+
+@register("sparse_attention", **_registration("sparse"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                           split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                           split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
+                           combine_threads: int = 128):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
-    return _build("sparse", heads, kind, False, return_lse, split_blocks, block_kv, threads, num_stages)
+    return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads)
 
 
-@register("csa_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
+@register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
+                        combine_threads: int = 128):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
-    return _build("csa", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
+    return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads)
 
 
-@register("hca_attention", configs=_configs(windowed=True), tags=("attention", "batch_invariant"))
+@register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
-                        split_blocks: int = 32, block_kv: int = 64, threads: int = 256, num_stages: int = 1):
+                        split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
+                        combine_threads: int = 128):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
-    return _build("hca", heads, kind, ring, return_lse, split_blocks, block_kv, threads, num_stages)
+    return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads)
 
 
-class _RegistryAttention(AttentionKernel):
-    """An AttentionKernel whose programs are the registry's (so AOT builds and caches apply)."""
+class _TunedAttention(AttentionKernel):
+    """An AttentionKernel whose program configs are those of registry entry ``{variant}_attention``:
+    resolved per GPU (tuned result, else default) for each program it launches, so that splits and
+    workspaces are sized with the ``block_kv`` of the kernel that runs. Programs compile directly
+    (a spec the registry does not build, e.g. another scale)."""
 
     def __init__(self, variant: str, spec: AttentionSpec, ring: bool):
         super().__init__(spec)
         self.variant, self.ring = variant, ring
+        self.name = f"{variant}_attention"
 
-    def compiled(self, kind: str, split_blocks: int = 32) -> Any:
+    def problem(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> dict[str, Any]:
+        """The registry problem of program ``kind`` (keys left at their defaults are left out)."""
         cfg: dict[str, Any] = {"heads": self.spec.heads, "kind": kind, "return_lse": self.spec.return_lse}
         if kind == "split":
-            cfg["split_blocks"] = split_blocks
+            cfg["split_keys"] = split_keys
         if kind != "combine" and self.variant != "sparse":
             cfg["ring"] = self.ring
-        return compile_kernel(f"{self.variant}_attention", cfg)
+        return cfg
+
+    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
+        items = dict(resolved_config(self.name, self.problem(kind, split_keys), self.arch).items)
+        return config_from({**items, "split_keys": split_keys})
+
+    def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
+        """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
+        return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
+                "combine_threads": config.combine_threads}
+
+
+class _RegistryAttention(_TunedAttention):
+    """A :class:`_TunedAttention` whose programs are the registry's (so AOT builds and caches apply)."""
+
+    def compiled(self, kind: str, config: AttentionConfig) -> Any:
+        return compile_kernel(self.name, self.registry_config(kind, config), self.arch)
 
 
 @functools.lru_cache(maxsize=64)
 def _kernel(variant: str, heads: int, ring: bool, scale: float | None, return_lse: bool) -> AttentionKernel:
-    spec = _SPECS[variant](heads, **({"ring": ring} if variant != "sparse" else {}), scale=scale,
-                           return_lse=return_lse)
+    spec = variant_spec(variant, heads, ring, return_lse, scale)
     if scale is None:
         return _RegistryAttention(variant, spec, ring)
-    return AttentionKernel(spec)  # a non-default scale is a different program: compiled directly
+    return _TunedAttention(variant, spec, ring)  # a non-default scale is a different program: compiled directly
 
 
 def _scale_key(scale: float | None, d: int) -> float | None:

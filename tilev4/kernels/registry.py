@@ -43,6 +43,7 @@ __all__ = [
     "register",
     "registry_names",
     "resolve_config",
+    "resolved_config",
 ]
 
 DEFAULT_AOT_ARCH = "sm_90a"
@@ -250,14 +251,17 @@ def resolve_config(
 
 _MEMO: dict[Any, Any] = {}
 _BY_ITEMS: dict[Any, Any] = {}
+_RESOLVED: dict[Any, Resolution] = {}
 _MEMO_LOCK = threading.Lock()
 
 
 def clear_kernel_memo() -> None:
-    """Forget the kernels compiled or loaded in this process (after tuning, or a cache-dir change)."""
+    """Forget the kernels compiled or loaded, and the configs resolved, in this process (after tuning,
+    or a cache-dir change)."""
     with _MEMO_LOCK:
         _MEMO.clear()
         _BY_ITEMS.clear()
+        _RESOLVED.clear()
 
 
 def _memo_key(name: str, config: Mapping[str, Any] | None, arch: str) -> Any:
@@ -267,6 +271,23 @@ def _memo_key(name: str, config: Mapping[str, Any] | None, arch: str) -> Any:
         return key
     except TypeError:
         return None
+
+
+def resolved_config(name: str, config: Mapping[str, Any] | None = None, arch: str | None = None) -> Resolution:
+    """:func:`resolve_config` for the current GPU, memoised per process like :func:`compile_kernel`
+    (cleared by :func:`clear_kernel_memo`).
+
+    For run-time code that sizes a launch (splits, workspaces) from the config of the kernel it
+    compiles: resolve here, then compile with the resolved tunables given explicitly.
+    """
+    arch = arch or current_arch()
+    mkey = _memo_key(name, config, arch)
+    res = _RESOLVED.get(mkey) if mkey is not None else None
+    if res is None:
+        res = resolve_config(name, config, arch)
+        if mkey is not None:
+            _RESOLVED[mkey] = res
+    return res
 
 
 def compile_kernel(name: str, config: Mapping[str, Any] | None = None, arch: str | None = None) -> Any:
