@@ -146,11 +146,11 @@ def test_compile_kernel_builds_the_tuned_config(cache, monkeypatch):
     from tilev4.autotune.kernel_cache import cache_stats
     from tilev4.kernels import compile_kernel
 
-    save_record(_record(_rms_key("D<=1536"), {"block_rows": 2, "threads": 256}))
+    save_record(_record(_rms_key("D<=1536"), {"block_rows": 2, "threads": 128}))
     monkeypatch.setattr(identity, "current_gpu", lambda: H200)
     kernel = compile_kernel("rmsnorm", {"D": 512}, "sm_90a")
     manifest = json.loads((Path(kernel.tilev4_cache_entry) / "manifest.json").read_text())
-    assert manifest["config"] == {"D": 512, "eps": 1e-6, "block_rows": 2, "threads": 256}
+    assert manifest["config"] == {"D": 512, "eps": 1e-6, "block_rows": 2, "threads": 128}
     assert cache_stats()["compiles"] >= 1
 
 

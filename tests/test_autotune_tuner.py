@@ -201,3 +201,24 @@ def test_import_report_into_results_and_shipped_defaults(cache):
     shipped = store.SHIPPED_DIR / H200.slug / "rmsnorm.json"
     assert json.loads(shipped.read_text())["records"][0]["config"] == {"block_rows": 2, "threads": 256}
     assert verify_entry(cache / "nothing") == "missing"
+
+
+def test_a_build_past_the_compile_timeout_is_killed_and_reported(tmp_path, monkeypatch):
+    """A candidate whose compiler runs on (a stand-in ``cicc`` that sleeps) is killed after the timeout and
+    reported as an error, instead of stalling the tuning run."""
+    import shutil
+    import subprocess
+    import time
+
+    import tilev4.kernels.registry as registry
+    from tilev4.autotune import tuner
+
+    cicc = tmp_path / "cicc"
+    shutil.copy(shutil.which("sleep"), cicc)
+    monkeypatch.setattr(registry, "compile_kernel", lambda *a: subprocess.run([str(cicc), "60"], check=True))
+    t0 = time.perf_counter()
+    status, seconds, error = tuner._compile_worker("rmsnorm", {"D": 512}, "sm_90a", timeout=1.0)
+    assert (status, error) == ("error", "compile timeout: killed after 1 s")
+    assert 1.0 <= seconds < 30 and time.perf_counter() - t0 < 30
+    monkeypatch.setattr(registry, "compile_kernel", lambda *a: subprocess.run([str(cicc), "0.1"], check=True))
+    assert tuner._compile_worker("rmsnorm", {"D": 512}, "sm_90a", timeout=5.0)[0] == "cached"  # in time: no error

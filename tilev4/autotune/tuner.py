@@ -25,6 +25,7 @@ exercised on the CPU with a wall-clock timer and torch stand-ins.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -201,16 +202,86 @@ class CompileOutcome:
     error: str = ""
 
 
-def _compile_worker(name: str, config: dict[str, Any], arch: str) -> tuple[str, float, str]:
+#: seconds one (kernel, config) may take to build before its compiler processes are killed; some candidates
+#: make nvcc's front end run for tens of minutes (e.g. a fragment layout that TileLang replicates per thread)
+COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "240"))
+_COMPILER_PROCESSES = frozenset({"nvcc", "cicc", "ptxas", "cudafe++", "fatbinary", "nvlink", "cc1plus", "gcc", "g++",
+                                 "cc", "c++", "ld", "sh"})
+
+
+def _compiler_descendants(pid: int) -> list[int]:
+    """PIDs of the compiler processes below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            with open(f"/proc/{e}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(e))
+        names[int(e)] = name
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        if names.get(p) in _COMPILER_PROCESSES:
+            out.append(p)
+    return out
+
+
+class _CompileWatchdog:
+    """Kills this process's compiler children once a build has run ``timeout`` seconds, so that a
+    pathological candidate fails with an error instead of stalling a tuning run."""
+
+    def __init__(self, timeout: float) -> None:
+        import threading
+
+        self.fired = False
+        self._timer = threading.Timer(timeout, self._fire) if timeout > 0 else None
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def _fire(self) -> None:
+        import signal
+
+        self.fired = True
+        for p in _compiler_descendants(os.getpid()):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def __enter__(self) -> _CompileWatchdog:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _compile_worker(name: str, config: dict[str, Any], arch: str,
+                    timeout: float = COMPILE_TIMEOUT_S) -> tuple[str, float, str]:
     from tilev4.autotune.kernel_cache import cache_stats
     from tilev4.kernels.registry import compile_kernel
 
     t0 = time.perf_counter()
     before = cache_stats()["compiles"]
-    try:
-        compile_kernel(name, config, arch)
-    except Exception as e:
-        return "error", time.perf_counter() - t0, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    with _CompileWatchdog(timeout) as dog:
+        try:
+            compile_kernel(name, config, arch)
+        except Exception as e:
+            if dog.fired:
+                return "error", time.perf_counter() - t0, f"compile timeout: killed after {timeout:.0f} s"
+            return "error", time.perf_counter() - t0, f"{type(e).__name__}: {e}".splitlines()[0][:300]
     status = "compiled" if cache_stats()["compiles"] > before else "cached"
     return status, time.perf_counter() - t0, ""
 
@@ -220,11 +291,13 @@ def compile_jobs(
     arch: str,
     workers: int = 2,
     on_done: Callable[[CompileOutcome], None] | None = None,
+    timeout: float = COMPILE_TIMEOUT_S,
 ) -> list[CompileOutcome]:
     """Compile (kernel, complete config) pairs into the kernel cache with ``workers`` spawned processes.
 
     Spawned, not forked: the parent may hold a CUDA context. ``workers <= 1`` compiles in this
-    process. Errors are returned, not raised.
+    process. Errors are returned, not raised; a build still running after ``timeout`` seconds
+    (``TILEV4_COMPILE_TIMEOUT``, 0 = none) has its compiler processes killed and is an error.
     """
     outcomes: list[CompileOutcome] = []
 
@@ -236,13 +309,13 @@ def compile_jobs(
 
     if workers <= 1 or len(jobs) <= 1:
         for name, cfg in jobs:
-            done(name, cfg, _compile_worker(name, dict(cfg), arch))
+            done(name, cfg, _compile_worker(name, dict(cfg), arch, timeout))
         return outcomes
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        futs = {pool.submit(_compile_worker, name, dict(cfg), arch): (name, cfg) for name, cfg in jobs}
+        futs = {pool.submit(_compile_worker, name, dict(cfg), arch, timeout): (name, cfg) for name, cfg in jobs}
         for fut in as_completed(futs):
             name, cfg = futs[fut]
             try:

@@ -37,9 +37,19 @@ def _fragment_registers(c: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _rows_split_evenly(c: Mapping[str, Any]) -> str | None:
+    # several rows per CTA: unless each row's threads/block_rows threads split its D/8 8-wide vectors evenly,
+    # TileLang's layout inference replicates the whole [block_rows, D] fragment in every thread (seen for
+    # D=7168, 2 rows, 512 threads: 7168 fp32 per thread, and nvcc's front end then runs for many minutes)
+    per_row = c["threads"] // c["block_rows"]
+    if c["block_rows"] > 1 and (c["D"] // 8) % max(per_row, 1):
+        return f"D/8={c['D'] // 8} vectors do not split over threads/block_rows={per_row}"
+    return None
+
+
 RMSNORM_SPACE = Space(
     params={"block_rows": (1, 2, 4, 8), "threads": (64, 128, 256, 512)},
-    constraints=(_whole_elements_per_thread, _fragment_registers),
+    constraints=(_whole_elements_per_thread, _fragment_registers, _rows_split_evenly),
     smem_bytes=lambda c: 4 * c["block_rows"] * (c["threads"] // 32),  # cross-warp partial sums
 )
 
