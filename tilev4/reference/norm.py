@@ -44,9 +44,15 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return _sylvester(n).clone()
 
 
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(n: int, device: torch.device) -> torch.Tensor:
+    """:func:`hadamard_matrix` on ``device``, made once (a CUDA graph being recorded cannot copy it there)."""
+    return hadamard_matrix(n).to(device)
+
+
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """``x @ H_n * n^-1/2`` along the last dim (n a power of two); fp32 out. H is symmetric."""
     check_tensor("x", x, dtype=(torch.float32, torch.bfloat16, torch.float16))
     n = x.shape[-1]
-    h = hadamard_matrix(n).to(x.device)
+    h = _hadamard_on(n, x.device)
     return (x.float() @ h) * (1.0 / math.sqrt(n))

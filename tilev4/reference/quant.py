@@ -17,6 +17,7 @@ bytes hold ``exponent + 127``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -85,12 +86,19 @@ def fp8_e4m3_simulate(x: torch.Tensor, block: int = 128, ue8m0: bool = True) -> 
     return (qb * scale.unsqueeze(-1)).reshape(x.shape)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float | bool, ...], dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A small constant table on ``device``, made once per (dtype, device): a CUDA graph being recorded cannot
+    copy it from the host (the first, eager call makes it). Read-only."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _round_e2m1(a: torch.Tensor) -> torch.Tensor:
     """Round non-negative ``a`` (already clamped to [0, 6]) to the e2m1 grid; returns codes 0..7."""
-    mids = torch.tensor(_FP4_MIDPOINTS, dtype=a.dtype, device=a.device)
+    mids = _constant(tuple(_FP4_MIDPOINTS), a.dtype, a.device)
     code = torch.bucketize(a, mids)  # mids[code-1] < a <= mids[code]
     tie = a == mids[code.clamp(max=len(_FP4_MIDPOINTS) - 1)]
-    ups = torch.tensor(_FP4_TIE_ROUNDS_UP, device=a.device)[code.clamp(max=len(_FP4_MIDPOINTS) - 1)]
+    ups = _constant(tuple(_FP4_TIE_ROUNDS_UP), None, a.device)[code.clamp(max=len(_FP4_MIDPOINTS) - 1)]
     return code + (tie & ups).long()
 
 
@@ -105,7 +113,7 @@ def fp4_e2m1_quantize(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, t
     xb = _blocked("x", x, block)  # [..., nb, block]
     scale = _pow2_scale(xb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_AMAX_FLOOR, True)
     y = (xb / scale).clamp(-FP4_MAX, FP4_MAX)
-    grid = torch.tensor(FP4_E2M1_GRID, dtype=torch.float32, device=x.device)
+    grid = _constant(tuple(FP4_E2M1_GRID), torch.float32, x.device)
     v = grid[_round_e2m1(y.abs())] * torch.sign(y)
     return v.reshape(x.shape), scale.squeeze(-1)
 

@@ -8,6 +8,7 @@ V4 uses theta 10000 without YaRN for sliding-window layers and theta 160000 with
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,12 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_len: int) -
     return dim * math.log(max_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+@functools.lru_cache(maxsize=64)
+def _frequencies_on(cfg: RopeConfig, device: torch.device) -> torch.Tensor:
+    """:func:`rope_frequencies` in fp64 on ``device``, made once (a CUDA graph being recorded cannot copy it)."""
+    return rope_frequencies(cfg).to(device).double()
+
+
 def rope_frequencies(cfg: RopeConfig) -> torch.Tensor:
     """Angular frequency per rotated pair: fp32 [rope_dim // 2]."""
     d = cfg.rope_dim
@@ -85,7 +92,7 @@ def apply_rope(
         raise ValueError(
             f"positions shape {list(positions.shape)} must be a prefix of x.shape[:-1]={list(x.shape[:-1])}"
         )
-    angle = positions.double().unsqueeze(-1) * rope_frequencies(cfg).to(x.device).double()  # [*pos, r/2]
+    angle = positions.double().unsqueeze(-1) * _frequencies_on(cfg, x.device)  # [*pos, r/2]
     angle = angle.float()
     angle = angle.reshape(*angle.shape[:-1], *([1] * (x.dim() - 1 - k)), r // 2)  # broadcast over heads
     cos, sin = torch.cos(angle), torch.sin(angle)
