@@ -73,51 +73,115 @@ def test_quantize_rejects_bad_input():
         F.quantize_fp4_weight(torch.zeros(128))
 
 
-def _byte_perm(x: int, y: int, sel: torch.Tensor) -> torch.Tensor:
-    """CUDA ``__byte_perm(x, y, sel)`` for selector nibbles 0..7: byte i of the result is byte sel_i of (y:x)."""
-    table = torch.tensor([(x >> 8 * i) & 255 for i in range(4)] + [(y >> 8 * i) & 255 for i in range(4)])
-    return sum(table[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
-
-
-def _vsubus4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """CUDA ``__vsubus4``: per-byte unsigned saturating subtraction."""
-    return sum(((((a >> 8 * i) & 255) - ((b >> 8 * i) & 255)).clamp(min=0)) << 8 * i for i in range(4))
-
-
-def _kernel_bytes(p16: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """The kernel's expansion (moe_fp4._expand) in int64 torch ops: the 4 e4m3 bytes of the codes in p16 at
-    shift min(j, 20) — the byte-permute path for j <= 5, the fp32-bits path above. Returns [..., 4] uint8."""
-    j = j.clamp(max=F.SHIFT_CLAMP)
-    mags = _byte_perm(F._E4M3_LO, F._E4M3_HI, p16 & 0x7777)
-    signs = _byte_perm(0x8000, 0, (p16 >> 3) & 0x1111)
-    word = _vsubus4(mags, j * 0x08080808) | signs
-    out = []
+def _byte_perm(x, y, sel) -> torch.Tensor:
+    """PTX ``prmt.b32`` (CUDA ``__byte_perm(x, y, sel)``) on int64 tensors holding 32-bit words: byte i of the result
+    is byte ``sel_i & 7`` of the pair (y:x), its sign replicated when ``sel_i & 8``; selector bits past 16 ignored."""
+    x, y, sel = (torch.as_tensor(v, dtype=torch.int64) for v in (x, y, sel))
+    out = torch.zeros(torch.broadcast_shapes(x.shape, y.shape, sel.shape), dtype=torch.int64)
     for i in range(4):
-        fast = ((word >> 8 * i) & 255).to(torch.uint8)
-        code = (p16 >> 4 * i) & 15
-        mag = code & 7
-        bits = torch.where(mag >= 2, (252 + mag) << 22, torch.full_like(mag, 252 << 22)) - (j << 23)
-        a = torch.where(mag == 0, torch.zeros(mag.shape), bits.to(torch.int32).view(torch.float32))
-        slow = torch.where(code >= 8, -a, a).to(torch.float8_e4m3fn).view(torch.uint8)
-        out.append(torch.where(j <= F.FAST_SHIFT, fast, slow))
-    return torch.stack(out, -1)
+        s = (sel >> 4 * i) & 15
+        idx = s & 7
+        byte = torch.where(idx < 4, x >> 8 * (idx & 3), y >> 8 * (idx & 3)) & 255
+        byte = torch.where(s >= 8, torch.where(byte >= 128, 255, 0), byte)
+        out = out | byte << 8 * i
+    return out
 
 
-def test_expansion_formula_is_the_e4m3_rounding_of_v_times_2_to_minus_j():
-    """For every 4 codes and every shift the kernel's bit construction gives rne_e4m3(v · 2^-j) (both paths), and
-    that is v · 2^-j itself for j <= 8 (the derivation in the module docstring)."""
-    p16 = torch.arange(1 << 16).repeat_interleave(24)
+def _e4m3_byte(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 bit pattern -> e4m3 byte, round to nearest even (torch's cast, as the hardware's cvt)."""
+    return bits.to(torch.int32).view(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8).long()
+
+
+# the kernel's expansion arithmetic (moe_fp4._group_shift / _magnitude_table / _e4m3_words) on int64 tensors
+HOST = F._WordOps(int, int, torch.maximum, lambda a, b: a.clamp(max=b), _byte_perm, _e4m3_byte)
+GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _expand_words(w: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The e4m3 bytes [..., 8] the kernel writes for packed words ``w`` (8 codes, element 0 in the low nibble) at
+    shift ``j`` (already clamped to 20): the branch on j <= FAST_SHIFT picks the table."""
+    fast = F._magnitude_table(j, True, HOST)
+    slow = F._magnitude_table(j, False, HOST)
+    lo, hi = (torch.where(j <= F.FAST_SHIFT, f, s) for f, s in zip(fast, slow, strict=True))
+    words = F._e4m3_words(w, lo, hi, HOST)
+    return torch.stack([(words[i // 4] >> 8 * (i % 4)) & 255 for i in range(8)], -1).to(torch.uint8)
+
+
+def _codes(w: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(w >> 4 * i) & 15 for i in range(8)], -1)
+
+
+def _values(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes -> values (code 8 is −0)."""
+    mag = GRID[codes & 7]
+    return torch.where(codes >= 8, -mag, mag)
+
+
+def test_expansion_words_are_the_e4m3_rounding_of_v_times_2_to_minus_j():
+    """For every code in every nibble of a word (all 2^16 low halves, each with a distinct high half) and every
+    shift, the kernel's table lookup gives the bytes of rne_e4m3(v · 2^-j) — sign of zero included — through the
+    table path for j <= 5 and the converted path above; v · 2^-j itself for j <= 8 (the module docstring)."""
+    lo16 = torch.arange(1 << 16)
+    w = (lo16 | ((lo16 * 0x9E37 + 0x1234) & 0xFFFF) << 16).repeat_interleave(24)  # odd factor: a bijection
     j = torch.arange(24).repeat(1 << 16)
-    got = _kernel_bytes(p16, j).view(torch.float8_e4m3fn).float().double()  # [65536·24, 4]
-    codes = torch.stack([(p16 >> 4 * i) & 15 for i in range(4)], -1)
-    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
-    v = torch.where(codes >= 8, -grid[codes & 7], grid[codes & 7])
-    exact = v * torch.exp2(-j.double())[:, None]
-    assert torch.equal(got, exact.float().to(torch.float8_e4m3fn).float().double())  # torch's cast: nearest even
+    got = _expand_words(w, j.clamp(max=F.SHIFT_CLAMP))  # [65536·24, 8]
+    exact = _values(_codes(w)) * torch.exp2(-j.float())[:, None]  # float32: exact, and v · 2^-j for all j
+    assert torch.equal(got, exact.to(torch.float8_e4m3fn).view(torch.uint8))  # torch's cast: nearest even
+    got = got.view(torch.float8_e4m3fn).float()
     small = j <= F.MAX_EXACT_SHIFT
     assert torch.equal(got[small], exact[small])
     assert not torch.equal(got[j == 9], exact[j == 9])  # the bound is tight: 0.5 · 2^-9 is not in e4m3
     assert (got[j >= 13] == 0).all()
+    assert (got[j <= F.FAST_SHIFT] != 0).sum() == (exact[j <= F.FAST_SHIFT] != 0).sum()  # no normal flushed
+
+
+def test_magnitude_tables_agree_where_both_hold():
+    """The exponent-field table equals the converted one for every j <= FAST_SHIFT (and its smallest non-zero byte,
+    0.5 · 2^-5, is e4m3's smallest normal 0x08), so the branch only chooses the cheaper construction."""
+    j = torch.arange(F.FAST_SHIFT + 1)
+    fast, slow = F._magnitude_table(j, True, HOST), F._magnitude_table(j, False, HOST)
+    assert all(torch.equal(f, s) for f, s in zip(fast, slow, strict=True))
+    assert ((fast[0] >> 8) & 255)[-1] == 0x08
+
+
+def test_group_shift_from_the_scale_word(gen):
+    b = torch.randint(1, 255, (4096, 4), generator=gen)
+    b[:64] = b[:64, :1]  # equal scales: j = 0
+    b[64:128, 2] = 254  # far spreads: clamped to 20
+    b[64:128, (0, 1, 3)] = 2
+    sc = (b << torch.tensor([0, 8, 16, 24])).sum(-1).to(torch.int32).long()  # the int32 word, as the kernel reads it
+    for g in range(4):
+        b_max, j = F._group_shift(sc, g, HOST)
+        assert torch.equal(b_max, b.amax(-1))
+        assert torch.equal(j, (b.amax(-1) - b[:, g]).clamp(max=F.SHIFT_CLAMP))
+
+
+def _emulate_expand(w: F.FP4Weight) -> torch.Tensor:
+    """The kernels' expanded weights [E, N, K] from the raw bytes, step by step as _expand takes them: 32-bit words
+    of packed codes and of the four scale bytes of a K block, (b_max, j), table, lookup, times S = 2^(b_max − 127)
+    (from the bits ``b_max << 23``)."""
+    e, n, kp = w.data.shape
+    words = w.data.reshape(e, n, kp // 4, 4).long()
+    words = (words << torch.tensor([0, 8, 16, 24])).sum(-1).reshape(e, n, kp // 64, 4, 4)  # [.., KB, group, word]
+    sc = (w.scale.reshape(e, n, -1, 4).long() << torch.tensor([0, 8, 16, 24])).sum(-1).to(torch.int32).long()
+    out = []
+    for g in range(4):
+        b_max, j = F._group_shift(sc, g, HOST)  # [E, N, KB]
+        out.append(_expand_words(words[..., g, :], j[..., None]).view(torch.float8_e4m3fn).float().flatten(-2))
+    big = (b_max << 23).to(torch.int32).view(torch.float32)[..., None, None]
+    return (torch.stack(out, -2) * big).reshape(e, n, -1)
+
+
+@pytest.mark.parametrize("spread", [4.0, 30.0])
+def test_emulated_kernel_expansion_is_expand_fp4_weight(gen, spread):
+    """End to end on the host: packed bytes and scale bytes through the kernel's word arithmetic give exactly
+    expand_fp4_weight — for ordinary weights and for scale spreads that take the rounding path (and its clamp)."""
+    q = F.quantize_fp4_weight(_weights(2, 48, 512, gen, spread=spread))
+    assert F.fp4_expansion_is_exact(q) == (spread < 8)
+    assert torch.equal(_emulate_expand(q), F.expand_fp4_weight(q))
+    noise = F.FP4Weight(torch.randint(0, 256, q.data.shape, generator=gen, dtype=torch.uint8),
+                        torch.randint(1, 255, q.scale.shape, generator=gen, dtype=torch.uint8))  # random codes, bytes
+    assert torch.equal(_emulate_expand(noise), F.expand_fp4_weight(noise))
 
 
 def test_expanded_weight_is_the_dequantised_weight_for_ordinary_weights(gen):

@@ -27,14 +27,19 @@ The promotion of the FP8 tensor-core block sum ``t = x8[:, kb] · w8[:, kb]ᵀ``
 scale (from shared memory), both powers of two, so the promotion is exact and the only roundings are
 the FP8 tensor core's block sum and the fp32 sum over K blocks, as for FP8 weights.
 
-The e4m3 bytes are made four at a time (a thread takes two packed bytes — four consecutive elements of
-one 32-group, so one ``j``): for ``j <= 5`` every non-zero ``v · 2^−j`` is a normal e4m3 number, whose byte
-is the byte of ``|v|`` (a ``__byte_perm`` lookup of the magnitude indices in the 8-byte table of
-0, 0.5, 1, 1.5, 2, 3, 4, 6) with ``8·j`` taken off its exponent field (``__vsubus4``: 0 stays 0) and the
-sign bit set (a second ``__byte_perm``); for ``j >= 6`` (subnormal results, rounding) each element's fp32
-bit pattern of ``v · 2^−j`` is built with integer operations (``j`` clamped to 20, past which everything
-rounds to 0 anyway, so that the exponent field stays positive) and converted by the hardware
-(``cvt.rn.satfinite.e4m3x2.f32``: round to nearest even). A 32-bit store writes the four bytes.
+The e4m3 bytes are made by table lookup, a 32-bit word of eight codes at a time (a thread takes 16
+packed bytes — a whole 32-group, so one ``j`` — or 8 for small tiles). Per step the thread builds the
+e4m3 bytes of the eight magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 at shift ``j`` (two words): for ``j <= 5``
+every non-zero ``v · 2^−j`` is a normal e4m3 number, whose byte is that of ``|v|`` with ``8·j`` taken
+off its exponent field; for ``j >= 6`` (subnormal results, rounding) the fp32 bit pattern of each
+``m · 2^−j`` is built with integer operations (``j`` clamped to 20, past which everything rounds to 0
+anyway, so that the exponent field stays positive) and converted by the hardware (round to nearest
+even), behind a branch uniform over the 32-group and rarely taken. Then per word four ``__byte_perm``:
+two look the magnitudes up in the table, two gather the sign bits, put on top by a masked OR (also on
+a zero: the byte of a negative value's rounding to 0 is that of −0, 0x80). One 16-byte load brings 32
+codes and one 16-byte store writes 16 bytes into the GEMM's swizzled tile, bank-conflict free.
+:func:`_e4m3_words` and its helpers build both the kernel's expressions and the host emulation that
+the CPU tests check against the per-element rounding for every code and shift.
 
 Kernels (schedule, tile → expert map and batch invariance exactly as the bf16 and FP8 kernels):
 
@@ -52,18 +57,20 @@ scale [E, N, K/32] uint8 e8m0 bytes (``2^(byte − 127)``; byte 255, e8m0's NaN,
 float8_e8m0fnu scales are taken as the same bytes. K (dim for the up projection,
 inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
-Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~5
-integer instructions per element on the fast path, serialised with the (synchronous) FP8 wgmma of the K
-block: prefill, compute-bound, should run slower than with FP8 weights; decode, weight-bandwidth-bound,
-reads half the bytes of FP8. 184 / 187 registers a thread (up / down), no spills (ptxas, sm_90a). Tuned
-(:mod:`tilev4.kernels.moe_tuning`): ``block_n`` (up 64 / 32: its B tile is 2·block_n rows; down 128 / 64) and
-``num_stages``; ``block_m`` is the permutation's (a problem key).
+Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~1.1
+integer instructions per element for the lookup on the fast path, ~2 with the scale bytes, the table,
+addressing and the 16-byte shared loads and stores (~65 a thread per 32-group), serialised with the
+(synchronous) FP8 wgmma of the K block. The K loop issues all its tile copies after the promotion (three
+barriers per K block for down, four for up; :func:`_loads_last`). 195 / 199 registers a thread (up / down),
+no spills (ptxas, sm_90a). Tuned (:mod:`tilev4.kernels.moe_tuning`): ``block_n`` (up 64 / 32: its B tile
+is 2·block_n rows; down 128 / 64) and ``num_stages``; ``block_m`` is the permutation's (a problem key).
 
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128,
 KP = K/2 packed bytes, KS = K/32 scales.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import tilelang.language as T
 import torch
@@ -200,46 +207,127 @@ def _check_aligned(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must start at a 16-byte aligned address, got storage offset {t.storage_offset()}")
 
 
-@T.macro
-def _scale_block(s_shared, smax_shared, sw_shared, k, BN, off):
-    """Per weight row n of the tile: the largest e8m0 byte b_max of K block k and S = 2^(b_max − 127), stored
-    at row off + n."""
-    for n in T.Parallel(BN):
-        g0 = k * GROUPS
-        b = T.max(T.max(T.cast(s_shared[n, g0], T.int32), T.cast(s_shared[n, g0 + 1], T.int32)),
-                  T.max(T.cast(s_shared[n, g0 + 2], T.int32), T.cast(s_shared[n, g0 + 3], T.int32)))
-        smax_shared[off + n] = b
-        sw_shared[off + n] = T.reinterpret(b << 23, T.float32)  # exact 2^(b - 127) for b >= 1; b = 0 reads as 0
+class _WordOps(NamedTuple):
+    """The operations the expansion arithmetic needs beyond Python's operators, so that one definition
+    (:func:`_group_shift`, :func:`_magnitude_table`, :func:`_e4m3_words`) builds both the kernel's expressions
+    (:data:`_TL_OPS`) and the host emulation the CPU tests run over every code and shift."""
+
+    u32: Callable[[int], Any]  # an unsigned 32-bit constant
+    i32: Callable[[int], Any]  # a signed 32-bit constant
+    max: Callable[[Any, Any], Any]
+    min: Callable[[Any, Any], Any]
+    byte_perm: Callable[[Any, Any, Any], Any]  # CUDA __byte_perm(x, y, s): byte i = byte s_i of the pair (y:x)
+    e4m3_byte: Callable[[Any], Any]  # fp32 bit pattern -> its e4m3 byte (round to nearest even), as u32
+
+
+_TL_OPS = _WordOps(
+    T.uint32, T.int32, T.max, T.min,
+    lambda x, y, sel: T.call_extern(T.uint32, "__byte_perm", x, y, sel),
+    lambda bits: T.cast(T.reinterpret(T.cast(T.reinterpret(bits, T.float32), T.float8_e4m3fn), T.uint8), T.uint32),
+)
+
+
+def _group_shift(sc: Any, g: Any, ops: _WordOps) -> tuple[Any, Any]:
+    """(b_max, j) from the word ``sc`` of a row's four e8m0 bytes of a K block (group 0 lowest, int32): the largest
+    byte and ``j = min(b_max − b_g, 20)`` of 32-group ``g``."""
+    b = [(sc >> (8 * i)) & 255 for i in range(GROUPS)]
+    b_max = ops.max(ops.max(b[0], b[1]), ops.max(b[2], b[3]))
+    return b_max, ops.min(b_max - ((sc >> (8 * g)) & 255), SHIFT_CLAMP)
+
+
+def _magnitude_table(j: Any, fast: bool, ops: _WordOps) -> tuple[Any, Any]:
+    """The e4m3 bytes of rne(m_c · 2^−j) for the magnitudes m_c = 0, 0.5, 1, 1.5 | 2, 3, 4, 6 (c = 0 .. 7), as two
+    little-endian words — a :func:`_e4m3_words` lookup table.
+
+    ``fast`` (valid for ``j <= FAST_SHIFT``): the table at scale 1 with ``8·j`` taken off every non-zero byte
+    (its exponent field; the smallest, 0.5 = 0x30, stays >= 0x08, normal, so no byte borrows). Otherwise (the
+    rounding path, ``j <= 20``): each ``m_c · 2^−j`` as an fp32 bit pattern — c = 2e + m (e2m1 exponent e, mantissa
+    m) is ``(252 + c) << 22`` for c >= 2 and 0.5 = ``252 << 22``; 2^−j lowers the exponent field, which stays
+    positive — converted by the hardware."""
+    if fast:
+        return ops.u32(_E4M3_LO) - j * ops.u32(0x08080800), ops.u32(_E4M3_HI) - j * ops.u32(0x08080808)
+    words = []
+    for first in (0, 4):
+        word = ops.u32(0)
+        for byte in range(4):
+            c = first + byte
+            if c:  # c = 0 (the zero) stays 0x00
+                bits = ops.i32((252 + c if c >= 2 else 252) << 22) - (j << 23)
+                word = word | (ops.e4m3_byte(bits) << ops.u32(8 * byte))
+        words.append(word)
+    return words[0], words[1]
+
+
+def _e4m3_words(w: Any, lo: Any, hi: Any, ops: _WordOps) -> tuple[Any, Any]:
+    """The e4m3 bytes of the eight codes of the packed word ``w`` (element 0 in the low nibble) through the table
+    (lo, hi) of :func:`_magnitude_table`: two words, elements 0..3 and 4..7, element 0 in the low byte.
+
+    The magnitudes are two byte permutes of the table with the indices ``w & 0x7777…`` (a selector nibble's top
+    bit would sign-extend, so it is cleared; only the low 16 bits select). The sign of element 2b + 1 is bit 7 of
+    byte b of ``w`` and that of element 2b bit 7 of byte b of ``w << 4``: a byte permute of that pair interleaves
+    them (0x5140: bytes 0, 4, 1, 5 of (w:w << 4)) and a masked OR puts them on top — also on a zero, as the
+    rounding of a negative value gives (the byte of −0 is 0x80)."""
+    m = w & ops.u32(0x77777777)
+    ws = w << ops.u32(4)
+    signs = ops.u32(0x80808080)
+    return (ops.byte_perm(lo, hi, m) | (ops.byte_perm(ws, w, ops.u32(0x5140)) & signs),
+            ops.byte_perm(lo, hi, m >> ops.u32(16)) | (ops.byte_perm(ws, w, ops.u32(0x7362)) & signs))
+
+
+def _loads_last(loads: int, compute: int, num_stages: int) -> tuple[list[int], list[int]]:
+    """``T.Pipelined`` (order, stage) of a K-loop body of ``loads`` tile copies followed by ``compute`` statements:
+    the copies of K block k + num_stages are issued after the compute of block k, into the buffers it has just
+    released — num_stages buffers and blocks in flight, as in TileLang's automatic plan, which however issues each
+    copy right after its own last reader (the expansion for the packed weights, the GEMM for the activations),
+    each behind a barrier of its own. Issued together they share one: 3 (down) / 4 (up) barriers per K block
+    instead of 5 / 7."""
+    return [compute + i for i in range(loads)] + list(range(compute)), [0] * loads + [num_stages] * compute
+
+
+def _expand_vec(rows: int, threads: int) -> int:
+    """Packed bytes a thread expands per step for a [rows, 128] tile: 16 (a whole 32-group) when every thread gets
+    at least one such step, else 8 (half a group), so that small tiles still keep all threads busy."""
+    return 16 if rows * SCALE_BLOCK // 2 >= 16 * threads else 8
 
 
 @T.macro
-def _expand(q_shared, s_shared, smax_shared, b_shared, k, BN, BK, off):
-    """b_shared[off + n, kk] = rne_e4m3(v[n, kk] · 2^-j), j = b_max[n] − b[n, kk // 32] (see the module
-    docstring), for the packed tile q_shared [BN, BK/2] of K block k; a thread makes 4 elements at a time."""
-    for n, g in T.Parallel(BN, BK // 4):
-        j = T.min(smax_shared[off + n] - T.cast(s_shared[n, k * GROUPS + g // (FP4_BLOCK // 4)], T.int32),
-                  SHIFT_CLAMP)
-        # the codes of elements 4g .. 4g+3, one nibble each (sign bit 8 | magnitude 0..7), element 4g lowest
-        p16 = T.cast(q_shared[n, 2 * g], T.uint32) | (T.cast(q_shared[n, 2 * g + 1], T.uint32) << 8)
-        # j <= 5: the four e4m3 bytes at once — the magnitudes' bytes at scale 1 by a byte permute of the table
-        # (0, 0.5, 1, 1.5, 2, 3, 4, 6), 8·j off each exponent field (saturating: 0 stays 0; the others stay
-        # normal), the sign bits on top
-        mags = T.call_extern(T.uint32, "__byte_perm", T.uint32(_E4M3_LO), T.uint32(_E4M3_HI), p16 & T.uint32(0x7777))
-        signs = T.call_extern(T.uint32, "__byte_perm", T.uint32(0x8000), T.uint32(0),
-                              (p16 >> T.uint32(3)) & T.uint32(0x1111))
-        word = T.call_extern(T.uint32, "__vsubus4", mags, T.cast(j, T.uint32) * T.uint32(0x08080808)) | signs
-        for i in T.vectorized(4):
-            fast = T.cast((word >> T.cast(8 * i, T.uint32)) & T.uint32(255), T.uint8)
-            # j >= 6 (subnormal results, rounding past 8): the fp32 bits of |v|·2^-j, converted by the hardware.
-            # Magnitude index c = 2e + m (e2m1 exponent e, mantissa m) is ((126 + e) << 23 | m << 22) =
-            # (252 + c) << 22 for e >= 1; c = 1 is 0.5 = 252 << 22; 2^-j lowers the exponent field
-            code = T.cast((p16 >> T.cast(4 * i, T.uint32)) & T.uint32(15), T.int32)
-            mag = code & 7
-            bits = T.if_then_else(mag >= 2, (252 + mag) << 22, 252 << 22) - (j << 23)
-            a = T.if_then_else(mag == 0, T.float32(0), T.reinterpret(bits, T.float32))
-            b_shared[off + n, 4 * g + i] = T.if_then_else(
-                j <= FAST_SHIFT, T.reinterpret(fast, T.float8_e4m3fn),
-                T.cast(T.if_then_else(code >= 8, -a, a), T.float8_e4m3fn))
+def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off, threads):
+    """b_shared[off + n, kk] = rne_e4m3(v[n, kk] · 2^−j), ``j = min(b_max − b_g, 20)`` (see the module docstring),
+    for the packed tile q_shared [BN, BK/2] of K block k, and S = 2^(b_max − 127) of each row into
+    sw_shared[off + n] (for the promotion).
+
+    A thread takes VEC packed bytes (2·VEC elements of one 32-group, so one ``j``) per step: one 8/16-byte shared
+    load of the codes, one 32-bit load of the row's four scale bytes, the step's magnitude table (the rounding
+    path's, ``j >= 6``, behind a branch that is rarely taken and uniform over a 32-group), four byte permutes and
+    two masked ORs per 8 elements, and one 16-byte store per 16 elements (b_shared's swizzle moves 16-byte pieces
+    whole; a quarter warp's stores hit distinct banks). ``qw`` / ``ow`` / ``tab``: the thread's local words.
+    """
+    VEC = 4 * qw.shape[0]  # packed bytes per thread and step (_expand_vec)
+    PARTS = BK // 2 // VEC  # steps per row
+    STEPS = T.ceildiv(BN * PARTS, threads)
+    s32 = T.view(s_shared, (BN, s_shared.shape[1] // GROUPS), T.uint32)  # a row's 4 scale bytes per K block
+    qb = T.view(qw, (VEC,), T.uint8)
+    ob = T.view(ow, (2 * VEC,), T.float8_e4m3fn)
+    tx = T.get_thread_binding()
+    for it in T.unroll(STEPS):
+        idx = it * threads + tx
+        if BN * PARTS % threads == 0 or idx < BN * PARTS:
+            n = idx // PARTS
+            part = idx % PARTS
+            b_max, j = _group_shift(T.cast(s32[n, k], T.int32), part * VEC // (FP4_BLOCK // 2), _TL_OPS)
+            if part == 0:
+                sw_shared[off + n] = T.reinterpret(b_max << 23, T.float32)  # exact 2^(b - 127); b = 0 reads as 0
+            if j <= FAST_SHIFT:
+                tab[0], tab[1] = _magnitude_table(T.cast(j, T.uint32), True, _TL_OPS)
+            else:
+                tab[0], tab[1] = _magnitude_table(j, False, _TL_OPS)
+            for v in T.vectorized(VEC):
+                qb[v] = q_shared[n, part * VEC + v]
+            for i in T.unroll(VEC // 4):
+                ow[2 * i], ow[2 * i + 1] = _e4m3_words(qw[i], tab[0], tab[1], _TL_OPS)
+            for h in T.unroll(VEC // 8):
+                for v in T.vectorized(16):
+                    b_shared[off + n, part * 2 * VEC + 16 * h + v] = ob[16 * h + v]
 
 
 @register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
@@ -256,6 +344,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
     policy = T.GemmWarpPolicy.FullRow
     fp8 = T.float8_e4m3fn
+    order, stage = _loads_last(3, 5, num_stages)  # x8, W1, W3 | sx, expand W1, expand W3, GEMM, promotion
 
     @T.prim_func
     def moe_up_fp4_kernel(
@@ -280,13 +369,15 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
             s1_shared = T.alloc_shared((BN, KS), T.uint8)
             s3_shared = T.alloc_shared((BN, KS), T.uint8)
             b_shared = T.alloc_shared((2 * BN, BK), fp8)  # rows [0, BN): W1, rows [BN, 2·BN): W3
-            smax_shared = T.alloc_shared((2 * BN,), T.int32)
             sw_shared = T.alloc_shared((2 * BN,), T.float32)
             c_shared = T.alloc_shared((BM, 2 * BN), T.float32)
             w_shared = T.alloc_shared((BM,), T.float32)
             acc = T.alloc_fragment((BM, 2 * BN), T.float32)  # [gate | up]
             t_frag = T.alloc_fragment((BM, 2 * BN), T.float32)
             sx = T.alloc_fragment((BM,), T.float32)
+            qw = T.alloc_local((_expand_vec(BN, threads) // 4,), T.uint32)  # the packed bytes of an expansion step
+            ow = T.alloc_local((_expand_vec(BN, threads) // 2,), T.uint32)  # ... and their e4m3 bytes
+            tab = T.alloc_local((2,), T.uint32)  # the step's e4m3 bytes of the eight magnitudes
             e = T.alloc_var(T.int32)
             a0 = T.alloc_var(T.int32)
             c = T.alloc_var(T.int32)
@@ -301,16 +392,14 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                 T.copy(w1s[e, n0, 0], s1_shared)  # [BN, K/32] e8m0: the tile's scales, loaded once
                 T.copy(w3s[e, n0, 0], s3_shared)
                 T.clear(acc)
-                for k in T.Pipelined(KB, num_stages=num_stages):
+                for k in T.Pipelined(KB, order=order, stage=stage):
                     T.copy(x8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
                     T.copy(w1[e, n0, k * (BK // 2)], q1_shared)  # [BN, 64] packed e2m1
                     T.copy(w3[e, n0, k * (BK // 2)], q3_shared)
                     for i in T.Parallel(BM):  # the row's activation scale of this K block (a power of two)
                         sx[i] = T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0)
-                    _scale_block(s1_shared, smax_shared, sw_shared, k, BN, 0)
-                    _scale_block(s3_shared, smax_shared, sw_shared, k, BN, BN)
-                    _expand(q1_shared, s1_shared, smax_shared, b_shared, k, BN, BK, 0)
-                    _expand(q3_shared, s3_shared, smax_shared, b_shared, k, BN, BK, BN)
+                    _expand(q1_shared, s1_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)
+                    _expand(q3_shared, s3_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, BN, threads)
                     # [BM, BK] @ [BK, 2·BN] -> [BM, 2·BN]
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, 2 * BN):  # promote: exact power-of-two rescale, fp32 sum
@@ -338,6 +427,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
     policy = T.GemmWarpPolicy.FullRow
     fp8 = T.float8_e4m3fn
+    order, stage = _loads_last(2, 4, num_stages)  # h8, W2 | sx, expand, GEMM, promotion
 
     @T.prim_func
     def moe_down_fp4_kernel(
@@ -356,11 +446,13 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
             q_shared = T.alloc_shared((BN, BK // 2), T.uint8)
             s_shared = T.alloc_shared((BN, KS), T.uint8)
             b_shared = T.alloc_shared((BN, BK), fp8)
-            smax_shared = T.alloc_shared((BN,), T.int32)
             sw_shared = T.alloc_shared((BN,), T.float32)
             acc = T.alloc_fragment((BM, BN), T.float32)
             t_frag = T.alloc_fragment((BM, BN), T.float32)
             sx = T.alloc_fragment((BM,), T.float32)
+            qw = T.alloc_local((_expand_vec(BN, threads) // 4,), T.uint32)  # the packed bytes of an expansion step
+            ow = T.alloc_local((_expand_vec(BN, threads) // 2,), T.uint32)  # ... and their e4m3 bytes
+            tab = T.alloc_local((2,), T.uint32)  # the step's e4m3 bytes of the eight magnitudes
             e = T.alloc_var(T.int32)
             a0 = T.alloc_var(T.int32)
             c = T.alloc_var(T.int32)
@@ -372,13 +464,12 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
                               BM, BN)
                 T.copy(w2s[e, n0, 0], s_shared)  # [BN, K/32] e8m0: the tile's scales, loaded once
                 T.clear(acc)
-                for k in T.Pipelined(KB, num_stages=num_stages):
+                for k in T.Pipelined(KB, order=order, stage=stage):
                     T.copy(h8[row0, k * BK], a_shared)
                     T.copy(w2[e, n0, k * (BK // 2)], q_shared)  # [BN, 64] packed e2m1
                     for i in T.Parallel(BM):
                         sx[i] = T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0)
-                    _scale_block(s_shared, smax_shared, sw_shared, k, BN, 0)
-                    _expand(q_shared, s_shared, smax_shared, b_shared, k, BN, BK, 0)
+                    _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):  # [BM, BK] @ [BK, BN], promoted per row and column
                         acc[i, j] += t_frag[i, j] * sx[i] * sw_shared[j]
