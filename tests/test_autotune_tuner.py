@@ -222,3 +222,32 @@ def test_a_build_past_the_compile_timeout_is_killed_and_reported(tmp_path, monke
     assert 1.0 <= seconds < 30 and time.perf_counter() - t0 < 30
     monkeypatch.setattr(registry, "compile_kernel", lambda *a: subprocess.run([str(cicc), "0.1"], check=True))
     assert tuner._compile_worker("rmsnorm", {"D": 512}, "sm_90a", timeout=5.0)[0] == "cached"  # in time: no error
+
+
+def test_tune_report_table_goes_into_the_readme(tmp_path):
+    from tilev4.autotune.report import README_BEGIN, README_END, render_tune_table, update_readme
+
+    report = {
+        "gpu": {"name": "NVIDIA H200", "sm_count": 132}, "date": "2026-11-29", "skipped": {"moe_scan": "no space"},
+        "seconds": {"total": 90.5, "compile": 60.0, "measure": 30.5}, "compile": {"configs": 10, "compiled": 4},
+        "kernels": {"rmsnorm": [
+            {"bucket": "D<=4096", "winner": {"block_rows": 2, "threads": 256}, "default": {"block_rows": 1, "threads": 128},
+             "winner_ms": 0.01, "default_ms": 0.012, "speedup_vs_default": 1.2, "candidates": 9, "pruned": 7,
+             "rejected": 1},
+            {"bucket": "D>4096", "winner": {"block_rows": 1, "threads": 128}, "default": {"block_rows": 1, "threads": 128},
+             "winner_ms": 0.02, "default_ms": 0.02, "speedup_vs_default": 1.0, "candidates": 5, "pruned": 11,
+             "rejected": 0}]},
+    }
+    table = render_tune_table(report)
+    assert "| rmsnorm | D<=4096 | 9 (7, 1) | block_rows=1, threads=128 | block_rows=2, threads=256 |" in table
+    assert "| rmsnorm | D>4096 | 5 (11, 0) | block_rows=1, threads=128 | = default |" in table
+    assert "1.200×" in table and "compile 60.0 s (4 of 10 configs" in table and "Skipped: moe_scan" in table
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nrest\n")
+    update_readme(readme, tmp_path / "r.json")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and "1.200×" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, tmp_path / "r.json")

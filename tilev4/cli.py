@@ -385,7 +385,13 @@ def _import_report(args: argparse.Namespace, console: Any) -> int:
 
     from tilev4.autotune.store import TuningRecord, save_record
 
-    records = json.loads(Path(args.import_report).read_text())["records"]
+    report = json.loads(Path(args.import_report).read_text())
+    records = report["records"]
+    if args.update_readme:
+        from tilev4.autotune.report import update_readme
+
+        update_readme(Path(args.update_readme), Path(args.import_report))
+        console.print(f"wrote the tuning table of {args.import_report} into {args.update_readme}")
     if args.ship:
         _ship(records, console)
     else:
@@ -521,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="write the JSON report (records, speed-ups, times)")
     p.add_argument("--ship", action="store_true", help="also write the records as the package's shipped defaults")
     p.add_argument("--import-report", metavar="FILE", help="store the records of a report instead of tuning")
+    p.add_argument("--update-readme", metavar="README",
+                   help="with --import-report: write the report's tuned-vs-default table between the README's "
+                        "tune-table markers")
     p.set_defaults(func=_cmd_tune)
     p = sub.add_parser("cache", help="the compiled-kernel cache: ls, verify, clear, prune, export, import")
     csub = p.add_subparsers(dest="cache_cmd", required=True)
