@@ -286,6 +286,19 @@ def _compile_worker(name: str, config: dict[str, Any], arch: str,
     return status, time.perf_counter() - t0, ""
 
 
+def _is_built(name: str, config: Mapping[str, Any], arch: str) -> bool:
+    """Whether the cache holds a verified build of (kernel, config) for ``arch`` under this toolchain."""
+    from tilev4.autotune import kernel_cache
+    from tilev4.kernels.registry import get_kernel_def, resolve_config
+
+    try:
+        kdef = get_kernel_def(name)
+        key = kernel_cache.entry_key(name, resolve_config(kdef, config, arch).items, arch, kdef.source_hash)
+    except Exception:  # a bad config: the worker reports it
+        return False
+    return kernel_cache.verify_entry(key.path(), key) is None
+
+
 def compile_jobs(
     jobs: Sequence[tuple[str, Mapping[str, Any]]],
     arch: str,
@@ -307,6 +320,16 @@ def compile_jobs(
         if on_done is not None:
             on_done(oc)
 
+    missing = []
+    for name, cfg in jobs:  # verified cache entries need no worker (nor a process start, nor a compiler)
+        if _is_built(name, cfg, arch):
+            done(name, cfg, ("cached", 0.0, ""))
+        else:
+            missing.append((name, cfg))
+    jobs = missing
+
+    if not jobs:
+        return outcomes
     if workers <= 1 or len(jobs) <= 1:
         for name, cfg in jobs:
             done(name, cfg, _compile_worker(name, dict(cfg), arch, timeout))
