@@ -626,8 +626,10 @@ def _prefill_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, devi
     cache = torch.empty(sequences, rows, d, dtype=_DTYPES[problem["out_dtype"]], device=device)
     state = _kernel_state(st)
     new_state = tuple(torch.empty_like(t) for t in state)
-    args = (*params, *state, cache, *new_state)
-    outputs = (10, 11, 12, 13) + ((14, 15) if ratio == 4 else ())  # cache, num_tokens, kv, score, prev_kv, prev_score
+    # the kernel takes the old state as (num_tokens, kv, score, prev_kv, prev_score) but writes the new one as
+    # (kv, score, prev_kv, prev_score, num_tokens): args 11..15
+    args = (*params, *state, cache, *new_state[1:], new_state[0])
+    outputs = (10, 15, 11, 12) + ((13, 14) if ratio == 4 else ())  # cache, num_tokens, kv, score, prev_kv, prev_score
     expected = None
     if reference:
         kv, gate, ape, weight, _ = (t.cpu() for t in params)
@@ -647,7 +649,7 @@ def _prefill_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, devi
 
 def _prefill_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     kv, gate, ape, weight, freqs, *rest = case.args
-    state, cache, new_state = rest[:5], rest[5], rest[6:]
+    state, cache, new_state = rest[:5], rest[5], rest[6:]  # new_state in the kernel's order: kv … num_tokens
     args = (kv[start:stop].clone(), gate[start:stop].clone(), ape, weight, freqs,
             *(t[start:stop].clone() for t in state), *(torch.empty_like(t[start:stop]) for t in (cache, *new_state)))
     return TuningCase(args, outputs=case.outputs, expected=None, rows=stop - start)
