@@ -154,8 +154,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         from tilev4.kernels.registry import recorded_jobs
 
         try:
-            jobs = [(n, c, "recorded") for n, c in recorded_jobs(args.configs)
-                    if not args.kernel or n in args.kernel]
+            from tilev4.kernels.registry import aot_configs_for
+
+            jobs = [(n, full, f"recorded, {src}") for n, c in recorded_jobs(args.configs)
+                    if not args.kernel or n in args.kernel
+                    for full, src in aot_configs_for(get_kernel_def(n), [c], args.arch, tuned=not args.default_only)]
         except (OSError, ValueError) as e:
             console.print(f"[red]--configs: {e}[/red]")
             return 2

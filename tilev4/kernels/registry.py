@@ -20,7 +20,7 @@ import inspect
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -366,6 +366,13 @@ def aot_configs(kdef: KernelDef, arch: str, default_only: bool = False) -> list[
     tuned record of a GPU of ``arch`` (this machine's results and the shipped defaults) with this
     source hash and bucket, its tuned completion (what that GPU runs). Duplicates are dropped.
     """
+    return aot_configs_for(kdef, kdef.configs[:1] if default_only else kdef.configs, arch, tuned=not default_only)
+
+
+def aot_configs_for(kdef: KernelDef, configs: Sequence[Mapping[str, Any]], arch: str,
+                    tuned: bool = True) -> list[tuple[dict[str, Any], str]]:
+    """As :func:`aot_configs` for the given (possibly partial) ``configs`` of ``kdef``: each one's heuristic
+    completion and, with ``tuned``, its completion by every tuned record of a GPU of ``arch`` for its bucket."""
     from tilev4.autotune import store
 
     out: list[tuple[dict[str, Any], str]] = []
@@ -377,8 +384,8 @@ def aot_configs(kdef: KernelDef, arch: str, default_only: bool = False) -> list[
             seen.add(label)
             out.append((dict(items), source))
 
-    records = [] if default_only or kdef.space is None else store.records_for_arch(kdef.name, arch)
-    for cfg in kdef.configs[:1] if default_only else kdef.configs:
+    records = store.records_for_arch(kdef.name, arch) if tuned and kdef.space is not None else []
+    for cfg in configs:
         add(resolve_config(kdef, cfg, arch, gpu=None).items, "default")
         if not records:
             continue
