@@ -41,7 +41,8 @@ def render_tune_table(report: dict[str, Any]) -> str:
     lines.append(f"{gpu.get('name', '?')} ({gpu.get('sm_count', '?')} SMs), {report.get('date', '?')}: "
                  f"{secs.get('total', '?')} s in all — compile {secs.get('compile', '?')} s "
                  f"({comp.get('compiled', '?')} of {comp.get('configs', '?')} configs built there, the rest loaded "
-                 f"from the cache), measure {secs.get('measure', '?')} s. Skipped: {skipped}.")
+                 f"from the cache), measure {secs.get('measure', '?')} s. Skipped: {skipped}."
+                 + (f" {report['note'][:1].upper()}{report['note'][1:]}." if report.get("note") else ""))
     return "\n".join(lines) + "\n"
 
 
