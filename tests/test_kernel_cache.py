@@ -342,3 +342,16 @@ def test_export_filters_by_kernel_and_toolchain(aot, tmp_path):
     assert counts["imported"] == only["entries"] and counts["rejected"] == 0
     assert {e.kernel for e in list_entries(tmp_path / "other")} == {"rmsnorm"}
     assert export_cache(tmp_path / "none.tar.gz", kernels={"no_such_kernel"})["entries"] == 0
+
+
+@pytest.mark.compile
+def test_xz_export_is_smaller_and_imports_the_same_entries(aot, tmp_path):
+    """A ``.tar.xz`` export holds the same verified entries as the ``.tar.gz`` one in fewer bytes."""
+    gz = export_cache(tmp_path / "k.tar.gz", arch=ARCH, include_results=False, kernels={"rmsnorm"})
+    xz = export_cache(tmp_path / "k.tar.xz", arch=ARCH, include_results=False, kernels={"rmsnorm"})
+    assert gz["entries"] == xz["entries"] > 0
+    assert (tmp_path / "k.tar.xz").read_bytes()[:6] == b"\xfd7zXZ\x00"
+    assert (tmp_path / "k.tar.xz").stat().st_size < (tmp_path / "k.tar.gz").stat().st_size
+    counts = import_cache(tmp_path / "k.tar.xz", root=tmp_path / "other")
+    assert counts["imported"] == xz["entries"] and counts["rejected"] == 0
+    assert {e.kernel for e in list_entries(tmp_path / "other", verify=True)} == {"rmsnorm"}

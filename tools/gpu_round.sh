@@ -6,7 +6,7 @@
 #
 # Defaults: every tests/test_*_gpu.py, every benchmark. TEST_LIMIT / BENCH_LIMIT: seconds per file / benchmark.
 # A kernel cache exported here is imported first, so that nothing compiles there that was built here:
-#   tilev4 compile --arch sm_90a && tilev4 cache export .whl/aot.tar.gz --current-toolchain [--kernel K ...]
+#   tilev4 compile --arch sm_90a && tilev4 cache export .whl/aot.tar.xz --current-toolchain [--kernel K ...]
 # (the device tool carries 64 MiB in all, .device included: name the kernels the round needs).
 set -u
 OUT=${OUT:-/tmp/gpu-round}; mkdir -p "$OUT"
@@ -20,7 +20,10 @@ TEST_LIMIT=${TEST_LIMIT:-240}; BENCH_LIMIT=${BENCH_LIMIT:-120}
 t0=$(date +%s); log="$OUT/round.log"; summary="$OUT/summary.txt"
 note() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$summary"; }
 python3 -m tilev4 info > "$log" 2>&1
-[ -f .whl/aot.tar.gz ] && python3 -m tilev4 cache import .whl/aot.tar.gz >> "$log" 2>&1 && note "cache imported"
+for a in .whl/aot.tar.xz .whl/aot.tar.gz; do
+  [ -f "$a" ] && python3 -m tilev4 cache import "$a" >> "$log" 2>&1 && note "cache imported from $a"
+done
+export TILEV4_RECORD_KERNELS=${TILEV4_RECORD_KERNELS:-$OUT/kernels.jsonl}  # what to build here next time
 for f in $TESTS; do
   echo "===== $f" >> "$log"
   timeout -s KILL "$TEST_LIMIT" python3 -m pytest -q -n 8 -p no:cacheprovider --tb=short -rf \

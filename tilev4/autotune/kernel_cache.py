@@ -613,7 +613,8 @@ def export_cache(file: Path, root: Path | None = None, arch: str | None = None,
                  include_results: bool = True, kernels: Collection[str] | None = None,
                  current_toolchain_only: bool = False) -> dict[str, int]:
     """Write the verified entries (of ``arch``, of the ``kernels`` named, of this machine's toolchain —
-    each filter if given) and the tuning results to a ``.tar.gz``.
+    each filter if given) and the tuning results to a ``.tar.gz``, or an xz-compressed tar when ``file`` ends
+    in ``.xz`` (about 4x smaller for compiled kernels: worth it when the export travels; import reads both).
 
     Entries that do not verify are left out. Returns counts: ``entries``, ``skipped``, ``results``.
     """
@@ -629,7 +630,7 @@ def export_cache(file: Path, root: Path | None = None, arch: str | None = None,
     tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.tmp")
     summary = {"entries": len(good), "skipped": len(entries) - len(good), "results": len(results)}
     try:
-        with tarfile.open(tmp, "w:gz") as tar:
+        with tarfile.open(tmp, "w:xz" if Path(file).name.endswith(".xz") else "w:gz") as tar:
             index = {"format": CACHE_FORMAT, "entries": [str(e.path.relative_to(base)) for e in good], **summary}
             data = json.dumps(index, indent=2, sort_keys=True).encode()
             ti = tarfile.TarInfo(f"{EXPORT_PREFIX}/EXPORT.json")
