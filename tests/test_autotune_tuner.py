@@ -231,10 +231,12 @@ def test_tune_report_table_goes_into_the_readme(tmp_path):
         "gpu": {"name": "NVIDIA H200", "sm_count": 132}, "date": "2026-11-29", "skipped": {"moe_scan": "no space"},
         "seconds": {"total": 90.5, "compile": 60.0, "measure": 30.5}, "compile": {"configs": 10, "compiled": 4},
         "kernels": {"rmsnorm": [
-            {"bucket": "D<=4096", "winner": {"block_rows": 2, "threads": 256}, "default": {"block_rows": 1, "threads": 128},
+            {"bucket": "D<=4096", "winner": {"block_rows": 2, "threads": 256},
+             "default": {"block_rows": 1, "threads": 128},
              "winner_ms": 0.01, "default_ms": 0.012, "speedup_vs_default": 1.2, "candidates": 9, "pruned": 7,
              "rejected": 1},
-            {"bucket": "D>4096", "winner": {"block_rows": 1, "threads": 128}, "default": {"block_rows": 1, "threads": 128},
+            {"bucket": "D>4096", "winner": {"block_rows": 1, "threads": 128},
+             "default": {"block_rows": 1, "threads": 128},
              "winner_ms": 0.02, "default_ms": 0.02, "speedup_vs_default": 1.0, "candidates": 5, "pruned": 11,
              "rejected": 0}]},
     }
