@@ -203,7 +203,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     arch = current_arch() if gpu else "sm_90a"
     if not args.skip_compile:
         console.rule(f"kernels, built ahead of time for {arch}")
-        rc = _cmd_compile(argparse.Namespace(arch=arch, kernel=None, jobs=args.jobs, default_only=False))
+        rc = _cmd_compile(argparse.Namespace(arch=arch, kernel=None, jobs=args.jobs, default_only=False, configs=None))
         if rc:
             return rc
     table = Table("kernel", "configs", "batch-invariant", "summary")
