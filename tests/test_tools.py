@@ -1,0 +1,22 @@
+"""The helper scripts under tools/ run (on the CPU here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_decode_reports_both_modes(tmp_path):
+    out = tmp_path / "profile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--model", "tiny", "--context",
+                          "40", "--batch", "2", "--steps", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"default", "batch-invariant"}
+    for mode in report["modes"].values():
+        assert mode["device_ms_per_step"] > 0 and mode["groups_ms"] and mode["top_kernels_ms"]
+        assert abs(sum(mode["groups_ms"].values()) - mode["device_ms_per_step"]) < 1e-6
+    assert "batch-invariant" in run.stdout or "default" in run.stdout
