@@ -253,33 +253,3 @@ def test_tune_report_table_goes_into_the_readme(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, tmp_path / "r.json")
-
-
-def test_compile_workers_are_started_without_a_gpu(monkeypatch):
-    """Processes started while the compile pool is filled see CUDA_VISIBLE_DEVICES="" (they build and load as on
-    a machine without a GPU); the caller's environment is restored afterwards."""
-    import multiprocessing as mp
-    import os
-
-    from tilev4.autotune import tuner
-
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    ctx = mp.get_context("spawn")
-    with tuner._no_gpu_in_children():
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
-        q = ctx.SimpleQueue()
-        p = ctx.Process(target=_child_env, args=(q,))
-        p.start()
-    p.join(120)
-    assert q.get() == ""
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    with tuner._no_gpu_in_children():
-        pass
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ
-
-
-def _child_env(q):
-    import os
-
-    q.put(os.environ.get("CUDA_VISIBLE_DEVICES"))

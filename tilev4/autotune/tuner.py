@@ -24,12 +24,11 @@ exercised on the CPU with a wall-clock timer and torch stand-ins.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,22 +286,6 @@ def _compile_worker(name: str, config: dict[str, Any], arch: str,
     return status, time.perf_counter() - t0, ""
 
 
-@contextlib.contextmanager
-def _no_gpu_in_children() -> Iterator[None]:
-    """Processes started inside see no GPU (``CUDA_VISIBLE_DEVICES=""``): compile workers build for a named arch
-    and load what they built exactly as on a machine without a GPU, never creating a CUDA context of their own
-    next to the tuner's (on the H200, pools whose workers loaded kernels on the GPU did not finish)."""
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
-
 def _is_built(name: str, config: Mapping[str, Any], arch: str) -> bool:
     """Whether the cache holds a verified build of (kernel, config) for ``arch`` under this toolchain."""
     from tilev4.autotune import kernel_cache
@@ -355,8 +338,7 @@ def compile_jobs(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        with _no_gpu_in_children():
-            futs = {pool.submit(_compile_worker, name, dict(cfg), arch, timeout): (name, cfg) for name, cfg in jobs}
+        futs = {pool.submit(_compile_worker, name, dict(cfg), arch, timeout): (name, cfg) for name, cfg in jobs}
         for fut in as_completed(futs):
             name, cfg = futs[fut]
             try:
