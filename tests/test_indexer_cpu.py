@@ -83,9 +83,9 @@ def test_topk_key_fits_64_bits_in_whole_digits():
 
 def test_registry_entries():
     logits = get_kernel_def("indexer_logits")
-    assert {(c["H"], c["D"]) for c in logits.configs} == {(64, 128)} and logits.batch_invariant
+    assert {(c["H"], c["D"]) for c in logits.configs} == {(64, 128), (8, 128)} and logits.batch_invariant
     topk = get_kernel_def("topk_select")
-    assert {c["K"] for c in topk.configs} == {512, 1024} and topk.batch_invariant
+    assert {c["K"] for c in topk.configs} == {512, 1024, 32} and topk.batch_invariant
 
 
 def _logits_args(b=1, s=2, n=8, h=64, d=128):
@@ -103,7 +103,8 @@ def _logits_args(b=1, s=2, n=8, h=64, d=128):
     ("change", "error", "match"),
     [
         ({"q8": torch.zeros(1, 2, 64, 128)}, TypeError, "q8 must be"),
-        ({"q8": torch.zeros(1, 2, 32, 128, dtype=torch.float8_e4m3fn)}, ValueError, "H=64 heads of D=128, got H=32"),
+        ({"q8": torch.zeros(1, 2, 12, 128, dtype=torch.float8_e4m3fn)}, ValueError,
+         r"H in \(8, 16, 32, 64\) heads of D=128, got H=12"),
         ({"q_scale": torch.ones(1, 2, 63)}, ValueError, r"q_scale must have shape \[1, 2, 64\]"),
         ({"w": torch.ones(1, 2, 64, dtype=torch.int32)}, TypeError, "w must be"),
         ({"k8": torch.zeros(1, 8, 64, dtype=torch.float8_e4m3fn)}, ValueError, r"k8 must have shape \[1, \*, 128\]"),

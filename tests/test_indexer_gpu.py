@@ -138,6 +138,29 @@ def test_ragged_decode_logits_match_reference():
     assert torch.isneginf(out[1]).all() and torch.isneginf(out[2]).all()
 
 
+@pytest.mark.parametrize("h", [8, 16, 32])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_logits_with_fewer_heads(h, batch_invariant):
+    """Scaled-down indexers (8 / 16 / 32 heads: the wgmma N side is BQ·H): prefill and ragged decode."""
+    g = _gen(30 + h)
+    n = 1000
+    q, k = _fp4(1, 37, h, D, g=g), _fp4(1, n, D, g=g)
+    w = torch.randn(1, 37, h, generator=g, device="cuda") * (h**-0.5 * D**-0.5)
+    positions = (torch.arange(37, device="cuda") * 111 + 2).view(1, 37)
+    out = _logits(*_cast(q, k)[:2], w, *_cast(q, k)[2:], positions, batch_invariant=batch_invariant)
+    _check_logits(out, q, w, k, positions)
+    b = 4
+    q, k = _fp4(b, 1, h, D, g=g), _fp4(b, n, D, g=g)
+    w = torch.randn(b, 1, h, generator=g, device="cuda") * (h**-0.5 * D**-0.5)
+    k_lens = torch.tensor([1000, 3, 0, 517], device="cuda")
+    positions = torch.tensor([[4005], [13], [50], [4 * 517]], device="cuda")
+    out = _logits(*_cast(q, k)[:2], w, *_cast(q, k)[2:], positions, k_lens=k_lens, batch_invariant=batch_invariant)
+    _check_logits(out, q, w, k, positions, k_lens)
+    one = _logits(*_cast(q[3:], k[3:])[:2], w[3:], *_cast(q[3:], k[3:])[2:], positions[3:], k_lens=k_lens[3:],
+                  batch_invariant=batch_invariant)
+    assert torch.equal(one[0], out[3])  # a query's row does not depend on the batch
+
+
 def test_long_context_decode_logits():
     g = _gen(21)
     b, n = 2, 262144

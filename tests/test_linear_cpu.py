@@ -39,3 +39,46 @@ def test_bad_out_dtype():
     w, s = _w()
     with pytest.raises(TypeError, match="out_dtype"):
         tilev4.fp8_linear(torch.zeros(4, 256, dtype=torch.bfloat16), w, s, out_dtype=torch.float16)
+
+
+# ------------------------------------------------------------------------------ the split-bf16 fp32 linear
+
+
+def test_split_linear_registered_batch_invariant():
+    kdef = get_kernel_def("linear")
+    assert kdef.batch_invariant and kdef.space is not None and kdef.harness is not None
+    assert {1024, 4096} <= {c["K"] for c in kdef.configs}
+
+
+def test_three_bf16_parts_hold_any_fp32_exactly():
+    """The split the kernel runs (x = hi + mid + lo, each the bf16 rounding of what is left) loses nothing, over
+    random fp32 values spanning 80 binades, subnormal-free: the products with bf16 weights are then exact."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g) * torch.exp2(torch.randint(-40, 40, (100_000,), generator=g).float())
+    hi = x.bfloat16()
+    rest = x - hi.float()
+    mid = rest.bfloat16()
+    lo = (rest - mid.float()).bfloat16()
+    assert torch.equal(hi.double() + mid.double() + lo.double(), x.double())
+
+
+@pytest.mark.parametrize(
+    ("fn", "x", "w", "exc", "match"),
+    [
+        ("linear", torch.zeros(4, 128), torch.zeros(64, 128), TypeError, "weight"),
+        ("linear", torch.zeros(4, 96), torch.zeros(64, 96, dtype=torch.bfloat16), ValueError, "multiple of 64"),
+        ("linear", torch.zeros(4, 64), torch.zeros(64, 128, dtype=torch.bfloat16), ValueError,
+         r"x must have shape \[\.\.\., 128\]"),
+        ("linear", torch.zeros(4, 128, dtype=torch.int32), torch.zeros(64, 128, dtype=torch.bfloat16), TypeError,
+         "x"),
+        ("linear", torch.zeros(4, 128), torch.zeros(64, 128, dtype=torch.bfloat16).t().contiguous().t(), ValueError,
+         "weight"),
+        ("linear", torch.zeros(4, 128), torch.zeros(64, 128, dtype=torch.bfloat16), ValueError, "CUDA"),
+        ("grouped_linear", torch.zeros(4, 3, 128), torch.zeros(64, 128, dtype=torch.bfloat16), ValueError,
+         "G=3 dividing"),
+        ("grouped_linear", torch.zeros(128), torch.zeros(64, 128, dtype=torch.bfloat16), ValueError, "G, K"),
+    ],
+)
+def test_split_linear_bad_input(fn, x, w, exc, match):
+    with pytest.raises(exc, match=match):
+        getattr(tilev4, fn)(x, w)

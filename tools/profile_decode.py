@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 _FAMILIES = [  # (pattern on the kernel / op name, family) — first match wins
-    (r"attention|flash|split|combine", "attention"),
+    (r"^(csa|hca|sparse)_|attention|flash", "attention"),  # the DSL's programs: <kind>_main / _split / _combine
+    (r"^linear_kernel", "linear (split-bf16 kernel)"),
     (r"moe_|grouped", "moe"),
     (r"mhc", "mhc"),
     (r"rmsnorm", "rmsnorm"),

@@ -205,6 +205,7 @@ class CompileOutcome:
 #: seconds one (kernel, config) may take to build before its compiler processes are killed; some candidates
 #: make nvcc's front end run for tens of minutes (e.g. a fragment layout that TileLang replicates per thread)
 COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "240"))
+SLOW_COMPILE_S = 60.0  # a build slower than this is named in the tuning log
 _COMPILER_PROCESSES = frozenset({"nvcc", "cicc", "ptxas", "cudafe++", "fatbinary", "nvlink", "cc1plus", "gcc", "g++",
                                  "cc", "c++", "ld", "sh"})
 
@@ -666,8 +667,14 @@ def tune(
     task = progress.add_task("compile", total=len(jobs)) if progress is not None else None
     log(f"compiling {len(jobs)} configs of {len(plans)} buckets with {workers} processes")
     t_compile = time.perf_counter()
-    outcomes = compile_jobs(jobs, arch, workers,
-                            on_done=(lambda oc: progress.advance(task)) if progress is not None else None)
+
+    def compiled(oc: CompileOutcome) -> None:
+        if progress is not None:
+            progress.advance(task)
+        if oc.status == "error" or oc.seconds > SLOW_COMPILE_S:  # named in the log: a stall is attributable
+            log(f"  {oc.status} in {oc.seconds:.0f} s: {oc.kernel} {oc.config} {oc.error}".rstrip())
+
+    outcomes = compile_jobs(jobs, arch, workers, on_done=compiled)
     compile_s = time.perf_counter() - t_compile
     failed = {config_label({"__k": o.kernel, **o.config}): o.error for o in outcomes if o.status == "error"}
     task = progress.add_task("measure", total=len(plans)) if progress is not None else None
@@ -722,5 +729,8 @@ def tune(
     report["seconds"] = {"compile": round(compile_s, 1), "measure": round(time.perf_counter() - t_measure, 1),
                          "total": round(time.perf_counter() - t0, 1)}
     report["compile"] = {"configs": len(jobs), "compiled": sum(o.status == "compiled" for o in outcomes),
-                         "cached": sum(o.status == "cached" for o in outcomes), "errors": len(failed)}
+                         "cached": sum(o.status == "cached" for o in outcomes), "errors": len(failed),
+                         "slowest": [{"kernel": o.kernel, "config": o.config, "status": o.status,
+                                      "seconds": round(o.seconds, 1)}
+                                     for o in sorted(outcomes, key=lambda o: -o.seconds)[:10]]}
     return report

@@ -93,6 +93,7 @@ __all__ = [
 
 FP8_ROW_MAX = 448.0
 _RATIOS = (4, 128)
+LOGITS_HEADS = (8, 16, 32, 64)  # indexer heads the logits kernel takes (the wgmma N side is BQ·H, a multiple of 8)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _NO_WS = {"tl.disable_warp_specialized": True}
 _MAX_GRID_YZ = 65535  # CUDA grid limit of the query-block and batch dims
@@ -215,7 +216,8 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
 
 @register(
     "indexer_logits",
-    configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 64, "D": 128, "batch_invariant": True}],
+    configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 64, "D": 128, "batch_invariant": True},
+             {"H": 8, "D": 128}, {"H": 8, "D": 128, "decode": True}, {"H": 8, "D": 128, "batch_invariant": True}],
     tags=("indexer", "batch_invariant"),
     space=INDEXER_LOGITS_SPACE,
     bucket=_logits_bucket,
@@ -396,7 +398,7 @@ def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
 
 @register(
     "topk_select",
-    configs=[{"K": 512}, {"K": 1024}],
+    configs=[{"K": 512}, {"K": 1024}, {"K": 32}],  # V4; the scaled-down `small` model (top-32)
     tags=("indexer", "batch_invariant"),
     space=TOPK_SPACE,
     bucket=_topk_bucket,
@@ -614,13 +616,13 @@ def indexer_fp8_cast(x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor,
     return x8, scale
 
 
-def _logits_problem(S: int, batch_invariant: bool = False) -> dict[str, Any]:
-    """The compiled problem (no tunables): BQ=1 and BQ=2 builds sum the 64 heads in different orders
+def _logits_problem(S: int, batch_invariant: bool = False, H: int = 64, D: int = 128) -> dict[str, Any]:
+    """The compiled problem (no tunables): BQ=1 and BQ=2 builds sum the heads in different orders
     (measured on the H200: the last bits differ), so the batch-invariant problem is one for every S
     (decode included) and its space keeps BQ=1; otherwise decode (S = 1) and prefill are tuned apart."""
     if batch_invariant:
-        return {"H": 64, "D": 128, "batch_invariant": True}
-    return {"H": 64, "D": 128, "decode": S == 1}
+        return {"H": H, "D": D, "batch_invariant": True}
+    return {"H": H, "D": D, "decode": S == 1}
 
 
 def _visible_counts(positions: torch.Tensor, ratio: int, n: int, k_lens: torch.Tensor | None) -> torch.Tensor:
@@ -649,7 +651,8 @@ def indexer_logits(
     the longest sequence, ``k_lens`` the valid entries of each).
 
     Args:
-        q8: float8_e4m3fn [B, S, H=64, D=128], q_scale: fp32 [B, S, H] — the prepared queries as
+        q8: float8_e4m3fn [B, S, H, D=128] (H: 64 in V4; 8, 16 or 32 for scaled-down models), q_scale: fp32
+            [B, S, H] — the prepared queries as
             :func:`indexer_fp8_cast` stores them.
         w: fp32/bf16/fp16 [B, S, H], the head weights (already scaled by the caller).
         k8: float8_e4m3fn [B, N, D], k_scale: fp32 [B, N] — the compressed indexer keys (same cast).
@@ -669,8 +672,8 @@ def indexer_logits(
     """
     check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=4, contiguous=True)
     b, s, h, d = q8.shape
-    if (h, d) != (64, 128):
-        raise ValueError(f"q8 must have H=64 heads of D=128, got H={h}, D={d}")
+    if h not in LOGITS_HEADS or d != 128:
+        raise ValueError(f"q8 must have H in {LOGITS_HEADS} heads of D=128, got H={h}, D={d}")
     check_tensor("q_scale", q_scale, dtype=torch.float32, shape=(b, s, h), contiguous=True)
     check_tensor("w", w, dtype=_FLOATS, shape=(b, s, h))
     check_tensor("k8", k8, dtype=torch.float8_e4m3fn, ndim=3, contiguous=True)
@@ -691,7 +694,7 @@ def indexer_logits(
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
         return out
-    problem = _logits_problem(s, batch_invariant)
+    problem = _logits_problem(s, batch_invariant, h, d)
     bq = 1  # the query-block grid dim is ceil(S / BQ): only a long S needs the resolved (tuned) BQ
     if s > _MAX_GRID_YZ:
         bq = dict(resolve_config("indexer_logits", problem).items)["BQ"]

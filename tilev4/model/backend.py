@@ -14,16 +14,19 @@ attention                  ``tilev4.csa_attention`` (window ∪ top-k), ``tilev4
                            all compressed) or ``tilev4.sparse_attention`` (window only), on a bf16 cache
 ffn (MoE)                  ``tilev4.moe`` (routing + grouped SwiGLU GEMMs, bf16 weights, fp32 out)
 compressor                 ``tilev4.compress_prefill`` / ``tilev4.compress_decode`` (fused, into the cache)
-indexer                    ``tilev4.indexer_topk`` (FP8 logits + radix top-k; query preparation in torch)
-linear / grouped_linear    reference math on the GPU (fp64 accumulation, rounded to fp32)
+indexer                    ``tilev4.indexer_topk`` (FP8 logits + radix top-k); the queries' Hadamard rotation
+                           on ``tilev4.linear``, their RoPE and FP4 simulation elementwise torch
+linear / grouped_linear    ``tilev4.linear`` / ``tilev4.grouped_linear``: fp32 activations split exactly into
+                           three bf16 parts against the weight in bf16 (exact for the checkpoint's FP8 and bf16
+                           weights), fp32 accumulation on the tensor cores
 rope, FP8 simulation       reference math (elementwise)
 =========================  =============================================================================
 
 Batch invariance (``KernelOps(batch_invariant=True)``): every op then gives a sequence the same bits
-whatever else is in the batch — attention with its fixed split size, the linears on fixed 64-row chunks,
-and the two ops still on reference math (compressor, indexer) one sequence at a time;
-rmsnorm, mHC and MoE are invariant by construction. :meth:`KernelOps.non_invariant_ops` lists what is not
-invariant in the current mode.
+whatever else is in the batch — attention with its fixed split size, the indexer's logits with one query per
+CTA; the linears, rmsnorm, mHC, MoE, the compressor and the query preparation are invariant by construction
+in both modes (a row is computed alone, with a config that never depends on the number of rows).
+:meth:`KernelOps.non_invariant_ops` lists what is not invariant in the current mode.
 
 Every op has the signature of the reference function it stands for (see that function's docstring for
 shapes), except :meth:`ReferenceOps.linear` and :meth:`ReferenceOps.grouped_linear`, which take a
@@ -34,6 +37,7 @@ shapes), except :meth:`ReferenceOps.linear` and :meth:`ReferenceOps.grouped_line
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +48,8 @@ from tilev4.reference import compressor as _compressor
 from tilev4.reference import indexer as _indexer
 from tilev4.reference import mhc as _mhc
 from tilev4.reference import moe as _moe
-from tilev4.reference.norm import rmsnorm
-from tilev4.reference.quant import dequant_fp4_weight, dequant_fp8_weight, kv_fp8_simulate
+from tilev4.reference.norm import hadamard_matrix, rmsnorm
+from tilev4.reference.quant import dequant_fp4_weight, dequant_fp8_weight, fp4_e2m1_simulate, kv_fp8_simulate
 from tilev4.reference.rope import apply_rope
 
 __all__ = ["LOGITS_REL_TOL", "KernelOps", "Linear", "ReferenceOps", "ops_for_device", "read_window", "write_window"]
@@ -291,9 +295,6 @@ class ReferenceOps:
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-_BI_CHUNK = 64  # rows per linear call in batch-invariant mode (the last chunk is zero-padded)
-
-
 class KernelOps(ReferenceOps):
     """The CUDA backend: the public TileLang ops (see the module docstring for the mapping).
 
@@ -309,6 +310,7 @@ class KernelOps(ReferenceOps):
         self.batch_invariant = bool(batch_invariant)
         self._converted: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         self._ones: dict[tuple[int, str], torch.Tensor] = {}
+        self._hadamard: dict[tuple[int, str], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"KernelOps(batch_invariant={self.batch_invariant})"
@@ -327,36 +329,35 @@ class KernelOps(ReferenceOps):
             return t
         return self._cached(t, "f32", lambda v: v.float().contiguous())
 
-    # -- linears: reference math; fixed-shape chunks in batch-invariant mode -------------------------
+    # -- linears: the split-bf16 fp32 linear kernel (batch-invariant by construction) ---------------------
 
-    def _rows_matmul(self, rows: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """rows [M, K] @ w_t [K, N] (same dtype). In batch-invariant mode every call has M = 64 (zero-padded),
-        so cuBLAS runs the same kernel on a row wherever it sits and however many rows there are."""
-        if not self.batch_invariant:
-            return rows @ w_t
-        m = rows.shape[0]
-        pad = (-m) % _BI_CHUNK
-        if pad:
-            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-        return torch.cat([rows[i : i + _BI_CHUNK] @ w_t for i in range(0, m + pad, _BI_CHUNK)])[:m]
+    def _bf16(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` (a dequantised weight) in bf16, made once; it must be exact (FP8 weights times power-of-two
+        block scales, bf16 projections): the kernel then computes with the checkpoint's own weight."""
+
+        def make(v: torch.Tensor) -> torch.Tensor:
+            wb = v.to(torch.bfloat16).contiguous()
+            if not torch.equal(wb.float(), v.float()):
+                raise ValueError(f"{what}: the weight is not exactly representable in bf16 (dtype {v.dtype})")
+            return wb
+
+        return self._cached(t, "bf16", make)
+
+    def _linear_weight(self, lin: Linear) -> torch.Tensor:
+        return self._cached(lin.weight, "linear_bf16", lambda _: self._bf16(lin.dense(), "linear"))
 
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
-        """As :meth:`ReferenceOps.linear` (fp64 accumulation, rounded to fp32)."""
-        if not self.batch_invariant:
-            return ReferenceOps.linear(x, lin)
-        k = x.shape[-1]
-        y = self._rows_matmul(x.reshape(-1, k).double(), lin.dense64().T)  # [M, K] @ [K, N]
-        return y.float().view(*x.shape[:-1], -1)
+        """``tilev4.linear``: fp32 x @ the weight in bf16 (exact), fp32 out — the reference's result up to
+        the fp32 order of the K-sum, and the same bits for a row whatever the other rows (both modes)."""
+        import tilev4
+
+        return tilev4.linear(x, self._linear_weight(lin))
 
     def grouped_linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
-        """As :meth:`ReferenceOps.grouped_linear`."""
-        if not self.batch_invariant:
-            return ReferenceOps.grouped_linear(x, lin)
-        g, k = x.shape[-2], x.shape[-1]
-        w = lin.dense64().view(g, -1, k)  # [G, R, K]
-        rows = x.reshape(-1, g, k).double()  # [M, G, K]
-        out = torch.stack([self._rows_matmul(rows[:, j].contiguous(), w[j].T) for j in range(g)], dim=1)
-        return out.float().view(*x.shape[:-1], -1)  # [..., G, R]
+        """``tilev4.grouped_linear`` (as :meth:`ReferenceOps.grouped_linear`)."""
+        import tilev4
+
+        return tilev4.grouped_linear(x, self._linear_weight(lin))
 
     # -- rmsnorm and mHC: kernels (batch-invariant by construction) -----------------------------------
 
@@ -387,17 +388,12 @@ class KernelOps(ReferenceOps):
         return tilev4.mhc_post(h.float().contiguous(), f_out.float().contiguous(), post, comb)
 
     def mhc_head(self, h, fn, base, scale, norm_weight, head_weight, eps=1e-6, norm_eps=1e-6):  # type: ignore[override]
-        """``tilev4.mhc_head_pre`` of the last position, then the vocabulary projection (fp32; fp64-accumulated
-        on fixed chunks in batch-invariant mode)."""
+        """``tilev4.mhc_head_pre`` of the last position, then the vocabulary projection (``tilev4.linear``)."""
         import tilev4
 
         x = tilev4.mhc_head_pre(h[:, -1:].float().contiguous(), self._f32(fn), self._f32(base), self._f32(scale),
                                 self._f32(norm_weight), eps, norm_eps)[:, 0]  # [b, dim]
-        if self.batch_invariant:
-            w_t = self._cached(head_weight, "f64T", lambda v: v.double().T)
-            return self._rows_matmul(x.double(), w_t).float()  # [b, dim] @ [dim, vocab]
-        w_t = self._cached(head_weight, "f32T", lambda v: v.float().T)
-        return x @ w_t  # [b, dim] @ [dim, vocab] -> [b, vocab]
+        return tilev4.linear(x, self._bf16(head_weight, "head"))  # [b, dim] @ [dim, vocab] -> [b, vocab]
 
     # -- attention: kernels on the bf16 cache ----------------------------------------------------------
 
@@ -478,22 +474,36 @@ class KernelOps(ReferenceOps):
         and can be replayed as a CUDA graph (the indexer masks the rows a query may not see)."""
         return keys
 
-    def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
-        """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
-        radix top-k. The query preparation (RoPE, Hadamard, FP4 simulation) is torch math; batch-invariant
-        mode prepares one sequence at a time and pins one query per CTA in the logits kernel."""
+    def _prepare_queries(self, q: torch.Tensor, positions: torch.Tensor, rope: Any) -> torch.Tensor:
+        """:func:`tilev4.reference.indexer_prepare_queries` with the Hadamard rotation on ``tilev4.linear`` (the
+        ±1 matrix in bf16 is exact; the fp32 result is scaled by n^-1/2 as the reference does): RoPE and the FP4
+        simulation are elementwise / per block, so a query's bits never depend on the other queries."""
         import tilev4
 
-        if q.shape[-2:] != (64, 128):  # the kernel's shape (V4: 64 heads of 128); scaled-down configs: torch
+        d = q.shape[-1]
+        x = apply_rope(q.float(), positions, rope)  # [b, s, HI, d]
+        key = (d, str(q.device))
+        hm = self._hadamard.get(key)
+        if hm is None:
+            hm = self._hadamard[key] = hadamard_matrix(d).to(device=q.device, dtype=torch.bfloat16)
+        x = tilev4.linear(x, hm) * (1.0 / math.sqrt(d))  # x @ H (H symmetric), as reference.hadamard_rotate
+        return fp4_e2m1_simulate(x, block=32)
+
+    def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
+        """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
+        radix top-k, after :meth:`_prepare_queries`. Batch-invariant mode pins one query per CTA in the logits
+        kernel. A head count the logits kernel does not take (``tiny``: 4) runs the reference math, one
+        sequence at a time in batch-invariant mode."""
+        import tilev4
+        from tilev4.kernels.indexer import LOGITS_HEADS
+
+        if q.shape[-2] not in LOGITS_HEADS or q.shape[-1] != 128:
             if not self.batch_invariant or q.shape[0] == 1:
                 return ReferenceOps.indexer(self, q, w, keys, positions, rope, top_k)
             return torch.cat([ReferenceOps.indexer(self, q[i : i + 1], w[i : i + 1], keys[i : i + 1],
                                                    positions[i : i + 1], rope, top_k)
                               for i in range(q.shape[0])])  # one sequence at a time
-        if self.batch_invariant and q.shape[0] > 1:
-            return torch.cat([self.indexer(q[i : i + 1], w[i : i + 1], keys[i : i + 1], positions[i : i + 1], rope,
-                                           top_k) for i in range(q.shape[0])])
-        qp = _indexer.indexer_prepare_queries(q, positions, rope)  # [b, s, HI, DI] FP4-simulated fp32
+        qp = self._prepare_queries(q, positions, rope)  # [b, s, HI, DI] FP4-simulated fp32
         # exact=False: no host-side exactness check; the FP4 values times their block scales are FP8 values
         # times the row's power-of-two scale unless a block is 2^16 below the row's largest
         q8, qs = tilev4.indexer_fp8_cast(qp.contiguous(), exact=False)
@@ -507,9 +517,8 @@ class KernelOps(ReferenceOps):
             return {}
         return {
             "attention": "split-KV count chosen from the batch size (small batches split to fill the SMs)",
-            "linear": "cuBLAS picks its GEMM kernel (and split-K) from the number of rows",
-            "mhc_head": "the vocabulary projection is a cuBLAS GEMM over the batch's rows",
-            "indexer": "the query preparation (RoPE, Hadamard) is torch math whose kernels are chosen by shape",
+            "indexer": "the logits kernel's query block (BQ) follows the number of queries: prefill and decode "
+                       "sum the heads in different orders",
         }
 
 
