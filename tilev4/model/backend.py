@@ -163,6 +163,10 @@ class ReferenceOps:
         """
         return (x.double() @ lin.dense64().T).float()  # [..., K] @ [K, N] -> [..., N]
 
+    def linears(self, x: torch.Tensor, lins: list[Linear]) -> list[torch.Tensor]:
+        """``[linear(x, l) for l in lins]``: the projections of one input (a backend may run them as one GEMM)."""
+        return [self.linear(x, lin) for lin in lins]
+
     @staticmethod
     def grouped_linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """Group g of ``x`` through rows ``g·R … g·R + R − 1`` of W: x [..., G, K], W [G·R, K] → fp32 [..., G, R]
@@ -311,6 +315,7 @@ class KernelOps(ReferenceOps):
         self._converted: dict[tuple[int, str], tuple[torch.Tensor, Any]] = {}
         self._ones: dict[tuple[int, str], torch.Tensor] = {}
         self._hadamard: dict[tuple[int, str], torch.Tensor] = {}
+        self._stacked: dict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor, list[int]]] = {}
 
     def __repr__(self) -> str:
         return f"KernelOps(batch_invariant={self.batch_invariant})"
@@ -331,17 +336,18 @@ class KernelOps(ReferenceOps):
 
     # -- linears: the split-bf16 fp32 linear kernel (batch-invariant by construction) ---------------------
 
+    @staticmethod
+    def _exact_bf16(v: torch.Tensor, what: str) -> torch.Tensor:
+        """``v`` (a dequantised weight) in bf16; it must be exact (FP8 weights times power-of-two block scales,
+        bf16 projections): the kernel then computes with the checkpoint's own weight."""
+        wb = v.to(torch.bfloat16).contiguous()
+        if not torch.equal(wb.float(), v.float()):
+            raise ValueError(f"{what}: the weight is not exactly representable in bf16 (dtype {v.dtype})")
+        return wb
+
     def _bf16(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        """``t`` (a dequantised weight) in bf16, made once; it must be exact (FP8 weights times power-of-two
-        block scales, bf16 projections): the kernel then computes with the checkpoint's own weight."""
-
-        def make(v: torch.Tensor) -> torch.Tensor:
-            wb = v.to(torch.bfloat16).contiguous()
-            if not torch.equal(wb.float(), v.float()):
-                raise ValueError(f"{what}: the weight is not exactly representable in bf16 (dtype {v.dtype})")
-            return wb
-
-        return self._cached(t, "bf16", make)
+        """:meth:`_exact_bf16` of ``t``, made once."""
+        return self._cached(t, "bf16", lambda v: self._exact_bf16(v, what))
 
     def _linear_weight(self, lin: Linear) -> torch.Tensor:
         return self._cached(lin.weight, "linear_bf16", lambda _: self._bf16(lin.dense(), "linear"))
@@ -352,6 +358,22 @@ class KernelOps(ReferenceOps):
         import tilev4
 
         return tilev4.linear(x, self._linear_weight(lin))
+
+    def linears(self, x: torch.Tensor, lins: list[Linear]) -> list[torch.Tensor]:  # type: ignore[override]
+        """One ``tilev4.linear`` over the stacked bf16 weights (made once per list), split along N: each output
+        column is computed alone, with the config of K, so every result is bitwise the one :meth:`linear` gives
+        — in one launch with ⌈ΣN / block_n⌉ CTAs instead of one small grid per weight."""
+        import tilev4
+
+        if len(lins) == 1:
+            return [self.linear(x, lins[0])]
+        key = tuple(id(lin.weight) for lin in lins)
+        hit = self._stacked.get(key)
+        if hit is None or any(a is not lin.weight for a, lin in zip(hit[0], lins)):
+            w = torch.cat([self._exact_bf16(lin.dense(), "linear") for lin in lins])  # [ΣN, K]
+            hit = self._stacked[key] = ([lin.weight for lin in lins], w, [lin.weight.shape[0] for lin in lins])
+        y = tilev4.linear(x, hit[1])  # [..., ΣN]
+        return list(y.split(hit[2], dim=-1))
 
     def grouped_linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
         """``tilev4.grouped_linear`` (as :meth:`ReferenceOps.grouped_linear`)."""

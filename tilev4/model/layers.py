@@ -200,17 +200,16 @@ class MTPWeights:
 def _compress(
     ops: ReferenceOps,
     cw: CompressorWeights,
-    x: torch.Tensor,
-    positions: torch.Tensor,
+    kv: torch.Tensor,
+    gate: torch.Tensor,
     state: CompressorState,
     store: torch.Tensor,
     ratio: int,
     quant: str,
     cfg: Config,
 ) -> CompressorState:
-    """Run one compressor over the new tokens x [b, s, dim]; write completed entries into store [b, n, D]."""
-    kv = ops.linear(x, cw.wkv)  # [b, s, coff·D]
-    gate = ops.linear(x, cw.wgate)  # [b, s, coff·D]
+    """Run one compressor over the new tokens' projections kv / gate [b, s, coff·D] (``x @ wkvᵀ``, ``x @ wgateᵀ``);
+    write completed entries into store [b, n, D]."""
     return ops.compress_into(kv, gate, state, cw.ape, cw.norm, ratio, cfg.rope(ratio), quant, store)
 
 
@@ -231,27 +230,37 @@ def attention_forward(
     b, s, _ = x.shape
     h, d, ratio, eps = cfg.n_heads, cfg.head_dim, w.ratio, cfg.norm_eps
     rope = cfg.rope(ratio)
-    qr = ops.rmsnorm(ops.linear(x, w.wq_a), w.q_norm, eps)  # [b, s, q_lora]
-    q = ops.linear(qr, w.wq_b).view(b, s, h, d)  # [b, s, H, D]
+    # every projection of x in one call (the kernel backend runs them as one GEMM over the stacked weights)
+    lins = [w.wq_a, w.wkv]
+    if ratio:
+        assert w.compressor is not None and lc.compressed is not None and lc.compressor is not None
+        lins += [w.compressor.wkv, w.compressor.wgate]
+    if ratio == 4:
+        assert w.index_compressor is not None and lc.index_keys is not None and lc.index_compressor is not None
+        assert w.index_wq_b is not None and w.index_weights is not None
+        lins += [w.index_compressor.wkv, w.index_compressor.wgate, w.index_weights]
+    xs = ops.linears(x, lins)
+    qr = ops.rmsnorm(xs[0], w.q_norm, eps)  # [b, s, q_lora]
+    qs = ops.linears(qr, [w.wq_b] if ratio != 4 else [w.wq_b, w.index_wq_b])
+    q = qs[0].reshape(b, s, h, d)  # [b, s, H, D]
     q = ops.apply_rope(ops.rmsnorm(q, None, eps), positions, rope)  # per-head norm without weight, then RoPE
-    kv = ops.rmsnorm(ops.linear(x, w.wkv), w.kv_norm, eps)  # [b, s, D]
+    kv = ops.rmsnorm(xs[1], w.kv_norm, eps)  # [b, s, D]
     kv = ops.kv_fp8_simulate(ops.apply_rope(kv, positions, rope))  # [b, s, D] as the cache stores it
 
     comp_idx = None
     if ratio:
         assert w.compressor is not None and lc.compressed is not None and lc.compressor is not None
         lc.compressor = _compress(
-            ops, w.compressor, x, positions, lc.compressor, lc.compressed, ratio, "attention", cfg
+            ops, w.compressor, xs[2], xs[3], lc.compressor, lc.compressed, ratio, "attention", cfg
         )
         if ratio == 4:
             assert w.index_compressor is not None and lc.index_keys is not None and lc.index_compressor is not None
-            assert w.index_wq_b is not None and w.index_weights is not None
             lc.index_compressor = _compress(
-                ops, w.index_compressor, x, positions, lc.index_compressor, lc.index_keys, 4, "indexer", cfg
+                ops, w.index_compressor, xs[4], xs[5], lc.index_compressor, lc.index_keys, 4, "indexer", cfg
             )
             hi, di = cfg.index_n_heads, cfg.index_head_dim
-            q_idx = ops.linear(qr, w.index_wq_b).view(b, s, hi, di)  # [b, s, HI, DI]
-            w_idx = ops.linear(x, w.index_weights) * (di**-0.5 * hi**-0.5)  # [b, s, HI]
+            q_idx = qs[1].reshape(b, s, hi, di)  # [b, s, HI, DI]
+            w_idx = xs[6] * (di**-0.5 * hi**-0.5)  # [b, s, HI]
             keys = ops.index_keys_view(lc.index_keys, positions)  # [b, n, DI], rows past the visible ones masked
             comp_idx = ops.indexer(q_idx, w_idx, keys, positions, rope, cfg.index_topk)  # [b, s, k]
     # one sparse attention with the sink over window ∪ compressed (writes the new kv into the ring)
