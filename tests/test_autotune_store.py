@@ -177,3 +177,16 @@ def test_info_row_lists_tuned_kernels(cache, monkeypatch):
     assert _tuned_row() == "rmsnorm (1 bucket)"
     monkeypatch.setattr(identity, "current_gpu", lambda: None)
     assert _tuned_row().startswith("none (untuned: heuristics")
+
+
+def test_shipped_records_match_the_shipped_kernels():
+    """Every shipped tuned record is keyed by the current source hash of its kernel: a kernel edited without
+    re-tuning (or re-validating that its builds are unchanged) would silently lose its tuned defaults."""
+    from tilev4.kernels import get_kernel_def
+
+    files = sorted(store.SHIPPED_DIR.glob("*/*.json"))
+    assert files
+    for f in files:
+        for r in load_records(f.stem, f.parent.name, store.SHIPPED_DIR):
+            kdef = get_kernel_def(r.key.kernel)
+            assert r.key.source_hash == kdef.source_hash, f"{f.name}: {r.key.bucket} tuned for an older source"

@@ -89,6 +89,8 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
             shape = f"small ctx={context} b={batch}"
             nbytes = _step_bytes(kern, context, batch)
             res = {}
+            models = {"kernels": kern, "kernels, no CUDA graph": eager, "kernels, batch-invariant": bi,
+                      "reference ops": ref}
             for name, model, steps in (("kernels", kern, STEPS), ("kernels, no CUDA graph", eager, STEPS),
                                        ("kernels, batch-invariant", bi, STEPS), ("reference ops", ref, REF_STEPS)):
                 cache = model.new_cache(batch, capacity)
@@ -104,8 +106,8 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
                     rec["target_speedup"] = 10.0
                 if name == "kernels, batch-invariant":
                     rec["batch_invariant_slowdown"] = sec / res["kernels"]
-                if name != "reference ops":
-                    rec["cuda_graphs"] = model.cuda_graphs  # False if recording failed (graph_failure says why)
-                    rec["graph_failure"] = model.graph_failure
+                if name != "reference ops":  # cuda_graphs: False if recording failed (graph_failure says why)
+                    rec["cuda_graphs"] = models[name].cuda_graphs
+                    rec["graph_failure"] = models[name].graph_failure
                 out.append(rec)
     return out
