@@ -205,6 +205,10 @@ class CompileOutcome:
 #: seconds one (kernel, config) may take to build before its compiler processes are killed; some candidates
 #: make nvcc's front end run for tens of minutes (e.g. a fragment layout that TileLang replicates per thread)
 COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "240"))
+#: the same for a tuning candidate (``tilev4 tune``): a candidate that takes minutes to build is dropped rather
+#: than holding up the whole tune — on the H200's 16 cores a cold tune of the registry compiled at full load for
+#: ~350 s and then waited on one build alone for minutes (benchmarks/logs/h200-2026-11-29-session3.md)
+TUNE_COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "120"))
 SLOW_COMPILE_S = 60.0  # a build slower than this is named in the tuning log
 _COMPILER_PROCESSES = frozenset({"nvcc", "cicc", "ptxas", "cudafe++", "fatbinary", "nvlink", "cc1plus", "gcc", "g++",
                                  "cc", "c++", "ld", "sh"})
@@ -674,7 +678,7 @@ def tune(
         if oc.status == "error" or oc.seconds > SLOW_COMPILE_S:  # named in the log: a stall is attributable
             log(f"  {oc.status} in {oc.seconds:.0f} s: {oc.kernel} {oc.config} {oc.error}".rstrip())
 
-    outcomes = compile_jobs(jobs, arch, workers, on_done=compiled)
+    outcomes = compile_jobs(jobs, arch, workers, on_done=compiled, timeout=TUNE_COMPILE_TIMEOUT_S)
     compile_s = time.perf_counter() - t_compile
     failed = {config_label({"__k": o.kernel, **o.config}): o.error for o in outcomes if o.status == "error"}
     task = progress.add_task("measure", total=len(plans)) if progress is not None else None

@@ -4,7 +4,6 @@ from tilev4.kernels.attention import csa_attention, hca_attention, sparse_attent
 from tilev4.kernels.compressor import compress_decode, compress_prefill
 from tilev4.kernels.indexer import indexer_fp8_cast, indexer_logits, indexer_topk, topk_select
 from tilev4.kernels.linear import fp8_linear
-from tilev4.kernels.split_linear import grouped_linear, linear
 from tilev4.kernels.mhc import mhc_head_pre, mhc_post, mhc_pre
 from tilev4.kernels.moe import (
     moe,
@@ -29,6 +28,7 @@ from tilev4.kernels.registry import (
     registry_names,
 )
 from tilev4.kernels.rmsnorm import rmsnorm
+from tilev4.kernels.split_linear import grouped_linear, linear
 
 __all__ = [
     "DEFAULT_AOT_ARCH",

@@ -26,7 +26,8 @@ independent of the row's place in its tile, and the config never depends on M â€
 the same whatever the other rows (and the same in prefill and decode). No split-K.
 
 Tuning: ``block_m`` (64 / 128 rows, one warpgroup per 64), ``block_n``, ``block_k`` and ``num_stages`` (the
-warp-specialised pipeline is a config, measured slower at decode shapes, not a candidate); one config per K range (``K<=1024``, ``K<=4096``, ``K>4096``), never per M.
+warp-specialised pipeline is a config, measured slower at decode shapes, not a candidate); one config per K
+range (``K<=1024``, ``K<=4096``, ``K>4096``), never per M.
 """
 
 from collections.abc import Mapping
