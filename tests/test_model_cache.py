@@ -99,3 +99,15 @@ def test_cache_select_assign_reset():
         KVCache(cfg, 1, 0)
     with pytest.raises(ValueError, match="n_mtp_layers >= 1"):
         KVCache(cfg.replace(n_mtp_layers=0), 1, 8, mtp=True)
+
+
+def test_readme_kv_table_is_the_code_s():
+    """The README's "KV cache vs V3.2" table is what kv_table_markdown gives (no hand-edited figure)."""
+    from pathlib import Path
+
+    from tilev4.model.cache import KV_README_BEGIN, KV_README_END, kv_table_markdown
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(KV_README_BEGIN, 1)[1].split(KV_README_END, 1)[0]
+    assert section.strip() == kv_table_markdown().strip()
+    assert "| 1,048,576 |" in section

@@ -45,6 +45,7 @@ __all__ = [
     "index_key_bytes",
     "kv_bytes_per_token",
     "kv_footprint",
+    "kv_table_markdown",
 ]
 
 ENTRY_BYTES = 584  # 448 FP8 + 64 × 2 bf16 rope + 8 scale bytes
@@ -380,3 +381,23 @@ class KVCache:
             f"KVCache(batch={self.batch}, capacity={self.capacity}, lengths={self.lengths.tolist()}, "
             f"ring={self.ring_size}, mtp={self.mtp}, device={self.device})"
         )
+
+
+KV_README_BEGIN = "<!-- kv-table:begin -->"
+KV_README_END = "<!-- kv-table:end -->"
+
+
+def kv_table_markdown(config: Config | None = None, contexts: tuple[int, ...] = (4096, 32768, 131072, 2**20)) -> str:
+    """The "KV cache vs V3.2" table: production-layout bytes per token of ``config`` (V4-Flash by default) per
+    context length, per layer, and against V3.2's 656 B per token per layer (and its 61-layer total)."""
+    config = config or Config.flash()
+    lines = [
+        f"| context | {config.name} KV B/token | B/token/layer | vs V3.2 per layer (656 B) | vs V3.2 model "
+        f"({V32_LAYERS} layers) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for ctx in contexts:
+        fp = kv_footprint(config, ctx)
+        lines.append(f"| {ctx:,} | {fp.bytes_per_token:.0f} | {fp.bytes_per_token_per_layer:.1f} | "
+                     f"{fp.fraction_of_v32_per_layer:.1%} | {fp.fraction_of_v32:.1%} |")
+    return "\n".join(lines) + "\n"
