@@ -81,11 +81,12 @@ def test_shipped_configs_hold_only_problem_keys():
 def test_indexer_logits_invariant_and_decode_builds_keep_one_query_per_cta():
     kdef = get_kernel_def("indexer_logits")
     plans = {p.bucket: p for p in plan_kernel("indexer_logits", arch="sm_90a")}
-    assert set(plans) == {"H=64,D=128,prefill", "H=64,D=128,decode", "H=64,D=128,batch_invariant"}
-    for mode in ("decode", "batch_invariant"):
-        plan = plans[f"H=64,D=128,{mode}"]
-        assert {c["BQ"] for c in plan.candidates} == {1}
-        assert any(c["BQ"] == 2 and "one query per CTA" in why for c, why in plan.pruned)
+    assert set(plans) == {f"H={h},D=128,{m}" for h in (64, 8) for m in ("prefill", "decode", "batch_invariant")}
+    for h in (64, 8):
+        for mode in ("decode", "batch_invariant"):
+            plan = plans[f"H={h},D=128,{mode}"]
+            assert {c["BQ"] for c in plan.candidates} == {1}
+            assert any(c["BQ"] == 2 and "one query per CTA" in why for c, why in plan.pruned)
     assert plans["H=64,D=128,prefill"].candidates[0] == {"BQ": 2, "SPLIT": 2048, "num_stages": 3}
     assert {c["BQ"] for c in plans["H=64,D=128,prefill"].candidates} == {1, 2}
     # the op's problem: invariant for every S, decode only at S = 1, never a tunable
