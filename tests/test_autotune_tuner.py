@@ -253,3 +253,18 @@ def test_tune_report_table_goes_into_the_readme(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, tmp_path / "r.json")
+
+
+def test_compile_only_builds_every_candidate_without_a_gpu(cache, capsys):
+    """`tilev4 tune --compile-only` on a machine without a GPU: every candidate (and default) of the plan is in
+    the kernel cache afterwards, so the tune on the GPU would build nothing."""
+    from tilev4.autotune.tuner import _is_built
+
+    jobs = [j for p in plan_kernel("moe_combine", arch="sm_90a") for j in p.jobs()]
+    assert len(jobs) >= 5
+    assert main(["tune", "--compile-only", "--arch", "sm_90a", "--kernel", "moe_combine", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(jobs)} candidate configs for sm_90a: {len(jobs)} compiled, 0 already cached, 0 failed" in out
+    assert all(_is_built(n, c, "sm_90a") for n, c in jobs)
+    assert main(["tune", "--compile-only", "--kernel", "moe_combine", "--jobs", "1"]) == 0
+    assert f"0 compiled, {len(jobs)} already cached" in capsys.readouterr().out

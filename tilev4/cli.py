@@ -338,13 +338,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             space = _quick_space(args.kernel)
         with _progress(console) as progress:
             report = tune(args.kernel or None, shapes, workers=args.jobs, rounds=args.rounds, reps=args.reps,
-                          space=space, progress=progress, log=console.print)
+                          space=space, progress=progress, log=console.print, compile_only=args.compile_only,
+                          arch=args.arch)
     except (RuntimeError, ValueError) as e:
         print(f"tilev4 tune: {e}", file=sys.stderr)
         return 2
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2, sort_keys=True, default=repr) + "\n")
+    if args.compile_only:
+        c = report["compile"]
+        console.print(f"{c['configs']} candidate configs for {report['arch']}: {c['compiled']} compiled, "
+                      f"{c['cached']} already cached, {c['errors']} failed, in {report['seconds']['total']:.0f} s")
+        return 0 if not c["errors"] else 1
     if args.ship:
         _ship(report["records"], console)
     from rich.table import Table
@@ -527,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (candidates reshuffled each round)")
     p.add_argument("--reps", type=int, default=10, help="samples per candidate, shape and round")
     p.add_argument("--quick", action="store_true", help="the first two values of each tunable (one --kernel)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only build every candidate into the kernel cache (no GPU needed); export the cache to the "
+                        "GPU machine, where `tilev4 tune` then only measures")
+    p.add_argument("--arch", help="with --compile-only: the CUDA arch to build for (default: this GPU's, else "
+                                  "sm_90a)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report (records, speed-ups, times)")
     p.add_argument("--ship", action="store_true", help="also write the records as the package's shipped defaults")
     p.add_argument("--import-report", metavar="FILE", help="store the records of a report instead of tuning")

@@ -624,8 +624,14 @@ def tune(
     store: bool = True,
     progress: Any = None,
     log: Callable[[str], None] = print,
+    compile_only: bool = False,
+    arch: str | None = None,
 ) -> dict[str, Any]:
     """Tune kernels on the current GPU and store the results; returns the JSON-ready report.
+
+    ``compile_only`` stops after building every candidate into the kernel cache and needs no GPU (``arch``:
+    the target, default the visible GPU's, else ``sm_90a``): build on a CPU machine, move the cache with
+    ``tilev4 cache export`` / ``import``, and the tune on the GPU then only measures.
 
     Args:
         names: registry kernels (default: every kernel with a space and a harness).
@@ -644,18 +650,24 @@ def tune(
     from tilev4.autotune.identity import current_gpu, driver_version, toolchain
     from tilev4.kernels.registry import clear_kernel_memo, compile_kernel, get_kernel_def, iter_registry
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("tuning needs a CUDA GPU; none is visible (compile ahead of time with `tilev4 compile`)")
-    gpu = current_gpu()
-    assert gpu is not None
-    arch = gpu.arch
+    from tilev4.kernels.registry import DEFAULT_AOT_ARCH
+
+    if not torch.cuda.is_available() and not compile_only:
+        raise RuntimeError("tuning needs a CUDA GPU; none is visible (build the candidates ahead of time with "
+                           "`tilev4 tune --compile-only`)")
+    gpu = current_gpu() if torch.cuda.is_available() else None
+    if not compile_only:
+        assert gpu is not None
+        if arch is not None and arch != gpu.arch:
+            raise ValueError(f"arch={arch!r}: measuring runs on this GPU, which is {gpu.arch}")
+    arch = arch or (gpu.arch if gpu is not None else DEFAULT_AOT_ARCH)
     t0 = time.perf_counter()
     if names is None:
         names = [k.name for k in iter_registry() if k.space is not None and k.harness is not None]
     if space is not None and len(names) != 1:
         raise ValueError("a replacement space needs exactly one kernel")
     report: dict[str, Any] = {
-        "gpu": gpu.as_dict(), "arch": arch, "driver": driver_version(), "cuda": torch.version.cuda,
+        "gpu": gpu.as_dict() if gpu is not None else None, "arch": arch, "driver": driver_version(), "cuda": torch.version.cuda,
         "toolchain": toolchain(), "torch": torch.__version__, "date": now_iso(),
         "kernels": {}, "skipped": {}, "records": [],
     }
@@ -681,6 +693,11 @@ def tune(
     outcomes = compile_jobs(jobs, arch, workers, on_done=compiled, timeout=TUNE_COMPILE_TIMEOUT_S)
     compile_s = time.perf_counter() - t_compile
     failed = {config_label({"__k": o.kernel, **o.config}): o.error for o in outcomes if o.status == "error"}
+    if compile_only:
+        report["seconds"] = {"compile": round(compile_s, 1), "measure": 0.0,
+                             "total": round(time.perf_counter() - t0, 1)}
+        report["compile"] = _compile_summary(jobs, outcomes, failed)
+        return report
     task = progress.add_task("measure", total=len(plans)) if progress is not None else None
     t_measure = time.perf_counter()
     for plan in plans:
@@ -732,9 +749,13 @@ def tune(
     clear_kernel_memo()
     report["seconds"] = {"compile": round(compile_s, 1), "measure": round(time.perf_counter() - t_measure, 1),
                          "total": round(time.perf_counter() - t0, 1)}
-    report["compile"] = {"configs": len(jobs), "compiled": sum(o.status == "compiled" for o in outcomes),
-                         "cached": sum(o.status == "cached" for o in outcomes), "errors": len(failed),
-                         "slowest": [{"kernel": o.kernel, "config": o.config, "status": o.status,
-                                      "seconds": round(o.seconds, 1)}
-                                     for o in sorted(outcomes, key=lambda o: -o.seconds)[:10]]}
+    report["compile"] = _compile_summary(jobs, outcomes, failed)
     return report
+
+
+def _compile_summary(jobs: Sequence[Any], outcomes: Sequence[CompileOutcome], failed: Mapping[str, str]
+                     ) -> dict[str, Any]:
+    return {"configs": len(jobs), "compiled": sum(o.status == "compiled" for o in outcomes),
+            "cached": sum(o.status == "cached" for o in outcomes), "errors": len(failed),
+            "slowest": [{"kernel": o.kernel, "config": o.config, "status": o.status, "seconds": round(o.seconds, 1)}
+                        for o in sorted(outcomes, key=lambda o: -o.seconds)[:10]]}

@@ -6,7 +6,7 @@ import torch
 
 from tilev4.bench import benchmark, record, time_cuda
 
-__all__ = ["bench_fp8_linear", "bench_fp8_quantize", "bench_rmsnorm"]
+__all__ = ["bench_fp8_linear", "bench_fp8_quantize", "bench_linear", "bench_rmsnorm"]
 
 
 @benchmark("rmsnorm")
@@ -62,4 +62,40 @@ def bench_fp8_linear(peaks: dict[str, float]) -> list[dict[str, Any]]:
             rec = record("fp8_linear (quantise x + FP8 GEMM)", shape, ms, peaks=peaks,
                          nbytes=n * k + w.scale.numel() * 4 + m * k * 2 + m * n * 4)
         out.append(rec)
+    return out
+
+
+@benchmark("linear")
+def bench_linear(peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """The model's fp32 linear (x split into three bf16 parts): decode rows (the small model's shapes and a
+    V4-Flash projection) against copy bandwidth over the bf16 weight and the same product in cuBLAS (bf16 with
+    x rounded, and fp32), prefill rows against the bf16 matmul peak (three GEMMs per product: the ceiling is 1/3)."""
+    import tilev4
+
+    out = []
+    for m, n, k in [(4, 4096, 1024), (4, 3328, 1024), (4, 8192, 256), (64, 4096, 4096), (8192, 4096, 4096)]:
+        x = torch.randn(m, k, device="cuda")
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).bfloat16()
+        graph = m <= 256
+        ms = time_cuda(lambda x=x, w=w: tilev4.linear(x, w), graph=graph)
+        shape = f"M={m} N={n} K={k}"
+        if m > 256:
+            rec = record("linear (fp32 x, 3×bf16 split)", shape, ms, flops=2.0 * m * n * k, peaks=peaks)
+        else:
+            rec = record("linear (fp32 x, 3×bf16 split)", shape, ms, nbytes=n * k * 2 + m * k * 4 + m * n * 4,
+                         peaks=peaks)
+        out.append(rec)
+        wf = w.float()
+        for name, fn in (("cuBLAS bf16 (x rounded to bf16)", lambda x=x, w=w: x.bfloat16() @ w.T),
+                         ("cuBLAS fp32 (TF32 off)", lambda x=x, wf=wf: x @ wf.T)):
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                ms_ref = time_cuda(fn, graph=graph)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            ref = record(name, shape, ms_ref, **({"flops": 2.0 * m * n * k} if m > 256 else
+                                                 {"nbytes": n * k * 2 + m * k * 4 + m * n * 4}), peaks=peaks)
+            rec.setdefault("vs", {})[name] = ms_ref / ms
+            out.append(ref)
     return out
