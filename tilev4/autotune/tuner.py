@@ -648,9 +648,13 @@ def tune(
 
     from tilev4.autotune import store as results
     from tilev4.autotune.identity import current_gpu, driver_version, toolchain
-    from tilev4.kernels.registry import clear_kernel_memo, compile_kernel, get_kernel_def, iter_registry
-
-    from tilev4.kernels.registry import DEFAULT_AOT_ARCH
+    from tilev4.kernels.registry import (
+        DEFAULT_AOT_ARCH,
+        clear_kernel_memo,
+        compile_kernel,
+        get_kernel_def,
+        iter_registry,
+    )
 
     if not torch.cuda.is_available() and not compile_only:
         raise RuntimeError("tuning needs a CUDA GPU; none is visible (build the candidates ahead of time with "
