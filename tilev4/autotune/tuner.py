@@ -671,7 +671,8 @@ def tune(
     if space is not None and len(names) != 1:
         raise ValueError("a replacement space needs exactly one kernel")
     report: dict[str, Any] = {
-        "gpu": gpu.as_dict() if gpu is not None else None, "arch": arch, "driver": driver_version(), "cuda": torch.version.cuda,
+        "gpu": gpu.as_dict() if gpu is not None else None, "arch": arch, "driver": driver_version(),
+        "cuda": torch.version.cuda,
         "toolchain": toolchain(), "torch": torch.__version__, "date": now_iso(),
         "kernels": {}, "skipped": {}, "records": [],
     }
