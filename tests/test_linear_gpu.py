@@ -97,6 +97,7 @@ def test_async_mma_build_gives_the_same_bits(k):
         y = torch.full((70, 2, 192), float("nan"), device="cuda")
         compile_kernel("linear", {"K": k, **cfg})(x, w, y)
         ys.append(y)
-    for j in range(2):
-        _check(ys[0][:, j], x[:, j], w[j])
-    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    for y in ys:
+        for j in range(2):
+            _check(y[:, j], x[:, j], w[j])
+    assert torch.equal(ys[0], ys[1])  # same tile shape: the same bits
