@@ -3,6 +3,7 @@
 # results gathered into few files under $OUT (the device tool returns a limited number of files).
 #
 #   TESTS="tests/test_moe_gpu.py tests/test_indexer_gpu.py" BENCHES="moe indexer" bash tools/gpu_round.sh
+#   TUNE="linear indexer_logits topk_select" TESTS=" " BENCHES="linear" bash tools/gpu_round.sh
 #
 # Defaults: every tests/test_*_gpu.py, every benchmark. TEST_LIMIT / BENCH_LIMIT: seconds per file / benchmark.
 # A kernel cache exported here is imported first, so that nothing compiles there that was built here:
@@ -23,6 +24,14 @@ python3 -m tilev4 info > "$log" 2>&1
 for a in .whl/aot.tar.xz .whl/aot.tar.gz; do
   [ -f "$a" ] && python3 -m tilev4 cache import "$a" >> "$log" 2>&1 && note "cache imported from $a"
 done
+if [ -n "${TUNE:-}" ]; then  # TUNE="linear indexer_logits": tune those kernels first (candidates built here with
+  # `tilev4 tune --compile-only --arch sm_90a --kernel K …` and carried in the export), report under $OUT
+  args=""; for k in $TUNE; do args="$args --kernel $k"; done
+  timeout -s KILL "${TUNE_LIMIT:-300}" python3 -m tilev4 tune --jobs 16 --rounds 3 --reps 8 --report "$OUT/tune.json" \
+    $args > /tmp/tune.log 2>&1
+  note "tune $TUNE rc=$? $(grep -E '^tuned in' /tmp/tune.log)"
+  grep -v "ThreadSync" /tmp/tune.log | tail -80 >> "$log"
+fi
 export TILEV4_RECORD_KERNELS=${TILEV4_RECORD_KERNELS:-$OUT/kernels.jsonl}  # what to build here next time
 for f in $TESTS; do
   echo "===== $f" >> "$log"
