@@ -194,8 +194,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tilev4.kernels import current_arch, iter_registry
-    from tilev4.model import V32_BYTES_PER_TOKEN_PER_LAYER, Config, Model, kv_footprint, write_random_checkpoint
+    from tilev4.model import Config, Model, write_random_checkpoint
     from tilev4.model.backend import LOGITS_REL_TOL, ReferenceOps
+    from tilev4.model.cache import kv_table_rows
 
     console = Console()
     _cmd_info(args)
@@ -243,11 +244,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"prefill logits, kernels vs reference: max relative L2 error {err:.2e} "
                       f"(bf16 activations; the GPU tests allow {LOGITS_REL_TOL:g} on a model with no discrete choice)")
     kv = Table("context", "V4-Flash KV B/token", "per layer", "vs V3.2 (656 B/token/layer)")
-    flash = Config.flash()
-    for ctx in (4096, 32768, 131072, 2**20):
-        fp = kv_footprint(flash, ctx)
-        kv.add_row(f"{ctx:,}", f"{fp.bytes_per_token:.0f}", f"{fp.bytes_per_token_per_layer:.1f}",
-                   f"{fp.bytes_per_token_per_layer / V32_BYTES_PER_TOKEN_PER_LAYER:.1%}")
+    for row in kv_table_rows(Config.flash(), (4096, 32768, 131072, 2**20)):
+        kv.add_row(*row[:4])
     console.print(kv)
     return 0
 

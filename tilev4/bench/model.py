@@ -82,6 +82,7 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
     eager = Model(cfg, tensors, "cuda", cuda_graphs=False)
     bi = Model(cfg, tensors, "cuda", batch_invariant=True)
     ref = Model(cfg, tensors, "cuda", ops=ReferenceOps())
+    models = {"kernels": kern, "kernels, no CUDA graph": eager, "kernels, batch-invariant": bi, "reference ops": ref}
     out = []
     for context in CONTEXTS:
         for batch in BATCHES:
@@ -89,10 +90,8 @@ def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
             shape = f"small ctx={context} b={batch}"
             nbytes = _step_bytes(kern, context, batch)
             res = {}
-            models = {"kernels": kern, "kernels, no CUDA graph": eager, "kernels, batch-invariant": bi,
-                      "reference ops": ref}
-            for name, model, steps in (("kernels", kern, STEPS), ("kernels, no CUDA graph", eager, STEPS),
-                                       ("kernels, batch-invariant", bi, STEPS), ("reference ops", ref, REF_STEPS)):
+            for name, model in models.items():
+                steps = REF_STEPS if name == "reference ops" else STEPS
                 cache = model.new_cache(batch, capacity)
                 sec = _decode_seconds(model, cache, context, steps)
                 del cache

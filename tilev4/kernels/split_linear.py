@@ -61,7 +61,7 @@ from tilev4.kernels.moe_tuning import (
 )
 from tilev4.kernels.registry import compile_kernel, register
 
-__all__ = ["build_linear", "grouped_linear", "linear"]
+__all__ = ["build_linear", "grouped_linear", "linear", "split_linear_bound"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SPLIT_PARTS = 3  # hi + mid + lo
@@ -105,6 +105,13 @@ LINEAR_SPACE = Space(
 _HARNESS_N = 1024  # output features of a tuning case
 
 
+def split_linear_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Error bound of :func:`linear` against fp64 math, per output (fp64): the fp32 accumulation of the three
+    partial GEMMs (one truncation per 16-term tensor-core step, relative to Σ|x·w|) + the final fp32 rounding."""
+    xd, wd = x.double(), weight.double()
+    return _SPLIT_PARTS * bf16_acc(x.shape[-1]) * (xd.abs() @ wd.abs().T) + 2.0**-24 * (xd @ wd.T).abs() + ABS_FLOOR
+
+
 def _linear_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool) -> RowCase:
     """x [n, 1, K] fp32 (a wide dynamic range: the split must keep all 24 bits), W [1, 1024, K] bf16."""
     k = problem["K"]
@@ -114,10 +121,8 @@ def _linear_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, devic
     y = torch.empty(n, 1, _HARNESS_N, device=device)
     expected = None
     if reference:
-        xd, wd = x[:, 0].double(), w[0].double()
-        ref = xd @ wd.T
-        tol = _SPLIT_PARTS * bf16_acc(k) * (xd.abs() @ wd.abs().T) + 2.0**-24 * ref.abs() + ABS_FLOOR
-        expected = (Bounded(ref.unsqueeze(1), tol.unsqueeze(1)),)
+        ref = x[:, 0].double() @ w[0].double().T
+        expected = (Bounded(ref.unsqueeze(1), split_linear_bound(x[:, 0], w[0]).unsqueeze(1)),)
     return RowCase((x, w, y), (2,), expected, n, row_args=(0,))
 
 
@@ -202,8 +207,8 @@ def _run(x3: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _check_weight(weight: torch.Tensor, ndim: int) -> None:
-    check_tensor("weight", weight, dtype=torch.bfloat16, ndim=ndim, contiguous=True)
+def _check_weight(weight: torch.Tensor) -> None:
+    check_tensor("weight", weight, dtype=torch.bfloat16, ndim=2, contiguous=True)
     k = weight.shape[-1]
     if k == 0 or k % 64:
         raise ValueError(f"weight: K={k} must be a positive multiple of 64")
@@ -228,7 +233,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         fp32 [..., N]: fp64 math on (x, weight) up to the fp32 order of the K-sum (every product is exact).
         A row's result is bitwise the same whatever the other rows (any leading shape, prefill or decode).
     """
-    _check_weight(weight, 2)
+    _check_weight(weight)
     n, k = weight.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., {k}], got {list(x.shape)}")
@@ -248,7 +253,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Returns:
         fp32 [..., G, R].
     """
-    _check_weight(weight, 2)
+    _check_weight(weight)
     if x.dim() < 2:
         raise ValueError(f"x must have shape [..., G, K], got {list(x.shape)}")
     g, k = x.shape[-2], x.shape[-1]
@@ -259,11 +264,3 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     r = weight.shape[0] // g
     y = _run(x.reshape(-1, g, k), weight.view(g, r, k))
     return y.view(*lead, g, r)
-
-
-def split_linear_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Error bound of :func:`linear` against fp64 math, per output (fp64): accumulation + the final fp32 rounding."""
-    xd, wd = x.double(), weight.double()
-    k = x.shape[-1]
-    return _SPLIT_PARTS * bf16_acc(k) * (xd.abs() @ wd.abs().T) + 2.0**-24 * (xd @ wd.T).abs() + ABS_FLOOR
-

@@ -350,7 +350,7 @@ class KernelOps(ReferenceOps):
         return self._cached(t, "bf16", lambda v: self._exact_bf16(v, what))
 
     def _linear_weight(self, lin: Linear) -> torch.Tensor:
-        return self._cached(lin.weight, "linear_bf16", lambda _: self._bf16(lin.dense(), "linear"))
+        return self._cached(lin.weight, "linear_bf16", lambda _: self._exact_bf16(lin.dense(), "linear"))
 
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:  # type: ignore[override]
         """``tilev4.linear``: fp32 x @ the weight in bf16 (exact), fp32 out — the reference's result up to

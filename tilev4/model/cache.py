@@ -46,6 +46,7 @@ __all__ = [
     "kv_bytes_per_token",
     "kv_footprint",
     "kv_table_markdown",
+    "kv_table_rows",
 ]
 
 ENTRY_BYTES = 584  # 448 FP8 + 64 × 2 bf16 rope + 8 scale bytes
@@ -396,8 +397,15 @@ def kv_table_markdown(config: Config | None = None, contexts: tuple[int, ...] = 
         f"({V32_LAYERS} layers) |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
+    lines += ["| " + " | ".join(row) + " |" for row in kv_table_rows(config, contexts)]
+    return "\n".join(lines) + "\n"
+
+
+def kv_table_rows(config: Config, contexts: Sequence[int]) -> list[tuple[str, str, str, str, str]]:
+    """Per context: (context, B/token, B/token/layer, vs a V3.2 layer, vs the V3.2 model), formatted."""
+    rows = []
     for ctx in contexts:
         fp = kv_footprint(config, ctx)
-        lines.append(f"| {ctx:,} | {fp.bytes_per_token:.0f} | {fp.bytes_per_token_per_layer:.1f} | "
-                     f"{fp.fraction_of_v32_per_layer:.1%} | {fp.fraction_of_v32:.1%} |")
-    return "\n".join(lines) + "\n"
+        rows.append((f"{ctx:,}", f"{fp.bytes_per_token:.0f}", f"{fp.bytes_per_token_per_layer:.1f}",
+                     f"{fp.fraction_of_v32_per_layer:.1%}", f"{fp.fraction_of_v32:.1%}"))
+    return rows

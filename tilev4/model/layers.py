@@ -27,7 +27,6 @@ import torch
 from tilev4.model.backend import Linear, ReferenceOps
 from tilev4.model.cache import LayerCache
 from tilev4.model.config import Config
-from tilev4.reference.compressor import CompressorState
 
 __all__ = [
     "AttentionWeights",
@@ -197,22 +196,6 @@ class MTPWeights:
 # ---------------------------------------------------------------------------------------------- attention
 
 
-def _compress(
-    ops: ReferenceOps,
-    cw: CompressorWeights,
-    kv: torch.Tensor,
-    gate: torch.Tensor,
-    state: CompressorState,
-    store: torch.Tensor,
-    ratio: int,
-    quant: str,
-    cfg: Config,
-) -> CompressorState:
-    """Run one compressor over the new tokens' projections kv / gate [b, s, coff·D] (``x @ wkvᵀ``, ``x @ wgateᵀ``);
-    write completed entries into store [b, n, D]."""
-    return ops.compress_into(kv, gate, state, cw.ape, cw.norm, ratio, cfg.rope(ratio), quant, store)
-
-
 def attention_forward(
     ops: ReferenceOps, cfg: Config, w: AttentionWeights, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache
 ) -> torch.Tensor:
@@ -248,16 +231,14 @@ def attention_forward(
     kv = ops.kv_fp8_simulate(ops.apply_rope(kv, positions, rope))  # [b, s, D] as the cache stores it
 
     comp_idx = None
-    if ratio:
-        assert w.compressor is not None and lc.compressed is not None and lc.compressor is not None
-        lc.compressor = _compress(
-            ops, w.compressor, xs[2], xs[3], lc.compressor, lc.compressed, ratio, "attention", cfg
-        )
+    if ratio:  # the compressors over the new tokens' projections, completed entries written into the cache
+        cw = w.compressor
+        lc.compressor = ops.compress_into(xs[2], xs[3], lc.compressor, cw.ape, cw.norm, ratio, rope, "attention",
+                                          lc.compressed)
         if ratio == 4:
-            assert w.index_compressor is not None and lc.index_keys is not None and lc.index_compressor is not None
-            lc.index_compressor = _compress(
-                ops, w.index_compressor, xs[4], xs[5], lc.index_compressor, lc.index_keys, 4, "indexer", cfg
-            )
+            iw = w.index_compressor
+            lc.index_compressor = ops.compress_into(xs[4], xs[5], lc.index_compressor, iw.ape, iw.norm, 4, rope,
+                                                    "indexer", lc.index_keys)
             hi, di = cfg.index_n_heads, cfg.index_head_dim
             q_idx = qs[1].reshape(b, s, hi, di)  # [b, s, HI, DI]
             w_idx = xs[6] * (di**-0.5 * hi**-0.5)  # [b, s, HI]
