@@ -47,7 +47,8 @@ the quantisation blocks lie inside a thread, block maxima and the Hadamard butte
 warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 an entry pools 8
 rows in two chunks of 4 (by default a prefill CTA pools ``256/TPE`` entries); for m = 128 an entry pools
 4 row groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order (by
-default one entry per CTA). The
+default one entry per CTA). A chunk's rows are loaded with no branch around the loads, so that they
+are all in flight at once (rows before a prefill's first new token are then replaced from the state). The
 pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
 A prefill grid has one extra CTA per sequence that writes the new streaming state.
 
@@ -394,20 +395,27 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                         num[v] = 0.0
                     if valid:
                         for ck in T.serial(NCH):
+                            # the chunk's rows from kv'/gate first, with no branch around the loads (a row
+                            # before the first new token is clamped to it here and replaced from the state
+                            # below), so that all CH rows are in flight at once
                             for j in T.unroll(CH):
                                 rr = g * RPG + ck * CH + j  # pooled position
                                 if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
+                                    p = T.max(i * ratio - ratio + rr, t0)
+                                    load_new(kv, gate, ape, s, p - t0, p, c0 + (rr // ratio) * D, kv_l, sc_l, j)
+                                else:
+                                    p = T.max(i * ratio + rr, t0)
+                                    load_new(kv, gate, ape, s, p - t0, p, c0, kv_l, sc_l, j)
+                            for j in T.unroll(CH):
+                                rr = g * RPG + ck * CH + j
+                                if overlap:
                                     p = i * ratio - ratio + rr
-                                    col = c0 + (rr // ratio) * D
-                                    if p >= t0:
-                                        load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, j)
-                                    else:
-                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, j)
+                                    if p < t0:
+                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base,
+                                                   c0 + (rr // ratio) * D, kv_l, sc_l, j)
                                 else:
                                     p = i * ratio + rr
-                                    if p >= t0:
-                                        load_new(kv, gate, ape, s, p - t0, p, c0, kv_l, sc_l, j)
-                                    else:
+                                    if p < t0:
                                         load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, c0, kv_l, sc_l, j)
                             chunk_update(kv_l, sc_l, mx, den, num)
                     combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)

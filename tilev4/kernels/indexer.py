@@ -38,17 +38,20 @@ Each logit is computed alone (no split over D or over the heads), so a query's r
 on B, S, the other queries of its CTA or the config (checked by the GPU tests).
 
 Top-k kernel (``topk_select``): one CTA (``threads``, 1024 by default) per row; radix select,
-``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread),
-over the 64-bit key ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32
-monotonically, ``IB`` = bits of N − 1), which is unique per entry, so "ties by the smaller index" is
-just a larger key. A pass histograms the digit of the entries that match the prefix found so far
-(shared-memory atomics, one per group of equal digits in a warp: ``__match_any_sync``), a block
-scan (warp shuffles, then the warp totals) finds the digit of the K-th largest key, and the search stops
-as soon as the entries above the prefix number exactly K. Entries −inf or past the row's length are
-never selected. The selected keys go to shared memory, are bitonic-sorted descending and written as
-``c + offset`` (−1 after the last). The result is exactly a stable sort of ``-logits`` (top K), so
-it is deterministic and batch-invariant. NaN logits are not allowed (not checked: such an entry
-is treated as −inf).
+``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread), over the 64-bit key
+``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32 monotonically, ``IB`` = bits of
+N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. The row is
+read from global memory twice, 8 loads in flight per thread: pass 1 histograms the top digit of the
+value key (shared-memory atomics) and a block scan (warp shuffles, then the warp totals) finds the
+digit d* of the K-th largest key; pass 2 sends every key whose top digit is above d* to the selected
+set and keeps the keys of the d* bin in shared memory (up to ``cap``, 4096). The later digits are
+found over that kept bin only (histograms with one atomic per group of equal digits in a warp:
+``__match_any_sync``), stopping as soon as the keys above the prefix number exactly K; a d* bin larger
+than ``cap`` (heavy ties) is searched by re-reading the row, with the same result. Entries −inf or
+past the row's length are never selected. The selected keys are bitonic-sorted descending in shared
+memory and written as ``c + offset`` (−1 after the last). The result is exactly a stable sort of
+``-logits`` (top K), so it is deterministic and batch-invariant. NaN logits are not allowed (not
+checked: such an entry is treated as −inf).
 
 Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, so the two-pass path
 (logits, then select over the visible prefix) costs ~3% of the key traffic; no fused kernel.
@@ -60,8 +63,7 @@ shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses B
 default. On the H200 the two builds sum the heads in different orders (last bits differ), so
 ``batch_invariant=True`` compiles one problem for every S whose space pins BQ=1; the GPU tests check
 bit-equality across batch sizes, positions and S in that mode, and across batch sizes at fixed S in
-the default one. The top-k kernel uses 32 registers/thread (2 CTAs of 1024 threads per SM) and re-reads
-its row from global memory (L2) once per radix pass.
+the default one.
 
 Tuning (:data:`INDEXER_LOGITS_SPACE`, :data:`TOPK_SPACE`): the logits tune BQ, SPLIT and num_stages, one
 bucket per mode (prefill, decode, batch-invariant; :func:`_logits_problem` picks it from S and the
@@ -313,6 +315,8 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 
 _TOPK_THREADS = 1024  # the default CTA size (tunable); the digit width follows: 2 histogram bins per thread
 _DIGIT_BITS = 11  # of the default CTA size: (2 · 1024 bins) = 2^11
+_TOPK_UNROLL = 8  # row loads a thread has in flight per loop step
+_TOPK_CAP = 4096  # threshold-bin keys kept in shared memory (64-bit each); a larger bin re-reads the row
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 
 
@@ -345,8 +349,8 @@ def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
 TOPK_SPACE = Space(
     params={"threads": (256, 512, 1024)},
     constraints=(_topk_sort_fits,),
-    # histogram (2 bins per thread), warp totals, the selected keys, the search state
-    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 8 * _topk_sort_width(c["K"]) + 16,
+    # histogram (2 bins per thread), warp totals, the selected keys, the kept bin, the search state
+    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 8 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
 )
 TOPK_TUNE_ENTRIES = 32768  # logits per row in a tuning case; the harness size is the number of rows
 
@@ -404,23 +408,59 @@ def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     bucket=_topk_bucket,
     harness=TuningHarness(_topk_case, _topk_check, sizes=(64, 512), size_name="R", batch_slice=_topk_slice),
 )
-def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS):
+def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TOPK_CAP):
     """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen.
 
     ``threads`` (tunable): a power of two in [64, 1024] with ``threads >= sort width / 2``; a pass
-    reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread).
+    reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread). ``cap``: how many keys of
+    the threshold bin of the first pass are kept in shared memory for the later passes (a bin that
+    holds more is searched by re-reading the row; same result).
     """
     if K < 1 or K > 2048:
         raise ValueError(f"K must be in [1, 2048], got {K}")
     KP = _topk_sort_width(K)  # sort width, a power of two >= K
     if threads < 64 or threads > 1024 or threads & (threads - 1) or KP // 2 > threads:
         raise ValueError(f"threads must be a power of two in [64, 1024] and >= {KP // 2} (K={K}), got {threads}")
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
     num_warps = threads // 32
     digit_bits = (2 * threads).bit_length() - 1
     num_bins = 2 * threads
     max_passes = -(-64 // digit_bits)
+    top_shift = 32 - digit_bits
+    U = _TOPK_UNROLL
+    CAP = cap
     R = T.dynamic("R")
     N = T.dynamic("N")
+    neg_inf = -T.infinity(T.float32)
+
+    @T.macro
+    def find_digit(hist, warp_sum, state, need, tx, lane, warp):
+        """state[0:3] = (d*, count above d*, count in d*) of the need-th largest key of the histogram
+        (d* = −1 when fewer than need are counted). Ends with a barrier."""
+        a = hist[2 * tx]
+        b = hist[2 * tx + 1]
+        cnt = T.alloc_var(T.int32)
+        cnt = a + b
+        for st in T.unroll(5):
+            below = T.shfl_down(cnt, 1 << st)
+            if lane + (1 << st) < 32:
+                cnt = cnt + below
+        if lane == 0:
+            warp_sum[warp] = cnt
+        T.sync_threads()
+        for w in T.serial(num_warps):
+            if w > warp:
+                cnt = cnt + warp_sum[w]
+        if cnt >= need and cnt - a < need:
+            state[0] = 2 * tx
+            state[1] = cnt - a
+            state[2] = a
+        if cnt - a >= need and cnt - a - b < need:
+            state[0] = 2 * tx + 1
+            state[1] = cnt - a - b
+            state[2] = b
+        T.sync_threads()
 
     @T.prim_func
     def topk_select_kernel(
@@ -436,126 +476,171 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS):
             hist = T.alloc_shared((num_bins,), T.int32)
             warp_sum = T.alloc_shared((num_warps,), T.int32)
             sel = T.alloc_shared((KP,), T.uint64)
-            state = T.alloc_shared((4,), T.int32)  # [d*, count above d*, count in d*, selected slots]
+            cand = T.alloc_shared((CAP,), T.uint64)
+            # [d*, count above d*, count in d*, selected keys, kept threshold-bin keys]
+            state = T.alloc_shared((5,), T.int32)
+            vals = T.alloc_local((U,), T.float32)
             prefix = T.alloc_var(T.uint64)
             need = T.alloc_var(T.int32)
-            level = T.alloc_var(T.int32)  # the selection is (key >> level) >= prefix
+            level = T.alloc_var(T.int32)
             done = T.alloc_var(T.int32)
-            take_all = T.alloc_var(T.int32)
-            cnt = T.alloc_var(T.int32)
-            a = T.alloc_var(T.int32)
-            b = T.alloc_var(T.int32)
-            below = T.alloc_var(T.int32)
+            thr = T.alloc_var(T.int32)
+            use_cand = T.alloc_var(T.int32)
+            n_cand = T.alloc_var(T.int32)
             part = T.alloc_var(T.int32)
+            dig = T.alloc_var(T.int32)
             digit = T.alloc_var(T.uint32)
             peers = T.alloc_var(T.uint32)
             ka = T.alloc_var(T.uint64)
             kb = T.alloc_var(T.uint64)
-            v = T.alloc_var(T.float32)
             ukey = T.alloc_var(T.uint32)
             key = T.alloc_var(T.uint64)
 
             lane = tx % 32
             warp = tx // 32
-            pad = (digit_bits - (32 + ib) % digit_bits) % digit_bits  # 32 + ib + pad: whole digits
-            num_passes = (32 + ib + pad) // digit_bits
-            row_len = T.max(T.min(lengths[r], N), 0)
-            num_chunks = T.ceildiv(row_len, threads)  # uniform over the CTA
+            pad = (digit_bits - (32 + ib) % digit_bits) % digit_bits
             total_bits = 32 + ib + pad
+            num_passes = total_bits // digit_bits
+            row_len = T.max(T.min(lengths[r], N), 0)
+            num_steps = T.ceildiv(row_len, threads * U)
 
-            prefix = T.uint64(0)
-            need = K
-            level = total_bits
-            done = 0
-            take_all = 0
             for i in T.serial(KP // threads + 1):
                 if i * threads + tx < KP:
-                    sel[i * threads + tx] = T.uint64(0)  # 0 is below every real key: a −1 slot
+                    sel[i * threads + tx] = T.uint64(0)
+            hist[2 * tx] = 0
+            hist[2 * tx + 1] = 0
             if tx == 0:
+                state[0] = -1
                 state[3] = 0
+                state[4] = 0
+            T.sync_threads()
 
-            for p in T.serial(max_passes):
-                if done == 0 and p < num_passes:
-                    shift = total_bits - (p + 1) * digit_bits
+            # pass 1 (global): histogram of the top digit of the value key
+            for i in T.serial(num_steps):
+                for j in T.unroll(U):
+                    vals[j] = neg_inf
+                    if (i * U + j) * threads + tx < row_len:
+                        vals[j] = logits[r, (i * U + j) * threads + tx]
+                for j in T.unroll(U):
+                    if vals[j] > neg_inf:
+                        T.atomic_add(hist[T.cast(T.shift_right(_order_key(vals[j]), T.uint32(top_shift)), T.int32)], 1)
+            T.sync_threads()
+            need = K
+            find_digit(hist, warp_sum, state, need, tx, lane, warp)
+            prefix = T.uint64(0)
+            level = total_bits
+            done = 0
+            use_cand = 0
+            thr = state[0]
+            if thr < 0:  # fewer candidates than K: every candidate is selected in the next pass
+                done = 1
+            else:
+                need = need - state[1]
+                prefix = T.cast(thr, T.uint64)
+                level = total_bits - digit_bits
+                if state[2] == need:
+                    done = 1
+                if state[2] <= CAP:
+                    use_cand = 1
+            T.sync_threads()
+
+            # pass 2 (global): keys above the threshold digit are selected, the threshold bin is kept
+            for i in T.serial(num_steps):
+                for j in T.unroll(U):
+                    vals[j] = neg_inf
+                    if (i * U + j) * threads + tx < row_len:
+                        vals[j] = logits[r, (i * U + j) * threads + tx]
+                for j in T.unroll(U):
+                    if vals[j] > neg_inf:
+                        ukey = _order_key(vals[j])
+                        dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
+                        if dig >= thr:
+                            key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                            if dig > thr:
+                                sel[T.atomic_add(state[3], 1, return_prev=True)] = key
+                            elif use_cand == 1:
+                                cand[T.atomic_add(state[4], 1, return_prev=True)] = key
+            T.sync_threads()
+            n_cand = state[4]
+
+            # more digits, over the kept bin (shared memory) or, when it did not fit, the row again
+            for p in T.serial(max_passes - 1):
+                if done == 0 and p + 1 < num_passes:
+                    shift = total_bits - (p + 2) * digit_bits
                     hist[2 * tx] = 0
                     hist[2 * tx + 1] = 0
                     if tx == 0:
                         state[0] = -1
                     T.sync_threads()
-                    # histogram of the next digit among the candidates matching the prefix; equal digits
-                    # of a warp are counted once (match_any + popc) to spare same-address atomics
-                    for i in T.serial(num_chunks):
-                        c = i * threads + tx
-                        v = -T.infinity(T.float32)
-                        if c < row_len:
-                            v = logits[r, c]
-                        part = 0
-                        digit = T.uint32(0xFFFFFFFF)
-                        if v > -T.infinity(T.float32):
-                            ukey = _order_key(v)
-                            key = _entry_key(ukey, c, N, ib, pad)
-                            if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
-                                part = 1
-                                digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
-                                                             T.uint64(num_bins - 1)), T.uint32)
-                        peers = T.call_extern(T.uint32, "__match_any_sync", T.uint32(0xFFFFFFFF), digit)
-                        if part == 1:
-                            # the lowest lane of each group of equal digits adds the group's size
-                            if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
-                                             - T.uint32(1)) == T.uint32(0):
-                                T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
-                    T.sync_threads()
-                    # count(>= 2t) = Σ of the bin pairs t' >= t: a suffix scan in the warp, then the warps above
-                    a = hist[2 * tx]
-                    b = hist[2 * tx + 1]
-                    cnt = a + b
-                    for st in T.unroll(5):
-                        below = T.shfl_down(cnt, 1 << st)
-                        if lane + (1 << st) < 32:
-                            cnt = cnt + below
-                    if lane == 0:
-                        warp_sum[warp] = cnt
-                    T.sync_threads()
-                    for w in T.serial(num_warps):
-                        if w > warp:
-                            cnt = cnt + warp_sum[w]
-                    # the digit of the need-th largest key: count(>= d*) >= need > count(> d*)
-                    if cnt >= need and cnt - a < need:
-                        state[0] = 2 * tx
-                        state[1] = cnt - a
-                        state[2] = a
-                    if cnt - a >= need and cnt - a - b < need:
-                        state[0] = 2 * tx + 1
-                        state[1] = cnt - a - b
-                        state[2] = b
-                    T.sync_threads()
-                    if state[0] < 0:  # fewer candidates than need (first pass only): take them all
-                        take_all = 1
-                        done = 1
+                    if use_cand == 1:
+                        for i in T.serial(T.ceildiv(n_cand, threads)):
+                            part = 0
+                            digit = T.uint32(0xFFFFFFFF)
+                            if i * threads + tx < n_cand:
+                                key = cand[i * threads + tx]
+                                if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
+                                    part = 1
+                                    digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
+                                                                 T.uint64(num_bins - 1)), T.uint32)
+                            peers = T.match_any_sync(digit)
+                            if part == 1:
+                                if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
+                                                 - T.uint32(1)) == T.uint32(0):
+                                    T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
                     else:
-                        need = need - state[1]
-                        prefix = T.bitwise_or(T.shift_left(prefix, T.uint64(digit_bits)),
-                                              T.cast(state[0], T.uint64))
-                        level = shift
-                        if state[2] == need:
-                            done = 1
+                        for i in T.serial(num_steps):
+                            for j in T.unroll(U):
+                                vals[j] = neg_inf
+                                if (i * U + j) * threads + tx < row_len:
+                                    vals[j] = logits[r, (i * U + j) * threads + tx]
+                            for j in T.unroll(U):
+                                part = 0
+                                digit = T.uint32(0xFFFFFFFF)
+                                if vals[j] > neg_inf:
+                                    key = _entry_key(_order_key(vals[j]), (i * U + j) * threads + tx, N, ib, pad)
+                                    if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
+                                        part = 1
+                                        digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
+                                                                     T.uint64(num_bins - 1)), T.uint32)
+                                peers = T.match_any_sync(digit)
+                                if part == 1:
+                                    if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
+                                                     - T.uint32(1)) == T.uint32(0):
+                                        T.atomic_add(hist[T.cast(digit, T.int32)],
+                                                     T.call_extern(T.int32, "__popc", peers))
+                    T.sync_threads()
+                    find_digit(hist, warp_sum, state, need, tx, lane, warp)
+                    need = need - state[1]
+                    prefix = T.bitwise_or(T.shift_left(prefix, T.uint64(digit_bits)), T.cast(state[0], T.uint64))
+                    level = shift
+                    if state[2] == need:
+                        done = 1
                     T.sync_threads()
 
-            # gather the selected keys (any order: sorted next)
-            for i in T.serial(num_chunks):
-                c = i * threads + tx
-                if c < row_len:
-                    v = logits[r, c]
-                    if v > -T.infinity(T.float32):
-                        ukey = _order_key(v)
-                        key = _entry_key(ukey, c, N, ib, pad)
-                        if take_all == 1 or T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
+            # the threshold bin's selected keys
+            if use_cand == 1:
+                for i in T.serial(T.ceildiv(n_cand, threads)):
+                    if i * threads + tx < n_cand:
+                        key = cand[i * threads + tx]
+                        if T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
                             sel[T.atomic_add(state[3], 1, return_prev=True)] = key
+            elif thr >= 0:
+                for i in T.serial(num_steps):
+                    for j in T.unroll(U):
+                        vals[j] = neg_inf
+                        if (i * U + j) * threads + tx < row_len:
+                            vals[j] = logits[r, (i * U + j) * threads + tx]
+                    for j in T.unroll(U):
+                        if vals[j] > neg_inf:
+                            ukey = _order_key(vals[j])
+                            if T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32) == thr:
+                                key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                                if T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
+                                    sel[T.atomic_add(state[3], 1, return_prev=True)] = key
             T.sync_threads()
-            # bitonic sort of sel[0:KP], descending
             for lsize in T.serial(KP.bit_length() - 1):
                 for lstride in T.serial(lsize + 1):
-                    half = T.shift_left(1, lsize - lstride)  # the compare distance (size / 2^(lstride+1))
+                    half = T.shift_left(1, lsize - lstride)
                     if tx < KP // 2:
                         i0 = T.shift_left(T.shift_right(tx, lsize - lstride), lsize - lstride + 1) + \
                             T.bitwise_and(tx, half - 1)
@@ -566,10 +651,9 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS):
                             sel[i0 + half] = ka
                     T.sync_threads()
             for i in T.serial(T.ceildiv(K, threads)):
-                j = i * threads + tx
-                if j < K:
-                    ka = sel[j]
-                    out[r, j] = T.if_then_else(
+                if i * threads + tx < K:
+                    ka = sel[i * threads + tx]
+                    out[r, i * threads + tx] = T.if_then_else(
                         ka == T.uint64(0), -1,
                         N - 1 - T.cast(T.bitwise_and(T.shift_right(ka, T.cast(pad, T.uint64)),
                                                      T.shift_left(T.uint64(1), T.cast(ib, T.uint64)) - T.uint64(1)),
