@@ -101,7 +101,9 @@ def test_topk_threads_cover_the_sort_and_set_the_digit_width():
     plans = {p.bucket: p for p in plan_kernel("topk_select", parse_shapes(["K=512", "K=300", "K=1024"]),
                                               arch="sm_90a")}
     assert set(plans) == {"K<=512", "K<=1024"} and len(plans["K<=512"].problems) == 2
-    assert plans["K<=1024"].candidates == [{"threads": 1024}, {"threads": 512}]
+    # a sort of 1024 keys needs 512 threads: 256 is pruned, the default first
+    assert plans["K<=1024"].candidates == [{"threads": 1024, "unroll": 8}, {"threads": 512, "unroll": 8},
+                                           {"threads": 512, "unroll": 16}, {"threads": 1024, "unroll": 16}]
     with pytest.raises(ValueError, match="threads must be"):
         I.build_topk_select(K=2048, threads=512)
     for digit_bits in (9, 10, 11):  # 32 value bits + index bits + padding: whole digits within 64 bits

@@ -46,7 +46,7 @@ entry takes ``TPE = D/8`` lanes (64 for D = 512, 16 for D = 128); RoPE pairs and
 the quantisation blocks lie inside a thread, block maxima and the Hadamard butterflies across lanes use
 warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 an entry pools 8
 rows in two chunks of 4 (by default a prefill CTA pools ``256/TPE`` entries); for m = 128 an entry pools
-4 row groups of 32 rows each (8 rows in flight per thread), combined in shared memory in group order (by
+4 row groups of 32 rows each (chunks of 4 rows in flight per thread), combined in shared memory in group order (by
 default one entry per CTA). A chunk's rows are loaded with no branch around the loads, so that they
 are all in flight at once (rows before a prefill's first new token are then replaced from the state). The
 pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
@@ -92,6 +92,7 @@ __all__ = [
 
 VEC = 8  # channels per thread: one 16-byte bf16 load per row
 RMS_EPS = 1e-6
+LOG2E = 1.4426950408889634  # the pooling's exponentials in base 2: e^(s − M) = 2^((s − M)·log2 e)
 FP8_MAX, FP8_BLOCK, FP8_AMAX_FLOOR = 448.0, 64, 1e-4
 FP4_MAX, FP4_BLOCK, FP4_AMAX_FLOOR = 6.0, 32, 6.0 * 2.0**-126
 QUANTS = ("attention", "indexer", "none")
@@ -109,7 +110,7 @@ def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
     tpe = D // VEC
     if ratio == 4:
         return 1, 4, max(1, 256 // tpe)
-    return 4, 8, 1
+    return 4, 4, 1
 
 
 def _default_block_entries(ratio: int, D: int, decode: bool) -> int:
@@ -206,13 +207,13 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             for j in T.unroll(CH):
                 cm = T.max(cm, sc_l[j * VEC + v])
             # a chunk of masked rows (score -inf, e.g. entry 0's previous half) leaves the sums as they are
-            alpha = T.if_then_else(cm == neg_inf, T.float32(1.0), T.exp(mx[v] - cm))
+            alpha = T.if_then_else(cm == neg_inf, T.float32(1.0), T.exp2((mx[v] - cm) * LOG2E))
             den[v] = den[v] * alpha
             num[v] = num[v] * alpha
             for j in T.unroll(CH):
-                ev = T.if_then_else(cm == neg_inf, T.float32(0.0), T.exp(sc_l[j * VEC + v] - cm))
+                ev = T.if_then_else(cm == neg_inf, T.float32(0.0), T.exp2((sc_l[j * VEC + v] - cm) * LOG2E))
                 den[v] = den[v] + ev
-                num[v] = num[v] + ev * kv_l[j * VEC + v]
+                num[v] = T.fma(ev, kv_l[j * VEC + v], num[v])
             mx[v] = cm
 
     @T.macro
@@ -237,7 +238,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 dd = 0.0
                 nn = 0.0
                 for gg in T.unroll(G):
-                    w = T.exp(part_mx[gg, e, lane * VEC + v] - mm)
+                    w = T.exp2((part_mx[gg, e, lane * VEC + v] - mm) * LOG2E)
                     dd = dd + part_den[gg, e, lane * VEC + v] * w
                     nn = nn + part_num[gg, e, lane * VEC + v] * w
                 y[v] = nn / dd

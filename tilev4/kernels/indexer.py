@@ -41,7 +41,7 @@ Top-k kernel (``topk_select``): one CTA (``threads``, 1024 by default) per row; 
 ``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread), over the 64-bit key
 ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32 monotonically, ``IB`` = bits of
 N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. The row is
-read from global memory twice, 8 loads in flight per thread: pass 1 histograms the top digit of the
+read from global memory twice, ``unroll`` (8 or 16) loads in flight per thread: pass 1 histograms the top digit of the
 value key (shared-memory atomics) and a block scan (warp shuffles, then the warp totals) finds the
 digit d* of the K-th largest key; pass 2 sends every key whose top digit is above d* to the selected
 set and keeps the keys of the d* bin in shared memory (up to ``cap``, 4096). The later digits are
@@ -67,8 +67,8 @@ the default one.
 
 Tuning (:data:`INDEXER_LOGITS_SPACE`, :data:`TOPK_SPACE`): the logits tune BQ, SPLIT and num_stages, one
 bucket per mode (prefill, decode, batch-invariant; :func:`_logits_problem` picks it from S and the
-flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads``
-(one bucket per sort width), which changes the passes, not the result.
+flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads`` and
+``unroll`` (one bucket per sort width), which change the passes and the loads in flight, not the result.
 """
 
 import math
@@ -315,7 +315,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 
 _TOPK_THREADS = 1024  # the default CTA size (tunable); the digit width follows: 2 histogram bins per thread
 _DIGIT_BITS = 11  # of the default CTA size: (2 · 1024 bins) = 2^11
-_TOPK_UNROLL = 8  # row loads a thread has in flight per loop step
+_TOPK_UNROLL = 8  # row loads a thread has in flight per loop step (tunable)
 _TOPK_CAP = 4096  # threshold-bin keys kept in shared memory (64-bit each); a larger bin re-reads the row
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 
@@ -347,7 +347,7 @@ def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
 
 
 TOPK_SPACE = Space(
-    params={"threads": (256, 512, 1024)},
+    params={"threads": (256, 512, 1024), "unroll": (8, 16)},
     constraints=(_topk_sort_fits,),
     # histogram (2 bins per thread), warp totals, the selected keys, the kept bin, the search state
     smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 8 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
@@ -408,13 +408,14 @@ def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     bucket=_topk_bucket,
     harness=TuningHarness(_topk_case, _topk_check, sizes=(64, 512), size_name="R", batch_slice=_topk_slice),
 )
-def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TOPK_CAP):
+def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TOPK_CAP, unroll: int = _TOPK_UNROLL):
     """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen.
 
     ``threads`` (tunable): a power of two in [64, 1024] with ``threads >= sort width / 2``; a pass
     reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread). ``cap``: how many keys of
     the threshold bin of the first pass are kept in shared memory for the later passes (a bin that
-    holds more is searched by re-reading the row; same result).
+    holds more is searched by re-reading the row; same result). ``unroll`` (tunable): row loads a thread has
+    in flight per loop step.
     """
     if K < 1 or K > 2048:
         raise ValueError(f"K must be in [1, 2048], got {K}")
@@ -423,12 +424,14 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
         raise ValueError(f"threads must be a power of two in [64, 1024] and >= {KP // 2} (K={K}), got {threads}")
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
+    if unroll < 1 or unroll > 32:
+        raise ValueError(f"unroll must be in [1, 32], got {unroll}")
     num_warps = threads // 32
     digit_bits = (2 * threads).bit_length() - 1
     num_bins = 2 * threads
     max_passes = -(-64 // digit_bits)
     top_shift = 32 - digit_bits
-    U = _TOPK_UNROLL
+    U = unroll
     CAP = cap
     R = T.dynamic("R")
     N = T.dynamic("N")

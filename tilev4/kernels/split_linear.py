@@ -16,7 +16,9 @@ Schedule: grid (⌈N / block_n⌉, ⌈M / block_m⌉, G); a CTA streams its ``bl
 three register-sourced wgmma per K step into one accumulator), then stores the rows and columns inside
 ``[M, N]``. Measured on the H200 at decode shapes (M = 4): ~12-14 µs for K = 1024, ~5 µs for K = 256 whatever N
 up to 8192 — the cost grows with K (~0.7 µs a 64-wide K step), not with N (cuBLAS bf16: ~5 µs, fp64: 10-31 µs);
-the default build drains the wgmma pipe after each of the three products of a step (see ``async_mma``).
+the build drains the wgmma pipe after each of the three products of a step (``T.gemm``'s wait). Issuing the
+three products back to back with one wait per step (``T.wgmma_gemm`` + ``T.wait_wgmma``) gave wrong results on
+the H200 under this pipeline, so it is not offered.
 The model stacks the projections of one input into one call (:meth:`tilev4.model.backend.KernelOps.linears`).
 
 Dimension glossary: ``M`` rows (dynamic), ``G`` groups (dynamic), ``N`` output features per group (dynamic),
@@ -26,12 +28,8 @@ Batch invariance: every output element is one row's dot product over the full K 
 independent of the row's place in its tile, and the config never depends on M — so a row's output is bitwise
 the same whatever the other rows (and the same in prefill and decode). No split-K.
 
-``async_mma`` issues the three register-sourced wgmma chains of a K step back to back and waits once (the
-default build waits after each: ``T.gemm``'s implicit wait, the measured configuration); the same instructions
-in the same order, so the same bits. Not yet measured on the GPU: a tuning candidate.
-
-Tuning: ``block_m`` (64 / 128 rows, one warpgroup per 64), ``block_n``, ``block_k``, ``num_stages`` and
-``async_mma`` (the warp-specialised pipeline is a config, measured slower at decode shapes, not a candidate);
+Tuning: ``block_m`` (64 / 128 rows, one warpgroup per 64), ``block_n``, ``block_k`` and ``num_stages`` (the
+warp-specialised pipeline is a config, measured slower at decode shapes, not a candidate);
 one config per K range (``K<=1024``, ``K<=4096``, ``K>4096``), never per M.
 """
 
@@ -97,7 +95,7 @@ def _divides_k(c: Mapping[str, Any]) -> str | None:
 
 LINEAR_SPACE = Space(
     params={"block_m": (64, 128), "block_n": (64, 32, 128), "block_k": (64, 128), "num_stages": (3, 4),
-            "threads": (128, 256), "async_mma": (False, True)},
+            "threads": (128, 256)},
     constraints=(_warpgroup_rows, _accumulators(1), _divides_k, _split_registers),
     smem_bytes=_linear_smem,
 )
@@ -135,7 +133,7 @@ LINEAR_HARNESS = TuningHarness(_linear_case, check_bounded, sizes=TOKENS, size_n
 @register("linear", configs=[{"K": 1024}, {"K": 256}, {"K": 2048}, {"K": 4096}, {"K": 128}, {"K": 512}, {"K": 8192}],
           tags=("linear", "batch_invariant"), space=LINEAR_SPACE, bucket=linear_bucket, harness=LINEAR_HARNESS)
 def build_linear(K: int, block_m: int = 64, block_n: int = 64, block_k: int = 64, num_stages: int = 3,
-                 threads: int = 128, warp_specialized: bool = False, async_mma: bool = False):
+                 threads: int = 128, warp_specialized: bool = False):
     """fp32 linear (grouped): x fp32 split exactly into 3 bf16 parts, bf16 W, fp32 accumulation on the tensor cores."""
     if K <= 0 or K % block_k:
         raise ValueError(f"K={K} must be a positive multiple of block_k={block_k}")
@@ -175,15 +173,9 @@ def build_linear(K: int, block_m: int = 64, block_n: int = 64, block_k: int = 64
                     lo_frag[i, j] = T.cast(x_frag[i, j] - T.cast(hi_frag[i, j], T.float32)
                                            - T.cast(mid_frag[i, j], T.float32), T.bfloat16)
                 # the A operand from registers (wgmma RS): [BM, BK] @ [BK, BN] -> [BM, BN]
-                if async_mma:  # the three chains issued back to back, one wait (the parts' registers are reused)
-                    T.wgmma_gemm(lo_frag, w_shared, acc, transpose_B=True)
-                    T.wgmma_gemm(mid_frag, w_shared, acc, transpose_B=True)
-                    T.wgmma_gemm(hi_frag, w_shared, acc, transpose_B=True)
-                    T.wait_wgmma(0)
-                else:  # a wait after each
-                    T.gemm(lo_frag, w_shared, acc, transpose_B=True)
-                    T.gemm(mid_frag, w_shared, acc, transpose_B=True)
-                    T.gemm(hi_frag, w_shared, acc, transpose_B=True)
+                T.gemm(lo_frag, w_shared, acc, transpose_B=True)
+                T.gemm(mid_frag, w_shared, acc, transpose_B=True)
+                T.gemm(hi_frag, w_shared, acc, transpose_B=True)
             for i, j in T.Parallel(BM, BN):
                 if by * BM + i < M and bx * BN + j < N:
                     y[by * BM + i, g, bx * BN + j] = acc[i, j]
