@@ -200,18 +200,22 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
 
     @T.macro
     def chunk_update(kv_l, sc_l, mx, den, num):
-        """Online softmax over the CH rows in kv_l/sc_l, per channel: (mx, den, num) rescaled and extended."""
+        """Online softmax over the CH rows in kv_l/sc_l, per channel: (mx, den, num) rescaled and extended.
+
+        A weight is ``2^(s·log2e − M·log2e)`` (one fma and exp2f). A chunk of masked rows (score −inf, e.g.
+        entry 0's previous half) has M = −inf: the offset is then taken as 0, so every weight is 2^−inf = 0
+        and the sums (0 so far, as M was −inf) stay 0."""
         for v in T.unroll(VEC):
             cm = T.alloc_var(f32)
             cm = mx[v]
             for j in T.unroll(CH):
                 cm = T.max(cm, sc_l[j * VEC + v])
-            # a chunk of masked rows (score -inf, e.g. entry 0's previous half) leaves the sums as they are
-            alpha = T.if_then_else(cm == neg_inf, T.float32(1.0), T.exp2((mx[v] - cm) * LOG2E))
+            off = T.if_then_else(cm == neg_inf, T.float32(0.0), -cm * LOG2E)
+            alpha = T.exp2(T.fma(mx[v], LOG2E, off))
             den[v] = den[v] * alpha
             num[v] = num[v] * alpha
             for j in T.unroll(CH):
-                ev = T.if_then_else(cm == neg_inf, T.float32(0.0), T.exp2((sc_l[j * VEC + v] - cm) * LOG2E))
+                ev = T.exp2(T.fma(sc_l[j * VEC + v], LOG2E, off))
                 den[v] = den[v] + ev
                 num[v] = T.fma(ev, kv_l[j * VEC + v], num[v])
             mx[v] = cm
