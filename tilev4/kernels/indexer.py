@@ -349,8 +349,8 @@ def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
 TOPK_SPACE = Space(
     params={"threads": (256, 512, 1024), "unroll": (8, 16)},
     constraints=(_topk_sort_fits,),
-    # histogram (2 bins per thread), warp totals, the selected keys, the kept bin, the search state
-    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 8 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
+    # histogram (2 bins per thread), warp totals, the selected keys (two sort buffers), the kept bin, the state
+    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
 )
 TOPK_TUNE_ENTRIES = 32768  # logits per row in a tuning case; the harness size is the number of rows
 
@@ -452,9 +452,18 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
         if lane == 0:
             warp_sum[warp] = cnt
         T.sync_threads()
-        for w in T.serial(num_warps):
-            if w > warp:
-                cnt = cnt + warp_sum[w]
+        # the warps above: every warp suffix-scans the warp totals (lane l: warps >= l) and takes lane warp + 1
+        wt = T.alloc_var(T.int32)
+        wt = 0
+        if lane < num_warps:
+            wt = warp_sum[lane]
+        for st in T.unroll(5):
+            below_w = T.shfl_down(wt, 1 << st)
+            if lane + (1 << st) < 32:
+                wt = wt + below_w
+        above = T.shfl_sync(wt, T.min(warp + 1, 31))
+        if warp + 1 < num_warps:
+            cnt = cnt + above
         if cnt >= need and cnt - a < need:
             state[0] = 2 * tx
             state[1] = cnt - a
@@ -464,6 +473,51 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             state[1] = cnt - a - b
             state[2] = b
         T.sync_threads()
+
+    RK = max(1, KP // threads)  # keys a thread holds in the sort (threads >= KP / 2)
+    steps = []  # (size, stride, shared-memory buffer) of each compare-exchange step
+    n_smem = 0
+    for lsize in range(KP.bit_length() - 1):
+        for lstride in range(lsize + 1):
+            stride = 1 << (lsize - lstride)
+            use = -1
+            if 32 <= stride < threads:
+                use = n_smem % 2
+                n_smem += 1
+            steps.append((2 << lsize, stride, use))
+
+    @T.macro
+    def sort_step(keys, sel, sel2, tx, size, stride, buf):
+        """One bitonic compare-exchange at distance ``stride`` inside blocks of ``size`` (descending when
+        the position's ``size`` bit is 0): the lower position keeps the larger key there."""
+        if stride >= threads:  # RK = 2, stride = threads: the partner is the thread's other key
+            hi = T.max(keys[0], keys[1])
+            keys[1] = T.min(keys[0], keys[1])
+            keys[0] = hi
+        elif stride >= 32:
+            for i in T.unroll(RK):
+                if i * threads + tx < KP:
+                    if buf == 0:
+                        sel2[i * threads + tx] = keys[i]
+                    else:
+                        sel[i * threads + tx] = keys[i]
+            T.sync_threads()
+            for i in T.unroll(RK):
+                if i * threads + tx < KP:
+                    other = T.alloc_var(T.uint64)
+                    if buf == 0:
+                        other = sel2[T.bitwise_xor(i * threads + tx, stride)]
+                    else:
+                        other = sel[T.bitwise_xor(i * threads + tx, stride)]
+                    keys[i] = T.if_then_else(
+                        (T.bitwise_and(i * threads + tx, stride) == 0) == (T.bitwise_and(i * threads + tx, size) == 0),
+                        T.max(keys[i], other), T.min(keys[i], other))
+        else:
+            for i in T.unroll(RK):
+                other = T.shfl_xor(keys[i], stride)
+                keys[i] = T.if_then_else(
+                    (T.bitwise_and(i * threads + tx, stride) == 0) == (T.bitwise_and(i * threads + tx, size) == 0),
+                    T.max(keys[i], other), T.min(keys[i], other))
 
     @T.prim_func
     def topk_select_kernel(
@@ -479,7 +533,9 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             hist = T.alloc_shared((num_bins,), T.int32)
             warp_sum = T.alloc_shared((num_warps,), T.int32)
             sel = T.alloc_shared((KP,), T.uint64)
+            sel2 = T.alloc_shared((KP,), T.uint64)  # the sort's second exchange buffer
             cand = T.alloc_shared((CAP,), T.uint64)
+            keys = T.alloc_local((RK,), T.uint64)
             # [d*, count above d*, count in d*, selected keys, kept threshold-bin keys]
             state = T.alloc_shared((5,), T.int32)
             vals = T.alloc_local((U,), T.float32)
@@ -488,14 +544,13 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             level = T.alloc_var(T.int32)
             done = T.alloc_var(T.int32)
             thr = T.alloc_var(T.int32)
+            f_lo = T.alloc_var(T.float32)
             use_cand = T.alloc_var(T.int32)
             n_cand = T.alloc_var(T.int32)
             part = T.alloc_var(T.int32)
             dig = T.alloc_var(T.int32)
             digit = T.alloc_var(T.uint32)
             peers = T.alloc_var(T.uint32)
-            ka = T.alloc_var(T.uint64)
-            kb = T.alloc_var(T.uint64)
             ukey = T.alloc_var(T.uint32)
             key = T.alloc_var(T.uint64)
 
@@ -545,6 +600,16 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                     done = 1
                 if state[2] <= CAP:
                     use_cand = 1
+            # the smallest value whose top digit is >= thr: pass 2 tests the value against it first (one float
+            # compare; the exact digit test follows). −inf (no pre-test) when the boundary is 0, subnormal or NaN.
+            f_lo = neg_inf
+            if thr > 0:
+                klo = T.shift_left(T.cast(thr, T.uint32), T.uint32(top_shift))
+                fbits = T.if_then_else(T.shift_right(klo, T.uint32(31)) == T.uint32(1),
+                                       T.bitwise_and(klo, T.uint32(0x7FFFFFFF)), T.bitwise_not(klo))
+                fexp = T.bitwise_and(fbits, T.uint32(0x7F800000))
+                if fexp != T.uint32(0) and fexp != T.uint32(0x7F800000):
+                    f_lo = T.reinterpret(fbits, T.float32)
             T.sync_threads()
 
             # pass 2 (global): keys above the threshold digit are selected, the threshold bin is kept
@@ -554,7 +619,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                     if (i * U + j) * threads + tx < row_len:
                         vals[j] = logits[r, (i * U + j) * threads + tx]
                 for j in T.unroll(U):
-                    if vals[j] > neg_inf:
+                    if vals[j] > neg_inf and vals[j] >= f_lo:
                         ukey = _order_key(vals[j])
                         dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
                         if dig >= thr:
@@ -641,24 +706,21 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                                 if T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
                                     sel[T.atomic_add(state[3], 1, return_prev=True)] = key
             T.sync_threads()
-            for lsize in T.serial(KP.bit_length() - 1):
-                for lstride in T.serial(lsize + 1):
-                    half = T.shift_left(1, lsize - lstride)
-                    if tx < KP // 2:
-                        i0 = T.shift_left(T.shift_right(tx, lsize - lstride), lsize - lstride + 1) + \
-                            T.bitwise_and(tx, half - 1)
-                        ka = sel[i0]
-                        kb = sel[i0 + half]
-                        if (ka < kb) == (T.bitwise_and(i0, T.shift_left(2, lsize)) == 0):
-                            sel[i0] = kb
-                            sel[i0 + half] = ka
-                    T.sync_threads()
-            for i in T.serial(T.ceildiv(K, threads)):
+            # bitonic sort, descending: position p = tx + i·threads holds keys[i]; a compare-exchange partner
+            # at distance < 32 is a lane of the same warp (shuffle), further ones go through shared memory
+            # (two buffers, alternating: one barrier a step); the RK = 2 step at distance `threads` stays
+            # in the thread. Positions >= KP (threads > KP) hold 0 and only pair among themselves.
+            for i in T.unroll(RK):
+                keys[i] = T.uint64(0)
+                if i * threads + tx < KP:
+                    keys[i] = sel[i * threads + tx]
+            for size, stride, buf in steps:  # a Python loop: one compare-exchange step each, unrolled here
+                sort_step(keys, sel, sel2, tx, size, stride, buf)
+            for i in T.unroll(RK):
                 if i * threads + tx < K:
-                    ka = sel[i * threads + tx]
                     out[r, i * threads + tx] = T.if_then_else(
-                        ka == T.uint64(0), -1,
-                        N - 1 - T.cast(T.bitwise_and(T.shift_right(ka, T.cast(pad, T.uint64)),
+                        keys[i] == T.uint64(0), -1,
+                        N - 1 - T.cast(T.bitwise_and(T.shift_right(keys[i], T.cast(pad, T.uint64)),
                                                      T.shift_left(T.uint64(1), T.cast(ib, T.uint64)) - T.uint64(1)),
                                        T.int32) + offset)
 
