@@ -224,6 +224,39 @@ def test_a_build_past_the_compile_timeout_is_killed_and_reported(tmp_path, monke
     assert tuner._compile_worker("rmsnorm", {"D": 512}, "sm_90a", timeout=5.0)[0] == "cached"  # in time: no error
 
 
+def test_a_failed_tuning_build_is_remembered_not_rebuilt(cache, monkeypatch):
+    """A candidate whose build failed (in a ``--compile-only`` run, say) is not built again by the next tuning
+    run under the same toolchain: a marker beside its cache entry says why. ``--retry-failed`` builds it,
+    a timeout is retried under a longer limit, and ``cache clear`` removes the markers."""
+    import tilev4.kernels.registry as registry
+    from tilev4.autotune import kernel_cache, tuner
+
+    calls = []
+
+    def failing(name, config, arch):
+        calls.append(dict(config))
+        raise RuntimeError("ptxas fatal: out of registers")
+
+    monkeypatch.setattr(registry, "compile_kernel", failing)
+    job = [("rmsnorm", {"D": 512, "block_rows": 2, "threads": 128})]
+    first = compile_jobs(job, "sm_90a", workers=1, remember_failures=True)
+    assert first[0].status == "error" and "out of registers" in first[0].error and len(calls) == 1
+    marker = tuner.failure_marker(tuner._entry_key(*job[0], "sm_90a"))
+    assert marker.is_file() and json.loads(marker.read_text())["error"].startswith("RuntimeError")
+    again = compile_jobs(job, "sm_90a", workers=1, remember_failures=True)
+    assert again[0].status == "error" and again[0].error.startswith("failed before: RuntimeError")
+    assert len(calls) == 1  # not built again
+    assert compile_jobs(job, "sm_90a", workers=1)[0].status == "error" and len(calls) == 2  # retry asked for
+    # a timeout is remembered with its limit: a longer limit tries again
+    marker.write_text(json.dumps({"error": "compile timeout: killed after 1 s", "timeout": True, "timeout_s": 1}))
+    assert compile_jobs(job, "sm_90a", workers=1, timeout=1.0, remember_failures=True)[0].seconds == 0.0
+    assert len(calls) == 2
+    compile_jobs(job, "sm_90a", workers=1, timeout=5.0, remember_failures=True)
+    assert len(calls) == 3
+    kernel_cache.clear()
+    assert not marker.exists()
+
+
 def test_tune_report_table_goes_into_the_readme(tmp_path):
     from tilev4.autotune.report import README_BEGIN, README_END, render_tune_table, update_readme
 

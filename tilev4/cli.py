@@ -337,7 +337,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         with _progress(console) as progress:
             report = tune(args.kernel or None, shapes, workers=args.jobs, rounds=args.rounds, reps=args.reps,
                           space=space, progress=progress, log=console.print, compile_only=args.compile_only,
-                          arch=args.arch)
+                          arch=args.arch, remember_failures=not args.retry_failed)
     except (RuntimeError, ValueError) as e:
         print(f"tilev4 tune: {e}", file=sys.stderr)
         return 2
@@ -536,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU machine, where `tilev4 tune` then only measures")
     p.add_argument("--arch", help="with --compile-only: the CUDA arch to build for (default: this GPU's, else "
                                   "sm_90a)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="build again the candidates whose build failed in an earlier run (by default they are "
+                        "skipped, except a timeout when TILEV4_COMPILE_TIMEOUT is now longer)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report (records, speed-ups, times)")
     p.add_argument("--ship", action="store_true", help="also write the records as the package's shipped defaults")
     p.add_argument("--import-report", metavar="FILE", help="store the records of a report instead of tuning")

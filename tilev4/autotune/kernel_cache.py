@@ -569,6 +569,11 @@ def clear(root: Path | None = None, kernel: str | None = None, arch: str | None 
     entries = [e for e in list_entries(root)
                if (kernel is None or e.kernel == kernel) and (arch is None or e.arch == arch)]
     result = remove_entries(entries, root)
+    # the markers of failed tuning builds (tilev4.autotune.tuner.compile_jobs) go with them
+    base = kernels_root(root)
+    for marker in base.glob(f"{arch or '*'}/*/{kernel or '*'}/*.failed.json") if base.is_dir() else []:
+        with contextlib.suppress(OSError):
+            marker.unlink()
     _clean_scratch(root)
     return result
 

@@ -24,12 +24,15 @@ exercised on the CPU with a wall-clock timer and torch stand-ins.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tilev4.autotune.select import REL_NOISE_FLOOR, select_winner
@@ -210,6 +213,7 @@ COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "240"))
 #: ~350 s and then waited on one build alone for minutes (benchmarks/logs/h200-2026-11-29-session3.md)
 TUNE_COMPILE_TIMEOUT_S = float(os.environ.get("TILEV4_COMPILE_TIMEOUT", "120"))
 SLOW_COMPILE_S = 60.0  # a build slower than this is named in the tuning log
+FAILED_SUFFIX = ".failed.json"  # beside a cache entry: its tuning build failed (see compile_jobs)
 _COMPILER_PROCESSES = frozenset({"nvcc", "cicc", "ptxas", "cudafe++", "fatbinary", "nvlink", "cc1plus", "gcc", "g++",
                                  "cc", "c++", "ld", "sh"})
 
@@ -291,17 +295,59 @@ def _compile_worker(name: str, config: dict[str, Any], arch: str,
     return status, time.perf_counter() - t0, ""
 
 
-def _is_built(name: str, config: Mapping[str, Any], arch: str) -> bool:
-    """Whether the cache holds a verified build of (kernel, config) for ``arch`` under this toolchain."""
+def _entry_key(name: str, config: Mapping[str, Any], arch: str) -> Any:
+    """The cache key of (kernel, config) for ``arch`` under this toolchain, or None for a bad config."""
     from tilev4.autotune import kernel_cache
     from tilev4.kernels.registry import get_kernel_def, resolve_config
 
     try:
         kdef = get_kernel_def(name)
-        key = kernel_cache.entry_key(name, resolve_config(kdef, config, arch).items, arch, kdef.source_hash)
+        return kernel_cache.entry_key(name, resolve_config(kdef, config, arch).items, arch, kdef.source_hash)
     except Exception:  # a bad config: the worker reports it
-        return False
-    return kernel_cache.verify_entry(key.path(), key) is None
+        return None
+
+
+def _is_built(name: str, config: Mapping[str, Any], arch: str) -> bool:
+    """Whether the cache holds a verified build of (kernel, config) for ``arch`` under this toolchain."""
+    from tilev4.autotune import kernel_cache
+
+    key = _entry_key(name, config, arch)
+    return key is not None and kernel_cache.verify_entry(key.path(), key) is None
+
+
+def failure_marker(key: Any) -> Path:
+    """Where a failed tuning build of an entry is remembered: ``<entry>.failed.json`` beside the entry."""
+    path = key.path()
+    return path.with_name(path.name + FAILED_SUFFIX)
+
+
+def _known_failure(name: str, config: Mapping[str, Any], arch: str, timeout: float) -> str | None:
+    """The error of an earlier failed build of this entry (same toolchain and source), unless it was a timeout
+    shorter than ``timeout`` (then the build gets the longer chance)."""
+    key = _entry_key(name, config, arch)
+    if key is None:
+        return None
+    try:
+        rec = json.loads(failure_marker(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("timeout") and (timeout <= 0 or timeout > float(rec.get("timeout_s", 0))):
+        return None
+    return str(rec.get("error", "failed"))
+
+
+def _remember_failure(name: str, config: Mapping[str, Any], arch: str, error: str, timeout: float) -> None:
+    key = _entry_key(name, config, arch)
+    if key is None:
+        return
+    marker = failure_marker(key)
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(marker.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"kernel": name, "config": dict(config), "arch": arch, "error": error,
+                                   "timeout": error.startswith("compile timeout"), "timeout_s": timeout,
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, default=str))
+        os.replace(tmp, marker)
 
 
 def compile_jobs(
@@ -310,18 +356,24 @@ def compile_jobs(
     workers: int = 2,
     on_done: Callable[[CompileOutcome], None] | None = None,
     timeout: float = COMPILE_TIMEOUT_S,
+    remember_failures: bool = False,
 ) -> list[CompileOutcome]:
     """Compile (kernel, complete config) pairs into the kernel cache with ``workers`` spawned processes.
 
     Spawned, not forked: the parent may hold a CUDA context. ``workers <= 1`` compiles in this
     process. Errors are returned, not raised; a build still running after ``timeout`` seconds
     (``TILEV4_COMPILE_TIMEOUT``, 0 = none) has its compiler processes killed and is an error.
+    ``remember_failures`` (tuning): a failed build leaves a marker beside its cache entry and is not tried
+    again by a later call under the same toolchain and source (a timeout is, if the new limit is longer);
+    ``tilev4 cache clear`` removes the markers.
     """
     outcomes: list[CompileOutcome] = []
 
     def done(name: str, cfg: Mapping[str, Any], res: tuple[str, float, str]) -> None:
         oc = CompileOutcome(name, dict(cfg), arch, *res)
         outcomes.append(oc)
+        if remember_failures and oc.status == "error" and not oc.error.startswith("failed before: "):
+            _remember_failure(name, cfg, arch, oc.error, timeout)
         if on_done is not None:
             on_done(oc)
 
@@ -329,6 +381,8 @@ def compile_jobs(
     for name, cfg in jobs:  # verified cache entries need no worker (nor a process start, nor a compiler)
         if _is_built(name, cfg, arch):
             done(name, cfg, ("cached", 0.0, ""))
+        elif remember_failures and (err := _known_failure(name, cfg, arch, timeout)) is not None:
+            done(name, cfg, ("error", 0.0, f"failed before: {err}"))
         else:
             missing.append((name, cfg))
     jobs = missing
@@ -626,6 +680,7 @@ def tune(
     log: Callable[[str], None] = print,
     compile_only: bool = False,
     arch: str | None = None,
+    remember_failures: bool = True,
 ) -> dict[str, Any]:
     """Tune kernels on the current GPU and store the results; returns the JSON-ready report.
 
@@ -640,6 +695,8 @@ def tune(
         space: a replacement space (only with exactly one kernel).
         store: write the records to this machine's results (``cache_dir()/tuning``).
         progress: a ``rich.progress.Progress`` to report on, or None.
+        remember_failures: skip candidates whose build failed in an earlier run under this toolchain (a
+            ``--compile-only`` run, say); False builds them again (``tilev4 tune --retry-failed``).
 
     Raises:
         RuntimeError: no CUDA GPU is visible.
@@ -695,7 +752,8 @@ def tune(
         if oc.status == "error" or oc.seconds > SLOW_COMPILE_S:  # named in the log: a stall is attributable
             log(f"  {oc.status} in {oc.seconds:.0f} s: {oc.kernel} {oc.config} {oc.error}".rstrip())
 
-    outcomes = compile_jobs(jobs, arch, workers, on_done=compiled, timeout=TUNE_COMPILE_TIMEOUT_S)
+    outcomes = compile_jobs(jobs, arch, workers, on_done=compiled, timeout=TUNE_COMPILE_TIMEOUT_S,
+                            remember_failures=remember_failures)
     compile_s = time.perf_counter() - t_compile
     failed = {config_label({"__k": o.kernel, **o.config}): o.error for o in outcomes if o.status == "error"}
     if compile_only:
