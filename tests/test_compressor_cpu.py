@@ -137,8 +137,9 @@ def test_state_is_validated():
 @pytest.mark.compile
 @pytest.mark.parametrize("name", ["compressor_prefill", "compressor_decode"])
 def test_generated_cuda(name):
-    """Accurate libm calls (exp2f for the pooling's exponentials; no fast math), warp shuffles for the block maxima and the Hadamard butterflies,
-    exact RNE for FP4 (nearbyintf), an FP8 conversion, and every state write in the decode step."""
+    """Accurate libm calls (exp2f for the pooling's exponentials; no fast math), warp shuffles for the block
+    maxima and the Hadamard butterflies, exact RNE for FP4 (nearbyintf), an FP8 conversion, and every state
+    write in the decode step."""
     attention = compile_kernel(name, SHIPPED[0], DEFAULT_AOT_ARCH).get_kernel_source()
     indexer = compile_kernel(name, SHIPPED[2], DEFAULT_AOT_ARCH).get_kernel_source()
     for src in (attention, indexer):
