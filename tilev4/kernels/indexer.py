@@ -487,6 +487,14 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             steps.append((2 << lsize, stride, use))
 
     @T.macro
+    def load_step(logits, vals, r, i, tx, row_len):
+        """vals[j] = entry (i·U + j)·threads + tx of row r, −inf past its length: U loads in flight."""
+        for j in T.unroll(U):
+            vals[j] = neg_inf
+            if (i * U + j) * threads + tx < row_len:
+                vals[j] = logits[r, (i * U + j) * threads + tx]
+
+    @T.macro
     def sort_step(keys, sel, sel2, tx, size, stride, buf):
         """One bitonic compare-exchange at distance ``stride`` inside blocks of ``size`` (descending when
         the position's ``size`` bit is 0): the lower position keeps the larger key there."""
@@ -575,10 +583,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
 
             # pass 1 (global): histogram of the top digit of the value key
             for i in T.serial(num_steps):
-                for j in T.unroll(U):
-                    vals[j] = neg_inf
-                    if (i * U + j) * threads + tx < row_len:
-                        vals[j] = logits[r, (i * U + j) * threads + tx]
+                load_step(logits, vals, r, i, tx, row_len)
                 for j in T.unroll(U):
                     if vals[j] > neg_inf:
                         T.atomic_add(hist[T.cast(T.shift_right(_order_key(vals[j]), T.uint32(top_shift)), T.int32)], 1)
@@ -614,10 +619,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
 
             # pass 2 (global): keys above the threshold digit are selected, the threshold bin is kept
             for i in T.serial(num_steps):
-                for j in T.unroll(U):
-                    vals[j] = neg_inf
-                    if (i * U + j) * threads + tx < row_len:
-                        vals[j] = logits[r, (i * U + j) * threads + tx]
+                load_step(logits, vals, r, i, tx, row_len)
                 for j in T.unroll(U):
                     if vals[j] > neg_inf and vals[j] >= f_lo:
                         ukey = _order_key(vals[j])
@@ -657,10 +659,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                                     T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
                     else:
                         for i in T.serial(num_steps):
-                            for j in T.unroll(U):
-                                vals[j] = neg_inf
-                                if (i * U + j) * threads + tx < row_len:
-                                    vals[j] = logits[r, (i * U + j) * threads + tx]
+                            load_step(logits, vals, r, i, tx, row_len)
                             for j in T.unroll(U):
                                 part = 0
                                 digit = T.uint32(0xFFFFFFFF)
@@ -694,10 +693,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                             sel[T.atomic_add(state[3], 1, return_prev=True)] = key
             elif thr >= 0:
                 for i in T.serial(num_steps):
-                    for j in T.unroll(U):
-                        vals[j] = neg_inf
-                        if (i * U + j) * threads + tx < row_len:
-                            vals[j] = logits[r, (i * U + j) * threads + tx]
+                    load_step(logits, vals, r, i, tx, row_len)
                     for j in T.unroll(U):
                         if vals[j] > neg_inf:
                             ukey = _order_key(vals[j])
