@@ -40,18 +40,21 @@ on B, S, the other queries of its CTA or the config (checked by the GPU tests).
 Top-k kernel (``topk_select``): one CTA (``threads``, 1024 by default) per row; radix select,
 ``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread), over the 64-bit key
 ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32 monotonically, ``IB`` = bits of
-N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. The row is
-read from global memory twice, ``unroll`` (8 or 16) loads in flight per thread: pass 1 histograms the top digit of the
-value key (shared-memory atomics) and a block scan (warp shuffles, then the warp totals) finds the
-digit d* of the K-th largest key; pass 2 sends every key whose top digit is above d* to the selected
-set and keeps the keys of the d* bin in shared memory (up to ``cap``, 4096). The later digits are
-found over that kept bin only (histograms with one atomic per group of equal digits in a warp:
-``__match_any_sync``), stopping as soon as the keys above the prefix number exactly K; a d* bin larger
-than ``cap`` (heavy ties) is searched by re-reading the row, with the same result. Entries −inf or
-past the row's length are never selected. The selected keys are bitonic-sorted descending in shared
-memory and written as ``c + offset`` (−1 after the last). The result is exactly a stable sort of
-``-logits`` (top K), so it is deterministic and batch-invariant. NaN logits are not allowed (not
-checked: such an entry is treated as −inf).
+N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. The row is read
+from global memory twice, ``unroll`` (8 or 16) loads in flight per thread. Pass 1 histograms the top digit
+of the value key (shared-memory atomics); a block scan (shuffles within each warp, then over the warp
+totals) finds the digit d* of the K-th largest key. Pass 2 tests each value against the smallest float of
+digit d* first, sends every key whose top digit is above d* to the selected set and keeps the keys of the
+d* bin in shared memory (up to ``cap``, 4096). The later digits are found over that kept bin only
+(histograms with one atomic per group of equal digits in a warp: ``__match_any_sync``), stopping as soon
+as the keys above the prefix number exactly K; a d* bin larger than ``cap`` (heavy ties) is searched by
+re-reading the row, with the same result. Entries −inf or past the row's length are never selected. The
+selected keys are bitonic-sorted descending with each key in a register (warp shuffles for partners
+closer than 32, two alternating shared buffers beyond) and written as ``c + offset`` (−1 after the last).
+The result is exactly a stable sort of ``-logits`` (top K), so it is deterministic and batch-invariant.
+NaN logits are not allowed (not checked: such an entry is treated as −inf). Measured on the H200
+(4096 × 32768, k = 512): 0.84 ms, 2.1× ``torch.topk``; the rows run one CTA of 1024 threads per SM
+(64 registers), which serialises a row's load phases with its select and sort phases.
 
 Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, so the two-pass path
 (logits, then select over the visible prefix) costs ~3% of the key traffic; no fused kernel.
