@@ -309,9 +309,12 @@ def _entry_key(name: str, config: Mapping[str, Any], arch: str) -> Any:
 
 def _is_built(name: str, config: Mapping[str, Any], arch: str) -> bool:
     """Whether the cache holds a verified build of (kernel, config) for ``arch`` under this toolchain."""
+    return _built(_entry_key(name, config, arch))
+
+
+def _built(key: Any) -> bool:
     from tilev4.autotune import kernel_cache
 
-    key = _entry_key(name, config, arch)
     return key is not None and kernel_cache.verify_entry(key.path(), key) is None
 
 
@@ -321,10 +324,9 @@ def failure_marker(key: Any) -> Path:
     return path.with_name(path.name + FAILED_SUFFIX)
 
 
-def _known_failure(name: str, config: Mapping[str, Any], arch: str, timeout: float) -> str | None:
+def _known_failure(key: Any, timeout: float) -> str | None:
     """The error of an earlier failed build of this entry (same toolchain and source), unless it was a timeout
     shorter than ``timeout`` (then the build gets the longer chance)."""
-    key = _entry_key(name, config, arch)
     if key is None:
         return None
     try:
@@ -336,16 +338,15 @@ def _known_failure(name: str, config: Mapping[str, Any], arch: str, timeout: flo
     return str(rec.get("error", "failed"))
 
 
-def _remember_failure(name: str, config: Mapping[str, Any], arch: str, error: str, timeout: float) -> None:
-    key = _entry_key(name, config, arch)
+def _remember_failure(key: Any, oc: CompileOutcome, timeout: float) -> None:
     if key is None:
         return
     marker = failure_marker(key)
     with contextlib.suppress(OSError):
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_name(marker.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"kernel": name, "config": dict(config), "arch": arch, "error": error,
-                                   "timeout": error.startswith("compile timeout"), "timeout_s": timeout,
+        tmp.write_text(json.dumps({"kernel": oc.kernel, "config": oc.config, "arch": oc.arch, "error": oc.error,
+                                   "timeout": oc.error.startswith("compile timeout"), "timeout_s": timeout,
                                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, default=str))
         os.replace(tmp, marker)
 
@@ -373,15 +374,16 @@ def compile_jobs(
         oc = CompileOutcome(name, dict(cfg), arch, *res)
         outcomes.append(oc)
         if remember_failures and oc.status == "error" and not oc.error.startswith("failed before: "):
-            _remember_failure(name, cfg, arch, oc.error, timeout)
+            _remember_failure(_entry_key(name, cfg, arch), oc, timeout)
         if on_done is not None:
             on_done(oc)
 
     missing = []
     for name, cfg in jobs:  # verified cache entries need no worker (nor a process start, nor a compiler)
-        if _is_built(name, cfg, arch):
+        key = _entry_key(name, cfg, arch)
+        if _built(key):
             done(name, cfg, ("cached", 0.0, ""))
-        elif remember_failures and (err := _known_failure(name, cfg, arch, timeout)) is not None:
+        elif remember_failures and (err := _known_failure(key, timeout)) is not None:
             done(name, cfg, ("error", 0.0, f"failed before: {err}"))
         else:
             missing.append((name, cfg))
