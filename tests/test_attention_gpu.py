@@ -201,6 +201,13 @@ def test_bad_input_gpu():
         tilev4.sparse_attention(q, kv, sink, idx)
     with pytest.raises(TypeError, match="sel_idx must be int32"):
         tilev4.sparse_attention(q, kv, sink, idx.long())
+    idx[0, 1, 3] = 0
+    shifted = torch.empty(q.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view(q.shape)  # 2 bytes off
+    shifted.copy_(q)
+    with pytest.raises(ValueError, match="q must start at a 16-byte aligned address"):
+        tilev4.sparse_attention(shifted, kv, sink, idx)
+    with pytest.raises(ValueError, match="out must start at a 16-byte aligned address"):
+        tilev4.sparse_attention(q, kv, sink, idx, out=shifted)
     with pytest.raises(ValueError, match="contiguous"):
         tilev4.sparse_attention(q, _randn(1, 10, 1024, g=g)[..., :512], sink, idx.clamp(min=0))
     with pytest.raises(ValueError, match="sink"):

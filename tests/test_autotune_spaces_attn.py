@@ -29,8 +29,16 @@ SMEM = SMEM_LIMIT_BYTES["sm_90a"]
 
 def test_dsl_space_pins_what_a_schedule_does_not_use():
     ws, simple16 = csa_spec(64), csa_spec(16)
+    why = dsl_tuning.why_invalid
     assert dsl_tuning.schedule_of(ws, AttentionConfig()) == "ws"
+    assert dsl_tuning.schedule_of(ws, AttentionConfig(schedule="seesaw")) == "seesaw"
     assert dsl_tuning.schedule_of(simple16, AttentionConfig()) == "simple"
+    assert dsl_tuning.schedule_of(simple16, AttentionConfig(schedule="seesaw")) == "simple"
+    assert why(ws, AttentionConfig(schedule="seesaw", block_kv=32), "split") is None
+    assert "needs 64-head CTAs" in why(simple16, AttentionConfig(schedule="seesaw"), "main")
+    assert "not used by the combine" in why(ws, AttentionConfig(schedule="seesaw"), "combine")
+    with pytest.raises(ValueError, match="schedule"):
+        AttentionConfig(schedule="pingpong")
     why = dsl_tuning.why_invalid
     assert why(ws, AttentionConfig(block_kv=32), "main") is None
     assert "not used by the warp-specialised" in why(ws, AttentionConfig(threads=128), "main")
@@ -43,8 +51,9 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
     assert "does not divide" in why(ws, AttentionConfig(block_kv=48, split_keys=256), "split")
     assert "does not divide" in why(ws, AttentionConfig(block_kv=48), "main")  # its config runs the BI split
     assert "registers" in why(variant_spec("csa", 64), AttentionConfig(threads=128, schedule="simple"), "main")
-    # shared memory: the default fits with room to spare; a 128-key double buffer does not
+    # shared memory: the defaults fit with room to spare; a 128-key double buffer does not
     assert 200_000 < dsl_tuning.smem_bytes(ws, AttentionConfig(), "main") <= SMEM
+    assert 200_000 < dsl_tuning.smem_bytes(ws, AttentionConfig(schedule="seesaw"), "main") <= SMEM
     assert dsl_tuning.smem_bytes(ws, AttentionConfig(block_kv=128), "main") > SMEM
     with pytest.raises(ValueError, match="multiple of block_kv"):
         AttentionConfig(block_kv=48, split_keys=256).blocks_per_split()
@@ -53,7 +62,7 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
 @pytest.mark.parametrize("name", NAMES)
 def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name):
     kdef = get_kernel_def(name)
-    assert kdef.tunable_keys == ("block_kv", "threads", "combine_threads")
+    assert kdef.tunable_keys == ("block_kv", "threads", "combine_threads", "schedule")
     plans = {p.bucket: p for p in plan_kernel(name, arch="sm_90a")}
     layouts = ("",) if name == "sparse_attention" else (",prefill", ",decode")
     expected = {f"H={h},combine" for h in (64, 128)}
@@ -61,15 +70,16 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
     assert set(plans) == expected
     for plan in plans.values():
         assert 1 < len(plan.candidates) <= 6
-        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128}  # the default
+        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "ws"}
         assert plan.default_is_candidate0
         for problem in plan.problems:
             for cand in plan.candidates:
                 assert kdef.space.why_invalid({**problem, **cand}, SMEM) is None
         if plan.bucket.endswith("combine"):
             assert [c["combine_threads"] for c in plan.candidates] == [128, 256, 64]
-        else:  # warp-specialised: only the block size is free
-            assert [c["block_kv"] for c in plan.candidates] == [64, 32, 16]
+        else:  # warp-specialised: the block size and the schedule are free
+            assert sorted((c["block_kv"], c["schedule"]) for c in plan.candidates) == sorted(
+                (bi, sch) for bi in (64, 32, 16) for sch in ("ws", "seesaw"))
         if plan.bucket.endswith(",main"):  # the one-pass program and the batch-invariant split share a config
             assert sorted(p["kind"] for p in plan.problems) == ["main", "split"]
             assert all(p.get("split_keys") == BATCH_INVARIANT_SPLIT_KEYS for p in plan.problems)
@@ -84,7 +94,7 @@ def test_default_configs_are_the_shipped_programs():
     kdef = get_kernel_def("csa_attention")
     for cfg in kdef.configs:
         full = dict(resolve_config(kdef, cfg, "sm_90a", gpu=None).items)
-        assert (full["block_kv"], full["threads"], full["combine_threads"]) == (64, 256, 128)
+        assert (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"]) == (64, 256, 128, "ws")
     assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS}
 
 
@@ -199,13 +209,15 @@ def test_the_tuner_checks_candidates_with_the_attention_harness():
     (plan,) = plan_kernel("csa_attention", [shape], arch="sm_90a")
     kdef = get_kernel_def("csa_attention")
     names = kdef.harness.make_case(plan.problems[0], 2, torch.Generator(), "cpu", False).names
-    right, lazy, variant = plan.labels
+    right, lazy, variant = plan.labels[:3]
     kernels = {(0, right): _stand_in("csa", names, OCCUPANCY_SPLIT_KEYS),
                (0, lazy): _stand_in("csa", names, OCCUPANCY_SPLIT_KEYS, lazy=True),
                (0, variant): _stand_in("csa", names, OCCUPANCY_SPLIT_KEYS, batch_variant=True)}
     m = measure_bucket(plan, kernels, kdef.harness, batch_invariant=True, device="cpu", timer=WallTimer(),
                        rounds=1, reps=1, warmup=0, num_inputs=1)
-    assert m.status == {right: "ok", lazy: "wrong_output", variant: "not_batch_invariant"}, m.detail
+    assert {k: m.status[k] for k in (right, lazy, variant)} == {
+        right: "ok", lazy: "wrong_output", variant: "not_batch_invariant"}, m.detail
+    assert all(m.status[k] == "not_compiled" for k in plan.labels[3:])
     assert "NaN" in m.detail[lazy]
 
 
@@ -221,7 +233,7 @@ def tuned(tmp_path, monkeypatch):
     monkeypatch.setattr(identity, "current_gpu", lambda: H200)
     monkeypatch.delenv("TILEV4_ARCH", raising=False)
     kdef = get_kernel_def("csa_attention")
-    default = {"block_kv": 64, "threads": 256, "combine_threads": 128}
+    default = {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "ws"}
     winners = {"H=64,decode,main": {**default, "block_kv": 32}, "H=64,decode,split": {**default, "block_kv": 16},
                "H=64,combine": {**default, "combine_threads": 256}}
     for bucket, config in winners.items():

@@ -32,3 +32,17 @@ def test_config_key_is_canonical():
         canonical_config(kdef, {"D": 4096, "tile": 3})
     with pytest.raises(ValueError, match="unknown kernel"):
         get_kernel_def("no_such_kernel")
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("schedule", ["ws", "seesaw"])
+def test_warp_specialised_register_split_fits_the_launch_allocation(schedule):
+    """The warpgroups' setmaxnreg counts must fit in what the CTA gets at launch (384 threads: at most 168
+    registers each); a larger sum makes ``setmaxnreg.inc`` wait forever for registers nobody frees."""
+    import re
+
+    kernel = compile_kernel("csa_attention", {"heads": 64, "kind": "main", "schedule": schedule}, DEFAULT_AOT_ARCH)
+    src = kernel.get_kernel_source()
+    counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
+    assert len(counts) == 3, counts
+    assert sum(counts) <= 3 * 168, counts

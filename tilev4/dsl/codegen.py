@@ -59,9 +59,11 @@ class AttentionConfig:
         global key sequence (each source padded to whole blocks). A compile-time constant, so that a
         row's split boundaries never depend on the batch; with source sizes that are multiples of 64
         they do not depend on a ``block_kv`` dividing 64 either.
-    schedule: "simple" (all warps gather, then compute) or "ws" (warp-specialised: one producer
+    schedule: "simple" (all warps gather, then compute), "ws" (warp-specialised: one producer
         warpgroup gathers rows with cp.async into a double buffer while two consumer warpgroups
-        run QKᵀ/softmax/PV on the two halves of D; needs 64 heads per CTA and D = 512).
+        run QKᵀ/softmax/PV on the two halves of D) or "seesaw" (the same producer; the two
+        consumers take alternate key blocks, swap their row maxima and each other's P, and each
+        accumulates one half of D over both blocks). The last two need 64 heads per CTA and D = 512.
     combine_threads: CTA size of the combine program (element-wise over 4 heads × D; the splits are
         merged in a serial loop).
     """
@@ -74,8 +76,8 @@ class AttentionConfig:
     combine_threads: int = 128
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("simple", "ws"):
-            raise ValueError(f"schedule must be 'simple' or 'ws', got {self.schedule!r}")
+        if self.schedule not in ("simple", "ws", "seesaw"):
+            raise ValueError(f"schedule must be 'simple', 'ws' or 'seesaw', got {self.schedule!r}")
         if self.split_keys < 1:
             raise ValueError(f"split_keys must be >= 1, got {self.split_keys}")
         if self.block_kv % 16 or self.block_kv < 16:
@@ -198,6 +200,8 @@ class _SourceGen:
 
 def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """The fused attention program for ``spec`` (see the module docstring)."""
+    if config.schedule == "seesaw" and ws_supported(spec):
+        return _build_seesaw_program(spec, config, split)
     if config.schedule == "ws" and ws_supported(spec):
         return _build_ws_program(spec, config, split)
     H, D, BI = spec.heads, spec.head_dim, config.block_kv
@@ -344,6 +348,67 @@ def _annotations(spec: AttentionSpec, gens: list, split: bool, B: Any, S: Any, N
     return ann
 
 
+_ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
+
+
+def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
+    """The producer warpgroup of the warp-specialised schedules, as a macro.
+
+    For each block pair ``it`` and stage ``st`` it resolves the (source, row, kv_idx) of its
+    ``BI / 16`` rows of global block ``lo + 2·it + st`` (index loads overlap the wait for the
+    stage), waits until both consumers freed the stage, then gathers the rows with 16-byte
+    cp.async (predicated off, i.e. zero-filled, for invalid keys), publishes the validity and
+    kv_idx of each key, and arrives on ``k_ready[st]`` when the copies land.
+    """
+    D = spec.head_dim
+    NR = BI // _ROWS_PER_PASS
+    has_mods = spec.score_mod is not None or spec.mask_mod is not None
+    max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
+
+    @T.macro
+    def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
+                src_local, row_local, pos_local):
+        col = (ptx % 8) * 8
+        for it in T.serial(n_iter):
+            for st in T.unroll(2):
+                gblk = lo + it * 2 + st
+                # resolve this thread's rows first (index loads overlap the wait), then copy
+                for r in T.unroll(NR):
+                    jj = r * _ROWS_PER_PASS + ptx // 8
+                    src_local[r] = -1
+                    row_local[r] = 0
+                    pos_local[r] = 0
+                    sbase = 0
+                    for i, g in enumerate(gens):
+                        if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
+                            row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
+                            src_local[r] = T.if_then_else(valid, i, -1)
+                            row_local[r] = T.if_then_else(valid, row, 0)
+                            pos_local[r] = kvpos
+                        sbase = sbase + max_blocks[i]
+                T.barrier_wait(k_free[st], (it & 1) ^ 1)
+                for r in T.unroll(NR):
+                    jj = r * _ROWS_PER_PASS + ptx // 8
+                    for i, g in enumerate(gens):
+                        # source 0 also zero-fills invalid rows (predicated-off cp.async)
+                        if (src_local[r] <= 0) if i == 0 else (src_local[r] == i):
+                            for u in T.unroll(D // 64):
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
+                                    T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[r], u * 64 + col], "r", 8),
+                                    8,
+                                    predicate=src_local[r] == i,
+                                )
+                for r in T.unroll(NR):
+                    jj = r * _ROWS_PER_PASS + ptx // 8
+                    ok_shared[st, jj] = T.if_then_else(src_local[r] >= 0, 1, 0)
+                    if has_mods:
+                        kvpos_shared[st, jj] = pos_local[r]
+                T.cp_async_barrier_noinc(k_ready[st])
+
+    return produce
+
+
 def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """Warp-specialised main program: 3 warpgroups (consumer 0, consumer 1, producer).
 
@@ -366,10 +431,9 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     gens = [_SourceGen(src, BI, D) for src in spec.sources]
     ann = _annotations(spec, gens, split, B, S, NS)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
-    rows_per_pass = 16  # 128 producer threads, 8 per row (16 B each over 64 dims)
-    NR = BI // rows_per_pass  # rows per producer thread and block
-    has_mods = score_mod is not None or mask_mod is not None
+    NR = BI // _ROWS_PER_PASS
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
+    produce = _producer(spec, gens, BI)
 
     @T.macro
     def body(t):
@@ -395,6 +459,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             p_ready = T.alloc_barrier(arrive_count=256)
             p_free = T.alloc_barrier(arrive_count=256)
             fin = T.alloc_barrier(arrive_count=128)
+            q_bar = T.alloc_barrier(arrive_count=384)
             src_local = T.alloc_local((NR,), T.int32)
             row_local = T.alloc_local((NR,), T.int32)
             pos_local = T.alloc_local((NR,), T.int32)
@@ -416,11 +481,14 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                 hi = end
             n_iter = T.ceildiv(hi - lo, 2)
 
-            T.copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared)
+            # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
+            T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
+            T.barrier_arrive(q_bar)
             tx = T.get_thread_binding()
 
             if tx < 128:
                 T.set_max_nreg(240, 1)
+                T.barrier_wait(q_bar, 0)
                 T.fill(acc_o_l, 0)
                 T.fill(l_sum, 0)
                 T.fill(m, NEG_BIG)
@@ -515,46 +583,192 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                     T.copy(q_shared[:, DH:D], t["o"][b_i, s_i, h0 : h0 + HB, DH:D])
             elif tx >= 256:
                 T.set_max_nreg(80, 0)
-                ptx = tx - 256
-                col = (ptx % 8) * 8
-                for it in T.serial(n_iter):
-                    for st in T.unroll(2):
-                        gblk = lo + it * 2 + st
-                        # resolve this thread's rows first (index loads overlap the wait), then copy
-                        for r in T.unroll(NR):
-                            jj = r * rows_per_pass + ptx // 8
-                            src_local[r] = -1
-                            row_local[r] = 0
-                            pos_local[r] = 0
-                            sbase = 0
-                            for i, g in enumerate(gens):
-                                if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
-                                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
-                                    src_local[r] = T.if_then_else(valid, i, -1)
-                                    row_local[r] = T.if_then_else(valid, row, 0)
-                                    pos_local[r] = kvpos
-                                sbase = sbase + max_blocks[i]
-                        T.barrier_wait(k_free[st], (it & 1) ^ 1)
-                        for r in T.unroll(NR):
-                            jj = r * rows_per_pass + ptx // 8
-                            for i, g in enumerate(gens):
-                                # source 0 also zero-fills invalid rows (predicated-off cp.async)
-                                if (src_local[r] <= 0) if i == 0 else (src_local[r] == i):
-                                    for u in T.unroll(D // 64):
-                                        T.ptx_cp_async(
-                                            T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
-                                            T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[r], u * 64 + col], "r", 8),  # noqa: E501
-                                            8,
-                                            predicate=src_local[r] == i,
-                                        )
-                        for r in T.unroll(NR):
-                            jj = r * rows_per_pass + ptx // 8
-                            ok_shared[st, jj] = T.if_then_else(src_local[r] >= 0, 1, 0)
-                            if has_mods:
-                                kvpos_shared[st, jj] = pos_local[r]
-                        T.cp_async_barrier_noinc(k_ready[st])
+                produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
+                        k_free, src_local, row_local, pos_local)
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_ws", arg_names, ann, body)
+
+
+def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
+    """Seesaw main program: 3 warpgroups, the two consumers symmetric.
+
+    Global key blocks come in pairs (stage 0: even block, stage 1: odd block; the producer is the
+    one of the ``ws`` schedule). Consumer ``w`` owns half ``w`` of D in the output and block
+    ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D, the masked row max,
+    and swaps it with its peer through shared memory, so that both use the same running max
+    ``m``; then ``P_w = 2^(S_w − m)`` goes to shared memory, and the consumer accumulates
+    ``P_w V_w[:, half w]`` and, once the peer's P is there, ``P_{1−w} V_{1−w}[:, half w]``.
+    Each consumer keeps the row sum of its own blocks; the two are added at the end. Both
+    consumers do the same tensor-core work (one QKᵀ and two half PVs per pair), and one's softmax
+    runs while the other's GEMMs do.
+    """
+    H, D, BI = spec.heads, spec.head_dim, config.block_kv
+    HB, DH = 64, spec.head_dim // 2
+    NHB = H // HB
+    fixed_sb = config.blocks_per_split() if split else 1
+    scale = spec.softmax_scale
+    score_mod, mask_mod = spec.score_mod, spec.mask_mod
+    B, S = T.dynamic("B"), T.dynamic("S")
+    NS = T.dynamic("NS") if split else 1
+    gens = [_SourceGen(src, BI, D) for src in spec.sources]
+    ann = _annotations(spec, gens, split, B, S, NS)
+    arg_names = [n for n, _ in tensor_layout(spec, split)]
+    NR = BI // _ROWS_PER_PASS
+    max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
+    produce = _producer(spec, gens, BI)
+
+    @T.macro
+    def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, acc_o, m, m_prev,
+                alpha, l_sum, row_sum, lse2):
+        T.barrier_wait(q_bar, 0)
+        T.fill(acc_o, 0)
+        T.fill(l_sum, 0)
+        T.fill(m, NEG_BIG)
+        for it in T.serial(n_iter):
+            T.barrier_wait(k_ready[w], it & 1)
+            T.gemm(q_shared, kv_shared[w, :, :], acc_s, transpose_B=True, clear_accum=True)
+            # [HB, D] @ [D, BI] -> [HB, BI]
+            for h, jj in T.Parallel(HB, BI):
+                score = acc_s[h, jj] * scale
+                if score_mod is not None:
+                    score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[w, jj])
+                keep = ok_shared[w, jj] != 0
+                if mask_mod is not None:
+                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[w, jj]))
+                acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+            T.copy(m, m_prev)
+            T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(S_w))  [HB]
+            T.copy(m, max_shared[w, :])
+            T.barrier_arrive(s_ready[w])
+            T.barrier_wait(s_ready[1 - w], it & 1)
+            for h in T.Parallel(HB):
+                m[h] = T.max(m[h], max_shared[1 - w, h])  # the same max in both consumers
+                alpha[h] = T.exp2(m_prev[h] - m[h])
+            for h, jj in T.Parallel(HB, BI):
+                acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+            T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_w.sum(-1)  [HB]
+            for h in T.Parallel(HB):
+                l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+            for h, d in T.Parallel(HB, DH):
+                acc_o[h, d] = acc_o[h, d] * alpha[h]
+            T.copy(acc_s, p_shared[w, :, :])
+            T.fence_proxy_async()  # P_w is read by the peer's tensor-core GEMM
+            T.barrier_arrive(p_ready[w])
+            T.gemm(p_shared[w, :, :], kv_shared[w, :, w * DH : (w + 1) * DH], acc_o)
+            # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+            T.barrier_wait(p_ready[1 - w], it & 1)
+            T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
+            T.barrier_arrive(k_free[0])
+            T.barrier_arrive(k_free[1])
+        # the two row sums, added in the same order by both; then the epilogue factors
+        T.copy(l_sum, sum_shared[w, :])
+        T.barrier_arrive(fin)
+        T.barrier_wait(fin, 0)
+        for h in T.Parallel(HB):
+            l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
+            lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
+            alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+            if spec.sink:
+                sink2 = t["sink"][h0 + h] * LOG2E
+                mx = T.max(lse2[h], sink2)
+                wt = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
+                den = wt + T.exp2(sink2 - mx)
+            else:
+                wt = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
+                den = wt
+            m_prev[h] = wt
+            row_sum[h] = T.if_then_else(wt > 0, 1.0 / den, 0.0)
+        for h, d in T.Parallel(HB, DH):
+            acc_o[h, d] = acc_o[h, d] * alpha[h]
+        if split:
+            for h, d in T.Parallel(HB, DH):
+                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d]
+            if w == 0:
+                for h in T.Parallel(HB):
+                    t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
+        else:
+            for h, d in T.Parallel(HB, DH):
+                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
+            T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
+            if spec.return_lse and w == 0:
+                for h in T.Parallel(HB):
+                    t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
+
+    @T.macro
+    def body(t):
+        with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
+            q_shared = T.alloc_shared((HB, D), T.bfloat16)
+            kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
+            p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
+            ok_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
+            kvpos_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
+            max_shared = T.alloc_shared((2, HB), T.float32)
+            sum_shared = T.alloc_shared((2, HB), T.float32)
+            acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
+            acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
+            acc_o_0 = T.alloc_fragment((HB, DH), T.float32)
+            acc_o_1 = T.alloc_fragment((HB, DH), T.float32)
+            m_0 = T.alloc_fragment((HB,), T.float32)
+            m_1 = T.alloc_fragment((HB,), T.float32)
+            m_prev_0 = T.alloc_fragment((HB,), T.float32)
+            m_prev_1 = T.alloc_fragment((HB,), T.float32)
+            alpha_0 = T.alloc_fragment((HB,), T.float32)
+            alpha_1 = T.alloc_fragment((HB,), T.float32)
+            l_sum_0 = T.alloc_fragment((HB,), T.float32)
+            l_sum_1 = T.alloc_fragment((HB,), T.float32)
+            row_sum_0 = T.alloc_fragment((HB,), T.float32)
+            row_sum_1 = T.alloc_fragment((HB,), T.float32)
+            lse2_0 = T.alloc_fragment((HB,), T.float32)
+            lse2_1 = T.alloc_fragment((HB,), T.float32)
+            k_ready = T.alloc_barrier(arrive_count=[128, 128])
+            k_free = T.alloc_barrier(arrive_count=[256, 256])
+            s_ready = T.alloc_barrier(arrive_count=[128, 128])
+            p_ready = T.alloc_barrier(arrive_count=[128, 128])
+            fin = T.alloc_barrier(arrive_count=256)
+            q_bar = T.alloc_barrier(arrive_count=384)
+            src_local = T.alloc_local((NR,), T.int32)
+            row_local = T.alloc_local((NR,), T.int32)
+            pos_local = T.alloc_local((NR,), T.int32)
+
+            h0 = (bx % NHB) * HB
+            sp = bx // NHB
+            tq = t["positions"][b_i, s_i]
+            # this query's global block range [lo, hi)
+            end = 0
+            base = 0
+            for i, g in enumerate(gens):
+                end = base + g.num_blocks(t, b_i, tq)
+                base = base + max_blocks[i]
+            if split:
+                lo = T.min(sp * fixed_sb, end)
+                hi = T.min((sp + 1) * fixed_sb, end)
+            else:
+                lo = 0
+                hi = end
+            n_iter = T.ceildiv(hi - lo, 2)
+
+            # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
+            T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
+            T.barrier_arrive(q_bar)
+            tx = T.get_thread_binding()
+
+            if tx < 128:
+                T.set_max_nreg(216, 1)
+                consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_o_0, m_0,
+                        m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+            elif tx >= 128 and tx < 256:
+                T.set_max_nreg(216, 1)
+                consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1, acc_o_1, m_1,
+                        m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+            elif tx >= 256:
+                T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
+                produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
+                        k_free, src_local, row_local, pos_local)
+
+    return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_seesaw", arg_names, ann, body)
 
 
 def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:

@@ -4,7 +4,7 @@ may vary for a spec, which values build, and the shared memory they take.
 What each schedule really uses (checked by lowering and compiling for sm_90a and comparing the
 CUDA sources):
 
-* ``block_kv`` (keys per block): both schedules. Candidates 64 (default), 32, 16 — each divides 64,
+* ``block_kv`` (keys per block): every schedule. Candidates 64 (default), 32, 16 — each divides 64,
   so every split size of whole 64-key blocks is whole blocks of it. The warp-specialised producer moves 16 rows per pass
   (a multiple of 16); in the simple schedule the QKᵀ GEMM ``[HB, D] @ [D, BI]`` must split over
   the CTA's warps in tiles of 16 rows × 8 columns (e.g. 16 heads × 32 keys cannot feed 8 warps).
@@ -14,6 +14,9 @@ CUDA sources):
 * ``num_stages``: not tuned. The warp-specialised schedule has a fixed 2-stage buffer; in the
   simple schedule the gather is a predicated element-wise copy, which TileLang's pipeliner does
   not multi-buffer (1 and 2 stages give the same CUDA source up to buffer names).
+* ``schedule``: for 64-head CTAs with D = 512, ``ws`` (default) or ``seesaw`` (see
+  :class:`~tilev4.dsl.codegen.AttentionConfig`); measured on the H200, ``ws`` is ahead on CSA rows
+  and ``seesaw`` on HCA prefill. Pinned to the default where the simple schedule runs and for the combine.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 
@@ -52,6 +55,7 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
     "block_kv": (64, 32, 16),
     "threads": (256, 128),
     "combine_threads": (128, 256, 64),
+    "schedule": ("ws", "seesaw"),
 }
 """Tunable knob → candidate values, the default first (canonical order of the tuner)."""
 
@@ -60,8 +64,8 @@ _DEFAULT = AttentionConfig()
 
 
 def schedule_of(spec: AttentionSpec, config: AttentionConfig) -> str:
-    """The schedule ``build_main_program`` uses: ``ws`` when asked for and supported, else ``simple``."""
-    return "ws" if config.schedule == "ws" and ws_supported(spec) else "simple"
+    """The schedule ``build_main_program`` uses: ``seesaw`` or ``ws`` when asked for and supported, else ``simple``."""
+    return config.schedule if config.schedule in ("ws", "seesaw") and ws_supported(spec) else "simple"
 
 
 def _gemm_partition(m: int, n: int, warps: int) -> bool:
@@ -74,6 +78,9 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
     """Why ``config`` must not be built (or tuned) for program ``kind`` of ``spec``, or None."""
     if kind not in KINDS:
         return f"kind must be one of {KINDS}, got {kind!r}"
+    if config.schedule != _DEFAULT.schedule and (kind == "combine" or not ws_supported(spec)):
+        return ("schedule is not used by the combine program" if kind == "combine" else
+                f"schedule={config.schedule!r} needs 64-head CTAs and D = 512 (this spec runs the simple schedule)")
     if kind == "combine":
         if (config.block_kv, config.threads) != (_DEFAULT.block_kv, _DEFAULT.threads):
             return "block_kv and threads are not used by the combine program"
@@ -86,7 +93,7 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
     keys = config.split_keys if kind == "split" else BATCH_INVARIANT_SPLIT_KEYS
     if keys % bi:
         return f"block_kv={bi} does not divide the split size of {keys} keys"
-    if schedule_of(spec, config) == "ws":
+    if schedule_of(spec, config) != "simple":
         if config.threads != _DEFAULT.threads:
             return "threads is not used by the warp-specialised schedule (384 threads)"
         return None if bi % 16 == 0 else f"block_kv={bi}: the producer moves 16 rows per pass"
@@ -104,6 +111,9 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     if kind == "combine":
         return 0  # fragments only
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
+    if schedule_of(spec, config) == "seesaw":
+        # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
+        return hb * d * 2 + 2 * bi * d * 2 + 2 * hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
     if schedule_of(spec, config) == "ws":
         # Q, the 2-stage KV buffer, P, per-key flags/positions of both stages, rescale factors
         return hb * d * 2 + 2 * bi * d * 2 + hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
@@ -113,7 +123,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
-    keys = ("block_kv", "threads", "combine_threads", "split_keys")
+    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 

@@ -1,10 +1,10 @@
 """Tuning of the registry attention kernels (``sparse_attention``, ``csa_attention``, ``hca_attention``):
 their space, shape buckets and harness.
 
-**Space** — the DSL's (:func:`tilev4.dsl.tuning.config_space`): ``block_kv`` 64/32/16 for the main
-and split programs (the warp-specialised schedule of every 64- and 128-head kernel uses nothing
-else), ``threads`` 256/128 where the simple schedule runs (other head counts), ``combine_threads``
-128/256/64 for the combine. Per bucket: 3 candidates (the default first).
+**Space** — the DSL's (:func:`tilev4.dsl.tuning.config_space`): ``block_kv`` 64/32/16 and
+``schedule`` ws/seesaw for the main and split programs of every 64- and 128-head kernel (6
+candidates per bucket), ``block_kv`` and ``threads`` 256/128 where the simple schedule runs (other
+head counts), ``combine_threads`` 128/256/64 for the combine (3 candidates). The default comes first.
 
 **Buckets** — compile-time keys only, never the batch or the number of queries::
 
