@@ -255,6 +255,11 @@ def test_a_failed_tuning_build_is_remembered_not_rebuilt(cache, monkeypatch):
     assert len(calls) == 3
     kernel_cache.clear()
     assert not marker.exists()
+    # a retry that builds removes the marker
+    compile_jobs(job, "sm_90a", workers=1, remember_failures=True)
+    assert marker.is_file()
+    monkeypatch.setattr(registry, "compile_kernel", lambda name, config, arch: calls.append(dict(config)))
+    assert compile_jobs(job, "sm_90a", workers=1)[0].status != "error" and not marker.exists()
 
 
 def test_tune_report_table_goes_into_the_readme(tmp_path):

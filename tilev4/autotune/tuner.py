@@ -375,6 +375,9 @@ def compile_jobs(
         outcomes.append(oc)
         if remember_failures and oc.status == "error" and not oc.error.startswith("failed before: "):
             _remember_failure(_entry_key(name, cfg, arch), oc, timeout)
+        elif oc.status != "error" and (key := _entry_key(name, cfg, arch)) is not None:
+            with contextlib.suppress(OSError):  # built now (a retry, say): an old failure no longer holds
+                failure_marker(key).unlink(missing_ok=True)
         if on_done is not None:
             on_done(oc)
 
