@@ -354,12 +354,11 @@ _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each ove
 def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
     """The producer warpgroup of the warp-specialised schedules, as a macro.
 
-    For each block pair ``it`` and stage ``st`` it waits until both consumers freed the stage,
-    gathers its ``BI / 16`` rows of global block ``lo + 2·it + st`` with 16-byte cp.async
-    (predicated off, i.e. zero-filled, for invalid keys), publishes the validity and kv_idx of
-    each key, arrives on ``k_ready[st]`` when the copies land, and then already resolves the
-    (source, row, kv_idx) of the stage's next block, so that the index loads of a block are in
-    flight while the block before it is in use.
+    For each block pair ``it`` and stage ``st`` it resolves the (source, row, kv_idx) of its
+    ``BI / 16`` rows of global block ``lo + 2·it + st`` (index loads overlap the wait for the
+    stage), waits until both consumers freed the stage, then gathers the rows with 16-byte
+    cp.async (predicated off, i.e. zero-filled, for invalid keys), publishes the validity and
+    kv_idx of each key, and arrives on ``k_ready[st]`` when the copies land.
     """
     D = spec.head_dim
     NR = BI // _ROWS_PER_PASS
@@ -367,51 +366,45 @@ def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
 
     @T.macro
-    def resolve(t, ptx, b_i, s_i, tq, gblk, hi, st, src_local, row_local, pos_local):
-        # (source, row, kv_idx) of this thread's rows of global block gblk, into slot st of the locals
-        for r in T.unroll(NR):
-            jj = r * _ROWS_PER_PASS + ptx // 8
-            src_local[st, r] = -1
-            row_local[st, r] = 0
-            pos_local[st, r] = 0
-            sbase = 0
-            for i, g in enumerate(gens):
-                if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
-                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
-                    src_local[st, r] = T.if_then_else(valid, i, -1)
-                    row_local[st, r] = T.if_then_else(valid, row, 0)
-                    pos_local[st, r] = kvpos
-                sbase = sbase + max_blocks[i]
-
-    @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
                 src_local, row_local, pos_local):
         col = (ptx % 8) * 8
-        for st in T.unroll(2):
-            resolve(t, ptx, b_i, s_i, tq, lo + st, hi, st, src_local, row_local, pos_local)
         for it in T.serial(n_iter):
             for st in T.unroll(2):
+                gblk = lo + it * 2 + st
+                # resolve this thread's rows first (index loads overlap the wait), then copy
+                for r in T.unroll(NR):
+                    jj = r * _ROWS_PER_PASS + ptx // 8
+                    src_local[r] = -1
+                    row_local[r] = 0
+                    pos_local[r] = 0
+                    sbase = 0
+                    for i, g in enumerate(gens):
+                        if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
+                            row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
+                            src_local[r] = T.if_then_else(valid, i, -1)
+                            row_local[r] = T.if_then_else(valid, row, 0)
+                            pos_local[r] = kvpos
+                        sbase = sbase + max_blocks[i]
                 T.barrier_wait(k_free[st], (it & 1) ^ 1)
                 for r in T.unroll(NR):
                     jj = r * _ROWS_PER_PASS + ptx // 8
                     for i, g in enumerate(gens):
                         # source 0 also zero-fills invalid rows (predicated-off cp.async)
-                        if (src_local[st, r] <= 0) if i == 0 else (src_local[st, r] == i):
+                        if (src_local[r] <= 0) if i == 0 else (src_local[r] == i):
                             for u in T.unroll(D // 64):
                                 T.ptx_cp_async(
                                     T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
-                                    T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[st, r], u * 64 + col], "r", 8),
+                                    T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[r], u * 64 + col], "r", 8),
                                     8,
-                                    predicate=src_local[st, r] == i,
+                                    predicate=src_local[r] == i,
                                 )
                 for r in T.unroll(NR):
                     jj = r * _ROWS_PER_PASS + ptx // 8
-                    ok_shared[st, jj] = T.if_then_else(src_local[st, r] >= 0, 1, 0)
+                    ok_shared[st, jj] = T.if_then_else(src_local[r] >= 0, 1, 0)
                     if has_mods:
-                        kvpos_shared[st, jj] = pos_local[st, r]
+                        kvpos_shared[st, jj] = pos_local[r]
                 T.cp_async_barrier_noinc(k_ready[st])
-                # the rows of this stage's next block: their index loads run while the stage is in use
-                resolve(t, ptx, b_i, s_i, tq, lo + (it + 1) * 2 + st, hi, st, src_local, row_local, pos_local)
 
     return produce
 
@@ -467,9 +460,9 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             p_free = T.alloc_barrier(arrive_count=256)
             fin = T.alloc_barrier(arrive_count=128)
             q_bar = T.alloc_barrier(arrive_count=384)
-            src_local = T.alloc_local((2, NR), T.int32)
-            row_local = T.alloc_local((2, NR), T.int32)
-            pos_local = T.alloc_local((2, NR), T.int32)
+            src_local = T.alloc_local((NR,), T.int32)
+            row_local = T.alloc_local((NR,), T.int32)
+            pos_local = T.alloc_local((NR,), T.int32)
 
             h0 = (bx % NHB) * HB
             sp = bx // NHB
@@ -734,9 +727,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             p_ready = T.alloc_barrier(arrive_count=[128, 128])
             fin = T.alloc_barrier(arrive_count=256)
             q_bar = T.alloc_barrier(arrive_count=384)
-            src_local = T.alloc_local((2, NR), T.int32)
-            row_local = T.alloc_local((2, NR), T.int32)
-            pos_local = T.alloc_local((2, NR), T.int32)
+            src_local = T.alloc_local((NR,), T.int32)
+            row_local = T.alloc_local((NR,), T.int32)
+            pos_local = T.alloc_local((NR,), T.int32)
 
             h0 = (bx % NHB) * HB
             sp = bx // NHB
