@@ -1,8 +1,9 @@
 """Attention benchmarks: V4-Flash / V4-Pro CSA prefill, CSA decode, HCA prefill, batch-invariant variants.
 
 FLOPs count only valid keys: 4·H·D per (query, valid key) (QKᵀ and PV). Decode bytes count the
-KV rows actually gathered (every valid key's 512 bf16 values) plus q and o; decode is timed as a
-CUDA-graph replay (kernel time only, no host launch path).
+KV rows actually gathered (every valid key's 512 bf16 values) plus q and o. Every row is timed as a
+CUDA-graph replay of the public op (kernel time only: the op's host path — checks, config
+resolution, launch — would otherwise show in the millisecond prefill rows too).
 """
 
 from typing import Any
@@ -40,7 +41,7 @@ def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: i
     q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(s, heads, topk)
     o = torch.empty_like(q)
     ms = _time_both(lambda bi: tilev4.csa_attention(q, kv_w, kv_c, idx, sink, pos, window_start=start,
-                                                    batch_invariant=bi, validate=False, out=o), reps=20)
+                                                    batch_invariant=bi, validate=False, out=o), reps=20, graph=True)
     flops = 4.0 * s * heads * D * (128 + topk)
     return [record(f"{name}{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+{topk}", t,
                    flops=flops, peaks=peaks, target=0.70) for bi, t in ms.items()]
@@ -80,7 +81,8 @@ def _hca_prefill(peaks: dict[str, float], s: int = 65536, heads: int = 64) -> li
     sink = torch.randn(heads, generator=g, device="cuda")
     o = torch.empty_like(q)
     ms = _time_both(lambda bi: tilev4.hca_attention(q, kv_w, kv_c, sink, pos, window_start=start,
-                                                    batch_invariant=bi, validate=False, out=o), warmup=2, reps=5)
+                                                    batch_invariant=bi, validate=False, out=o), warmup=2, reps=5,
+                    graph=True)
     t = torch.arange(s, dtype=torch.float64)
     keys = (torch.clamp(t + 1, max=128) + torch.floor((t + 1) / 128)).sum().item()
     return [record(f"HCA prefill{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+<=512",
