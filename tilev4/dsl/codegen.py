@@ -348,6 +348,20 @@ def _annotations(spec: AttentionSpec, gens: list, split: bool, B: Any, S: Any, N
     return ann
 
 
+def _block_range(t: dict, gens: list, b_i: Any, tq: Any, sp: Any, split_blocks: int | None) -> tuple[Any, Any]:
+    """The query's global block range ``[lo, hi)`` (warp-specialised schedules): source ``i`` owns blocks
+    ``[base_i, base_i + count_i)`` with ``base_i`` shape-only; a split program takes its ``split_blocks``
+    blocks ``sp``-th piece of that sequence."""
+    end = 0
+    base = 0
+    for g in gens:
+        end = base + g.num_blocks(t, b_i, tq)
+        base = base + T.ceildiv(g.num_keys_max(), g.BI)
+    if split_blocks is None:
+        return 0, end
+    return T.min(sp * split_blocks, end), T.min((sp + 1) * split_blocks, end)
+
+
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
@@ -432,7 +446,6 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     ann = _annotations(spec, gens, split, B, S, NS)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
     NR = BI // _ROWS_PER_PASS
-    max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
     produce = _producer(spec, gens, BI)
 
     @T.macro
@@ -467,18 +480,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             h0 = (bx % NHB) * HB
             sp = bx // NHB
             tq = t["positions"][b_i, s_i]
-            # this query's global block range [lo, hi)
-            end = 0
-            base = 0
-            for i, g in enumerate(gens):
-                end = base + g.num_blocks(t, b_i, tq)
-                base = base + max_blocks[i]
-            if split:
-                lo = T.min(sp * fixed_sb, end)
-                hi = T.min((sp + 1) * fixed_sb, end)
-            else:
-                lo = 0
-                hi = end
+            lo, hi = _block_range(t, gens, b_i, tq, sp, fixed_sb if split else None)
             n_iter = T.ceildiv(hi - lo, 2)
 
             # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
@@ -614,7 +616,6 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     ann = _annotations(spec, gens, split, B, S, NS)
     arg_names = [n for n, _ in tensor_layout(spec, split)]
     NR = BI // _ROWS_PER_PASS
-    max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
     produce = _producer(spec, gens, BI)
 
     @T.macro
@@ -734,18 +735,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             h0 = (bx % NHB) * HB
             sp = bx // NHB
             tq = t["positions"][b_i, s_i]
-            # this query's global block range [lo, hi)
-            end = 0
-            base = 0
-            for i, g in enumerate(gens):
-                end = base + g.num_blocks(t, b_i, tq)
-                base = base + max_blocks[i]
-            if split:
-                lo = T.min(sp * fixed_sb, end)
-                hi = T.min((sp + 1) * fixed_sb, end)
-            else:
-                lo = 0
-                hi = end
+            lo, hi = _block_range(t, gens, b_i, tq, sp, fixed_sb if split else None)
             n_iter = T.ceildiv(hi - lo, 2)
 
             # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
