@@ -19,7 +19,7 @@ import time
 import torch
 
 from tilev4.bench import measure_peaks, time_cuda
-from tilev4.bench.attention import D, _csa_prefill_inputs
+from tilev4.bench.attention import D, _csa_decode_inputs, _csa_prefill_inputs, _hca_prefill_inputs
 from tilev4.dsl import AttentionKernel
 from tilev4.dsl.codegen import AttentionConfig
 from tilev4.kernels.attention import csa_spec, hca_spec
@@ -32,28 +32,15 @@ def _prefill(heads: int, topk: int, s: int = 4096):
     return t, 4.0 * s * heads * D * (128 + topk)
 
 
-def _decode(b: int = 64, heads: int = 64, topk: int = 512, n_c: int = 32768):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    t = {"q": torch.randn(b, 1, heads, D, generator=g, device="cuda").bfloat16(),
-         "positions": torch.full((b, 1), 4 * n_c - 1, dtype=torch.int32, device="cuda"),
-         "sink": torch.randn(heads, generator=g, device="cuda"),
-         "window_kv": torch.randn(b, 128, D, generator=g, device="cuda").bfloat16(),
-         "sel_kv": torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16(),
-         "sel_idx": torch.argsort(torch.rand(b, 1, n_c, generator=g, device="cuda"), dim=-1)[..., :topk]
-         .int().contiguous()}
+def _decode(b: int = 64, heads: int = 64, topk: int = 512):
+    q, kv_w, kv_c, idx, sink, pos = _csa_decode_inputs(b, heads, topk)
+    t = {"q": q, "positions": pos, "sink": sink, "window_kv": kv_w, "sel_kv": kv_c, "sel_idx": idx}
     return t, b * (128 + topk) * D * 2
 
 
 def _hca(s: int = 65536, heads: int = 64):
-    g = torch.Generator(device="cuda").manual_seed(2)
-    t = {"q": torch.randn(1, s, heads, D, generator=g, device="cuda").bfloat16(),
-         "positions": torch.arange(s, device="cuda", dtype=torch.int32).view(1, s),
-         "sink": torch.randn(heads, generator=g, device="cuda"),
-         "window_kv": torch.randn(1, s, D, generator=g, device="cuda").bfloat16(),
-         "window_start": torch.zeros(1, dtype=torch.int32, device="cuda"),
-         "comp_kv": torch.randn(1, s // 128, D, generator=g, device="cuda").bfloat16()}
-    pos = torch.arange(s, dtype=torch.float64)
-    keys = (torch.clamp(pos + 1, max=128) + torch.floor((pos + 1) / 128)).sum().item()
+    q, kv_w, kv_c, sink, pos, start, keys = _hca_prefill_inputs(s, heads)
+    t = {"q": q, "positions": pos, "sink": sink, "window_kv": kv_w, "window_start": start, "comp_kv": kv_c}
     return t, 4.0 * heads * D * keys
 
 

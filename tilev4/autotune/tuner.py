@@ -370,14 +370,17 @@ def compile_jobs(
     """
     outcomes: list[CompileOutcome] = []
 
-    def done(name: str, cfg: Mapping[str, Any], res: tuple[str, float, str]) -> None:
+    def done(name: str, cfg: Mapping[str, Any], res: tuple[str, float, str], key: Any = None) -> None:
+        """Record an outcome; ``key`` (a build that ran) updates the entry's failure marker."""
         oc = CompileOutcome(name, dict(cfg), arch, *res)
         outcomes.append(oc)
-        if remember_failures and oc.status == "error" and not oc.error.startswith("failed before: "):
-            _remember_failure(_entry_key(name, cfg, arch), oc, timeout)
-        elif oc.status != "error" and (key := _entry_key(name, cfg, arch)) is not None:
-            with contextlib.suppress(OSError):  # built now (a retry, say): an old failure no longer holds
-                failure_marker(key).unlink(missing_ok=True)
+        if key is not None:
+            if oc.status == "error":
+                if remember_failures:
+                    _remember_failure(key, oc, timeout)
+            else:
+                with contextlib.suppress(OSError):  # built now (a retry, say): an old failure no longer holds
+                    failure_marker(key).unlink(missing_ok=True)
         if on_done is not None:
             on_done(oc)
 
@@ -389,27 +392,27 @@ def compile_jobs(
         elif remember_failures and (err := _known_failure(key, timeout)) is not None:
             done(name, cfg, ("error", 0.0, f"failed before: {err}"))
         else:
-            missing.append((name, cfg))
-    jobs = missing
+            missing.append((name, cfg, key))
 
-    if not jobs:
+    if not missing:
         return outcomes
-    if workers <= 1 or len(jobs) <= 1:
-        for name, cfg in jobs:
-            done(name, cfg, _compile_worker(name, dict(cfg), arch, timeout))
+    if workers <= 1 or len(missing) <= 1:
+        for name, cfg, key in missing:
+            done(name, cfg, _compile_worker(name, dict(cfg), arch, timeout), key)
         return outcomes
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        futs = {pool.submit(_compile_worker, name, dict(cfg), arch, timeout): (name, cfg) for name, cfg in jobs}
+    with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_compile_worker, name, dict(cfg), arch, timeout): (name, cfg, key)
+                for name, cfg, key in missing}
         for fut in as_completed(futs):
-            name, cfg = futs[fut]
+            name, cfg, key = futs[fut]
             try:
                 res = fut.result()
             except Exception as e:  # a worker that died (out of memory, a crash in the compiler)
                 res = ("error", 0.0, f"{type(e).__name__}: {e}".splitlines()[0][:300])
-            done(name, cfg, res)
+            done(name, cfg, res, key)
     return outcomes
 
 

@@ -47,18 +47,22 @@ def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: i
                    flops=flops, peaks=peaks, target=0.70) for bi, t in ms.items()]
 
 
-def _csa_decode(peaks: dict[str, float], b: int = 64, heads: int = 64, topk: int = 512, n_c: int = 32768):
-    """b sequences at 128K context (n_c = 32768 compressed entries), one new token each."""
-    import tilev4
-
-    ring = 128
+def _csa_decode_inputs(b: int = 64, heads: int = 64, topk: int = 512, n_c: int = 32768):
+    """b sequences at 128K context (n_c = 32768 compressed entries), one new token each, a 128-row ring."""
     g = torch.Generator(device="cuda").manual_seed(1)
     pos = torch.full((b, 1), 4 * n_c - 1, dtype=torch.int32, device="cuda")
     q = torch.randn(b, 1, heads, D, generator=g, device="cuda").bfloat16()
-    kv_w = torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()
+    kv_w = torch.randn(b, 128, D, generator=g, device="cuda").bfloat16()
     kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
     idx = torch.argsort(torch.rand(b, 1, n_c, generator=g, device="cuda"), dim=-1)[..., :topk].int().contiguous()
     sink = torch.randn(heads, generator=g, device="cuda")
+    return q, kv_w, kv_c, idx, sink, pos
+
+
+def _csa_decode(peaks: dict[str, float], b: int = 64, heads: int = 64, topk: int = 512) -> list[dict[str, Any]]:
+    import tilev4
+
+    q, kv_w, kv_c, idx, sink, pos = _csa_decode_inputs(b, heads, topk)
     o = torch.empty_like(q)
     ms = _time_both(lambda bi: tilev4.csa_attention(q, kv_w, kv_c, idx, sink, pos, batch_invariant=bi,
                                                     validate=False, out=o), graph=True)
@@ -68,10 +72,9 @@ def _csa_decode(peaks: dict[str, float], b: int = 64, heads: int = 64, topk: int
             for bi, t in ms.items()]
 
 
-def _hca_prefill(peaks: dict[str, float], s: int = 65536, heads: int = 64) -> list[dict[str, Any]]:
-    """From position 0: each query sees min(t+1, 128) window keys and (t+1)//128 entries."""
-    import tilev4
-
+def _hca_prefill_inputs(s: int = 65536, heads: int = 64):
+    """From position 0: each query sees min(t+1, 128) window keys and (t+1)//128 entries. Also returns the
+    number of (query, key) pairs."""
     g = torch.Generator(device="cuda").manual_seed(2)
     pos = torch.arange(s, device="cuda", dtype=torch.int32).view(1, s)
     start = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -79,12 +82,19 @@ def _hca_prefill(peaks: dict[str, float], s: int = 65536, heads: int = 64) -> li
     kv_w = torch.randn(1, s, D, generator=g, device="cuda").bfloat16()
     kv_c = torch.randn(1, s // 128, D, generator=g, device="cuda").bfloat16()
     sink = torch.randn(heads, generator=g, device="cuda")
+    t = torch.arange(s, dtype=torch.float64)
+    keys = (torch.clamp(t + 1, max=128) + torch.floor((t + 1) / 128)).sum().item()
+    return q, kv_w, kv_c, sink, pos, start, keys
+
+
+def _hca_prefill(peaks: dict[str, float], s: int = 65536, heads: int = 64) -> list[dict[str, Any]]:
+    import tilev4
+
+    q, kv_w, kv_c, sink, pos, start, keys = _hca_prefill_inputs(s, heads)
     o = torch.empty_like(q)
     ms = _time_both(lambda bi: tilev4.hca_attention(q, kv_w, kv_c, sink, pos, window_start=start,
                                                     batch_invariant=bi, validate=False, out=o), warmup=2, reps=5,
                     graph=True)
-    t = torch.arange(s, dtype=torch.float64)
-    keys = (torch.clamp(t + 1, max=128) + torch.floor((t + 1) / 128)).sum().item()
     return [record(f"HCA prefill{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+<=512",
                    ms_, flops=4.0 * heads * D * keys, peaks=peaks, target=0.60) for bi, ms_ in ms.items()]
 
