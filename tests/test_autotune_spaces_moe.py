@@ -87,12 +87,17 @@ def test_tuned_kernels_have_small_spaces_with_the_defaults_first():
 
 
 def test_measured_faster_configs_are_candidates():
-    """The H200 hints: moe_down 128×128×64 with 3 stages, moe_up 128×128×64 with 2-4 stages."""
+    """The H200 hints: both schedules; the pipelined moe_down 128×128×64 with 3 stages and moe_up 128×128×64 with
+    3-4 stages measured fastest of that schedule; ws moe_up 128×(128+128) and moe_down 128×256, 4 stages, are the
+    defaults."""
     (down,) = plan_kernel("moe_down", [{"inter": 2048}], arch="sm_90a")
-    assert {"block_n": 128, "block_k": 64, "num_stages": 3, "threads": 256} in down.candidates
+    assert down.candidates[0] == {"schedule": "ws", "block_n": 256, "block_k": 64, "num_stages": 4, "threads": 256}
+    assert {"schedule": "pipelined", "block_n": 128, "block_k": 64, "num_stages": 3, "threads": 256} in down.candidates
     (up,) = plan_kernel("moe_up", [{"dim": 4096}], arch="sm_90a")
-    for stages in (2, 3, 4):
-        assert {"block_n": 128, "block_k": 64, "num_stages": stages, "threads": 256} in up.candidates
+    assert up.candidates[0] == {"schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
+    for stages in (3, 4):
+        assert {"schedule": "pipelined", "block_n": 128, "block_k": 64, "num_stages": stages,
+                "threads": 256} in up.candidates
 
 
 def test_static_pruning_reasons():

@@ -34,14 +34,22 @@ def test_config_key_is_canonical():
         get_kernel_def("no_such_kernel")
 
 
+WS_PROGRAMS = [
+    ("csa_attention", {"heads": 64, "kind": "main", "schedule": "ws"}),
+    ("csa_attention", {"heads": 64, "kind": "main", "schedule": "seesaw"}),
+    ("moe_up", {"dim": 4096, "schedule": "ws"}),
+    ("moe_down", {"inter": 2048, "dense": True, "schedule": "ws"}),
+]
+
+
 @pytest.mark.compile
-@pytest.mark.parametrize("schedule", ["ws", "seesaw"])
-def test_warp_specialised_register_split_fits_the_launch_allocation(schedule):
+@pytest.mark.parametrize(("name", "config"), WS_PROGRAMS, ids=[f"{n}-{c['schedule']}" for n, c in WS_PROGRAMS])
+def test_warp_specialised_register_split_fits_the_launch_allocation(name, config):
     """The warpgroups' setmaxnreg counts must fit in what the CTA gets at launch (384 threads: at most 168
     registers each); a larger sum makes ``setmaxnreg.inc`` wait forever for registers nobody frees."""
     import re
 
-    kernel = compile_kernel("csa_attention", {"heads": 64, "kind": "main", "schedule": schedule}, DEFAULT_AOT_ARCH)
+    kernel = compile_kernel(name, config, DEFAULT_AOT_ARCH)
     src = kernel.get_kernel_source()
     counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
     assert len(counts) == 3, counts

@@ -39,6 +39,8 @@ def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
     [
         (K.build_moe_up, {"dim": 4096, "weight_format": "fp8"}, "weight_format"),
         (K.build_moe_down, {"inter": 2048, "weight_format": "fp4"}, "weight_format"),
+        (K.build_moe_up, {"dim": 4096, "schedule": "tma"}, "schedule"),
+        (K.build_moe_down, {"inter": 2048, "block_m": 64}, "block_m"),
         (K.build_moe_gate, {"dim": 256, "num_experts": 8, "top_k": 9}, "top_k"),
         (K.build_moe_gate, {"dim": 256, "num_experts": 400, "top_k": 6}, "num_experts"),
         (K.build_moe_combine, {"dim": 256, "top_k": 2, "out_dtype": "float16"}, "out_dtype"),

@@ -54,13 +54,15 @@ MT = max_tiles. Compile-time sizes: the gate (dim, E, k), the combine (dim, k), 
 each expert GEMM (dim for ``moe_up``, inter for ``moe_down``: the software pipeline needs a constant
 trip count); every other size, token counts included, is a run-time argument.
 
-Pipelines: the expert GEMMs run a cp.async multi-stage pipeline by default. TileLang's warp-specialised
-TMA producer/consumer pipeline (``warp_specialized=True``) deadlocked on the H200 for one shape
-(2000 tokens, dim 4096, inter 256, 256 experts: the up-projection never returned) while others ran;
-it is kept as a config for measurement only (never a tuning candidate).
+Schedules of the expert GEMMs (``schedule``, a tunable): ``ws`` (the default,
+:mod:`tilev4.kernels.moe_ws`) — a TMA producer warpgroup and two wgmma consumer warpgroups on mbarriers,
+a consumer with no valid row skipping its wgmma; ``pipelined`` — the cp.async multi-stage software
+pipeline here, every thread loading and computing. Both run the same wgmma sequence over K, so they give
+bitwise the same output. (TileLang's automatic warp specialisation of the pipelined loop deadlocked on the
+H200 for one shape, T=2000, inter 256, so it stays off.)
 
-Tuning (:mod:`tilev4.kernels.moe_tuning`): the GEMMs tune ``block_n``, ``block_k`` and ``num_stages``, the
-gate ``block_k``, ``block_e`` and ``num_stages``, the combine ``threads``. ``block_m`` stays a problem key:
+Tuning (:mod:`tilev4.kernels.moe_tuning`): the GEMMs tune ``schedule``, ``block_n`` and ``num_stages``,
+the gate ``block_k``, ``block_e`` and ``num_stages``, the combine ``threads``. ``block_m`` stays a problem key:
 the permutation's tile table is built for it, so :func:`moe_up` / :func:`moe_down` compile the GEMMs for
 ``perm.block_m`` (``BLOCK_M``). The permutation kernels are not tuned (see :func:`build_moe_count`).
 """
@@ -87,6 +89,8 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
+from tilev4.kernels.moe_ws import BLOCK_M as WS_BLOCK_M
+from tilev4.kernels.moe_ws import build_ws_gemm
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -120,11 +124,23 @@ SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x above it is returne
 NO_CLAMP = float("inf")  # min(g, inf) = g and clamp(u, -inf, inf) = u bit for bit
 
 _NO_WS = {"tl.disable_warp_specialized": True}
+GEMM_SCHEDULES = ("ws", "pipelined")  # bf16 expert GEMMs: tilev4.kernels.moe_ws, or the cp.async pipeline here
+WS_STORE_N = 128  # columns per staged TMA store of the ws epilogue
 
 
 def _check_weight_format(weight_format: str) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+
+
+def _check_schedule(schedule: str, block_m: int, cluster: str = "none") -> None:
+    if schedule not in GEMM_SCHEDULES:
+        raise ValueError(f"schedule must be one of {GEMM_SCHEDULES}, got {schedule!r}")
+    if cluster != "none" and schedule != "ws":
+        raise ValueError(f"cluster={cluster!r} needs the 'ws' schedule, got schedule={schedule!r}")
+    if schedule == "ws" and block_m != WS_BLOCK_M:
+        raise ValueError(f"block_m must be {WS_BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
+                         f"got {block_m}")
 
 
 def _check_gemm_format(weight_format: str) -> None:
@@ -501,13 +517,15 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
     harness=MOE_UP_HARNESS,
 )
 def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
-                 block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
-                 warp_specialized: bool = False):
+                 schedule: str = "ws", block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256,
+                 group_m: int = 8, cluster: str = "none"):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
     _check_gemm_format(weight_format)
-    # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
-    # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
-    pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
+    _check_schedule(schedule, block_m, cluster)
+    if schedule == "ws":
+        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N),
+                             cluster)
+    pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
     D = dim  # static: the K loop of a software pipeline needs a constant trip count
@@ -604,13 +622,15 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
     harness=MOE_DOWN_HARNESS,
 )
 def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
-                   block_n: int = 256, block_k: int = 64, num_stages: int = 4, threads: int = 256, group_m: int = 8,
-                   warp_specialized: bool = False):
+                   schedule: str = "ws", block_n: int = 256, block_k: int = 64, num_stages: int = 4,
+                   threads: int = 256, group_m: int = 8, cluster: str = "none"):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
     _check_gemm_format(weight_format)
-    # TileLang's warp-specialised TMA pipeline deadlocked on the H200 for some shapes (T=2000, inter=256,
-    # dim=4096, 256 experts: up-projection never finished); the plain software pipeline is the default
-    pass_configs = {} if warp_specialized else {**_NO_WS, "tl.disable_tma_lower": True}
+    _check_schedule(schedule, block_m, cluster)
+    if schedule == "ws":
+        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N),
+                             cluster)
+    pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
     I = inter  # static: the K loop of a software pipeline needs a constant trip count
@@ -1050,6 +1070,7 @@ def moe_up(
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
+        _check_tma("out", out)
     if n:
         with torch.cuda.device(dev):
             kernel = compile_kernel("moe_up", {"dim": dim, "block_m": perm.block_m})  # the tile table's M tile
@@ -1081,6 +1102,7 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
+        _check_tma("out", out)
     if n:
         with torch.cuda.device(dev):
             kernel = compile_kernel("moe_down", {"inter": inter, "block_m": perm.block_m})  # the tile table's M tile
@@ -1132,6 +1154,7 @@ def moe_shared_expert(
         out = _empty((num_tokens, dim), torch.bfloat16, x.device)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, dim), contiguous=True, device=x.device)
+        _check_tma("out", out)
     if num_tokens:
         h = _empty((num_tokens, inter), torch.bfloat16, x.device)
         with torch.cuda.device(x.device):

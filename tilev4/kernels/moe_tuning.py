@@ -3,19 +3,19 @@
 Every space lists the factory defaults first (they are the heuristic), so an untuned GPU runs what ran
 before and a tuned config differs only where it measured faster. Candidates kept per bucket (sm_90a):
 
-================  =================================================  ==============================  ====
-kernel            tunables                                           bucket                          kept
-================  =================================================  ==============================  ====
-moe_up            block_n 128/64 · block_k 64/128 · stages 4/3/2     grouped|dense, dim range        8
-moe_down          block_n 256/128 · block_k 64/128 · stages 4/3/2    grouped|dense, inter range      8
-moe_up_fp8        block_n 128/64 · stages 3/2/4                      dim range                       6
-moe_down_fp8      block_n 128/64 · stages 4/3/2                      inter range                     6
-moe_up_fp4        block_n 64/32 · stages 3/2/4                       dim range                       6
-moe_down_fp4      block_n 128/64 · stages 4/3/2                      inter range                     6
-fp8_linear        block_m 64/128 · block_n 128/64 · stages 4/3       K range                         8
-moe_gate          block_k 32/64 · block_e 256/128 · stages 2/3       E range                         4-5
-moe_combine       threads 128/256/64/512                             dim range                       3-4
-================  =================================================  ==============================  ====
+================  =====================================================  ==============================  ====
+kernel            tunables                                               bucket                          kept
+================  =====================================================  ==============================  ====
+moe_up            schedule ws/pipelined · block_n 128/64 · stages 4/3    grouped|dense, dim range        8
+moe_down          schedule ws/pipelined · block_n 256/128 · stages 4/3   grouped|dense, inter range      8
+moe_up_fp8        block_n 128/64 · stages 3/2/4                          dim range                       6
+moe_down_fp8      block_n 128/64 · stages 4/3/2                          inter range                     6
+moe_up_fp4        block_n 64/32 · stages 3/2/4                           dim range                       6
+moe_down_fp4      block_n 128/64 · stages 4/3/2                          inter range                     6
+fp8_linear        block_m 64/128 · block_n 128/64 · stages 4/3           K range                         8
+moe_gate          block_k 32/64 · block_e 256/128 · stages 2/3           E range                         4-5
+moe_combine       threads 128/256/64/512                                 dim range                       3-4
+================  =====================================================  ==============================  ====
 
 ``threads`` of the GEMMs is listed as 256/128 but follows ``block_m`` (one warpgroup per 64-row wgmma slab,
 the FullRow layout of every GEMM here), so it adds no candidate. ``moe_count`` / ``moe_scan`` /
@@ -208,8 +208,6 @@ def _gemm_bucket(problem: Mapping[str, Any], k_name: str, bounds: Sequence[int])
     parts.append(_k_range(k_name, problem[k_name], bounds))
     if problem.get("block_m", BLOCK_M) != BLOCK_M:
         parts.append(f"block_m={problem['block_m']}")
-    if problem.get("warp_specialized"):
-        parts.append("warp_specialized")
     return ",".join(parts)
 
 
@@ -241,12 +239,24 @@ def combine_bucket(problem: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------- spaces
 
 
+def _ws_smem(c: Mapping[str, Any], weight_tiles: int, weighted: bool) -> int:
+    """The ``ws`` schedule (tilev4.kernels.moe_ws): A halves, weight tiles, staging tiles, routing weights."""
+    bn, bk, s = c["block_n"], c["block_k"], c["num_stages"]
+    half, store_n = c["block_m"] // 2, min(bn, 128)
+    buffers = [s * half * bk * 2] * 2 + [s * bn * bk * 2] * weight_tiles + [half * store_n * 2] * 2
+    return _smem(*buffers, *([half * 4] * 2 if weighted else []))
+
+
 def _moe_up_smem(c: Mapping[str, Any]) -> int:
+    if c.get("schedule") == "ws":
+        return _ws_smem(c, 2, not c.get("dense", False))
     bm, bn, bk, s = c["block_m"], c["block_n"], c["block_k"], c["num_stages"]
     return _smem(4 * bm, s * bm * bk * 2, s * bn * bk * 2, s * bn * bk * 2, bm * bn * 2)  # w, a, b1, b3, h
 
 
 def _moe_down_smem(c: Mapping[str, Any]) -> int:
+    if c.get("schedule") == "ws":
+        return _ws_smem(c, 1, False)
     bm, bn, bk, s = c["block_m"], c["block_n"], c["block_k"], c["num_stages"]
     return _smem(s * bm * bk * 2, s * bn * bk * 2)  # a, b
 
@@ -276,14 +286,18 @@ def _fp4_down_smem(c: Mapping[str, Any]) -> int:
 
 
 _GEMM_THREADS = (256, 128)  # the one matching block_m is kept (_warpgroup_rows)
+# bf16 expert GEMMs: tilev4.kernels.moe.GEMM_SCHEDULES (repeated: that module imports this one)
+_GEMM_SCHEDULES = ("ws", "pipelined")
 
 MOE_UP_SPACE = Space(
-    params={"block_n": (128, 64), "block_k": (64, 128), "num_stages": (4, 3, 2), "threads": _GEMM_THREADS},
+    params={"schedule": _GEMM_SCHEDULES, "block_n": (128, 64), "block_k": (64,), "num_stages": (4, 3),
+            "threads": _GEMM_THREADS},
     constraints=(_warpgroup_rows, _accumulators(2), _prefetch(2), _k_tiles("dim", 64)),  # gate + up tiles
     smem_bytes=_moe_up_smem,
 )
 MOE_DOWN_SPACE = Space(
-    params={"block_n": (256, 128), "block_k": (64, 128), "num_stages": (4, 3, 2), "threads": _GEMM_THREADS},
+    params={"schedule": _GEMM_SCHEDULES, "block_n": (256, 128), "block_k": (64,), "num_stages": (4, 3),
+            "threads": _GEMM_THREADS},
     constraints=(_warpgroup_rows, _accumulators(1), _prefetch(2), _k_tiles("inter", 64)),
     smem_bytes=_moe_down_smem,
 )

@@ -1,0 +1,319 @@
+"""Warp-specialised bf16 expert GEMMs: a TMA producer warpgroup feeding two wgmma consumer warpgroups.
+
+The ``ws`` schedule of :func:`tilev4.kernels.moe.build_moe_up` / :func:`~tilev4.kernels.moe.build_moe_down`
+(the default). Same arguments, tile → expert map, launch order and results as the ``pipelined`` schedule
+(cp.async, every thread loading and computing): the per-element reduction is the same sequence of
+m64nNk16 wgmma steps over K in ascending order, so both schedules give bitwise the same output.
+
+One CTA computes one ``128 × block_n`` output tile (grid: one CTA per tile, CTAs past the real tiles exit):
+
+* **producer** (warpgroup 2, 40 registers): for each K step waits until both consumers released the
+  stage, then issues TMA loads into it — the A rows in two 64-row halves (the second only when the tile
+  has more than 64 valid rows) and the weight tile(s) — and arrives on the stage's ``full`` barrier,
+  whose transaction count completes when the bytes land. Rows past the tensor read as zero (TMA bounds).
+* **consumers** (warpgroups 0 and 1, 232 registers): warpgroup ``w`` owns rows ``64·w .. 64·w + 63``
+  of the tile. Per K step it waits for the stage, issues its wgmma (skipped when it has no valid row:
+  the tile's last 64 rows of an expert segment are often empty), keeps one step in flight and releases
+  the previous step's stage. Then the epilogue: fp32 → bf16 (the up-projection's SwiGLU with clamp and
+  routing weight first) into a shared staging tile, stored by TMA when all 64 rows are valid and with
+  row-masked stores otherwise (rows past the segment belong to the next expert).
+
+Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · BK · 2`` for the stages
+(``NB`` = 2 weight tiles for the up-projection, 1 for the down-projection) plus the staging tiles
+``2 · 64 · store_n · 2`` — 224 KiB for the up-projection at ``block_n = 128``, 4 stages.
+
+Why this and not a persistent kernel: a persistent grid (132 CTAs looping over tiles) measured 10 %
+slower on the H200 at V4-Flash prefill shapes — CTAs drift apart, so the two M tiles of one expert no
+longer read a weight tile at the same time and the weights come from HBM about twice. One CTA per tile
+keeps the launch order, which the hardware follows. A 2-CTA cluster with the weight tile multicast to
+both M tiles was slower still (the two tiles must move in lockstep, and the second is usually half empty).
+"""
+
+from typing import Any
+
+import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
+
+__all__ = ["build_ws_gemm", "ws_smem_bytes"]
+
+HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
+BLOCK_M = 2 * HALF_M
+CLUSTERS = ("none", "m", "n")
+PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation
+
+
+def ws_smem_bytes(kind: str, block_n: int, block_k: int, num_stages: int, store_n: int) -> int:
+    """Shared memory of one CTA (stages, staging tiles, routing weights), without the barriers."""
+    nb = 2 if kind == "up" else 1
+    return (num_stages * (BLOCK_M + nb * block_n) * block_k * 2 + 2 * HALF_M * store_n * 2
+            + (2 * HALF_M * 4 if kind == "up" else 0))
+
+
+@T.macro
+def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, row0: T.Ref, rows: T.Ref,
+                  n0: T.Ref, BN):
+    """Expert, first row, valid rows and first column of tile ``b`` (the tiles of one expert are consecutive,
+    M fastest, so the CTAs that read one weight tile run together)."""
+    e = tile_expert[b // num_n_tiles]
+    a0 = tile_offsets[e]
+    c = tile_offsets[e + 1] - a0
+    n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
+    row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
+    rows = T.min(BLOCK_M, offsets[e + 1] - row0)  # noqa: F841
+
+
+@T.macro
+def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0: T.Ref, BN):
+    """First row, valid rows and first column of tile ``b`` in dense mode (groups of ``group_m`` M tiles)."""
+    a0 = (b // (group_m * num_n_tiles)) * group_m
+    c = T.min(group_m, T.ceildiv(num_rows, BLOCK_M) - a0)
+    n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841
+    row0 = (a0 + (b - a0 * num_n_tiles) % c) * BLOCK_M
+    rows = T.min(BLOCK_M, num_rows - row0)  # noqa: F841
+
+
+def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
+                  store_n: int, cluster: str = "none") -> Any:
+    """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module.
+
+    ``cluster``: ``"none"``; ``"m"`` — 2-CTA clusters on two M tiles of one expert and one N tile, the
+    weight tile multicast to both; ``"n"`` — on one M tile and two N tiles, the A rows multicast to both.
+    """
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster must be one of {CLUSTERS}, got {cluster!r}")
+    BN, BK, S, SN = block_n, block_k, num_stages, store_n
+    CL = 1 if cluster == "none" else 2
+    MC = (1 << CL) - 1  # TMA multicast mask: both CTAs of the cluster
+    NB = 2 if kind == "up" else 1
+    NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
+    KT = (K + BK - 1) // BK
+    weighted = kind == "up" and not dense
+
+    @T.macro
+    def resolve(b, NNT, rank, offsets, tile_offsets, tile_expert, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref,
+                live: T.Ref):
+        """This CTA's tile of cluster unit ``b``: expert, first row, valid rows (<= 0: none), first column;
+        ``live`` is false for the units past the real ones (the whole cluster exits)."""
+        if cluster == "none":
+            live = dense or b // NNT < tile_offsets[E]
+            if live:
+                if dense:
+                    _dense_unit(b, NNT, NR, group_m, row0, rows, n0, BN)
+                else:
+                    _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+        else:
+            # the tile table of 128-row M tiles, read per cluster unit: "m" pairs M tiles (2j, 2j+1) of an
+            # expert on one N tile, "n" pairs N tiles (2j, 2j+1) on one M tile
+            NP = T.ceildiv(NNT, 2) if cluster == "n" else NNT
+            num_m = T.ceildiv(NR, BLOCK_M) if dense else tile_offsets[E]
+            live = b // NP < num_m
+            if live:
+                ex = 0 if dense else tile_expert[b // NP]
+                a0 = 0 if dense else tile_offsets[ex]
+                c = num_m if dense else tile_offsets[ex + 1] - a0
+                end = NR if dense else offsets[ex + 1]
+                base = 0 if dense else offsets[ex]
+                loc = b - a0 * NP
+                e = ex
+                if cluster == "m":
+                    P = T.ceildiv(c, 2)
+                    live = loc < P * NP
+                    n0 = (loc // P) * BN
+                    row0 = base + ((loc % P) * 2 + rank) * BLOCK_M
+                else:
+                    n0 = ((loc // c) * 2 + rank) * BN
+                    row0 = base + (loc % c) * BLOCK_M
+                rows = T.min(BLOCK_M, end - row0)
+
+    @T.macro
+    def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs):
+        """Columns ``p·SN .. (p+1)·SN`` of this warpgroup's 64 rows: fp32 → bf16 in ``o_s``, then stored."""
+        T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the previous store has read o_s
+        if kind == "up":
+            gate, up = accs
+            for i, j in T.Parallel(HALF_M, SN):
+                # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+                g = T.if_then_else(gate[i, p * SN + j] > limit, limit, gate[i, p * SN + j])
+                u = T.if_then_else(up[i, p * SN + j] > limit, limit,
+                                   T.if_then_else(up[i, p * SN + j] < -limit, -limit, up[i, p * SN + j]))
+                if weighted:
+                    o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16)
+                else:
+                    o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
+        else:
+            for i, j in T.Parallel(HALF_M, SN):
+                o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
+        if rw >= HALF_M:
+            T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            T.copy(o_s, out[r0, n0 + p * SN])  # TMA store; columns past N are clipped
+        else:
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            for i, j in T.Parallel(HALF_M, SN):
+                if i < rw and n0 + p * SN + j < N:
+                    out[r0 + i, n0 + p * SN + j] = o_s[i, j]
+
+    @T.macro
+    def consumer(w, unit, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a_s, bs, o_s, w_s, accs, full,
+                 empty, NNT, tx, e, row0, rows, n0):
+        T.set_max_nreg(CONSUMER_REGS, 1)
+        lane = tx % 32
+        prev = T.alloc_var(T.int32, init=0)
+        # this warpgroup's valid rows (<= 0: none; also for the second N tile of an "n" cluster past N)
+        rw = T.if_then_else(n0 < N, rows - w * HALF_M, 0)
+        for ki in T.serial(KT):
+            slot = ki % S
+            T.barrier_wait(full[slot], (ki // S) & 1)
+            if rw > 0:
+                T.wgmma_gemm(a_s[slot, :, :], bs[0][slot, :, :], accs[0], transpose_B=True, clear_accum=ki == 0)
+                if NB == 2:
+                    T.wgmma_gemm(a_s[slot, :, :], bs[1][slot, :, :], accs[1], transpose_B=True,
+                                 clear_accum=ki == 0)
+            if ki > 0:
+                T.wait_wgmma(NB)  # the previous step's wgmma are done: release its stage
+                if CL == 1:
+                    if lane == 0:
+                        T.barrier_arrive(empty[prev])
+                elif lane < CL:  # lane r releases the stage at CTA r of the cluster
+                    T.mbarrier_arrive(empty[prev], lane)
+            prev = slot
+        T.wait_wgmma(0)
+        if rw > 0:
+            r0 = row0 + w * HALF_M
+            if weighted:
+                for i in T.Parallel(HALF_M):
+                    w_s[i] = T.if_then_else(i < rw, wts[r0 + i], 0.0)
+            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs)
+            if BN // SN > 1:
+                store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs)
+
+    @T.macro
+    def producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0):
+        T.set_max_nreg(PRODUCER_REGS, 0)
+        for ki in T.serial(KT):
+            slot = ki % S
+            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers (of both CTAs) are done with it
+            if cluster == "n":  # the two CTAs read the same rows: CTA 0 multicasts them
+                T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot],
+                           cluster_mask=MC)
+                if rows > HALF_M:
+                    T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+                               barrier=full[slot], cluster_mask=MC)
+            else:
+                if rows > 0:
+                    T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
+                if rows > HALF_M:
+                    T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+                               barrier=full[slot])
+            if cluster == "m":  # the two CTAs read the same weight tile: CTA 0 multicasts it
+                T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot],
+                           cluster_mask=MC)
+                if NB == 2:
+                    T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
+                               barrier=full[slot], cluster_mask=MC)
+            else:
+                T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
+                if NB == 2:
+                    T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
+                               barrier=full[slot])
+            T.barrier_arrive(full[slot])
+
+    @T.macro
+    def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
+        num_m = T.ceildiv(NR, BLOCK_M) if dense else MT
+        num_units = num_m * (T.ceildiv(T.ceildiv(N, BN), 2) if cluster == "n" else T.ceildiv(N, BN))
+        with T.ClusterKernel(num_units * CL, threads=384, cluster_dims=(CL, 1, 1)) as bx:
+            a0_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
+            a1_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
+            bs = [T.alloc_shared((S, BN, BK), T.bfloat16) for _ in range(NB)]
+            o0_s = T.alloc_shared((HALF_M, SN), T.bfloat16)
+            o1_s = T.alloc_shared((HALF_M, SN), T.bfloat16)
+            w0_s = T.alloc_shared((HALF_M,), T.float32) if weighted else None
+            w1_s = T.alloc_shared((HALF_M,), T.float32) if weighted else None
+            acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
+            acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
+            full = T.alloc_barrier([128] * S)  # the producer's 128 threads (+ the TMA bytes)
+            if CL == 1:
+                empty = T.alloc_barrier([8] * S)  # lane 0 of each of the 8 consumer warps
+            else:
+                empty = T.alloc_cluster_barrier([8 * CL] * S)  # ... of both CTAs
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s] + bs})
+            NNT = T.ceildiv(N, BN)
+            tx = T.get_thread_binding()
+            rank = T.block_rank_in_cluster() if CL > 1 else 0
+            e = T.alloc_var(T.int32, init=0)
+            row0 = T.alloc_var(T.int32, init=0)
+            rows = T.alloc_var(T.int32, init=0)
+            n0 = T.alloc_var(T.int32, init=0)
+            live = T.alloc_var(T.bool)
+            resolve(bx // CL, NNT, rank, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
+            if CL > 1:
+                T.cluster_sync()  # the peer's barriers are initialised before any multicast or remote arrive
+            if live:  # units past the real ones exit (both CTAs of a cluster alike)
+                if tx >= 256:
+                    producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0)
+                elif tx < 128:
+                    consumer(0, bx, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a0_s, bs, o0_s, w0_s,
+                             acc0, full, empty, NNT, tx, e, row0, rows, n0)
+                else:
+                    consumer(1, bx, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a1_s, bs, o1_s, w1_s,
+                             acc1, full, empty, NNT, tx, e, row0, rows, n0)
+                if CL > 1:
+                    T.cluster_sync()  # no CTA exits while its peer may still multicast into it or arrive on it
+
+    if kind == "up" and dense:
+
+        @T.prim_func
+        def moe_up_dense_ws(
+            x: T.Tensor[(NR, K), T.bfloat16],
+            w1: T.Tensor[(1, N, K), T.bfloat16],
+            w3: T.Tensor[(1, N, K), T.bfloat16],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x, None, [w1, w3], h, limit, None, None, None)
+
+        return moe_up_dense_ws
+
+    if kind == "up":
+
+        @T.prim_func
+        def moe_up_ws(
+            x_sorted: T.Tensor[(NR, K), T.bfloat16],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, K), T.bfloat16],
+            w3: T.Tensor[(E, N, K), T.bfloat16],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x_sorted, w_sorted, [w1, w3], h, limit, offsets, tile_offsets, tile_expert)
+
+        return moe_up_ws
+
+    if dense:
+
+        @T.prim_func
+        def moe_down_dense_ws(
+            h: T.Tensor[(NR, K), T.bfloat16],
+            w2: T.Tensor[(1, N, K), T.bfloat16],
+            y: T.Tensor[(NR, N), T.bfloat16],
+        ):
+            body(h, None, [w2], y, None, None, None, None)
+
+        return moe_down_dense_ws
+
+    @T.prim_func
+    def moe_down_ws(
+        h: T.Tensor[(NR, K), T.bfloat16],
+        w2: T.Tensor[(E, N, K), T.bfloat16],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        y: T.Tensor[(NR, N), T.bfloat16],
+    ):
+        body(h, None, [w2], y, None, offsets, tile_offsets, tile_expert)
+
+    return moe_down_ws
