@@ -251,7 +251,7 @@ def test_experts_match_reference(case):
 
 
 @pytest.mark.parametrize(("case", "used"), [("tiny", None), ("odd sizes", None), ("flash", None),
-                                            ("tiny", (1, 5)), ("flash", (0, 3, 9))])
+                                            ("tiny", (1, 5)), ("flash", (0, 3, 9, 10, 12, 15))])
 def test_gemm_schedules_agree_bit_for_bit(case, used):
     """ws (TMA producer + wgmma consumers) and pipelined (cp.async) run the same wgmma sequence over K: the same
     bits, in grouped mode (partial tiles, tiles with one live 64-row half, an empty expert) and in dense mode."""

@@ -133,11 +133,9 @@ def _check_weight_format(weight_format: str) -> None:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
 
 
-def _check_schedule(schedule: str, block_m: int, cluster: str = "none") -> None:
+def _check_schedule(schedule: str, block_m: int) -> None:
     if schedule not in GEMM_SCHEDULES:
         raise ValueError(f"schedule must be one of {GEMM_SCHEDULES}, got {schedule!r}")
-    if cluster != "none" and schedule != "ws":
-        raise ValueError(f"cluster={cluster!r} needs the 'ws' schedule, got schedule={schedule!r}")
     if schedule == "ws" and block_m != WS_BLOCK_M:
         raise ValueError(f"block_m must be {WS_BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
                          f"got {block_m}")
@@ -518,13 +516,12 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
 )
 def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
                  schedule: str = "ws", block_n: int = 128, block_k: int = 64, num_stages: int = 4, threads: int = 256,
-                 group_m: int = 8, cluster: str = "none"):
+                 group_m: int = 8):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
     _check_gemm_format(weight_format)
-    _check_schedule(schedule, block_m, cluster)
+    _check_schedule(schedule, block_m)
     if schedule == "ws":
-        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N),
-                             cluster)
+        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
@@ -623,13 +620,12 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
 )
 def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16", block_m: int = BLOCK_M,
                    schedule: str = "ws", block_n: int = 256, block_k: int = 64, num_stages: int = 4,
-                   threads: int = 256, group_m: int = 8, cluster: str = "none"):
+                   threads: int = 256, group_m: int = 8):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
     _check_gemm_format(weight_format)
-    _check_schedule(schedule, block_m, cluster)
+    _check_schedule(schedule, block_m)
     if schedule == "ws":
-        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N),
-                             cluster)
+        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))

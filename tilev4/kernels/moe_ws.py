@@ -22,11 +22,14 @@ Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · B
 (``NB`` = 2 weight tiles for the up-projection, 1 for the down-projection) plus the staging tiles
 ``2 · 64 · store_n · 2`` — 224 KiB for the up-projection at ``block_n = 128``, 4 stages.
 
-Why this and not a persistent kernel: a persistent grid (132 CTAs looping over tiles) measured 10 %
-slower on the H200 at V4-Flash prefill shapes — CTAs drift apart, so the two M tiles of one expert no
-longer read a weight tile at the same time and the weights come from HBM about twice. One CTA per tile
-keeps the launch order, which the hardware follows. A 2-CTA cluster with the weight tile multicast to
-both M tiles was slower still (the two tiles must move in lockstep, and the second is usually half empty).
+Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h200-2026-11-29-session6.md``):
+
+* a persistent grid (132 CTAs looping over the tiles) was ~10 % slower: the CTAs drift apart, so the two
+  M tiles of one expert no longer read a weight tile at the same time and ncu counted ~1.8× the weight
+  bytes from HBM. One CTA per tile keeps the launch order, which the block scheduler follows.
+* 2-CTA clusters multicasting the weight tile to two M tiles (or the A rows to two N tiles) were 1.3-2×
+  slower: the pair moves in lockstep and the second M tile of an expert is usually half empty.
+* a 256-row tile (four m64 slabs, half the N width) read each weight tile once but was ~10 % slower.
 """
 
 from typing import Any
@@ -38,7 +41,6 @@ __all__ = ["build_ws_gemm", "ws_smem_bytes"]
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
-CLUSTERS = ("none", "m", "n")
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation
 
 
@@ -73,57 +75,24 @@ def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0:
 
 
 def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
-                  store_n: int, cluster: str = "none") -> Any:
-    """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module.
-
-    ``cluster``: ``"none"``; ``"m"`` — 2-CTA clusters on two M tiles of one expert and one N tile, the
-    weight tile multicast to both; ``"n"`` — on one M tile and two N tiles, the A rows multicast to both.
-    """
-    if cluster not in CLUSTERS:
-        raise ValueError(f"cluster must be one of {CLUSTERS}, got {cluster!r}")
+                  store_n: int) -> Any:
+    """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module."""
     BN, BK, S, SN = block_n, block_k, num_stages, store_n
-    CL = 1 if cluster == "none" else 2
-    MC = (1 << CL) - 1  # TMA multicast mask: both CTAs of the cluster
     NB = 2 if kind == "up" else 1
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     KT = (K + BK - 1) // BK
     weighted = kind == "up" and not dense
 
     @T.macro
-    def resolve(b, NNT, rank, offsets, tile_offsets, tile_expert, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref,
+    def resolve(b, NNT, offsets, tile_offsets, tile_expert, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref,
                 live: T.Ref):
-        """This CTA's tile of cluster unit ``b``: expert, first row, valid rows (<= 0: none), first column;
-        ``live`` is false for the units past the real ones (the whole cluster exits)."""
-        if cluster == "none":
-            live = dense or b // NNT < tile_offsets[E]
-            if live:
-                if dense:
-                    _dense_unit(b, NNT, NR, group_m, row0, rows, n0, BN)
-                else:
-                    _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
-        else:
-            # the tile table of 128-row M tiles, read per cluster unit: "m" pairs M tiles (2j, 2j+1) of an
-            # expert on one N tile, "n" pairs N tiles (2j, 2j+1) on one M tile
-            NP = T.ceildiv(NNT, 2) if cluster == "n" else NNT
-            num_m = T.ceildiv(NR, BLOCK_M) if dense else tile_offsets[E]
-            live = b // NP < num_m
-            if live:
-                ex = 0 if dense else tile_expert[b // NP]
-                a0 = 0 if dense else tile_offsets[ex]
-                c = num_m if dense else tile_offsets[ex + 1] - a0
-                end = NR if dense else offsets[ex + 1]
-                base = 0 if dense else offsets[ex]
-                loc = b - a0 * NP
-                e = ex
-                if cluster == "m":
-                    P = T.ceildiv(c, 2)
-                    live = loc < P * NP
-                    n0 = (loc // P) * BN
-                    row0 = base + ((loc % P) * 2 + rank) * BLOCK_M
-                else:
-                    n0 = ((loc // c) * 2 + rank) * BN
-                    row0 = base + (loc % c) * BLOCK_M
-                rows = T.min(BLOCK_M, end - row0)
+        """Tile ``b``: expert, first row, valid rows, first column; ``live`` is false past the real tiles."""
+        live = dense or b // NNT < tile_offsets[E]
+        if live:
+            if dense:
+                _dense_unit(b, NNT, NR, group_m, row0, rows, n0, BN)
+            else:
+                _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
 
     @T.macro
     def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs):
@@ -154,13 +123,11 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
                     out[r0 + i, n0 + p * SN + j] = o_s[i, j]
 
     @T.macro
-    def consumer(w, unit, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a_s, bs, o_s, w_s, accs, full,
-                 empty, NNT, tx, e, row0, rows, n0):
+    def consumer(w, wts, out, limit, a_s, bs, o_s, w_s, accs, full, empty, tx, row0, rows, n0):
         T.set_max_nreg(CONSUMER_REGS, 1)
         lane = tx % 32
         prev = T.alloc_var(T.int32, init=0)
-        # this warpgroup's valid rows (<= 0: none; also for the second N tile of an "n" cluster past N)
-        rw = T.if_then_else(n0 < N, rows - w * HALF_M, 0)
+        rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
         for ki in T.serial(KT):
             slot = ki % S
             T.barrier_wait(full[slot], (ki // S) & 1)
@@ -171,11 +138,8 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
                                  clear_accum=ki == 0)
             if ki > 0:
                 T.wait_wgmma(NB)  # the previous step's wgmma are done: release its stage
-                if CL == 1:
-                    if lane == 0:
-                        T.barrier_arrive(empty[prev])
-                elif lane < CL:  # lane r releases the stage at CTA r of the cluster
-                    T.mbarrier_arrive(empty[prev], lane)
+                if lane == 0:
+                    T.barrier_arrive(empty[prev])
             prev = slot
         T.wait_wgmma(0)
         if rw > 0:
@@ -192,37 +156,20 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         T.set_max_nreg(PRODUCER_REGS, 0)
         for ki in T.serial(KT):
             slot = ki % S
-            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers (of both CTAs) are done with it
-            if cluster == "n":  # the two CTAs read the same rows: CTA 0 multicasts them
-                T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot],
-                           cluster_mask=MC)
-                if rows > HALF_M:
-                    T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
-                               barrier=full[slot], cluster_mask=MC)
-            else:
-                if rows > 0:
-                    T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
-                if rows > HALF_M:
-                    T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
-                               barrier=full[slot])
-            if cluster == "m":  # the two CTAs read the same weight tile: CTA 0 multicasts it
-                T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot],
-                           cluster_mask=MC)
-                if NB == 2:
-                    T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
-                               barrier=full[slot], cluster_mask=MC)
-            else:
-                T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
-                if NB == 2:
-                    T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
-                               barrier=full[slot])
+            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers are done with the stage
+            T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
+            if rows > HALF_M:
+                T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+                           barrier=full[slot])
+            T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
+            if NB == 2:
+                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
             T.barrier_arrive(full[slot])
 
     @T.macro
     def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
         num_m = T.ceildiv(NR, BLOCK_M) if dense else MT
-        num_units = num_m * (T.ceildiv(T.ceildiv(N, BN), 2) if cluster == "n" else T.ceildiv(N, BN))
-        with T.ClusterKernel(num_units * CL, threads=384, cluster_dims=(CL, 1, 1)) as bx:
+        with T.Kernel(num_m * T.ceildiv(N, BN), threads=384) as bx:
             a0_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             a1_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             bs = [T.alloc_shared((S, BN, BK), T.bfloat16) for _ in range(NB)]
@@ -233,33 +180,23 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
             acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
             full = T.alloc_barrier([128] * S)  # the producer's 128 threads (+ the TMA bytes)
-            if CL == 1:
-                empty = T.alloc_barrier([8] * S)  # lane 0 of each of the 8 consumer warps
-            else:
-                empty = T.alloc_cluster_barrier([8 * CL] * S)  # ... of both CTAs
+            empty = T.alloc_barrier([8] * S)  # lane 0 of each of the 8 consumer warps
             T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s] + bs})
             NNT = T.ceildiv(N, BN)
             tx = T.get_thread_binding()
-            rank = T.block_rank_in_cluster() if CL > 1 else 0
             e = T.alloc_var(T.int32, init=0)
             row0 = T.alloc_var(T.int32, init=0)
             rows = T.alloc_var(T.int32, init=0)
             n0 = T.alloc_var(T.int32, init=0)
             live = T.alloc_var(T.bool)
-            resolve(bx // CL, NNT, rank, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
-            if CL > 1:
-                T.cluster_sync()  # the peer's barriers are initialised before any multicast or remote arrive
-            if live:  # units past the real ones exit (both CTAs of a cluster alike)
+            resolve(bx, NNT, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
+            if live:  # CTAs past the real tiles exit
                 if tx >= 256:
                     producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0)
                 elif tx < 128:
-                    consumer(0, bx, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a0_s, bs, o0_s, w0_s,
-                             acc0, full, empty, NNT, tx, e, row0, rows, n0)
+                    consumer(0, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, full, empty, tx, row0, rows, n0)
                 else:
-                    consumer(1, bx, rank, wts, out, limit, offsets, tile_offsets, tile_expert, a1_s, bs, o1_s, w1_s,
-                             acc1, full, empty, NNT, tx, e, row0, rows, n0)
-                if CL > 1:
-                    T.cluster_sync()  # no CTA exits while its peer may still multicast into it or arrive on it
+                    consumer(1, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, full, empty, tx, row0, rows, n0)
 
     if kind == "up" and dense:
 
