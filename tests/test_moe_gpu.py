@@ -499,6 +499,38 @@ def test_fp8_experts_match_reference(case):
     assert rel < 0.15, rel
 
 
+@pytest.mark.parametrize("case", list(FP8_CASES))
+@pytest.mark.parametrize("block_n", [128, 64])
+def test_fp8_gemm_schedules_agree_bit_for_bit(case, block_n):
+    """The FP8 ws kernels (TMA producer, wgmma consumers promoting per K block) and the pipelined ones: the same
+    wgmma sequence and promotions, so the same bits."""
+    from tilev4.kernels import compile_kernel, fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, _, scale = FP8_CASES[case]
+    _, _, w1, w2, w3, _ = _layer(dim, inter, num_experts, 0, seed=300 + len(case))
+    q1, q2, q3 = (F.quantize_fp8_weight(w) for w in (w1, w2, w3))
+    g = _gen(301)
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = perm.x_sorted.shape[0]
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+    x8, xs = fp8_quantize(perm.x_sorted)
+    outs = {}
+    for schedule in F.SCHEDULES:
+        cfg = {"block_m": perm.block_m, "block_n": block_n, "schedule": schedule}
+        h = _poison(n, inter, dtype=torch.bfloat16)
+        compile_kernel("moe_up_fp8", {"dim": dim, **cfg})(x8, xs, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale,
+                                                          *tables, h, 10.0)
+        h8, hs = fp8_quantize(h)
+        y = _poison(n, dim, dtype=torch.bfloat16)
+        compile_kernel("moe_down_fp8", {"inter": inter, **cfg})(h8, hs, q2.data, q2.scale, *tables, y)
+        outs[schedule] = (h, y)
+    for name, a, b in zip(("h", "y"), *outs.values()):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, b), name
+
+
 def test_fp8_weight_quantisation_is_exact_on_its_grid():
     w = _randn(3, 200, 384, g=_gen(300), scale=0.02, dtype=torch.float32)
     q = F.quantize_fp8_weight(w)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import tilelang.language as T
 import torch
+from tilelang.layout import make_swizzled_layout
 
 from tilev4._checks import check_tensor
 from tilev4.kernels.moe import (
@@ -39,11 +40,14 @@ from tilev4.kernels.moe import (
     BLOCK_M,
     MoEPermutation,
     _check_limit,
+    _check_tma,
     _dense_tile,
     _empty,
     _grouped_tile,
     _swiglu_store,
 )
+from tilev4.kernels.moe_ws import BLOCK_M as WS_BLOCK_M
+from tilev4.kernels.moe_ws import CONSUMER_REGS, HALF_M, PRODUCER_REGS, _grouped_unit
 from tilev4.kernels.moe_tuning import (
     MOE_DOWN_FP8_HARNESS,
     MOE_DOWN_FP8_SPACE,
@@ -103,17 +107,194 @@ def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     check_tensor(f"{name}.data", w.data, dtype=torch.float8_e4m3fn, shape=(e, n, k), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=torch.float32, shape=(e, -(-n // SCALE_BLOCK), k // SCALE_BLOCK),
                  contiguous=True, device=device)
+    _check_tma(f"{name}.data", w.data)
     return w
+
+
+SCHEDULES = ("ws", "pipelined")
+
+
+def _check_fp8_schedule(schedule: str, block_m: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "ws" and block_m != WS_BLOCK_M:
+        raise ValueError(f"block_m must be {WS_BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
+                         f"got {block_m}")
+
+
+def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
+    """Warp-specialised FP8 expert GEMM (``kind`` "up": SwiGLU epilogue, "down": bf16 out), grouped.
+
+    The bf16 ``ws`` schedule (:mod:`tilev4.kernels.moe_ws`) with one K block of 128 (one scale block) a
+    stage: the producer warpgroup TMA-loads the A halves and the weight tile(s); consumer warpgroup
+    ``w`` (rows ``64·w ..``) runs the FP8 wgmma of each weight tile into a scratch accumulator, waits,
+    and promotes it into its fp32 accumulator with the row's power-of-two scale product (exact), then
+    releases the stage. The tile's wgmma sequence and promotions are those of the pipelined kernel, so
+    both schedules give the same bits.
+    """
+    BN, BK, S, KB = block_n, SCALE_BLOCK, num_stages, K // SCALE_BLOCK
+    NB = 2 if kind == "up" else 1
+    NR, N, NS, E, MT = (T.dynamic(n) for n in ("NR", "N", "NS", "E", "MT"))
+    fp8 = T.float8_e4m3fn
+
+    @T.macro
+    def promote(acc, t, sc, a_scale, w_scale, e, r0, rw, n0, ki):
+        for i in T.Parallel(HALF_M):
+            sc[i] = T.if_then_else(i < rw, a_scale[r0 + i, ki], 0.0) * w_scale[e, n0 // SCALE_BLOCK, ki]
+        T.wait_wgmma(0)
+        for i, j in T.Parallel(HALF_M, BN):  # exact power-of-two rescale, fp32 sum
+            acc[i, j] += t[i, j] * sc[i]
+
+    @T.macro
+    def store(w, rw, r0, n0, out, wts, limit, o_s, w_s, accs):
+        T.sync_threads(barrier_id=1 + w, arrive_count=128)
+        if kind == "up":
+            gate, up = accs
+            for i in T.Parallel(HALF_M):
+                w_s[i] = T.if_then_else(i < rw, wts[r0 + i], 0.0)
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            for i, j in T.Parallel(HALF_M, BN):
+                # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+                g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
+                u = T.if_then_else(up[i, j] > limit, limit, T.if_then_else(up[i, j] < -limit, -limit, up[i, j]))
+                o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16)
+        else:
+            for i, j in T.Parallel(HALF_M, BN):
+                o_s[i, j] = T.cast(accs[0][i, j], T.bfloat16)
+        if rw >= HALF_M:
+            T.fence_proxy_async()
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            T.copy(o_s, out[r0, n0])  # TMA store; columns past N are clipped
+        else:
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            for i, j in T.Parallel(HALF_M, BN):
+                if i < rw and n0 + j < N:
+                    out[r0 + i, n0 + j] = o_s[i, j]
+
+    @T.macro
+    def consumer(w, a_scale, w_scales, wts, out, limit, a_s, bs, o_s, w_s, accs, t, sc, full, empty, tx, e, row0,
+                 rows, n0):
+        T.set_max_nreg(CONSUMER_REGS, 1)
+        rw = rows - w * HALF_M
+        r0 = row0 + w * HALF_M
+        if rw > 0:
+            T.clear(accs[0])
+            if NB == 2:
+                T.clear(accs[1])
+        for ki in T.serial(KB):
+            slot = ki % S
+            T.barrier_wait(full[slot], (ki // S) & 1)
+            if rw > 0:
+                T.wgmma_gemm(a_s[slot, :, :], bs[0][slot, :, :], t, transpose_B=True, clear_accum=True)
+                promote(accs[0], t, sc, a_scale, w_scales[0], e, r0, rw, n0, ki)
+                if NB == 2:
+                    T.wgmma_gemm(a_s[slot, :, :], bs[1][slot, :, :], t, transpose_B=True, clear_accum=True)
+                    promote(accs[1], t, sc, a_scale, w_scales[1], e, r0, rw, n0, ki)
+            if tx % 32 == 0:
+                T.barrier_arrive(empty[slot])
+        if rw > 0:
+            store(w, rw, r0, n0, out, wts, limit, o_s, w_s, accs)
+
+    @T.macro
+    def producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0):
+        T.set_max_nreg(PRODUCER_REGS, 0)
+        for ki in T.serial(KB):
+            slot = ki % S
+            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)
+            T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
+            if rows > HALF_M:
+                T.tma_copy(a[row0 + HALF_M:row0 + WS_BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+                           barrier=full[slot])
+            T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
+            if NB == 2:
+                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
+            T.barrier_arrive(full[slot])
+
+    @T.macro
+    def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_expert):
+        with T.Kernel(MT * T.ceildiv(N, BN), threads=384) as bx:
+            a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
+            a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
+            bs = [T.alloc_shared((S, BN, BK), fp8) for _ in range(NB)]
+            o0_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
+            o1_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
+            w0_s = T.alloc_shared((HALF_M,), T.float32) if kind == "up" else None
+            w1_s = T.alloc_shared((HALF_M,), T.float32) if kind == "up" else None
+            acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
+            acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
+            t0 = T.alloc_fragment((HALF_M, BN), T.float32)
+            t1 = T.alloc_fragment((HALF_M, BN), T.float32)
+            sc0 = T.alloc_fragment((HALF_M,), T.float32)
+            sc1 = T.alloc_fragment((HALF_M,), T.float32)
+            full = T.alloc_barrier([128] * S)
+            empty = T.alloc_barrier([8] * S)
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s] + bs})
+            NNT = T.ceildiv(N, BN)
+            tx = T.get_thread_binding()
+            e = T.alloc_var(T.int32, init=0)
+            row0 = T.alloc_var(T.int32, init=0)
+            rows = T.alloc_var(T.int32, init=0)
+            n0 = T.alloc_var(T.int32, init=0)
+            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
+                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+                if tx >= 256:
+                    producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0)
+                elif tx < 128:
+                    consumer(0, a_scale, w_scales, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, t0, sc0, full,
+                             empty, tx, e, row0, rows, n0)
+                else:
+                    consumer(1, a_scale, w_scales, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, t1, sc1, full,
+                             empty, tx, e, row0, rows, n0)
+
+    if kind == "up":
+
+        @T.prim_func
+        def moe_up_fp8_ws(
+            x8: T.Tensor[(NR, K), fp8],
+            xs: T.Tensor[(NR, KB), T.float32],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, K), fp8],
+            w1s: T.Tensor[(E, NS, KB), T.float32],
+            w3: T.Tensor[(E, N, K), fp8],
+            w3s: T.Tensor[(E, NS, KB), T.float32],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+
+        return moe_up_fp8_ws
+
+    @T.prim_func
+    def moe_down_fp8_ws(
+        h8: T.Tensor[(NR, K), fp8],
+        hs: T.Tensor[(NR, KB), T.float32],
+        w2: T.Tensor[(E, N, K), fp8],
+        w2s: T.Tensor[(E, NS, KB), T.float32],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        y: T.Tensor[(NR, N), T.bfloat16],
+    ):
+        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+
+    return moe_down_fp8_ws
 
 
 @register("moe_up_fp8", configs=[{"dim": 4096}], tags=("moe", "fp8", "batch_invariant"), space=MOE_UP_FP8_SPACE,
           bucket=up_bucket, harness=MOE_UP_FP8_HARNESS)
-def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 3, threads: int = 256):
+def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4, threads: int = 256,
+                     schedule: str = "ws"):
     """MoE grouped up-projection, FP8 weights and activations: SwiGLU with clamp and routing weight fused."""
     if dim % SCALE_BLOCK:
         raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
     if SCALE_BLOCK % block_n:
         raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
+    _check_fp8_schedule(schedule, block_m)
+    if schedule == "ws":
+        return _build_fp8_ws("up", dim, block_n, num_stages)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
     D, KB = dim, dim // SCALE_BLOCK
     NR, I, IS, E, MT = (T.dynamic(n) for n in ("NR", "I", "IS", "E", "MT"))
@@ -275,13 +456,21 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
 @register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"),
           space=MOE_DOWN_FP8_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP8_HARNESS)
 def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
-                       threads: int = 256):
+                       threads: int = 256, schedule: str = "ws"):
     """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
+    _check_fp8_schedule(schedule, block_m)
+    if schedule == "ws":
+        if inter % SCALE_BLOCK:
+            raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")
+        if SCALE_BLOCK % block_n:
+            raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
+        return _build_fp8_ws("down", inter, block_n, num_stages)
     return _build_fp8_gemm(inter, False, block_m, block_n, num_stages, threads, 8, "bfloat16")
 
 
 def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.device) -> None:
     check_tensor(name, q, dtype=torch.float8_e4m3fn, shape=(n, k), contiguous=True, device=device)
+    _check_tma(name, q)
     check_tensor(f"{name} scale", s, dtype=torch.float32, shape=(n, k // SCALE_BLOCK), contiguous=True,
                  device=device)
 
@@ -322,6 +511,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
+        _check_tma("out", out)
     if n:
         with torch.cuda.device(dev):
             compile_kernel(fmt.up_kernel, {"dim": dim, "block_m": perm.block_m})(  # the tile table's M tile
@@ -345,6 +535,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
+        _check_tma("out", out)
     if n:
         with torch.cuda.device(dev):
             compile_kernel(fmt.down_kernel, {"inter": inter, "block_m": perm.block_m})(
@@ -352,7 +543,8 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
     return out
 
 
-FP8_FORMAT = QuantFormat("FP8", FP8Weight, _check_fp8_weight, _check_act, "moe_up_fp8", "moe_down_fp8")
+FP8_FORMAT = QuantFormat("FP8", FP8Weight, _check_fp8_weight, _check_act, "moe_up_fp8", "moe_down_fp8",
+                         inter_multiple=8)  # h is stored by TMA: 16-byte rows
 
 
 def moe_up_fp8(
