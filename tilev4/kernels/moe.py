@@ -89,8 +89,7 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import BLOCK_M as WS_BLOCK_M
-from tilev4.kernels.moe_ws import build_ws_gemm
+from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -131,14 +130,6 @@ WS_STORE_N = 128  # columns per staged TMA store of the ws epilogue
 def _check_weight_format(weight_format: str) -> None:
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-
-
-def _check_schedule(schedule: str, block_m: int) -> None:
-    if schedule not in GEMM_SCHEDULES:
-        raise ValueError(f"schedule must be one of {GEMM_SCHEDULES}, got {schedule!r}")
-    if schedule == "ws" and block_m != WS_BLOCK_M:
-        raise ValueError(f"block_m must be {WS_BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
-                         f"got {block_m}")
 
 
 def _check_gemm_format(weight_format: str) -> None:
@@ -519,7 +510,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
                  group_m: int = 8):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
     _check_gemm_format(weight_format)
-    _check_schedule(schedule, block_m)
+    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
         return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
@@ -623,7 +614,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
                    threads: int = 256, group_m: int = 8):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
     _check_gemm_format(weight_format)
-    _check_schedule(schedule, block_m)
+    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
         return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}

@@ -46,8 +46,15 @@ from tilev4.kernels.moe import (
     _grouped_tile,
     _swiglu_store,
 )
-from tilev4.kernels.moe_ws import BLOCK_M as WS_BLOCK_M
-from tilev4.kernels.moe_ws import CONSUMER_REGS, HALF_M, PRODUCER_REGS, _grouped_unit
+from tilev4.kernels.moe_ws import (
+    CONSUMER_REGS,
+    HALF_M,
+    _grouped_unit,
+    check_ws_schedule,
+    load_route_weights,
+    produce,
+    store_part,
+)
 from tilev4.kernels.moe_tuning import (
     MOE_DOWN_FP8_HARNESS,
     MOE_DOWN_FP8_SPACE,
@@ -114,14 +121,6 @@ def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torc
 SCHEDULES = ("ws", "pipelined")
 
 
-def _check_fp8_schedule(schedule: str, block_m: int) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "ws" and block_m != WS_BLOCK_M:
-        raise ValueError(f"block_m must be {WS_BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
-                         f"got {block_m}")
-
-
 def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
     """Warp-specialised FP8 expert GEMM (``kind`` "up": SwiGLU epilogue, "down": bf16 out), grouped.
 
@@ -146,32 +145,6 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             acc[i, j] += t[i, j] * sc[i]
 
     @T.macro
-    def store(w, rw, r0, n0, out, wts, limit, o_s, w_s, accs):
-        T.sync_threads(barrier_id=1 + w, arrive_count=128)
-        if kind == "up":
-            gate, up = accs
-            for i in T.Parallel(HALF_M):
-                w_s[i] = T.if_then_else(i < rw, wts[r0 + i], 0.0)
-            T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            for i, j in T.Parallel(HALF_M, BN):
-                # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
-                g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
-                u = T.if_then_else(up[i, j] > limit, limit, T.if_then_else(up[i, j] < -limit, -limit, up[i, j]))
-                o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16)
-        else:
-            for i, j in T.Parallel(HALF_M, BN):
-                o_s[i, j] = T.cast(accs[0][i, j], T.bfloat16)
-        if rw >= HALF_M:
-            T.fence_proxy_async()
-            T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            T.copy(o_s, out[r0, n0])  # TMA store; columns past N are clipped
-        else:
-            T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            for i, j in T.Parallel(HALF_M, BN):
-                if i < rw and n0 + j < N:
-                    out[r0 + i, n0 + j] = o_s[i, j]
-
-    @T.macro
     def consumer(w, a_scale, w_scales, wts, out, limit, a_s, bs, o_s, w_s, accs, t, sc, full, empty, tx, e, row0,
                  rows, n0):
         T.set_max_nreg(CONSUMER_REGS, 1)
@@ -193,22 +166,10 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             if tx % 32 == 0:
                 T.barrier_arrive(empty[slot])
         if rw > 0:
-            store(w, rw, r0, n0, out, wts, limit, o_s, w_s, accs)
-
-    @T.macro
-    def producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0):
-        T.set_max_nreg(PRODUCER_REGS, 0)
-        for ki in T.serial(KB):
-            slot = ki % S
-            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)
-            T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
-            if rows > HALF_M:
-                T.tma_copy(a[row0 + HALF_M:row0 + WS_BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
-                           barrier=full[slot])
-            T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
-            if NB == 2:
-                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
-            T.barrier_arrive(full[slot])
+            if kind == "up":
+                T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the smem reads of the K loop are done
+                load_route_weights(rw, r0, wts, w_s)
+            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, BN, kind == "up")
 
     @T.macro
     def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_expert):
@@ -238,7 +199,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
                 _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
                 if tx >= 256:
-                    producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0)
+                    produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KB, BK, BN, S)
                 elif tx < 128:
                     consumer(0, a_scale, w_scales, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, t0, sc0, full,
                              empty, tx, e, row0, rows, n0)
@@ -292,7 +253,7 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
         raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
     if SCALE_BLOCK % block_n:
         raise ValueError(f"block_n={block_n} must divide {SCALE_BLOCK} (one weight scale per tile)")
-    _check_fp8_schedule(schedule, block_m)
+    check_ws_schedule(schedule, block_m, SCHEDULES)
     if schedule == "ws":
         return _build_fp8_ws("up", dim, block_n, num_stages)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
@@ -458,7 +419,7 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
 def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
                        threads: int = 256, schedule: str = "ws"):
     """MoE grouped down-projection, FP8 weights and activations: y = h·W2ᵀ per expert (bf16 out)."""
-    _check_fp8_schedule(schedule, block_m)
+    check_ws_schedule(schedule, block_m, SCHEDULES)
     if schedule == "ws":
         if inter % SCALE_BLOCK:
             raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")

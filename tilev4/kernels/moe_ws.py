@@ -37,7 +37,7 @@ from typing import Any
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
-__all__ = ["build_ws_gemm", "ws_smem_bytes"]
+__all__ = ["build_ws_gemm", "check_ws_schedule", "load_route_weights", "produce", "store_part", "ws_smem_bytes"]
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
@@ -74,6 +74,71 @@ def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0:
     rows = T.min(BLOCK_M, num_rows - row0)  # noqa: F841
 
 
+def check_ws_schedule(schedule: str, block_m: int, schedules: tuple[str, ...]) -> None:
+    """``schedule`` is one of ``schedules``; the ``ws`` one runs 128-row tiles (two 64-row consumers)."""
+    if schedule not in schedules:
+        raise ValueError(f"schedule must be one of {schedules}, got {schedule!r}")
+    if schedule == "ws" and block_m != BLOCK_M:
+        raise ValueError(f"block_m must be {BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
+                         f"got {block_m}")
+
+
+@T.macro
+def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S):
+    """The producer warpgroup: per K step, wait until both consumers released the stage, then TMA-load the A
+    halves (the second only when the tile has more than 64 valid rows) and the weight tile(s) ``ws``."""
+    T.set_max_nreg(PRODUCER_REGS, 0)
+    for ki in T.serial(KT):
+        slot = ki % S
+        T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers are done with the stage
+        T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
+        if rows > HALF_M:
+            T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+                       barrier=full[slot])
+        T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
+        if len(ws) == 2:
+            T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
+        T.barrier_arrive(full[slot])
+
+
+@T.macro
+def load_route_weights(rw, r0, wts, w_s):
+    """This warpgroup's routing weights (0 past its valid rows), for the up-projection epilogue."""
+    for i in T.Parallel(HALF_M):
+        w_s[i] = T.if_then_else(i < rw, wts[r0 + i], 0.0)
+
+
+@T.macro
+def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted):
+    """Columns ``p·SN .. (p+1)·SN`` of consumer ``w``'s 64 rows: fp32 → bf16 in ``o_s`` (the up-projection's
+    SwiGLU first when ``accs`` is (gate, up)), then stored: by TMA when all 64 rows are valid, with row-masked
+    stores otherwise (rows past the segment belong to the next expert)."""
+    T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the previous store has read o_s
+    if len(accs) == 2:
+        gate, up = accs
+        for i, j in T.Parallel(HALF_M, SN):
+            # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+            g = T.if_then_else(gate[i, p * SN + j] > limit, limit, gate[i, p * SN + j])
+            u = T.if_then_else(up[i, p * SN + j] > limit, limit,
+                               T.if_then_else(up[i, p * SN + j] < -limit, -limit, up[i, p * SN + j]))
+            if weighted:
+                o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16)
+            else:
+                o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
+    else:
+        for i, j in T.Parallel(HALF_M, SN):
+            o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
+    if rw >= HALF_M:
+        T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
+        T.sync_threads(barrier_id=1 + w, arrive_count=128)
+        T.copy(o_s, out[r0, n0 + p * SN])  # TMA store; columns past N are clipped
+    else:
+        T.sync_threads(barrier_id=1 + w, arrive_count=128)
+        for i, j in T.Parallel(HALF_M, SN):
+            if i < rw and n0 + p * SN + j < N:
+                out[r0 + i, n0 + p * SN + j] = o_s[i, j]
+
+
 def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
                   store_n: int) -> Any:
     """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module."""
@@ -93,34 +158,6 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
                 _dense_unit(b, NNT, NR, group_m, row0, rows, n0, BN)
             else:
                 _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
-
-    @T.macro
-    def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs):
-        """Columns ``p·SN .. (p+1)·SN`` of this warpgroup's 64 rows: fp32 → bf16 in ``o_s``, then stored."""
-        T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the previous store has read o_s
-        if kind == "up":
-            gate, up = accs
-            for i, j in T.Parallel(HALF_M, SN):
-                # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
-                g = T.if_then_else(gate[i, p * SN + j] > limit, limit, gate[i, p * SN + j])
-                u = T.if_then_else(up[i, p * SN + j] > limit, limit,
-                                   T.if_then_else(up[i, p * SN + j] < -limit, -limit, up[i, p * SN + j]))
-                if weighted:
-                    o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16)
-                else:
-                    o_s[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
-        else:
-            for i, j in T.Parallel(HALF_M, SN):
-                o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
-        if rw >= HALF_M:
-            T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
-            T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            T.copy(o_s, out[r0, n0 + p * SN])  # TMA store; columns past N are clipped
-        else:
-            T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            for i, j in T.Parallel(HALF_M, SN):
-                if i < rw and n0 + p * SN + j < N:
-                    out[r0 + i, n0 + p * SN + j] = o_s[i, j]
 
     @T.macro
     def consumer(w, wts, out, limit, a_s, bs, o_s, w_s, accs, full, empty, tx, row0, rows, n0):
@@ -145,26 +182,10 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         if rw > 0:
             r0 = row0 + w * HALF_M
             if weighted:
-                for i in T.Parallel(HALF_M):
-                    w_s[i] = T.if_then_else(i < rw, wts[r0 + i], 0.0)
-            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs)
+                load_route_weights(rw, r0, wts, w_s)
+            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
             if BN // SN > 1:
-                store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs)
-
-    @T.macro
-    def producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0):
-        T.set_max_nreg(PRODUCER_REGS, 0)
-        for ki in T.serial(KT):
-            slot = ki % S
-            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers are done with the stage
-            T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
-            if rows > HALF_M:
-                T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
-                           barrier=full[slot])
-            T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
-            if NB == 2:
-                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
-            T.barrier_arrive(full[slot])
+                store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
 
     @T.macro
     def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
@@ -192,7 +213,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             resolve(bx, NNT, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
             if live:  # CTAs past the real tiles exit
                 if tx >= 256:
-                    producer(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0)
+                    produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S)
                 elif tx < 128:
                     consumer(0, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, full, empty, tx, row0, rows, n0)
                 else:
