@@ -20,3 +20,18 @@ def test_profile_decode_reports_both_modes(tmp_path):
         assert mode["device_ms_per_step"] > 0 and mode["groups_ms"] and mode["top_kernels_ms"]
         assert abs(sum(mode["groups_ms"].values()) - mode["device_ms_per_step"]) < 1e-6
     assert "batch-invariant" in run.stdout or "default" in run.stdout
+
+
+def test_moe_schedules_checks_its_arguments():
+    """The MoE schedule comparison (a GPU tool) names a bad kernel, and says when there is no GPU to run on."""
+    import pytest
+    import torch
+
+    tool = str(ROOT / "tools" / "moe_schedules.py")
+    run = subprocess.run([sys.executable, tool, "--kernels", "moe_up,moe_gate"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and "moe_gate" in run.stderr
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message is for machines without one")
+    run = subprocess.run([sys.executable, tool], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr

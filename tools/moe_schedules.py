@@ -1,0 +1,120 @@
+"""Compare the schedules of the MoE expert GEMMs on the GPU (bf16 and FP8), kernel by kernel.
+
+    python3 tools/moe_schedules.py --schedules ws,pipelined --tokens 8192,64 --json $OUT/moe_schedules.json
+
+Compiles ``moe_up`` / ``moe_down`` (bf16 weights) and ``moe_up_fp8`` / ``moe_down_fp8`` through the registry
+with an explicit ``schedule`` (other tunables as resolved for this GPU; ``--config K=V,...`` pins more, e.g.
+``num_stages=3``), in parallel, then times each on the routing of ``tilev4 bench moe`` (V4-Flash dims: dim
+4096, inter 2048, 256 experts, top-6; a random gate with bias) as CUDA-event medians. Outputs are poisoned
+with NaN before the checked launch and compared bit for bit with the first schedule's; every schedule runs
+the same wgmma sequence, so ``equal`` must be true. TFLOPS count the routed rows only (``2·N·dim·inter`` a
+GEMM, twice for the up-projection's two weights), as the benchmark does.
+"""
+
+import argparse
+import concurrent.futures as cf
+import importlib
+import json
+
+import torch
+
+from tilev4.bench import measure_peaks, time_cuda
+
+DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
+KERNELS = ("moe_up", "moe_down", "moe_up_fp8", "moe_down_fp8")
+
+
+def _problem(kernel: str) -> dict:
+    return {"dim": DIM} if kernel.startswith("moe_up") else {"inter": INTER}
+
+
+def _build(job: tuple[str, dict]) -> str:
+    from tilev4.kernels import compile_kernel
+
+    compile_kernel(*job)
+    return job[0]
+
+
+def _parse_config(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schedules", default="ws,pipelined", help="comma-separated (the first is the baseline)")
+    ap.add_argument("--tokens", default="8192,64", help="comma-separated token counts")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
+    ap.add_argument("--config", default="", help="more tunables for every kernel, K=V,...")
+    ap.add_argument("--jobs", type=int, default=8, help="compile processes")
+    ap.add_argument("--json", default=None, help="write the timings here")
+    args = ap.parse_args()
+    schedules = args.schedules.split(",")
+    kernels = args.kernels.split(",")
+    if unknown := set(kernels) - set(KERNELS):
+        raise SystemExit(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
+    extra = _parse_config(args.config)
+    if not torch.cuda.is_available():
+        raise SystemExit("moe_schedules needs a CUDA GPU")
+
+    configs = {(k, s): {**_problem(k), "block_m": 128, "schedule": s, **extra} for k in kernels for s in schedules}
+    with cf.ProcessPoolExecutor(args.jobs) as pool:  # compile in parallel; the cache serves the timing below
+        list(pool.map(_build, [(k, c) for (k, _), c in configs.items()]))
+
+    from tilev4.bench.moe import _layer
+    from tilev4.kernels import compile_kernel, fp8_quantize
+    from tilev4.kernels.moe_fp8 import quantize_fp8_weight
+
+    M = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
+    peaks = measure_peaks()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layer = _layer(gen)
+    w1, w2, w3 = layer["w1"], layer["w2"], layer["w3"]
+    q1, q2, q3 = (quantize_fp8_weight(w) for w in (w1, w2, w3))
+    rows = []
+    for num_tokens in (int(t) for t in args.tokens.split(",")):
+        x = torch.randn(num_tokens, DIM, generator=gen, device="cuda").bfloat16()
+        weights, experts = M.moe_route(x, layer["gate"], layer["bias"], TOP_K, ROUTE_SCALE)
+        perm = M.moe_permute(x, weights, experts, NUM_EXPERTS)
+        n = perm.x_sorted.shape[0]
+        tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+        h = M.moe_up(perm, w1, w3, LIMIT)
+        x8, xs = fp8_quantize(perm.x_sorted)
+        h8, hs = fp8_quantize(h)
+        args_of = {
+            "moe_up": lambda out: (perm.x_sorted, perm.w_sorted, w1, w3, *tables, out, LIMIT),
+            "moe_down": lambda out: (h, w2, *tables, out),
+            "moe_up_fp8": lambda out: (x8, xs, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale, *tables, out,
+                                       LIMIT),
+            "moe_down_fp8": lambda out: (h8, hs, q2.data, q2.scale, *tables, out),
+        }
+        for kernel in kernels:
+            width = INTER if kernel.startswith("moe_up") else DIM
+            flops = 2.0 * n * DIM * INTER * (2 if kernel.startswith("moe_up") else 1)
+            first = None
+            for schedule in schedules:
+                fn = compile_kernel(kernel, configs[kernel, schedule])
+                out = torch.full((n, width), float("nan"), device="cuda", dtype=torch.bfloat16)
+                launch_args = args_of[kernel](out)
+                fn(*launch_args)
+                torch.cuda.synchronize()
+                first = out.clone() if first is None else first
+                ms = time_cuda(lambda fn=fn, a=launch_args: fn(*a), warmup=5, reps=30, graph=num_tokens <= 256)
+                row = {"tokens": num_tokens, "kernel": kernel, "schedule": schedule, "ms": ms,
+                       "tflops": flops / ms / 1e9, "fraction_of_bf16_peak": flops / ms / 1e9 / peaks["bf16_matmul_tflops"],
+                       "equal": bool(torch.equal(out, first)), "nan": int(torch.isnan(out).sum())}
+                rows.append(row)
+                print(f"T={num_tokens:6d} {kernel:13s} {schedule:10s} {ms:8.4f} ms {row['tflops']:7.1f} TFLOPS "
+                      f"({row['fraction_of_bf16_peak']:.3f} of bf16 peak) equal={row['equal']} nan={row['nan']}",
+                      flush=True)
+    print(f"peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOPS, copy {peaks['copy_gbps']:.0f} GB/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peaks": peaks, "config": extra, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
