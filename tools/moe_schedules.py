@@ -43,6 +43,18 @@ def _parse_config(text: str) -> dict:
     return out
 
 
+def _launch_args(kernel: str, out: torch.Tensor, t: dict, w1, w2, w3, fp8) -> tuple:
+    """The kernel's arguments on the inputs ``t`` of one token count (see the loop in :func:`main`)."""
+    q1, q2, q3 = fp8
+    if kernel == "moe_up":
+        return (t["perm"].x_sorted, t["perm"].w_sorted, w1, w3, *t["tables"], out, LIMIT)
+    if kernel == "moe_down":
+        return (t["h"], w2, *t["tables"], out)
+    if kernel == "moe_up_fp8":
+        return (t["x8"], t["xs"], t["perm"].w_sorted, q1.data, q1.scale, q3.data, q3.scale, *t["tables"], out, LIMIT)
+    return (t["h8"], t["hs"], q2.data, q2.scale, *t["tables"], out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedules", default="ws,pipelined", help="comma-separated (the first is the baseline)")
@@ -84,13 +96,7 @@ def main() -> None:
         h = M.moe_up(perm, w1, w3, LIMIT)
         x8, xs = fp8_quantize(perm.x_sorted)
         h8, hs = fp8_quantize(h)
-        args_of = {
-            "moe_up": lambda out: (perm.x_sorted, perm.w_sorted, w1, w3, *tables, out, LIMIT),
-            "moe_down": lambda out: (h, w2, *tables, out),
-            "moe_up_fp8": lambda out: (x8, xs, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale, *tables, out,
-                                       LIMIT),
-            "moe_down_fp8": lambda out: (h8, hs, q2.data, q2.scale, *tables, out),
-        }
+        inputs = {"perm": perm, "tables": tables, "h": h, "x8": x8, "xs": xs, "h8": h8, "hs": hs}
         for kernel in kernels:
             width = INTER if kernel.startswith("moe_up") else DIM
             flops = 2.0 * n * DIM * INTER * (2 if kernel.startswith("moe_up") else 1)
@@ -98,13 +104,14 @@ def main() -> None:
             for schedule in schedules:
                 fn = compile_kernel(kernel, configs[kernel, schedule])
                 out = torch.full((n, width), float("nan"), device="cuda", dtype=torch.bfloat16)
-                launch_args = args_of[kernel](out)
+                launch_args = _launch_args(kernel, out, inputs, w1, w2, w3, (q1, q2, q3))
                 fn(*launch_args)
                 torch.cuda.synchronize()
                 first = out.clone() if first is None else first
                 ms = time_cuda(lambda fn=fn, a=launch_args: fn(*a), warmup=5, reps=30, graph=num_tokens <= 256)
-                row = {"tokens": num_tokens, "kernel": kernel, "schedule": schedule, "ms": ms,
-                       "tflops": flops / ms / 1e9, "fraction_of_bf16_peak": flops / ms / 1e9 / peaks["bf16_matmul_tflops"],
+                tflops = flops / ms / 1e9
+                row = {"tokens": num_tokens, "kernel": kernel, "schedule": schedule, "ms": ms, "tflops": tflops,
+                       "fraction_of_bf16_peak": tflops / peaks["bf16_matmul_tflops"],
                        "equal": bool(torch.equal(out, first)), "nan": int(torch.isnan(out).sum())}
                 rows.append(row)
                 print(f"T={num_tokens:6d} {kernel:13s} {schedule:10s} {ms:8.4f} ms {row['tflops']:7.1f} TFLOPS "

@@ -46,6 +46,14 @@ from tilev4.kernels.moe import (
     _grouped_tile,
     _swiglu_store,
 )
+from tilev4.kernels.moe_tuning import (
+    MOE_DOWN_FP8_HARNESS,
+    MOE_DOWN_FP8_SPACE,
+    MOE_UP_FP8_HARNESS,
+    MOE_UP_FP8_SPACE,
+    down_bucket,
+    up_bucket,
+)
 from tilev4.kernels.moe_ws import (
     CONSUMER_REGS,
     HALF_M,
@@ -54,14 +62,6 @@ from tilev4.kernels.moe_ws import (
     load_route_weights,
     produce,
     store_part,
-)
-from tilev4.kernels.moe_tuning import (
-    MOE_DOWN_FP8_HARNESS,
-    MOE_DOWN_FP8_SPACE,
-    MOE_UP_FP8_HARNESS,
-    MOE_UP_FP8_SPACE,
-    down_bucket,
-    up_bucket,
 )
 from tilev4.kernels.registry import compile_kernel, register
 
@@ -189,7 +189,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             sc1 = T.alloc_fragment((HALF_M,), T.float32)
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([8] * S)
-            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s] + bs})
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s, *bs]})
             NNT = T.ceildiv(N, BN)
             tx = T.get_thread_binding()
             e = T.alloc_var(T.int32, init=0)

@@ -202,7 +202,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
             full = T.alloc_barrier([128] * S)  # the producer's 128 threads (+ the TMA bytes)
             empty = T.alloc_barrier([8] * S)  # lane 0 of each of the 8 consumer warps
-            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s] + bs})
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s, *bs]})
             NNT = T.ceildiv(N, BN)
             tx = T.get_thread_binding()
             e = T.alloc_var(T.int32, init=0)
