@@ -18,7 +18,9 @@ moe_combine       threads 128/256/64/512                                 dim ran
 ================  =====================================================  ==============================  ====
 
 ``threads`` of the GEMMs is listed as 256/128 but follows ``block_m`` (one warpgroup per 64-row wgmma slab,
-the FullRow layout of every GEMM here), so it adds no candidate. ``moe_count`` / ``moe_scan`` /
+the FullRow layout of every GEMM here), so it adds no candidate; the ``ws`` schedule (the default of the bf16
+and FP8 expert GEMMs, :mod:`tilev4.kernels.moe_ws`) always runs 384 threads — a TMA producer warpgroup and one
+consumer warpgroup per 64 rows — and ignores it. ``moe_count`` / ``moe_scan`` /
 ``moe_scatter`` are not tuned (see their factories in :mod:`tilev4.kernels.moe`).
 
 **block_m of the grouped GEMMs is a problem key.** The permutation's tile table (``tile_offsets`` /
