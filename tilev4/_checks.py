@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "capturing",
+    "check_aligned",
     "check_dtype",
     "check_int",
     "check_same_device",
@@ -57,6 +58,13 @@ def check_tensor(
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
     return t
+
+
+def check_aligned(name: str, t: torch.Tensor | None, alignment: int = 16) -> None:
+    """``t`` (if given) starts at a multiple of ``alignment`` bytes: what 16-byte vector loads and TMA need."""
+    if t is not None and t.data_ptr() % alignment:
+        raise ValueError(f"{name} must start at a {alignment}-byte aligned address, "
+                         f"got data_ptr() % {alignment} = {t.data_ptr() % alignment}")
 
 
 def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | Sequence[torch.dtype]) -> None:

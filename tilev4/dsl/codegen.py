@@ -362,6 +362,21 @@ def _block_range(t: dict, gens: list, b_i: Any, tq: Any, sp: Any, split_blocks: 
     return T.min(sp * split_blocks, end), T.min((sp + 1) * split_blocks, end)
 
 
+@T.macro
+def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
+    """A warp-specialised CTA's heads, split, query position and key-block range; issues the TMA load of Q
+    (the producer starts gathering at once, the consumers wait on ``q_bar`` before their first GEMM).
+    Returns ``(h0, sp, tq, lo, hi, n_iter)``, ``n_iter`` block pairs."""
+    h0 = (bx % NHB) * HB
+    sp = bx // NHB
+    tq = t["positions"][b_i, s_i]
+    lo, hi = _block_range(t, gens, b_i, tq, sp, split_blocks)
+    n_iter = T.ceildiv(hi - lo, 2)
+    T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
+    T.barrier_arrive(q_bar)
+    return h0, sp, tq, lo, hi, n_iter
+
+
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
@@ -477,15 +492,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             row_local = T.alloc_local((NR,), T.int32)
             pos_local = T.alloc_local((NR,), T.int32)
 
-            h0 = (bx % NHB) * HB
-            sp = bx // NHB
-            tq = t["positions"][b_i, s_i]
-            lo, hi = _block_range(t, gens, b_i, tq, sp, fixed_sb if split else None)
-            n_iter = T.ceildiv(hi - lo, 2)
-
-            # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
-            T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
-            T.barrier_arrive(q_bar)
+            h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
+                                                     fixed_sb if split else None)
             tx = T.get_thread_binding()
 
             if tx < 128:
@@ -732,15 +740,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             row_local = T.alloc_local((NR,), T.int32)
             pos_local = T.alloc_local((NR,), T.int32)
 
-            h0 = (bx % NHB) * HB
-            sp = bx // NHB
-            tq = t["positions"][b_i, s_i]
-            lo, hi = _block_range(t, gens, b_i, tq, sp, fixed_sb if split else None)
-            n_iter = T.ceildiv(hi - lo, 2)
-
-            # Q by TMA; the producer starts gathering at once, the consumers wait for Q before their first GEMM
-            T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
-            T.barrier_arrive(q_bar)
+            h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
+                                                     fixed_sb if split else None)
             tx = T.get_thread_binding()
 
             if tx < 128:

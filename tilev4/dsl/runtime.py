@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tilev4._checks import check_tensor
+from tilev4._checks import check_aligned, check_tensor
 from tilev4.dsl.codegen import (
     AttentionConfig,
     build_combine_program,
@@ -32,12 +32,6 @@ OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that mo
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _check_tma_aligned(name: str, t: torch.Tensor) -> None:
-    """q and the output move by TMA (tile copies need a 16-byte aligned base address)."""
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address, got data_ptr() % 16 = {t.data_ptr() % 16}")
 
 
 def _whole_blocks(config: AttentionConfig) -> AttentionConfig:
@@ -172,7 +166,7 @@ class AttentionKernel:
             out = torch.empty_like(q)
         else:
             check_tensor("out", out, dtype=torch.bfloat16, shape=tuple(q.shape), contiguous=True, device=q.device)
-            _check_tma_aligned("out", out)
+            check_aligned("out", out)  # q and the output move by TMA
         lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device) if spec.return_lse else None
         if b * s == 0:
             return (out, lse) if spec.return_lse else out
@@ -209,7 +203,7 @@ class AttentionKernel:
         b, s, h, d = q.shape
         if h != spec.heads or d != spec.head_dim:
             raise ValueError(f"q must have shape [b, s, {spec.heads}, {spec.head_dim}], got {list(q.shape)}")
-        _check_tma_aligned("q", q)
+        check_aligned("q", q)
         dev = q.device
         check_tensor("positions", positions, dtype=torch.int32, shape=(b, s), contiguous=True, device=dev)
         if spec.sink:

@@ -73,7 +73,7 @@ from typing import Any
 import tilelang.language as T
 import torch
 
-from tilev4._checks import check_int, check_same_device, check_tensor
+from tilev4._checks import check_aligned, check_int, check_same_device, check_tensor
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
 from tilev4.kernels.quant import pow2_scale_bits
@@ -798,9 +798,7 @@ def _check_aligned(**tensors: torch.Tensor | None) -> None:
     """The kernels move 8 channels per 16-byte (bf16) or 2×16-byte (fp32) access: base addresses must be 16-byte
     aligned (a contiguous slice of whole rows is; a tensor offset by a few elements is not)."""
     for name, t in tensors.items():
-        if t is not None and t.data_ptr() % 16:
-            off = t.data_ptr() % 16
-            raise ValueError(f"{name} must start at a 16-byte aligned address, got data_ptr() % 16 = {off}")
+        check_aligned(name, t)
 
 
 def _check_params(

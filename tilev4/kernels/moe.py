@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import tilelang.language as T
 import torch
 
-from tilev4._checks import check_int, check_tensor
+from tilev4._checks import check_aligned, check_int, check_tensor
 from tilev4.kernels.moe_tuning import (
     MOE_COMBINE_HARNESS,
     MOE_COMBINE_SPACE,
@@ -124,7 +124,6 @@ NO_CLAMP = float("inf")  # min(g, inf) = g and clamp(u, -inf, inf) = u bit for b
 
 _NO_WS = {"tl.disable_warp_specialized": True}
 GEMM_SCHEDULES = ("ws", "pipelined")  # bf16 expert GEMMs: tilev4.kernels.moe_ws, or the cp.async pipeline here
-WS_STORE_N = 128  # columns per staged TMA store of the ws epilogue
 
 
 def _check_weight_format(weight_format: str) -> None:
@@ -512,7 +511,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
     _check_gemm_format(weight_format)
     check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
-        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
+        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m)
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
@@ -616,7 +615,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
     _check_gemm_format(weight_format)
     check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
-        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, min(block_n, WS_STORE_N))
+        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m)
     pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
     BM, BN, BK = block_m, block_n, block_k
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
@@ -767,13 +766,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _check_cuda(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cuda":
         raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
-
-
-def _check_tma(name: str, t: torch.Tensor) -> None:
-    """TMA needs a 16-byte aligned base address (row strides are checked through the shapes)."""
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address (TMA), "
-                         f"got storage offset {t.storage_offset()}")
 
 
 def _check_limit(swiglu_limit: float | None) -> float:
@@ -1020,7 +1012,7 @@ def moe_permute(
 
 def _check_stacked(name: str, w: object, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     check_tensor(name, w, dtype=torch.bfloat16, shape=shape, contiguous=True, device=device)
-    _check_tma(name, w)
+    check_aligned(name, w)
     return w
 
 
@@ -1057,7 +1049,7 @@ def moe_up(
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
-        _check_tma("out", out)
+        check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
             kernel = compile_kernel("moe_up", {"dim": dim, "block_m": perm.block_m})  # the tile table's M tile
@@ -1083,13 +1075,13 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
     check_tensor("h", h, dtype=torch.bfloat16, ndim=2, contiguous=True, device=dev)
     inter = h.shape[1]
     check_tensor("h", h, shape=(n, inter))
-    _check_tma("h", h)
+    check_aligned("h", h)
     _check_stacked("w2", w2, (perm.num_experts, dim, inter), dev)
     if out is None:
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
-        _check_tma("out", out)
+        check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
             kernel = compile_kernel("moe_down", {"inter": inter, "block_m": perm.block_m})  # the tile table's M tile
@@ -1106,7 +1098,7 @@ def _check_dense(prefix: str, w1: object, w2: object, w3: object, dim: int, devi
     check_tensor(f"{prefix}w3", w3, dtype=torch.bfloat16, shape=(inter, dim), contiguous=True, device=device)
     check_tensor(f"{prefix}w2", w2, dtype=torch.bfloat16, shape=(dim, inter), contiguous=True, device=device)
     for name, w in ((f"{prefix}w1", w1), (f"{prefix}w2", w2), (f"{prefix}w3", w3)):
-        _check_tma(name, w)
+        check_aligned(name, w)
     return inter
 
 
@@ -1131,7 +1123,7 @@ def moe_shared_expert(
     """
     limit = _check_limit(swiglu_limit)
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2, contiguous=True)
-    _check_tma("x", x)
+    check_aligned("x", x)
     num_tokens, dim = x.shape
     if dim % 8:
         raise ValueError(f"x: dim={dim} must be a multiple of 8")
@@ -1141,7 +1133,7 @@ def moe_shared_expert(
         out = _empty((num_tokens, dim), torch.bfloat16, x.device)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(num_tokens, dim), contiguous=True, device=x.device)
-        _check_tma("out", out)
+        check_aligned("out", out)
     if num_tokens:
         h = _empty((num_tokens, inter), torch.bfloat16, x.device)
         with torch.cuda.device(x.device):

@@ -75,7 +75,7 @@ from typing import Any, NamedTuple
 import tilelang.language as T
 import torch
 
-from tilev4._checks import check_tensor
+from tilev4._checks import check_aligned, check_tensor
 from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _grouped_tile
 from tilev4.kernels.moe_fp8 import QuantFormat, grouped_down, grouped_up
 from tilev4.kernels.moe_tuning import (
@@ -196,15 +196,9 @@ def _check_fp4_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, shape=(e, n, k // 2), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=_SCALE_DTYPES, shape=(e, n, k // FP4_BLOCK), contiguous=True,
                  device=device)
-    _check_aligned(f"{name}.data", w.data)
-    _check_aligned(f"{name}.scale", w.scale)
+    check_aligned(f"{name}.data", w.data)
+    check_aligned(f"{name}.scale", w.scale)
     return _as_bytes(w)
-
-
-def _check_aligned(name: str, t: torch.Tensor) -> None:
-    """The kernels load rows in 16-byte pieces (the row strides are multiples of 16 through the shapes)."""
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name} must start at a 16-byte aligned address, got storage offset {t.storage_offset()}")
 
 
 class _WordOps(NamedTuple):
@@ -484,7 +478,7 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
     check_tensor(name, q, dtype=torch.float8_e4m3fn, shape=(n, k), contiguous=True, device=device)
     check_tensor(f"{name} scale", s, dtype=torch.float32, shape=(n, k // SCALE_BLOCK), contiguous=True,
                  device=device)
-    _check_aligned(name, q)
+    check_aligned(name, q)
 
 
 FP4_FORMAT = QuantFormat("FP4", FP4Weight, _check_fp4_weight, _check_act, "moe_up_fp4", "moe_down_fp4",

@@ -34,13 +34,12 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from tilev4._checks import check_tensor
+from tilev4._checks import check_aligned, check_tensor
 from tilev4.kernels.moe import (
     _NO_WS,
     BLOCK_M,
     MoEPermutation,
     _check_limit,
-    _check_tma,
     _dense_tile,
     _empty,
     _grouped_tile,
@@ -114,7 +113,7 @@ def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     check_tensor(f"{name}.data", w.data, dtype=torch.float8_e4m3fn, shape=(e, n, k), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=torch.float32, shape=(e, -(-n // SCALE_BLOCK), k // SCALE_BLOCK),
                  contiguous=True, device=device)
-    _check_tma(f"{name}.data", w.data)
+    check_aligned(f"{name}.data", w.data)
     return w
 
 
@@ -431,7 +430,7 @@ def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
 
 def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.device) -> None:
     check_tensor(name, q, dtype=torch.float8_e4m3fn, shape=(n, k), contiguous=True, device=device)
-    _check_tma(name, q)
+    check_aligned(name, q)
     check_tensor(f"{name} scale", s, dtype=torch.float32, shape=(n, k // SCALE_BLOCK), contiguous=True,
                  device=device)
 
@@ -472,7 +471,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, inter), contiguous=True, device=dev)
-        _check_tma("out", out)
+        check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
             compile_kernel(fmt.up_kernel, {"dim": dim, "block_m": perm.block_m})(  # the tile table's M tile
@@ -496,7 +495,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
         check_tensor("out", out, dtype=torch.bfloat16, shape=(n, dim), contiguous=True, device=dev)
-        _check_tma("out", out)
+        check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
             compile_kernel(fmt.down_kernel, {"inter": inter, "block_m": perm.block_m})(

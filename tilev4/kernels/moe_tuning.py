@@ -67,6 +67,7 @@ import torch
 
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
+from tilev4.kernels.moe_ws import ws_buffer_bytes
 
 __all__ = [
     "FP8_LINEAR_HARNESS",
@@ -243,10 +244,7 @@ def combine_bucket(problem: Mapping[str, Any]) -> str:
 
 def _ws_smem(c: Mapping[str, Any], weight_tiles: int, weighted: bool) -> int:
     """The ``ws`` schedule (tilev4.kernels.moe_ws): A halves, weight tiles, staging tiles, routing weights."""
-    bn, bk, s = c["block_n"], c["block_k"], c["num_stages"]
-    half, store_n = c["block_m"] // 2, min(bn, 128)
-    buffers = [s * half * bk * 2] * 2 + [s * bn * bk * 2] * weight_tiles + [half * store_n * 2] * 2
-    return _smem(*buffers, *([half * 4] * 2 if weighted else []))
+    return _smem(*ws_buffer_bytes(weight_tiles, weighted, c["block_n"], c["block_k"], c["num_stages"]))
 
 
 def _moe_up_smem(c: Mapping[str, Any]) -> int:

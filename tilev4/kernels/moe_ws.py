@@ -37,25 +37,38 @@ from typing import Any
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
-__all__ = ["build_ws_gemm", "check_ws_schedule", "load_route_weights", "produce", "store_part", "ws_smem_bytes"]
+__all__ = ["build_ws_gemm", "check_ws_schedule", "load_route_weights", "produce", "store_part", "store_width",
+           "ws_buffer_bytes"]
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation
+STORE_N = 128  # columns of one staged TMA store in the epilogue
 
 
-def ws_smem_bytes(kind: str, block_n: int, block_k: int, num_stages: int, store_n: int) -> int:
-    """Shared memory of one CTA (stages, staging tiles, routing weights), without the barriers."""
-    nb = 2 if kind == "up" else 1
-    return (num_stages * (BLOCK_M + nb * block_n) * block_k * 2 + 2 * HALF_M * store_n * 2
-            + (2 * HALF_M * 4 if kind == "up" else 0))
+def ws_buffer_bytes(weight_tiles: int, weighted: bool, block_n: int, block_k: int, num_stages: int) -> list[int]:
+    """Bytes of each shared buffer of a ``ws`` CTA with 2-byte operands (the A halves, the weight tiles, the
+    staging tiles, the routing weights), without the barriers: for the tuner's static pruning."""
+    halves = [num_stages * HALF_M * block_k * 2] * 2
+    weights = [num_stages * block_n * block_k * 2] * weight_tiles
+    staging = [HALF_M * store_width(block_n) * 2] * 2
+    return halves + weights + staging + ([HALF_M * 4] * 2 if weighted else [])
+
+
+def store_width(block_n: int) -> int:
+    """Columns a consumer stages and stores at a time."""
+    return min(block_n, STORE_N)
 
 
 @T.macro
 def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, row0: T.Ref, rows: T.Ref,
                   n0: T.Ref, BN):
     """Expert, first row, valid rows and first column of tile ``b`` (the tiles of one expert are consecutive,
-    M fastest, so the CTAs that read one weight tile run together)."""
+    M fastest, so the CTAs that read one weight tile run together).
+
+    The arithmetic of ``tilev4.kernels.moe._grouped_tile``, kept apart on purpose: the cp.async kernels hold
+    the expert's first tile and tile count in variables (they are out-parameters there), this one in let
+    bindings, and merging the two changes the generated code of one side."""
     e = tile_expert[b // num_n_tiles]
     a0 = tile_offsets[e]
     c = tile_offsets[e + 1] - a0
@@ -139,10 +152,9 @@ def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted):
                 out[r0 + i, n0 + p * SN + j] = o_s[i, j]
 
 
-def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
-                  store_n: int) -> Any:
+def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int) -> Any:
     """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module."""
-    BN, BK, S, SN = block_n, block_k, num_stages, store_n
+    BN, BK, S, SN = block_n, block_k, num_stages, store_width(block_n)
     NB = 2 if kind == "up" else 1
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     KT = (K + BK - 1) // BK
