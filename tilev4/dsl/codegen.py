@@ -438,6 +438,20 @@ def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
     return produce
 
 
+def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tuple:
+    """What both warp-specialised builders derive from the spec and config: sizes (``HB`` heads a CTA, ``DH``
+    half of D, ``NR`` producer rows a thread), the split's fixed block count, the score/mask modifiers, the
+    dynamic extents, the key sources, the argument annotations and names, and the producer macro."""
+    D, BI = spec.head_dim, config.block_kv
+    HB = 64
+    B, S = T.dynamic("B"), T.dynamic("S")
+    NS = T.dynamic("NS") if split else 1
+    gens = [_SourceGen(src, BI, D) for src in spec.sources]
+    return (D, BI, HB, D // 2, spec.heads // HB, config.blocks_per_split() if split else 1, spec.softmax_scale,
+            spec.score_mod, spec.mask_mod, B, S, NS, gens, _annotations(spec, gens, split, B, S, NS),
+            [n for n, _ in tensor_layout(spec, split)], BI // _ROWS_PER_PASS, _producer(spec, gens, BI))
+
+
 def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """Warp-specialised main program: 3 warpgroups (consumer 0, consumer 1, producer).
 
@@ -449,19 +463,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     computes ``S = Q Kᵀ`` over all of D, the softmax and ``P V[:, :256]``; consumer 1 rescales and
     computes ``P V[:, 256:]``; ``p_ready``/``p_free`` hand P and the rescale factors over.
     """
-    H, D, BI = spec.heads, spec.head_dim, config.block_kv
-    HB, DH = 64, spec.head_dim // 2
-    NHB = H // HB
-    fixed_sb = config.blocks_per_split() if split else 1
-    scale = spec.softmax_scale
-    score_mod, mask_mod = spec.score_mod, spec.mask_mod
-    B, S = T.dynamic("B"), T.dynamic("S")
-    NS = T.dynamic("NS") if split else 1
-    gens = [_SourceGen(src, BI, D) for src in spec.sources]
-    ann = _annotations(spec, gens, split, B, S, NS)
-    arg_names = [n for n, _ in tensor_layout(spec, split)]
-    NR = BI // _ROWS_PER_PASS
-    produce = _producer(spec, gens, BI)
+    (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
+     produce) = _ws_setup(spec, config, split)
 
     @T.macro
     def body(t):
@@ -612,19 +615,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     consumers do the same tensor-core work (one QKᵀ and two half PVs per pair), and one's softmax
     runs while the other's GEMMs do.
     """
-    H, D, BI = spec.heads, spec.head_dim, config.block_kv
-    HB, DH = 64, spec.head_dim // 2
-    NHB = H // HB
-    fixed_sb = config.blocks_per_split() if split else 1
-    scale = spec.softmax_scale
-    score_mod, mask_mod = spec.score_mod, spec.mask_mod
-    B, S = T.dynamic("B"), T.dynamic("S")
-    NS = T.dynamic("NS") if split else 1
-    gens = [_SourceGen(src, BI, D) for src in spec.sources]
-    ann = _annotations(spec, gens, split, B, S, NS)
-    arg_names = [n for n, _ in tensor_layout(spec, split)]
-    NR = BI // _ROWS_PER_PASS
-    produce = _producer(spec, gens, BI)
+    (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
+     produce) = _ws_setup(spec, config, split)
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
