@@ -80,8 +80,9 @@ from typing import Any
 
 import tilelang.language as T
 import torch
+from tilelang.layout import make_swizzled_layout
 
-from tilev4._checks import capturing, check_int, check_same_device, check_tensor
+from tilev4._checks import capturing, check_aligned, check_int, check_same_device, check_tensor
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
 from tilev4.kernels.registry import compile_kernel, register, resolve_config
@@ -133,10 +134,11 @@ def _logits_tiles(c: Mapping[str, Any]) -> str | None:
 # query tile a CTA loads is 3-6 % of its key traffic at 2048 (BQ=1-2), while a shorter range cuts the tiles a
 # causal prefill computes past the last visible entry.
 INDEXER_LOGITS_SPACE = Space(
-    params={"BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4)},
+    params={"schedule": ("tma", "pipelined"), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4)},
     constraints=(_one_query_per_cta, _logits_tiles),
-    smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * c["D"] + 4 * c["BQ"],
-    heuristic=lambda p: {"BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048, "num_stages": 3},
+    smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * (c["D"] + 4) + 4 * c["BQ"],
+    heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048,
+                         "num_stages": 3},
 )
 LOGITS_TUNE_ENTRIES = 16384  # compressed entries per sequence in a tuning case
 LOGITS_TUNE_QUERIES = 128  # queries per sequence of a prefill tuning case (decode: 1); the size is all queries
@@ -219,6 +221,108 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     return TuningCase((*sub, torch.empty_like(out[start:stop])), outputs=(5,), expected=None, rows=stop - start)
 
 
+def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int):
+    """The ``tma`` schedule of :func:`build_indexer_logits` (same arguments, grid and results).
+
+    One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles (and their scales) in flight by TMA (one
+    elected lane issues), each stage on its own mbarrier; the warpgroup waits for a stage, runs the wgmma,
+    and once every warp is past it warp 0 refills the stage with the tile ``num_stages`` ahead. No thread
+    computes copy addresses, and the loop stops at the CTA's last visible tile (the rest of its range is
+    stored as −inf without a wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys
+    of the next sequence that a last tile reaches are masked by the visibility test like any invisible entry.
+    """
+    if SPLIT % BC:
+        raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
+    if D % 32 or H % 8:
+        raise ValueError(f"D={D} must be a multiple of 32 and H={H} of 8")
+    if threads != 128:
+        raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
+    B = T.dynamic("B")
+    S = T.dynamic("S")
+    N = T.dynamic("N")
+    NH = BQ * H
+    num_blocks = SPLIT // BC
+    ST = num_stages
+
+    @T.prim_func
+    def indexer_logits_tma(
+        q4: T.Tensor[(B, S, H, D), T.float8_e4m3fn],
+        qw3: T.Tensor[(B, S, H), T.float32],  # w · s_q
+        k3: T.Tensor[(B, N, D), T.float8_e4m3fn],
+        ks2: T.Tensor[(B, N), T.float32],  # s_k
+        visible2: T.Tensor[(B, S), T.int32],  # entries c < visible[b, s] are scored
+        out3: T.Tensor[(B, S, N), T.float32],
+    ):
+        T.annotate_pass_configs(_NO_WS)
+        q = T.reshape(q4, (B * S * H, D))
+        qw = T.reshape(qw3, (B * S, H))
+        k = T.reshape(k3, (B * N, D))
+        ks = T.reshape(ks2, (B * N,))
+        visible = T.reshape(visible2, (B * S,))
+        out = T.reshape(out3, (B * S, N))
+        with T.Kernel(T.ceildiv(N, SPLIT), T.ceildiv(S, BQ), B, threads=threads) as (bx, by, bz):
+            q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
+            k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
+            ks_shared = T.alloc_shared((ST, BC), T.float32)
+            full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
+            acc = T.alloc_fragment((BC, NH), T.float32)
+            acc3 = T.reshape(acc, (BC, BQ, H))
+            logit_frag = T.alloc_fragment((BC, BQ), T.float32)
+            w_frag = T.alloc_fragment((BQ, H), T.float32)
+            vis_shared = T.alloc_shared((BQ,), T.int32)
+            num_vis = T.alloc_var(T.int32)
+            T.annotate_layout({k_shared: make_swizzled_layout(k_shared), q_shared: make_swizzled_layout(q_shared)})
+            tx = T.get_thread_binding()
+
+            row0 = bz * S + by * BQ  # first query row of the CTA
+            c0 = bx * SPLIT  # first entry of the CTA
+            num_vis = 0
+            for j in T.serial(BQ):
+                num_vis = T.max(num_vis, T.if_then_else(by * BQ + j < S, visible[row0 + j], 0))
+            for j in T.Parallel(BQ):
+                vis_shared[j] = T.if_then_else(by * BQ + j < S, visible[row0 + j], 0)
+            c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
+            num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+
+            if num_tiles > 0:
+                if tx < 32:  # warp 0 issues (one elected lane) and arrives
+                    for i in T.serial(T.min(num_tiles, ST)):
+                        T.tma_copy(k[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC, 0:D], k_shared[i, :, :],
+                                   barrier=full[i])
+                        T.tma_copy(ks[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC], ks_shared[i, :],
+                                   barrier=full[i])
+                        T.barrier_arrive(full[i])
+                T.copy(q[row0 * H, 0], q_shared)
+                T.copy(qw[row0, 0], w_frag)
+                for it in T.serial(num_tiles):
+                    slot = it % ST
+                    T.barrier_wait(full[slot], (it // ST) & 1)
+                    # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
+                    T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
+                           policy=T.GemmWarpPolicy.FullRow)
+                    for c, j, h in T.Parallel(BC, BQ, H):
+                        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
+                    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
+                    for c, j in T.Parallel(BC, BQ):
+                        col = c0 + it * BC + c
+                        if by * BQ + j < S and col < N:
+                            out[row0 + j, col] = T.if_then_else(
+                                col < vis_shared[j], logit_frag[c, j] * ks_shared[slot, c], -T.infinity(T.float32))
+                    T.sync_threads()  # every warp is past the stage: refill it
+                    if tx < 32 and it + ST < num_tiles:
+                        nxt = c0 + (it + ST) * BC
+                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
+                        T.tma_copy(ks[bz * N + nxt:bz * N + nxt + BC], ks_shared[slot, :], barrier=full[slot])
+                        T.barrier_arrive(full[slot])
+            for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
+                for j, c in T.Parallel(BQ, BC):
+                    col = c0 + it * BC + c
+                    if by * BQ + j < S and col < N:
+                        out[row0 + j, col] = -T.infinity(T.float32)
+
+    return indexer_logits_tma
+
+
 @register(
     "indexer_logits",
     configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 64, "D": 128, "batch_invariant": True},
@@ -229,12 +333,20 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     harness=TuningHarness(_logits_case, _logits_check, sizes=(512,), size_name="queries", batch_slice=_logits_slice),
 )
 def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_invariant: bool = False,
-                         BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128):
+                         BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128,
+                         schedule: str = "tma"):
     """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked.
 
     ``decode`` (S = 1) and ``batch_invariant`` (one build for every S) are problem keys; both take BQ=1,
-    the invariant one by necessity (:func:`_one_query_per_cta`). Tunable: BQ, SPLIT, num_stages.
+    the invariant one by necessity (:func:`_one_query_per_cta`). Tunable: schedule, BQ, SPLIT, num_stages.
+    ``schedule="tma"``: one thread refills the key ring by TMA (mbarriers), the loop runs over the visible
+    tiles only; ``"pipelined"``: every thread issues cp.async copies (static trip count). Both run the same
+    wgmma and epilogue, so both give the same bits.
     """
+    if schedule not in ("tma", "pipelined"):
+        raise ValueError(f"schedule must be 'tma' or 'pipelined', got {schedule!r}")
+    if schedule == "tma":
+        return _build_logits_tma(H, D, BQ, BC, SPLIT, num_stages, threads)
     if batch_invariant and BQ != 1:
         raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
     if SPLIT % BC:
@@ -316,11 +428,12 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 
 # -------------------------------------------------------------------------------------------------- top-k
 
-_TOPK_THREADS = 1024  # the default CTA size (tunable); the digit width follows: 2 histogram bins per thread
-_DIGIT_BITS = 11  # of the default CTA size: (2 · 1024 bins) = 2^11
+_TOPK_THREADS = 1024  # the largest CTA size; the default is the sort width (>= 256): one key a thread
+_DIGIT_BITS = 11  # of a 1024-thread CTA: (2 · 1024 bins) = 2^11
 _TOPK_UNROLL = 8  # row loads a thread has in flight per loop step (tunable)
-_TOPK_CAP = 4096  # threshold-bin keys kept in shared memory (64-bit each); a larger bin re-reads the row
+_TOPK_CAP = 4096  # keys kept in shared memory (64-bit each); more re-read the row
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
+_INT32_MIN = -(2**31)
 
 
 def _order_key(v):
@@ -343,6 +456,16 @@ def _topk_sort_width(k: int) -> int:
     return 1 << max(1, (k - 1).bit_length())
 
 
+def _topk_default_threads(k: int) -> int:
+    """One thread a sorted key (no idle threads in the sort), at least 256 (a pass reads 9+ bits)."""
+    return min(_TOPK_THREADS, max(256, _topk_sort_width(k)))
+
+
+def _topk_slots(k: int, threads: int, unroll: int) -> int:
+    """Running maxima a thread keeps in the prefilter pass: about 4·K of them in the CTA (<= unroll)."""
+    return max(1, min(8, unroll, 4 * _topk_sort_width(k) // threads))
+
+
 def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
     if _topk_sort_width(c["K"]) // 2 > c["threads"]:
         return f"the bitonic sort of {_topk_sort_width(c['K'])} keys needs >= {_topk_sort_width(c['K']) // 2} threads"
@@ -350,10 +473,12 @@ def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
 
 
 TOPK_SPACE = Space(
-    params={"threads": (256, 512, 1024), "unroll": (8, 16)},
+    params={"threads": (256, 512, 1024), "unroll": (8, 16), "prefilter": (True, False)},
     constraints=(_topk_sort_fits,),
-    # histogram (2 bins per thread), warp totals, the selected keys (two sort buffers), the kept bin, the state
+    # histogram (2 bins per thread), warp totals and minima, the selected keys (two sort buffers), the kept keys,
+    # the state
     smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
+    heuristic=lambda p: {"threads": _topk_default_threads(p["K"]), "unroll": _TOPK_UNROLL, "prefilter": True},
 )
 TOPK_TUNE_ENTRIES = 32768  # logits per row in a tuning case; the harness size is the number of rows
 
@@ -411,22 +536,24 @@ def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     bucket=_topk_bucket,
     harness=TuningHarness(_topk_case, _topk_check, sizes=(64, 512), size_name="R", batch_slice=_topk_slice),
 )
-def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TOPK_CAP, unroll: int = _TOPK_UNROLL):
+def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, unroll: int = _TOPK_UNROLL,
+                      prefilter: bool = True):
     """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen.
 
     ``threads`` (tunable): a power of two in [64, 1024] with ``threads >= sort width / 2``; a pass
-    reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread). ``cap``: how many keys of
-    the threshold bin of the first pass are kept in shared memory for the later passes (a bin that
-    holds more is searched by re-reading the row; same result). ``unroll`` (tunable): row loads a thread has
-    in flight per loop step.
+    reads ``log2(2·threads)`` bits of the key (2 histogram bins per thread). ``cap``: how many keys are kept
+    in shared memory for the later passes (more are searched by re-reading the row; same result).
+    ``unroll`` (tunable): row loads a thread has in flight per loop step. ``prefilter`` (tunable): a first
+    pass of running maxima bounds the K-th largest value from below, so that only the values above the
+    bound are keyed, counted and kept (see the module docstring); off, the first pass histograms every value.
     """
     if K < 1 or K > 2048:
         raise ValueError(f"K must be in [1, 2048], got {K}")
     KP = _topk_sort_width(K)  # sort width, a power of two >= K
     if threads < 64 or threads > 1024 or threads & (threads - 1) or KP // 2 > threads:
         raise ValueError(f"threads must be a power of two in [64, 1024] and >= {KP // 2} (K={K}), got {threads}")
-    if cap < 1:
-        raise ValueError(f"cap must be >= 1, got {cap}")
+    if cap < KP:
+        raise ValueError(f"cap must be >= the sort width {KP} (K={K}), got {cap}")
     if unroll < 1 or unroll > 32:
         raise ValueError(f"unroll must be in [1, 32], got {unroll}")
     num_warps = threads // 32
@@ -436,9 +563,12 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
     top_shift = 32 - digit_bits
     U = unroll
     CAP = cap
+    M = _topk_slots(K, threads, U)  # running maxima a thread keeps (prefilter)
     R = T.dynamic("R")
     N = T.dynamic("N")
     neg_inf = -T.infinity(T.float32)
+    # the signed order of a float's bits (bits ^ 0x7FFFFFFF when negative) of −inf: slots at or below hold nothing
+    neg_inf_ord = -2139095041
 
     @T.macro
     def find_digit(hist, warp_sum, state, need, tx, lane, warp):
@@ -476,6 +606,16 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             state[1] = cnt - a - b
             state[2] = b
         T.sync_threads()
+
+    def digit_floor(d):
+        """The smallest float whose top digit is >= d: a one-compare pre-test of the exact digit test
+        (−inf, no pre-test, when d <= 0 or that boundary is 0, subnormal or NaN)."""
+        klo = T.shift_left(T.cast(T.max(d, 0), T.uint32), T.uint32(top_shift))
+        fbits = T.if_then_else(T.shift_right(klo, T.uint32(31)) == T.uint32(1),
+                               T.bitwise_and(klo, T.uint32(0x7FFFFFFF)), T.bitwise_not(klo))
+        fexp = T.bitwise_and(fbits, T.uint32(0x7F800000))
+        return T.if_then_else(T.And(d > 0, T.And(fexp != T.uint32(0), fexp != T.uint32(0x7F800000))),
+                              T.reinterpret(fbits, T.float32), neg_inf)
 
     RK = max(1, KP // threads)  # keys a thread holds in the sort (threads >= KP / 2)
     steps = []  # (size, stride, shared-memory buffer) of each compare-exchange step
@@ -530,6 +670,29 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                     (T.bitwise_and(i * threads + tx, stride) == 0) == (T.bitwise_and(i * threads + tx, size) == 0),
                     T.max(keys[i], other), T.min(keys[i], other))
 
+    @T.macro
+    def digit_histogram(cand, hist, n_keys, prefix, shift, tx, lane):
+        """hist[d] += the kept keys whose digits above ``shift`` are ``prefix`` and whose digit at ``shift``
+        is d: one atomic per group of equal digits in a warp."""
+        part = T.alloc_var(T.int32)
+        digit = T.alloc_var(T.uint32)
+        peers = T.alloc_var(T.uint32)
+        key = T.alloc_var(T.uint64)
+        for i in T.serial(T.ceildiv(n_keys, threads)):
+            part = 0
+            digit = T.uint32(0xFFFFFFFF)
+            if i * threads + tx < n_keys:
+                key = cand[i * threads + tx]
+                if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
+                    part = 1
+                    digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
+                                                 T.uint64(num_bins - 1)), T.uint32)
+            peers = T.match_any_sync(digit)
+            if part == 1:
+                if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
+                                 - T.uint32(1)) == T.uint32(0):
+                    T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
+
     @T.prim_func
     def topk_select_kernel(
         logits: T.Tensor[(R, N), T.float32],
@@ -540,6 +703,8 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
     ):
         T.annotate_pass_configs(_NO_AUTO_SYNC)
         with T.Kernel(R, threads=threads) as r:
+            # 64 registers a thread: two 512-thread CTAs share an SM, one loading its row while the other sorts
+            T.annotate_min_blocks_per_sm(max(1, 1024 // threads))
             tx = T.get_thread_binding()
             hist = T.alloc_shared((num_bins,), T.int32)
             warp_sum = T.alloc_shared((num_warps,), T.int32)
@@ -547,16 +712,19 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             sel2 = T.alloc_shared((KP,), T.uint64)  # the sort's second exchange buffer
             cand = T.alloc_shared((CAP,), T.uint64)
             keys = T.alloc_local((RK,), T.uint64)
-            # [d*, count above d*, count in d*, selected keys, kept threshold-bin keys]
+            # [d*, count above d*, count in d*, selected keys, kept keys]
             state = T.alloc_shared((5,), T.int32)
             vals = T.alloc_local((U,), T.float32)
+            slots = T.alloc_local((M,), T.int32)
             prefix = T.alloc_var(T.uint64)
             need = T.alloc_var(T.int32)
             level = T.alloc_var(T.int32)
             done = T.alloc_var(T.int32)
             thr = T.alloc_var(T.int32)
+            d0 = T.alloc_var(T.int32)
             f_lo = T.alloc_var(T.float32)
             use_cand = T.alloc_var(T.int32)
+            superset = T.alloc_var(T.int32)
             n_cand = T.alloc_var(T.int32)
             part = T.alloc_var(T.int32)
             dig = T.alloc_var(T.int32)
@@ -564,6 +732,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
             peers = T.alloc_var(T.uint32)
             ukey = T.alloc_var(T.uint32)
             key = T.alloc_var(T.uint64)
+            raw = T.alloc_var(T.int32)
 
             lane = tx % 32
             warp = tx // 32
@@ -583,22 +752,67 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                 state[3] = 0
                 state[4] = 0
             T.sync_threads()
-
-            # pass 1 (global): histogram of the top digit of the value key
-            for i in T.serial(num_steps):
-                load_step(logits, vals, r, i, tx, row_len)
-                for j in T.unroll(U):
-                    if vals[j] > neg_inf:
-                        T.atomic_add(hist[T.cast(T.shift_right(_order_key(vals[j]), T.uint32(top_shift)), T.int32)], 1)
-            T.sync_threads()
             need = K
+            superset = 0
+            if prefilter:
+                # pass 0 (global): M running maxima a thread (signed order of the bits: exact, no float flush),
+                # the top digits of all threads' maxima histogrammed. The need-th largest digit d0 is a lower
+                # bound: at least K distinct entries (the maxima counted in bins >= d0) have a top digit >= d0.
+                for m in T.unroll(M):
+                    slots[m] = _INT32_MIN
+                for i in T.serial(num_steps):
+                    load_step(logits, vals, r, i, tx, row_len)
+                    for j in T.unroll(U):
+                        raw = T.reinterpret(vals[j], T.int32)
+                        raw = T.bitwise_xor(raw, T.bitwise_and(T.shift_right(raw, 31), 0x7FFFFFFF))
+                        slots[j % M] = T.max(slots[j % M], raw)
+                for m in T.unroll(M):
+                    if slots[m] > neg_inf_ord:  # −0 is counted as the largest negative value: a lower bound
+                        T.atomic_add(hist[T.cast(T.shift_right(T.bitwise_xor(T.cast(slots[m], T.uint32),
+                                                                             T.uint32(0x80000000)),
+                                                               T.uint32(top_shift)), T.int32)], 1)
+                T.sync_threads()
+                find_digit(hist, warp_sum, state, need, tx, lane, warp)
+                d0 = T.max(state[0], 0)  # fewer than K maxima: no bound
+                f_lo = digit_floor(d0)
+                hist[2 * tx] = 0
+                hist[2 * tx + 1] = 0
+                T.sync_threads()
+                if tx == 0:
+                    state[0] = -1
+                # pass 1 (global): the entries with top digit >= d0 are counted by top digit and kept (up to CAP)
+                for i in T.serial(num_steps):
+                    load_step(logits, vals, r, i, tx, row_len)
+                    for j in T.unroll(U):
+                        if vals[j] > neg_inf and vals[j] >= f_lo:
+                            ukey = _order_key(vals[j])
+                            dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
+                            if dig >= d0:
+                                T.atomic_add(hist[dig], 1)
+                                part = T.atomic_add(state[4], 1, return_prev=True)
+                                if part < CAP:
+                                    cand[part] = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+            else:
+                # pass 1 (global): histogram of the top digit of every value key
+                for i in T.serial(num_steps):
+                    load_step(logits, vals, r, i, tx, row_len)
+                    for j in T.unroll(U):
+                        if vals[j] > neg_inf:
+                            T.atomic_add(hist[T.cast(T.shift_right(_order_key(vals[j]), T.uint32(top_shift)),
+                                                     T.int32)], 1)
+            T.sync_threads()
             find_digit(hist, warp_sum, state, need, tx, lane, warp)
+            if prefilter:
+                # every entry of top digit >= d0 is kept: the later passes and the selection read only those
+                if state[4] <= CAP:
+                    superset = 1
+            n_cand = state[4]
             prefix = T.uint64(0)
             level = total_bits
             done = 0
-            use_cand = 0
+            use_cand = superset
             thr = state[0]
-            if thr < 0:  # fewer candidates than K: every candidate is selected in the next pass
+            if thr < 0:  # fewer candidates than K: every candidate is selected
                 done = 1
             else:
                 need = need - state[1]
@@ -608,35 +822,30 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                     done = 1
                 if state[2] <= CAP:
                     use_cand = 1
-            # the smallest value whose top digit is >= thr: pass 2 tests the value against it first (one float
-            # compare; the exact digit test follows). −inf (no pre-test) when the boundary is 0, subnormal or NaN.
-            f_lo = neg_inf
-            if thr > 0:
-                klo = T.shift_left(T.cast(thr, T.uint32), T.uint32(top_shift))
-                fbits = T.if_then_else(T.shift_right(klo, T.uint32(31)) == T.uint32(1),
-                                       T.bitwise_and(klo, T.uint32(0x7FFFFFFF)), T.bitwise_not(klo))
-                fexp = T.bitwise_and(fbits, T.uint32(0x7F800000))
-                if fexp != T.uint32(0) and fexp != T.uint32(0x7F800000):
-                    f_lo = T.reinterpret(fbits, T.float32)
+            f_lo = digit_floor(thr)
             T.sync_threads()
 
-            # pass 2 (global): keys above the threshold digit are selected, the threshold bin is kept
-            for i in T.serial(num_steps):
-                load_step(logits, vals, r, i, tx, row_len)
-                for j in T.unroll(U):
-                    if vals[j] > neg_inf and vals[j] >= f_lo:
-                        ukey = _order_key(vals[j])
-                        dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
-                        if dig >= thr:
-                            key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
-                            if dig > thr:
-                                sel[T.atomic_add(state[3], 1, return_prev=True)] = key
-                            elif use_cand == 1:
-                                cand[T.atomic_add(state[4], 1, return_prev=True)] = key
-            T.sync_threads()
-            n_cand = state[4]
+            if superset == 0:
+                # pass 2 (global): keys above the threshold digit are selected, the threshold bin is kept
+                if tx == 0:
+                    state[4] = 0
+                T.sync_threads()
+                for i in T.serial(num_steps):
+                    load_step(logits, vals, r, i, tx, row_len)
+                    for j in T.unroll(U):
+                        if vals[j] > neg_inf and vals[j] >= f_lo:
+                            ukey = _order_key(vals[j])
+                            dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
+                            if dig >= thr:
+                                key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                                if dig > thr:
+                                    sel[T.atomic_add(state[3], 1, return_prev=True)] = key
+                                elif use_cand == 1:
+                                    cand[T.atomic_add(state[4], 1, return_prev=True)] = key
+                T.sync_threads()
+                n_cand = state[4]
 
-            # more digits, over the kept bin (shared memory) or, when it did not fit, the row again
+            # more digits, over the kept keys (shared memory) or, when they did not fit, the row again
             for p in T.serial(max_passes - 1):
                 if done == 0 and p + 1 < num_passes:
                     shift = total_bits - (p + 2) * digit_bits
@@ -646,20 +855,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                         state[0] = -1
                     T.sync_threads()
                     if use_cand == 1:
-                        for i in T.serial(T.ceildiv(n_cand, threads)):
-                            part = 0
-                            digit = T.uint32(0xFFFFFFFF)
-                            if i * threads + tx < n_cand:
-                                key = cand[i * threads + tx]
-                                if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
-                                    part = 1
-                                    digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
-                                                                 T.uint64(num_bins - 1)), T.uint32)
-                            peers = T.match_any_sync(digit)
-                            if part == 1:
-                                if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
-                                                 - T.uint32(1)) == T.uint32(0):
-                                    T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
+                        digit_histogram(cand, hist, n_cand, prefix, shift, tx, lane)
                     else:
                         for i in T.serial(num_steps):
                             load_step(logits, vals, r, i, tx, row_len)
@@ -687,7 +883,7 @@ def build_topk_select(K: int = 512, threads: int = _TOPK_THREADS, cap: int = _TO
                         done = 1
                     T.sync_threads()
 
-            # the threshold bin's selected keys
+            # the selected kept keys: the threshold bin's, or (superset) every kept key at or above the prefix
             if use_cand == 1:
                 for i in T.serial(T.ceildiv(n_cand, threads)):
                     if i * threads + tx < n_cand:
@@ -834,6 +1030,8 @@ def indexer_logits(
     if k_lens is not None:
         check_tensor("k_lens", k_lens, dtype=(torch.int32, torch.int64), shape=(b,))
     check_same_device(q8=q8, q_scale=q_scale, w=w, k8=k8, k_scale=k_scale, positions=positions, k_lens=k_lens)
+    check_aligned("k8", k8)  # the keys and their scales are read by TMA
+    check_aligned("k_scale", k_scale)
     if q8.device.type != "cuda":
         raise ValueError(f"q8 must be a CUDA tensor, got device {q8.device}")
     if out is None:
