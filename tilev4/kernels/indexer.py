@@ -129,16 +129,23 @@ def _logits_tiles(c: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _logits_occupancy(c: Mapping[str, Any]) -> str | None:
+    if c["min_ctas"] != 1 and c["schedule"] != "tma":
+        return "min_ctas is a knob of the tma schedule"
+    return None
+
+
 # BQ (the wgmma N width), the entry range of a CTA and the key pipeline depth. BC and threads stay at one
 # warpgroup of 64 entries (several CTAs per SM, see the module docstring). SPLIT above 2048 is left out: the
 # query tile a CTA loads is 3-6 % of its key traffic at 2048 (BQ=1-2), while a shorter range cuts the tiles a
 # causal prefill computes past the last visible entry.
 INDEXER_LOGITS_SPACE = Space(
-    params={"schedule": ("tma", "pipelined"), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4)},
-    constraints=(_one_query_per_cta, _logits_tiles),
+    params={"schedule": ("tma", "pipelined"), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4),
+            "min_ctas": (1, 4)},
+    constraints=(_one_query_per_cta, _logits_tiles, _logits_occupancy),
     smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * (c["D"] + 4) + 4 * c["BQ"],
     heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048,
-                         "num_stages": 3},
+                         "num_stages": 4, "min_ctas": 1},
 )
 LOGITS_TUNE_ENTRIES = 16384  # compressed entries per sequence in a tuning case
 LOGITS_TUNE_QUERIES = 128  # queries per sequence of a prefill tuning case (decode: 1); the size is all queries
@@ -221,7 +228,7 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     return TuningCase((*sub, torch.empty_like(out[start:stop])), outputs=(5,), expected=None, rows=stop - start)
 
 
-def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int):
+def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int, min_ctas: int):
     """The ``tma`` schedule of :func:`build_indexer_logits` (same arguments, grid and results).
 
     One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles (and their scales) in flight by TMA (one
@@ -262,6 +269,7 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
         out = T.reshape(out3, (B * S, N))
         with T.Kernel(T.ceildiv(N, SPLIT), T.ceildiv(S, BQ), B, threads=threads) as (bx, by, bz):
             q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
+            T.annotate_min_blocks_per_sm(min_ctas)
             k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
             ks_shared = T.alloc_shared((ST, BC), T.float32)
             full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
@@ -334,19 +342,25 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
 )
 def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_invariant: bool = False,
                          BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128,
-                         schedule: str = "tma"):
+                         schedule: str = "tma", min_ctas: int = 1):
     """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked.
 
     ``decode`` (S = 1) and ``batch_invariant`` (one build for every S) are problem keys; both take BQ=1,
     the invariant one by necessity (:func:`_one_query_per_cta`). Tunable: schedule, BQ, SPLIT, num_stages.
     ``schedule="tma"``: one thread refills the key ring by TMA (mbarriers), the loop runs over the visible
     tiles only; ``"pipelined"``: every thread issues cp.async copies (static trip count). Both run the same
-    wgmma and epilogue, so both give the same bits.
+    wgmma and epilogue (the cp.async loop's prologue and epilogue copies may contract multiply-adds
+    differently, so the last bits can differ between the schedules). ``min_ctas`` (tma): CTAs an SM must hold
+    (``__launch_bounds__``), which caps the registers (4: 128 a thread).
     """
     if schedule not in ("tma", "pipelined"):
         raise ValueError(f"schedule must be 'tma' or 'pipelined', got {schedule!r}")
+    if min_ctas not in (1, 2, 3, 4):
+        raise ValueError(f"min_ctas must be in 1..4, got {min_ctas}")
     if schedule == "tma":
-        return _build_logits_tma(H, D, BQ, BC, SPLIT, num_stages, threads)
+        return _build_logits_tma(H, D, BQ, BC, SPLIT, num_stages, threads, min_ctas)
+    if min_ctas != 1:
+        raise ValueError(f"min_ctas is a knob of the tma schedule, got {min_ctas} with {schedule!r}")
     if batch_invariant and BQ != 1:
         raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
     if SPLIT % BC:
@@ -429,7 +443,8 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 # -------------------------------------------------------------------------------------------------- top-k
 
 _TOPK_THREADS = 1024  # the largest CTA size; the default is the sort width (>= 256): one key a thread
-_DIGIT_BITS = 11  # of a 1024-thread CTA: (2 · 1024 bins) = 2^11
+_TOPK_BPT = 4  # histogram bins a thread owns: a pass reads log2(4 · threads) bits (11 at 512 threads)
+_DIGIT_BITS = 12  # of a 1024-thread CTA: (4 · 1024 bins) = 2^12
 _TOPK_UNROLL = 8  # row loads a thread has in flight per loop step (tunable)
 _TOPK_CAP = 4096  # keys kept in shared memory (64-bit each); more re-read the row
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
@@ -472,20 +487,26 @@ def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _topk_default_unroll(vec: int) -> int:
+    """8 scalar loads or 4 16-byte loads a thread in flight (16 values: the registers of 4 CTAs of 256)."""
+    return _TOPK_UNROLL if vec == 1 else 4
+
+
 TOPK_SPACE = Space(
-    params={"threads": (256, 512, 1024), "unroll": (8, 16), "prefilter": (True, False)},
+    params={"threads": (256, 512, 1024), "unroll": (4, 8, 16), "prefilter": (True, False)},
     constraints=(_topk_sort_fits,),
-    # histogram (2 bins per thread), warp totals and minima, the selected keys (two sort buffers), the kept keys,
-    # the state
-    smem_bytes=lambda c: 8 * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"]) + 8 * _TOPK_CAP + 20,
-    heuristic=lambda p: {"threads": _topk_default_threads(p["K"]), "unroll": _TOPK_UNROLL, "prefilter": True},
+    # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state
+    smem_bytes=lambda c: 4 * _TOPK_BPT * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"])
+    + 8 * _TOPK_CAP + 20,
+    heuristic=lambda p: {"threads": _topk_default_threads(p["K"]), "unroll": _topk_default_unroll(p.get("vec", 1)),
+                         "prefilter": True},
 )
 TOPK_TUNE_ENTRIES = 32768  # logits per row in a tuning case; the harness size is the number of rows
 
 
 def _topk_bucket(problem: Mapping[str, Any]) -> str:
-    """Widths K that sort the same number of keys share a config."""
-    return f"K<={_topk_sort_width(problem['K'])}"
+    """Widths K that sort the same number of keys share a config (scalar and 16-byte loads apart)."""
+    return f"K<={_topk_sort_width(problem['K'])},vec={problem.get('vec', 1)}"
 
 
 def _topk_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool,
@@ -511,7 +532,8 @@ def _topk_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device:
         hidden = torch.arange(entries, device=device) >= lengths.unsqueeze(1)  # [n, entries]
         masked = logits.masked_fill(hidden, -math.inf).cpu()
         expected = (indexer_topk(masked[None], k, offset)[0].to(device),)
-    args = (logits, lengths, out, offset, _topk_key_bits(entries)[0])
+    vec = problem.get("vec", 1)
+    args = (logits.view(n, entries // vec, vec), lengths, out, offset, _topk_key_bits(entries)[0])
     return TuningCase(args, outputs=(2,), expected=expected, rows=n)
 
 
@@ -530,14 +552,15 @@ def _topk_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
 
 @register(
     "topk_select",
-    configs=[{"K": 512}, {"K": 1024}, {"K": 32}],  # V4; the scaled-down `small` model (top-32)
+    # V4 (rows of a multiple of 4 entries: 16-byte loads); the scaled-down `small` model (top-32)
+    configs=[{"K": 512, "vec": 4}, {"K": 1024, "vec": 4}, {"K": 512}, {"K": 1024}, {"K": 32}],
     tags=("indexer", "batch_invariant"),
     space=TOPK_SPACE,
     bucket=_topk_bucket,
-    harness=TuningHarness(_topk_case, _topk_check, sizes=(64, 512), size_name="R", batch_slice=_topk_slice),
+    harness=TuningHarness(_topk_case, _topk_check, sizes=(512, 4096), size_name="R", batch_slice=_topk_slice),
 )
-def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, unroll: int = _TOPK_UNROLL,
-                      prefilter: bool = True):
+def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int = _TOPK_CAP,
+                      unroll: int = _TOPK_UNROLL, prefilter: bool = True):
     """Per-row top-K of fp32 logits (radix select on a unique 64-bit key, bitonic sort), −inf never chosen.
 
     ``threads`` (tunable): a power of two in [64, 1024] with ``threads >= sort width / 2``; a pass
@@ -556,16 +579,26 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
         raise ValueError(f"cap must be >= the sort width {KP} (K={K}), got {cap}")
     if unroll < 1 or unroll > 32:
         raise ValueError(f"unroll must be in [1, 32], got {unroll}")
+    if vec not in (1, 4):
+        raise ValueError(f"vec must be 1 or 4, got {vec}")
     num_warps = threads // 32
-    digit_bits = (2 * threads).bit_length() - 1
-    num_bins = 2 * threads
+    digit_bits = (_TOPK_BPT * threads).bit_length() - 1
+    num_bins = _TOPK_BPT * threads
+    BPT = _TOPK_BPT
     max_passes = -(-64 // digit_bits)
     top_shift = 32 - digit_bits
     U = unroll
+    V = vec  # floats a load reads (4: 16-byte loads; the row length is then a multiple of 4)
+    E = U * V  # entries a thread has in flight per step
     CAP = cap
-    M = _topk_slots(K, threads, U)  # running maxima a thread keeps (prefilter)
+    M = _topk_slots(K, threads, E)  # running maxima a thread keeps (prefilter)
     R = T.dynamic("R")
-    N = T.dynamic("N")
+    NV = T.dynamic("NV")
+    N = NV * V
+
+    def col(i, e, tx):
+        """The entry of a thread's e-th value in step i: V consecutive entries per load, loads ``threads`` apart."""
+        return ((i * U + e // V) * threads + tx) * V + e % V
     neg_inf = -T.infinity(T.float32)
     # the signed order of a float's bits (bits ^ 0x7FFFFFFF when negative) of −inf: slots at or below hold nothing
     neg_inf_ord = -2139095041
@@ -574,10 +607,10 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
     def find_digit(hist, warp_sum, state, need, tx, lane, warp):
         """state[0:3] = (d*, count above d*, count in d*) of the need-th largest key of the histogram
         (d* = −1 when fewer than need are counted). Ends with a barrier."""
-        a = hist[2 * tx]
-        b = hist[2 * tx + 1]
         cnt = T.alloc_var(T.int32)
-        cnt = a + b
+        cnt = 0
+        for b in T.unroll(BPT):
+            cnt = cnt + hist[BPT * tx + b]
         for st in T.unroll(5):
             below = T.shfl_down(cnt, 1 << st)
             if lane + (1 << st) < 32:
@@ -597,14 +630,14 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
         above = T.shfl_sync(wt, T.min(warp + 1, 31))
         if warp + 1 < num_warps:
             cnt = cnt + above
-        if cnt >= need and cnt - a < need:
-            state[0] = 2 * tx
-            state[1] = cnt - a
-            state[2] = a
-        if cnt - a >= need and cnt - a - b < need:
-            state[0] = 2 * tx + 1
-            state[1] = cnt - a - b
-            state[2] = b
+        # cnt counts the keys in bins >= BPT·tx; walk up the thread's bins
+        for b in T.unroll(BPT):
+            here = hist[BPT * tx + b]
+            if cnt >= need and cnt - here < need:
+                state[0] = BPT * tx + b
+                state[1] = cnt - here
+                state[2] = here
+            cnt = cnt - here
         T.sync_threads()
 
     def digit_floor(d):
@@ -631,11 +664,17 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
 
     @T.macro
     def load_step(logits, vals, r, i, tx, row_len):
-        """vals[j] = entry (i·U + j)·threads + tx of row r, −inf past its length: U loads in flight."""
+        """vals[j·V + v] = entry col(i, j·V + v) of row r, −inf past its length: U loads of V floats in flight."""
         for j in T.unroll(U):
-            vals[j] = neg_inf
-            if (i * U + j) * threads + tx < row_len:
-                vals[j] = logits[r, (i * U + j) * threads + tx]
+            if (i * U + j) * threads + tx < NV:
+                for v in T.vectorized(V):
+                    vals[j * V + v] = logits[r, (i * U + j) * threads + tx, v]
+            else:
+                for v in T.vectorized(V):
+                    vals[j * V + v] = neg_inf
+            for v in T.unroll(V):
+                if ((i * U + j) * threads + tx) * V + v >= row_len:
+                    vals[j * V + v] = neg_inf
 
     @T.macro
     def sort_step(keys, sel, sel2, tx, size, stride, buf):
@@ -695,7 +734,7 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
 
     @T.prim_func
     def topk_select_kernel(
-        logits: T.Tensor[(R, N), T.float32],
+        logits: T.Tensor[(R, NV, V), T.float32],  # [R, N] viewed as loads of V floats
         lengths: T.Tensor[(R,), T.int32],  # entries c >= lengths[r] are not candidates
         out: T.Tensor[(R, K), T.int32],
         offset: T.int32,  # added to every selected index
@@ -714,7 +753,7 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
             keys = T.alloc_local((RK,), T.uint64)
             # [d*, count above d*, count in d*, selected keys, kept keys]
             state = T.alloc_shared((5,), T.int32)
-            vals = T.alloc_local((U,), T.float32)
+            vals = T.alloc_local((E,), T.float32)
             slots = T.alloc_local((M,), T.int32)
             prefix = T.alloc_var(T.uint64)
             need = T.alloc_var(T.int32)
@@ -740,13 +779,13 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
             total_bits = 32 + ib + pad
             num_passes = total_bits // digit_bits
             row_len = T.max(T.min(lengths[r], N), 0)
-            num_steps = T.ceildiv(row_len, threads * U)
+            num_steps = T.ceildiv(row_len, threads * E)
 
             for i in T.serial(KP // threads + 1):
                 if i * threads + tx < KP:
                     sel[i * threads + tx] = T.uint64(0)
-            hist[2 * tx] = 0
-            hist[2 * tx + 1] = 0
+            for b in T.unroll(BPT):
+                hist[BPT * tx + b] = 0
             if tx == 0:
                 state[0] = -1
                 state[3] = 0
@@ -762,7 +801,7 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
                     slots[m] = _INT32_MIN
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(U):
+                    for j in T.unroll(E):
                         raw = T.reinterpret(vals[j], T.int32)
                         raw = T.bitwise_xor(raw, T.bitwise_and(T.shift_right(raw, 31), 0x7FFFFFFF))
                         slots[j % M] = T.max(slots[j % M], raw)
@@ -775,15 +814,15 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
                 find_digit(hist, warp_sum, state, need, tx, lane, warp)
                 d0 = T.max(state[0], 0)  # fewer than K maxima: no bound
                 f_lo = digit_floor(d0)
-                hist[2 * tx] = 0
-                hist[2 * tx + 1] = 0
+                for b in T.unroll(BPT):
+                    hist[BPT * tx + b] = 0
                 T.sync_threads()
                 if tx == 0:
                     state[0] = -1
                 # pass 1 (global): the entries with top digit >= d0 are counted by top digit and kept (up to CAP)
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(U):
+                    for j in T.unroll(E):
                         if vals[j] > neg_inf and vals[j] >= f_lo:
                             ukey = _order_key(vals[j])
                             dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
@@ -791,12 +830,12 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
                                 T.atomic_add(hist[dig], 1)
                                 part = T.atomic_add(state[4], 1, return_prev=True)
                                 if part < CAP:
-                                    cand[part] = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                                    cand[part] = _entry_key(ukey, col(i, j, tx), N, ib, pad)
             else:
                 # pass 1 (global): histogram of the top digit of every value key
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(U):
+                    for j in T.unroll(E):
                         if vals[j] > neg_inf:
                             T.atomic_add(hist[T.cast(T.shift_right(_order_key(vals[j]), T.uint32(top_shift)),
                                                      T.int32)], 1)
@@ -832,12 +871,12 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
                 T.sync_threads()
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(U):
+                    for j in T.unroll(E):
                         if vals[j] > neg_inf and vals[j] >= f_lo:
                             ukey = _order_key(vals[j])
                             dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
                             if dig >= thr:
-                                key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                                key = _entry_key(ukey, col(i, j, tx), N, ib, pad)
                                 if dig > thr:
                                     sel[T.atomic_add(state[3], 1, return_prev=True)] = key
                                 elif use_cand == 1:
@@ -849,8 +888,8 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
             for p in T.serial(max_passes - 1):
                 if done == 0 and p + 1 < num_passes:
                     shift = total_bits - (p + 2) * digit_bits
-                    hist[2 * tx] = 0
-                    hist[2 * tx + 1] = 0
+                    for b in T.unroll(BPT):
+                        hist[BPT * tx + b] = 0
                     if tx == 0:
                         state[0] = -1
                     T.sync_threads()
@@ -859,11 +898,11 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
                     else:
                         for i in T.serial(num_steps):
                             load_step(logits, vals, r, i, tx, row_len)
-                            for j in T.unroll(U):
+                            for j in T.unroll(E):
                                 part = 0
                                 digit = T.uint32(0xFFFFFFFF)
                                 if vals[j] > neg_inf:
-                                    key = _entry_key(_order_key(vals[j]), (i * U + j) * threads + tx, N, ib, pad)
+                                    key = _entry_key(_order_key(vals[j]), col(i, j, tx), N, ib, pad)
                                     if T.shift_right(key, T.cast(shift + digit_bits, T.uint64)) == prefix:
                                         part = 1
                                         digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
@@ -893,11 +932,11 @@ def build_topk_select(K: int = 512, threads: int = 512, cap: int = _TOPK_CAP, un
             elif thr >= 0:
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(U):
+                    for j in T.unroll(E):
                         if vals[j] > neg_inf:
                             ukey = _order_key(vals[j])
                             if T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32) == thr:
-                                key = _entry_key(ukey, (i * U + j) * threads + tx, N, ib, pad)
+                                key = _entry_key(ukey, col(i, j, tx), N, ib, pad)
                                 if T.shift_right(key, T.cast(level, T.uint64)) >= prefix:
                                     sel[T.atomic_add(state[3], 1, return_prev=True)] = key
             T.sync_threads()
@@ -1117,7 +1156,9 @@ def topk_select(
     else:
         lens = lengths.reshape(rows).clamp(0, n).to(torch.int32)
     ib, _ = _topk_key_bits(n)
-    compile_kernel("topk_select", {"K": k})(logits.view(rows, n), lens, out.view(rows, k), offset, ib)
+    vec = 4 if n % 4 == 0 and logits.data_ptr() % 16 == 0 else 1  # 16-byte loads when every row is aligned
+    compile_kernel("topk_select", {"K": k, "vec": vec})(logits.view(rows, n // vec, vec), lens, out.view(rows, k),
+                                                        offset, ib)
     return out
 
 
