@@ -165,8 +165,9 @@ def test_logits_with_fewer_heads(h, batch_invariant):
 @pytest.mark.parametrize("h", [64, 8])
 def test_logits_schedules(mode, h):
     """Both schedules (TMA, cp.async) at two SPLIT / stage counts against the reference; ragged ends (N not a
-    multiple of 64, visible counts inside a tile, k_lens). The cp.async loop has prologue/epilogue copies
-    that the compiler may contract into FMAs differently, so the two schedules may differ in the last bits."""
+    multiple of 64 nor of 4, with B > 1: rows of scales not 16-byte aligned; visible counts inside a tile,
+    k_lens). The cp.async loop has prologue/epilogue copies that the compiler may contract into FMAs
+    differently, so the two schedules may differ in the last bits."""
     from tilev4.kernels.indexer import _logits_problem
     from tilev4.kernels.registry import compile_kernel
 
@@ -186,7 +187,8 @@ def test_logits_schedules(mode, h):
     outs = []
     for schedule in ("tma", "pipelined"):
         for split, stages in ((1024, 3), (2048, 4)):
-            cfg = {**problem, "schedule": schedule, "BQ": bq, "SPLIT": split, "num_stages": stages}
+            cfg = {**problem, "schedule": schedule, "BQ": bq, "SPLIT": split, "num_stages": stages,
+                   "min_ctas": 4 if schedule == "tma" else 1}
             out = torch.full((b, s, n), math.nan, device="cuda")
             compile_kernel("indexer_logits", cfg)(q8, qw, k8, ks, visible, out)
             torch.cuda.synchronize()
@@ -283,6 +285,18 @@ def test_topk_select_builds_agree(config):
     ib = max(n - 1, 0).bit_length()
     kernel(logits.view(rows, n // vec, vec), lengths, out, 11, ib)
     assert torch.equal(out, deterministic_topk(logits, k, lengths, 11))
+
+
+def test_topk_select_few_and_many_rows():
+    """Many rows run the tuned CTA size, few rows (< 2 per SM) the widest CTA: the same selection either way."""
+    g = _gen(91)
+    rows, n = 600, 8192
+    logits = torch.randn(rows, n, generator=g, device="cuda")
+    logits[::5] = torch.randint(-2, 3, (len(range(0, rows, 5)), n), generator=g, device="cuda").float()
+    many = _topk(logits, 512, offset=5)
+    assert torch.equal(many, deterministic_topk(logits, 512, offset=5))
+    for r in (0, 1, 599):
+        assert torch.equal(_topk(logits[r:r + 1], 512, offset=5)[0], many[r])
 
 
 @pytest.mark.parametrize("n", [1, 2, 1023, 1024, 1025, 5000])

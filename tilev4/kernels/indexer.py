@@ -74,6 +74,7 @@ flag, never from a size); SPLIT and num_stages leave every bit as it is. The top
 ``unroll`` (one bucket per sort width), which change the passes and the loads in flight, not the result.
 """
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -140,12 +141,13 @@ def _logits_occupancy(c: Mapping[str, Any]) -> str | None:
 # query tile a CTA loads is 3-6 % of its key traffic at 2048 (BQ=1-2), while a shorter range cuts the tiles a
 # causal prefill computes past the last visible entry.
 INDEXER_LOGITS_SPACE = Space(
-    params={"schedule": ("tma", "pipelined"), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4),
-            "min_ctas": (1, 4)},
+    # measured on the H200 (S=4096, N=4096..65536): tma with min_ctas=4 at 0.58-0.64 of the FP8 peak, tma with
+    # min_ctas=1 0.54-0.59, pipelined 0.48-0.57; the slower two stay buildable, out of the tuned space
+    params={"schedule": ("tma",), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4), "min_ctas": (4,)},
     constraints=(_one_query_per_cta, _logits_tiles, _logits_occupancy),
     smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * (c["D"] + 4) + 4 * c["BQ"],
     heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048,
-                         "num_stages": 4, "min_ctas": 1},
+                         "num_stages": 4, "min_ctas": 4},
 )
 LOGITS_TUNE_ENTRIES = 16384  # compressed entries per sequence in a tuning case
 LOGITS_TUNE_QUERIES = 128  # queries per sequence of a prefill tuning case (decode: 1); the size is all queries
@@ -231,7 +233,7 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
 def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int, min_ctas: int):
     """The ``tma`` schedule of :func:`build_indexer_logits` (same arguments, grid and results).
 
-    One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles (and their scales) in flight by TMA (one
+    One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles in flight by TMA (one
     elected lane issues), each stage on its own mbarrier; the warpgroup waits for a stage, runs the wgmma,
     and once every warp is past it warp 0 refills the stage with the tile ``num_stages`` ahead. No thread
     computes copy addresses, and the loop stops at the CTA's last visible tile (the rest of its range is
@@ -271,8 +273,8 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
             q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
             T.annotate_min_blocks_per_sm(min_ctas)
             k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
-            ks_shared = T.alloc_shared((ST, BC), T.float32)
             full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
+            ks_frag = T.alloc_fragment((BC,), T.float32)
             acc = T.alloc_fragment((BC, NH), T.float32)
             acc3 = T.reshape(acc, (BC, BQ, H))
             logit_frag = T.alloc_fragment((BC, BQ), T.float32)
@@ -297,13 +299,14 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
                     for i in T.serial(T.min(num_tiles, ST)):
                         T.tma_copy(k[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC, 0:D], k_shared[i, :, :],
                                    barrier=full[i])
-                        T.tma_copy(ks[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC], ks_shared[i, :],
-                                   barrier=full[i])
                         T.barrier_arrive(full[i])
                 T.copy(q[row0 * H, 0], q_shared)
                 T.copy(qw[row0, 0], w_frag)
                 for it in T.serial(num_tiles):
                     slot = it % ST
+                    # the tile's key scales: plain loads (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight
+                    # during the wgmma
+                    T.copy(ks[bz * N + c0 + it * BC], ks_frag)
                     T.barrier_wait(full[slot], (it // ST) & 1)
                     # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                     T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
@@ -315,12 +318,11 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
                         col = c0 + it * BC + c
                         if by * BQ + j < S and col < N:
                             out[row0 + j, col] = T.if_then_else(
-                                col < vis_shared[j], logit_frag[c, j] * ks_shared[slot, c], -T.infinity(T.float32))
+                                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
                     T.sync_threads()  # every warp is past the stage: refill it
                     if tx < 32 and it + ST < num_tiles:
                         nxt = c0 + (it + ST) * BC
                         T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
-                        T.tma_copy(ks[bz * N + nxt:bz * N + nxt + BC], ks_shared[slot, :], barrier=full[slot])
                         T.barrier_arrive(full[slot])
             for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
                 for j, c in T.Parallel(BQ, BC):
@@ -447,6 +449,10 @@ _TOPK_BPT = 4  # histogram bins a thread owns: a pass reads log2(4 · threads) b
 _DIGIT_BITS = 12  # of a 1024-thread CTA: (4 · 1024 bins) = 2^12
 _TOPK_UNROLL = 8  # row loads a thread has in flight per loop step (tunable)
 _TOPK_CAP = 4096  # keys kept in shared memory (64-bit each); more re-read the row
+# Fewer rows than this many per SM run 1024-thread CTAs whatever the tuned CTA size: one CTA a row cannot fill the
+# GPU, so a row's speed is what counts (H200, 64 rows of 262144: 0.079 ms at 1024 threads, 0.64 ms at 256; 4096 rows
+# of 32768 favour 256). The selection is exact whatever the CTA size, so this changes no bit.
+_TOPK_FEW_ROWS_PER_SM = 2
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 _INT32_MIN = -(2**31)
 
@@ -493,7 +499,7 @@ def _topk_default_unroll(vec: int) -> int:
 
 
 TOPK_SPACE = Space(
-    params={"threads": (256, 512, 1024), "unroll": (4, 8, 16), "prefilter": (True, False)},
+    params={"threads": (256, 512, 1024), "unroll": (4, 8), "prefilter": (True, False)},
     constraints=(_topk_sort_fits,),
     # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state
     smem_bytes=lambda c: 4 * _TOPK_BPT * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"])
@@ -1069,8 +1075,7 @@ def indexer_logits(
     if k_lens is not None:
         check_tensor("k_lens", k_lens, dtype=(torch.int32, torch.int64), shape=(b,))
     check_same_device(q8=q8, q_scale=q_scale, w=w, k8=k8, k_scale=k_scale, positions=positions, k_lens=k_lens)
-    check_aligned("k8", k8)  # the keys and their scales are read by TMA
-    check_aligned("k_scale", k_scale)
+    check_aligned("k8", k8)  # the keys are read by TMA
     if q8.device.type != "cuda":
         raise ValueError(f"q8 must be a CUDA tensor, got device {q8.device}")
     if out is None:
@@ -1157,9 +1162,16 @@ def topk_select(
         lens = lengths.reshape(rows).clamp(0, n).to(torch.int32)
     ib, _ = _topk_key_bits(n)
     vec = 4 if n % 4 == 0 and logits.data_ptr() % 16 == 0 else 1  # 16-byte loads when every row is aligned
-    compile_kernel("topk_select", {"K": k, "vec": vec})(logits.view(rows, n // vec, vec), lens, out.view(rows, k),
-                                                        offset, ib)
+    config: dict[str, Any] = {"K": k, "vec": vec}
+    if rows < _TOPK_FEW_ROWS_PER_SM * _sm_count(logits.device):
+        config["threads"] = _TOPK_THREADS  # few long rows (decode): the widest CTA (see _TOPK_FEW_ROWS_PER_SM)
+    compile_kernel("topk_select", config)(logits.view(rows, n // vec, vec), lens, out.view(rows, k), offset, ib)
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def indexer_topk(
