@@ -87,7 +87,8 @@ def test_indexer_logits_invariant_and_decode_builds_keep_one_query_per_cta():
             plan = plans[f"H={h},D=128,{mode}"]
             assert {c["BQ"] for c in plan.candidates} == {1}
             assert any(c["BQ"] == 2 and "one query per CTA" in why for c, why in plan.pruned)
-    assert plans["H=64,D=128,prefill"].candidates[0] == {"BQ": 2, "SPLIT": 2048, "num_stages": 3}
+    assert plans["H=64,D=128,prefill"].candidates[0] == {"BQ": 2, "SPLIT": 2048, "num_stages": 4, "min_ctas": 4,
+                                                         "schedule": "tma"}
     assert {c["BQ"] for c in plans["H=64,D=128,prefill"].candidates} == {1, 2}
     # the op's problem: invariant for every S, decode only at S = 1, never a tunable
     assert I._logits_problem(1, True) == I._logits_problem(4096, True) == {"H": 64, "D": 128, "batch_invariant": True}
@@ -100,13 +101,17 @@ def test_indexer_logits_invariant_and_decode_builds_keep_one_query_per_cta():
 def test_topk_threads_cover_the_sort_and_set_the_digit_width():
     plans = {p.bucket: p for p in plan_kernel("topk_select", parse_shapes(["K=512", "K=300", "K=1024"]),
                                               arch="sm_90a")}
-    assert set(plans) == {"K<=512", "K<=1024"} and len(plans["K<=512"].problems) == 2
+    assert set(plans) == {"K<=512,vec=1", "K<=1024,vec=1"} and len(plans["K<=512,vec=1"].problems) == 2
     # a sort of 1024 keys needs 512 threads: 256 is pruned, the default first
-    assert plans["K<=1024"].candidates == [{"threads": 1024, "unroll": 8}, {"threads": 512, "unroll": 8},
-                                           {"threads": 512, "unroll": 16}, {"threads": 1024, "unroll": 16}]
+    cands = plans["K<=1024,vec=1"].candidates
+    assert cands[0] == {"threads": 512, "unroll": 8, "prefilter": True}
+    assert {c["threads"] for c in cands} == {512} and len(cands) == 4
+    assert {c["threads"] for c in plans["K<=512,vec=1"].candidates} == {256, 512}
     with pytest.raises(ValueError, match="threads must be"):
         I.build_topk_select(K=2048, threads=512)
-    for digit_bits in (9, 10, 11):  # 32 value bits + index bits + padding: whole digits within 64 bits
+    with pytest.raises(ValueError, match="vec must be"):
+        I.build_topk_select(K=512, vec=2)
+    for digit_bits in (10, 11, 12):  # 32 value bits + index bits + padding: whole digits within 64 bits
         for n in (1, 2, 1000, 32768, I._MAX_TOPK_N):
             ib, pad = I._topk_key_bits(n, digit_bits)
             assert (32 + ib + pad) % digit_bits == 0 and 32 + ib + pad <= 64
@@ -182,6 +187,7 @@ def test_topk_harness():
     problem = kdef.problem({"K": 512})
     case = I._topk_case(problem, 9, torch.Generator().manual_seed(2), "cpu", True, entries=2000)
     logits, lengths, out, offset, ib = case.args
+    logits = logits.reshape(9, -1)  # [R, N / vec, vec] -> [R, N]
     assert case.rows == 9 and out.shape == (9, 512) and ib == 11
     assert lengths[:4].tolist() == [0, 1, 511, 2000]
     (exp,) = case.expected

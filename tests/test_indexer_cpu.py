@@ -77,8 +77,9 @@ def test_scale_folding_reproduces_the_reference(gen):
 
 def test_topk_key_fits_64_bits_in_whole_digits():
     for n in (1, 2, 3, 1000, 1024, 1025, 32768, 262144, _MAX_TOPK_N):
-        ib, pad = _topk_key_bits(n)
-        assert (n - 1) < 2**ib and (32 + ib + pad) % 11 == 0 and 32 + ib + pad <= 64
+        for digit_bits in (10, 11, 12):  # 256, 512, 1024 threads (4 histogram bins each)
+            ib, pad = _topk_key_bits(n, digit_bits)
+            assert (n - 1) < 2**ib and (32 + ib + pad) % digit_bits == 0 and 32 + ib + pad <= 64
 
 
 def test_registry_entries():

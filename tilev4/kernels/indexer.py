@@ -26,52 +26,55 @@ a row's FP4 blocks within a few binades of each other, the products are small in
 e.g. ≤ 144 units of 1024 when all blocks share a scale — well inside both the tensor core's aligned
 accumulation and fp32.)
 
-Logits kernel (``indexer_logits``): grid (N / SPLIT, S / BQ, B); a CTA loads the FP8 queries of
-its BQ queries ([BQ·H, D], once) and the folded head weights, then streams the visible key tiles of
-its entry range through a cp.async pipeline: ``acc[BC, BQ·H] = k8[BC, D] @ q8[BQ·H, D]ᵀ`` on the FP8
-tensor cores (fp32 accumulation; entries on the wgmma M side so the head sum is a row reduction:
-thread-local then a quad shuffle), ReLU, × weight, the head sum, × key scale, the visibility
-mask, and the fp32 store. A CTA whose whole range is invisible stores −inf without reading keys;
-otherwise the loop has a static trip count (TileLang 0.1.15's pipeline epilogue fails to build with a
-dynamic one) and tiles past the last visible one re-read that tile (no new DRAM traffic) and store −inf.
-Each logit is computed alone (no split over D or over the heads), so a query's row does not depend
-on B, S, the other queries of its CTA or the config (checked by the GPU tests).
+Logits kernel (``indexer_logits``): grid (N / SPLIT, S / BQ, B), one warpgroup a CTA; a CTA loads the FP8
+queries of its BQ queries ([BQ·H, D], once) and the folded head weights, then streams the visible key tiles of
+its entry range: ``acc[BC, BQ·H] = k8[BC, D] @ q8[BQ·H, D]ᵀ`` on the FP8 tensor cores (fp32 accumulation;
+entries on the wgmma M side so the head sum is a row reduction: thread-local then a quad shuffle), ReLU,
+× weight, the head sum, × key scale, the visibility mask, and the fp32 store. The default ``tma`` schedule
+keeps ``num_stages`` key tiles in flight by TMA (warp 0 refills a stage once every warp is past it, mbarrier
+per stage), loops over the visible tiles only, and stores −inf for the rest of the range without a wgmma;
+``min_ctas=4`` caps the registers at 128 so four CTAs share an SM and one CTA's wgmma overlaps the others'
+epilogues. The ``pipelined`` schedule (every thread issuing cp.async copies, a static trip count) stays
+buildable; it was slower on the H200. Each logit is computed alone (no split over D or over the heads), so a
+query's row does not depend on B, S, the other queries of its CTA, SPLIT or the stage count (checked by the
+GPU tests).
 
-Top-k kernel (``topk_select``): one CTA (``threads``, 1024 by default) per row; radix select,
-``log2(2·threads)`` bits per pass (11 by default: 2 histogram bins per thread), over the 64-bit key
+Top-k kernel (``topk_select``): one CTA (``threads``, 512 by default) per row; radix select,
+``log2(4·threads)`` bits per pass (11 at 512 threads: 4 histogram bins per thread), over the 64-bit key
 ``(order(value) << IB) | (N − 1 − c)`` (``order`` maps fp32 to uint32 monotonically, ``IB`` = bits of
-N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. The row is read
-from global memory twice, ``unroll`` (8 or 16) loads in flight per thread. Pass 1 histograms the top digit
-of the value key (shared-memory atomics); a block scan (shuffles within each warp, then over the warp
-totals) finds the digit d* of the K-th largest key. Pass 2 tests each value against the smallest float of
-digit d* first, sends every key whose top digit is above d* to the selected set and keeps the keys of the
-d* bin in shared memory (up to ``cap``, 4096). The later digits are found over that kept bin only
-(histograms with one atomic per group of equal digits in a warp: ``__match_any_sync``), stopping as soon
-as the keys above the prefix number exactly K; a d* bin larger than ``cap`` (heavy ties) is searched by
-re-reading the row, with the same result. Entries −inf or past the row's length are never selected. The
-selected keys are bitonic-sorted descending with each key in a register (warp shuffles for partners
-closer than 32, two alternating shared buffers beyond) and written as ``c + offset`` (−1 after the last).
-The result is exactly a stable sort of ``-logits`` (top K), so it is deterministic and batch-invariant.
-NaN logits are not allowed (not checked: such an entry is treated as −inf). Measured on the H200
-(4096 × 32768, k = 512): 0.84 ms, 2.1× ``torch.topk``; the rows run one CTA of 1024 threads per SM
-(64 registers), which serialises a row's load phases with its select and sort phases.
+N − 1), which is unique per entry, so "ties by the smaller index" is just a larger key. Rows whose length is a
+multiple of 4 are read with 16-byte loads (``vec=4``). With ``prefilter`` (the default) a first pass keeps a few
+running maxima a thread (no atomics; the signed order of the bits, exact): about 4·K maxima of disjoint entry
+sets, whose K-th largest top digit d0 is a lower bound of the K-th largest key (K distinct entries reach it).
+The second pass reads the row again (mostly from L2) and keys, counts (shared-memory atomics on the top digit)
+and keeps in shared memory only the entries of top digit >= d0 — on normal rows ~2 % of them. A block scan
+(shuffles within each warp, then over the warp totals) finds the digit d* of the K-th largest key; the later
+digits are found over the kept keys only (histograms with one atomic per group of equal digits in a warp:
+``__match_any_sync``), stopping as soon as the keys above the prefix number exactly K. When more than ``cap``
+(4096) entries pass the bound (heavy ties), the row is read again as without the prefilter: the keys above d*
+are selected, the d* bin kept (or, if that is larger than ``cap`` too, searched by re-reading the row), with the
+same result. Entries −inf or past the row's length are never selected. The selected keys are bitonic-sorted
+descending with each key in a register (warp shuffles for partners closer than 32, two alternating shared
+buffers beyond) and written as ``c + offset`` (−1 after the last). The result is exactly a stable sort of
+``-logits`` (top K), so it is deterministic and batch-invariant whatever the build; :func:`topk_select` runs
+1024-thread CTAs when there are fewer than two rows per SM (decode: a few long rows). NaN logits are not allowed
+(not checked: such an entry is treated as −inf).
 
 Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, so the two-pass path
 (logits, then select over the visible prefix) costs ~3% of the key traffic; no fused kernel.
 
-Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM
-(BQ=2: 167 registers/thread → 3 CTAs; BQ=1: 98 → 5) and one CTA's wgmma overlaps another's epilogue;
-3 pipeline stages of 8 KB key tiles. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
-shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, prefill BQ=2 by
-default. On the H200 the two builds sum the heads in different orders (last bits differ), so
-``batch_invariant=True`` compiles one problem for every S whose space pins BQ=1; the GPU tests check
-bit-equality across batch sizes, positions and S in that mode, and across batch sizes at fixed S in
-the default one.
+Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM and one
+CTA's wgmma overlaps another's epilogue. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
+shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, prefill BQ=2 by default.
+On the H200 the two builds sum the heads in different orders (last bits differ), so ``batch_invariant=True``
+compiles one problem for every S whose space pins BQ=1; the GPU tests check bit-equality across batch sizes,
+positions and S in that mode, and across batch sizes at fixed S in the default one.
 
 Tuning (:data:`INDEXER_LOGITS_SPACE`, :data:`TOPK_SPACE`): the logits tune BQ, SPLIT and num_stages, one
 bucket per mode (prefill, decode, batch-invariant; :func:`_logits_problem` picks it from S and the
-flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads`` and
-``unroll`` (one bucket per sort width), which change the passes and the loads in flight, not the result.
+flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads``, ``unroll``
+and ``prefilter`` (one bucket per sort width and load width), which change the passes and the loads in flight,
+not the result.
 """
 
 import functools
@@ -357,6 +360,8 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
     """
     if schedule not in ("tma", "pipelined"):
         raise ValueError(f"schedule must be 'tma' or 'pipelined', got {schedule!r}")
+    if batch_invariant and BQ != 1:
+        raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
     if min_ctas not in (1, 2, 3, 4):
         raise ValueError(f"min_ctas must be in 1..4, got {min_ctas}")
     if schedule == "tma":
@@ -444,14 +449,14 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 
 # -------------------------------------------------------------------------------------------------- top-k
 
-_TOPK_THREADS = 1024  # the largest CTA size; the default is the sort width (>= 256): one key a thread
+_TOPK_THREADS = 1024  # the largest CTA size (few long rows run it; see _TOPK_FEW_ROWS_PER_SM)
 _TOPK_BPT = 4  # histogram bins a thread owns: a pass reads log2(4 · threads) bits (11 at 512 threads)
 _DIGIT_BITS = 12  # of a 1024-thread CTA: (4 · 1024 bins) = 2^12
-_TOPK_UNROLL = 8  # row loads a thread has in flight per loop step (tunable)
+_TOPK_UNROLL = 8  # scalar row loads a thread has in flight per loop step (tunable; 4 of 16 bytes by default)
 _TOPK_CAP = 4096  # keys kept in shared memory (64-bit each); more re-read the row
 # Fewer rows than this many per SM run 1024-thread CTAs whatever the tuned CTA size: one CTA a row cannot fill the
 # GPU, so a row's speed is what counts (H200, 64 rows of 262144: 0.079 ms at 1024 threads, 0.64 ms at 256; 4096 rows
-# of 32768 favour 256). The selection is exact whatever the CTA size, so this changes no bit.
+# of 32768 favour 256-512). The selection is exact whatever the CTA size, so this changes no bit.
 _TOPK_FEW_ROWS_PER_SM = 2
 _NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 _INT32_MIN = -(2**31)
@@ -478,8 +483,9 @@ def _topk_sort_width(k: int) -> int:
 
 
 def _topk_default_threads(k: int) -> int:
-    """One thread a sorted key (no idle threads in the sort), at least 256 (a pass reads 9+ bits)."""
-    return min(_TOPK_THREADS, max(256, _topk_sort_width(k)))
+    """512 threads (two CTAs an SM; the fastest on the H200 for 4096 rows at k = 512 and 1024), more when the
+    bitonic sort needs them."""
+    return max(512, _topk_sort_width(k) // 2)
 
 
 def _topk_slots(k: int, threads: int, unroll: int) -> int:
@@ -499,7 +505,8 @@ def _topk_default_unroll(vec: int) -> int:
 
 
 TOPK_SPACE = Space(
-    params={"threads": (256, 512, 1024), "unroll": (4, 8), "prefilter": (True, False)},
+    # 1024-thread CTAs (one an SM) were the slowest for 4096 rows at every k (H200); few rows get them anyway
+    params={"threads": (256, 512), "unroll": (4, 8), "prefilter": (True, False)},
     constraints=(_topk_sort_fits,),
     # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state
     smem_bytes=lambda c: 4 * _TOPK_BPT * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"])
@@ -517,18 +524,23 @@ def _topk_bucket(problem: Mapping[str, Any]) -> str:
 
 def _topk_case(problem: Mapping[str, Any], n: int, gen: torch.Generator, device: str, reference: bool,
                entries: int = TOPK_TUNE_ENTRIES) -> TuningCase:
-    """``n`` rows of ``entries`` logits as tests/test_indexer_gpu.py draws them: normal values, every fourth row
-    7 distinct values (ties everywhere, decided by the index), 10 % −inf; random lengths (the first rows 0, 1,
-    K − 1 and all), an offset. The reference: a stable sort of −logits over the candidates (CPU)."""
+    """``n`` rows of ``entries`` logits shaped like the indexer's (a visible prefix of real-valued scores): normal
+    values over the whole row for most rows; every eighth row 7 distinct values (ties everywhere, decided by the
+    index), every eighth (another) 10 % −inf, every eighth (another) a random length; the first rows of length
+    0, 1, K − 1 and all; an offset. The reference: a stable sort of −logits over the candidates (CPU)."""
     from tilev4.reference.indexer import indexer_topk
 
     k = problem["K"]
     g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     logits = torch.randn(n, entries, generator=g, device=device)
-    ties = torch.arange(n, device=device) % 4 == 3
+    kind = torch.arange(n, device=device) % 8
+    ties = kind == 3
     logits[ties] = torch.randint(-3, 4, (int(ties.sum()), entries), generator=g, device=device).float()
-    logits[torch.rand(n, entries, generator=g, device=device) < 0.1] = -math.inf
-    lengths = torch.randint(0, entries + 1, (n,), generator=g, device=device, dtype=torch.int32)
+    holes = (kind == 5).unsqueeze(1) & (torch.rand(n, entries, generator=g, device=device) < 0.1)
+    logits[holes] = -math.inf
+    lengths = torch.full((n,), entries, dtype=torch.int32, device=device)
+    short = kind == 6
+    lengths[short] = torch.randint(0, entries + 1, (int(short.sum()),), generator=g, device=device, dtype=torch.int32)
     edge = torch.tensor([0, 1, k - 1, entries], dtype=torch.int32, device=device).clamp(0, entries)[:n]
     lengths[:edge.numel()] = edge
     out = torch.empty(n, k, dtype=torch.int32, device=device)
