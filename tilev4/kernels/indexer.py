@@ -233,6 +233,46 @@ def _logits_slice(case: TuningCase, start: int, stop: int) -> TuningCase:
     return TuningCase((*sub, torch.empty_like(out[start:stop])), outputs=(5,), expected=None, rows=stop - start)
 
 
+def _check_logits_shape(H: int, D: int, BC: int, SPLIT: int) -> None:
+    if SPLIT % BC:
+        raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
+    if D % 32 or H % 8:
+        raise ValueError(f"D={D} must be a multiple of 32 and H={H} of 8")
+
+
+@T.macro
+def _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis: T.Ref):
+    """The visible counts of the CTA's queries into ``vis_shared`` (0 past S), their maximum into ``num_vis``."""
+    num_vis = 0
+    for j in T.serial(BQ):
+        num_vis = T.max(num_vis, T.if_then_else(by * BQ + j < S, visible[row0 + j], 0))
+    for j in T.Parallel(BQ):
+        vis_shared[j] = T.if_then_else(by * BQ + j < S, visible[row0 + j], 0)
+
+
+@T.macro
+def _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, col0, by, S, N, BC, BQ, H):
+    """A tile's epilogue: w · ReLU(q·k), the head sum, × key scale, the mask and the store of entries
+    ``col0 .. col0 + BC``."""
+    for c, j, h in T.Parallel(BC, BQ, H):
+        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
+    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
+    for c, j in T.Parallel(BC, BQ):
+        col = col0 + c
+        if by * BQ + j < S and col < N:
+            out[row0 + j, col] = T.if_then_else(
+                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
+
+
+@T.macro
+def _store_hidden(out, row0, col0, by, S, N, BC, BQ):
+    """−inf for entries ``col0 .. col0 + BC`` (not visible to any query of the CTA)."""
+    for j, c in T.Parallel(BQ, BC):
+        col = col0 + c
+        if by * BQ + j < S and col < N:
+            out[row0 + j, col] = -T.infinity(T.float32)
+
+
 def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int, min_ctas: int):
     """The ``tma`` schedule of :func:`build_indexer_logits` (same arguments, grid and results).
 
@@ -243,10 +283,7 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
     stored as −inf without a wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys
     of the next sequence that a last tile reaches are masked by the visibility test like any invisible entry.
     """
-    if SPLIT % BC:
-        raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
-    if D % 32 or H % 8:
-        raise ValueError(f"D={D} must be a multiple of 32 and H={H} of 8")
+    _check_logits_shape(H, D, BC, SPLIT)
     if threads != 128:
         raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
     B = T.dynamic("B")
@@ -289,11 +326,7 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
 
             row0 = bz * S + by * BQ  # first query row of the CTA
             c0 = bx * SPLIT  # first entry of the CTA
-            num_vis = 0
-            for j in T.serial(BQ):
-                num_vis = T.max(num_vis, T.if_then_else(by * BQ + j < S, visible[row0 + j], 0))
-            for j in T.Parallel(BQ):
-                vis_shared[j] = T.if_then_else(by * BQ + j < S, visible[row0 + j], 0)
+            _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
             c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
             num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
 
@@ -314,24 +347,15 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
                     # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                     T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
                            policy=T.GemmWarpPolicy.FullRow)
-                    for c, j, h in T.Parallel(BC, BQ, H):
-                        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
-                    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
-                    for c, j in T.Parallel(BC, BQ):
-                        col = c0 + it * BC + c
-                        if by * BQ + j < S and col < N:
-                            out[row0 + j, col] = T.if_then_else(
-                                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
+                    _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
+                                BC, BQ, H)
                     T.sync_threads()  # every warp is past the stage: refill it
                     if tx < 32 and it + ST < num_tiles:
                         nxt = c0 + (it + ST) * BC
                         T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
                         T.barrier_arrive(full[slot])
             for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
-                for j, c in T.Parallel(BQ, BC):
-                    col = c0 + it * BC + c
-                    if by * BQ + j < S and col < N:
-                        out[row0 + j, col] = -T.infinity(T.float32)
+                _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
 
     return indexer_logits_tma
 
@@ -368,12 +392,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         return _build_logits_tma(H, D, BQ, BC, SPLIT, num_stages, threads, min_ctas)
     if min_ctas != 1:
         raise ValueError(f"min_ctas is a knob of the tma schedule, got {min_ctas} with {schedule!r}")
-    if batch_invariant and BQ != 1:
-        raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
-    if SPLIT % BC:
-        raise ValueError(f"SPLIT={SPLIT} must be a multiple of BC={BC}")
-    if D % 32 or H % 8:
-        raise ValueError(f"D={D} must be a multiple of 32 and H={H} of 8")
+    _check_logits_shape(H, D, BC, SPLIT)
     B = T.dynamic("B")
     S = T.dynamic("S")
     N = T.dynamic("N")
@@ -409,11 +428,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
 
             row0 = bz * S + by * BQ  # first query row of the CTA
             c0 = bx * SPLIT  # first entry of the CTA
-            num_vis = 0
-            for j in T.serial(BQ):
-                num_vis = T.max(num_vis, T.if_then_else(by * BQ + j < S, visible[row0 + j], 0))
-            for j in T.Parallel(BQ):
-                vis_shared[j] = T.if_then_else(by * BQ + j < S, visible[row0 + j], 0)
+            _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
             c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
             num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
 
@@ -429,20 +444,11 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
                     # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                     T.gemm(k_shared, q_shared, acc, transpose_B=True, clear_accum=True,
                            policy=T.GemmWarpPolicy.FullRow)
-                    for c, j, h in T.Parallel(BC, BQ, H):
-                        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
-                    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
-                    for c, j in T.Parallel(BC, BQ):
-                        col = c0 + it * BC + c
-                        if by * BQ + j < S and col < N:
-                            out[row0 + j, col] = T.if_then_else(
-                                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
+                    _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
+                                BC, BQ, H)
             else:
                 for it in T.serial(num_blocks):
-                    for j, c in T.Parallel(BQ, BC):
-                        col = c0 + it * BC + c
-                        if by * BQ + j < S and col < N:
-                            out[row0 + j, col] = -T.infinity(T.float32)
+                    _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
 
     return indexer_logits_kernel
 
