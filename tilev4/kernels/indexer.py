@@ -133,12 +133,6 @@ def _logits_tiles(c: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _logits_occupancy(c: Mapping[str, Any]) -> str | None:
-    if c["min_ctas"] != 1 and c["schedule"] != "tma":
-        return "min_ctas is a knob of the tma schedule"
-    return None
-
-
 # BQ (the wgmma N width), the entry range of a CTA and the key pipeline depth. BC and threads stay at one
 # warpgroup of 64 entries (several CTAs per SM, see the module docstring). SPLIT above 2048 is left out: the
 # query tile a CTA loads is 3-6 % of its key traffic at 2048 (BQ=1-2), while a shorter range cuts the tiles a
@@ -147,7 +141,7 @@ INDEXER_LOGITS_SPACE = Space(
     # measured on the H200 (S=4096, N=4096..65536): tma with min_ctas=4 at 0.58-0.64 of the FP8 peak, tma with
     # min_ctas=1 0.54-0.59, pipelined 0.48-0.57; the slower two stay buildable, out of the tuned space
     params={"schedule": ("tma",), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4), "min_ctas": (4,)},
-    constraints=(_one_query_per_cta, _logits_tiles, _logits_occupancy),
+    constraints=(_one_query_per_cta, _logits_tiles),
     smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * (c["D"] + 4) + 4 * c["BQ"],
     heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048,
                          "num_stages": 4, "min_ctas": 4},
