@@ -118,16 +118,27 @@ def test_topk_threads_cover_the_sort_and_set_the_digit_width():
 
 
 def test_compressor_spaces_keep_the_pooling_shape_and_whole_warps():
-    for name, default in (("compressor_prefill", {4: 4, 128: 1}), ("compressor_decode", {4: 1, 128: 1})):
+    for name in ("compressor_prefill", "compressor_decode"):
         for plan in plan_kernel(name, arch="sm_90a"):
             ratio, d = plan.problems[0]["ratio"], plan.problems[0]["D"]
             for cand in plan.candidates:
                 threads = C._cta_threads(ratio, d, cand["block_entries"])
                 assert threads % 32 == 0 and threads <= 1024
-            if d == 512:
-                assert plan.candidates[0] == {"block_entries": default[ratio]}
+                if cand.get("schedule") == "stream":
+                    assert threads <= 256
+                else:  # the stream knobs stay at their defaults for the direct schedule
+                    assert (cand.get("num_stages", 2), cand.get("entry_steps", 1)) == (2, 1)
+            if name == "compressor_decode":
+                assert plan.candidates[0] == {"block_entries": 1 if d == 512 else 2}
+            else:  # the measured defaults go first
+                assert plan.candidates[0] == C._PREFILL_DEFAULTS[(ratio, d)]
+                assert any(c.get("schedule") == "direct" for c in plan.candidates)
     with pytest.raises(ValueError, match="block_entries=1"):
         C.build_compressor_decode(ratio=4, D=128, quant="indexer", block_entries=1)  # 16 threads
+    with pytest.raises(ValueError, match="knobs of the stream schedule"):
+        C.build_compressor_prefill(ratio=4, D=512, quant="attention", num_stages=3)
+    with pytest.raises(ValueError, match="schedule must be"):
+        C.build_compressor_prefill(ratio=4, D=512, quant="attention", schedule="tma")
 
 
 def test_mhc_pre_threads_divide_dim_and_fit_registers():

@@ -392,3 +392,53 @@ def test_property_ragged_continued_prefill_is_batch_invariant(ratio, d, quant, s
         assert torch.isnan(batch_cache[j, done:].float()).all()
         assert_states_equal(_state_row(batch_state, j), alone_state)
         assert_states_equal(alone_state, full_state)
+
+
+def _schedule_configs(ratio: int, d: int, quant: str) -> list[dict]:
+    """CTA shapes and schedules of the prefill, the direct one first: all must give the same bits."""
+    from tilev4.kernels.compressor import _default_block_entries
+
+    e0 = _default_block_entries(ratio, d, decode=False)
+    base = {"ratio": ratio, "D": d, "quant": quant}
+    small = max(1, e0 // 2) if ratio == 4 else 1
+    return [
+        dict(base, block_entries=e0),
+        dict(base, block_entries=small),
+        dict(base, block_entries=small, schedule="stream", num_stages=2, entry_steps=1),
+        dict(base, block_entries=small, schedule="stream", num_stages=3, entry_steps=2),
+        dict(base, block_entries=max(1, small // 2), schedule="stream", num_stages=2, entry_steps=4),
+    ]
+
+
+@pytest.mark.parametrize(("ratio", "d", "quant"), VARIANTS, ids=IDS)
+@pytest.mark.parametrize("n", [1, 7, 300, 4099])
+def test_prefill_schedules_give_the_same_bits(ratio, d, quant, n):
+    """The direct and stream schedules, at several CTA shapes, on a ragged batch whose starts lie in the first
+    two blocks (the head entries read the state) and whose lengths end inside a CTA: the same cache rows
+    (rows not completed stay NaN) and the same new state, bit for bit."""
+    from tilev4.kernels import compressor as C
+    from tilev4.kernels.registry import compile_kernel
+
+    problem = {"ratio": ratio, "D": d, "quant": quant, "in_dtype": "bfloat16", "out_dtype": "bfloat16",
+               "rope_dim": 64}
+    heads = [0, 3, 2 * ratio - 1]
+    g = torch.Generator(device="cuda").manual_seed(n + ratio)
+    params, st = C._tuning_inputs(problem, torch.tensor(heads, device="cuda"), (3, n), g, "cuda")
+    rows = (max(heads) + n) // ratio + 2
+    state = C._kernel_state(st)
+    results = []
+    for cfg in _schedule_configs(ratio, d, quant):
+        cache = _cache(3, rows, d)
+        new = [torch.full_like(t, float("nan")) if t.is_floating_point() else torch.full_like(t, -7) for t in state]
+        compile_kernel("compressor_prefill", cfg)(*params, *state, cache, *new[1:], new[0])
+        results.append((cfg, cache.cpu(), [t.cpu() for t in new]))
+    cfg0, cache0, new0 = results[0]
+    done = [(t0 + n) // ratio for t0 in heads]
+    for j, t0 in enumerate(heads):  # the entries completed are written, no other row
+        assert not torch.isnan(cache0[j, t0 // ratio:done[j]].float()).any()
+        assert torch.isnan(cache0[j, done[j]:].float()).all() and torch.isnan(cache0[j, :t0 // ratio].float()).all()
+    for cfg, cache, new in results[1:]:
+        assert torch.equal(cache.view(torch.int16), cache0.view(torch.int16)), f"{cfg} vs {cfg0}: cache rows differ"
+        for a, b in zip(new, new0):
+            assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                               b.view(torch.int32) if b.is_floating_point() else b), f"{cfg}: the new state differs"

@@ -103,6 +103,27 @@ _COMPRESSED_ROPE = RopeConfig.compressed()
 # so that the prefill and decode programs cannot fuse the same expression differently (their bit equality
 # rests on it). The kernels are memory-bound: the extra instructions cost nothing measurable.
 _PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
+_STREAM_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
+
+
+_EX2_SOURCE = """
+__device__ __forceinline__ float tilev4_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+"""
+
+
+def _ex2(x):
+    """2^x on the MUFU (``ex2.approx.ftz``): ``exp2f``'s value wherever that is a normal number, 0 where it is
+    subnormal (``exp2f`` adds a rescaling around the same instruction for those)."""
+    return T.call_extern(T.float32, "tilev4_ex2", x)
+
+
+def _div(x, y):
+    """x / y as ``__fdividef`` (reciprocal and product, within 2 ulp; y is a softmax denominator in [1, 2^8])."""
+    return T.call_extern(T.float32, "__fdividef", x, y)
 
 
 def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
@@ -141,7 +162,8 @@ def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, 
 
 
 def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool,
-             block_entries: int):
+             block_entries: int, schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1,
+             min_ctas: int = 0):
     """The prefill (``decode=False``) or decode-step program; see the module docstring."""
     _check_build(ratio, D, quant, in_dtype, out_dtype, rope_dim)
     overlap = ratio == 4
@@ -162,6 +184,10 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
     NOPE = D - rope_dim
     R2 = rope_dim // 2
     LOG_TPE = int(math.log2(TPE))
+    WPE = max(1, TPE // 32)  # warps an entry spans
+    LOG_WARP = int(math.log2(min(TPE, 32)))
+    RW0 = TPE - min(TPE, 32)  # first lane of the warp (or entry, when smaller) that holds the rope lanes
+    PPL = -(-(rope_dim // 2) // min(TPE, 32))  # rope angles a lane of that warp computes
     h_scale = 1.0 / math.sqrt(D)  # as the reference: x @ H * (1 / sqrt(D))
     f32 = T.float32
     neg_inf = -T.infinity(f32)
@@ -211,11 +237,11 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             for j in T.unroll(CH):
                 cm = T.max(cm, sc_l[j * VEC + v])
             off = T.if_then_else(cm == neg_inf, T.float32(0.0), -cm * LOG2E)
-            alpha = T.exp2(T.fma(mx[v], LOG2E, off))
+            alpha = _ex2(T.fma(mx[v], LOG2E, off))
             den[v] = den[v] * alpha
             num[v] = num[v] * alpha
             for j in T.unroll(CH):
-                ev = T.exp2(T.fma(sc_l[j * VEC + v], LOG2E, off))
+                ev = _ex2(T.fma(sc_l[j * VEC + v], LOG2E, off))
                 den[v] = den[v] + ev
                 num[v] = T.fma(ev, kv_l[j * VEC + v], num[v])
             mx[v] = cm
@@ -225,7 +251,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         """pooled = num / den over the G row groups (fixed group order), into y; all threads get it."""
         if G == 1:
             for v in T.unroll(VEC):
-                y[v] = num[v] / den[v]
+                y[v] = _div(num[v], den[v])
         else:
             for v in T.unroll(VEC):
                 part_mx[g, e, lane * VEC + v] = mx[v]
@@ -242,10 +268,10 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 dd = 0.0
                 nn = 0.0
                 for gg in T.unroll(G):
-                    w = T.exp2((part_mx[gg, e, lane * VEC + v] - mm) * LOG2E)
+                    w = _ex2((part_mx[gg, e, lane * VEC + v] - mm) * LOG2E)
                     dd = dd + part_den[gg, e, lane * VEC + v] * w
                     nn = nn + part_num[gg, e, lane * VEC + v] * w
-                y[v] = nn / dd
+                y[v] = _div(nn, dd)
 
     @T.macro
     def finish(y, weight, freqs, red, g, e, lane, pos):
@@ -255,17 +281,42 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         ss = 0.0
         for v in T.unroll(VEC):
             ss = ss + y[v] * y[v]
-        if g == 0:
-            red[e, lane] = ss
-        T.sync_threads()
+        for k in T.unroll(LOG_WARP):  # butterfly over the entry's lanes of this warp: every lane gets the same bits
+            ss = ss + T.shfl_xor(ss, 1 << k)
         tot = T.alloc_var(f32)
-        tot = 0.0
-        for jj in T.serial(TPE):  # sum(x²) in lane order
-            tot = tot + red[e, jj]
+        if WPE == 1:
+            tot = ss
+        else:  # the entry spans WPE warps: their sums in warp order
+            if g == 0 and lane % 32 == 0:
+                red[e, lane // 32] = ss
+            T.sync_threads()
+            tot = red[e, 0]
+            for ww in T.unroll(1, WPE):
+                tot = tot + red[e, ww]
         rstd = 1.0 / T.sqrt(tot / D + RMS_EPS)  # x * rsqrt(mean(x²) + eps) * w
         for v in T.unroll(VEC):
             y[v] = y[v] * rstd * weight[c0 + v]
-        if c0 >= NOPE:  # RoPE: interleaved pairs (2k, 2k+1) of the last R dims
+        # RoPE: interleaved pairs (2k, 2k+1) of the last R dims, at the entry's position
+        if PPL <= VEC // 2:  # every lane of the warp holding the rope lanes computes PPL angles; owners gather them
+            if lane >= RW0:  # the whole warp (uniform), as the shuffles need
+                cs_l = T.alloc_local((PPL,), f32)
+                sn_l = T.alloc_local((PPL,), f32)
+                for t in T.unroll(PPL):
+                    pidx = T.min((lane - RW0) * PPL + t, R2 - 1)
+                    ang = T.cast(T.cast(pos, T.float64) * T.cast(freqs[pidx], T.float64), f32)
+                    cs_l[t] = T.cos(ang)
+                    sn_l[t] = T.sin(ang)
+                first = T.get_thread_binding() % 32 - (lane - RW0)  # warp lane of the group's lane RW0
+                for k in T.unroll(VEC // 2):
+                    src = first + (T.max(c0 - NOPE, 0) // 2 + k) // PPL  # pair (c0 − NOPE)/2 + k; k % PPL its slot
+                    cs = T.shfl_sync(cs_l[k % PPL], src)
+                    sn = T.shfl_sync(sn_l[k % PPL], src)
+                    if c0 >= NOPE:
+                        re = y[2 * k]
+                        im = y[2 * k + 1]
+                        y[2 * k] = re * cs - im * sn
+                        y[2 * k + 1] = re * sn + im * cs
+        elif c0 >= NOPE:
             for k in T.unroll(VEC // 2):
                 ang = T.cast(T.cast(pos, T.float64) * T.cast(freqs[(c0 - NOPE) // 2 + k], T.float64), f32)
                 cs = T.cos(ang)
@@ -316,10 +367,163 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
 
     if not decode:
         N = T.dynamic("n")
-        num_blocks_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
+
+        def alloc_pool():
+            """A thread's running (max, den, num) and pooled value, and the shared row-group partials and rmsnorm
+            sums of :func:`combine` / :func:`finish`."""
+            return (T.alloc_local((VEC,), f32), T.alloc_local((VEC,), f32), T.alloc_local((VEC,), f32),
+                    T.alloc_local((VEC,), f32), T.alloc_shared((G, EPC, D), f32), T.alloc_shared((G, EPC, D), f32),
+                    T.alloc_shared((G, EPC, D), f32), T.alloc_shared((EPC, WPE), f32))
+
+        @T.macro
+        def write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score, new_pkv,
+                        new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l):
+            """The new streaming state of sequence s, from the state and the new rows (one CTA)."""
+            cur_base = (total // ratio) * ratio
+            for it in T.serial((ratio * C // VEC + threads - 1) // threads):
+                idx = it * threads + tx
+                if idx < ratio * C // VEC:
+                    r = idx // (C // VEC)
+                    col = (idx % (C // VEC)) * VEC
+                    p = cur_base + r
+                    if p < total:
+                        if p >= t0:
+                            load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, 0)
+                        else:
+                            load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, 0)
+                        for v in T.vectorized(VEC):
+                            new_kv[s, r, col + v] = kv_l[v]
+                        for v in T.vectorized(VEC):
+                            new_score[s, r, col + v] = sc_l[v]
+                    else:
+                        for v in T.vectorized(VEC):
+                            new_kv[s, r, col + v] = 0.0
+                        for v in T.vectorized(VEC):
+                            new_score[s, r, col + v] = neg_inf
+                    if overlap:
+                        p2 = cur_base - ratio + r  # the last complete block
+                        if p2 >= t0:
+                            load_new(kv, gate, ape, s, p2 - t0, p2, col, kv_l, sc_l, 0)
+                        else:
+                            load_state(st_kv, st_score, st_pkv, st_pscore, s, p2, base, col, kv_l, sc_l, 0)
+                        for v in T.vectorized(VEC):
+                            new_pkv[s, r, col + v] = kv_l[v]
+                        for v in T.vectorized(VEC):
+                            new_pscore[s, r, col + v] = sc_l[v]
+            if tx == 0:
+                new_num_tokens[s] = num_tokens[s] + N
+
+        @T.macro
+        def pool_entries(kv, gate, ape, weight, freqs, st_kv, st_score, st_pkv, st_pscore, cache, s, t0, base, ent,
+                         valid, g, e, lane, c0, kv_l, sc_l, mx, den, num, y, part_mx, part_den, part_num, red):
+            """Entry ``t0 // m + ent`` of sequence s from global memory, rows before t0 from the state (one entry
+            per (e, lane) thread of every row group)."""
+            i = t0 // ratio + ent  # its absolute index
+            for v in T.unroll(VEC):
+                mx[v] = neg_inf
+                den[v] = 0.0
+                num[v] = 0.0
+            if valid:
+                for ck in T.serial(NCH):
+                    # the chunk's rows from kv'/gate first, with no branch around the loads (a row
+                    # before the first new token is clamped to it here and replaced from the state
+                    # below), so that all CH rows are in flight at once
+                    for j in T.unroll(CH):
+                        rr = g * RPG + ck * CH + j  # pooled position
+                        if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
+                            p = T.max(i * ratio - ratio + rr, t0)
+                            load_new(kv, gate, ape, s, p - t0, p, c0 + (rr // ratio) * D, kv_l, sc_l, j)
+                        else:
+                            p = T.max(i * ratio + rr, t0)
+                            load_new(kv, gate, ape, s, p - t0, p, c0, kv_l, sc_l, j)
+                    for j in T.unroll(CH):
+                        rr = g * RPG + ck * CH + j
+                        if overlap:
+                            p = i * ratio - ratio + rr
+                            if p < t0:
+                                load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base,
+                                           c0 + (rr // ratio) * D, kv_l, sc_l, j)
+                        else:
+                            p = i * ratio + rr
+                            if p < t0:
+                                load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, c0, kv_l, sc_l, j)
+                    chunk_update(kv_l, sc_l, mx, den, num)
+            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
+            finish(y, weight, freqs, red, g, e, lane, i * ratio)
+            if valid and g == 0 and i < NC:
+                for v in T.vectorized(VEC):
+                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+
+        if schedule == "direct":
+            num_blocks_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
+
+            @T.prim_func
+            def compressor_prefill_kernel(
+                kv: T.Tensor[(B, N, C), in_dt],
+                gate: T.Tensor[(B, N, C), in_dt],
+                ape: T.Tensor[(ratio, C), f32],
+                weight: T.Tensor[(D,), f32],
+                freqs: T.Tensor[(R2,), f32],
+                num_tokens: T.Tensor[(B,), T.int64],
+                st_kv: T.Tensor[(B, ratio, C), f32],
+                st_score: T.Tensor[(B, ratio, C), f32],
+                st_pkv: T.Tensor[(B, PM, C), f32],
+                st_pscore: T.Tensor[(B, PM, C), f32],
+                cache: T.Tensor[(B, NC, D), out_dt],
+                new_kv: T.Tensor[(B, ratio, C), f32],
+                new_score: T.Tensor[(B, ratio, C), f32],
+                new_pkv: T.Tensor[(B, PM, C), f32],
+                new_pscore: T.Tensor[(B, PM, C), f32],
+                new_num_tokens: T.Tensor[(B,), T.int64],
+            ):
+                with T.Kernel(num_blocks_x + 1, B, threads=threads) as (bx, s):
+                    T.import_source(_EX2_SOURCE)
+                    tx = T.get_thread_binding()
+                    lane = tx % TPE
+                    e = (tx // TPE) % EPC
+                    g = tx // (TPE * EPC)
+                    c0 = lane * VEC
+                    kv_l = T.alloc_local((CH * VEC,), f32)
+                    sc_l = T.alloc_local((CH * VEC,), f32)
+                    mx, den, num, y, part_mx, part_den, part_num, red = alloc_pool()
+                    t0 = T.cast(num_tokens[s], T.int32)  # position of the first new token
+                    base = (t0 // ratio) * ratio  # start of the block the state holds
+                    total = t0 + N
+                    if bx == num_blocks_x:
+                        write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score,
+                                    new_pkv, new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l)
+                    else:
+                        ent = bx * EPC + e  # entry of this call
+                        pool_entries(kv, gate, ape, weight, freqs, st_kv, st_score, st_pkv, st_pscore, cache, s, t0,
+                                     base, ent, ent < total // ratio - t0 // ratio, g, e, lane, c0, kv_l, sc_l, mx,
+                                     den, num, y, part_mx, part_den, part_num, red)
+
+            return compressor_prefill_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
+
+        # schedule == "stream": head CTAs pool the entries that read rows of the state (the first one or two of
+        # a sequence) as above; body CTAs stream the rest of the rows through a shared-memory ring
+        HEADS = -(-(2 if overlap else 1) // EPC)  # CTAs for the (at most 2, m = 4; 1, m = 128) head entries
+        ROWS = G * EPC * CH  # rows of a chunk tile (kv' and gate each)
+        STEPS = entry_steps * NCH  # pipelined steps of a body CTA: NCH chunks of EPC entries, entry_steps times
+        num_body = (N // ratio + EPC * entry_steps) // (EPC * entry_steps)
+        span = ratio if overlap else 0  # an entry's first row is i·m − span
+
+        @T.macro
+        def end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, i_end, g, e,
+                      lane, c0):
+            """Entry i's pooled value → finish → the cache (if complete and in range); the sums restart."""
+            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
+            finish(y, weight, freqs, red, g, e, lane, i * ratio)
+            if i < i_end and g == 0 and i < NC:
+                for v in T.vectorized(VEC):
+                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+            for v in T.unroll(VEC):
+                mx[v] = neg_inf
+                den[v] = 0.0
+                num[v] = 0.0
 
         @T.prim_func
-        def compressor_prefill_kernel(
+        def compressor_prefill_stream(
             kv: T.Tensor[(B, N, C), in_dt],
             gate: T.Tensor[(B, N, C), in_dt],
             ape: T.Tensor[(ratio, C), f32],
@@ -337,7 +541,9 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             new_pscore: T.Tensor[(B, PM, C), f32],
             new_num_tokens: T.Tensor[(B,), T.int64],
         ):
-            with T.Kernel(num_blocks_x + 1, B, threads=threads) as (bx, s):
+            with T.Kernel(HEADS + num_body + 1, B, threads=threads) as (bx, s):
+                T.import_source(_EX2_SOURCE)
+                T.annotate_min_blocks_per_sm(min_ctas or max(1, 512 // threads))
                 tx = T.get_thread_binding()
                 lane = tx % TPE
                 e = (tx // TPE) % EPC
@@ -345,91 +551,60 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 c0 = lane * VEC
                 kv_l = T.alloc_local((CH * VEC,), f32)
                 sc_l = T.alloc_local((CH * VEC,), f32)
-                t0 = T.cast(num_tokens[s], T.int32)  # position of the first new token
-                base = (t0 // ratio) * ratio  # start of the block the state holds
+                mx, den, num, y, part_mx, part_den, part_num, red = alloc_pool()  # shared by head and body CTAs
+                t0 = T.cast(num_tokens[s], T.int32)
+                base = (t0 // ratio) * ratio
                 total = t0 + N
-                if bx == num_blocks_x:  # the new streaming state, from the state and the new rows
-                    cur_base = (total // ratio) * ratio
-                    for it in T.serial((ratio * C // VEC + threads - 1) // threads):
-                        idx = it * threads + tx
-                        if idx < ratio * C // VEC:
-                            r = idx // (C // VEC)
-                            col = (idx % (C // VEC)) * VEC
-                            p = cur_base + r
-                            if p < total:
-                                if p >= t0:
-                                    load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, 0)
-                                else:
-                                    load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, 0)
-                                for v in T.vectorized(VEC):
-                                    new_kv[s, r, col + v] = kv_l[v]
-                                for v in T.vectorized(VEC):
-                                    new_score[s, r, col + v] = sc_l[v]
-                            else:
-                                for v in T.vectorized(VEC):
-                                    new_kv[s, r, col + v] = 0.0
-                                for v in T.vectorized(VEC):
-                                    new_score[s, r, col + v] = neg_inf
-                            if overlap:
-                                p2 = cur_base - ratio + r  # the last complete block
-                                if p2 >= t0:
-                                    load_new(kv, gate, ape, s, p2 - t0, p2, col, kv_l, sc_l, 0)
-                                else:
-                                    load_state(st_kv, st_score, st_pkv, st_pscore, s, p2, base, col, kv_l, sc_l, 0)
-                                for v in T.vectorized(VEC):
-                                    new_pkv[s, r, col + v] = kv_l[v]
-                                for v in T.vectorized(VEC):
-                                    new_pscore[s, r, col + v] = sc_l[v]
-                    if tx == 0:
-                        new_num_tokens[s] = num_tokens[s] + N
+                first = t0 // ratio  # first entry this call can complete
+                i_end = total // ratio  # entries first … i_end − 1 complete
+                i_body = T.min((t0 + span + ratio - 1) // ratio, i_end)  # first entry with no row before t0
+                if bx == HEADS + num_body:
+                    write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score,
+                                new_pkv, new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l)
+                elif bx < HEADS:
+                    ent = bx * EPC + e
+                    pool_entries(kv, gate, ape, weight, freqs, st_kv, st_score, st_pkv, st_pscore, cache, s, t0,
+                                 base, ent, ent < i_body - first, g, e, lane, c0, kv_l, sc_l, mx, den, num, y,
+                                 part_mx, part_den, part_num, red)
                 else:
-                    mx = T.alloc_local((VEC,), f32)
-                    den = T.alloc_local((VEC,), f32)
-                    num = T.alloc_local((VEC,), f32)
-                    y = T.alloc_local((VEC,), f32)
-                    part_mx = T.alloc_shared((G, EPC, D), f32)
-                    part_den = T.alloc_shared((G, EPC, D), f32)
-                    part_num = T.alloc_shared((G, EPC, D), f32)
-                    red = T.alloc_shared((EPC, TPE), f32)
-                    ent = bx * EPC + e  # entry of this call
-                    valid = ent < total // ratio - t0 // ratio
-                    i = t0 // ratio + ent  # its absolute index
-                    for v in T.unroll(VEC):
-                        mx[v] = neg_inf
-                        den[v] = 0.0
-                        num[v] = 0.0
-                    if valid:
-                        for ck in T.serial(NCH):
-                            # the chunk's rows from kv'/gate first, with no branch around the loads (a row
-                            # before the first new token is clamped to it here and replaced from the state
-                            # below), so that all CH rows are in flight at once
+                    i_cta = i_body + (bx - HEADS) * (EPC * entry_steps)  # the CTA's first entry
+                    if i_cta < i_end:
+                        kv_sh = T.alloc_shared((ROWS, D), in_dt)
+                        g_sh = T.alloc_shared((ROWS, D), in_dt)
+                        for v in T.unroll(VEC):
+                            mx[v] = neg_inf
+                            den[v] = 0.0
+                            num[v] = 0.0
+                        for k in T.Pipelined(STEPS, num_stages=num_stages):
+                            i_step = i_cta + (k // NCH) * EPC  # the step's first entry
+                            ck = k % NCH
+                            if overlap:  # EPC consecutive entries' chunk ck: one run of rows, half ck of the channels
+                                r0 = i_step * ratio - ratio + ck * CH - t0
+                                T.copy(kv[s, r0:r0 + ROWS, ck * D:ck * D + D], kv_sh)
+                                T.copy(gate[s, r0:r0 + ROWS, ck * D:ck * D + D], g_sh)
+                            else:  # group gg of entry ee: its CH rows of chunk ck
+                                for q in T.unroll(G * EPC):
+                                    r0 = (i_step + q % EPC) * ratio + (q // EPC) * RPG + ck * CH - t0
+                                    T.copy(kv[s, r0:r0 + CH, 0:D], kv_sh[q * CH:q * CH + CH, :])
+                                    T.copy(gate[s, r0:r0 + CH, 0:D], g_sh[q * CH:q * CH + CH, :])
                             for j in T.unroll(CH):
-                                rr = g * RPG + ck * CH + j  # pooled position
-                                if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
-                                    p = T.max(i * ratio - ratio + rr, t0)
-                                    load_new(kv, gate, ape, s, p - t0, p, c0 + (rr // ratio) * D, kv_l, sc_l, j)
-                                else:
-                                    p = T.max(i * ratio + rr, t0)
-                                    load_new(kv, gate, ape, s, p - t0, p, c0, kv_l, sc_l, j)
-                            for j in T.unroll(CH):
-                                rr = g * RPG + ck * CH + j
-                                if overlap:
-                                    p = i * ratio - ratio + rr
-                                    if p < t0:
-                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base,
-                                                   c0 + (rr // ratio) * D, kv_l, sc_l, j)
-                                else:
-                                    p = i * ratio + rr
-                                    if p < t0:
-                                        load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, c0, kv_l, sc_l, j)
+                                row = (g * EPC + e) * CH + j
+                                rr = g * RPG + ck * CH + j  # pooled position; its offset in the block below
+                                for v in T.vectorized(VEC):
+                                    kv_l[j * VEC + v] = T.cast(kv_sh[row, c0 + v], f32)
+                                for v in T.vectorized(VEC):
+                                    sc_l[j * VEC + v] = (T.cast(g_sh[row, c0 + v], f32)
+                                                         + ape[rr % ratio, c0 + (rr // ratio) * D + v])
                             chunk_update(kv_l, sc_l, mx, den, num)
-                    combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
-                    finish(y, weight, freqs, red, g, e, lane, i * ratio)
-                    if valid and g == 0 and i < NC:
-                        for v in T.vectorized(VEC):
-                            cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+                            if entry_steps > 1 and ck == NCH - 1:
+                                end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s,
+                                          i_step + e, i_end, g, e, lane, c0)
+                        if entry_steps == 1:  # after the loop: the staging ring is free for the row groups' partials
+                            end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s,
+                                      i_cta + e, i_end, g, e, lane, c0)
 
-        return compressor_prefill_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
+        return compressor_prefill_stream.with_attr("tilelang_pass_configs", {**_PASS_CONFIGS, **_STREAM_PASS_CONFIGS})
+
 
     @T.prim_func
     def compressor_decode_kernel(
@@ -446,6 +621,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         cache: T.Tensor[(B, NC, D), out_dt],
     ):
         with T.Kernel(T.ceildiv(B, EPC), threads=threads) as bx:
+            T.import_source(_EX2_SOURCE)
             tx = T.get_thread_binding()
             lane = tx % TPE
             e = (tx // TPE) % EPC
@@ -460,7 +636,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             part_mx = T.alloc_shared((G, EPC, D), f32)
             part_den = T.alloc_shared((G, EPC, D), f32)
             part_num = T.alloc_shared((G, EPC, D), f32)
-            red = T.alloc_shared((EPC, TPE), f32)
+            red = T.alloc_shared((EPC, WPE), f32)
             s = bx * EPC + e
             live = s < B
             t = T.alloc_var(T.int32)
@@ -516,7 +692,8 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             st_kv[s, row, hh * D + c0 + v] = 0.0
                         for v in T.vectorized(VEC):
                             st_score[s, row, hh * D + c0 + v] = neg_inf
-            if live and g == 0 and lane == 0:  # after finish's barrier: every thread has read num_tokens[s]
+            T.sync_threads()
+            if live and g == 0 and lane == 0:  # after the barrier: every thread has read num_tokens[s]
                 num_tokens[s] = num_tokens[s] + 1
 
     return compressor_decode_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
@@ -540,20 +717,61 @@ def _whole_warps(c: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _stream_knobs(c: Mapping[str, Any]) -> str | None:
+    """The stream schedule's knobs only vary with it; its CTAs stay small (more of them share an SM)."""
+    if c.get("schedule", "direct") == "direct":
+        if (c.get("num_stages", 2), c.get("entry_steps", 1)) != (2, 1):
+            return "num_stages/entry_steps are knobs of the stream schedule"
+    elif _cta_threads(c["ratio"], c["D"], c["block_entries"]) > 256:
+        return "stream CTAs of more than 256 threads"
+    return None
+
+
 def _pool_smem(c: Mapping[str, Any]) -> int:
     groups, tpe = _pool_shape(c["ratio"], c["D"])[0], c["D"] // VEC
-    return 4 * c["block_entries"] * (3 * groups * c["D"] + tpe)  # the row groups' (max, den, num), rmsnorm sums
+    nbytes = 4 * c["block_entries"] * (3 * groups * c["D"] + tpe)  # the row groups' (max, den, num), rmsnorm sums
+    if c.get("schedule", "direct") == "stream":  # the ring of kv'/gate chunk tiles
+        itemsize = 2 if c.get("in_dtype", "bfloat16") == "bfloat16" else 4
+        rows = groups * c["block_entries"] * _pool_shape(c["ratio"], c["D"])[1]
+        nbytes += c["num_stages"] * 2 * rows * c["D"] * itemsize
+    return nbytes
+
+
+# Prefill defaults per (m, D), measured on the H200 (s = 65536 from position 0, bf16): see the module docstring.
+_PREFILL_DEFAULTS = {
+    (4, 512): {"schedule": "stream", "block_entries": 2, "num_stages": 2, "entry_steps": 1},
+    (128, 512): {"schedule": "stream", "block_entries": 1, "num_stages": 2, "entry_steps": 1},
+    (4, 128): {"schedule": "stream", "block_entries": 4, "num_stages": 2, "entry_steps": 1},
+}
+
+
+def _prefill_heuristic(p: Mapping[str, Any]) -> dict[str, Any]:
+    known = _PREFILL_DEFAULTS.get((p["ratio"], p["D"]))
+    if known is not None:
+        return dict(known)
+    # other shapes: the stream schedule with CTAs of 128-256 threads
+    groups, tpe = _pool_shape(p["ratio"], p["D"])[0], p["D"] // VEC
+    entries = max(1, 128 // (groups * tpe))
+    return {"schedule": "stream", "block_entries": entries, "num_stages": 2, "entry_steps": 1}
 
 
 def _space(decode: bool) -> Space:
     """``block_entries``: entries per CTA (decode: sequences per CTA). The pooling shape (row groups, chunks)
     is NOT tunable: prefill and decode must share it to stay bit-identical. An entry's arithmetic does not
-    depend on the other entries of its CTA, so every candidate gives the default's bits."""
+    depend on the other entries of its CTA, nor on the schedule, so every candidate gives the default's bits."""
+    if decode:
+        return Space(
+            params={"block_entries": (1, 2, 4, 8, 16, 32, 64)},
+            constraints=(_whole_warps,),
+            smem_bytes=_pool_smem,
+            heuristic=lambda p: {"block_entries": _default_block_entries(p["ratio"], p["D"], True)},
+        )
     return Space(
-        params={"block_entries": (1, 2, 4, 8, 16, 32, 64)},
-        constraints=(_whole_warps,),
+        params={"schedule": ("direct", "stream"), "block_entries": (1, 2, 4, 8, 16, 32, 64), "num_stages": (2, 3),
+                "entry_steps": (1, 2, 4)},
+        constraints=(_whole_warps, _stream_knobs),
         smem_bytes=_pool_smem,
-        heuristic=lambda p: {"block_entries": _default_block_entries(p["ratio"], p["D"], decode)},
+        heuristic=_prefill_heuristic,
     )
 
 
@@ -763,12 +981,27 @@ def _compressor_check(outputs: tuple[torch.Tensor, ...], expected: tuple[Any, ..
           harness=TuningHarness(_prefill_case, _compressor_check, sizes=(512, 4096), size_name="n",
                                 batch_slice=_prefill_slice))
 def build_compressor_prefill(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
-                             out_dtype: str = "bfloat16", rope_dim: int = 64, block_entries: int = 0):
+                             out_dtype: str = "bfloat16", rope_dim: int = 64, block_entries: int = 0,
+                             schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1,
+                             min_ctas: int = 0):
     """Compressor prefill: pool the new tokens' complete blocks into cache entries, write the new state.
 
-    ``block_entries`` (tunable; 0: the default for (m, D)) is the number of entries a CTA pools.
+    ``block_entries`` (tunable; 0: the default for (m, D)) is the number of entries a CTA pools at a time.
+    ``schedule``: ``"direct"`` (every thread loads its rows from global memory, one CTA per ``block_entries``
+    entries) or ``"stream"`` (a body CTA pools ``block_entries · entry_steps`` entries, their row chunks
+    staged through a ``num_stages``-deep shared-memory pipeline; ``min_ctas``: CTAs an SM must be able to
+    hold, which caps the registers; 0: as many as make 512 threads). Same bits either way.
     """
-    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, False, block_entries)
+    if schedule not in ("direct", "stream"):
+        raise ValueError(f"schedule must be 'direct' or 'stream', got {schedule!r}")
+    if schedule == "direct" and (num_stages, entry_steps, min_ctas) != (2, 1, 0):
+        raise ValueError(f"num_stages, entry_steps and min_ctas are knobs of the stream schedule, got "
+                         f"{(num_stages, entry_steps, min_ctas)} with 'direct'")
+    check_int("num_stages", num_stages, min_value=1)
+    check_int("entry_steps", entry_steps, min_value=1)
+    check_int("min_ctas", min_ctas, min_value=0)
+    return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, False, block_entries, schedule, num_stages,
+                    entry_steps, min_ctas)
 
 
 @register("compressor_decode", configs=_configs(), tags=("compressor", "batch_invariant"),
