@@ -43,13 +43,25 @@ m = 4 else 1, ``D`` entry dim (512 attention, 128 indexer), ``C = coff·D``, ``n
 
 Thread layout: a thread owns 8 consecutive channels of an entry (one 16-byte bf16 load per row), so an
 entry takes ``TPE = D/8`` lanes (64 for D = 512, 16 for D = 128); RoPE pairs and the 8-channel slices of
-the quantisation blocks lie inside a thread, block maxima and the Hadamard butterflies across lanes use
-warp shuffles, the rmsnorm sum goes through shared memory in a fixed order. For m = 4 an entry pools 8
-rows in two chunks of 4 (by default a prefill CTA pools ``256/TPE`` entries); for m = 128 an entry pools
-4 row groups of 32 rows each (chunks of 4 rows in flight per thread), combined in shared memory in group order (by
-default one entry per CTA). A chunk's rows are loaded with no branch around the loads, so that they
-are all in flight at once (rows before a prefill's first new token are then replaced from the state). The
-pooling shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical.
+the quantisation blocks lie inside a thread, block maxima, the rmsnorm sum (a butterfly, then the entry's
+warps in order) and the Hadamard butterflies across lanes use warp shuffles. For m = 4 an entry pools 8
+rows in two chunks of 4; for m = 128 an entry pools 4 row groups of 32 rows each (chunks of 4 rows),
+combined in shared memory in group order. The RoPE angles of an entry are computed once each, spread over
+the lanes of the warp that holds the rope dims, and gathered by shuffles. The pooling shape is fixed per
+(m, D), shared by prefill and decode, which is what makes the two bit-identical. The weights ``2^x`` are
+``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
+
+Prefill schedules (same bits):
+
+* ``"direct"``: a CTA pools ``block_entries`` entries; each thread loads its chunk's rows from global memory
+  with no branch around the loads, so that they are all in flight at once (rows before a prefill's first new
+  token are then replaced from the state).
+* ``"stream"`` (the default): the one or two *head* entries of a sequence (those with a row before its first
+  new token, read from the state) run as above in their own CTA; every other (*body*) CTA pools
+  ``block_entries · entry_steps`` consecutive entries, the row chunks of ``block_entries`` entries at a time
+  copied by ``cp.async`` into a ``num_stages``-deep shared-memory ring (a step's rows are one contiguous run,
+  or for m = 128 one run per row group), registers capped so that 512 threads fit an SM.
+
 A prefill grid has one extra CTA per sequence that writes the new streaming state.
 
 Configs (compile-time keys): ``ratio``, ``D``, ``quant`` (``"attention"``, ``"indexer"`` with D <= 256,
@@ -58,10 +70,11 @@ Configs (compile-time keys): ``ratio``, ``D``, ``quant`` (``"attention"``, ``"in
 (m=128, D=512, attention), (m=4, D=128, indexer); other combinations compile on first use. Sequence counts
 and lengths are dynamic.
 
-Tuning: ``block_entries``, the entries (prefill) or sequences (decode) one CTA handles
-(:data:`COMPRESSOR_PREFILL_SPACE`, :data:`COMPRESSOR_DECODE_SPACE`), one bucket per (m, D). The pooling shape
-(see above) is not tunable: prefill and decode must share it. An entry's arithmetic does not depend on the
-other entries of its CTA, so a tuned config keeps every bit (prefill ≡ decode, batch invariance).
+Tuning: ``block_entries``, the entries (prefill) or sequences (decode) one CTA handles, and the prefill's
+``schedule``, ``num_stages`` and ``entry_steps`` (:data:`COMPRESSOR_PREFILL_SPACE`,
+:data:`COMPRESSOR_DECODE_SPACE`), one bucket per (m, D). The pooling shape (see above) is not tunable: prefill
+and decode must share it. An entry's arithmetic does not depend on the other entries of its CTA nor on the
+schedule, so a tuned config keeps every bit (prefill ≡ decode, batch invariance).
 """
 
 import dataclasses
@@ -737,11 +750,13 @@ def _pool_smem(c: Mapping[str, Any]) -> int:
     return nbytes
 
 
-# Prefill defaults per (m, D), measured on the H200 (s = 65536 from position 0, bf16): see the module docstring.
+# Prefill defaults per (m, D): the fastest on the H200 at s = 65536 from position 0, bf16 (fractions of the
+# same-run copy bandwidth; direct at its default CTA size for comparison): m = 4, D = 512: 0.85 (direct 0.80);
+# m = 128: 0.61 (direct 0.57; entry_steps 1: 0.58, 4: 0.42 — 256 CTAs fill the SMs once); indexer: 0.51 (0.47).
 _PREFILL_DEFAULTS = {
     (4, 512): {"schedule": "stream", "block_entries": 2, "num_stages": 2, "entry_steps": 1},
-    (128, 512): {"schedule": "stream", "block_entries": 1, "num_stages": 2, "entry_steps": 1},
-    (4, 128): {"schedule": "stream", "block_entries": 4, "num_stages": 2, "entry_steps": 1},
+    (128, 512): {"schedule": "stream", "block_entries": 1, "num_stages": 2, "entry_steps": 2},
+    (4, 128): {"schedule": "stream", "block_entries": 8, "num_stages": 2, "entry_steps": 4},
 }
 
 
