@@ -175,8 +175,7 @@ def _check_build(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, 
 
 
 def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope_dim: int, decode: bool,
-             block_entries: int, schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1,
-             min_ctas: int = 0):
+             block_entries: int, schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1):
     """The prefill (``decode=False``) or decode-step program; see the module docstring."""
     _check_build(ratio, D, quant, in_dtype, out_dtype, rope_dim)
     overlap = ratio == 4
@@ -556,7 +555,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         ):
             with T.Kernel(HEADS + num_body + 1, B, threads=threads) as (bx, s):
                 T.import_source(_EX2_SOURCE)
-                T.annotate_min_blocks_per_sm(min_ctas or max(1, 512 // threads))
+                T.annotate_min_blocks_per_sm(max(1, 512 // threads))  # registers capped: 512 threads an SM
                 tx = T.get_thread_binding()
                 lane = tx % TPE
                 e = (tx // TPE) % EPC
@@ -993,30 +992,28 @@ def _compressor_check(outputs: tuple[torch.Tensor, ...], expected: tuple[Any, ..
 
 @register("compressor_prefill", configs=_configs(), tags=("compressor", "batch_invariant"),
           space=COMPRESSOR_PREFILL_SPACE, bucket=_compressor_bucket,
-          harness=TuningHarness(_prefill_case, _compressor_check, sizes=(512, 4096), size_name="n",
+          harness=TuningHarness(_prefill_case, _compressor_check, sizes=(512, 4096, 16384), size_name="n",
                                 batch_slice=_prefill_slice))
 def build_compressor_prefill(ratio: int, D: int, quant: str, in_dtype: str = "bfloat16",
                              out_dtype: str = "bfloat16", rope_dim: int = 64, block_entries: int = 0,
-                             schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1,
-                             min_ctas: int = 0):
+                             schedule: str = "direct", num_stages: int = 2, entry_steps: int = 1):
     """Compressor prefill: pool the new tokens' complete blocks into cache entries, write the new state.
 
     ``block_entries`` (tunable; 0: the default for (m, D)) is the number of entries a CTA pools at a time.
     ``schedule``: ``"direct"`` (every thread loads its rows from global memory, one CTA per ``block_entries``
     entries) or ``"stream"`` (a body CTA pools ``block_entries · entry_steps`` entries, their row chunks
-    staged through a ``num_stages``-deep shared-memory pipeline; ``min_ctas``: CTAs an SM must be able to
-    hold, which caps the registers; 0: as many as make 512 threads). Same bits either way.
+    staged through a ``num_stages``-deep shared-memory pipeline, registers capped so that 512 threads fit an
+    SM). Same bits either way.
     """
     if schedule not in ("direct", "stream"):
         raise ValueError(f"schedule must be 'direct' or 'stream', got {schedule!r}")
-    if schedule == "direct" and (num_stages, entry_steps, min_ctas) != (2, 1, 0):
-        raise ValueError(f"num_stages, entry_steps and min_ctas are knobs of the stream schedule, got "
-                         f"{(num_stages, entry_steps, min_ctas)} with 'direct'")
+    if schedule == "direct" and (num_stages, entry_steps) != (2, 1):
+        raise ValueError(f"num_stages and entry_steps are knobs of the stream schedule, got "
+                         f"{(num_stages, entry_steps)} with 'direct'")
     check_int("num_stages", num_stages, min_value=1)
     check_int("entry_steps", entry_steps, min_value=1)
-    check_int("min_ctas", min_ctas, min_value=0)
     return _program(ratio, D, quant, in_dtype, out_dtype, rope_dim, False, block_entries, schedule, num_stages,
-                    entry_steps, min_ctas)
+                    entry_steps)
 
 
 @register("compressor_decode", configs=_configs(), tags=("compressor", "batch_invariant"),
