@@ -730,12 +730,16 @@ def _whole_warps(c: Mapping[str, Any]) -> str | None:
 
 
 def _stream_knobs(c: Mapping[str, Any]) -> str | None:
-    """The stream schedule's knobs only vary with it; its CTAs stay small (more of them share an SM)."""
+    """The stream schedule's knobs only vary with it. Tuned CTA sizes: 64-512 threads (direct), 128-256
+    (stream), the range where the H200 measurements put every winner."""
+    threads = _cta_threads(c["ratio"], c["D"], c["block_entries"])
     if c.get("schedule", "direct") == "direct":
         if (c.get("num_stages", 2), c.get("entry_steps", 1)) != (2, 1):
             return "num_stages/entry_steps are knobs of the stream schedule"
-    elif _cta_threads(c["ratio"], c["D"], c["block_entries"]) > 256:
-        return "stream CTAs of more than 256 threads"
+        if not 64 <= threads <= 512:
+            return f"direct CTAs of {threads} threads (tuned: 64-512)"
+    elif not 128 <= threads <= 256:
+        return f"stream CTAs of {threads} threads (tuned: 128-256)"
     return None
 
 
@@ -751,11 +755,12 @@ def _pool_smem(c: Mapping[str, Any]) -> int:
 
 # Prefill defaults per (m, D): the fastest on the H200 at s = 65536 from position 0, bf16 (fractions of the
 # same-run copy bandwidth; direct at its default CTA size for comparison): m = 4, D = 512: 0.85 (direct 0.80);
-# m = 128: 0.61 (direct 0.57; entry_steps 1: 0.58, 4: 0.42 — 256 CTAs fill the SMs once); indexer: 0.51 (0.47).
+# m = 128: 0.61 (direct 0.57; entry_steps 1: 0.58, 4: 0.42 — 256 CTAs fill the SMs once); indexer: 0.48
+# (entry_steps 4: 0.51; direct 0.47). Three stages were never faster than two.
 _PREFILL_DEFAULTS = {
     (4, 512): {"schedule": "stream", "block_entries": 2, "num_stages": 2, "entry_steps": 1},
     (128, 512): {"schedule": "stream", "block_entries": 1, "num_stages": 2, "entry_steps": 2},
-    (4, 128): {"schedule": "stream", "block_entries": 8, "num_stages": 2, "entry_steps": 4},
+    (4, 128): {"schedule": "stream", "block_entries": 8, "num_stages": 2, "entry_steps": 1},
 }
 
 
@@ -781,8 +786,8 @@ def _space(decode: bool) -> Space:
             heuristic=lambda p: {"block_entries": _default_block_entries(p["ratio"], p["D"], True)},
         )
     return Space(
-        params={"schedule": ("direct", "stream"), "block_entries": (1, 2, 4, 8, 16, 32, 64), "num_stages": (2, 3),
-                "entry_steps": (1, 2, 4)},
+        params={"schedule": ("direct", "stream"), "block_entries": (1, 2, 4, 8, 16, 32, 64), "num_stages": (2,),
+                "entry_steps": (1, 2)},
         constraints=(_whole_warps, _stream_knobs),
         smem_bytes=_pool_smem,
         heuristic=_prefill_heuristic,
