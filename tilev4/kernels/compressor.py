@@ -466,59 +466,18 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 for v in T.vectorized(VEC):
                     cache[s, i, c0 + v] = T.cast(y[v], out_dt)
 
-        if schedule == "direct":
-            num_blocks_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
-
-            @T.prim_func
-            def compressor_prefill_kernel(
-                kv: T.Tensor[(B, N, C), in_dt],
-                gate: T.Tensor[(B, N, C), in_dt],
-                ape: T.Tensor[(ratio, C), f32],
-                weight: T.Tensor[(D,), f32],
-                freqs: T.Tensor[(R2,), f32],
-                num_tokens: T.Tensor[(B,), T.int64],
-                st_kv: T.Tensor[(B, ratio, C), f32],
-                st_score: T.Tensor[(B, ratio, C), f32],
-                st_pkv: T.Tensor[(B, PM, C), f32],
-                st_pscore: T.Tensor[(B, PM, C), f32],
-                cache: T.Tensor[(B, NC, D), out_dt],
-                new_kv: T.Tensor[(B, ratio, C), f32],
-                new_score: T.Tensor[(B, ratio, C), f32],
-                new_pkv: T.Tensor[(B, PM, C), f32],
-                new_pscore: T.Tensor[(B, PM, C), f32],
-                new_num_tokens: T.Tensor[(B,), T.int64],
-            ):
-                with T.Kernel(num_blocks_x + 1, B, threads=threads) as (bx, s):
-                    T.import_source(_EX2_SOURCE)
-                    tx = T.get_thread_binding()
-                    lane = tx % TPE
-                    e = (tx // TPE) % EPC
-                    g = tx // (TPE * EPC)
-                    c0 = lane * VEC
-                    kv_l = T.alloc_local((CH * VEC,), f32)
-                    sc_l = T.alloc_local((CH * VEC,), f32)
-                    mx, den, num, y, part_mx, part_den, part_num, red = alloc_pool()
-                    t0 = T.cast(num_tokens[s], T.int32)  # position of the first new token
-                    base = (t0 // ratio) * ratio  # start of the block the state holds
-                    total = t0 + N
-                    if bx == num_blocks_x:
-                        write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score,
-                                    new_pkv, new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l)
-                    else:
-                        ent = bx * EPC + e  # entry of this call
-                        pool_entries(kv, gate, ape, weight, freqs, st_kv, st_score, st_pkv, st_pscore, cache, s, t0,
-                                     base, ent, ent < total // ratio - t0 // ratio, g, e, lane, c0, kv_l, sc_l, mx,
-                                     den, num, y, part_mx, part_den, part_num, red)
-
-            return compressor_prefill_kernel.with_attr("tilelang_pass_configs", _PASS_CONFIGS)
-
-        # schedule == "stream": head CTAs pool the entries that read rows of the state (the first one or two of
-        # a sequence) as above; body CTAs stream the rest of the rows through a shared-memory ring
+        # "direct": CTA bx pools entries bx·EPC …; "stream": head CTAs pool the entries that read rows of the
+        # state (the first one or two of a sequence) the same way, body CTAs stream the rest of the rows through
+        # a shared-memory ring. The last CTA of a sequence writes its new state.
+        direct = schedule == "direct"
         HEADS = -(-(2 if overlap else 1) // EPC)  # CTAs for the (at most 2, m = 4; 1, m = 128) head entries
         ROWS = G * EPC * CH  # rows of a chunk tile (kv' and gate each)
         STEPS = entry_steps * NCH  # pipelined steps of a body CTA: NCH chunks of EPC entries, entry_steps times
-        num_body = (N // ratio + EPC * entry_steps) // (EPC * entry_steps)
         span = ratio if overlap else 0  # an entry's first row is i·m − span
+        if direct:
+            grid_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
+        else:
+            grid_x = HEADS + (N // ratio + EPC * entry_steps) // (EPC * entry_steps)
 
         @T.macro
         def end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, i_end, g, e,
@@ -535,7 +494,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 num[v] = 0.0
 
         @T.prim_func
-        def compressor_prefill_stream(
+        def compressor_prefill_kernel(
             kv: T.Tensor[(B, N, C), in_dt],
             gate: T.Tensor[(B, N, C), in_dt],
             ape: T.Tensor[(ratio, C), f32],
@@ -553,9 +512,10 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             new_pscore: T.Tensor[(B, PM, C), f32],
             new_num_tokens: T.Tensor[(B,), T.int64],
         ):
-            with T.Kernel(HEADS + num_body + 1, B, threads=threads) as (bx, s):
+            with T.Kernel(grid_x + 1, B, threads=threads) as (bx, s):
                 T.import_source(_EX2_SOURCE)
-                T.annotate_min_blocks_per_sm(max(1, 512 // threads))  # registers capped: 512 threads an SM
+                if not direct:
+                    T.annotate_min_blocks_per_sm(max(1, 512 // threads))  # registers capped: 512 threads an SM
                 tx = T.get_thread_binding()
                 lane = tx % TPE
                 e = (tx // TPE) % EPC
@@ -564,20 +524,20 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 kv_l = T.alloc_local((CH * VEC,), f32)
                 sc_l = T.alloc_local((CH * VEC,), f32)
                 mx, den, num, y, part_mx, part_den, part_num, red = alloc_pool()  # shared by head and body CTAs
-                t0 = T.cast(num_tokens[s], T.int32)
-                base = (t0 // ratio) * ratio
+                t0 = T.cast(num_tokens[s], T.int32)  # position of the first new token
+                base = (t0 // ratio) * ratio  # start of the block the state holds
                 total = t0 + N
                 first = t0 // ratio  # first entry this call can complete
                 i_end = total // ratio  # entries first … i_end − 1 complete
-                i_body = T.min((t0 + span + ratio - 1) // ratio, i_end)  # first entry with no row before t0
-                if bx == HEADS + num_body:
+                i_body = T.min((t0 + span + ratio - 1) // ratio, i_end)  # stream: first entry with no row before t0
+                if bx == grid_x:
                     write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score,
                                 new_pkv, new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l)
-                elif bx < HEADS:
-                    ent = bx * EPC + e
+                elif direct or bx < HEADS:
+                    ent = bx * EPC + e  # entry of this call
                     pool_entries(kv, gate, ape, weight, freqs, st_kv, st_score, st_pkv, st_pscore, cache, s, t0,
-                                 base, ent, ent < i_body - first, g, e, lane, c0, kv_l, sc_l, mx, den, num, y,
-                                 part_mx, part_den, part_num, red)
+                                 base, ent, ent < (i_end if direct else i_body) - first, g, e, lane, c0, kv_l, sc_l,
+                                 mx, den, num, y, part_mx, part_den, part_num, red)
                 else:
                     i_cta = i_body + (bx - HEADS) * (EPC * entry_steps)  # the CTA's first entry
                     if i_cta < i_end:
@@ -611,11 +571,13 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             if entry_steps > 1 and ck == NCH - 1:
                                 end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s,
                                           i_step + e, i_end, g, e, lane, c0)
-                        if entry_steps == 1:  # after the loop: the staging ring is free for the row groups' partials
+                        if entry_steps == 1:  # after the loop
                             end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s,
                                       i_cta + e, i_end, g, e, lane, c0)
 
-        return compressor_prefill_stream.with_attr("tilelang_pass_configs", {**_PASS_CONFIGS, **_STREAM_PASS_CONFIGS})
+
+        pass_configs = _PASS_CONFIGS if direct else {**_PASS_CONFIGS, **_STREAM_PASS_CONFIGS}
+        return compressor_prefill_kernel.with_attr("tilelang_pass_configs", pass_configs)
 
 
     @T.prim_func
