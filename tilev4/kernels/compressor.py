@@ -318,9 +318,9 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                     ang = T.cast(T.cast(pos, T.float64) * T.cast(freqs[pidx], T.float64), f32)
                     cs_l[t] = T.cos(ang)
                     sn_l[t] = T.sin(ang)
-                first = T.get_thread_binding() % 32 - (lane - RW0)  # warp lane of the group's lane RW0
+                lane0 = T.get_thread_binding() % 32 - (lane - RW0)  # warp lane of the group's lane RW0
                 for k in T.unroll(VEC // 2):
-                    src = first + (T.max(c0 - NOPE, 0) // 2 + k) // PPL  # pair (c0 − NOPE)/2 + k; k % PPL its slot
+                    src = lane0 + (T.max(c0 - NOPE, 0) // 2 + k) // PPL  # pair (c0 − NOPE)/2 + k; k % PPL its slot
                     cs = T.shfl_sync(cs_l[k % PPL], src)
                     sn = T.shfl_sync(sn_l[k % PPL], src)
                     if c0 >= NOPE:
@@ -377,6 +377,25 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 )
                 y[v] = T.if_then_else(y[v] < 0.0, -qa, qa) * scale
 
+    @T.macro
+    def reset_sums(mx, den, num):
+        """An entry's running (max, den, num) before its first chunk."""
+        for v in T.unroll(VEC):
+            mx[v] = neg_inf
+            den[v] = 0.0
+            num[v] = 0.0
+
+    @T.macro
+    def emit_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, pos, emit, g, e,
+                   lane, c0):
+        """Entry i (RoPE position ``pos``) from the pooled sums: combine → finish → ``cache[s, i]`` where ``emit``
+        (the block is complete) and i is a cache row. Every thread takes part (barriers and shuffles)."""
+        combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
+        finish(y, weight, freqs, red, g, e, lane, pos)
+        if emit and g == 0 and i < NC:
+            for v in T.vectorized(VEC):
+                cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+
     if not decode:
         N = T.dynamic("n")
 
@@ -431,10 +450,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             """Entry ``t0 // m + ent`` of sequence s from global memory, rows before t0 from the state (one entry
             per (e, lane) thread of every row group)."""
             i = t0 // ratio + ent  # its absolute index
-            for v in T.unroll(VEC):
-                mx[v] = neg_inf
-                den[v] = 0.0
-                num[v] = 0.0
+            reset_sums(mx, den, num)
             if valid:
                 for ck in T.serial(NCH):
                     # the chunk's rows from kv'/gate first, with no branch around the loads (a row
@@ -460,11 +476,8 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             if p < t0:
                                 load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, c0, kv_l, sc_l, j)
                     chunk_update(kv_l, sc_l, mx, den, num)
-            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
-            finish(y, weight, freqs, red, g, e, lane, i * ratio)
-            if valid and g == 0 and i < NC:
-                for v in T.vectorized(VEC):
-                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+            emit_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, i * ratio,
+                       valid, g, e, lane, c0)
 
         # "direct": CTA bx pools entries bx·EPC …; "stream": head CTAs pool the entries that read rows of the
         # state (the first one or two of a sequence) the same way, body CTAs stream the rest of the rows through
@@ -482,16 +495,10 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         @T.macro
         def end_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, i_end, g, e,
                       lane, c0):
-            """Entry i's pooled value → finish → the cache (if complete and in range); the sums restart."""
-            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
-            finish(y, weight, freqs, red, g, e, lane, i * ratio)
-            if i < i_end and g == 0 and i < NC:
-                for v in T.vectorized(VEC):
-                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
-            for v in T.unroll(VEC):
-                mx[v] = neg_inf
-                den[v] = 0.0
-                num[v] = 0.0
+            """Entry i into the cache (if complete), then the sums restart for the CTA's next entry."""
+            emit_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, i * ratio,
+                       i < i_end, g, e, lane, c0)
+            reset_sums(mx, den, num)
 
         @T.prim_func
         def compressor_prefill_kernel(
@@ -543,10 +550,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                     if i_cta < i_end:
                         kv_sh = T.alloc_shared((ROWS, D), in_dt)
                         g_sh = T.alloc_shared((ROWS, D), in_dt)
-                        for v in T.unroll(VEC):
-                            mx[v] = neg_inf
-                            den[v] = 0.0
-                            num[v] = 0.0
+                        reset_sums(mx, den, num)
                         for k in T.Pipelined(STEPS, num_stages=num_stages):
                             i_step = i_cta + (k // NCH) * EPC  # the step's first entry
                             ck = k % NCH
@@ -632,10 +636,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             T.cast(gate[s, hh * D + c0 + v], f32) + ape[r_new, hh * D + c0 + v]
                         )
             # 2. the entry, where the block is complete: the same pooling as the prefill's
-            for v in T.unroll(VEC):
-                mx[v] = neg_inf
-                den[v] = 0.0
-                num[v] = 0.0
+            reset_sums(mx, den, num)
             if emit:
                 for ck in T.serial(NCH):
                     for j in T.unroll(CH):
@@ -646,11 +647,8 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                         else:
                             load_state(st_kv, st_score, st_pkv, st_pscore, s, base + rr, base, c0, kv_l, sc_l, j)
                     chunk_update(kv_l, sc_l, mx, den, num)
-            combine(mx, den, num, y, part_mx, part_den, part_num, g, e, lane)
-            finish(y, weight, freqs, red, g, e, lane, base)
-            if emit and g == 0 and i < NC:
-                for v in T.vectorized(VEC):
-                    cache[s, i, c0 + v] = T.cast(y[v], out_dt)
+            emit_entry(mx, den, num, y, part_mx, part_den, part_num, red, weight, freqs, cache, s, i, base, emit, g,
+                       e, lane, c0)
             # 3. an emitted block becomes the previous half (m = 4); the current block starts empty.
             #    Every element below is read and written by the one thread that read it above.
             if emit:
