@@ -267,8 +267,8 @@ def _store_hidden(out, row0, col0, by, S, N, BC, BQ):
             out[row0 + j, col] = -T.infinity(T.float32)
 
 
-def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, threads: int, min_ctas: int):
-    """The ``tma`` schedule of :func:`build_indexer_logits` (same arguments, grid and results).
+def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, min_ctas: int, S, N):
+    """The ``tma`` schedule's CTA of :func:`build_indexer_logits`.
 
     One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles in flight by TMA (one
     elected lane issues), each stage on its own mbarrier; the warpgroup waits for a stage, runs the wgmma,
@@ -277,81 +277,105 @@ def _build_logits_tma(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: 
     stored as −inf without a wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys
     of the next sequence that a last tile reaches are masked by the visibility test like any invisible entry.
     """
-    _check_logits_shape(H, D, BC, SPLIT)
-    if threads != 128:
-        raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
-    B = T.dynamic("B")
-    S = T.dynamic("S")
-    N = T.dynamic("N")
     NH = BQ * H
     num_blocks = SPLIT // BC
     ST = num_stages
 
-    @T.prim_func
-    def indexer_logits_tma(
-        q4: T.Tensor[(B, S, H, D), T.float8_e4m3fn],
-        qw3: T.Tensor[(B, S, H), T.float32],  # w · s_q
-        k3: T.Tensor[(B, N, D), T.float8_e4m3fn],
-        ks2: T.Tensor[(B, N), T.float32],  # s_k
-        visible2: T.Tensor[(B, S), T.int32],  # entries c < visible[b, s] are scored
-        out3: T.Tensor[(B, S, N), T.float32],
-    ):
-        T.annotate_pass_configs(_NO_WS)
-        q = T.reshape(q4, (B * S * H, D))
-        qw = T.reshape(qw3, (B * S, H))
-        k = T.reshape(k3, (B * N, D))
-        ks = T.reshape(ks2, (B * N,))
-        visible = T.reshape(visible2, (B * S,))
-        out = T.reshape(out3, (B * S, N))
-        with T.Kernel(T.ceildiv(N, SPLIT), T.ceildiv(S, BQ), B, threads=threads) as (bx, by, bz):
-            q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
-            T.annotate_min_blocks_per_sm(min_ctas)
-            k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
-            full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
-            ks_frag = T.alloc_fragment((BC,), T.float32)
-            acc = T.alloc_fragment((BC, NH), T.float32)
-            acc3 = T.reshape(acc, (BC, BQ, H))
-            logit_frag = T.alloc_fragment((BC, BQ), T.float32)
-            w_frag = T.alloc_fragment((BQ, H), T.float32)
-            vis_shared = T.alloc_shared((BQ,), T.int32)
-            num_vis = T.alloc_var(T.int32)
-            T.annotate_layout({k_shared: make_swizzled_layout(k_shared), q_shared: make_swizzled_layout(q_shared)})
-            tx = T.get_thread_binding()
+    @T.macro
+    def cta(q, qw, k, ks, visible, out, bx, by, bz):
+        q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
+        T.annotate_min_blocks_per_sm(min_ctas)
+        k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
+        full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
+        ks_frag = T.alloc_fragment((BC,), T.float32)
+        acc = T.alloc_fragment((BC, NH), T.float32)
+        acc3 = T.reshape(acc, (BC, BQ, H))
+        logit_frag = T.alloc_fragment((BC, BQ), T.float32)
+        w_frag = T.alloc_fragment((BQ, H), T.float32)
+        vis_shared = T.alloc_shared((BQ,), T.int32)
+        num_vis = T.alloc_var(T.int32)
+        T.annotate_layout({k_shared: make_swizzled_layout(k_shared), q_shared: make_swizzled_layout(q_shared)})
+        tx = T.get_thread_binding()
 
-            row0 = bz * S + by * BQ  # first query row of the CTA
-            c0 = bx * SPLIT  # first entry of the CTA
-            _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
-            c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
-            num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+        row0 = bz * S + by * BQ  # first query row of the CTA
+        c0 = bx * SPLIT  # first entry of the CTA
+        _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
+        c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
+        num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
 
-            if num_tiles > 0:
-                if tx < 32:  # warp 0 issues (one elected lane) and arrives
-                    for i in T.serial(T.min(num_tiles, ST)):
-                        T.tma_copy(k[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC, 0:D], k_shared[i, :, :],
-                                   barrier=full[i])
-                        T.barrier_arrive(full[i])
-                T.copy(q[row0 * H, 0], q_shared)
-                T.copy(qw[row0, 0], w_frag)
-                for it in T.serial(num_tiles):
-                    slot = it % ST
-                    # the tile's key scales: plain loads (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight
-                    # during the wgmma
-                    T.copy(ks[bz * N + c0 + it * BC], ks_frag)
-                    T.barrier_wait(full[slot], (it // ST) & 1)
-                    # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
-                    T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
-                           policy=T.GemmWarpPolicy.FullRow)
-                    _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
-                                BC, BQ, H)
-                    T.sync_threads()  # every warp is past the stage: refill it
-                    if tx < 32 and it + ST < num_tiles:
-                        nxt = c0 + (it + ST) * BC
-                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
-                        T.barrier_arrive(full[slot])
-            for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
+        if num_tiles > 0:
+            if tx < 32:  # warp 0 issues (one elected lane) and arrives
+                for i in T.serial(T.min(num_tiles, ST)):
+                    T.tma_copy(k[bz * N + c0 + i * BC:bz * N + c0 + (i + 1) * BC, 0:D], k_shared[i, :, :],
+                               barrier=full[i])
+                    T.barrier_arrive(full[i])
+            T.copy(q[row0 * H, 0], q_shared)
+            T.copy(qw[row0, 0], w_frag)
+            for it in T.serial(num_tiles):
+                slot = it % ST
+                # the tile's key scales: plain loads (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight
+                # during the wgmma
+                T.copy(ks[bz * N + c0 + it * BC], ks_frag)
+                T.barrier_wait(full[slot], (it // ST) & 1)
+                # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
+                T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
+                            BC, BQ, H)
+                T.sync_threads()  # every warp is past the stage: refill it
+                if tx < 32 and it + ST < num_tiles:
+                    nxt = c0 + (it + ST) * BC
+                    T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
+                    T.barrier_arrive(full[slot])
+        for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
+            _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
+
+    return cta
+
+
+def _logits_pipelined_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, S, N):
+    """The ``pipelined`` schedule's CTA: every thread issues cp.async copies of the key tiles, software-pipelined
+    over a static trip count."""
+    NH = BQ * H
+    num_blocks = SPLIT // BC
+
+    @T.macro
+    def cta(q, qw, k, ks, visible, out, bx, by, bz):
+        q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
+        k_shared = T.alloc_shared((BC, D), T.float8_e4m3fn)
+        acc = T.alloc_fragment((BC, NH), T.float32)
+        acc3 = T.reshape(acc, (BC, BQ, H))
+        logit_frag = T.alloc_fragment((BC, BQ), T.float32)
+        w_frag = T.alloc_fragment((BQ, H), T.float32)
+        ks_frag = T.alloc_fragment((BC,), T.float32)
+        vis_shared = T.alloc_shared((BQ,), T.int32)
+        num_vis = T.alloc_var(T.int32)
+
+        row0 = bz * S + by * BQ  # first query row of the CTA
+        c0 = bx * SPLIT  # first entry of the CTA
+        _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
+        c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
+        num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+
+        if num_tiles > 0:
+            T.copy(q[row0 * H, 0], q_shared)
+            T.copy(qw[row0, 0], w_frag)
+            # a static trip count (a dynamic one breaks this TileLang's pipeline epilogue): tiles
+            # past the last visible one reload it and store −inf
+            for it in T.Pipelined(num_blocks, num_stages=num_stages):
+                tile = T.min(it, num_tiles - 1)
+                T.copy(k[bz * N + c0 + tile * BC, 0], k_shared)
+                T.copy(ks[bz * N + c0 + tile * BC], ks_frag)
+                # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
+                T.gemm(k_shared, q_shared, acc, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+                _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
+                            BC, BQ, H)
+        else:
+            for it in T.serial(num_blocks):
                 _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
 
-    return indexer_logits_tma
+    return cta
 
 
 @register(
@@ -382,16 +406,18 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
     if min_ctas not in (1, 2, 3, 4):
         raise ValueError(f"min_ctas must be in 1..4, got {min_ctas}")
-    if schedule == "tma":
-        return _build_logits_tma(H, D, BQ, BC, SPLIT, num_stages, threads, min_ctas)
-    if min_ctas != 1:
+    if schedule == "pipelined" and min_ctas != 1:
         raise ValueError(f"min_ctas is a knob of the tma schedule, got {min_ctas} with {schedule!r}")
     _check_logits_shape(H, D, BC, SPLIT)
+    if schedule == "tma" and threads != 128:
+        raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
     B = T.dynamic("B")
     S = T.dynamic("S")
     N = T.dynamic("N")
-    NH = BQ * H
-    num_blocks = SPLIT // BC
+    if schedule == "tma":
+        cta = _logits_tma_cta(H, D, BQ, BC, SPLIT, num_stages, min_ctas, S, N)
+    else:
+        cta = _logits_pipelined_cta(H, D, BQ, BC, SPLIT, num_stages, S, N)
 
     @T.prim_func
     def indexer_logits_kernel(
@@ -410,39 +436,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         visible = T.reshape(visible2, (B * S,))
         out = T.reshape(out3, (B * S, N))
         with T.Kernel(T.ceildiv(N, SPLIT), T.ceildiv(S, BQ), B, threads=threads) as (bx, by, bz):
-            q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
-            k_shared = T.alloc_shared((BC, D), T.float8_e4m3fn)
-            acc = T.alloc_fragment((BC, NH), T.float32)
-            acc3 = T.reshape(acc, (BC, BQ, H))
-            logit_frag = T.alloc_fragment((BC, BQ), T.float32)
-            w_frag = T.alloc_fragment((BQ, H), T.float32)
-            ks_frag = T.alloc_fragment((BC,), T.float32)
-            vis_shared = T.alloc_shared((BQ,), T.int32)
-            num_vis = T.alloc_var(T.int32)
-
-            row0 = bz * S + by * BQ  # first query row of the CTA
-            c0 = bx * SPLIT  # first entry of the CTA
-            _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
-            c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
-            num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
-
-            if num_tiles > 0:
-                T.copy(q[row0 * H, 0], q_shared)
-                T.copy(qw[row0, 0], w_frag)
-                # a static trip count (a dynamic one breaks this TileLang's pipeline epilogue): tiles
-                # past the last visible one reload it and store −inf
-                for it in T.Pipelined(num_blocks, num_stages=num_stages):
-                    tile = T.min(it, num_tiles - 1)
-                    T.copy(k[bz * N + c0 + tile * BC, 0], k_shared)
-                    T.copy(ks[bz * N + c0 + tile * BC], ks_frag)
-                    # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
-                    T.gemm(k_shared, q_shared, acc, transpose_B=True, clear_accum=True,
-                           policy=T.GemmWarpPolicy.FullRow)
-                    _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
-                                BC, BQ, H)
-            else:
-                for it in T.serial(num_blocks):
-                    _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
+            cta(q, qw, k, ks, visible, out, bx, by, bz)
 
     return indexer_logits_kernel
 
@@ -728,6 +722,15 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                     T.max(keys[i], other), T.min(keys[i], other))
 
     @T.macro
+    def count_digit(hist, part, digit, peers, lane):
+        """hist[digit] += 1 for every lane with ``part``: one atomic per group of equal digits in the warp (every
+        lane takes part in the vote; lanes without a key carry digit 0xFFFFFFFF)."""
+        peers = T.match_any_sync(digit)
+        if part == 1:
+            if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32)) - T.uint32(1)) == T.uint32(0):
+                T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
+
+    @T.macro
     def digit_histogram(cand, hist, n_keys, prefix, shift, tx, lane):
         """hist[d] += the kept keys whose digits above ``shift`` are ``prefix`` and whose digit at ``shift``
         is d: one atomic per group of equal digits in a warp."""
@@ -744,11 +747,7 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                     part = 1
                     digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
                                                  T.uint64(num_bins - 1)), T.uint32)
-            peers = T.match_any_sync(digit)
-            if part == 1:
-                if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
-                                 - T.uint32(1)) == T.uint32(0):
-                    T.atomic_add(hist[T.cast(digit, T.int32)], T.call_extern(T.int32, "__popc", peers))
+            count_digit(hist, part, digit, peers, lane)
 
     @T.prim_func
     def topk_select_kernel(
@@ -925,12 +924,7 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                                         part = 1
                                         digit = T.cast(T.bitwise_and(T.shift_right(key, T.cast(shift, T.uint64)),
                                                                      T.uint64(num_bins - 1)), T.uint32)
-                                peers = T.match_any_sync(digit)
-                                if part == 1:
-                                    if T.bitwise_and(peers, T.shift_left(T.uint32(1), T.cast(lane, T.uint32))
-                                                     - T.uint32(1)) == T.uint32(0):
-                                        T.atomic_add(hist[T.cast(digit, T.int32)],
-                                                     T.call_extern(T.int32, "__popc", peers))
+                                count_digit(hist, part, digit, peers, lane)
                     T.sync_threads()
                     find_digit(hist, warp_sum, state, need, tx, lane, warp)
                     need = need - state[1]
