@@ -173,8 +173,16 @@ class _SourceGen:
             return T.ceildiv(visible, BI)
         return T.ceildiv(self.num_keys_max(), BI)
 
-    def key(self, t: dict, b: Any, s: Any, tq: Any, j: Any) -> tuple[Any, Any, Any]:
-        """(row in ``{name}_kv``, valid, kv_idx) of key ``j`` of this source for query (b, s) at ``tq``."""
+    def index(self, t: dict, b: Any, s: Any, j: Any) -> Any:
+        """The index-list entry key ``j`` of this IndexList source reads; the slot is clamped into the list, so
+        the load is in bounds for any ``j`` (the warp-specialised producer issues it before it knows the
+        key's source)."""
+        src = self.src
+        return t[f"{src.name}_idx"][b, s, T.max(T.min(j // src.block, self.topk - 1), 0)]
+
+    def key(self, t: dict, b: Any, s: Any, tq: Any, j: Any, idx: Any = None) -> tuple[Any, Any, Any]:
+        """(row in ``{name}_kv``, valid, kv_idx) of key ``j`` of this source for query (b, s) at ``tq``;
+        ``idx``: an IndexList entry already loaded (:meth:`index`)."""
         src = self.src
         if isinstance(src, Window):
             p = tq - src.size + 1 + j  # absolute token position
@@ -188,7 +196,8 @@ class _SourceGen:
             return row, valid, p
         if isinstance(src, IndexList):
             slot = j // src.block
-            idx = t[f"{src.name}_idx"][b, s, T.min(slot, self.topk - 1)]
+            if idx is None:
+                idx = t[f"{src.name}_idx"][b, s, T.min(slot, self.topk - 1)]
             row = idx * src.block + T.truncmod(j, src.block)
             valid = T.And(T.And(slot < self.topk, idx >= 0), row < self.rows)
             return row, valid, row
@@ -384,37 +393,51 @@ def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
     """The producer warpgroup of the warp-specialised schedules, as a macro.
 
     For each block pair ``it`` and stage ``st`` it resolves the (source, row, kv_idx) of its
-    ``BI / 16`` rows of global block ``lo + 2·it + st`` (index loads overlap the wait for the
-    stage), waits until both consumers freed the stage, then gathers the rows with 16-byte
-    cp.async (predicated off, i.e. zero-filled, for invalid keys), publishes the validity and
-    kv_idx of each key, and arrives on ``k_ready[st]`` when the copies land.
+    ``BI / 16`` rows of global block ``lo + 2·it + st``, waits until both consumers freed the stage,
+    then gathers the rows with 16-byte cp.async (predicated off, i.e. zero-filled, for invalid keys),
+    publishes the validity and kv_idx of each key, and arrives on ``k_ready[st]`` when the copies land.
+    The index-list entries of pair ``it + 1`` are loaded (all at once, slots clamped into the list)
+    while pair ``it`` is gathered, so the resolution never waits on a dependent global load.
     """
     D = spec.head_dim
     NR = BI // _ROWS_PER_PASS
     has_mods = spec.score_mod is not None or spec.mask_mod is not None
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
+    bases = [sum(max_blocks[:i]) for i in range(len(gens))]  # shape-only first global block of each source
+    listed = [i for i, g in enumerate(gens) if isinstance(g.src, IndexList)]  # sources whose keys need a load
+    has_list = len(listed) > 0
+
+    @T.macro
+    def load_indices(t, ptx, b_i, s_i, lo, it, pre):
+        for st in T.unroll(2):
+            for r in T.unroll(NR):
+                for p, i in enumerate(listed):
+                    pre[(p * 2 + st) * NR + r] = gens[i].index(
+                        t, b_i, s_i, (lo + it * 2 + st - bases[i]) * BI + r * _ROWS_PER_PASS + ptx // 8)
 
     @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
-                src_local, row_local, pos_local):
+                src_local, row_local, pos_local, idx_cur, idx_nxt):
         col = (ptx % 8) * 8
+        if has_list:
+            load_indices(t, ptx, b_i, s_i, lo, 0, idx_cur)
         for it in T.serial(n_iter):
+            if has_list:
+                load_indices(t, ptx, b_i, s_i, lo, it + 1, idx_nxt)  # in flight during this pair
             for st in T.unroll(2):
                 gblk = lo + it * 2 + st
-                # resolve this thread's rows first (index loads overlap the wait), then copy
                 for r in T.unroll(NR):
                     jj = r * _ROWS_PER_PASS + ptx // 8
                     src_local[r] = -1
                     row_local[r] = 0
                     pos_local[r] = 0
-                    sbase = 0
                     for i, g in enumerate(gens):
-                        if T.And(T.And(gblk >= sbase, gblk < sbase + g.num_blocks(t, b_i, tq)), gblk < hi):
-                            row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - sbase) * BI + jj)
+                        if T.And(T.And(gblk >= bases[i], gblk < bases[i] + g.num_blocks(t, b_i, tq)), gblk < hi):
+                            pre = idx_cur[(listed.index(i) * 2 + st) * NR + r] if i in listed else None
+                            row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - bases[i]) * BI + jj, pre)
                             src_local[r] = T.if_then_else(valid, i, -1)
                             row_local[r] = T.if_then_else(valid, row, 0)
                             pos_local[r] = kvpos
-                        sbase = sbase + max_blocks[i]
                 T.barrier_wait(k_free[st], (it & 1) ^ 1)
                 for r in T.unroll(NR):
                     jj = r * _ROWS_PER_PASS + ptx // 8
@@ -434,6 +457,9 @@ def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
                     if has_mods:
                         kvpos_shared[st, jj] = pos_local[r]
                 T.cp_async_barrier_noinc(k_ready[st])
+            if has_list:
+                for k in T.unroll(len(listed) * 2 * NR):
+                    idx_cur[k] = idx_nxt[k]
 
     return produce
 
@@ -465,6 +491,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     """
     (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
      produce) = _ws_setup(spec, config, split)
+    NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))  # prefetched index-list entries
 
     @T.macro
     def body(t):
@@ -494,6 +521,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             src_local = T.alloc_local((NR,), T.int32)
             row_local = T.alloc_local((NR,), T.int32)
             pos_local = T.alloc_local((NR,), T.int32)
+            idx_cur = T.alloc_local((NP,), T.int32)
+            idx_nxt = T.alloc_local((NP,), T.int32)
 
             h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
                                                      fixed_sb if split else None)
@@ -597,7 +626,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             elif tx >= 256:
                 T.set_max_nreg(80, 0)
                 produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
-                        k_free, src_local, row_local, pos_local)
+                        k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_ws", arg_names, ann, body)
 
@@ -617,6 +646,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     """
     (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
      produce) = _ws_setup(spec, config, split)
+    NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))  # prefetched index-list entries
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
@@ -731,6 +761,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             src_local = T.alloc_local((NR,), T.int32)
             row_local = T.alloc_local((NR,), T.int32)
             pos_local = T.alloc_local((NR,), T.int32)
+            idx_cur = T.alloc_local((NP,), T.int32)
+            idx_nxt = T.alloc_local((NP,), T.int32)
 
             h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
                                                      fixed_sb if split else None)
@@ -749,7 +781,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             elif tx >= 256:
                 T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
                 produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
-                        k_free, src_local, row_local, pos_local)
+                        k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_seesaw", arg_names, ann, body)
 
