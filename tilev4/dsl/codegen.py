@@ -389,23 +389,32 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
-def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
+def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
     """The producer warpgroup of the warp-specialised schedules, as a macro.
 
-    For each block pair ``it`` and stage ``st`` it resolves the (source, row, kv_idx) of its
-    ``BI / 16`` rows of global block ``lo + 2·it + st``, waits until both consumers freed the stage,
-    then gathers the rows with 16-byte cp.async (predicated off, i.e. zero-filled, for invalid keys),
-    publishes the validity and kv_idx of each key, and arrives on ``k_ready[st]`` when the copies land.
-    The index-list entries of pair ``it + 1`` are loaded (all at once, slots clamped into the list)
-    while pair ``it`` is gathered, so the resolution never waits on a dependent global load.
+    For each block pair ``it`` it resolves the (source, row, kv_idx) of its ``BI / 16`` rows of global blocks
+    ``lo + 2·it`` (stage 0) and ``lo + 2·it + 1`` (stage 1), and gathers them with 16-byte cp.async
+    (predicated off, i.e. zero-filled, for invalid keys) once the consumers freed the stage, publishes the
+    validity and kv_idx of each key and arrives on the stage's ready barrier when the copies land. The
+    index-list entries of pair ``it + 1`` are loaded (all at once, slots clamped into the list) while pair
+    ``it`` is gathered, so the resolution never waits on a dependent global load.
+
+    ``halves=False``: one free/ready barrier per stage (``k_free[st]``, ``k_ready[st]``). ``halves=True``:
+    one per half of D (``k_free[2·st + h]``, h = 0 for dims ``[0, D/2)``), filled in the order the seesaw
+    consumers free them — (0, 0), (1, 1), (0, 1), (1, 0) — so that a half is refilled as soon as its last
+    reader is done; the validity of a stage is published with its first half.
     """
     D = spec.head_dim
     NR = BI // _ROWS_PER_PASS
+    NU = D // 64  # 16-byte pieces a thread copies per row
     has_mods = spec.score_mod is not None or spec.mask_mod is not None
     max_blocks = [T.ceildiv(g.num_keys_max(), BI) for g in gens]
     bases = [sum(max_blocks[:i]) for i in range(len(gens))]  # shape-only first global block of each source
     listed = [i for i, g in enumerate(gens) if isinstance(g.src, IndexList)]  # sources whose keys need a load
     has_list = len(listed) > 0
+    # (stage, first 16-byte piece, end piece, publishes the stage's validity) in gather order
+    steps = ([(0, 0, NU // 2, True), (1, NU // 2, NU, True), (0, NU // 2, NU, False), (1, 0, NU // 2, False)]
+             if halves else [(0, 0, NU, True), (1, 0, NU, True)])
 
     @T.macro
     def load_indices(t, ptx, b_i, s_i, lo, it, pre):
@@ -416,47 +425,64 @@ def _producer(spec: AttentionSpec, gens: list, BI: int) -> Any:
                         t, b_i, s_i, (lo + it * 2 + st - bases[i]) * BI + r * _ROWS_PER_PASS + ptx // 8)
 
     @T.macro
+    def resolve(t, ptx, b_i, s_i, tq, gblk, hi, st, slot, src_local, row_local, pos_local, idx_cur):
+        for r in T.unroll(NR):
+            jj = r * _ROWS_PER_PASS + ptx // 8
+            src_local[slot * NR + r] = -1
+            row_local[slot * NR + r] = 0
+            pos_local[slot * NR + r] = 0
+            for i, g in enumerate(gens):
+                if T.And(T.And(gblk >= bases[i], gblk < bases[i] + g.num_blocks(t, b_i, tq)), gblk < hi):
+                    pre = idx_cur[(listed.index(i) * 2 + st) * NR + r] if i in listed else None
+                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - bases[i]) * BI + jj, pre)
+                    src_local[slot * NR + r] = T.if_then_else(valid, i, -1)
+                    row_local[slot * NR + r] = T.if_then_else(valid, row, 0)
+                    pos_local[slot * NR + r] = kvpos
+
+    @T.macro
+    def gather(t, ptx, b_i, st, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local, row_local,
+               pos_local):
+        col = (ptx % 8) * 8
+        for r in T.unroll(NR):
+            jj = r * _ROWS_PER_PASS + ptx // 8
+            for i, g in enumerate(gens):
+                # source 0 also zero-fills invalid rows (predicated-off cp.async)
+                if (src_local[slot * NR + r] <= 0) if i == 0 else (src_local[slot * NR + r] == i):
+                    for u in T.unroll(u0, u1):
+                        T.ptx_cp_async(
+                            T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
+                            T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[slot * NR + r], u * 64 + col], "r", 8),
+                            8,
+                            predicate=src_local[slot * NR + r] == i,
+                        )
+        if publish:
+            for r in T.unroll(NR):
+                jj = r * _ROWS_PER_PASS + ptx // 8
+                ok_shared[st, jj] = T.if_then_else(src_local[slot * NR + r] >= 0, 1, 0)
+                if has_mods:
+                    kvpos_shared[st, jj] = pos_local[slot * NR + r]
+
+    @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
                 src_local, row_local, pos_local, idx_cur, idx_nxt):
-        col = (ptx % 8) * 8
         if has_list:
             load_indices(t, ptx, b_i, s_i, lo, 0, idx_cur)
         for it in T.serial(n_iter):
             if has_list:
                 load_indices(t, ptx, b_i, s_i, lo, it + 1, idx_nxt)  # in flight during this pair
-            for st in T.unroll(2):
-                gblk = lo + it * 2 + st
-                for r in T.unroll(NR):
-                    jj = r * _ROWS_PER_PASS + ptx // 8
-                    src_local[r] = -1
-                    row_local[r] = 0
-                    pos_local[r] = 0
-                    for i, g in enumerate(gens):
-                        if T.And(T.And(gblk >= bases[i], gblk < bases[i] + g.num_blocks(t, b_i, tq)), gblk < hi):
-                            pre = idx_cur[(listed.index(i) * 2 + st) * NR + r] if i in listed else None
-                            row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - bases[i]) * BI + jj, pre)
-                            src_local[r] = T.if_then_else(valid, i, -1)
-                            row_local[r] = T.if_then_else(valid, row, 0)
-                            pos_local[r] = kvpos
-                T.barrier_wait(k_free[st], (it & 1) ^ 1)
-                for r in T.unroll(NR):
-                    jj = r * _ROWS_PER_PASS + ptx // 8
-                    for i, g in enumerate(gens):
-                        # source 0 also zero-fills invalid rows (predicated-off cp.async)
-                        if (src_local[r] <= 0) if i == 0 else (src_local[r] == i):
-                            for u in T.unroll(D // 64):
-                                T.ptx_cp_async(
-                                    T.access_ptr(kv_shared[st, jj, u * 64 + col], "w", 8),
-                                    T.access_ptr(t[f"{g.src.name}_kv"][b_i, row_local[r], u * 64 + col], "r", 8),
-                                    8,
-                                    predicate=src_local[r] == i,
-                                )
-                for r in T.unroll(NR):
-                    jj = r * _ROWS_PER_PASS + ptx // 8
-                    ok_shared[st, jj] = T.if_then_else(src_local[r] >= 0, 1, 0)
-                    if has_mods:
-                        kvpos_shared[st, jj] = pos_local[r]
-                T.cp_async_barrier_noinc(k_ready[st])
+            if halves:
+                for st in T.unroll(2):
+                    resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, st, src_local, row_local, pos_local,
+                            idx_cur)
+            for st, u0, u1, publish in steps:
+                bar = st * 2 + u0 // (NU // 2) if halves else st
+                if not halves:
+                    resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, 0, src_local, row_local, pos_local,
+                            idx_cur)
+                T.barrier_wait(k_free[bar], (it & 1) ^ 1)
+                gather(t, ptx, b_i, st, st if halves else 0, u0, u1, kv_shared, ok_shared, kvpos_shared, publish,
+                       src_local, row_local, pos_local)
+                T.cp_async_barrier_noinc(k_ready[bar])
             if has_list:
                 for k in T.unroll(len(listed) * 2 * NR):
                     idx_cur[k] = idx_nxt[k]
@@ -475,7 +501,8 @@ def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tupl
     gens = [_SourceGen(src, BI, D) for src in spec.sources]
     return (D, BI, HB, D // 2, spec.heads // HB, config.blocks_per_split() if split else 1, spec.softmax_scale,
             spec.score_mod, spec.mask_mod, B, S, NS, gens, _annotations(spec, gens, split, B, S, NS),
-            [n for n, _ in tensor_layout(spec, split)], BI // _ROWS_PER_PASS, _producer(spec, gens, BI))
+            [n for n, _ in tensor_layout(spec, split)], BI // _ROWS_PER_PASS,
+            _producer(spec, gens, BI, halves=config.schedule == "seesaw"))
 
 
 def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
@@ -635,14 +662,16 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     """Seesaw main program: 3 warpgroups, the two consumers symmetric.
 
     Global key blocks come in pairs (stage 0: even block, stage 1: odd block; the producer is the
-    one of the ``ws`` schedule). Consumer ``w`` owns half ``w`` of D in the output and block
-    ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D, the masked row max,
-    and swaps it with its peer through shared memory, so that both use the same running max
-    ``m``; then ``P_w = 2^(S_w − m)`` goes to shared memory, and the consumer accumulates
-    ``P_w V_w[:, half w]`` and, once the peer's P is there, ``P_{1−w} V_{1−w}[:, half w]``.
-    Each consumer keeps the row sum of its own blocks; the two are added at the end. Both
-    consumers do the same tensor-core work (one QKᵀ and two half PVs per pair), and one's softmax
-    runs while the other's GEMMs do.
+    one of the ``ws`` schedule, with a free/ready barrier per half of D). Consumer ``w`` owns half ``w``
+    of D in the output and block ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D
+    (its own half of D first: that half was refilled first), the masked row max, and swaps it with its
+    peer through shared memory, so that both use the same running max ``m``; then ``P_w = 2^(S_w − m)``
+    goes to shared memory for the peer, and the consumer accumulates ``P_w V_w[:, half w]`` (P from
+    registers) and, once the peer's P is there, ``P_{1−w} V_{1−w}[:, half w]`` (P from shared memory).
+    Half ``w`` of a stage is free once consumer ``w`` is done with it, so the producer refills
+    ``K_w[:, half w]`` while consumer ``w`` still runs its second product. Each consumer keeps the row sum
+    of its own blocks; the two are added at the end. Both consumers do the same tensor-core work (one QKᵀ
+    and two half PVs per pair), and one's softmax runs while the other's GEMMs do.
     """
     (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
      produce) = _ws_setup(spec, config, split)
@@ -650,16 +679,20 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, acc_o, m, m_prev,
-                alpha, l_sum, row_sum, lse2):
+                max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
+                m_prev, alpha, l_sum, row_sum, lse2):
         T.barrier_wait(q_bar, 0)
         T.fill(acc_o, 0)
         T.fill(l_sum, 0)
         T.fill(m, NEG_BIG)
         for it in T.serial(n_iter):
-            T.barrier_wait(k_ready[w], it & 1)
-            T.gemm(q_shared, kv_shared[w, :, :], acc_s, transpose_B=True, clear_accum=True)
-            # [HB, D] @ [D, BI] -> [HB, BI]
+            T.barrier_wait(k_ready[w * 2 + w], it & 1)
+            T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[w, :, w * DH : (w + 1) * DH], acc_s,
+                   transpose_B=True, clear_accum=True)
+            T.barrier_wait(k_ready[w * 2 + 1 - w], it & 1)
+            T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[w, :, (1 - w) * DH : (2 - w) * DH], acc_s,
+                   transpose_B=True)
+            # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
             for h, jj in T.Parallel(HB, BI):
                 score = acc_s[h, jj] * scale
                 if score_mod is not None:
@@ -683,15 +716,16 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
             for h, d in T.Parallel(HB, DH):
                 acc_o[h, d] = acc_o[h, d] * alpha[h]
-            T.copy(acc_s, p_shared[w, :, :])
+            T.copy(acc_s, p_local)
+            T.copy(p_local, p_shared[w, :, :])
             T.fence_proxy_async()  # P_w is read by the peer's tensor-core GEMM
             T.barrier_arrive(p_ready[w])
-            T.gemm(p_shared[w, :, :], kv_shared[w, :, w * DH : (w + 1) * DH], acc_o)
+            T.gemm(p_local, kv_shared[w, :, w * DH : (w + 1) * DH], acc_o)
             # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+            T.barrier_arrive(k_free[w * 2 + w])
             T.barrier_wait(p_ready[1 - w], it & 1)
             T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
-            T.barrier_arrive(k_free[0])
-            T.barrier_arrive(k_free[1])
+            T.barrier_arrive(k_free[(1 - w) * 2 + w])
         # the two row sums, added in the same order by both; then the epilogue factors
         T.copy(l_sum, sum_shared[w, :])
         T.barrier_arrive(fin)
@@ -738,6 +772,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             sum_shared = T.alloc_shared((2, HB), T.float32)
             acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
             acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
+            p_local_0 = T.alloc_fragment((HB, BI), T.bfloat16)
+            p_local_1 = T.alloc_fragment((HB, BI), T.bfloat16)
             acc_o_0 = T.alloc_fragment((HB, DH), T.float32)
             acc_o_1 = T.alloc_fragment((HB, DH), T.float32)
             m_0 = T.alloc_fragment((HB,), T.float32)
@@ -752,15 +788,15 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             row_sum_1 = T.alloc_fragment((HB,), T.float32)
             lse2_0 = T.alloc_fragment((HB,), T.float32)
             lse2_1 = T.alloc_fragment((HB,), T.float32)
-            k_ready = T.alloc_barrier(arrive_count=[128, 128])
-            k_free = T.alloc_barrier(arrive_count=[256, 256])
+            k_ready = T.alloc_barrier(arrive_count=[128, 128, 128, 128])  # [2·stage + half of D]
+            k_free = T.alloc_barrier(arrive_count=[128, 128, 128, 128])
             s_ready = T.alloc_barrier(arrive_count=[128, 128])
             p_ready = T.alloc_barrier(arrive_count=[128, 128])
             fin = T.alloc_barrier(arrive_count=256)
             q_bar = T.alloc_barrier(arrive_count=384)
-            src_local = T.alloc_local((NR,), T.int32)
-            row_local = T.alloc_local((NR,), T.int32)
-            pos_local = T.alloc_local((NR,), T.int32)
+            src_local = T.alloc_local((2 * NR,), T.int32)
+            row_local = T.alloc_local((2 * NR,), T.int32)
+            pos_local = T.alloc_local((2 * NR,), T.int32)
             idx_cur = T.alloc_local((NP,), T.int32)
             idx_nxt = T.alloc_local((NP,), T.int32)
 
@@ -771,13 +807,13 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             if tx < 128:
                 T.set_max_nreg(216, 1)
                 consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_o_0, m_0,
-                        m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, p_local_0,
+                        acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
             elif tx >= 128 and tx < 256:
                 T.set_max_nreg(216, 1)
                 consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1, acc_o_1, m_1,
-                        m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1, p_local_1,
+                        acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
             elif tx >= 256:
                 T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
                 produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
