@@ -659,19 +659,21 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
 
 
 def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
-    """Seesaw main program: 3 warpgroups, the two consumers symmetric.
+    """Seesaw main program: 3 warpgroups, two consumers that do the same tensor-core work.
 
     Global key blocks come in pairs (stage 0: even block, stage 1: odd block; the producer is the
     one of the ``ws`` schedule, with a free/ready barrier per half of D). Consumer ``w`` owns half ``w``
     of D in the output and block ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D
-    (its own half of D first: that half was refilled first), the masked row max, and swaps it with its
-    peer through shared memory, so that both use the same running max ``m``; then ``P_w = 2^(S_w − m)``
-    goes to shared memory for the peer, and the consumer accumulates ``P_w V_w[:, half w]`` (P from
-    registers) and, once the peer's P is there, ``P_{1−w} V_{1−w}[:, half w]`` (P from shared memory).
-    Half ``w`` of a stage is free once consumer ``w`` is done with it, so the producer refills
-    ``K_w[:, half w]`` while consumer ``w`` still runs its second product. Each consumer keeps the row sum
-    of its own blocks; the two are added at the end. Both consumers do the same tensor-core work (one QKᵀ
-    and two half PVs per pair), and one's softmax runs while the other's GEMMs do.
+    (its own half of D first: that half was refilled first) and masks it. The running max is handed
+    from consumer 0 (the leader) to consumer 1 (the follower): the leader takes ``m0 = max(m, rowmax S_0)``,
+    runs its softmax, publishes ``m0`` and starts ``P_0 V_0[:, half 0]`` (P from registers); the follower
+    takes ``m1 = max(m0, rowmax S_1)``, publishes it, runs its softmax, hands ``P_1`` over through shared
+    memory and accumulates ``P_1 V_1[:, half 1]``; the leader then moves ``P_0``, its row sum and its
+    accumulator to ``m1`` (one factor ``2^(m0 − m1)``), hands ``P_0`` over, and each consumer adds the
+    peer's block, ``P_{1−w} V_{1−w}[:, half w]``. The two softmaxes are staggered, so one consumer's
+    exponentials run while the other's GEMMs do. Half ``w`` of a stage is free once consumer ``w`` is done
+    with it, so the producer refills ``K_w[:, half w]`` while consumer ``w`` still runs its second product.
+    Each consumer keeps the row sum of its own blocks; the two are added at the end.
     """
     (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
      produce) = _ws_setup(spec, config, split)
@@ -701,28 +703,61 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 if mask_mod is not None:
                     keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[w, jj]))
                 acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
-            T.copy(m, m_prev)
-            T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(S_w))  [HB]
-            T.copy(m, max_shared[w, :])
-            T.barrier_arrive(s_ready[w])
-            T.barrier_wait(s_ready[1 - w], it & 1)
-            for h in T.Parallel(HB):
-                m[h] = T.max(m[h], max_shared[1 - w, h])  # the same max in both consumers
-                alpha[h] = T.exp2(m_prev[h] - m[h])
-            for h, jj in T.Parallel(HB, BI):
-                acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
-            T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_w.sum(-1)  [HB]
-            for h in T.Parallel(HB):
-                l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-            for h, d in T.Parallel(HB, DH):
-                acc_o[h, d] = acc_o[h, d] * alpha[h]
-            T.copy(acc_s, p_local)
-            T.copy(p_local, p_shared[w, :, :])
-            T.fence_proxy_async()  # P_w is read by the peer's tensor-core GEMM
-            T.barrier_arrive(p_ready[w])
-            T.gemm(p_local, kv_shared[w, :, w * DH : (w + 1) * DH], acc_o)
-            # [HB, BI] @ [BI, D/2] -> [HB, D/2]
-            T.barrier_arrive(k_free[w * 2 + w])
+            if w == 0:
+                # leader: its own running max first (m0 = max(m, rowmax S_0)); the follower's max arrives later
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=False)  # m = m0  [HB]
+                for h in T.Parallel(HB):
+                    alpha[h] = T.exp2(m_prev[h] - m[h])
+                for h, jj in T.Parallel(HB, BI):
+                    acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_0.sum(-1)  [HB]
+                for h in T.Parallel(HB):
+                    l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+                for h, d in T.Parallel(HB, DH):
+                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                T.copy(m, max_shared[0, :])
+                T.barrier_arrive(s_ready[0])
+                T.copy(acc_s, p_local)
+                T.gemm(p_local, kv_shared[0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                T.barrier_arrive(k_free[0])
+                # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
+                T.barrier_wait(s_ready[1], it & 1)
+                for h in T.Parallel(HB):
+                    alpha[h] = T.exp2(m[h] - max_shared[1, h])
+                    m[h] = max_shared[1, h]
+                for h, jj in T.Parallel(HB, BI):
+                    acc_s[h, jj] = acc_s[h, jj] * alpha[h]
+                T.copy(acc_s, p_shared[0, :, :])
+                T.fence_proxy_async()  # P_0 is read by the peer's tensor-core GEMM
+                T.barrier_arrive(p_ready[0])
+                for h in T.Parallel(HB):
+                    l_sum[h] = l_sum[h] * alpha[h]
+                for h, d in T.Parallel(HB, DH):
+                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+            else:
+                # follower: m1 = max(m0, rowmax S_1), the max both use from here on
+                T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_1)  [HB]
+                T.barrier_wait(s_ready[0], it & 1)
+                for h in T.Parallel(HB):
+                    m_prev[h] = m[h]
+                    m[h] = T.max(max_shared[0, h], row_sum[h])
+                    alpha[h] = T.exp2(m_prev[h] - m[h])
+                T.copy(m, max_shared[1, :])
+                T.barrier_arrive(s_ready[1])
+                for h, jj in T.Parallel(HB, BI):
+                    acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_1.sum(-1)  [HB]
+                for h in T.Parallel(HB):
+                    l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+                for h, d in T.Parallel(HB, DH):
+                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                T.copy(acc_s, p_local)
+                T.copy(p_local, p_shared[1, :, :])
+                T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
+                T.barrier_arrive(p_ready[1])
+                T.gemm(p_local, kv_shared[1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                T.barrier_arrive(k_free[3])
             T.barrier_wait(p_ready[1 - w], it & 1)
             T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
             T.barrier_arrive(k_free[(1 - w) * 2 + w])
