@@ -30,13 +30,14 @@ SMEM = SMEM_LIMIT_BYTES["sm_90a"]
 def test_dsl_space_pins_what_a_schedule_does_not_use():
     ws, simple16 = csa_spec(64), csa_spec(16)
     why = dsl_tuning.why_invalid
-    assert dsl_tuning.schedule_of(ws, AttentionConfig()) == "ws"
+    assert dsl_tuning.schedule_of(ws, AttentionConfig()) == "seesaw"
+    assert dsl_tuning.schedule_of(ws, AttentionConfig(schedule="ws")) == "ws"
     assert dsl_tuning.schedule_of(ws, AttentionConfig(schedule="seesaw")) == "seesaw"
     assert dsl_tuning.schedule_of(simple16, AttentionConfig()) == "simple"
     assert dsl_tuning.schedule_of(simple16, AttentionConfig(schedule="seesaw")) == "simple"
     assert why(ws, AttentionConfig(schedule="seesaw", block_kv=32), "split") is None
-    assert "needs 64-head CTAs" in why(simple16, AttentionConfig(schedule="seesaw"), "main")
-    assert "not used by the combine" in why(ws, AttentionConfig(schedule="seesaw"), "combine")
+    assert "needs 64-head CTAs" in why(simple16, AttentionConfig(schedule="ws"), "main")
+    assert "not used by the combine" in why(ws, AttentionConfig(schedule="ws"), "combine")
     with pytest.raises(ValueError, match="schedule"):
         AttentionConfig(schedule="pingpong")
     why = dsl_tuning.why_invalid
@@ -70,7 +71,7 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
     assert set(plans) == expected
     for plan in plans.values():
         assert 1 < len(plan.candidates) <= 6
-        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "ws"}
+        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "seesaw"}
         assert plan.default_is_candidate0
         for problem in plan.problems:
             for cand in plan.candidates:
@@ -94,7 +95,7 @@ def test_default_configs_are_the_shipped_programs():
     kdef = get_kernel_def("csa_attention")
     for cfg in kdef.configs:
         full = dict(resolve_config(kdef, cfg, "sm_90a", gpu=None).items)
-        assert (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"]) == (64, 256, 128, "ws")
+        assert (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"]) == (64, 256, 128, "seesaw")
     assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS}
 
 
@@ -233,7 +234,7 @@ def tuned(tmp_path, monkeypatch):
     monkeypatch.setattr(identity, "current_gpu", lambda: H200)
     monkeypatch.delenv("TILEV4_ARCH", raising=False)
     kdef = get_kernel_def("csa_attention")
-    default = {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "ws"}
+    default = {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "seesaw"}
     winners = {"H=64,decode,main": {**default, "block_kv": 32}, "H=64,decode,split": {**default, "block_kv": 16},
                "H=64,combine": {**default, "combine_threads": 256}}
     for bucket, config in winners.items():

@@ -29,6 +29,7 @@ from typing import Any
 
 import tilelang.language as T
 
+from tilev4._fastmath import EX2_SOURCE, ex2
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
 
 __all__ = [
@@ -59,11 +60,13 @@ class AttentionConfig:
         global key sequence (each source padded to whole blocks). A compile-time constant, so that a
         row's split boundaries never depend on the batch; with source sizes that are multiples of 64
         they do not depend on a ``block_kv`` dividing 64 either.
-    schedule: "simple" (all warps gather, then compute), "ws" (warp-specialised: one producer
-        warpgroup gathers rows with cp.async into a double buffer while two consumer warpgroups
-        run QKᵀ/softmax/PV on the two halves of D) or "seesaw" (the same producer; the two
-        consumers take alternate key blocks, swap their row maxima and each other's P, and each
-        accumulates one half of D over both blocks). The last two need 64 heads per CTA and D = 512.
+    schedule: "seesaw" (default; warp-specialised: one producer warpgroup gathers rows with cp.async
+        into a double buffer, the two consumer warpgroups take alternate key blocks, hand the running
+        max from one to the other and swap their P, and each accumulates one half of D over both
+        blocks), "ws" (the same producer; consumer 0 runs QKᵀ, the softmax and P·V on the first half of
+        D, consumer 1 P·V on the second half) or "simple" (all warps gather, then compute). The two
+        warp-specialised schedules need 64 heads per CTA and D = 512; other specs run "simple". Their
+        softmax exponentials use ``ex2.approx.ftz`` (:func:`tilev4._fastmath.ex2`).
     combine_threads: CTA size of the combine program (element-wise over 4 heads × D; the splits are
         merged in a serial loop).
     """
@@ -72,7 +75,7 @@ class AttentionConfig:
     threads: int = 256
     num_stages: int = 1
     split_keys: int = 2048
-    schedule: str = "ws"
+    schedule: str = "seesaw"
     combine_threads: int = 128
 
     def __post_init__(self) -> None:
@@ -523,6 +526,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
+            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
@@ -581,9 +585,9 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         T.copy(m, m_prev)
                         T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(acc_s))  [HB]
                         for h in T.Parallel(HB):
-                            alpha[h] = T.exp2(m_prev[h] - m[h])
+                            alpha[h] = ex2(m_prev[h] - m[h])
                         for h, jj in T.Parallel(HB, BI):
-                            acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                            acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
                         T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = p.sum(-1)  [HB]
                         for h in T.Parallel(HB):
                             l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
@@ -708,9 +712,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.copy(m, m_prev)
                 T.reduce_max(acc_s, m, dim=1, clear=False)  # m = m0  [HB]
                 for h in T.Parallel(HB):
-                    alpha[h] = T.exp2(m_prev[h] - m[h])
+                    alpha[h] = ex2(m_prev[h] - m[h])
                 for h, jj in T.Parallel(HB, BI):
-                    acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                    acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
                 T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_0.sum(-1)  [HB]
                 for h in T.Parallel(HB):
                     l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
@@ -724,7 +728,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
                 T.barrier_wait(s_ready[1], it & 1)
                 for h in T.Parallel(HB):
-                    alpha[h] = T.exp2(m[h] - max_shared[1, h])
+                    alpha[h] = ex2(m[h] - max_shared[1, h])
                     m[h] = max_shared[1, h]
                 for h, jj in T.Parallel(HB, BI):
                     acc_s[h, jj] = acc_s[h, jj] * alpha[h]
@@ -742,11 +746,11 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
                     m[h] = T.max(max_shared[0, h], row_sum[h])
-                    alpha[h] = T.exp2(m_prev[h] - m[h])
+                    alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
                 for h, jj in T.Parallel(HB, BI):
-                    acc_s[h, jj] = T.exp2(acc_s[h, jj] - m[h])
+                    acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
                 T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_1.sum(-1)  [HB]
                 for h in T.Parallel(HB):
                     l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
@@ -798,6 +802,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
+            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)

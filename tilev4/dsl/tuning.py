@@ -14,9 +14,10 @@ CUDA sources):
 * ``num_stages``: not tuned. The warp-specialised schedule has a fixed 2-stage buffer; in the
   simple schedule the gather is a predicated element-wise copy, which TileLang's pipeliner does
   not multi-buffer (1 and 2 stages give the same CUDA source up to buffer names).
-* ``schedule``: for 64-head CTAs with D = 512, ``ws`` (default) or ``seesaw`` (see
-  :class:`~tilev4.dsl.codegen.AttentionConfig`); measured on the H200, ``ws`` is ahead on CSA rows
-  and ``seesaw`` on HCA prefill. Pinned to the default where the simple schedule runs and for the combine.
+* ``schedule``: for 64-head CTAs with D = 512, ``seesaw`` (default) or ``ws`` (see
+  :class:`~tilev4.dsl.codegen.AttentionConfig`); measured on the H200, ``seesaw`` is ahead on CSA and HCA
+  prefill (7-12 %) and level with ``ws`` on CSA decode. Pinned to the default where the simple schedule runs
+  and for the combine.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 
@@ -55,7 +56,7 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
     "block_kv": (64, 32, 16),
     "threads": (256, 128),
     "combine_threads": (128, 256, 64),
-    "schedule": ("ws", "seesaw"),
+    "schedule": ("seesaw", "ws"),
 }
 """Tunable knob → candidate values, the default first (canonical order of the tuner)."""
 

@@ -107,7 +107,7 @@ def _registration(variant: str) -> dict[str, Any]:
 @register("sparse_attention", **_registration("sparse"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                           combine_threads: int = 128, schedule: str = "ws"):
+                           combine_threads: int = 128, schedule: str = "seesaw"):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 
@@ -115,7 +115,7 @@ def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, r
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "ws"):
+                        combine_threads: int = 128, schedule: str = "seesaw"):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 
@@ -123,7 +123,7 @@ def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, retu
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "ws"):
+                        combine_threads: int = 128, schedule: str = "seesaw"):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 

@@ -87,6 +87,7 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_aligned, check_int, check_same_device, check_tensor
+from tilev4._fastmath import EX2_SOURCE, ex2
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
 from tilev4.kernels.quant import pow2_scale_bits
@@ -117,21 +118,6 @@ _COMPRESSED_ROPE = RopeConfig.compressed()
 # rests on it). The kernels are memory-bound: the extra instructions cost nothing measurable.
 _PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
 _STREAM_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
-
-
-_EX2_SOURCE = """
-__device__ __forceinline__ float tilev4_ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-"""
-
-
-def _ex2(x):
-    """2^x on the MUFU (``ex2.approx.ftz``): ``exp2f``'s value wherever that is a normal number, 0 where it is
-    subnormal (``exp2f`` adds a rescaling around the same instruction for those)."""
-    return T.call_extern(T.float32, "tilev4_ex2", x)
 
 
 def _div(x, y):
@@ -249,11 +235,11 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             for j in T.unroll(CH):
                 cm = T.max(cm, sc_l[j * VEC + v])
             off = T.if_then_else(cm == neg_inf, T.float32(0.0), -cm * LOG2E)
-            alpha = _ex2(T.fma(mx[v], LOG2E, off))
+            alpha = ex2(T.fma(mx[v], LOG2E, off))
             den[v] = den[v] * alpha
             num[v] = num[v] * alpha
             for j in T.unroll(CH):
-                ev = _ex2(T.fma(sc_l[j * VEC + v], LOG2E, off))
+                ev = ex2(T.fma(sc_l[j * VEC + v], LOG2E, off))
                 den[v] = den[v] + ev
                 num[v] = T.fma(ev, kv_l[j * VEC + v], num[v])
             mx[v] = cm
@@ -280,7 +266,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 dd = 0.0
                 nn = 0.0
                 for gg in T.unroll(G):
-                    w = _ex2((part_mx[gg, e, lane * VEC + v] - mm) * LOG2E)
+                    w = ex2((part_mx[gg, e, lane * VEC + v] - mm) * LOG2E)
                     dd = dd + part_den[gg, e, lane * VEC + v] * w
                     nn = nn + part_num[gg, e, lane * VEC + v] * w
                 y[v] = _div(nn, dd)
@@ -520,7 +506,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             new_num_tokens: T.Tensor[(B,), T.int64],
         ):
             with T.Kernel(grid_x + 1, B, threads=threads) as (bx, s):
-                T.import_source(_EX2_SOURCE)
+                T.import_source(EX2_SOURCE)
                 if not direct:
                     T.annotate_min_blocks_per_sm(max(1, 512 // threads))  # registers capped: 512 threads an SM
                 tx = T.get_thread_binding()
@@ -599,7 +585,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         cache: T.Tensor[(B, NC, D), out_dt],
     ):
         with T.Kernel(T.ceildiv(B, EPC), threads=threads) as bx:
-            T.import_source(_EX2_SOURCE)
+            T.import_source(EX2_SOURCE)
             tx = T.get_thread_binding()
             lane = tx % TPE
             e = (tx // TPE) % EPC
