@@ -493,19 +493,51 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
     return produce
 
 
+def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
+    """The two softmax steps the warp-specialised consumers share, as macros: ``mask`` (scale, the user's
+    score/mask modifiers, the key validity of stage ``st``; base-2 scores, −inf for dropped keys) and
+    ``exponentiate`` (``P = 2^(S − m)`` in place, its row sums into ``l``, the accumulator × ``alpha``)."""
+    scale, score_mod, mask_mod = spec.softmax_scale, spec.score_mod, spec.mask_mod
+
+    @T.macro
+    def mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq):
+        for h, jj in T.Parallel(HB, BI):
+            score = acc_s[h, jj] * scale
+            if score_mod is not None:
+                score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
+            keep = ok_shared[st, jj] != 0
+            if mask_mod is not None:
+                keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+            acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+
+    @T.macro
+    def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o):
+        for h, jj in T.Parallel(HB, BI):
+            acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
+        T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P.sum(-1)  [HB]
+        for h in T.Parallel(HB):
+            l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
+        for h, d in T.Parallel(HB, DH):
+            acc_o[h, d] = acc_o[h, d] * alpha[h]
+
+    return mask, exponentiate
+
+
 def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tuple:
     """What both warp-specialised builders derive from the spec and config: sizes (``HB`` heads a CTA, ``DH``
-    half of D, ``NR`` producer rows a thread), the split's fixed block count, the score/mask modifiers, the
-    dynamic extents, the key sources, the argument annotations and names, and the producer macro."""
+    half of D, ``NR`` producer rows a thread, ``NP`` prefetched index-list entries a producer thread), the
+    split's fixed block count, the dynamic extents, the key sources, the argument annotations and names, the
+    producer macro and the two shared softmax steps."""
     D, BI = spec.head_dim, config.block_kv
     HB = 64
     B, S = T.dynamic("B"), T.dynamic("S")
     NS = T.dynamic("NS") if split else 1
     gens = [_SourceGen(src, BI, D) for src in spec.sources]
-    return (D, BI, HB, D // 2, spec.heads // HB, config.blocks_per_split() if split else 1, spec.softmax_scale,
-            spec.score_mod, spec.mask_mod, B, S, NS, gens, _annotations(spec, gens, split, B, S, NS),
-            [n for n, _ in tensor_layout(spec, split)], BI // _ROWS_PER_PASS,
-            _producer(spec, gens, BI, halves=config.schedule == "seesaw"))
+    NR = BI // _ROWS_PER_PASS
+    NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))
+    return (D, BI, HB, D // 2, spec.heads // HB, config.blocks_per_split() if split else 1, B, S, NS, gens,
+            _annotations(spec, gens, split, B, S, NS), [n for n, _ in tensor_layout(spec, split)], NR, NP,
+            _producer(spec, gens, BI, halves=config.schedule == "seesaw"), *_softmax_steps(spec, HB, BI, D // 2))
 
 
 def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
@@ -519,9 +551,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     computes ``S = Q Kᵀ`` over all of D, the softmax and ``P V[:, :256]``; consumer 1 rescales and
     computes ``P V[:, 256:]``; ``p_ready``/``p_free`` hand P and the rescale factors over.
     """
-    (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
-     produce) = _ws_setup(spec, config, split)
-    NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))  # prefetched index-list entries
+    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
+     exponentiate) = _ws_setup(spec, config, split)
 
     @T.macro
     def body(t):
@@ -571,14 +602,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         T.fill(acc_s, 0)
                         T.gemm(q_shared, kv_shared[st, :, :], acc_s, transpose_B=True)
                         # [HB, D] @ [D, BI] -> [HB, BI]
-                        for h, jj in T.Parallel(HB, BI):
-                            score = acc_s[h, jj] * scale
-                            if score_mod is not None:
-                                score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
-                            keep = ok_shared[st, jj] != 0
-                            if mask_mod is not None:
-                                keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
-                            acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+                        mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq)
                         if it * 2 + st > 0:
                             T.barrier_arrive(p_free)
                             T.barrier_wait(p_free, ((it * 2 + st) & 1) ^ 1)
@@ -586,13 +610,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         T.reduce_max(acc_s, m, dim=1, clear=False)  # m = max(m, rowmax(acc_s))  [HB]
                         for h in T.Parallel(HB):
                             alpha[h] = ex2(m_prev[h] - m[h])
-                        for h, jj in T.Parallel(HB, BI):
-                            acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
-                        T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = p.sum(-1)  [HB]
-                        for h in T.Parallel(HB):
-                            l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-                        for h, d in T.Parallel(HB, DH):
-                            acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                        exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o_l)
                         T.copy(alpha, alpha_shared)
                         T.copy(acc_s, p_shared)
                         T.gemm(p_shared, kv_shared[st, :, 0:DH], acc_o_l)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
@@ -679,9 +697,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     with it, so the producer refills ``K_w[:, half w]`` while consumer ``w`` still runs its second product.
     Each consumer keeps the row sum of its own blocks; the two are added at the end.
     """
-    (D, BI, HB, DH, NHB, fixed_sb, scale, score_mod, mask_mod, B, S, NS, gens, ann, arg_names, NR,
-     produce) = _ws_setup(spec, config, split)
-    NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))  # prefetched index-list entries
+    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
+     exponentiate) = _ws_setup(spec, config, split)
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
@@ -699,27 +716,14 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[w, :, (1 - w) * DH : (2 - w) * DH], acc_s,
                    transpose_B=True)
             # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-            for h, jj in T.Parallel(HB, BI):
-                score = acc_s[h, jj] * scale
-                if score_mod is not None:
-                    score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[w, jj])
-                keep = ok_shared[w, jj] != 0
-                if mask_mod is not None:
-                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[w, jj]))
-                acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+            mask(acc_s, ok_shared, kvpos_shared, w, b_i, h0, tq)
             if w == 0:
                 # leader: its own running max first (m0 = max(m, rowmax S_0)); the follower's max arrives later
                 T.copy(m, m_prev)
                 T.reduce_max(acc_s, m, dim=1, clear=False)  # m = m0  [HB]
                 for h in T.Parallel(HB):
                     alpha[h] = ex2(m_prev[h] - m[h])
-                for h, jj in T.Parallel(HB, BI):
-                    acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
-                T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_0.sum(-1)  [HB]
-                for h in T.Parallel(HB):
-                    l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-                for h, d in T.Parallel(HB, DH):
-                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
                 T.copy(acc_s, p_local)
@@ -749,13 +753,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
-                for h, jj in T.Parallel(HB, BI):
-                    acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
-                T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P_1.sum(-1)  [HB]
-                for h in T.Parallel(HB):
-                    l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-                for h, d in T.Parallel(HB, DH):
-                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
                 T.copy(acc_s, p_local)
                 T.copy(p_local, p_shared[1, :, :])
                 T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
