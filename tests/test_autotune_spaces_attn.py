@@ -95,7 +95,8 @@ def test_default_configs_are_the_shipped_programs():
     kdef = get_kernel_def("csa_attention")
     for cfg in kdef.configs:
         full = dict(resolve_config(kdef, cfg, "sm_90a", gpu=None).items)
-        assert (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"]) == (64, 256, 128, "seesaw")
+        got = (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"])
+        assert got == (64, 256, 128, "seesaw")
     assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS}
 
 
