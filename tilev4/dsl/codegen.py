@@ -21,6 +21,15 @@ Two programs per spec:
 Epilogue arithmetic is shared: the unsplit epilogue computes exactly what the combine computes
 for a single non-empty split, so a row that fits in one split gets the same bits either way —
 provided the main and the split program are built from the same config (block size, threads).
+
+Schedules of the main program (``AttentionConfig.schedule``). With 64 heads a CTA and D = 512 (the V4
+kernels) it is warp-specialised: a producer warpgroup gathers the key rows of each block pair with cp.async
+into a two-stage buffer (the index-list entries of the next pair already in registers), and two consumer
+warpgroups run the tensor-core work — ``seesaw`` (default: each consumer takes one block of a pair and one
+half of D of the output, the running max goes from one to the other, a free/ready barrier per half of D
+lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
+softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather, then
+compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P.
 """
 
 import linecache
