@@ -393,6 +393,19 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                     T.alloc_shared((G, EPC, D), f32), T.alloc_shared((EPC, WPE), f32))
 
         @T.macro
+        def carry_row(kv, gate, ape, st_kv, st_score, st_pkv, st_pscore, dst_kv, dst_score, s, r, p, t0, base, col,
+                      kv_l, sc_l):
+            """Row ``r`` of the new state from position p: a new row (p >= t0) or one of the old state."""
+            if p >= t0:
+                load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, 0)
+            else:
+                load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, 0)
+            for v in T.vectorized(VEC):
+                dst_kv[s, r, col + v] = kv_l[v]
+            for v in T.vectorized(VEC):
+                dst_score[s, r, col + v] = sc_l[v]
+
+        @T.macro
         def write_state(kv, gate, ape, num_tokens, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score, new_pkv,
                         new_pscore, new_num_tokens, s, tx, t0, base, total, kv_l, sc_l):
             """The new streaming state of sequence s, from the state and the new rows (one CTA)."""
@@ -404,14 +417,8 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                     col = (idx % (C // VEC)) * VEC
                     p = cur_base + r
                     if p < total:
-                        if p >= t0:
-                            load_new(kv, gate, ape, s, p - t0, p, col, kv_l, sc_l, 0)
-                        else:
-                            load_state(st_kv, st_score, st_pkv, st_pscore, s, p, base, col, kv_l, sc_l, 0)
-                        for v in T.vectorized(VEC):
-                            new_kv[s, r, col + v] = kv_l[v]
-                        for v in T.vectorized(VEC):
-                            new_score[s, r, col + v] = sc_l[v]
+                        carry_row(kv, gate, ape, st_kv, st_score, st_pkv, st_pscore, new_kv, new_score, s, r, p, t0,
+                                  base, col, kv_l, sc_l)
                     else:
                         for v in T.vectorized(VEC):
                             new_kv[s, r, col + v] = 0.0
@@ -419,14 +426,8 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             new_score[s, r, col + v] = neg_inf
                     if overlap:
                         p2 = cur_base - ratio + r  # the last complete block
-                        if p2 >= t0:
-                            load_new(kv, gate, ape, s, p2 - t0, p2, col, kv_l, sc_l, 0)
-                        else:
-                            load_state(st_kv, st_score, st_pkv, st_pscore, s, p2, base, col, kv_l, sc_l, 0)
-                        for v in T.vectorized(VEC):
-                            new_pkv[s, r, col + v] = kv_l[v]
-                        for v in T.vectorized(VEC):
-                            new_pscore[s, r, col + v] = sc_l[v]
+                        carry_row(kv, gate, ape, st_kv, st_score, st_pkv, st_pscore, new_pkv, new_pscore, s, r, p2,
+                                  t0, base, col, kv_l, sc_l)
             if tx == 0:
                 new_num_tokens[s] = num_tokens[s] + N
 
