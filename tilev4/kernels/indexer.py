@@ -245,6 +245,18 @@ def _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis: T.Ref):
 
 
 @T.macro
+def _cta_range(visible, vis_shared, num_vis: T.Ref, bx, by, bz, S, N, BQ, BC, SPLIT):
+    """The CTA's first query row, its entry range ``[c0, c_end)`` cut at the visible entries (counts into
+    ``vis_shared`` / ``num_vis``, :func:`_visible_range`) and the key tiles that range takes."""
+    row0 = bz * S + by * BQ  # first query row of the CTA
+    c0 = bx * SPLIT  # first entry of the CTA
+    _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
+    c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
+    num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+    return row0, c0, num_tiles
+
+
+@T.macro
 def _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, col0, by, S, N, BC, BQ, H):
     """A tile's epilogue: w · ReLU(q·k), the head sum, × key scale, the mask and the store of entries
     ``col0 .. col0 + BC``."""
@@ -297,11 +309,7 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
         T.annotate_layout({k_shared: make_swizzled_layout(k_shared), q_shared: make_swizzled_layout(q_shared)})
         tx = T.get_thread_binding()
 
-        row0 = bz * S + by * BQ  # first query row of the CTA
-        c0 = bx * SPLIT  # first entry of the CTA
-        _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
-        c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
-        num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+        row0, c0, num_tiles = _cta_range(visible, vis_shared, num_vis, bx, by, bz, S, N, BQ, BC, SPLIT)
 
         if num_tiles > 0:
             if tx < 32:  # warp 0 issues (one elected lane) and arrives
@@ -351,11 +359,7 @@ def _logits_pipelined_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stag
         vis_shared = T.alloc_shared((BQ,), T.int32)
         num_vis = T.alloc_var(T.int32)
 
-        row0 = bz * S + by * BQ  # first query row of the CTA
-        c0 = bx * SPLIT  # first entry of the CTA
-        _visible_range(visible, vis_shared, row0, by, S, BQ, num_vis)
-        c_end = T.min(T.min(c0 + SPLIT, N), num_vis)  # entries this CTA scores: [c0, c_end)
-        num_tiles = T.ceildiv(T.max(c_end - c0, 0), BC)
+        row0, c0, num_tiles = _cta_range(visible, vis_shared, num_vis, bx, by, bz, S, N, BQ, BC, SPLIT)
 
         if num_tiles > 0:
             T.copy(q[row0 * H, 0], q_shared)
