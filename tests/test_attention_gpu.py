@@ -205,46 +205,6 @@ def test_warp_specialised_schedules(schedule, num_splits):
     _check(oh, RA.sparse_attention(qh.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
-@pytest.mark.parametrize("num_splits", [None, 3])
-def test_cta_pairs(num_splits):
-    """CTA pairs (forced; the planner picks them for some decode grids) halve a row's key blocks and merge their
-    softmax states through distributed shared memory: rows of 1, 3, 5 and 7 blocks (the second CTA with
-    none, one, two or three), a query without keys, the last block of a row unused, one pass and three splits,
-    against the reference (output and log-sum-exp); and the planner's pairs (64 rows) against one CTA a row."""
-    from tilev4.dsl import AttentionKernel
-    from tilev4.kernels.attention import variant_spec
-
-    g = _gen(600 + (num_splits or 0))
-    b, n = 3, 700
-    kern = AttentionKernel(variant_spec("sparse", 64, False, True))
-    sink = torch.randn(64, generator=g, device="cuda")
-    for s, k in ((1, 64), (2, 192), (1, 320), (2, 448)):
-        q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
-        idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
-        idx[:, :, 1::7] = -1
-        idx[1, 0, :] = -1  # no key at all
-        idx[2, s - 1, k - 64:] = -1  # the row's last block unused
-        plan = kern.plan(b, s, kern.source_keys({"sel_idx": idx, "sel_kv": kv}), num_splits=num_splits, pairs=True)
-        assert plan.config.cluster == 2
-        pos = torch.zeros(b, s, dtype=torch.int32, device="cuda")
-        o, lse = kern(q, pos, sink, num_splits=num_splits, pairs=True, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
-        ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
-        _check(o, ref, lse, ref_lse)
-        assert torch.count_nonzero(o[1, 0]) == 0
-    # the planner's choice at 64 decode rows of 64 heads on a GPU of 128-256 SMs: pairs
-    from tilev4.kernels.attention import _kernel
-
-    positions = torch.randint(200, 4000, (64, 1), generator=g, device="cuda", dtype=torch.int32)
-    q, kv_w, kv_c, sink_c, idx = _csa_case(g, 64, 1, 64, 1024, 512, positions, ring=256)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    kern = _kernel("csa", 64, True, None, False)
-    if 128 <= sms <= 256:
-        assert kern.plan(64, 1, kern.source_keys({"sel_idx": idx}), num_sms=sms).config.cluster == 2
-    o = tilev4.csa_attention(q, kv_w, kv_c, idx, sink_c, positions, out=_poisoned(q))
-    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, ring=256), idx.cpu())
-    _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink_c.cpu(), idx_cat))
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.integers(1, 64), row=st.integers(0, 63), seed=st.integers(0, 2**20))
 def test_batch_invariant_decode_bit_exact(batch, row, seed):

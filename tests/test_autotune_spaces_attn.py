@@ -68,9 +68,6 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
     layouts = ("",) if name == "sparse_attention" else (",prefill", ",decode")
     expected = {f"H={h},combine" for h in (64, 128)}
     expected |= {f"H={h}{lay},{grp}" for h in (64, 128) for lay in layouts for grp in ("main", "split")}
-    # CTA pairs (decode-sized calls) are their own buckets: the decode ring's, the sparse kernel's stream
-    pair_layout = "" if name == "sparse_attention" else ",decode"
-    expected |= {f"H={h}{pair_layout},main,pair" for h in (64, 128)}
     assert set(plans) == expected
     for plan in plans.values():
         assert 1 < len(plan.candidates) <= 6
@@ -81,10 +78,6 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
                 assert kdef.space.why_invalid({**problem, **cand}, SMEM) is None
         if plan.bucket.endswith("combine"):
             assert [c["combine_threads"] for c in plan.candidates] == [128, 256, 64]
-        elif plan.bucket.endswith(",pair"):  # a pair runs the seesaw schedule only
-            assert all(p["cluster"] == 2 for p in plan.problems)
-            assert sorted((c["block_kv"], c["schedule"]) for c in plan.candidates) == sorted(
-                (bi, "seesaw") for bi in (64, 32, 16))
         else:  # warp-specialised: the block size and the schedule are free
             assert sorted((c["block_kv"], c["schedule"]) for c in plan.candidates) == sorted(
                 (bi, sch) for bi in (64, 32, 16) for sch in ("ws", "seesaw"))
@@ -105,9 +98,6 @@ def test_default_configs_are_the_shipped_programs():
         got = (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"])
         assert got == (64, 256, 128, "seesaw")
     assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS}
-    # the decode ring's one-pass program ships as CTA pairs too, the stream layout's (prefill) programs not
-    assert [c["kind"] for c in kdef.configs if c.get("cluster", 1) == 2] == ["main", "main"]
-    assert all(c.get("ring") for c in kdef.configs if c.get("cluster", 1) == 2)
 
 
 # --- the harnesses ------------------------------------------------------------------------------
@@ -247,8 +237,6 @@ def tuned(tmp_path, monkeypatch):
     kdef = get_kernel_def("csa_attention")
     default = {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "seesaw"}
     winners = {"H=64,decode,main": {**default, "block_kv": 32}, "H=64,decode,split": {**default, "block_kv": 16},
-               "H=64,decode,main,pair": {**default, "block_kv": 16},
-               "H=64,decode,split,pair": {**default, "block_kv": 32},
                "H=64,combine": {**default, "combine_threads": 256}}
     for bucket, config in winners.items():
         key = current_key("csa_attention", kdef.source_hash, bucket, H200)
@@ -263,77 +251,52 @@ def tuned(tmp_path, monkeypatch):
 def test_runtime_launches_the_resolved_configs(tuned):
     kern = _kernel("csa", 64, True, None, False)  # decode ring, the registry's programs
     short, long = [128, 512], [128, 4096]  # keys per source: one split of 2048 keys, or three
-    # (4 queries a sequence: one CTA per row; 1 or 2 run CTA pairs, see the end)
     # batch-invariant: the one-pass program runs its tuned block size ...
-    plan = kern.plan(64, 4, short, batch_invariant=True)
+    plan = kern.plan(64, 1, short, batch_invariant=True)
     assert (plan.kind, plan.num_splits, plan.config.block_kv) == ("main", 1, 32)
     # ... and the split of a long row runs the SAME config (not the split bucket's), sized with it
-    plan = kern.plan(64, 4, long, batch_invariant=True)
+    plan = kern.plan(64, 1, long, batch_invariant=True)
     assert plan.kind == "split" and plan.config.block_kv == 32 and plan.config.split_keys == BATCH_INVARIANT_SPLIT_KEYS
     assert plan.num_splits == -(-(128 // 32 + 4096 // 32) // (2048 // 32)) == 3
     assert plan.combine.combine_threads == 256
     # small batches: the occupancy split runs the split bucket's block size; its workspace follows it
-    plan = kern.plan(2, 4, short, num_sms=132)
+    plan = kern.plan(2, 1, short, num_sms=132)
     assert (plan.kind, plan.config.block_kv, plan.config.split_keys) == ("split", 16, OCCUPANCY_SPLIT_KEYS)
     assert plan.num_splits == -(-(128 // 16 + 512 // 16) // (256 // 16)) == 3
-    plan = kern.plan(2, 4, short, num_splits=4)
+    plan = kern.plan(2, 1, short, num_splits=4)
     assert plan.config.block_kv == 16 and plan.config.split_keys % 16 == 0 and plan.num_splits == 4
     assert plan.num_splits * plan.config.blocks_per_split() >= kern.num_key_blocks(short, 16)
     # the workspace covers exactly the blocks the launched program walks with ITS block size
     for keys in ([16, 496], [128, 200], [100, 3000], [128, 4096]):
         for kw in ({"batch_invariant": True}, {"num_sms": 132}, {"num_splits": 3}):
-            plan = kern.plan(2, 4, keys, **kw)
+            plan = kern.plan(2, 1, keys, **kw)
             if plan.kind == "split":
                 blocks, per = kern.num_key_blocks(keys, plan.config.block_kv), plan.config.blocks_per_split()
                 assert (plan.num_splits - 1) * per < blocks <= plan.num_splits * per, (keys, kw)
     # what the runtime compiles is exactly what ahead-of-time compilation builds for this GPU
     aot = [c for c, src in aot_configs(tuned, "sm_90a") if src.startswith("tuned")]
-    for kind, cfg in (("main", kern.plan(64, 4, short, batch_invariant=True).config),
-                      ("split", kern.plan(2, 4, short, num_sms=132).config), ("combine", plan.combine)):
+    for kind, cfg in (("main", kern.plan(64, 1, short, batch_invariant=True).config),
+                      ("split", kern.plan(2, 1, short, num_sms=132).config), ("combine", plan.combine)):
         launched = dict(resolve_config(tuned, kern.registry_config(kind, cfg), "sm_90a").items)
         assert launched in aot, (kind, launched)
     # the batch-invariant split of a long row is not a shipped config: its canonical config is the main's
-    split_bi = dict(resolve_config(tuned, kern.registry_config("split", kern.plan(64, 4, long, batch_invariant=True)
+    split_bi = dict(resolve_config(tuned, kern.registry_config("split", kern.plan(64, 1, long, batch_invariant=True)
                                                                 .config), "sm_90a").items)
     assert split_bi in aot and split_bi["block_kv"] == 32
     # the prefill layout has no record: its programs keep the defaults
     assert _kernel("csa", 64, False, None, False).plan(64, 16, short, batch_invariant=True).config.block_kv == 64
-    # CTA pairs: a one-pass decode-sized call (1-2 queries a sequence) whose CTAs fill a quarter to half of the
-    # SMs (33-66 of 132), with the pair bucket's config; never in batch-invariant mode, never for other s
-    for b_q, s_q, want in ((64, 1, 2), (33, 2, 2), (32, 1, 1), (67, 1, 1), (64, 4, 1), (16, 4, 1)):
-        plan = kern.plan(b_q, s_q, short, num_sms=132)
-        assert plan.config.cluster == want, (b_q, s_q)
-        assert plan.kind == ("main" if 4 * b_q * s_q >= 132 else "split"), (b_q, s_q)
-        assert kern.plan(b_q, s_q, short, batch_invariant=True).config.cluster == 1
-    plan = kern.plan(64, 1, short, num_sms=132)
-    assert plan.config.block_kv == 16
-    launched = dict(resolve_config(tuned, kern.registry_config("main", plan.config), "sm_90a").items)
-    assert launched in aot and launched["cluster"] == 2, launched
-    # forced: pairs in any mode, split or not (the programs exist; only the one-pass one ships)
-    plan = kern.plan(64, 1, long, batch_invariant=True, pairs=True)
-    assert (plan.kind, plan.config.cluster, plan.num_splits) == ("split", 2, 3)
-    assert kern.plan(64, 1, short, num_sms=132, pairs=False).config.cluster == 1
-    with pytest.raises(ValueError, match="pairs=True needs"):
-        kern.plan(1, 3, short, pairs=True)
 
 
 def test_runtime_with_another_scale_uses_the_tuned_configs_too(tuned):
     kern = _kernel("csa", 64, True, 0.05, False)
     assert type(kern).__name__ == "_TunedAttention"
-    assert kern.plan(64, 4, [128, 512], batch_invariant=True).config.block_kv == 32
-    assert kern.plan(64, 1, [128, 512], num_sms=132).config.block_kv == 16  # a pair
+    assert kern.plan(64, 1, [128, 512], batch_invariant=True).config.block_kv == 32
 
 
 def test_plain_dsl_kernel_launches_its_own_config():
     kern = AttentionKernel(csa_spec(64, ring=True), AttentionConfig(block_kv=32))
     plan = kern.plan(1, 1, [128, 4096], batch_invariant=True)
     assert plan.config == dataclasses.replace(kern.config, split_keys=BATCH_INVARIANT_SPLIT_KEYS)
-    # no pairs where the seesaw schedule does not run
-    for other in (AttentionKernel(csa_spec(64, ring=True), AttentionConfig(schedule="ws")),
-                  AttentionKernel(csa_spec(16, ring=True))):
-        assert other.plan(64, 1, [128, 512], num_sms=132).config.cluster == 1
-        with pytest.raises(ValueError, match="pairs=True needs"):
-            other.plan(64, 1, [128, 512], pairs=True)
     assert plan.num_splits == 3 and plan.combine.combine_threads == 128
     # a block size that does not divide the split sizes gets splits of whole blocks
     odd = AttentionKernel(csa_spec(64, ring=True), AttentionConfig(block_kv=48))

@@ -78,10 +78,6 @@ class AttentionConfig:
         softmax exponentials use ``ex2.approx.ftz`` (:func:`tilev4._fastmath.ex2`).
     combine_threads: CTA size of the combine program (element-wise over 4 heads × D; the splits are
         merged in a serial loop).
-    cluster: CTAs that share the key blocks of one (token, head block, split): 1, or 2 (``seesaw`` only) —
-        a CTA pair in a thread-block cluster, each CTA walking one half of the blocks; the two softmax
-        states are merged through distributed shared memory before the epilogue, and each CTA writes one
-        half of D. Twice the SMs (and twice the loads in flight) on a row: for grids of few CTAs (decode).
     """
 
     block_kv: int = 64
@@ -90,15 +86,12 @@ class AttentionConfig:
     split_keys: int = 2048
     schedule: str = "seesaw"
     combine_threads: int = 128
-    cluster: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws", "seesaw"):
             raise ValueError(f"schedule must be 'simple', 'ws' or 'seesaw', got {self.schedule!r}")
         if self.split_keys < 1:
             raise ValueError(f"split_keys must be >= 1, got {self.split_keys}")
-        if self.cluster not in (1, 2):
-            raise ValueError(f"cluster must be 1 or 2, got {self.cluster}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
         for name in ("threads", "combine_threads"):
@@ -228,9 +221,6 @@ class _SourceGen:
 
 def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """The fused attention program for ``spec`` (see the module docstring)."""
-    if config.cluster != 1 and not (config.schedule == "seesaw" and ws_supported(spec)):
-        raise ValueError(f"cluster={config.cluster} needs the 'seesaw' schedule with 64-head CTAs and D = 512 "
-                         f"(schedule={config.schedule!r}, heads={spec.heads}, head_dim={spec.head_dim})")
     if config.schedule == "seesaw" and ws_supported(spec):
         return _build_seesaw_program(spec, config, split)
     if config.schedule == "ws" and ws_supported(spec):
@@ -379,34 +369,29 @@ def _annotations(spec: AttentionSpec, gens: list, split: bool, B: Any, S: Any, N
     return ann
 
 
-def _block_range(t: dict, gens: list, b_i: Any, tq: Any, sp: Any, split_blocks: int | None,
-                 rank: Any = None) -> tuple[Any, Any]:
+def _block_range(t: dict, gens: list, b_i: Any, tq: Any, sp: Any, split_blocks: int | None) -> tuple[Any, Any]:
     """The query's global block range ``[lo, hi)`` (warp-specialised schedules): source ``i`` owns blocks
     ``[base_i, base_i + count_i)`` with ``base_i`` shape-only; a split program takes its ``split_blocks``
-    blocks ``sp``-th piece of that sequence; a CTA of rank ``rank`` in a pair the first (0) or second (1)
-    half of that range, the first half the larger."""
+    blocks ``sp``-th piece of that sequence."""
     end = 0
     base = 0
     for g in gens:
         end = base + g.num_blocks(t, b_i, tq)
         base = base + T.ceildiv(g.num_keys_max(), g.BI)
-    lo, hi = (0, end) if split_blocks is None else (T.min(sp * split_blocks, end), T.min((sp + 1) * split_blocks, end))
-    if rank is None:
-        return lo, hi
-    half = T.ceildiv(hi - lo, 2)
-    return T.min(lo + rank * half, hi), T.min(lo + (rank + 1) * half, hi)
+    if split_blocks is None:
+        return 0, end
+    return T.min(sp * split_blocks, end), T.min((sp + 1) * split_blocks, end)
 
 
 @T.macro
-def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks, rank=None):
+def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
     """A warp-specialised CTA's heads, split, query position and key-block range; issues the TMA load of Q
     (the producer starts gathering at once, the consumers wait on ``q_bar`` before their first GEMM).
-    ``rank``: the CTA's rank in a pair (``cluster=2``), which takes the first (0) or second (1) half of the
-    blocks, the first half the larger. Returns ``(h0, sp, tq, lo, hi, n_iter)``, ``n_iter`` block pairs."""
+    Returns ``(h0, sp, tq, lo, hi, n_iter)``, ``n_iter`` block pairs."""
     h0 = (bx % NHB) * HB
     sp = bx // NHB
     tq = t["positions"][b_i, s_i]
-    lo, hi = _block_range(t, gens, b_i, tq, sp, split_blocks, rank)
+    lo, hi = _block_range(t, gens, b_i, tq, sp, split_blocks)
     n_iter = T.ceildiv(hi - lo, 2)
     T.tma_copy(t["q"][b_i, s_i, h0 : h0 + HB, :], q_shared, barrier=q_bar)
     T.barrier_arrive(q_bar)
@@ -414,55 +399,6 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks, r
 
 
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
-
-PAIR_SOURCE = """
-__device__ __forceinline__ unsigned tilev4_peer_addr(void* p, int rank) {
-  unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(p)), remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  return remote;
-}
-__device__ __forceinline__ void tilev4_st_shared(void* base, int offset, float v) {
-  static_cast<float*>(base)[offset] = v;
-}
-__device__ __forceinline__ float tilev4_ld_shared(void* base, int offset) {
-  return static_cast<const float*>(base)[offset];
-}
-__device__ __forceinline__ void tilev4_push_peer(void* dst, void* src, unsigned bytes, void* bar, int rank) {
-  unsigned d = tilev4_peer_addr(dst, rank), b = tilev4_peer_addr(bar, rank);
-  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(src));
-  asm volatile("mbarrier.arrive.expect_tx.shared::cluster.b64 _, [%0], %1;" :: "r"(b), "r"(bytes) : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(d), "r"(s), "r"(bytes), "r"(b) : "memory");
-}
-"""
-"""CTA pairs, on raw shared memory (the KV buffer's own layout is a swizzled bf16 one): ``tilev4_st_shared`` /
-``tilev4_ld_shared`` store and load the ``offset``-th float from ``base``; ``tilev4_push_peer`` copies ``bytes``
-from this CTA's ``src`` to ``dst`` in CTA ``rank`` of the cluster with one bulk copy that completes on the
-peer's mbarrier ``bar`` (one arrival, ``bytes`` of transaction)."""
-
-
-def _xch_offset(h: Any, d: Any, DH: int) -> Any:
-    """Float offset of accumulator element (h, d) in a pair's exchange buffer: rows of DH floats, 8-float groups
-    XOR-swizzled by the row (the accumulator layout's 8 rows a warp store then hit different banks)."""
-    return h * DH + T.bitwise_xor(d, (h % 4) * 8)
-
-
-def _launch_384(S: Any, NY: Any, B: Any, pair: bool) -> Any:
-    """The warp-specialised launch: grid ``(S, NY, B)`` of 384 threads, or for a CTA pair ``(2·S, NY, B)`` in
-    clusters of 2 along x (the two CTAs of query token ``s`` are ``2s`` and ``2s + 1``)."""
-    if pair:
-        return T.ClusterKernel(S * 2, NY, B, cluster_dims=(2, 1, 1), threads=384)
-    return T.Kernel(S, NY, B, threads=384)
-
-
-def _pair_setup(bxx: Any, pair: bool, HB: int) -> tuple:
-    """(query token, rank in the pair, the pair's row-statistics buffer ``[rank, max / sum, head]``, the barrier
-    the peer's bulk copies complete on, the barrier of the sending warpgroup's staging); all but the token are
-    None without a pair."""
-    if not pair:
-        return bxx, None, None, None, None
-    return (bxx // 2, bxx % 2, T.alloc_shared((2, 2, HB), T.float32), T.alloc_barrier(arrive_count=2),
-            T.alloc_barrier(arrive_count=128))
 
 
 def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
@@ -772,89 +708,11 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
      exponentiate) = _ws_setup(spec, config, split)
-    pair = config.cluster == 2
-
-    @T.macro
-    def merge(w, rank, kv_shared, p_shared, acc_o, m, l_sum, alpha, row_sum, stat_shared, xch_bar, stage_bar):
-        """CTA pair: each CTA finishes half ``rank`` of D. Its consumer ``1 − rank`` stages its accumulator half
-        (``[HB, DH]`` fp32, :func:`_xch_offset`) in the second 64 KB of the KV buffer and the CTA's row max and
-        row sum in P's buffer, and pushes both to the peer with two bulk copies — into the first 64 KB of the
-        peer's KV buffer and its row-statistics slot ``rank``; consumer ``rank`` keeps its own statistics in
-        slot ``rank``, waits for the peer's copies and merges the two states in rank order."""
-        T.cluster_sync()  # both CTAs are past their key loops: the peer's KV buffer may be overwritten
-        if rank == w:
-            for h in T.Parallel(HB):
-                stat_shared[rank, 0, h] = m[h]
-                stat_shared[rank, 1, h] = l_sum[h]
-            T.barrier_wait(xch_bar[0], 0)  # the peer's accumulator half and statistics have landed
-            for h in T.Parallel(HB):
-                mx = T.max(stat_shared[0, 0, h], stat_shared[1, 0, h])
-                alpha[h] = ex2(stat_shared[0, 0, h] - mx)  # rank 0's factor
-                row_sum[h] = ex2(stat_shared[1, 0, h] - mx)  # rank 1's
-                l_sum[h] = stat_shared[0, 1, h] * alpha[h] + stat_shared[1, 1, h] * row_sum[h]
-                m[h] = mx
-            for h, d in T.Parallel(HB, DH):
-                peer = T.call_extern(T.float32, "tilev4_ld_shared", T.access_ptr(kv_shared[0, 0, 0], "r"),
-                                     _xch_offset(h, d, DH))
-                acc_o[h, d] = (T.if_then_else(rank == 0, acc_o[h, d], peer) * alpha[h]
-                               + T.if_then_else(rank == 0, peer, acc_o[h, d]) * row_sum[h])
-        else:
-            for h, d in T.Parallel(HB, DH):
-                T.call_extern("handle", "tilev4_st_shared", T.access_ptr(kv_shared[1, 0, 0], "w"),
-                              _xch_offset(h, d, DH), acc_o[h, d])
-            for h in T.Parallel(HB):
-                T.call_extern("handle", "tilev4_st_shared", T.access_ptr(p_shared[0, 0, 0], "w"), h, m[h])
-                T.call_extern("handle", "tilev4_st_shared", T.access_ptr(p_shared[0, 0, 0], "w"), HB + h, l_sum[h])
-            T.fence_proxy_async()  # the staged values are read by the bulk copies (async proxy)
-            T.barrier_arrive(stage_bar[0])
-            T.barrier_wait(stage_bar[0], 0)
-            if w * 128 == T.get_thread_binding():  # one thread of the warpgroup
-                T.call_extern("handle", "tilev4_push_peer", T.access_ptr(kv_shared[0, 0, 0], "w"),
-                              T.access_ptr(kv_shared[1, 0, 0], "r"), HB * DH * 4, T.access_ptr(xch_bar[0], "rw"),
-                              1 - rank)
-                T.call_extern("handle", "tilev4_push_peer", T.access_ptr(stat_shared[rank, 0, 0], "w"),
-                              T.access_ptr(p_shared[0, 0, 0], "r"), 2 * HB * 4, T.access_ptr(xch_bar[0], "rw"),
-                              1 - rank)
-
-    @T.macro
-    def finish(t, w, b_i, s_i, sp, h0, q_shared, sum_shared, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2,
-               sum_here):
-        """The epilogue of half ``w`` of D (``sum_here``: l = the two consumers' row sums, added first)."""
-        for h in T.Parallel(HB):
-            if sum_here:
-                l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
-            lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
-            alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
-            if spec.sink:
-                sink2 = t["sink"][h0 + h] * LOG2E
-                mx = T.max(lse2[h], sink2)
-                wt = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
-                den = wt + T.exp2(sink2 - mx)
-            else:
-                wt = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
-                den = wt
-            m_prev[h] = wt
-            row_sum[h] = T.if_then_else(wt > 0, 1.0 / den, 0.0)
-        for h, d in T.Parallel(HB, DH):
-            acc_o[h, d] = acc_o[h, d] * alpha[h]
-        if split:
-            for h, d in T.Parallel(HB, DH):
-                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d]
-            if w == 0:
-                for h in T.Parallel(HB):
-                    t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
-        else:
-            for h, d in T.Parallel(HB, DH):
-                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
-            T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
-            if spec.return_lse and w == 0:
-                for h in T.Parallel(HB):
-                    t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
                 max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
-                m_prev, alpha, l_sum, row_sum, lse2, rank, stat_shared, xch_bar, stage_bar):
+                m_prev, alpha, l_sum, row_sum, lse2):
         T.barrier_wait(q_bar, 0)
         T.fill(acc_o, 0)
         T.fill(l_sum, 0)
@@ -918,21 +776,40 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.copy(l_sum, sum_shared[w, :])
         T.barrier_arrive(fin)
         T.barrier_wait(fin, 0)
-        if pair:
-            for h in T.Parallel(HB):
-                l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
-            merge(w, rank, kv_shared, p_shared, acc_o, m, l_sum, alpha, row_sum, stat_shared, xch_bar, stage_bar)
-            if rank == w:
-                finish(t, w, b_i, s_i, sp, h0, q_shared, sum_shared, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2,
-                       False)
-            T.cluster_sync()  # no CTA exits while its peer's bulk copy may still read its shared memory
+        for h in T.Parallel(HB):
+            l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
+            lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
+            alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+            if spec.sink:
+                sink2 = t["sink"][h0 + h] * LOG2E
+                mx = T.max(lse2[h], sink2)
+                wt = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
+                den = wt + T.exp2(sink2 - mx)
+            else:
+                wt = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
+                den = wt
+            m_prev[h] = wt
+            row_sum[h] = T.if_then_else(wt > 0, 1.0 / den, 0.0)
+        for h, d in T.Parallel(HB, DH):
+            acc_o[h, d] = acc_o[h, d] * alpha[h]
+        if split:
+            for h, d in T.Parallel(HB, DH):
+                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d]
+            if w == 0:
+                for h in T.Parallel(HB):
+                    t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
         else:
-            finish(t, w, b_i, s_i, sp, h0, q_shared, sum_shared, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, True)
+            for h, d in T.Parallel(HB, DH):
+                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
+            T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
+            if spec.return_lse and w == 0:
+                for h in T.Parallel(HB):
+                    t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
 
     @T.macro
     def body(t):
-        with _launch_384(S, NHB * NS, B, pair) as (bxx, bx, b_i):
-            T.import_source(EX2_SOURCE + (PAIR_SOURCE if pair else ""))
+        with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
+            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
@@ -940,7 +817,6 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             kvpos_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
             max_shared = T.alloc_shared((2, HB), T.float32)
             sum_shared = T.alloc_shared((2, HB), T.float32)
-            s_i, rank, stat_shared, xch_bar, stage_bar = _pair_setup(bxx, pair, HB)
             acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
             acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
             p_local_0 = T.alloc_fragment((HB, BI), T.bfloat16)
@@ -972,28 +848,23 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             idx_nxt = T.alloc_local((NP,), T.int32)
 
             h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
-                                                     fixed_sb if split else None, rank)
+                                                     fixed_sb if split else None)
             tx = T.get_thread_binding()
 
             if tx < 128:
                 T.set_max_nreg(216, 1)
                 consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
                         max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, p_local_0,
-                        acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0, rank, stat_shared, xch_bar,
-                        stage_bar)
+                        acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
             elif tx >= 128 and tx < 256:
                 T.set_max_nreg(216, 1)
                 consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
                         max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1, p_local_1,
-                        acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1, rank, stat_shared, xch_bar,
-                        stage_bar)
+                        acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
             elif tx >= 256:
                 T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
                 produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
                         k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
-                if pair:  # the consumers' two cluster barriers (before the exchange, before exiting)
-                    T.cluster_sync()
-                    T.cluster_sync()
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_seesaw", arg_names, ann, body)
 

@@ -20,15 +20,13 @@ from tilev4.dsl.codegen import (
     build_combine_program,
     build_main_program,
     head_block,
-    ws_supported,
 )
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, Window
 
-__all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEYS", "PAIR_MAX_QUERIES", "AttentionKernel", "LaunchPlan"]
+__all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEYS", "AttentionKernel", "LaunchPlan"]
 
 BATCH_INVARIANT_SPLIT_KEYS = 2048  # V4 CSA rows (640 / 1152 keys) and HCA rows fit in one split
 OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that more SMs work
-PAIR_MAX_QUERIES = 2  # calls of at most this many queries per sequence (decode, MTP) may run CTA pairs
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,16 +71,10 @@ class AttentionKernel:
         self._kernels: dict[tuple[str, AttentionConfig], Any] = {}
 
     # -- configs and programs ---------------------------------------------------------------
-    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS,
-                      cluster: int = 1) -> AttentionConfig:
+    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
         """The config program ``kind`` in {"main", "split", "combine"} is built with (here the
-        kernel's own; registry kernels resolve theirs per GPU); ``cluster``: 2 for CTA pairs."""
-        return dataclasses.replace(self.config, split_keys=split_keys, cluster=cluster if kind != "combine" else 1)
-
-    def pairs_supported(self, s: int) -> bool:
-        """Whether a call with ``s`` queries per sequence may run CTA pairs (``cluster=2``): decode-sized calls of
-        a spec the seesaw schedule runs."""
-        return s <= PAIR_MAX_QUERIES and ws_supported(self.spec) and self.config.schedule == "seesaw"
+        kernel's own; registry kernels resolve theirs per GPU)."""
+        return dataclasses.replace(self.config, split_keys=split_keys)
 
     def program(self, kind: str, config: AttentionConfig | None = None) -> Any:
         """The TileLang program ``kind`` in {"main", "split", "combine"} (default config: :meth:`launch_config`)."""
@@ -123,7 +115,7 @@ class AttentionKernel:
         return sum(-(-n // block_kv) for n in source_keys)
 
     def plan(self, b: int, s: int, source_keys: list[int], *, batch_invariant: bool = False,
-             num_splits: int | None = None, num_sms: int | None = None, pairs: bool | None = None) -> LaunchPlan:
+             num_splits: int | None = None, num_sms: int | None = None) -> LaunchPlan:
         """Which programs a call launches, with which configs and how many splits (no GPU needed).
 
         Args:
@@ -134,42 +126,25 @@ class AttentionKernel:
             num_splits: force this many splits (rounded to whole blocks).
             num_sms: SMs of the device; the one-pass program is used when a quarter of them work
                 (None: always one pass, unless ``batch_invariant`` or ``num_splits`` say otherwise).
-
-            pairs: run CTA pairs (``cluster=2``: two CTAs halve each row's key blocks and merge their states
-                through distributed shared memory) — True/False force it (True needs
-                :meth:`pairs_supported`); None: the planner's choice, pairs for a one-pass decode-sized call
-                whose CTAs fill between a quarter and half of the SMs (measured on the H200: ~4 % faster at 64
-                rows of 640 keys; slower once the pairs need a second wave, and not worth the exchange on
-                shorter grids, which split). Never in ``batch_invariant`` mode unless forced (the choice would
-                depend on the batch).
         """
-        if pairs and not self.pairs_supported(s):
-            raise ValueError(f"pairs=True needs the seesaw schedule with 64-head CTAs and D = 512 and at most "
-                             f"{PAIR_MAX_QUERIES} queries per sequence (s={s}, heads={self.spec.heads}, "
-                             f"schedule={self.config.schedule!r})")
-        if pairs is None:
-            ctas = b * s * -(-self.spec.heads // head_block(self.spec.heads))
-            pairs = (not batch_invariant and num_splits is None and num_sms is not None
-                     and self.pairs_supported(s) and 4 * ctas >= num_sms and 2 * ctas <= num_sms)
-        cl = 2 if pairs else 1
         if batch_invariant:
-            main_cfg = self.launch_config("main", cluster=cl)
+            main_cfg = self.launch_config("main")
             split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS))
             ns = -(-self.num_key_blocks(source_keys, split_cfg.block_kv) // split_cfg.blocks_per_split())
         else:
-            split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS, cluster=cl))
+            split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS))
             total = self.num_key_blocks(source_keys, split_cfg.block_kv)
             if num_splits is not None:
                 per = max(1, -(-total // max(1, int(num_splits))))
                 split_cfg = dataclasses.replace(split_cfg, split_keys=per * split_cfg.block_kv)
                 ns = -(-total // per)
             else:
-                ctas = b * s * -(-self.spec.heads // head_block(self.spec.heads)) * cl
+                ctas = b * s * -(-self.spec.heads // head_block(self.spec.heads))
                 # measured on the H200: one pass beats split + combine down to ~1/4 of the SMs busy
                 ns = 1 if num_sms is None or 4 * ctas >= num_sms else -(-total // split_cfg.blocks_per_split())
             main_cfg = None
         if ns <= 1:
-            return LaunchPlan("main", main_cfg or self.launch_config("main", cluster=cl), 1)
+            return LaunchPlan("main", main_cfg or self.launch_config("main"), 1)
         return LaunchPlan("split", split_cfg, ns, self.launch_config("combine"))
 
     def __call__(
@@ -180,7 +155,6 @@ class AttentionKernel:
         *,
         batch_invariant: bool = False,
         num_splits: int | None = None,
-        pairs: bool | None = None,
         validate: bool = True,
         out: torch.Tensor | None = None,
         **tensors: torch.Tensor,
@@ -199,7 +173,7 @@ class AttentionKernel:
 
         sms = None if batch_invariant or num_splits is not None else _num_sms(q.device.index or 0)
         plan = self.plan(b, s, self.source_keys(tensors), batch_invariant=batch_invariant, num_splits=num_splits,
-                         num_sms=sms, pairs=pairs)
+                         num_sms=sms)
         src_args = [tensors[n] for src in spec.sources for n in src.tensor_names()]
         head = [q, positions] + ([sink] if spec.sink else [])
         if plan.kind == "main":

@@ -20,8 +20,6 @@ CUDA sources):
   and for the combine.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
-* ``cluster`` is not tuned: it is a problem key (the launch planner runs CTA pairs for calls of at most
-  :data:`~tilev4.dsl.runtime.PAIR_MAX_QUERIES` queries per sequence), and a pair needs ``seesaw``.
 
 A knob that a program does not use is pinned to its default (``threads`` under the
 warp-specialised schedule, ``block_kv``/``threads`` for the combine, ``combine_threads`` for the
@@ -84,9 +82,6 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
     if config.schedule != _DEFAULT.schedule and (kind == "combine" or not ws_supported(spec)):
         return ("schedule is not used by the combine program" if kind == "combine" else
                 f"schedule={config.schedule!r} needs 64-head CTAs and D = 512 (this spec runs the simple schedule)")
-    if config.cluster != 1 and (kind == "combine" or schedule_of(spec, config) != "seesaw"):
-        return (f"cluster={config.cluster} is not used by the combine program" if kind == "combine" else
-                f"cluster={config.cluster} needs the seesaw schedule (this config runs {schedule_of(spec, config)!r})")
     if kind == "combine":
         if (config.block_kv, config.threads) != (_DEFAULT.block_kv, _DEFAULT.threads):
             return "block_kv and threads are not used by the combine program"
@@ -119,9 +114,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
     if schedule_of(spec, config) == "seesaw":
         # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
-        # (and a pair's row statistics)
-        return (hb * d * 2 + 2 * bi * d * 2 + 2 * hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
-                + (4 * hb * 4 if config.cluster == 2 else 0))
+        return hb * d * 2 + 2 * bi * d * 2 + 2 * hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
     if schedule_of(spec, config) == "ws":
         # Q, the 2-stage KV buffer, P, per-key flags/positions of both stages, rescale factors
         return hb * d * 2 + 2 * bi * d * 2 + hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
@@ -131,7 +124,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
-    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "cluster")
+    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 

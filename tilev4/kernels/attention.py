@@ -74,12 +74,12 @@ def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool 
 
 
 def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
-           block_kv: int, threads: int, combine_threads: int, schedule: str, cluster: int) -> Any:
+           block_kv: int, threads: int, combine_threads: int, schedule: str) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     spec = variant_spec(variant, heads, ring, return_lse)
     cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads,
-                          schedule=schedule, cluster=cluster)
+                          schedule=schedule)
     if kind == "combine":
         return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
@@ -87,8 +87,7 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
 
 def _configs(windowed: bool) -> list[dict[str, Any]]:
     """Shipped configs: prefill (one pass), splits of 2048 keys (batch-invariant) and 256 keys (small
-    batches) for the stream layout and, for windowed variants, the decode ring; the one-pass program of the
-    decode ring (of the sparse kernel: the stream) also as CTA pairs (``cluster=2``); the combine."""
+    batches) for the stream layout and, for windowed variants, the decode ring; the combine."""
     out = []
     for h in (64, 128):
         for ring in (False, True) if windowed else (False,):
@@ -96,8 +95,6 @@ def _configs(windowed: bool) -> list[dict[str, Any]]:
             out.append({"heads": h, "kind": "main", **extra})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
-            if ring or not windowed:
-                out.append({"heads": h, "kind": "main", "cluster": 2, **extra})
         out.append({"heads": h, "kind": "combine"})
     return out
 
@@ -110,28 +107,25 @@ def _registration(variant: str) -> dict[str, Any]:
 @register("sparse_attention", **_registration("sparse"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                           combine_threads: int = 128, schedule: str = "seesaw", cluster: int = 1):
+                           combine_threads: int = 128, schedule: str = "seesaw"):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
-    return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  cluster)
+    return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 
 
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw", cluster: int = 1):
+                        combine_threads: int = 128, schedule: str = "seesaw"):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
-    return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  cluster)
+    return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 
 
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw", cluster: int = 1):
+                        combine_threads: int = 128, schedule: str = "seesaw"):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
-    return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  cluster)
+    return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
 
 
 class _TunedAttention(AttentionKernel):
@@ -145,26 +139,23 @@ class _TunedAttention(AttentionKernel):
         self.variant, self.ring = variant, ring
         self.name = f"{variant}_attention"
 
-    def problem(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, cluster: int = 1) -> dict[str, Any]:
+    def problem(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> dict[str, Any]:
         """The registry problem of program ``kind`` (keys left at their defaults are left out)."""
         cfg: dict[str, Any] = {"heads": self.spec.heads, "kind": kind, "return_lse": self.spec.return_lse}
         if kind == "split":
             cfg["split_keys"] = split_keys
         if kind != "combine" and self.variant != "sparse":
             cfg["ring"] = self.ring
-        if kind != "combine" and cluster != 1:
-            cfg["cluster"] = cluster
         return cfg
 
-    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS,
-                      cluster: int = 1) -> AttentionConfig:
-        items = dict(resolved_config(self.name, self.problem(kind, split_keys, cluster), self.arch).items)
+    def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
+        items = dict(resolved_config(self.name, self.problem(kind, split_keys), self.arch).items)
         return config_from({**items, "split_keys": split_keys})
 
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
         """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
-        return {**self.problem(kind, config.split_keys, config.cluster), "block_kv": config.block_kv,
-                "threads": config.threads, "combine_threads": config.combine_threads, "schedule": config.schedule}
+        return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
+                "combine_threads": config.combine_threads, "schedule": config.schedule}
 
 
 class _RegistryAttention(_TunedAttention):

@@ -14,8 +14,6 @@ head counts), ``combine_threads`` 128/256/64 for the combine (3 candidates). The
     H=64,decode,main     the same for the decode ring
     H=64,prefill,split   the other splits (256-key pieces for small batches, ``num_splits``)
     H=64,decode,split
-    H=64,decode,main,pair
-    H=64,decode,split,pair  the same programs as CTA pairs (``cluster=2``: decode-sized calls)
     H=64,combine         the combine (layout-free)
 
 ``sparse_attention`` has no window, hence no layout: ``H=64,main``, ``H=64,split``, ``H=64,combine``.
@@ -90,8 +88,7 @@ def bucket_fn(variant: str) -> Callable[[Mapping[str, Any]], str]:
             return f"{head},combine"
         layout = "" if variant == "sparse" else (",decode" if problem["ring"] else ",prefill")
         one_config = problem["kind"] == "main" or problem["split_keys"] == BATCH_INVARIANT_SPLIT_KEYS
-        pair = ",pair" if problem.get("cluster", 1) == 2 else ""
-        return f"{head}{layout},{'main' if one_config else 'split'}{pair}"
+        return f"{head}{layout},{'main' if one_config else 'split'}"
 
     return bucket
 
