@@ -704,28 +704,36 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     peer's block, ``P_{1−w} V_{1−w}[:, half w]``. The two softmaxes are staggered, so one consumer's
     exponentials run while the other's GEMMs do. Half ``w`` of a stage is free once consumer ``w`` is done
     with it, so the producer refills ``K_w[:, half w]`` while consumer ``w`` still runs its second product.
-    Each consumer keeps the row sum of its own blocks; the two are added at the end.
+    Each consumer keeps the row sum of its own blocks; the two are added at the end. When the block count is odd,
+    the follower's block of the last pair is padding: both skip its GEMMs (the follower only rescales to the
+    shared max), which gives the same bits as running them on its zero rows, all masked.
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
      exponentiate) = _ws_setup(spec, config, split)
 
     @T.macro
-    def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
-                m_prev, alpha, l_sum, row_sum, lse2):
+    def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
+                kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local,
+                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2):
         T.barrier_wait(q_bar, 0)
         T.fill(acc_o, 0)
         T.fill(l_sum, 0)
         T.fill(m, NEG_BIG)
         for it in T.serial(n_iter):
+            # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
+            real = w == 0 or it * 2 + 1 < n_blocks
             T.barrier_wait(k_ready[w * 2 + w], it & 1)
-            T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[w, :, w * DH : (w + 1) * DH], acc_s,
-                   transpose_B=True, clear_accum=True)
+            if real:
+                T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[w, :, w * DH : (w + 1) * DH], acc_s,
+                       transpose_B=True, clear_accum=True)
             T.barrier_wait(k_ready[w * 2 + 1 - w], it & 1)
-            T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[w, :, (1 - w) * DH : (2 - w) * DH], acc_s,
-                   transpose_B=True)
-            # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-            mask(acc_s, ok_shared, kvpos_shared, w, b_i, h0, tq)
+            if real:
+                T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[w, :, (1 - w) * DH : (2 - w) * DH],
+                       acc_s, transpose_B=True)
+                # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
+                mask(acc_s, ok_shared, kvpos_shared, w, b_i, h0, tq)
+            else:  # padding: no key (what the mask makes of its zero rows)
+                T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
                 # leader: its own running max first (m0 = max(m, rowmax S_0)); the follower's max arrives later
                 T.copy(m, m_prev)
@@ -762,15 +770,23 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
-                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
-                T.copy(acc_s, p_local)
-                T.copy(p_local, p_shared[1, :, :])
-                T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
-                T.barrier_arrive(p_ready[1])
-                T.gemm(p_local, kv_shared[1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                if it * 2 + 1 < n_blocks:
+                    exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
+                    T.copy(acc_s, p_local)
+                    T.copy(p_local, p_shared[1, :, :])
+                    T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
+                    T.barrier_arrive(p_ready[1])
+                    T.gemm(p_local, kv_shared[1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                else:  # padding: P_1 = 0, only the rescale to the shared max
+                    T.barrier_arrive(p_ready[1])
+                    for h in T.Parallel(HB):
+                        l_sum[h] = l_sum[h] * alpha[h]
+                    for h, d in T.Parallel(HB, DH):
+                        acc_o[h, d] = acc_o[h, d] * alpha[h]
                 T.barrier_arrive(k_free[3])
             T.barrier_wait(p_ready[1 - w], it & 1)
-            T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
+            if w == 1 or it * 2 + 1 < n_blocks:  # the leader adds P_1 V_1 of a real block only
+                T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
             T.barrier_arrive(k_free[(1 - w) * 2 + w])
         # the two row sums, added in the same order by both; then the epilogue factors
         T.copy(l_sum, sum_shared[w, :])
@@ -853,14 +869,14 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
             if tx < 128:
                 T.set_max_nreg(216, 1)
-                consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, p_local_0,
-                        acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+                consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
+                        p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
             elif tx >= 128 and tx < 256:
                 T.set_max_nreg(216, 1)
-                consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                        max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1, p_local_1,
-                        acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+                consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
+                        p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
             elif tx >= 256:
                 T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
                 produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
