@@ -503,9 +503,10 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
 
 
 def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
-    """The two softmax steps the warp-specialised consumers share, as macros: ``mask`` (scale, the user's
-    score/mask modifiers, the key validity of stage ``st``; base-2 scores, −inf for dropped keys) and
-    ``exponentiate`` (``P = 2^(S − m)`` in place, its row sums into ``l``, the accumulator × ``alpha``)."""
+    """The softmax steps the warp-specialised consumers share, as macros: ``mask`` (scale, the user's
+    score/mask modifiers, the key validity of stage ``st``; base-2 scores, −inf for dropped keys),
+    ``exponentiate`` (``P = 2^(S − m)`` in place, its row sums into ``l``, the accumulator × ``alpha``) and
+    ``rescale`` (``l`` and the accumulator × ``alpha`` alone)."""
     scale, score_mod, mask_mod = spec.softmax_scale, spec.score_mod, spec.mask_mod
 
     @T.macro
@@ -529,14 +530,22 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
         for h, d in T.Parallel(HB, DH):
             acc_o[h, d] = acc_o[h, d] * alpha[h]
 
-    return mask, exponentiate
+    @T.macro
+    def rescale(alpha, l_sum, acc_o):
+        """The row sum and the accumulator × ``alpha`` (moved to a new running max, no new keys)."""
+        for h in T.Parallel(HB):
+            l_sum[h] = l_sum[h] * alpha[h]
+        for h, d in T.Parallel(HB, DH):
+            acc_o[h, d] = acc_o[h, d] * alpha[h]
+
+    return mask, exponentiate, rescale
 
 
 def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tuple:
     """What both warp-specialised builders derive from the spec and config: sizes (``HB`` heads a CTA, ``DH``
     half of D, ``NR`` producer rows a thread, ``NP`` prefetched index-list entries a producer thread), the
     split's fixed block count, the dynamic extents, the key sources, the argument annotations and names, the
-    producer macro and the two shared softmax steps."""
+    producer macro and the shared softmax steps."""
     D, BI = spec.head_dim, config.block_kv
     HB = 64
     B, S = T.dynamic("B"), T.dynamic("S")
@@ -560,8 +569,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     computes ``S = Q Kᵀ`` over all of D, the softmax and ``P V[:, :256]``; consumer 1 rescales and
     computes ``P V[:, 256:]``; ``p_ready``/``p_free`` hand P and the rescale factors over.
     """
-    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
-     exponentiate) = _ws_setup(spec, config, split)
+    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
+     _rescale) = _ws_setup(spec, config, split)
 
     @T.macro
     def body(t):
@@ -708,8 +717,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     the follower's block of the last pair is padding: both skip its GEMMs (the follower only rescales to the
     shared max), which gives the same bits as running them on its zero rows, all masked.
     """
-    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask,
-     exponentiate) = _ws_setup(spec, config, split)
+    (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
+     rescale) = _ws_setup(spec, config, split)
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
@@ -721,7 +730,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.fill(m, NEG_BIG)
         for it in T.serial(n_iter):
             # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
-            real = w == 0 or it * 2 + 1 < n_blocks
+            second = it * 2 + 1 < n_blocks  # the pair's second (the follower's) block is a real one
+            real = w == 0 or second
             T.barrier_wait(k_ready[w * 2 + w], it & 1)
             if real:
                 T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[w, :, w * DH : (w + 1) * DH], acc_s,
@@ -756,10 +766,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.copy(acc_s, p_shared[0, :, :])
                 T.fence_proxy_async()  # P_0 is read by the peer's tensor-core GEMM
                 T.barrier_arrive(p_ready[0])
-                for h in T.Parallel(HB):
-                    l_sum[h] = l_sum[h] * alpha[h]
-                for h, d in T.Parallel(HB, DH):
-                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                rescale(alpha, l_sum, acc_o)
             else:
                 # follower: m1 = max(m0, rowmax S_1), the max both use from here on
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_1)  [HB]
@@ -770,7 +777,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
-                if it * 2 + 1 < n_blocks:
+                if second:
                     exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
                     T.copy(acc_s, p_local)
                     T.copy(p_local, p_shared[1, :, :])
@@ -779,13 +786,10 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.gemm(p_local, kv_shared[1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 else:  # padding: P_1 = 0, only the rescale to the shared max
                     T.barrier_arrive(p_ready[1])
-                    for h in T.Parallel(HB):
-                        l_sum[h] = l_sum[h] * alpha[h]
-                    for h, d in T.Parallel(HB, DH):
-                        acc_o[h, d] = acc_o[h, d] * alpha[h]
+                    rescale(alpha, l_sum, acc_o)
                 T.barrier_arrive(k_free[3])
             T.barrier_wait(p_ready[1 - w], it & 1)
-            if w == 1 or it * 2 + 1 < n_blocks:  # the leader adds P_1 V_1 of a real block only
+            if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
                 T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
             T.barrier_arrive(k_free[(1 - w) * 2 + w])
         # the two row sums, added in the same order by both; then the epilogue factors
