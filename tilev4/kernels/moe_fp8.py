@@ -136,32 +136,55 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
     fp8 = T.float8_e4m3fn
 
     @T.macro
-    def promote(acc, t, sc, a_scale, w_scale, e, r0, rw, n0, ki):
+    def promote(acc, t, sc, cur, w_scale):
         for i in T.Parallel(HALF_M):
-            sc[i] = T.if_then_else(i < rw, a_scale[r0 + i, ki], 0.0) * w_scale[e, n0 // SCALE_BLOCK, ki]
+            sc[i] = cur[i] * w_scale
         T.wait_wgmma(0)
         for i, j in T.Parallel(HALF_M, BN):  # exact power-of-two rescale, fp32 sum
             acc[i, j] += t[i, j] * sc[i]
 
     @T.macro
-    def consumer(w, a_scale, w_scales, wts, out, limit, a_s, bs, o_s, w_s, accs, t, sc, full, empty, tx, e, row0,
-                 rows, n0):
+    def consumer(w, a_scale, w_scales, wts, out, limit, a_s, bs, o_s, w_s, accs, t, sc, cur, nxt, full, empty, tx, e,
+                 row0, rows, n0):
         T.set_max_nreg(CONSUMER_REGS, 1)
         rw = rows - w * HALF_M
         r0 = row0 + w * HALF_M
+        nb = n0 // SCALE_BLOCK
+        # the scales of K block ki + 1 are loaded while block ki runs (registers), so that no promotion waits on
+        # a global load
+        ws0 = T.alloc_var(T.float32)
+        ws0_next = T.alloc_var(T.float32)
+        ws1 = T.alloc_var(T.float32)
+        ws1_next = T.alloc_var(T.float32)
         if rw > 0:
             T.clear(accs[0])
             if NB == 2:
                 T.clear(accs[1])
+            for i in T.Parallel(HALF_M):
+                nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, 0], 0.0)
+            ws0_next = w_scales[0][e, nb, 0]
+            if NB == 2:
+                ws1_next = w_scales[1][e, nb, 0]
         for ki in T.serial(KB):
             slot = ki % S
             T.barrier_wait(full[slot], (ki // S) & 1)
             if rw > 0:
                 T.wgmma_gemm(a_s[slot, :, :], bs[0][slot, :, :], t, transpose_B=True, clear_accum=True)
-                promote(accs[0], t, sc, a_scale, w_scales[0], e, r0, rw, n0, ki)
+                for i in T.Parallel(HALF_M):
+                    cur[i] = nxt[i]
+                ws0 = ws0_next
+                if NB == 2:
+                    ws1 = ws1_next
+                if ki + 1 < KB:
+                    for i in T.Parallel(HALF_M):
+                        nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, ki + 1], 0.0)
+                    ws0_next = w_scales[0][e, nb, ki + 1]
+                    if NB == 2:
+                        ws1_next = w_scales[1][e, nb, ki + 1]
+                promote(accs[0], t, sc, cur, ws0)
                 if NB == 2:
                     T.wgmma_gemm(a_s[slot, :, :], bs[1][slot, :, :], t, transpose_B=True, clear_accum=True)
-                    promote(accs[1], t, sc, a_scale, w_scales[1], e, r0, rw, n0, ki)
+                    promote(accs[1], t, sc, cur, ws1)
             if tx % 32 == 0:
                 T.barrier_arrive(empty[slot])
         if rw > 0:
@@ -186,6 +209,10 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             t1 = T.alloc_fragment((HALF_M, BN), T.float32)
             sc0 = T.alloc_fragment((HALF_M,), T.float32)
             sc1 = T.alloc_fragment((HALF_M,), T.float32)
+            cur0 = T.alloc_fragment((HALF_M,), T.float32)
+            cur1 = T.alloc_fragment((HALF_M,), T.float32)
+            nxt0 = T.alloc_fragment((HALF_M,), T.float32)
+            nxt1 = T.alloc_fragment((HALF_M,), T.float32)
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([8] * S)
             T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s, *bs]})
@@ -200,11 +227,11 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
                 if tx >= 256:
                     produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KB, BK, BN, S)
                 elif tx < 128:
-                    consumer(0, a_scale, w_scales, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, t0, sc0, full,
-                             empty, tx, e, row0, rows, n0)
+                    consumer(0, a_scale, w_scales, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, t0, sc0, cur0,
+                             nxt0, full, empty, tx, e, row0, rows, n0)
                 else:
-                    consumer(1, a_scale, w_scales, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, t1, sc1, full,
-                             empty, tx, e, row0, rows, n0)
+                    consumer(1, a_scale, w_scales, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, t1, sc1, cur1,
+                             nxt1, full, empty, tx, e, row0, rows, n0)
 
     if kind == "up":
 
