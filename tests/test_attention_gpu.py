@@ -205,6 +205,44 @@ def test_warp_specialised_schedules(schedule, num_splits):
     _check(oh, RA.sparse_attention(qh.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_seesaw_ring_of_two_pairs(num_splits):
+    """The seesaw schedule with a ring of two block pairs (32-key blocks) against the reference: index lists with
+    unused slots, a whole unused block, a query without keys, an odd block count, one pass and three splits;
+    HCA with ragged positions."""
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.codegen import AttentionConfig
+    from tilev4.kernels.attention import variant_spec
+
+    cfg = AttentionConfig(block_kv=32, pair_stages=2)
+    g = _gen(700 + (num_splits or 0))
+    b, s, n, k = 2, 5, 700, 352  # 11 key blocks of 32: the last pair has one padding block
+    q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
+    sink = torch.randn(64, generator=g, device="cuda")
+    idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
+    idx[:, :, 1::5] = -1
+    idx[0, 1, 128:160] = -1
+    idx[1, 2, :] = -1
+    kern = AttentionKernel(variant_spec("sparse", 64, False, True), cfg)
+    pos = torch.zeros(b, s, dtype=torch.int32, device="cuda")
+    o, lse = kern(q, pos, sink, num_splits=num_splits, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
+    ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
+    _check(o, ref, lse, ref_lse)
+    assert torch.count_nonzero(o[1, 2]) == 0
+
+    s_h = 200
+    start = torch.tensor([0, 20000], dtype=torch.int32, device="cuda")
+    positions = start.view(-1, 1) + torch.arange(s_h, device="cuda", dtype=torch.int32)
+    n_c = int((positions.max() + 1) // 128) + 2
+    qh, kv_w, kv_c = _randn(b, s_h, 64, 512, g=g), _randn(b, s_h, 512, g=g), _randn(b, n_c, 512, g=g)
+    kern = AttentionKernel(variant_spec("hca", 64, False, False), cfg)
+    oh = kern(qh, positions, sink, num_splits=num_splits, out=_poisoned(qh), window_kv=kv_w, window_start=start,
+              comp_kv=kv_c)
+    comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), comp)
+    _check(oh, RA.sparse_attention(qh.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.integers(1, 64), row=st.integers(0, 63), seed=st.integers(0, 2**20))
 def test_batch_invariant_decode_bit_exact(batch, row, seed):

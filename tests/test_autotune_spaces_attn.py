@@ -58,6 +58,13 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
     assert dsl_tuning.smem_bytes(ws, AttentionConfig(block_kv=128), "main") > SMEM
     with pytest.raises(ValueError, match="multiple of block_kv"):
         AttentionConfig(block_kv=48, split_keys=256).blocks_per_split()
+    # a ring of two block pairs: seesaw only, and 32-key blocks to fit
+    assert why(ws, AttentionConfig(block_kv=32, pair_stages=2), "main") is None
+    assert "needs the seesaw schedule" in why(ws, AttentionConfig(block_kv=32, pair_stages=2, schedule="ws"), "main")
+    assert dsl_tuning.smem_bytes(ws, AttentionConfig(block_kv=32, pair_stages=2), "main") <= SMEM
+    assert dsl_tuning.smem_bytes(ws, AttentionConfig(pair_stages=2), "main") > SMEM
+    with pytest.raises(ValueError, match="pair_stages must be 1 or 2"):
+        AttentionConfig(pair_stages=3)
 
 
 @pytest.mark.parametrize("name", NAMES)

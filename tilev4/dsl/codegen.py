@@ -78,6 +78,8 @@ class AttentionConfig:
         softmax exponentials use ``ex2.approx.ftz`` (:func:`tilev4._fastmath.ex2`).
     combine_threads: CTA size of the combine program (element-wise over 4 heads × D; the splits are
         merged in a serial loop).
+    pair_stages: block pairs the seesaw schedule's key buffer holds (1 or 2): with 2 (``block_kv`` <= 32 to fit
+        in shared memory) the producer gathers pair ``it + 1`` while the consumers work on pair ``it``.
     """
 
     block_kv: int = 64
@@ -86,12 +88,15 @@ class AttentionConfig:
     split_keys: int = 2048
     schedule: str = "seesaw"
     combine_threads: int = 128
+    pair_stages: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws", "seesaw"):
             raise ValueError(f"schedule must be 'simple', 'ws' or 'seesaw', got {self.schedule!r}")
         if self.split_keys < 1:
             raise ValueError(f"split_keys must be >= 1, got {self.split_keys}")
+        if self.pair_stages not in (1, 2):
+            raise ValueError(f"pair_stages must be 1 or 2, got {self.pair_stages}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
         for name in ("threads", "combine_threads"):
@@ -221,6 +226,9 @@ class _SourceGen:
 
 def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
     """The fused attention program for ``spec`` (see the module docstring)."""
+    if config.pair_stages != 1 and not (config.schedule == "seesaw" and ws_supported(spec)):
+        raise ValueError(f"pair_stages={config.pair_stages} needs the 'seesaw' schedule with 64-head CTAs and D = 512 "
+                         f"(schedule={config.schedule!r}, heads={spec.heads}, head_dim={spec.head_dim})")
     if config.schedule == "seesaw" and ws_supported(spec):
         return _build_seesaw_program(spec, config, split)
     if config.schedule == "ws" and ws_supported(spec):
@@ -401,7 +409,7 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
-def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
+def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int = 1) -> Any:
     """The producer warpgroup of the warp-specialised schedules, as a macro.
 
     For each block pair ``it`` it resolves the (source, row, kv_idx) of its ``BI / 16`` rows of global blocks
@@ -414,7 +422,8 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
     ``halves=False``: one free/ready barrier per stage (``k_free[st]``, ``k_ready[st]``). ``halves=True``:
     one per half of D (``k_free[2·st + h]``, h = 0 for dims ``[0, D/2)``), filled in the order the seesaw
     consumers free them — (0, 0), (1, 1), (0, 1), (1, 0) — so that a half is refilled as soon as its last
-    reader is done; the validity of a stage is published with its first half.
+    reader is done; the validity of a stage is published with its first half. ``ring`` (``halves`` only): block
+    pairs in the buffer; pair ``it`` fills stages ``2·(it % ring)`` and ``2·(it % ring) + 1``.
     """
     D = spec.head_dim
     NR = BI // _ROWS_PER_PASS
@@ -487,12 +496,13 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool) -> Any:
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, st, src_local, row_local, pos_local,
                             idx_cur)
             for st, u0, u1, publish in steps:
-                bar = st * 2 + u0 // (NU // 2) if halves else st
+                stage = (it % ring) * 2 + st if ring > 1 else st
+                bar = stage * 2 + u0 // (NU // 2) if halves else st
                 if not halves:
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, 0, src_local, row_local, pos_local,
                             idx_cur)
-                T.barrier_wait(k_free[bar], (it & 1) ^ 1)
-                gather(t, ptx, b_i, st, st if halves else 0, u0, u1, kv_shared, ok_shared, kvpos_shared, publish,
+                T.barrier_wait(k_free[bar], (((it // ring) & 1) if ring > 1 else (it & 1)) ^ 1)
+                gather(t, ptx, b_i, stage, st if halves else 0, u0, u1, kv_shared, ok_shared, kvpos_shared, publish,
                        src_local, row_local, pos_local)
                 T.cp_async_barrier_noinc(k_ready[bar])
             if has_list:
@@ -555,7 +565,9 @@ def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tupl
     NP = max(1, 2 * NR * sum(isinstance(g.src, IndexList) for g in gens))
     return (D, BI, HB, D // 2, spec.heads // HB, config.blocks_per_split() if split else 1, B, S, NS, gens,
             _annotations(spec, gens, split, B, S, NS), [n for n, _ in tensor_layout(spec, split)], NR, NP,
-            _producer(spec, gens, BI, halves=config.schedule == "seesaw"), *_softmax_steps(spec, HB, BI, D // 2))
+            _producer(spec, gens, BI, halves=config.schedule == "seesaw",
+                      ring=config.pair_stages if config.schedule == "seesaw" else 1),
+            *_softmax_steps(spec, HB, BI, D // 2))
 
 
 def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
@@ -719,6 +731,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
      rescale) = _ws_setup(spec, config, split)
+    RING = config.pair_stages
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
@@ -732,16 +745,18 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
             second = it * 2 + 1 < n_blocks  # the pair's second (the follower's) block is a real one
             real = w == 0 or second
-            T.barrier_wait(k_ready[w * 2 + w], it & 1)
+            r0 = (it % RING) * 2 if RING > 1 else 0  # the pair's first stage in the ring
+            ph = ((it // RING) & 1) if RING > 1 else (it & 1)  # ... and the parity of its ready/free barriers
+            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
             if real:
-                T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[w, :, w * DH : (w + 1) * DH], acc_s,
+                T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
                        transpose_B=True, clear_accum=True)
-            T.barrier_wait(k_ready[w * 2 + 1 - w], it & 1)
+            T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
             if real:
-                T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[w, :, (1 - w) * DH : (2 - w) * DH],
+                T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH],
                        acc_s, transpose_B=True)
                 # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-                mask(acc_s, ok_shared, kvpos_shared, w, b_i, h0, tq)
+                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq)
             else:  # padding: no key (what the mask makes of its zero rows)
                 T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
@@ -754,8 +769,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
                 T.copy(acc_s, p_local)
-                T.gemm(p_local, kv_shared[0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
-                T.barrier_arrive(k_free[0])
+                T.gemm(p_local, kv_shared[r0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                T.barrier_arrive(k_free[r0 * 2])
                 # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
                 T.barrier_wait(s_ready[1], it & 1)
                 for h in T.Parallel(HB):
@@ -783,15 +798,15 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.copy(p_local, p_shared[1, :, :])
                     T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
                     T.barrier_arrive(p_ready[1])
-                    T.gemm(p_local, kv_shared[1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                    T.gemm(p_local, kv_shared[r0 + 1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 else:  # padding: P_1 = 0, only the rescale to the shared max
                     T.barrier_arrive(p_ready[1])
                     rescale(alpha, l_sum, acc_o)
-                T.barrier_arrive(k_free[3])
+                T.barrier_arrive(k_free[(r0 + 1) * 2 + 1])
             T.barrier_wait(p_ready[1 - w], it & 1)
             if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
-                T.gemm(p_shared[1 - w, :, :], kv_shared[1 - w, :, w * DH : (w + 1) * DH], acc_o)
-            T.barrier_arrive(k_free[(1 - w) * 2 + w])
+                T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o)
+            T.barrier_arrive(k_free[(r0 + 1 - w) * 2 + w])
         # the two row sums, added in the same order by both; then the epilogue factors
         T.copy(l_sum, sum_shared[w, :])
         T.barrier_arrive(fin)
@@ -831,10 +846,10 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
             T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
-            kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
+            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
-            ok_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
-            kvpos_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
+            ok_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
+            kvpos_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             max_shared = T.alloc_shared((2, HB), T.float32)
             sum_shared = T.alloc_shared((2, HB), T.float32)
             acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
@@ -855,8 +870,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             row_sum_1 = T.alloc_fragment((HB,), T.float32)
             lse2_0 = T.alloc_fragment((HB,), T.float32)
             lse2_1 = T.alloc_fragment((HB,), T.float32)
-            k_ready = T.alloc_barrier(arrive_count=[128, 128, 128, 128])  # [2·stage + half of D]
-            k_free = T.alloc_barrier(arrive_count=[128, 128, 128, 128])
+            k_ready = T.alloc_barrier(arrive_count=[128] * (4 * RING))  # [2·stage + half of D]
+            k_free = T.alloc_barrier(arrive_count=[128] * (4 * RING))
             s_ready = T.alloc_barrier(arrive_count=[128, 128])
             p_ready = T.alloc_barrier(arrive_count=[128, 128])
             fin = T.alloc_barrier(arrive_count=256)

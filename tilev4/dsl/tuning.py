@@ -82,6 +82,10 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
     if config.schedule != _DEFAULT.schedule and (kind == "combine" or not ws_supported(spec)):
         return ("schedule is not used by the combine program" if kind == "combine" else
                 f"schedule={config.schedule!r} needs 64-head CTAs and D = 512 (this spec runs the simple schedule)")
+    if config.pair_stages != 1 and (kind == "combine" or schedule_of(spec, config) != "seesaw"):
+        return (f"pair_stages={config.pair_stages} is not used by the combine program" if kind == "combine" else
+                f"pair_stages={config.pair_stages} needs the seesaw schedule "
+                f"(this config runs {schedule_of(spec, config)!r})")
     if kind == "combine":
         if (config.block_kv, config.threads) != (_DEFAULT.block_kv, _DEFAULT.threads):
             return "block_kv and threads are not used by the combine program"
@@ -114,7 +118,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
     if schedule_of(spec, config) == "seesaw":
         # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
-        return hb * d * 2 + 2 * bi * d * 2 + 2 * hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
+        return hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + 2 * hb * bi * 2 + 4 * hb * 4
     if schedule_of(spec, config) == "ws":
         # Q, the 2-stage KV buffer, P, per-key flags/positions of both stages, rescale factors
         return hb * d * 2 + 2 * bi * d * 2 + hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
@@ -124,7 +128,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
-    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule")
+    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 
