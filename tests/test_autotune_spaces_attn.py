@@ -70,24 +70,26 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
 @pytest.mark.parametrize("name", NAMES)
 def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name):
     kdef = get_kernel_def(name)
-    assert kdef.tunable_keys == ("block_kv", "threads", "combine_threads", "schedule")
+    assert kdef.tunable_keys == ("block_kv", "threads", "combine_threads", "schedule", "pair_stages")
     plans = {p.bucket: p for p in plan_kernel(name, arch="sm_90a")}
     layouts = ("",) if name == "sparse_attention" else (",prefill", ",decode")
     expected = {f"H={h},combine" for h in (64, 128)}
     expected |= {f"H={h}{lay},{grp}" for h in (64, 128) for lay in layouts for grp in ("main", "split")}
     assert set(plans) == expected
     for plan in plans.values():
-        assert 1 < len(plan.candidates) <= 6
-        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "seesaw"}
+        assert 1 < len(plan.candidates) <= 8
+        assert plan.candidates[0] == {"block_kv": 64, "threads": 256, "combine_threads": 128, "schedule": "seesaw",
+                                      "pair_stages": 1}
         assert plan.default_is_candidate0
         for problem in plan.problems:
             for cand in plan.candidates:
                 assert kdef.space.why_invalid({**problem, **cand}, SMEM) is None
         if plan.bucket.endswith("combine"):
             assert [c["combine_threads"] for c in plan.candidates] == [128, 256, 64]
-        else:  # warp-specialised: the block size and the schedule are free
-            assert sorted((c["block_kv"], c["schedule"]) for c in plan.candidates) == sorted(
-                (bi, sch) for bi in (64, 32, 16) for sch in ("ws", "seesaw"))
+        else:  # warp-specialised: the block size and the schedule are free; seesaw rings of 32- or 16-key blocks
+            assert sorted((c["block_kv"], c["schedule"], c["pair_stages"]) for c in plan.candidates) == sorted(
+                [(bi, sch, 1) for bi in (64, 32, 16) for sch in ("ws", "seesaw")]
+                + [(bi, "seesaw", 2) for bi in (32, 16)])
         if plan.bucket.endswith(",main"):  # the one-pass program and the batch-invariant split share a config
             assert sorted(p["kind"] for p in plan.problems) == ["main", "split"]
             assert all(p.get("split_keys") == BATCH_INVARIANT_SPLIT_KEYS for p in plan.problems)

@@ -37,13 +37,17 @@ def test_config_key_is_canonical():
 WS_PROGRAMS = [
     ("csa_attention", {"heads": 64, "kind": "main", "schedule": "ws"}),
     ("csa_attention", {"heads": 64, "kind": "main", "schedule": "seesaw"}),
+    ("csa_attention", {"heads": 64, "kind": "main", "ring": True, "schedule": "seesaw", "block_kv": 32,
+                       "pair_stages": 2}),
     ("moe_up", {"dim": 4096, "schedule": "ws"}),
     ("moe_down", {"inter": 2048, "dense": True, "schedule": "ws"}),
 ]
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize(("name", "config"), WS_PROGRAMS, ids=[f"{n}-{c['schedule']}" for n, c in WS_PROGRAMS])
+@pytest.mark.parametrize(("name", "config"), WS_PROGRAMS,
+                         ids=[f"{n}-{c['schedule']}" + ("-ring" if c.get("pair_stages", 1) > 1 else "")
+                              for n, c in WS_PROGRAMS])
 def test_warp_specialised_register_split_fits_the_launch_allocation(name, config):
     """The warpgroups' setmaxnreg counts must fit in what the CTA gets at launch (384 threads: at most 168
     registers each); a larger sum makes ``setmaxnreg.inc`` wait forever for registers nobody frees."""

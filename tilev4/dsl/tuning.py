@@ -18,6 +18,11 @@ CUDA sources):
   :class:`~tilev4.dsl.codegen.AttentionConfig`); measured on the H200, ``seesaw`` is ahead on CSA and HCA
   prefill (7-12 %) and level with ``ws`` on CSA decode. Pinned to the default where the simple schedule runs
   and for the combine.
+* ``pair_stages``: block pairs in the ``seesaw`` schedule's key buffer, 1 (default) or 2 (a ring: the producer
+  gathers pair ``it + 1`` while the consumers work on pair ``it``; fits in shared memory with ``block_kv`` <= 32).
+  Measured on the H200 against one pair of 64-key blocks: CSA decode (b = 64) 0.0324 vs 0.0345 ms, but CSA
+  and HCA prefill 8-13 % slower (32-key blocks halve the GEMM sizes); one pair of 32-key blocks: 0.0396 ms.
+  Pinned to 1 for the other schedules and the combine.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 
@@ -57,6 +62,7 @@ CANDIDATES: dict[str, tuple[int, ...]] = {
     "threads": (256, 128),
     "combine_threads": (128, 256, 64),
     "schedule": ("seesaw", "ws"),
+    "pair_stages": (1, 2),
 }
 """Tunable knob → candidate values, the default first (canonical order of the tuner)."""
 

@@ -21,7 +21,7 @@ their arithmetic), so a row's output is the same for any batch size and position
 V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys) always take the one-pass kernel.
 
 Tuning: problem keys ``heads``, ``kind`` (main / split / combine), ``ring``, ``return_lse``,
-``split_keys``; tunables ``block_kv``, ``threads`` and ``schedule`` (main and split programs) and
+``split_keys``; tunables ``block_kv``, ``threads``, ``schedule`` and ``pair_stages`` (main and split programs) and
 ``combine_threads`` (see :mod:`tilev4.dsl.tuning` for what each schedule uses and
 :mod:`tilev4.kernels.attention_tuning` for the buckets and the harness). The ops resolve the config
 of every program they launch per GPU and size splits and workspaces from it.
@@ -74,12 +74,12 @@ def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool 
 
 
 def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
-           block_kv: int, threads: int, combine_threads: int, schedule: str) -> Any:
+           block_kv: int, threads: int, combine_threads: int, schedule: str, pair_stages: int) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     spec = variant_spec(variant, heads, ring, return_lse)
     cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads,
-                          schedule=schedule)
+                          schedule=schedule, pair_stages=pair_stages)
     if kind == "combine":
         return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
@@ -107,25 +107,28 @@ def _registration(variant: str) -> dict[str, Any]:
 @register("sparse_attention", **_registration("sparse"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                           combine_threads: int = 128, schedule: str = "seesaw"):
+                           combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
-    return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
+    return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
+                  pair_stages)
 
 
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw"):
+                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
-    return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
+    return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
+                  pair_stages)
 
 
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw"):
+                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
-    return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule)
+    return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
+                  pair_stages)
 
 
 class _TunedAttention(AttentionKernel):
@@ -155,7 +158,8 @@ class _TunedAttention(AttentionKernel):
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
         """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
         return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
-                "combine_threads": config.combine_threads, "schedule": config.schedule}
+                "combine_threads": config.combine_threads, "schedule": config.schedule,
+                "pair_stages": config.pair_stages}
 
 
 class _RegistryAttention(_TunedAttention):
