@@ -166,26 +166,25 @@ def test_hca_matches_reference(ring, s):
     _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
-@pytest.mark.parametrize("schedule", ["ws", "seesaw"])
-@pytest.mark.parametrize("num_splits", [None, 3])
-def test_warp_specialised_schedules(schedule, num_splits):
-    """Each warp-specialised schedule (built directly, whatever the tuned records say) against the reference:
-    index lists with unused slots, a whole unused 64-key block, a query without keys, duplicates, a block count
-    that is odd (the pair's second block padded), one pass and three splits; HCA with ragged positions."""
+def _check_ws_program(config, num_splits, seed, k, unused, duplicates):
+    """The warp-specialised program of ``config`` (built directly, whatever the tuned records say) against the
+    reference: sparse attention over index lists of ``k`` slots with unused slots, a whole unused block (the slots
+    ``unused`` of query (0, 1)), a query without keys and, with ``duplicates``, repeated entries; then HCA with
+    ragged positions. One pass or ``num_splits`` splits."""
     from tilev4.dsl import AttentionKernel
-    from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec
 
-    g = _gen(400 + (num_splits or 0) + (schedule == "seesaw"))
-    b, s, n, k = 2, 5, 700, 320  # 5 key blocks: the last pair has one padding block
+    g = _gen(seed)
+    b, s, n = 2, 5, 700
     q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
     sink = torch.randn(64, generator=g, device="cuda")
     idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
     idx[:, :, 1::5] = -1
-    idx[0, 1, 128:192] = -1
+    idx[0, 1, unused] = -1
     idx[1, 2, :] = -1
-    idx[1, 3, 30:60] = idx[1, 3, 0]
-    kern = AttentionKernel(variant_spec("sparse", 64, False, True), AttentionConfig(schedule=schedule))
+    if duplicates:
+        idx[1, 3, 30:60] = idx[1, 3, 0]
+    kern = AttentionKernel(variant_spec("sparse", 64, False, True), config)
     pos = torch.zeros(b, s, dtype=torch.int32, device="cuda")
     o, lse = kern(q, pos, sink, num_splits=num_splits, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
     ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
@@ -197,50 +196,34 @@ def test_warp_specialised_schedules(schedule, num_splits):
     positions = start.view(-1, 1) + torch.arange(s_h, device="cuda", dtype=torch.int32)
     n_c = int((positions.max() + 1) // 128) + 2
     qh, kv_w, kv_c = _randn(b, s_h, 64, 512, g=g), _randn(b, s_h, 512, g=g), _randn(b, n_c, 512, g=g)
-    kern = AttentionKernel(variant_spec("hca", 64, False, False), AttentionConfig(schedule=schedule))
+    kern = AttentionKernel(variant_spec("hca", 64, False, False), config)
     oh = kern(qh, positions, sink, num_splits=num_splits, out=_poisoned(qh), window_kv=kv_w, window_start=start,
               comp_kv=kv_c)
     comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
     kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), comp)
     _check(oh, RA.sparse_attention(qh.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
+@pytest.mark.parametrize("schedule", ["ws", "seesaw"])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_warp_specialised_schedules(schedule, num_splits):
+    """Each warp-specialised schedule against the reference (see ``_check_ws_program``): 5 key blocks of 64, so the
+    last pair has one padding block; a whole unused 64-key block; duplicates."""
+    from tilev4.dsl.codegen import AttentionConfig
+
+    _check_ws_program(AttentionConfig(schedule=schedule), num_splits, 400 + (num_splits or 0) + (schedule == "seesaw"),
+                      k=320, unused=slice(128, 192), duplicates=True)
 
 
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_seesaw_ring_of_two_pairs(num_splits):
-    """The seesaw schedule with a ring of two block pairs (32-key blocks) against the reference: index lists with
-    unused slots, a whole unused block, a query without keys, an odd block count, one pass and three splits;
-    HCA with ragged positions."""
-    from tilev4.dsl import AttentionKernel
+    """The seesaw schedule with a ring of two block pairs (32-key blocks) against the reference (see
+    ``_check_ws_program``): 11 key blocks of 32, so the last pair has one padding block; a whole unused 32-key
+    block."""
     from tilev4.dsl.codegen import AttentionConfig
-    from tilev4.kernels.attention import variant_spec
 
-    cfg = AttentionConfig(block_kv=32, pair_stages=2)
-    g = _gen(700 + (num_splits or 0))
-    b, s, n, k = 2, 5, 700, 352  # 11 key blocks of 32: the last pair has one padding block
-    q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
-    sink = torch.randn(64, generator=g, device="cuda")
-    idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
-    idx[:, :, 1::5] = -1
-    idx[0, 1, 128:160] = -1
-    idx[1, 2, :] = -1
-    kern = AttentionKernel(variant_spec("sparse", 64, False, True), cfg)
-    pos = torch.zeros(b, s, dtype=torch.int32, device="cuda")
-    o, lse = kern(q, pos, sink, num_splits=num_splits, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
-    ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
-    _check(o, ref, lse, ref_lse)
-    assert torch.count_nonzero(o[1, 2]) == 0
-
-    s_h = 200
-    start = torch.tensor([0, 20000], dtype=torch.int32, device="cuda")
-    positions = start.view(-1, 1) + torch.arange(s_h, device="cuda", dtype=torch.int32)
-    n_c = int((positions.max() + 1) // 128) + 2
-    qh, kv_w, kv_c = _randn(b, s_h, 64, 512, g=g), _randn(b, s_h, 512, g=g), _randn(b, n_c, 512, g=g)
-    kern = AttentionKernel(variant_spec("hca", 64, False, False), cfg)
-    oh = kern(qh, positions, sink, num_splits=num_splits, out=_poisoned(qh), window_kv=kv_w, window_start=start,
-              comp_kv=kv_c)
-    comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
-    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), comp)
-    _check(oh, RA.sparse_attention(qh.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+    _check_ws_program(AttentionConfig(block_kv=32, pair_stages=2), num_splits, 700 + (num_splits or 0), k=352,
+                      unused=slice(128, 160), duplicates=False)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
