@@ -409,6 +409,14 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
+def _ring_slot(it: Any, ring: int) -> tuple[Any, Any]:
+    """Block pair ``it``'s first stage in a key buffer of ``ring`` pairs, and the parity of its ready/free barriers
+    (with one pair: stage 0 and ``it & 1``, written so that the program is the one without a ring)."""
+    if ring == 1:
+        return 0, it & 1
+    return (it % ring) * 2, (it // ring) & 1
+
+
 def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int = 1) -> Any:
     """The producer warpgroup of the warp-specialised schedules, as a macro.
 
@@ -495,13 +503,14 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                 for st in T.unroll(2):
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, st, src_local, row_local, pos_local,
                             idx_cur)
+            r0, ph = _ring_slot(it, ring)
             for st, u0, u1, publish in steps:
-                stage = (it % ring) * 2 + st if ring > 1 else st
+                stage = r0 + st
                 bar = stage * 2 + u0 // (NU // 2) if halves else st
                 if not halves:
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, 0, src_local, row_local, pos_local,
                             idx_cur)
-                T.barrier_wait(k_free[bar], (((it // ring) & 1) if ring > 1 else (it & 1)) ^ 1)
+                T.barrier_wait(k_free[bar], ph ^ 1)
                 gather(t, ptx, b_i, stage, st if halves else 0, u0, u1, kv_shared, ok_shared, kvpos_shared, publish,
                        src_local, row_local, pos_local)
                 T.cp_async_barrier_noinc(k_ready[bar])
@@ -745,8 +754,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
             second = it * 2 + 1 < n_blocks  # the pair's second (the follower's) block is a real one
             real = w == 0 or second
-            r0 = (it % RING) * 2 if RING > 1 else 0  # the pair's first stage in the ring
-            ph = ((it // RING) & 1) if RING > 1 else (it & 1)  # ... and the parity of its ready/free barriers
+            r0, ph = _ring_slot(it, RING)  # the pair's first stage in the ring, the parity of its barriers
             T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
             if real:
                 T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
