@@ -10,14 +10,15 @@ from tilev4.kernels import get_kernel_def, iter_registry
 K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
 
 MOE_KERNELS = {"moe_gate", "moe_count", "moe_scan", "moe_scatter", "moe_up", "moe_down", "moe_combine", "moe_up_fp8",
-               "moe_down_fp8", "moe_up_fp4", "moe_down_fp4"}
+               "moe_up_fp8_q", "moe_down_fp8", "moe_up_fp4", "moe_down_fp4"}
 
 
 def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
     kernels = {k.name: k for k in iter_registry() if "moe" in k.tags}
     assert set(kernels) == MOE_KERNELS
     # every config is compiled by the AOT test (10-60 s each on 2 cores): one per FP8 / FP4 GEMM at the V4-Flash K
-    assert sum(len(k.configs) for k in kernels.values()) <= 16
+    # (and the FP8 up-projection quantising h)
+    assert sum(len(k.configs) for k in kernels.values()) <= 17
     for k in kernels.values():
         assert k.summary, f"{k.name}: the factory needs a docstring"
         assert k.batch_invariant, f"{k.name}: every MoE kernel is batch-invariant"

@@ -531,6 +531,33 @@ def test_fp8_gemm_schedules_agree_bit_for_bit(case, block_n):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", list(FP8_CASES))
+@pytest.mark.parametrize("limit", [10.0, None])
+def test_fp8_up_quantizes_h_as_fp8_quantize_does(case, limit):
+    """``moe_up_fp8(quantize=True)`` (h quantised in the epilogue) writes exactly ``fp8_quantize`` of the bf16 h:
+    partial M tiles, an expert without rows, with and without the clamp."""
+    from tilev4.kernels import fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, _, scale = FP8_CASES[case]
+    _, _, w1, _, w3, _ = _layer(dim, inter, num_experts, 0, seed=310 + len(case))
+    q1, q3 = F.quantize_fp8_weight(w1), F.quantize_fp8_weight(w3)
+    g = _gen(311)
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = perm.x_sorted.shape[0]
+    x8, xs = fp8_quantize(perm.x_sorted)
+    ref8, ref_s = fp8_quantize(F.moe_up_fp8(perm, x8, xs, q1, q3, limit))
+    h8 = torch.full((n, inter), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # NaN bytes
+    hs = torch.full((n, inter // 128), float("nan"), device="cuda")
+    got = F.moe_up_fp8(perm, x8, xs, q1, q3, limit, out=(h8, hs), quantize=True)
+    assert got[0] is h8 and got[1] is hs
+    assert torch.equal(h8.view(torch.uint8), ref8.view(torch.uint8))
+    assert torch.equal(hs, ref_s)
+    with pytest.raises(TypeError, match="out must be an"):
+        F.moe_up_fp8(perm, x8, xs, q1, q3, limit, out=h8, quantize=True)
+
+
 def test_fp8_weight_quantisation_is_exact_on_its_grid():
     w = _randn(3, 200, 384, g=_gen(300), scale=0.02, dtype=torch.float32)
     q = F.quantize_fp8_weight(w)

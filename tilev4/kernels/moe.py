@@ -1286,8 +1286,10 @@ def moe_experts(
         from tilev4.kernels.quant import fp8_quantize
 
         x8, xs = fp8_quantize(perm.x_sorted)
-        h = F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None)
-        h8, hs = fp8_quantize(h)
+        if weight_format == "fp8":  # h quantised in the up-projection's epilogue
+            h8, hs = F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None, quantize=True)
+        else:
+            h8, hs = fp8_quantize(F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None))
         y_sorted = F.grouped_down(fmt, perm, h8, hs, w2, perm.x_sorted)
     else:
         h = moe_up(perm, w1, w3, swiglu_limit)

@@ -62,6 +62,7 @@ from tilev4.kernels.moe_ws import (
     produce,
     store_part,
 )
+from tilev4.kernels.quant import FP8_AMAX_FLOOR, pow2_scale_bits
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = ["FP8Weight", "build_moe_down_fp8", "build_moe_up_fp8", "moe_down_fp8", "moe_up_fp8",
@@ -120,8 +121,12 @@ def _check_fp8_weight(name: str, w: object, e: int, n: int, k: int, device: torc
 SCHEDULES = ("ws", "pipelined")
 
 
-def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
+def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: bool = False) -> Any:
     """Warp-specialised FP8 expert GEMM (``kind`` "up": SwiGLU epilogue, "down": bf16 out), grouped.
+
+    ``quant_out`` (up, ``block_n`` = 128: a tile's columns are one quantisation block): h is quantised in the
+    epilogue as :func:`tilev4.fp8_quantize` does it (bf16-rounded h, 1×128 blocks, ue8m0 scales) and stored as
+    ``(h8, hs)``, the down-projection's operands, instead of bf16 h.
 
     The bf16 ``ws`` schedule (:mod:`tilev4.kernels.moe_ws`) with one K block of 128 (one scale block) a
     stage: the producer warpgroup TMA-loads the A halves and the weight tile(s); consumer warpgroup
@@ -132,8 +137,38 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
     """
     BN, BK, S, KB = block_n, SCALE_BLOCK, num_stages, K // SCALE_BLOCK
     NB = 2 if kind == "up" else 1
+    if quant_out and (kind != "up" or block_n != SCALE_BLOCK):
+        raise ValueError(f"quant_out needs the up-projection with block_n={SCALE_BLOCK}, got {kind}, {block_n}")
     NR, N, NS, E, MT = (T.dynamic(n) for n in ("NR", "N", "NS", "E", "MT"))
     fp8 = T.float8_e4m3fn
+
+    @T.macro
+    def store_quantized(w, rw, r0, n0, out, limit, o_s, w_s, accs, t, amax, inv):
+        """h of consumer ``w``'s 64 rows (SwiGLU, clamp, routing weight, rounded to bf16 as the bf16 store
+        rounds it) quantised 1×128 like :func:`tilev4.fp8_quantize`: the row's amax over the tile's 128
+        columns, a power-of-two scale, ``rne(h / scale)``; stored by TMA when all 64 rows are valid."""
+        gate, up = accs
+        for i, j in T.Parallel(HALF_M, BN):
+            g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
+            u = T.if_then_else(up[i, j] > limit, limit, T.if_then_else(up[i, j] < -limit, -limit, up[i, j]))
+            t[i, j] = T.cast(T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16), T.float32)
+        T.reduce_absmax(t, amax, dim=1)
+        for i in T.Parallel(HALF_M):
+            scale, inv_scale = pow2_scale_bits(T.max(amax[i], FP8_AMAX_FLOOR), FP8_MAX)
+            inv[i] = inv_scale
+            if i < rw:
+                out[1][r0 + i, n0 // SCALE_BLOCK] = scale
+        for i, j in T.Parallel(HALF_M, BN):
+            o_s[i, j] = t[i, j] * inv[i]  # |h / scale| <= 448: no saturation needed
+        if rw >= HALF_M:
+            T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            T.copy(o_s, out[0][r0, n0])
+        else:
+            T.sync_threads(barrier_id=1 + w, arrive_count=128)
+            for i, j in T.Parallel(HALF_M, BN):
+                if i < rw:
+                    out[0][r0 + i, n0 + j] = o_s[i, j]
 
     @T.macro
     def promote(acc, t, sc, cur, w_scale):
@@ -191,7 +226,10 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             if kind == "up":
                 T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the smem reads of the K loop are done
                 load_route_weights(rw, r0, wts, w_s)
-            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, BN, kind == "up")
+            if quant_out:
+                store_quantized(w, rw, r0, n0, out, limit, o_s, w_s, accs, t, sc, cur)
+            else:
+                store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, BN, kind == "up")
 
     @T.macro
     def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_expert):
@@ -199,8 +237,8 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
             a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
             bs = [T.alloc_shared((S, BN, BK), fp8) for _ in range(NB)]
-            o0_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
-            o1_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
+            o0_s = T.alloc_shared((HALF_M, BN), fp8 if quant_out else T.bfloat16)
+            o1_s = T.alloc_shared((HALF_M, BN), fp8 if quant_out else T.bfloat16)
             w0_s = T.alloc_shared((HALF_M,), T.float32) if kind == "up" else None
             w1_s = T.alloc_shared((HALF_M,), T.float32) if kind == "up" else None
             acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
@@ -233,7 +271,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
                     consumer(1, a_scale, w_scales, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, t1, sc1, cur1,
                              nxt1, full, empty, tx, e, row0, rows, n0)
 
-    if kind == "up":
+    if kind == "up" and not quant_out:
 
         @T.prim_func
         def moe_up_fp8_ws(
@@ -253,6 +291,28 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int) -> Any:
             body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
 
         return moe_up_fp8_ws
+
+    if quant_out:
+
+        @T.prim_func
+        def moe_up_fp8_q_ws(
+            x8: T.Tensor[(NR, K), fp8],
+            xs: T.Tensor[(NR, KB), T.float32],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, K), fp8],
+            w1s: T.Tensor[(E, NS, KB), T.float32],
+            w3: T.Tensor[(E, N, K), fp8],
+            w3s: T.Tensor[(E, NS, KB), T.float32],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h8: T.Tensor[(NR, N), fp8],
+            hs: T.Tensor[(NR, NS), T.float32],
+            limit: T.float32,
+        ):
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, [h8, hs], limit, offsets, tile_offsets, tile_expert)
+
+        return moe_up_fp8_q_ws
 
     @T.prim_func
     def moe_down_fp8_ws(
@@ -440,6 +500,15 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
     return moe_down_fp8_kernel
 
 
+@register("moe_up_fp8_q", configs=[{"dim": 4096}], tags=("moe", "fp8", "batch_invariant"))
+def build_moe_up_fp8_q(dim: int, num_stages: int = 4):
+    """:func:`build_moe_up_fp8` (``ws`` schedule, 128-column tiles) with h quantised to FP8 1×128 in the epilogue:
+    writes ``(h8, hs)`` as ``fp8_quantize(h)`` would. Not tuned (the up-projection's default tile)."""
+    if dim % SCALE_BLOCK:
+        raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
+    return _build_fp8_ws("up", dim, SCALE_BLOCK, num_stages, quant_out=True)
+
+
 @register("moe_down_fp8", configs=[{"inter": 2048}], tags=("moe", "fp8", "batch_invariant"),
           space=MOE_DOWN_FP8_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP8_HARNESS)
 def build_moe_down_fp8(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
@@ -477,8 +546,9 @@ class QuantFormat:
 
 
 def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: Any, w3: Any,
-               swiglu_limit: float | None, out: torch.Tensor | None) -> torch.Tensor:
-    """Validate and launch ``fmt``'s grouped up-projection (see :func:`moe_up_fp8`)."""
+               swiglu_limit: float | None, out: Any, quantize: bool = False) -> Any:
+    """Validate and launch ``fmt``'s grouped up-projection (see :func:`moe_up_fp8`); ``quantize`` (FP8 only):
+    the epilogue quantises h and returns ``(h8, hs)``."""
     limit = _check_limit(swiglu_limit)
     n, dim = perm.x_sorted.shape
     dev = perm.x_sorted.device
@@ -494,6 +564,10 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
                          f"for {fmt.name} weights")
     w1 = fmt.check_weight("w1", w1, perm.num_experts, inter, dim, dev)
     w3 = fmt.check_weight("w3", w3, perm.num_experts, inter, dim, dev)
+    if quantize:
+        if fmt.up_kernel != "moe_up_fp8":
+            raise ValueError(f"quantize=True is for FP8 weights, got {fmt.name}")
+        return _up_quantized(perm, x8, x_scale, w1, w3, limit, out, n, dim, inter, dev)
     if out is None:
         out = _empty((n, inter), torch.bfloat16, dev)
     else:
@@ -505,6 +579,33 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
                 perm.tile_expert, out, limit)
     return out
+
+
+def _up_quantized(perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: FP8Weight, w3: FP8Weight,
+                  limit: float, out: Any, n: int, dim: int, inter: int,
+                  dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 up-projection with h quantised in its epilogue (``moe_up_fp8_q``): ``(h8, hs)``."""
+    if inter % SCALE_BLOCK:
+        raise ValueError(f"w1: inter={inter} must be a multiple of {SCALE_BLOCK} to quantise h in the epilogue")
+    if perm.block_m != BLOCK_M:
+        raise ValueError(f"perm.block_m must be {BLOCK_M} to quantise h in the epilogue, got {perm.block_m}")
+    if out is None:
+        h8 = _empty((n, inter), torch.float8_e4m3fn, dev)
+        hs = _empty((n, inter // SCALE_BLOCK), torch.float32, dev)
+    else:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be an (h8, hs) pair when quantize=True, got {type(out).__name__}")
+        h8, hs = out
+        check_tensor("out[0]", h8, dtype=torch.float8_e4m3fn, shape=(n, inter), contiguous=True, device=dev)
+        check_aligned("out[0]", h8)
+        check_tensor("out[1]", hs, dtype=torch.float32, shape=(n, inter // SCALE_BLOCK), contiguous=True,
+                     device=dev)
+    if n:
+        with torch.cuda.device(dev):
+            compile_kernel("moe_up_fp8_q", {"dim": dim})(
+                x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
+                perm.tile_expert, h8, hs, limit)
+    return h8, hs
 
 
 def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_scale: torch.Tensor, w2: Any,
@@ -542,8 +643,9 @@ def moe_up_fp8(
     w3: FP8Weight,
     swiglu_limit: float | None = 10.0,
     *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    out: Any = None,
+    quantize: bool = False,
+) -> Any:
     """Grouped FP8 up-projection with the SwiGLU fused (the FP8 form of :func:`tilev4.kernels.moe.moe_up`).
 
     Args:
@@ -551,9 +653,15 @@ def moe_up_fp8(
         x8, x_scale: ``fp8_quantize(perm.x_sorted)``: [N, dim] float8_e4m3fn and [N, dim/128] fp32.
         w1, w3: :class:`FP8Weight` of [E, inter, dim]; dim a multiple of 128.
         swiglu_limit: the routed-expert clamp, or None.
-        out: optional preallocated [N, inter] bf16.
+        out: optional preallocated [N, inter] bf16 (with ``quantize``: an ``(h8, hs)`` pair as returned).
+        quantize: quantise h in the epilogue, exactly as ``fp8_quantize(h)`` would (inter a multiple of 128):
+            returns ``(h8, hs)``, [N, inter] float8_e4m3fn and [N, inter/128] fp32, the operands of
+            :func:`moe_down_fp8`; saves writing h in bf16 and the quantisation launch.
+
+    Returns:
+        h [N, inter] bf16, or ``(h8, hs)`` with ``quantize``.
     """
-    return grouped_up(FP8_FORMAT, perm, x8, x_scale, w1, w3, swiglu_limit, out)
+    return grouped_up(FP8_FORMAT, perm, x8, x_scale, w1, w3, swiglu_limit, out, quantize)
 
 
 def moe_down_fp8(
