@@ -217,6 +217,30 @@ def test_permutation_is_the_stable_sort(monkeypatch, num_tokens, top_k, num_expe
     assert torch.equal(perm.w_sorted, weights.flatten()[order])
 
 
+def test_permutation_gathers_a_payload():
+    """``payload`` (e.g. FP8 rows quantised once a token) is gathered instead of x, the rest of the permutation
+    unchanged; a bf16 GEMM refuses a permutation of FP8 rows; bad payloads are refused."""
+    from tilev4.kernels import fp8_quantize
+
+    g = _gen(8)
+    x = _randn(300, 384, g=g, scale=3.0)
+    weights, experts = _random_routing(300, 3, 7, g)
+    x8, _ = fp8_quantize(x)
+    plain = K.moe_permute(x, weights, experts, 7)
+    perm = K.moe_permute(x, weights, experts, 7, payload=x8)
+    assert perm.x_sorted.dtype == torch.float8_e4m3fn
+    assert torch.equal(perm.x_sorted.view(torch.uint8), x8.view(torch.uint8)[plain.sorted_tokens.long()])
+    for f in ("counts", "offsets", "sorted_tokens", "pair_pos", "tile_offsets", "w_sorted"):
+        assert torch.equal(getattr(perm, f), getattr(plain, f)), f
+    w = _randn(7, 128, 384, g=g, scale=0.05)
+    with pytest.raises(TypeError, match=r"perm\.x_sorted"):
+        K.moe_up(perm, w, w, 10.0)
+    with pytest.raises(ValueError, match="payload"):
+        K.moe_permute(x, weights, experts, 7, payload=x8[:, :256].contiguous())
+    with pytest.raises(TypeError, match="payload"):
+        K.moe_permute(x, weights, experts, 7, payload=x.float())
+
+
 # ------------------------------------------------------------------------------------------------ experts
 
 

@@ -914,7 +914,7 @@ class MoEPermutation:
         pair_pos: [T, k] int32 sorted row of each (token, slot).
         tile_offsets: [E+1] int32 first M tile of each expert (``ceil(counts / block_m)`` tiles).
         tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused.
-        x_sorted: [N, dim] bf16 ``x[sorted_tokens]``.
+        x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
     """
 
@@ -953,7 +953,8 @@ def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_permute(
-    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True,
+    payload: torch.Tensor | None = None,
 ) -> MoEPermutation:
     """Sort the (token, slot) pairs by expert, stably, and gather x and the weights in that order.
 
@@ -964,6 +965,9 @@ def moe_permute(
         num_experts: E, ``1 <= E <= 1024``.
         validate: check the expert ids on the device (one host sync); with False, ids out of range
             are clamped (never read out of bounds).
+        payload: what to gather instead of x, [T, dim] of any 1- or 2-byte dtype (e.g. ``fp8_quantize(x)[0]``,
+            so that the FP8 expert GEMMs gather FP8 rows instead of quantising the gathered bf16 rows);
+            ``perm.x_sorted`` then has its dtype.
 
     Returns:
         :class:`MoEPermutation`. Three launches (count, scan, scatter), no host sync, no atomics.
@@ -971,6 +975,14 @@ def moe_permute(
     experts = _check_routing(x, weights, experts)
     num_tokens, top_k = experts.shape
     dim = x.shape[1]
+    if payload is not None:
+        check_tensor("payload", payload, ndim=2, shape=(num_tokens, dim), contiguous=True, device=x.device)
+        if payload.element_size() not in (1, 2):
+            raise TypeError(f"payload must have a 1- or 2-byte dtype, got {payload.dtype}")
+        if (dim * payload.element_size()) % 8 or payload.storage_offset() * payload.element_size() % 16:
+            raise ValueError(f"payload rows must be whole 8-byte words starting 16-byte aligned, got dim={dim}, "
+                             f"{payload.dtype}, storage offset {payload.storage_offset()}")
+    src = x if payload is None else payload
     check_int("num_experts", num_experts, min_value=1)
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts must be <= {MAX_EXPERTS}, got {num_experts}")
@@ -990,7 +1002,7 @@ def moe_permute(
         pair_pos=_empty((num_tokens, top_k), torch.int32, dev),
         tile_offsets=_empty((num_experts + 1,), torch.int32, dev),
         tile_expert=_empty((max(_max_tiles(n, num_experts, BLOCK_M), 1),), torch.int32, dev),
-        x_sorted=_empty((n, dim), torch.bfloat16, dev),
+        x_sorted=_empty((n, dim), src.dtype, dev),
         w_sorted=_empty((n,), torch.float32, dev),
     )
     if n == 0:
@@ -1004,7 +1016,7 @@ def moe_permute(
         compile_kernel("moe_count", {})(experts.view(-1), local_rank, chunk_counts)
         compile_kernel("moe_scan", {"block_m": perm.block_m})(chunk_counts, chunk_base, perm.counts, perm.offsets,
                                                               perm.tile_offsets, perm.tile_expert)
-        compile_kernel("moe_scatter", {})(x.view(torch.int64), weights, experts, local_rank, chunk_base,
+        compile_kernel("moe_scatter", {})(src.view(torch.int64), weights, experts, local_rank, chunk_base,
                                           perm.offsets, perm.x_sorted.view(torch.int64), perm.w_sorted,
                                           perm.sorted_tokens, perm.pair_pos)
     return perm
@@ -1037,6 +1049,7 @@ def moe_up(
     """
     limit = _check_limit(swiglu_limit)
     x_sorted = perm.x_sorted
+    check_tensor("perm.x_sorted", x_sorted, dtype=torch.bfloat16)  # not a permutation of an FP8 payload
     n, dim = x_sorted.shape
     dev = x_sorted.device
     check_tensor("w1", w1, dtype=torch.bfloat16, ndim=3)
@@ -1281,17 +1294,20 @@ def moe_experts(
     _check_cuda("x", x)
     if num_tokens == 0:
         return out
-    perm = moe_permute(x, weights, experts, num_experts, validate=validate)
     if quantized:  # the activations are quantised 1×128 to FP8 on the fly for both weight formats
         from tilev4.kernels.quant import fp8_quantize
 
-        x8, xs = fp8_quantize(perm.x_sorted)
+        # each token is quantised once and its FP8 row gathered (a row's blocks do not depend on the slot)
+        x8_tokens, xs_tokens = fp8_quantize(x)
+        perm = moe_permute(x, weights, experts, num_experts, validate=validate, payload=x8_tokens)
+        x8, xs = perm.x_sorted, xs_tokens.index_select(0, perm.sorted_tokens)
         if weight_format == "fp8":  # h quantised in the up-projection's epilogue
             h8, hs = F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None, quantize=True)
         else:
             h8, hs = fp8_quantize(F.grouped_up(fmt, perm, x8, xs, w1, w3, swiglu_limit, None))
-        y_sorted = F.grouped_down(fmt, perm, h8, hs, w2, perm.x_sorted)
+        y_sorted = F.grouped_down(fmt, perm, h8, hs, w2, None)
     else:
+        perm = moe_permute(x, weights, experts, num_experts, validate=validate)
         h = moe_up(perm, w1, w3, swiglu_limit)
         y_sorted = moe_down(perm, h, w2, out=perm.x_sorted)  # x_sorted is dead after the up-projection
     y_shared = None if shared is None else moe_shared_expert(x, *shared)
