@@ -499,7 +499,9 @@ def moe_up_fp4(
 
     Args:
         perm: the permutation (:func:`tilev4.kernels.moe.moe_permute`); N = its sorted rows.
-        x8, x_scale: ``fp8_quantize(perm.x_sorted)``: [N, dim] float8_e4m3fn and [N, dim/128] fp32.
+        x8, x_scale: the sorted rows quantised 1×128, [N, dim] float8_e4m3fn and [N, dim/128] fp32:
+            ``fp8_quantize(perm.x_sorted)``, or for a permutation of FP8 rows (``moe_permute(payload=x8_tokens)``)
+            ``perm.x_sorted`` and the token scales gathered by ``perm.sorted_tokens``.
         w1, w3: :class:`FP4Weight` of [E, inter, dim] (data [E, inter, dim/2] uint8, scale [E, inter, dim/32]
             uint8 e8m0); dim and inter multiples of 128.
         swiglu_limit: the routed-expert clamp, or None.

@@ -650,7 +650,9 @@ def moe_up_fp8(
 
     Args:
         perm: the permutation (:func:`tilev4.kernels.moe.moe_permute`); N = its sorted rows.
-        x8, x_scale: ``fp8_quantize(perm.x_sorted)``: [N, dim] float8_e4m3fn and [N, dim/128] fp32.
+        x8, x_scale: the sorted rows quantised 1×128, [N, dim] float8_e4m3fn and [N, dim/128] fp32:
+            ``fp8_quantize(perm.x_sorted)``, or for a permutation of FP8 rows (``moe_permute(payload=x8_tokens)``)
+            ``perm.x_sorted`` and the token scales gathered by ``perm.sorted_tokens``.
         w1, w3: :class:`FP8Weight` of [E, inter, dim]; dim a multiple of 128.
         swiglu_limit: the routed-expert clamp, or None.
         out: optional preallocated [N, inter] bf16 (with ``quantize``: an ``(h8, hs)`` pair as returned).
