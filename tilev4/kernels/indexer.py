@@ -47,7 +47,10 @@ multiple of 4 are read with 16-byte loads (``vec=4``). With ``prefilter`` (the d
 running maxima a thread (no atomics; the signed order of the bits, exact): about 4·K maxima of disjoint entry
 sets, whose K-th largest top digit d0 is a lower bound of the K-th largest key (K distinct entries reach it).
 The second pass reads the row again (mostly from L2) and keys, counts (shared-memory atomics on the top digit)
-and keeps in shared memory only the entries of top digit >= d0 — on normal rows ~2 % of them. A block scan
+and keeps in shared memory only the entries of top digit >= d0 — on normal rows ~2 % of them. The filtered
+passes (this one, and the select pass below) do not key a passing value where it is found: a ballot a value
+queues the few passing values of each load in the warp's staging slots, and once 32 are queued the warp keys
+them with all lanes busy (a rare passing value otherwise holds up all 32 lanes of its warp). A block scan
 (shuffles within each warp, then over the warp totals) finds the digit d* of the K-th largest key; the later
 digits are found over the kept keys only (histograms with one atomic per group of equal digits in a warp:
 ``__match_any_sync``), stopping as soon as the keys above the prefix number exactly K. When more than ``cap``
@@ -491,6 +494,12 @@ def _topk_slots(k: int, threads: int, unroll: int) -> int:
     return max(1, min(8, unroll, 4 * _topk_sort_width(k) // threads))
 
 
+def _topk_stage_group(entries: int) -> int:
+    """Values a thread tests between two drains of its warp's staging slots in the filtered passes (the largest
+    divisor of its values of a step up to 8): one group adds at most 32 a value to the <= 31 a drain leaves."""
+    return next(g for g in range(min(8, entries), 0, -1) if entries % g == 0)
+
+
 def _topk_sort_fits(c: Mapping[str, Any]) -> str | None:
     if _topk_sort_width(c["K"]) // 2 > c["threads"]:
         return f"the bitonic sort of {_topk_sort_width(c['K'])} keys needs >= {_topk_sort_width(c['K']) // 2} threads"
@@ -508,7 +517,7 @@ TOPK_SPACE = Space(
     constraints=(_topk_sort_fits,),
     # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state
     smem_bytes=lambda c: 4 * _TOPK_BPT * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"])
-    + 8 * _TOPK_CAP + 20,
+    + 8 * _TOPK_CAP + 20 + c["threads"] // 32 * 8 * 32 * (_topk_stage_group(c["unroll"] * c.get("vec", 1)) + 1),
     heuristic=lambda p: {"threads": _topk_default_threads(p["K"]), "unroll": _topk_default_unroll(p.get("vec", 1)),
                          "prefilter": True},
 )
@@ -608,6 +617,8 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
     E = U * V  # entries a thread has in flight per step
     CAP = cap
     M = _topk_slots(K, threads, E)  # running maxima a thread keeps (prefilter)
+    G = _topk_stage_group(E)  # values a thread tests between two drains of its warp's staging slots
+    QCAP = 32 * (G + 1)  # a warp's staging slots: <= 31 left queued by a drain + 32 a value of a group
     R = T.dynamic("R")
     NV = T.dynamic("NV")
     N = NV * V
@@ -693,6 +704,52 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                     vals[j * V + v] = neg_inf
 
     @T.macro
+    def stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn: T.Ref):
+        """Queue the values ``jg·G .. jg·G + G − 1`` of step ``i`` that pass the pre-test (> −inf and >= ``f_lo``)
+        in the warp's staging slots: a ballot a value, and the lanes that pass write (value, entry) to the warp's
+        next free slots. :func:`drain` then keys them with every lane of the warp busy, instead of each rare
+        passing value holding up the whole warp."""
+        for e in T.unroll(jg * G, jg * G + G):
+            hit = T.if_then_else(T.And(vals[e] > neg_inf, vals[e] >= f_lo), 1, 0)
+            bal = T.cast(T.ballot_sync(hit), T.uint32)
+            if bal != T.uint32(0):
+                if hit == 1:
+                    below = T.bitwise_and(bal, T.shift_left(T.uint32(1), T.cast(lane, T.uint32)) - T.uint32(1))
+                    slot = warp * QCAP + qn + T.call_extern(T.int32, "__popc", below)
+                    stage_val[slot] = vals[e]
+                    stage_col[slot] = col(i, e, tx)
+                qn = qn + T.call_extern(T.int32, "__popc", bal)
+
+    @T.macro
+    def drain(mode, final, stage_val, stage_col, qn: T.Ref, lane, warp, hist, state, sel, cand, bound, use_cand, ib,
+              pad):
+        """Key the warp's queued values, 32 at a time from the top of its slots: whole rounds of 32 (the rest stay
+        at the bottom), or all of them when ``final``. ``mode`` "keep" (prefilter pass): a value of top digit
+        >= ``bound`` is counted and kept; "select": above digit ``bound`` it is selected, in it kept when
+        ``use_cand``."""
+        n_rounds = T.ceildiv(qn, 32) if final else qn // 32
+        if n_rounds > 0:
+            T.sync_warp()
+            for rr in T.serial(n_rounds):
+                slot = qn - 32 * (rr + 1) + lane
+                if slot >= 0:
+                    ukey = _order_key(stage_val[warp * QCAP + slot])
+                    dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
+                    if dig >= bound:
+                        key = _entry_key(ukey, stage_col[warp * QCAP + slot], N, ib, pad)
+                        if mode == "keep":
+                            T.atomic_add(hist[dig], 1)
+                            part = T.atomic_add(state[4], 1, return_prev=True)
+                            if part < CAP:
+                                cand[part] = key
+                        elif dig > bound:
+                            sel[T.atomic_add(state[3], 1, return_prev=True)] = key
+                        elif use_cand == 1:
+                            cand[T.atomic_add(state[4], 1, return_prev=True)] = key
+            T.sync_warp()
+            qn = T.max(qn - 32 * n_rounds, 0)
+
+    @T.macro
     def sort_step(keys, sel, sel2, tx, size, stride, buf):
         """One bitonic compare-exchange at distance ``stride`` inside blocks of ``size`` (descending when
         the position's ``size`` bit is 0): the lower position keeps the larger key there."""
@@ -771,6 +828,8 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
             sel = T.alloc_shared((KP,), T.uint64)
             sel2 = T.alloc_shared((KP,), T.uint64)  # the sort's second exchange buffer
             cand = T.alloc_shared((CAP,), T.uint64)
+            stage_val = T.alloc_shared((num_warps * QCAP,), T.float32)  # the filtered passes' queued values
+            stage_col = T.alloc_shared((num_warps * QCAP,), T.int32)  # and their entries
             keys = T.alloc_local((RK,), T.uint64)
             # [d*, count above d*, count in d*, selected keys, kept keys]
             state = T.alloc_shared((5,), T.int32)
@@ -787,12 +846,12 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
             superset = T.alloc_var(T.int32)
             n_cand = T.alloc_var(T.int32)
             part = T.alloc_var(T.int32)
-            dig = T.alloc_var(T.int32)
             digit = T.alloc_var(T.uint32)
             peers = T.alloc_var(T.uint32)
             ukey = T.alloc_var(T.uint32)
             key = T.alloc_var(T.uint64)
             raw = T.alloc_var(T.int32)
+            qn = T.alloc_var(T.int32)  # values queued in the warp's staging slots (the same in every lane)
 
             lane = tx % 32
             warp = tx // 32
@@ -841,17 +900,15 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                 if tx == 0:
                     state[0] = -1
                 # pass 1 (global): the entries with top digit >= d0 are counted by top digit and kept (up to CAP)
+                qn = 0
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(E):
-                        if vals[j] > neg_inf and vals[j] >= f_lo:
-                            ukey = _order_key(vals[j])
-                            dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
-                            if dig >= d0:
-                                T.atomic_add(hist[dig], 1)
-                                part = T.atomic_add(state[4], 1, return_prev=True)
-                                if part < CAP:
-                                    cand[part] = _entry_key(ukey, col(i, j, tx), N, ib, pad)
+                    for jg in T.unroll(E // G):
+                        stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn)
+                        drain("keep", False, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, d0,
+                              use_cand, ib, pad)
+                drain("keep", True, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, d0, use_cand,
+                      ib, pad)
             else:
                 # pass 1 (global): histogram of the top digit of every value key
                 for i in T.serial(num_steps):
@@ -890,18 +947,15 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                 if tx == 0:
                     state[4] = 0
                 T.sync_threads()
+                qn = 0
                 for i in T.serial(num_steps):
                     load_step(logits, vals, r, i, tx, row_len)
-                    for j in T.unroll(E):
-                        if vals[j] > neg_inf and vals[j] >= f_lo:
-                            ukey = _order_key(vals[j])
-                            dig = T.cast(T.shift_right(ukey, T.uint32(top_shift)), T.int32)
-                            if dig >= thr:
-                                key = _entry_key(ukey, col(i, j, tx), N, ib, pad)
-                                if dig > thr:
-                                    sel[T.atomic_add(state[3], 1, return_prev=True)] = key
-                                elif use_cand == 1:
-                                    cand[T.atomic_add(state[4], 1, return_prev=True)] = key
+                    for jg in T.unroll(E // G):
+                        stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn)
+                        drain("select", False, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, thr,
+                              use_cand, ib, pad)
+                drain("select", True, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, thr, use_cand,
+                      ib, pad)
                 T.sync_threads()
                 n_cand = state[4]
 
