@@ -515,7 +515,8 @@ TOPK_SPACE = Space(
     # 1024-thread CTAs (one an SM) were the slowest for 4096 rows at every k (H200); few rows get them anyway
     params={"threads": (256, 512), "unroll": (4, 8), "prefilter": (True, False)},
     constraints=(_topk_sort_fits,),
-    # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state
+    # histogram (4 bins per thread), warp totals, the selected keys (two sort buffers), the kept keys, the state,
+    # the staging slots of the filtered passes (value and entry, 32·(group + 1) a warp)
     smem_bytes=lambda c: 4 * _TOPK_BPT * c["threads"] + c["threads"] // 8 + 16 * _topk_sort_width(c["K"])
     + 8 * _TOPK_CAP + 20 + c["threads"] // 32 * 8 * 32 * (_topk_stage_group(c["unroll"] * c.get("vec", 1)) + 1),
     heuristic=lambda p: {"threads": _topk_default_threads(p["K"]), "unroll": _topk_default_unroll(p.get("vec", 1)),
