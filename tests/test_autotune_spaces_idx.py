@@ -96,6 +96,10 @@ def test_indexer_logits_invariant_and_decode_builds_keep_one_query_per_cta():
     assert not set(I._logits_problem(7)) & set(kdef.tunable_keys)
     with pytest.raises(ValueError, match="one query per CTA"):
         I.build_indexer_logits(batch_invariant=True, BQ=2)
+    with pytest.raises(ValueError, match="release must be 'barrier' or 'mbarrier', got 'fence'"):
+        I.build_indexer_logits(release="fence")
+    with pytest.raises(ValueError, match="release is a knob of the tma schedule"):
+        I.build_indexer_logits(schedule="pipelined", release="mbarrier")
 
 
 def test_topk_threads_cover_the_sort_and_set_the_digit_width():

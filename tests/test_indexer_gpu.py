@@ -164,10 +164,11 @@ def test_logits_with_fewer_heads(h, batch_invariant):
 @pytest.mark.parametrize("mode", ["prefill", "decode", "batch_invariant"])
 @pytest.mark.parametrize("h", [64, 8])
 def test_logits_schedules(mode, h):
-    """Both schedules (TMA, cp.async) at two SPLIT / stage counts against the reference; ragged ends (N not a
-    multiple of 64 nor of 4, with B > 1: rows of scales not 16-byte aligned; visible counts inside a tile,
-    k_lens). The cp.async loop has prologue/epilogue copies that the compiler may contract into FMAs
-    differently, so the two schedules may differ in the last bits."""
+    """Both schedules (TMA with either stage release, cp.async) at two SPLIT / stage counts against the
+    reference; ragged ends (N not a multiple of 64 nor of 4, with B > 1: rows of scales not 16-byte aligned;
+    visible counts inside a tile, k_lens). The TMA builds give the same bits; the cp.async loop has
+    prologue/epilogue copies that the compiler may contract into FMAs differently, so the two schedules may
+    differ in the last bits."""
     from tilev4.kernels.indexer import _logits_problem
     from tilev4.kernels.registry import compile_kernel
 
@@ -185,17 +186,18 @@ def test_logits_schedules(mode, h):
     problem = _logits_problem(s, mode == "batch_invariant", h, D)
     bq = 1 if mode != "prefill" else 2
     outs = []
-    for schedule in ("tma", "pipelined"):
+    for schedule, release in (("tma", "barrier"), ("tma", "mbarrier"), ("pipelined", "barrier")):
         for split, stages in ((1024, 3), (2048, 4)):
             cfg = {**problem, "schedule": schedule, "BQ": bq, "SPLIT": split, "num_stages": stages,
-                   "min_ctas": 4 if schedule == "tma" else 1}
+                   "min_ctas": 4 if schedule == "tma" else 1, "release": release}
             out = torch.full((b, s, n), math.nan, device="cuda")
             compile_kernel("indexer_logits", cfg)(q8, qw, k8, ks, visible, out)
             torch.cuda.synchronize()
             _check_logits(out, q, w, k, positions, k_lens)
             outs.append(out)
-    # the tma schedule has one loop body: its bits do not depend on SPLIT or the stage count
-    assert torch.equal(outs[1], outs[0])
+    # the tma schedule has one loop body: its bits do not depend on SPLIT, the stage count or the stage release
+    for out in outs[1:4]:
+        assert torch.equal(out, outs[0])
 
 
 def test_long_context_decode_logits():

@@ -34,10 +34,12 @@ entries on the wgmma M side so the head sum is a row reduction: thread-local the
 keeps ``num_stages`` key tiles in flight by TMA (warp 0 refills a stage once every warp is past it, mbarrier
 per stage), loops over the visible tiles only, and stores −inf for the rest of the range without a wgmma;
 ``min_ctas=4`` caps the registers at 128 so four CTAs share an SM and one CTA's wgmma overlaps the others'
-epilogues. The ``pipelined`` schedule (every thread issuing cp.async copies, a static trip count) stays
-buildable; it was slower on the H200. Each logit is computed alone (no split over D or over the heads), so a
-query's row does not depend on B, S, the other queries of its CTA, SPLIT or the stage count (checked by the
-GPU tests).
+epilogues. A stage is handed back for its refill either after a CTA barrier at the end of the tile (BQ=2) or, with
+no CTA barrier in the loop, by each warp arriving on the stage's ``empty`` mbarrier right after its wgmma (BQ=1:
+8 % faster there, 4 % slower at BQ=2 on the H200); the two give the same bits. The ``pipelined`` schedule
+(every thread issuing cp.async copies, a static trip count) stays buildable; it was slower on the H200. Each
+logit is computed alone (no split over D or over the heads), so a query's row does not depend on B, S, the other
+queries of its CTA, SPLIT, the stage count or the stage release (checked by the GPU tests).
 
 Top-k kernel (``topk_select``): one CTA (``threads``, 512 by default) per row; radix select,
 ``log2(4·threads)`` bits per pass (11 at 512 threads: 4 histogram bins per thread), over the 64-bit key
@@ -109,6 +111,7 @@ _RATIOS = (4, 128)
 LOGITS_HEADS = (8, 16, 32, 64)  # indexer heads the logits kernel takes (the wgmma N side is BQ·H, a multiple of 8)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _NO_WS = {"tl.disable_warp_specialized": True}
+_NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 _MAX_GRID_YZ = 65535  # CUDA grid limit of the query-block and batch dims
 LOGITS_REL_TOL = 1e-5  # of Σ_h |w_h|·ReLU(q_h·k): the fp32 head-sum order (tests/test_indexer_gpu.py)
 
@@ -282,15 +285,21 @@ def _store_hidden(out, row0, col0, by, S, N, BC, BQ):
             out[row0 + j, col] = -T.infinity(T.float32)
 
 
-def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, min_ctas: int, S, N):
+def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: int, min_ctas: int, release: str,
+                    S, N):
     """The ``tma`` schedule's CTA of :func:`build_indexer_logits`.
 
     One warpgroup a CTA. Warp 0 keeps ``num_stages`` key tiles in flight by TMA (one
-    elected lane issues), each stage on its own mbarrier; the warpgroup waits for a stage, runs the wgmma,
-    and once every warp is past it warp 0 refills the stage with the tile ``num_stages`` ahead. No thread
-    computes copy addresses, and the loop stops at the CTA's last visible tile (the rest of its range is
-    stored as −inf without a wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys
-    of the next sequence that a last tile reaches are masked by the visibility test like any invisible entry.
+    elected lane issues), each stage on its own ``full`` mbarrier; the warpgroup waits for a stage and runs the
+    wgmma, and warp 0 refills the stage with the tile ``num_stages`` ahead once every warp is past it:
+    ``release="barrier"``, after the tile's epilogue and a CTA barrier; ``"mbarrier"``, as soon as each warp has
+    arrived on the stage's ``empty`` mbarrier after its wgmma (one lane a warp), before warp 0's own epilogue,
+    with no CTA barrier in the loop (the automatic shared-memory syncs are then off and the two the kernel needs,
+    after the visible counts and after the query tile, are explicit). Same bits either way (H200, S=4096: BQ=2
+    is faster with the barrier, BQ=1 with the mbarrier: the tuner picks). No thread computes copy addresses,
+    and the loop stops at the CTA's last visible tile (the rest of its range is stored as −inf without a
+    wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys of the next sequence that a
+    last tile reaches are masked by the visibility test like any invisible entry.
     """
     NH = BQ * H
     num_blocks = SPLIT // BC
@@ -302,6 +311,8 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
         T.annotate_min_blocks_per_sm(min_ctas)
         k_shared = T.alloc_shared((ST, BC, D), T.float8_e4m3fn)
         full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
+        if release == "mbarrier":
+            empty = T.alloc_barrier([4] * ST)  # one lane of each warp, past its wgmma of the stage
         ks_frag = T.alloc_fragment((BC,), T.float32)
         acc = T.alloc_fragment((BC, NH), T.float32)
         acc3 = T.reshape(acc, (BC, BQ, H))
@@ -313,6 +324,8 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
         tx = T.get_thread_binding()
 
         row0, c0, num_tiles = _cta_range(visible, vis_shared, num_vis, bx, by, bz, S, N, BQ, BC, SPLIT)
+        if release == "mbarrier":
+            T.sync_threads()  # vis_shared
 
         if num_tiles > 0:
             if tx < 32:  # warp 0 issues (one elected lane) and arrives
@@ -322,6 +335,9 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
                     T.barrier_arrive(full[i])
             T.copy(q[row0 * H, 0], q_shared)
             T.copy(qw[row0, 0], w_frag)
+            if release == "mbarrier":
+                T.fence_proxy_async()  # the query tile's plain stores, before the wgmma (async proxy) reads them
+                T.sync_threads()
             for it in T.serial(num_tiles):
                 slot = it % ST
                 # the tile's key scales: plain loads (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight
@@ -331,13 +347,24 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
                 # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                 T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)
+                if release == "mbarrier":
+                    if tx % 32 == 0:  # this warp's wgmma has read the stage
+                        T.barrier_arrive(empty[slot])
+                    if tx < 32 and it + ST < num_tiles:  # refill it once all four warps are past it
+                        T.barrier_wait(empty[slot], (it // ST) & 1)
+                        nxt = c0 + (it + ST) * BC
+                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :],
+                                   barrier=full[slot])
+                        T.barrier_arrive(full[slot])
                 _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
                             BC, BQ, H)
-                T.sync_threads()  # every warp is past the stage: refill it
-                if tx < 32 and it + ST < num_tiles:
-                    nxt = c0 + (it + ST) * BC
-                    T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
-                    T.barrier_arrive(full[slot])
+                if release == "barrier":
+                    T.sync_threads()  # every warp is past the stage: refill it
+                    if tx < 32 and it + ST < num_tiles:
+                        nxt = c0 + (it + ST) * BC
+                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :],
+                                   barrier=full[slot])
+                        T.barrier_arrive(full[slot])
         for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
             _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
 
@@ -396,7 +423,7 @@ def _logits_pipelined_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stag
 )
 def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_invariant: bool = False,
                          BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128,
-                         schedule: str = "tma", min_ctas: int = 1):
+                         schedule: str = "tma", min_ctas: int = 1, release: str | None = None):
     """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked.
 
     ``decode`` (S = 1) and ``batch_invariant`` (one build for every S) are problem keys; both take BQ=1,
@@ -405,7 +432,9 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
     tiles only; ``"pipelined"``: every thread issues cp.async copies (static trip count). Both run the same
     wgmma and epilogue (the cp.async loop's prologue and epilogue copies may contract multiply-adds
     differently, so the last bits can differ between the schedules). ``min_ctas`` (tma): CTAs an SM must hold
-    (``__launch_bounds__``), which caps the registers (4: 128 a thread).
+    (``__launch_bounds__``), which caps the registers (4: 128 a thread). ``release`` (tma; not tuned, follows BQ
+    when left out): how a key stage is handed back for its refill, ``"barrier"`` (a CTA barrier after the tile's
+    epilogue) or ``"mbarrier"`` (each warp arrives after its wgmma; no CTA barrier in the loop), same bits.
     """
     if schedule not in ("tma", "pipelined"):
         raise ValueError(f"schedule must be 'tma' or 'pipelined', got {schedule!r}")
@@ -415,6 +444,12 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         raise ValueError(f"min_ctas must be in 1..4, got {min_ctas}")
     if schedule == "pipelined" and min_ctas != 1:
         raise ValueError(f"min_ctas is a knob of the tma schedule, got {min_ctas} with {schedule!r}")
+    if release is None:  # the faster one on the H200 at S=4096, N=16384 (same bits): BQ=2 -4 %, BQ=1 +8 %
+        release = "mbarrier" if schedule == "tma" and BQ == 1 else "barrier"
+    if release not in ("barrier", "mbarrier"):
+        raise ValueError(f"release must be 'barrier' or 'mbarrier', got {release!r}")
+    if schedule == "pipelined" and release != "barrier":
+        raise ValueError(f"release is a knob of the tma schedule, got {release!r} with {schedule!r}")
     _check_logits_shape(H, D, BC, SPLIT)
     if schedule == "tma" and threads != 128:
         raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
@@ -422,7 +457,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
     S = T.dynamic("S")
     N = T.dynamic("N")
     if schedule == "tma":
-        cta = _logits_tma_cta(H, D, BQ, BC, SPLIT, num_stages, min_ctas, S, N)
+        cta = _logits_tma_cta(H, D, BQ, BC, SPLIT, num_stages, min_ctas, release, S, N)
     else:
         cta = _logits_pipelined_cta(H, D, BQ, BC, SPLIT, num_stages, S, N)
 
@@ -435,7 +470,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         visible2: T.Tensor[(B, S), T.int32],  # entries c < visible[b, s] are scored
         out3: T.Tensor[(B, S, N), T.float32],
     ):
-        T.annotate_pass_configs(_NO_WS)
+        T.annotate_pass_configs(_NO_AUTO_SYNC if release == "mbarrier" else _NO_WS)
         q = T.reshape(q4, (B * S * H, D))  # flat views: a CTA's rows are one contiguous range
         qw = T.reshape(qw3, (B * S, H))
         k = T.reshape(k3, (B * N, D))
@@ -459,7 +494,6 @@ _TOPK_CAP = 4096  # keys kept in shared memory (64-bit each); more re-read the r
 # GPU, so a row's speed is what counts (H200, 64 rows of 262144: 0.079 ms at 1024 threads, 0.64 ms at 256; 4096 rows
 # of 32768 favour 256-512). The selection is exact whatever the CTA size, so this changes no bit.
 _TOPK_FEW_ROWS_PER_SM = 2
-_NO_AUTO_SYNC = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
 _INT32_MIN = -(2**31)
 
 
