@@ -35,3 +35,31 @@ def test_moe_schedules_checks_its_arguments():
         pytest.skip("the no-GPU message is for machines without one")
     run = subprocess.run([sys.executable, tool], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_compressor_configs_checks_its_arguments():
+    """The compressor config comparison (a GPU tool) names a bad --configs, and says when there is no GPU."""
+    import pytest
+    import torch
+
+    tool = str(ROOT / "tools" / "compressor_configs.py")
+    for bad in ("{not json", '{"schedule": "stream"}'):
+        run = subprocess.run([sys.executable, tool, "--configs", bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "--configs" in run.stderr
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message is for machines without one")
+    run = subprocess.run([sys.executable, tool, "--variant", "128"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_kernel_records_name_registry_kernels():
+    """tools/records/*.jsonl (builds earlier GPU rounds loaded) read as (kernel, config) jobs of this registry."""
+    from tilev4.kernels.registry import load_all_kernels, recorded_jobs
+
+    load_all_kernels()
+    files = sorted((ROOT / "tools" / "records").glob("*.jsonl"))
+    assert files
+    for f in files:
+        jobs = recorded_jobs(f)
+        assert jobs, f
+        assert all(isinstance(config, dict) for _, config in jobs)

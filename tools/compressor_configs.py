@@ -86,11 +86,20 @@ def main() -> None:
     args = ap.parse_args()
     pick = {"4": (4, 512, "attention"), "128": (128, 512, "attention"), "indexer": (4, 128, "indexer")}
     variants = VARIANTS if args.variant == "all" else [pick[args.variant]]
+    configs = None
+    if args.configs:
+        try:
+            configs = json.loads(args.configs)
+        except ValueError as e:
+            raise SystemExit(f"--configs is not JSON ({e}): {args.configs!r}") from None
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise SystemExit(f"--configs must be a JSON list of objects, got {args.configs!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit("compressor_configs needs a CUDA GPU")
     peaks = measure_peaks()
     rows = []
     for ratio, d, quant in variants:
-        configs = json.loads(args.configs) if args.configs else DEFAULT_CONFIGS[ratio]
-        rows += run_variant(ratio, d, quant, configs, peaks["copy_gbps"])
+        rows += run_variant(ratio, d, quant, configs or DEFAULT_CONFIGS[ratio], peaks["copy_gbps"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peaks": peaks, "rows": rows}, f, indent=1)
