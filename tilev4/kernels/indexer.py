@@ -296,7 +296,8 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
     arrived on the stage's ``empty`` mbarrier after its wgmma (one lane a warp), before warp 0's own epilogue,
     with no CTA barrier in the loop (the automatic shared-memory syncs are then off and the two the kernel needs,
     after the visible counts and after the query tile, are explicit). Same bits either way (H200, S=4096: BQ=2
-    is faster with the barrier, BQ=1 with the mbarrier: the tuner picks). No thread computes copy addresses,
+    is faster with the barrier, BQ=1 with the mbarrier, which is what a build takes when ``release`` is left
+    out). No thread computes copy addresses,
     and the loop stops at the CTA's last visible tile (the rest of its range is stored as −inf without a
     wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys of the next sequence that a
     last tile reaches are masked by the visibility test like any invisible entry.
@@ -304,6 +305,13 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
     NH = BQ * H
     num_blocks = SPLIT // BC
     ST = num_stages
+
+    @T.macro
+    def refill(k, k_shared, full, bz, N, c0, it, slot):
+        """Warp 0: stage ``slot`` gets the key tile ``num_stages`` ahead of tile ``it`` (one elected lane)."""
+        nxt = c0 + (it + ST) * BC
+        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :], barrier=full[slot])
+        T.barrier_arrive(full[slot])
 
     @T.macro
     def cta(q, qw, k, ks, visible, out, bx, by, bz):
@@ -352,19 +360,13 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
                         T.barrier_arrive(empty[slot])
                     if tx < 32 and it + ST < num_tiles:  # refill it once all four warps are past it
                         T.barrier_wait(empty[slot], (it // ST) & 1)
-                        nxt = c0 + (it + ST) * BC
-                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :],
-                                   barrier=full[slot])
-                        T.barrier_arrive(full[slot])
+                        refill(k, k_shared, full, bz, N, c0, it, slot)
                 _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
                             BC, BQ, H)
                 if release == "barrier":
                     T.sync_threads()  # every warp is past the stage: refill it
                     if tx < 32 and it + ST < num_tiles:
-                        nxt = c0 + (it + ST) * BC
-                        T.tma_copy(k[bz * N + nxt:bz * N + nxt + BC, 0:D], k_shared[slot, :, :],
-                                   barrier=full[slot])
-                        T.barrier_arrive(full[slot])
+                        refill(k, k_shared, full, bz, N, c0, it, slot)
         for it in T.serial(num_tiles, num_blocks):  # the rest of the range is not visible to any query
             _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
 
@@ -785,6 +787,21 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
             qn = T.max(qn - 32 * n_rounds, 0)
 
     @T.macro
+    def filtered_pass(mode, logits, vals, r, tx, row_len, num_steps, lane, warp, f_lo: T.Ref, stage_val,
+                      stage_col, qn: T.Ref, hist, state, sel, cand, bound: T.Ref, use_cand: T.Ref, ib, pad):
+        """A pass over the row that keys only the values passing the pre-test ``>= f_lo``: queued a group of loads
+        at a time (:func:`stage_group`) and keyed a warp's 32 at a time (:func:`drain`, ``mode``), the rest at
+        the end."""
+        qn = 0
+        for i in T.serial(num_steps):
+            load_step(logits, vals, r, i, tx, row_len)
+            for jg in T.unroll(E // G):
+                stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn)
+                drain(mode, False, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, bound, use_cand,
+                      ib, pad)
+        drain(mode, True, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, bound, use_cand, ib, pad)
+
+    @T.macro
     def sort_step(keys, sel, sel2, tx, size, stride, buf):
         """One bitonic compare-exchange at distance ``stride`` inside blocks of ``size`` (descending when
         the position's ``size`` bit is 0): the lower position keeps the larger key there."""
@@ -935,15 +952,8 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                 if tx == 0:
                     state[0] = -1
                 # pass 1 (global): the entries with top digit >= d0 are counted by top digit and kept (up to CAP)
-                qn = 0
-                for i in T.serial(num_steps):
-                    load_step(logits, vals, r, i, tx, row_len)
-                    for jg in T.unroll(E // G):
-                        stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn)
-                        drain("keep", False, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, d0,
-                              use_cand, ib, pad)
-                drain("keep", True, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, d0, use_cand,
-                      ib, pad)
+                filtered_pass("keep", logits, vals, r, tx, row_len, num_steps, lane, warp, f_lo, stage_val,
+                              stage_col, qn, hist, state, sel, cand, d0, use_cand, ib, pad)
             else:
                 # pass 1 (global): histogram of the top digit of every value key
                 for i in T.serial(num_steps):
@@ -982,15 +992,8 @@ def build_topk_select(K: int = 512, vec: int = 1, threads: int = 512, cap: int =
                 if tx == 0:
                     state[4] = 0
                 T.sync_threads()
-                qn = 0
-                for i in T.serial(num_steps):
-                    load_step(logits, vals, r, i, tx, row_len)
-                    for jg in T.unroll(E // G):
-                        stage_group(vals, i, jg, tx, lane, warp, f_lo, stage_val, stage_col, qn)
-                        drain("select", False, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, thr,
-                              use_cand, ib, pad)
-                drain("select", True, stage_val, stage_col, qn, lane, warp, hist, state, sel, cand, thr, use_cand,
-                      ib, pad)
+                filtered_pass("select", logits, vals, r, tx, row_len, num_steps, lane, warp, f_lo, stage_val,
+                              stage_col, qn, hist, state, sel, cand, thr, use_cand, ib, pad)
                 T.sync_threads()
                 n_cand = state[4]
 
