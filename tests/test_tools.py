@@ -1,6 +1,7 @@
 """The helper scripts under tools/ run (on the CPU here)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,62 @@ def test_kernel_records_name_registry_kernels():
         jobs = recorded_jobs(f)
         assert jobs, f
         assert all(isinstance(config, dict) for _, config in jobs)
+
+
+def _timeline_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attention_timeline", ROOT / "tools" / "attention_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_timeline_instruments_the_seesaw_program():
+    """The timeline tool's copy of the codegen takes a [CTAs, 16] int64 stamp argument and writes every column of
+    it (its anchors still match tilev4/dsl/codegen.py); the registry's program is unchanged (no stamp argument)."""
+    from tilev4.dsl.codegen import AttentionConfig, build_main_program
+    from tilev4.kernels.attention import variant_spec
+
+    tool = _timeline_tool()
+    cg = tool.instrumented_codegen()
+    prog = cg.build_main_program(variant_spec("csa", 64), cg.AttentionConfig(), split=False)
+    assert prog.buffer_map[prog.params[-1]].name == "dbg"
+    written = set(re.findall(r"dbg\[rr, (\d+)\] = T\.call_extern", prog.script()))
+    assert written == {str(i) for i in range(16)}
+    plain = build_main_program(variant_spec("csa", 64), AttentionConfig(), split=False)
+    assert "tv4_clock" not in plain.script() and "dbg" not in [plain.buffer_map[p].name for p in plain.params]
+
+
+def test_attention_timeline_fails_loudly_when_the_codegen_moved(tmp_path, monkeypatch):
+    import pytest
+
+    tool = _timeline_tool()
+    moved = tmp_path / "codegen.py"
+    fin = "        T.barrier_wait(fin, 0)\n"
+    moved.write_text(tool.CODEGEN.read_text().replace(fin, fin.rstrip() + "  # moved\n"))
+    monkeypatch.setattr(tool, "CODEGEN", moved)
+    with pytest.raises(RuntimeError, match="row-sum barrier"):
+        tool.instrumented_codegen()
+
+
+def test_attention_timeline_summarizes_a_stamp_table():
+    """The medians of the intervals and the gap between two CTAs on one SM, on a hand-made stamp table."""
+    import torch
+
+    tool = _timeline_tool()
+    rows = []
+    for k in range(2):  # two CTAs on SM 3, one after the other (globaltimer ns: 0..1000, then 1300..2300)
+        r = [0] * 16
+        c = {n: i for i, n in enumerate(tool.COLUMNS)}
+        r[c["gtime_start"]], r[c["gtime_end"]], r[c["smid"]] = 1300 * k, 1300 * k + 1000, 3
+        for name, cyc in (("start", 0), ("q_ready", 100), ("first_block", 150), ("loop_end_0", 1150),
+                          ("fin_0", 1170), ("staged_0", 1270), ("store_end_0", 1400), ("loop_end_1", 1160),
+                          ("store_end_1", 1390), ("producer_start", 20), ("producer_end", 1000)):
+            r[c[name]] = 5000 * k + cyc
+        rows.append(r)
+    s = tool.summarize(torch.tensor(rows, dtype=torch.int64))
+    assert s["ctas"] == 2 and s["q_ready"] == 100 and s["first_block"] == 150 and s["key_loop"] == 1000
+    assert s["fin_wait_0"] == 20 and s["stage_0"] == 100 and s["store_0"] == 130 and s["epilogue_1"] == 230
+    assert s["cta"] == 1400 and s["producer"] == 980 and s["cta_ns"] == 1000 and s["span_ns"] == 2300
+    assert s["sm_gap_ns"] == 300
