@@ -146,21 +146,30 @@ def build(case: str, arch: str | None = None) -> Any:
 
 
 def _inputs(case: str) -> list[Any]:
+    """The benchmark's tensors of ``case``, in the main program's argument order (without the output)."""
     from tilev4.bench.attention import _csa_decode_inputs, _csa_prefill_inputs, _hca_prefill_inputs
+    from tilev4.dsl.codegen import tensor_layout
+    from tilev4.kernels.attention import variant_spec
 
     variant, heads, ring = CASES[case]
     if variant == "hca":
         q, kv_w, kv_c, sink, pos, start, _ = _hca_prefill_inputs(65536, heads)
-        return [q, pos, sink, kv_w, start, kv_c]
-    if ring:
+        named = {"window_kv": kv_w, "window_start": start, "comp_kv": kv_c}
+    elif ring:
         q, kv_w, kv_c, idx, sink, pos = _csa_decode_inputs(64, heads, 512)
-        return [q, pos, sink, kv_w, kv_c, idx]
-    q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(4096, heads, 512 if heads == 64 else 1024)
-    return [q, pos, sink, kv_c, idx] if variant == "sparse" else [q, pos, sink, kv_w, start, kv_c, idx]
+        named = {"window_kv": kv_w, "sel_kv": kv_c, "sel_idx": idx}
+    else:
+        q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(4096, heads, 512 if heads == 64 else 1024)
+        named = {"window_kv": kv_w, "window_start": start, "sel_kv": kv_c, "sel_idx": idx}
+    named.update(q=q, positions=pos, sink=sink)
+    layout = tensor_layout(variant_spec(variant, heads, ring=ring), split=False)
+    return [named[name] for name, _ in layout if name != "o"]
 
 
 def summarize(d: Any) -> dict[str, float]:
     """Medians (SM cycles unless named ``_ns``) of a ``[CTAs, 16]`` stamp table."""
+    import torch
+
     col = {n: d[:, i].double() for i, n in enumerate(COLUMNS)}
 
     def med(x: Any) -> float:
@@ -187,8 +196,6 @@ def summarize(d: Any) -> dict[str, float]:
         if len(rows) > 1:
             gaps.append(rows[1:, 0] - rows[:-1, 7])
     if gaps:
-        import torch
-
         out["sm_gap_ns"] = med(torch.cat(gaps))
     return out
 
