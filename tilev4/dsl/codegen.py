@@ -603,7 +603,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
             ok_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
             kvpos_shared = T.alloc_shared((2, BI), T.int32, scope="shared")
             alpha_shared = T.alloc_shared((HB,), T.float32)
-            fac_shared = T.alloc_shared((3, HB), T.float32)
+            fac_shared = T.alloc_shared((2, HB), T.float32)
             acc_s = T.alloc_fragment((HB, BI), T.float32)
             acc_o_l = T.alloc_fragment((HB, DH), T.float32)
             acc_o_r = T.alloc_fragment((HB, DH), T.float32)
@@ -670,20 +670,18 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                     m_prev[h] = w
                     row_sum[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
                 for h in T.Parallel(HB):
+                    row_sum[h] = alpha[h] * m_prev[h] * row_sum[h]  # the output's factor: 1/l · w/(w + sink)
                     fac_shared[0, h] = alpha[h]
-                    fac_shared[1, h] = m_prev[h]
-                    fac_shared[2, h] = row_sum[h]
+                    fac_shared[1, h] = row_sum[h]
                 T.barrier_arrive(fin)
-                for h, d in T.Parallel(HB, DH):
-                    acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
                 if split:
                     for h, d in T.Parallel(HB, DH):
-                        t["o_part"][b_i, s_i, sp, h0 + h, d] = acc_o_l[h, d]
+                        t["o_part"][b_i, s_i, sp, h0 + h, d] = acc_o_l[h, d] * alpha[h]
                     for h in T.Parallel(HB):
                         t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
                 else:
                     for h, d in T.Parallel(HB, DH):
-                        q_shared[h, d] = T.cast(acc_o_l[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
+                        q_shared[h, d] = T.cast(acc_o_l[h, d] * row_sum[h], T.bfloat16)
                     T.copy(q_shared[:, 0:DH], t["o"][b_i, s_i, h0 : h0 + HB, 0:DH])
                     if spec.return_lse:
                         for h in T.Parallel(HB):
@@ -702,14 +700,12 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         if it * 2 + st < n_iter * 2 - 1:
                             T.barrier_arrive(p_free)
                 T.barrier_wait(fin, 0)
-                for h, d in T.Parallel(HB, DH):
-                    acc_o_r[h, d] = acc_o_r[h, d] * fac_shared[0, h]
                 if split:
                     for h, d in T.Parallel(HB, DH):
-                        t["o_part"][b_i, s_i, sp, h0 + h, DH + d] = acc_o_r[h, d]
+                        t["o_part"][b_i, s_i, sp, h0 + h, DH + d] = acc_o_r[h, d] * fac_shared[0, h]
                 else:
                     for h, d in T.Parallel(HB, DH):
-                        q_shared[h, DH + d] = T.cast(acc_o_r[h, d] * fac_shared[1, h] * fac_shared[2, h], T.bfloat16)
+                        q_shared[h, DH + d] = T.cast(acc_o_r[h, d] * fac_shared[1, h], T.bfloat16)
                     T.copy(q_shared[:, DH:D], t["o"][b_i, s_i, h0 : h0 + HB, DH:D])
             elif tx >= 256:
                 T.set_max_nreg(80, 0)
@@ -833,17 +829,17 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 den = wt
             m_prev[h] = wt
             row_sum[h] = T.if_then_else(wt > 0, 1.0 / den, 0.0)
-        for h, d in T.Parallel(HB, DH):
-            acc_o[h, d] = acc_o[h, d] * alpha[h]
         if split:
             for h, d in T.Parallel(HB, DH):
-                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d]
+                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d] * alpha[h]
             if w == 0:
                 for h in T.Parallel(HB):
                     t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
         else:
+            for h in T.Parallel(HB):
+                row_sum[h] = alpha[h] * m_prev[h] * row_sum[h]  # one factor a row: 1/l · w/(w + sink)
             for h, d in T.Parallel(HB, DH):
-                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)
+                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * row_sum[h], T.bfloat16)
             T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
             if spec.return_lse and w == 0:
                 for h in T.Parallel(HB):
