@@ -72,8 +72,8 @@ def _edits() -> list[tuple[str, str, str]]:
         ("        T.barrier_wait(fin, 0)\n",
          "        T.barrier_wait(fin, 0)\n" + _stamp(c("fin_0"), 0, 8) + _stamp(c("fin_1"), 128, 8),
          "the row-sum barrier"),
-        ("                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)\n",
-         "                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * m_prev[h] * row_sum[h], T.bfloat16)\n"
+        ("                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n",
+         "                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n"
          + _stamp(c("staged_0"), 0, 12) + _stamp(c("staged_1"), 128, 12),
          "the staged output"),
         ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def body(t):\n",

@@ -32,6 +32,7 @@ softmax, both run P·V on their half of D). Other specs run the ``simple`` sched
 compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P.
 """
 
+import functools
 import linecache
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,11 @@ class _SourceGen:
             ann[f"{src.name}_idx"] = T.Tensor[(B, S, self.topk), T.int32]
         return ann
 
+    @property
+    def contiguous(self) -> bool:
+        """Whether some key blocks of this source are consecutive rows (see :meth:`tma_block`)."""
+        return (isinstance(self.src, Window) and not self.src.ring) or isinstance(self.src, CompressedDense)
+
     def num_keys_max(self) -> Any:
         """An upper bound on the keys of any query (shape-only: same for every row of a batch)."""
         src = self.src
@@ -197,9 +203,11 @@ class _SourceGen:
         src = self.src
         return t[f"{src.name}_idx"][b, s, T.max(T.min(j // src.block, self.topk - 1), 0)]
 
-    def key(self, t: dict, b: Any, s: Any, tq: Any, j: Any, idx: Any = None) -> tuple[Any, Any, Any]:
+    def key(self, t: dict, b: Any, s: Any, tq: Any, j: Any, idx: Any = None, start: Any = None
+            ) -> tuple[Any, Any, Any]:
         """(row in ``{name}_kv``, valid, kv_idx) of key ``j`` of this source for query (b, s) at ``tq``;
-        ``idx``: an IndexList entry already loaded (:meth:`index`)."""
+        ``idx``: an IndexList entry already loaded (:meth:`index`); ``start``: a stream window's
+        ``{name}_start[b]``, already loaded."""
         src = self.src
         if isinstance(src, Window):
             p = tq - src.size + 1 + j  # absolute token position
@@ -207,7 +215,8 @@ class _SourceGen:
                 valid = T.And(T.And(p >= 0, j < src.size), p <= tq)
                 row = T.truncmod(T.max(p, 0), self.rows)
             else:
-                start = t[f"{src.name}_start"][b]
+                if start is None:
+                    start = t[f"{src.name}_start"][b]
                 valid = T.And(T.And(p >= T.max(start, 0), p - start < self.rows), j < src.size)
                 row = p - start
             return row, valid, p
@@ -222,6 +231,21 @@ class _SourceGen:
             valid = T.And(j < (tq + 1) // src.ratio, j < self.rows)
             return j, valid, j
         raise TypeError(f"unsupported KV source {type(src).__name__}")
+
+    def tma_block(self, tq: Any, jb: Any, start: Any) -> tuple[Any, Any] | None:
+        """``(cond, row0)``: when ``cond`` holds, key block ``jb`` of this source is the ``BI`` rows ``row0 …``
+        of ``{name}_kv`` and every one of them that lies inside the tensor is a valid key, so one TMA load
+        (which zero-fills rows outside the tensor) brings the bytes the gather would (it zero-fills invalid
+        keys). A stream window's block always qualifies (its invalid keys are the rows before ``start`` or
+        past the stream); a compressed stream's block when all its entries are visible. None: the source has
+        no such blocks (index lists; a ring, whose blocks may wrap)."""
+        src, BI = self.src, self.BI
+        if isinstance(src, Window) and not src.ring:
+            return T.And(jb >= 0, jb < T.ceildiv(src.size, BI)), tq - src.size + 1 + jb * BI - start
+        if isinstance(src, CompressedDense):
+            visible = T.min(T.max((tq + 1) // src.ratio, 0), self.rows)
+            return T.And(jb >= 0, (jb + 1) * BI <= visible), jb * BI
+        return None
 
 
 def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool) -> Any:
@@ -347,10 +371,9 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
                     else:
                         w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
                         den = w
-                    m_prev[h] = w
-                    alpha[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
+                    m_prev[h] = w * T.if_then_else(w > 0, 1.0 / den, 0.0)  # the combine's weight of a lone split
                 for h, d in T.Parallel(HB, D):
-                    o_shared[h, d] = T.cast(acc_o[h, d] * m_prev[h] * alpha[h], T.bfloat16)
+                    o_shared[h, d] = T.cast(acc_o[h, d] * m_prev[h], T.bfloat16)
                 T.copy(o_shared, t["o"][b_i, s_i, h0 : h0 + HB, :])
                 if spec.return_lse:
                     for h in T.Parallel(HB):
@@ -432,6 +455,10 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
     consumers free them — (0, 0), (1, 1), (0, 1), (1, 0) — so that a half is refilled as soon as its last
     reader is done; the validity of a stage is published with its first half. ``ring`` (``halves`` only): block
     pairs in the buffer; pair ``it`` fills stages ``2·(it % ring)`` and ``2·(it % ring) + 1``.
+
+    With ``halves``, a block of a contiguous source (a stream window; a compressed stream's fully visible block,
+    :meth:`_SourceGen.tma_block`) is one TMA load per half instead of the gather (one elected thread issues it, no
+    per-row address work, same bytes in shared memory). A stream window's ``start`` is loaded once, up front.
     """
     D = spec.head_dim
     NR = BI // _ROWS_PER_PASS
@@ -441,6 +468,8 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
     bases = [sum(max_blocks[:i]) for i in range(len(gens))]  # shape-only first global block of each source
     listed = [i for i, g in enumerate(gens) if isinstance(g.src, IndexList)]  # sources whose keys need a load
     has_list = len(listed) > 0
+    tma_srcs = [(i, g) for i, g in enumerate(gens) if halves and g.contiguous]  # blocks TMA may load
+    streams = [g for g in gens if isinstance(g.src, Window) and not g.src.ring]  # their start is loaded up front
     # (stage, first 16-byte piece, end piece, publishes the stage's validity) in gather order
     steps = ([(0, 0, NU // 2, True), (1, NU // 2, NU, True), (0, NU // 2, NU, False), (1, 0, NU // 2, False)]
              if halves else [(0, 0, NU, True), (1, 0, NU, True)])
@@ -454,7 +483,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                         t, b_i, s_i, (lo + it * 2 + st - bases[i]) * BI + r * _ROWS_PER_PASS + ptx // 8)
 
     @T.macro
-    def resolve(t, ptx, b_i, s_i, tq, gblk, hi, st, slot, src_local, row_local, pos_local, idx_cur):
+    def resolve(t, ptx, b_i, s_i, tq, gblk, hi, st, slot, src_local, row_local, pos_local, idx_cur, start):
         for r in T.unroll(NR):
             jj = r * _ROWS_PER_PASS + ptx // 8
             src_local[slot * NR + r] = -1
@@ -463,10 +492,19 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
             for i, g in enumerate(gens):
                 if T.And(T.And(gblk >= bases[i], gblk < bases[i] + g.num_blocks(t, b_i, tq)), gblk < hi):
                     pre = idx_cur[(listed.index(i) * 2 + st) * NR + r] if i in listed else None
-                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - bases[i]) * BI + jj, pre)
+                    row, valid, kvpos = g.key(t, b_i, s_i, tq, (gblk - bases[i]) * BI + jj, pre, start)
                     src_local[slot * NR + r] = T.if_then_else(valid, i, -1)
                     row_local[slot * NR + r] = T.if_then_else(valid, row, 0)
                     pos_local[slot * NR + r] = kvpos
+
+    @T.macro
+    def publish_stage(ptx, st, slot, ok_shared, kvpos_shared, src_local, pos_local):
+        """The validity (and kv_idx) of each key of stage ``st``, for the consumers' mask."""
+        for r in T.unroll(NR):
+            jj = r * _ROWS_PER_PASS + ptx // 8
+            ok_shared[st, jj] = T.if_then_else(src_local[slot * NR + r] >= 0, 1, 0)
+            if has_mods:
+                kvpos_shared[st, jj] = pos_local[slot * NR + r]
 
     @T.macro
     def gather(t, ptx, b_i, st, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local, row_local,
@@ -485,15 +523,41 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                             predicate=src_local[slot * NR + r] == i,
                         )
         if publish:
-            for r in T.unroll(NR):
-                jj = r * _ROWS_PER_PASS + ptx // 8
-                ok_shared[st, jj] = T.if_then_else(src_local[slot * NR + r] >= 0, 1, 0)
-                if has_mods:
-                    kvpos_shared[st, jj] = pos_local[slot * NR + r]
+            publish_stage(ptx, st, slot, ok_shared, kvpos_shared, src_local, pos_local)
+
+    @T.macro
+    def fill(t, ptx, b_i, tq, gblk, hi, stage, slot, u0, u1, bar, publish, start, kv_shared, ok_shared, kvpos_shared,
+             k_ready, src_local, row_local, pos_local):
+        """Half ``u0 … u1`` (16-byte pieces) of block ``gblk`` into ``stage``: one TMA load where the block is
+        contiguous (:meth:`_SourceGen.tma_block`), else the gather; then the arrival on ``k_ready[bar]``."""
+        blocks = [(g, g.tma_block(tq, gblk - bases[i], start)) for i, g in tma_srcs]
+        conds = [T.And(c, gblk < hi) for _, (c, _) in blocks]
+        if len(conds) > 0:
+            if functools.reduce(T.Or, conds):
+                if publish:
+                    publish_stage(ptx, stage, slot, ok_shared, kvpos_shared, src_local, pos_local)
+                for (g, (_, row0)), cond in zip(blocks, conds):
+                    if cond:
+                        T.tma_copy(t[f"{g.src.name}_kv"][b_i, row0 : row0 + BI, u0 * 64 : u1 * 64],
+                                   kv_shared[stage, :, u0 * 64 : u1 * 64], barrier=k_ready[bar])
+                T.barrier_arrive(k_ready[bar])
+            else:
+                gather(t, ptx, b_i, stage, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local,
+                       row_local, pos_local)
+                T.cp_async_barrier_noinc(k_ready[bar])
+        else:
+            gather(t, ptx, b_i, stage, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local,
+                   row_local, pos_local)
+            T.cp_async_barrier_noinc(k_ready[bar])
 
     @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
                 src_local, row_local, pos_local, idx_cur, idx_nxt):
+        start = None
+        if len(streams) > 0:  # one load up front instead of one a resolved block
+            start_local = T.alloc_local((1,), T.int32)
+            start_local[0] = t[f"{streams[0].src.name}_start"][b_i]
+            start = start_local[0]
         if has_list:
             load_indices(t, ptx, b_i, s_i, lo, 0, idx_cur)
         for it in T.serial(n_iter):
@@ -502,18 +566,17 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
             if halves:
                 for st in T.unroll(2):
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, st, src_local, row_local, pos_local,
-                            idx_cur)
+                            idx_cur, start)
             r0, ph = _ring_slot(it, ring)
             for st, u0, u1, publish in steps:
                 stage = r0 + st
                 bar = stage * 2 + u0 // (NU // 2) if halves else st
                 if not halves:
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, 0, src_local, row_local, pos_local,
-                            idx_cur)
+                            idx_cur, start)
                 T.barrier_wait(k_free[bar], ph ^ 1)
-                gather(t, ptx, b_i, stage, st if halves else 0, u0, u1, kv_shared, ok_shared, kvpos_shared, publish,
-                       src_local, row_local, pos_local)
-                T.cp_async_barrier_noinc(k_ready[bar])
+                fill(t, ptx, b_i, tq, lo + it * 2 + st, hi, stage, st if halves else 0, u0, u1, bar, publish, start,
+                     kv_shared, ok_shared, kvpos_shared, k_ready, src_local, row_local, pos_local)
             if has_list:
                 for k in T.unroll(len(listed) * 2 * NR):
                     idx_cur[k] = idx_nxt[k]
@@ -670,7 +733,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                     m_prev[h] = w
                     row_sum[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
                 for h in T.Parallel(HB):
-                    row_sum[h] = alpha[h] * m_prev[h] * row_sum[h]  # the output's factor: 1/l · w/(w + sink)
+                    row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
                     fac_shared[0, h] = alpha[h]
                     fac_shared[1, h] = row_sum[h]
                 T.barrier_arrive(fin)
@@ -681,7 +744,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
                 else:
                     for h, d in T.Parallel(HB, DH):
-                        q_shared[h, d] = T.cast(acc_o_l[h, d] * row_sum[h], T.bfloat16)
+                        q_shared[h, d] = T.cast(acc_o_l[h, d] * alpha[h] * row_sum[h], T.bfloat16)
                     T.copy(q_shared[:, 0:DH], t["o"][b_i, s_i, h0 : h0 + HB, 0:DH])
                     if spec.return_lse:
                         for h in T.Parallel(HB):
@@ -705,7 +768,8 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         t["o_part"][b_i, s_i, sp, h0 + h, DH + d] = acc_o_r[h, d] * fac_shared[0, h]
                 else:
                     for h, d in T.Parallel(HB, DH):
-                        q_shared[h, DH + d] = T.cast(acc_o_r[h, d] * fac_shared[1, h], T.bfloat16)
+                        q_shared[h, DH + d] = T.cast(acc_o_r[h, d] * fac_shared[0, h] * fac_shared[1, h],
+                                                     T.bfloat16)
                     T.copy(q_shared[:, DH:D], t["o"][b_i, s_i, h0 : h0 + HB, DH:D])
             elif tx >= 256:
                 T.set_max_nreg(80, 0)
@@ -837,9 +901,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
         else:
             for h in T.Parallel(HB):
-                row_sum[h] = alpha[h] * m_prev[h] * row_sum[h]  # one factor a row: 1/l · w/(w + sink)
+                row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
             for h, d in T.Parallel(HB, DH):
-                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * row_sum[h], T.bfloat16)
+                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)
             T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
             if spec.return_lse and w == 0:
                 for h in T.Parallel(HB):
@@ -926,6 +990,11 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
         ann["lse"] = T.Tensor[(B, S, H), T.float32]
         names.append("lse")
 
+    def split_weight(t, b_i, s_i, k, h0, h, mx):
+        """2^(lse_k − max) of split k (0 for a split with no key)."""
+        lse_k = t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)]
+        return T.if_then_else(lse_k == -T.infinity(T.float32), 0.0, T.exp2(lse_k - mx[h]))
+
     @T.macro
     def body(t):
         with T.Kernel(S, T.ceildiv(H, HC), B, threads=threads) as (s_i, hb, b_i):
@@ -933,7 +1002,7 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
             mx = T.alloc_fragment((HC,), T.float32)
             w = T.alloc_fragment((HC,), T.float32)
             lsum = T.alloc_fragment((HC,), T.float32)
-            den = T.alloc_fragment((HC,), T.float32)
+            inv = T.alloc_fragment((HC,), T.float32)
             o_local = T.alloc_fragment((HC, D), T.bfloat16)
             h0 = hb * HC
             for h in T.Parallel(HC):
@@ -944,23 +1013,26 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
             for k in T.serial(NS):
                 for h in T.Parallel(HC):
                     mx[h] = T.max(mx[h], t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)])
-            T.fill(acc, 0)
             T.fill(lsum, 0)
             for k in T.serial(NS):
                 for h in T.Parallel(HC):
-                    lse_k = t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)]
-                    w[h] = T.if_then_else(lse_k == -T.infinity(T.float32), 0.0, T.exp2(lse_k - mx[h]))
-                    lsum[h] = lsum[h] + w[h]
-                for h, d in T.Parallel(HC, D):
-                    acc[h, d] = acc[h, d] + w[h] * t["o_part"][b_i, s_i, k, T.min(h0 + h, H - 1), d]
+                    lsum[h] = lsum[h] + split_weight(t, b_i, s_i, k, h0, h, mx)
             for h in T.Parallel(HC):
                 if spec.sink:
-                    den[h] = lsum[h] + T.exp2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
+                    den = lsum[h] + T.exp2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
                 else:
-                    den[h] = lsum[h]
-                w[h] = T.if_then_else(lsum[h] > 0, 1.0 / den[h], 0.0)
+                    den = lsum[h]
+                inv[h] = T.if_then_else(lsum[h] > 0, 1.0 / den, 0.0)
+            # the weights normalised first, so that a lone split gives the one-pass epilogue's bits:
+            # (o·(1/l)) · (w · 1/(w + sink))
+            T.fill(acc, 0)
+            for k in T.serial(NS):
+                for h in T.Parallel(HC):
+                    w[h] = split_weight(t, b_i, s_i, k, h0, h, mx) * inv[h]
+                for h, d in T.Parallel(HC, D):
+                    acc[h, d] = acc[h, d] + w[h] * t["o_part"][b_i, s_i, k, T.min(h0 + h, H - 1), d]
             for h, d in T.Parallel(HC, D):
-                o_local[h, d] = T.cast(acc[h, d] * w[h], T.bfloat16)
+                o_local[h, d] = T.cast(acc[h, d], T.bfloat16)
             T.copy(o_local, t["o"][b_i, s_i, h0 : h0 + HC, :])
             if spec.return_lse:
                 for h in T.Parallel(HC):
