@@ -236,12 +236,15 @@ class _SourceGen:
         """``(cond, row0)``: when ``cond`` holds, key block ``jb`` of this source is the ``BI`` rows ``row0 …``
         of ``{name}_kv`` and every one of them that lies inside the tensor is a valid key, so one TMA load
         (which zero-fills rows outside the tensor) brings the bytes the gather would (it zero-fills invalid
-        keys). A stream window's block always qualifies (its invalid keys are the rows before ``start`` or
-        past the stream); a compressed stream's block when all its entries are visible. None: the source has
-        no such blocks (index lists; a ring, whose blocks may wrap)."""
+        keys). A stream window's block qualifies when the window is a whole number of blocks and ``start >= 0``
+        (its invalid keys are then exactly the rows before the stream or past it); a compressed stream's block when
+        all its entries are visible. None: the source has no such blocks (index lists; a ring, whose blocks may
+        wrap; a window of a partial block, whose last rows are keys past the query)."""
         src, BI = self.src, self.BI
         if isinstance(src, Window) and not src.ring:
-            return T.And(jb >= 0, jb < T.ceildiv(src.size, BI)), tq - src.size + 1 + jb * BI - start
+            if src.size % BI:
+                return None
+            return T.And(T.And(jb >= 0, jb < src.size // BI), start >= 0), tq - src.size + 1 + jb * BI - start
         if isinstance(src, CompressedDense):
             visible = T.min(T.max((tq + 1) // src.ratio, 0), self.rows)
             return T.And(jb >= 0, (jb + 1) * BI <= visible), jb * BI
@@ -531,6 +534,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
         """Half ``u0 … u1`` (16-byte pieces) of block ``gblk`` into ``stage``: one TMA load where the block is
         contiguous (:meth:`_SourceGen.tma_block`), else the gather; then the arrival on ``k_ready[bar]``."""
         blocks = [(g, g.tma_block(tq, gblk - bases[i], start)) for i, g in tma_srcs]
+        blocks = [(g, blk) for g, blk in blocks if blk is not None]
         conds = [T.And(c, gblk < hi) for _, (c, _) in blocks]
         if len(conds) > 0:
             if functools.reduce(T.Or, conds):
