@@ -166,6 +166,27 @@ def test_hca_matches_reference(ring, s):
     _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
+def test_stream_rows_past_every_query_never_reach_the_output():
+    """The blocks of a stream window and the fully visible blocks of the compressed stream are loaded whole by TMA
+    (``_SourceGen.tma_block``): rows that no query of the sequence may see (here the padding of a shorter second
+    sequence, NaN) must stay out of every real query's output."""
+    g = _gen(700)
+    b, s, heads, valid = 2, 300, 64, 220
+    start = torch.tensor([0, 1000], dtype=torch.int32, device="cuda")
+    positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    kv_w = _randn(b, s, 512, g=g)
+    kv_w[1, valid:] = float("nan")  # sequence 1 has `valid` tokens; its later queries are padding
+    n_c = int((positions.max() + 1) // 128)
+    q, kv_c = _randn(b, s, heads, 512, g=g), _randn(b, n_c, 512, g=g)
+    sink = torch.randn(heads, generator=g, device="cuda")
+    o = tilev4.hca_attention(q, kv_w, kv_c, sink, positions, window_start=start, out=_poisoned(q))
+    comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu().nan_to_num(), kv_c.cpu(), _window_rows(positions, start=start),
+                                         comp)
+    ref = RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat)
+    _check(o[:, :valid], ref[:, :valid])
+
+
 def _check_ws_program(config, num_splits, seed, k, unused, duplicates):
     """The warp-specialised program of ``config`` (built directly, whatever the tuned records say) against the
     reference: sparse attention over index lists of ``k`` slots with unused slots, a whole unused block (the slots
