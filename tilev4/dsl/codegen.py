@@ -19,12 +19,14 @@ Two programs per spec:
   the sink, and writes the bf16 output (and the natural-log LSE).
 
 Epilogue arithmetic is shared: the unsplit epilogue computes exactly what the combine computes
-for a single non-empty split, so a row that fits in one split gets the same bits either way —
+for a single non-empty split, ``(acc · 1/l) · (w · 1/(w + sink))`` with the per-row weight formed first, so a
+row that fits in one split gets the same bits either way —
 provided the main and the split program are built from the same config (block size, threads).
 
 Schedules of the main program (``AttentionConfig.schedule``). With 64 heads a CTA and D = 512 (the V4
-kernels) it is warp-specialised: a producer warpgroup gathers the key rows of each block pair with cp.async
-into a two-stage buffer (the index-list entries of the next pair already in registers), and two consumer
+kernels) it is warp-specialised: a producer warpgroup fills a two-stage buffer with the key rows of each block
+pair — by TMA where a block is consecutive rows (a stream window, a fully visible block of a compressed stream),
+else gathered with cp.async (the index-list entries of the next pair already in registers) — and two consumer
 warpgroups run the tensor-core work — ``seesaw`` (default: each consumer takes one block of a pair and one
 half of D of the output, the running max goes from one to the other, a free/ready barrier per half of D
 lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
@@ -70,7 +72,7 @@ class AttentionConfig:
         global key sequence (each source padded to whole blocks). A compile-time constant, so that a
         row's split boundaries never depend on the batch; with source sizes that are multiples of 64
         they do not depend on a ``block_kv`` dividing 64 either.
-    schedule: "seesaw" (default; warp-specialised: one producer warpgroup gathers rows with cp.async
+    schedule: "seesaw" (default; warp-specialised: one producer warpgroup loads rows by TMA or cp.async
         into a double buffer, the two consumer warpgroups take alternate key blocks, hand the running
         max from one to the other and swap their P, and each accumulates one half of D over both
         blocks), "ws" (the same producer; consumer 0 runs QKᵀ, the softmax and P·V on the first half of
