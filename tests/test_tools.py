@@ -123,3 +123,35 @@ def test_attention_timeline_summarizes_a_stamp_table():
     assert s["fin_wait_0"] == 20 and s["stage_0"] == 100 and s["store_0"] == 130 and s["epilogue_1"] == 230
     assert s["cta"] == 1400 and s["producer"] == 980 and s["cta_ns"] == 1000 and s["span_ns"] == 2300
     assert s["sm_gap_ns"] == 300
+
+
+def _merge_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_tune_report", ROOT / "tools" / "merge_tune_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merge_tune_report_replaces_only_the_retuned_kernels(tmp_path):
+    gpu = {"name": "NVIDIA H200", "sm_count": 132}
+    rec = lambda k, h: {"key": {"kernel": k, "source_hash": h}, "winner_median_ms": 1.0}  # noqa: E731
+    base = {"gpu": gpu, "records": [rec("a", "old"), rec("a", "older"), rec("b", "x")],
+            "kernels": {"a": [{"bucket": "1"}], "b": [{"bucket": "2"}]}, "retuned": []}
+    new = {"gpu": gpu, "records": [rec("a", "new")], "kernels": {"a": [{"bucket": "1", "tuned": True}]},
+           "compile": {"configs": 1}, "date": "2026-11-30", "seconds": {"total": 1.0}}
+    path, new_path = tmp_path / "base.json", tmp_path / "new.json"
+    path.write_text(json.dumps(base))
+    new_path.write_text(json.dumps(new))
+    assert _merge_tool().main([str(path), str(new_path), "--commit", "c", "--reason", "r"]) == 0
+    out = json.loads(path.read_text())
+    assert [(r["key"]["kernel"], r["key"]["source_hash"]) for r in out["records"]] == [("b", "x"), ("a", "new")]
+    assert out["kernels"] == {"a": [{"bucket": "1", "tuned": True}], "b": [{"bucket": "2"}]}
+    assert out["retuned"][-1]["kernels"] == ["a"] and out["retuned"][-1]["commit"] == "c"
+    try:
+        _merge_tool().merge(out, dict(new, gpu={"name": "other"}), "c", "r")
+    except ValueError as e:
+        assert "different GPUs" in str(e)
+    else:
+        raise AssertionError("reports of two GPUs were merged")
