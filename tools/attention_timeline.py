@@ -82,10 +82,10 @@ def _edits() -> list[tuple[str, str, str]]:
          f"            dbg[rr, {c('gtime_end')}] = T.call_extern('int64', 'tv4_gtime')\n"
          + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def body(t):\n",
          "the output store"),
-        ("            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)\n"
+        ("            T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)\n"
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
-         "            T.import_source(EX2_SOURCE + TIMER_SOURCE)\n            dbg = t['dbg']\n"
+         "            T.import_source(FAST_SOURCE + TIMER_SOURCE)\n            dbg = t['dbg']\n"
          "            rr = (b_i * S + s_i) * (NHB * NS) + bx\n            if T.get_thread_binding() == 0:\n"
          f"                dbg[rr, {c('gtime_start')}] = T.call_extern('int64', 'tv4_gtime')\n"
          f"                dbg[rr, {c('smid')}] = T.call_extern('int64', 'tv4_smid')\n"

@@ -44,6 +44,33 @@ import tilelang.language as T
 from tilev4._fastmath import EX2_SOURCE, ex2
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
 
+# The epilogues' per-row arithmetic on the MUFU (approximate reciprocal and log2 besides ex2): a handful of
+# dependent instructions a row instead of the IEEE division and log2f subroutines. The combine uses the same
+# helpers, so a lone split still gives the one-pass program's bits.
+FAST_SOURCE = EX2_SOURCE + """
+__device__ __forceinline__ float tilev4_lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float tilev4_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+"""
+
+
+def _lg2(x):
+    """log2(x) (``lg2.approx.ftz``); the program must import :data:`FAST_SOURCE`."""
+    return T.call_extern(T.float32, "tilev4_lg2", x)
+
+
+def _rcp(x):
+    """1/x (``rcp.approx.ftz``, within an ulp); the program must import :data:`FAST_SOURCE`."""
+    return T.call_extern(T.float32, "tilev4_rcp", x)
+
+
 __all__ = [
     "AttentionConfig",
     "build_combine_program",
@@ -278,6 +305,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=threads) as (s_i, bx, b_i):
+            T.import_source(FAST_SOURCE)  # rcp / lg2 / ex2 approx (the epilogue)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
@@ -354,8 +382,8 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
 
             # normalised partial: o = acc_o / l, lse2 = log2(l) + m (base 2, sink excluded)
             for h in T.Parallel(HB):
-                lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
-                alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+                lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+                alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
             for h, d in T.Parallel(HB, D):
                 acc_o[h, d] = acc_o[h, d] * alpha[h]
             if split:
@@ -371,12 +399,12 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
                     if spec.sink:
                         sink2 = t["sink"][T.min(h0 + h, H - 1)] * LOG2E
                         mx = T.max(lse2[h], sink2)
-                        w = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
-                        den = w + T.exp2(sink2 - mx)
+                        w = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
+                        den = w + ex2(sink2 - mx)
                     else:
                         w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
                         den = w
-                    m_prev[h] = w * T.if_then_else(w > 0, 1.0 / den, 0.0)  # the combine's weight of a lone split
+                    m_prev[h] = w * T.if_then_else(w > 0, _rcp(den), 0.0)  # the combine's weight of a lone split
                 for h, d in T.Parallel(HB, D):
                     o_shared[h, d] = T.cast(acc_o[h, d] * m_prev[h], T.bfloat16)
                 T.copy(o_shared, t["o"][b_i, s_i, h0 : h0 + HB, :])
@@ -665,7 +693,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
-            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
+            T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((HB, BI), T.bfloat16)
@@ -726,18 +754,18 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         T.barrier_arrive(k_free[st])
                 # epilogue factors: inv_l, then (split) done or (direct) w and 1/den as in the combine
                 for h in T.Parallel(HB):
-                    lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
-                    alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+                    lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+                    alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
                     if spec.sink:
                         sink2 = t["sink"][h0 + h] * LOG2E
                         mx = T.max(lse2[h], sink2)
-                        w = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
-                        den = w + T.exp2(sink2 - mx)
+                        w = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
+                        den = w + ex2(sink2 - mx)
                     else:
                         w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
                         den = w
                     m_prev[h] = w
-                    row_sum[h] = T.if_then_else(w > 0, 1.0 / den, 0.0)
+                    row_sum[h] = T.if_then_else(w > 0, _rcp(den), 0.0)
                 for h in T.Parallel(HB):
                     row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
                     fac_shared[0, h] = alpha[h]
@@ -887,18 +915,18 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.barrier_wait(fin, 0)
         for h in T.Parallel(HB):
             l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
-            lse2[h] = T.if_then_else(l_sum[h] > 0, T.log2(l_sum[h]) + m[h], -T.infinity(T.float32))
-            alpha[h] = T.if_then_else(l_sum[h] > 0, 1.0 / l_sum[h], 0.0)
+            lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+            alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
             if spec.sink:
                 sink2 = t["sink"][h0 + h] * LOG2E
                 mx = T.max(lse2[h], sink2)
-                wt = T.if_then_else(l_sum[h] > 0, T.exp2(lse2[h] - mx), 0.0)
-                den = wt + T.exp2(sink2 - mx)
+                wt = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
+                den = wt + ex2(sink2 - mx)
             else:
                 wt = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
                 den = wt
             m_prev[h] = wt
-            row_sum[h] = T.if_then_else(wt > 0, 1.0 / den, 0.0)
+            row_sum[h] = T.if_then_else(wt > 0, _rcp(den), 0.0)
         if split:
             for h, d in T.Parallel(HB, DH):
                 t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d] * alpha[h]
@@ -918,7 +946,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     @T.macro
     def body(t):
         with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
-            T.import_source(EX2_SOURCE)  # the softmax exponentials (ex2.approx.ftz)
+            T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
@@ -999,11 +1027,12 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
     def split_weight(t, b_i, s_i, k, h0, h, mx):
         """2^(lse_k − max) of split k (0 for a split with no key)."""
         lse_k = t["lse_part"][b_i, s_i, k, T.min(h0 + h, H - 1)]
-        return T.if_then_else(lse_k == -T.infinity(T.float32), 0.0, T.exp2(lse_k - mx[h]))
+        return T.if_then_else(lse_k == -T.infinity(T.float32), 0.0, ex2(lse_k - mx[h]))
 
     @T.macro
     def body(t):
         with T.Kernel(S, T.ceildiv(H, HC), B, threads=threads) as (s_i, hb, b_i):
+            T.import_source(FAST_SOURCE)  # the epilogue's rcp / lg2 / ex2, as in the main programs
             acc = T.alloc_fragment((HC, D), T.float32)
             mx = T.alloc_fragment((HC,), T.float32)
             w = T.alloc_fragment((HC,), T.float32)
@@ -1025,10 +1054,10 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
                     lsum[h] = lsum[h] + split_weight(t, b_i, s_i, k, h0, h, mx)
             for h in T.Parallel(HC):
                 if spec.sink:
-                    den = lsum[h] + T.exp2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
+                    den = lsum[h] + ex2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
                 else:
                     den = lsum[h]
-                inv[h] = T.if_then_else(lsum[h] > 0, 1.0 / den, 0.0)
+                inv[h] = T.if_then_else(lsum[h] > 0, _rcp(den), 0.0)
             # the weights normalised first, so that a lone split gives the one-pass epilogue's bits:
             # (o·(1/l)) · (w · 1/(w + sink))
             T.fill(acc, 0)
@@ -1044,7 +1073,7 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
                 for h in T.Parallel(HC):
                     if h0 + h < H:
                         t["lse"][b_i, s_i, h0 + h] = T.if_then_else(
-                            lsum[h] > 0, (mx[h] + T.log2(lsum[h])) * LN2, -T.infinity(T.float32)
+                            lsum[h] > 0, (mx[h] + _lg2(lsum[h])) * LN2, -T.infinity(T.float32)
                         )
 
     return _generated_prim_func(f"{spec.name}_combine", names, ann, body)
