@@ -203,11 +203,6 @@ class _SourceGen:
             ann[f"{src.name}_idx"] = T.Tensor[(B, S, self.topk), T.int32]
         return ann
 
-    @property
-    def contiguous(self) -> bool:
-        """Whether some key blocks of this source are consecutive rows (see :meth:`tma_block`)."""
-        return (isinstance(self.src, Window) and not self.src.ring) or isinstance(self.src, CompressedDense)
-
     def num_keys_max(self) -> Any:
         """An upper bound on the keys of any query (shape-only: same for every row of a batch)."""
         src = self.src
@@ -501,7 +496,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
     bases = [sum(max_blocks[:i]) for i in range(len(gens))]  # shape-only first global block of each source
     listed = [i for i, g in enumerate(gens) if isinstance(g.src, IndexList)]  # sources whose keys need a load
     has_list = len(listed) > 0
-    tma_srcs = [(i, g) for i, g in enumerate(gens) if halves and g.contiguous]  # blocks TMA may load
+    tma_srcs = list(enumerate(gens)) if halves else []  # sources whose blocks TMA may load (see fill)
     streams = [g for g in gens if isinstance(g.src, Window) and not g.src.ring]  # their start is loaded up front
     # (stage, first 16-byte piece, end piece, publishes the stage's validity) in gather order
     steps = ([(0, 0, NU // 2, True), (1, NU // 2, NU, True), (0, NU // 2, NU, False), (1, 0, NU // 2, False)]
@@ -566,19 +561,15 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
         blocks = [(g, g.tma_block(tq, gblk - bases[i], start)) for i, g in tma_srcs]
         blocks = [(g, blk) for g, blk in blocks if blk is not None]
         conds = [T.And(c, gblk < hi) for _, (c, _) in blocks]
-        if len(conds) > 0:
-            if functools.reduce(T.Or, conds):
-                if publish:
-                    publish_stage(ptx, stage, slot, ok_shared, kvpos_shared, src_local, pos_local)
-                for (g, (_, row0)), cond in zip(blocks, conds):
-                    if cond:
-                        T.tma_copy(t[f"{g.src.name}_kv"][b_i, row0 : row0 + BI, u0 * 64 : u1 * 64],
-                                   kv_shared[stage, :, u0 * 64 : u1 * 64], barrier=k_ready[bar])
-                T.barrier_arrive(k_ready[bar])
-            else:
-                gather(t, ptx, b_i, stage, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local,
-                       row_local, pos_local)
-                T.cp_async_barrier_noinc(k_ready[bar])
+        # a Python False (no source with such blocks) keeps only the gather in the program
+        if functools.reduce(T.Or, conds) if conds else False:
+            if publish:
+                publish_stage(ptx, stage, slot, ok_shared, kvpos_shared, src_local, pos_local)
+            for (g, (_, row0)), cond in zip(blocks, conds):
+                if cond:
+                    T.tma_copy(t[f"{g.src.name}_kv"][b_i, row0 : row0 + BI, u0 * 64 : u1 * 64],
+                               kv_shared[stage, :, u0 * 64 : u1 * 64], barrier=k_ready[bar])
+            T.barrier_arrive(k_ready[bar])
         else:
             gather(t, ptx, b_i, stage, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local,
                    row_local, pos_local)
