@@ -78,28 +78,46 @@ def test_shipped_configs_hold_only_problem_keys():
             assert resolve_config(kdef, cfg, "sm_90a", gpu=None).source == "heuristic"
 
 
-def test_indexer_logits_invariant_and_decode_builds_keep_one_query_per_cta():
+def test_indexer_logits_decode_builds_keep_one_query_per_cta():
     kdef = get_kernel_def("indexer_logits")
     plans = {p.bucket: p for p in plan_kernel("indexer_logits", arch="sm_90a")}
-    assert set(plans) == {f"H={h},D=128,{m}" for h in (64, 8) for m in ("prefill", "decode", "batch_invariant")}
+    assert set(plans) == {f"H={h},D=128,{m}" for h in (64, 8) for m in ("prefill", "decode")}
     for h in (64, 8):
-        for mode in ("decode", "batch_invariant"):
-            plan = plans[f"H={h},D=128,{mode}"]
-            assert {c["BQ"] for c in plan.candidates} == {1}
-            assert any(c["BQ"] == 2 and "one query per CTA" in why for c, why in plan.pruned)
+        plan = plans[f"H={h},D=128,decode"]
+        assert {c["BQ"] for c in plan.candidates} == {1}
+        assert any(c["BQ"] == 2 and "one query per CTA" in why for c, why in plan.pruned)
     assert plans["H=64,D=128,prefill"].candidates[0] == {"BQ": 2, "SPLIT": 2048, "num_stages": 4, "min_ctas": 4,
                                                          "schedule": "tma"}
     assert {c["BQ"] for c in plans["H=64,D=128,prefill"].candidates} == {1, 2}
-    # the op's problem: invariant for every S, decode only at S = 1, never a tunable
-    assert I._logits_problem(1, True) == I._logits_problem(4096, True) == {"H": 64, "D": 128, "batch_invariant": True}
-    assert I._logits_problem(1)["decode"] and not I._logits_problem(2)["decode"]
+    # the op's problem: decode only at S = 1, never a tunable; no separate batch-invariant build
+    assert I._logits_problem(1) == {"H": 64, "D": 128, "decode": True}
+    assert I._logits_problem(4096) == {"H": 64, "D": 128, "decode": False}
     assert not set(I._logits_problem(7)) & set(kdef.tunable_keys)
-    with pytest.raises(ValueError, match="one query per CTA"):
-        I.build_indexer_logits(batch_invariant=True, BQ=2)
+    with pytest.raises(TypeError):
+        I.build_indexer_logits(batch_invariant=True)
+    with pytest.raises(ValueError, match="BQ must be 1 or 2, got 4"):
+        I.build_indexer_logits(BQ=4)
     with pytest.raises(ValueError, match="release must be 'barrier' or 'mbarrier', got 'fence'"):
         I.build_indexer_logits(release="fence")
     with pytest.raises(ValueError, match="release is a knob of the tma schedule"):
         I.build_indexer_logits(schedule="pipelined", release="mbarrier")
+    with pytest.raises(ValueError, match="one warpgroup"):
+        I.build_indexer_logits(schedule="pipelined", threads=256)
+
+
+def test_indexer_logits_head_sum_reads_the_wgmma_accumulator_layout():
+    """The epilogue's lane -> (query, entry) map (:func:`_tile_entry`) against the m64 wgmma accumulator layout
+    (rows 16·warp + lane/4 and +8; column pairs 2·(lane%4)): every (query, entry) of a tile is stored exactly once,
+    by a lane of the quad that holds its row."""
+    for bq in (1, 2):
+        stored = []
+        for tx in range(128):
+            j, c, stores = I._tile_entry(tx, bq)
+            warp, lane = divmod(tx, 32)
+            assert c in (16 * warp + lane // 4, 16 * warp + lane // 4 + 8)
+            if stores:
+                stored.append((j, c))
+        assert sorted(stored) == [(j, c) for j in range(bq) for c in range(64)]
 
 
 def test_topk_threads_cover_the_sort_and_set_the_digit_width():
@@ -155,7 +173,7 @@ def test_mhc_pre_threads_divide_dim_and_fit_registers():
 # ------------------------------------------------------------------------------------------- harnesses
 
 
-@pytest.mark.parametrize("problem", [{}, {"decode": True}, {"batch_invariant": True}], ids=lambda p: str(p))
+@pytest.mark.parametrize("problem", [{}, {"decode": True}], ids=lambda p: str(p))
 def test_indexer_logits_harness(problem):
     kdef = get_kernel_def("indexer_logits")
     problem = kdef.problem({"H": 64, "D": 128, **problem})

@@ -29,15 +29,19 @@ accumulation and fp32.)
 Logits kernel (``indexer_logits``): grid (N / SPLIT, S / BQ, B), one warpgroup a CTA; a CTA loads the FP8
 queries of its BQ queries ([BQ·H, D], once) and the folded head weights, then streams the visible key tiles of
 its entry range: ``acc[BC, BQ·H] = k8[BC, D] @ q8[BQ·H, D]ᵀ`` on the FP8 tensor cores (fp32 accumulation;
-entries on the wgmma M side so the head sum is a row reduction: thread-local then a quad shuffle), ReLU,
-× weight, the head sum, × key scale, the visibility mask, and the fp32 store. The default ``tma`` schedule
+entries on the wgmma M side so the head sum is a row reduction), then the epilogue on the accumulator's registers
+(:data:`HEAD_SUM_SOURCE`): per thread a chain of fused ``max(acc, 0) · w`` multiply-adds over the heads it holds,
+a reduce-scatter of the four partial sums of a lane quad (three shuffles; each lane ends with one logit), × key
+scale, the visibility mask, and one fp32 store a lane. Written with ``reduce_sum`` over a fragment, the same
+epilogue took ~340 instructions a warp a tile (products and sums not contracted, a four-way all-reduce, one lane
+in four storing); this one takes ~256. The default ``tma`` schedule
 keeps ``num_stages`` key tiles in flight by TMA (warp 0 refills a stage once every warp is past it, mbarrier
 per stage), loops over the visible tiles only, and stores −inf for the rest of the range without a wgmma;
 ``min_ctas=4`` caps the registers at 128 so four CTAs share an SM and one CTA's wgmma overlaps the others'
 epilogues. A stage is handed back for its refill either after a CTA barrier at the end of the tile (BQ=2) or, with
 no CTA barrier in the loop, by each warp arriving on the stage's ``empty`` mbarrier right after its wgmma (BQ=1:
 8 % faster there, 4 % slower at BQ=2 on the H200); the two give the same bits. The ``pipelined`` schedule
-(every thread issuing cp.async copies, a static trip count) stays buildable; it was slower on the H200. Each
+(every thread issuing cp.async copies, a static trip count) stays buildable; it is slower on the H200. Each
 logit is computed alone (no split over D or over the heads), so a query's row does not depend on B, S, the other
 queries of its CTA, SPLIT, the stage count or the stage release (checked by the GPU tests).
 
@@ -71,13 +75,14 @@ Decode: the logits of a query are 4 bytes per entry against 128 FP8 key bytes, s
 Tuning notes: one warpgroup per CTA (BC = 64 entries = the wgmma M), so that several CTAs share an SM and one
 CTA's wgmma overlaps another's epilogue. ``BQ`` trades the wgmma N width (BQ·64; N=64 is borderline on
 shared-memory bandwidth) against wasted columns when S < BQ: decode (S=1) uses BQ=1, prefill BQ=2 by default.
-On the H200 the two builds sum the heads in different orders (last bits differ), so ``batch_invariant=True``
-compiles one problem for every S whose space pins BQ=1; the GPU tests check bit-equality across batch sizes,
-positions and S in that mode, and across batch sizes at fixed S in the default one.
+Every build sums a logit's heads in the same order (:data:`HEAD_SUM_SOURCE`), so BQ=1 and BQ=2 — and SPLIT,
+the stage count, the stage release and the schedule — give the same bits: a query's logits do not depend on B,
+S, its slot in a CTA or the tuned config, and no separate batch-invariant build is needed (the GPU tests check
+bit-equality across every build, batch size, position and S).
 
 Tuning (:data:`INDEXER_LOGITS_SPACE`, :data:`TOPK_SPACE`): the logits tune BQ, SPLIT and num_stages, one
-bucket per mode (prefill, decode, batch-invariant; :func:`_logits_problem` picks it from S and the
-flag, never from a size); SPLIT and num_stages leave every bit as it is. The top-k tunes ``threads``, ``unroll``
+bucket per mode (prefill, decode; :func:`_logits_problem` picks it from S, never from a size); none of them
+changes a bit. The top-k tunes ``threads``, ``unroll``
 and ``prefilter`` (one bucket per sort width and load width), which change the passes and the loads in flight,
 not the result.
 """
@@ -123,10 +128,9 @@ MAX_ACC_REGISTERS = 64  # fp32 accumulators per thread (BC·BQ·H / threads): BQ
 
 
 def _one_query_per_cta(c: Mapping[str, Any]) -> str | None:
-    """The invariance constraint: BQ=1 and BQ=2 sum the heads in different orders, so a batch-invariant build
-    (one config for every S) keeps BQ=1; a decode step (S = 1) would leave the other query slots empty."""
-    if (c["batch_invariant"] or c["decode"]) and c["BQ"] != 1:
-        return f"BQ={c['BQ']}: batch-invariant and decode builds take one query per CTA"
+    """A decode step (S = 1) would leave the other query slots of a CTA empty."""
+    if c["decode"] and c["BQ"] != 1:
+        return f"BQ={c['BQ']}: decode builds take one query per CTA"
     return None
 
 
@@ -149,7 +153,7 @@ INDEXER_LOGITS_SPACE = Space(
     params={"schedule": ("tma",), "BQ": (1, 2), "SPLIT": (1024, 2048), "num_stages": (3, 4), "min_ctas": (4,)},
     constraints=(_one_query_per_cta, _logits_tiles),
     smem_bytes=lambda c: c["BQ"] * c["H"] * c["D"] + c["num_stages"] * c["BC"] * (c["D"] + 4) + 4 * c["BQ"],
-    heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["batch_invariant"] or p["decode"] else 2, "SPLIT": 2048,
+    heuristic=lambda p: {"schedule": "tma", "BQ": 1 if p["decode"] else 2, "SPLIT": 2048,
                          "num_stages": 4, "min_ctas": 4},
 )
 LOGITS_TUNE_ENTRIES = 16384  # compressed entries per sequence in a tuning case
@@ -157,7 +161,7 @@ LOGITS_TUNE_QUERIES = 128  # queries per sequence of a prefill tuning case (deco
 
 
 def _logits_mode(problem: Mapping[str, Any]) -> str:
-    return "batch_invariant" if problem["batch_invariant"] else "decode" if problem["decode"] else "prefill"
+    return "decode" if problem["decode"] else "prefill"
 
 
 def _logits_bucket(problem: Mapping[str, Any]) -> str:
@@ -262,18 +266,85 @@ def _cta_range(visible, vis_shared, num_vis: T.Ref, bx, by, bz, S, N, BQ, BC, SP
     return row0, c0, num_tiles
 
 
+# The head sum of a tile, per thread, on the wgmma accumulator in its native register order (m64, N = BQ·H: the
+# thread holds rows r and r+8, r = 16·warp + lane/4, of columns 8i + 2·(lane%4) + e, e in {0, 1}, at register
+# 4i + 2·half + e). Each thread sums its 2·H/8 columns of every (query j, row half) with a chain of fused
+# ReLU·w multiply-adds, then the four lanes of a quad reduce-scatter their partials with three shuffles: lane q keeps
+# (half = q>>1 and, for BQ = 2, j = q&1). The quad's sum is (p_a + p_{a^2}) + (p_{a^1} + p_{a^3}) at every lane a
+# (fp32 addition commutes exactly), so a logit has the same bits for BQ = 1 and BQ = 2 and whatever lane stores it.
+HEAD_SUM_SOURCE = """
+template <int BQ, int H>
+__device__ __forceinline__ float tilev4_head_sum(const float* acc, const float* w) {
+  constexpr int I = H / 8;
+  float p[BQ][2];
+#pragma unroll
+  for (int j = 0; j < BQ; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < I; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s = __fmaf_rn(fmaxf(acc[(j * I + i) * 4 + half * 2 + e], 0.0f), w[(j * I + i) * 2 + e], s);
+        }
+      }
+      p[j][half] = s;
+    }
+  }
+  const int lane = threadIdx.x & 31;
+  const bool hi = (lane & 2) != 0;
+  float k[BQ];
+#pragma unroll
+  for (int j = 0; j < BQ; ++j) {
+    const float send = hi ? p[j][0] : p[j][1];
+    k[j] = (hi ? p[j][1] : p[j][0]) + __shfl_xor_sync(0xffffffffu, send, 2);
+  }
+  if constexpr (BQ == 2) {
+    const bool odd = (lane & 1) != 0;
+    const float send = odd ? k[0] : k[1];
+    return (odd ? k[1] : k[0]) + __shfl_xor_sync(0xffffffffu, send, 1);
+  } else {
+    return k[0] + __shfl_xor_sync(0xffffffffu, k[0], 1);
+  }
+}
+"""
+
+
+def _tile_entry(tx, BQ: int):
+    """(query j, entry c of the tile) whose logit this thread holds after :data:`HEAD_SUM_SOURCE`'s head sum, and
+    whether it stores it (for BQ = 1 two lanes hold each logit: the even one stores)."""
+    lane = tx % 32
+    c = (tx // 32) * 16 + lane // 4 + ((lane // 2) % 2) * 8
+    if BQ == 2:
+        return lane % 2, c, True
+    return 0, c, lane % 2 == 0
+
+
 @T.macro
-def _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, col0, by, S, N, BC, BQ, H):
-    """A tile's epilogue: w · ReLU(q·k), the head sum, × key scale, the mask and the store of entries
-    ``col0 .. col0 + BC``."""
-    for c, j, h in T.Parallel(BC, BQ, H):
-        acc3[c, j, h] = T.max(acc3[c, j, h], 0.0) * w_frag[j, h]  # w · ReLU(q·k)
-    T.reduce_sum(acc3, logit_frag, dim=2)  # Σ_h  [BC, BQ, H] -> [BC, BQ]
-    for c, j in T.Parallel(BC, BQ):
-        col = col0 + c
-        if by * BQ + j < S and col < N:
-            out[row0 + j, col] = T.if_then_else(
-                col < vis_shared[j], logit_frag[c, j] * ks_frag[c], -T.infinity(T.float32))
+def _load_head_weights(qw, w_loc, row0, by, S, BQ, H, tx):
+    """The thread's head weights (the columns it holds of each query, :data:`HEAD_SUM_SOURCE`); 0 past S."""
+    for j, i, e in T.grid(BQ, H // 8, 2):
+        w_loc[(j * (H // 8) + i) * 2 + e] = T.if_then_else(
+            by * BQ + j < S, qw[row0 + j, i * 8 + (tx % 4) * 2 + e], 0.0)
+
+
+@T.macro
+def _load_key_scale(ks, ks_val: T.Ref, bz, N, col0, BQ, tx):
+    """The key scale of the entry this thread stores (:func:`_tile_entry`); plain load, in flight during the wgmma."""
+    _, c, _ = _tile_entry(tx, BQ)
+    ks_val = T.if_then_else(col0 + c < N, ks[bz * N + col0 + c], 0.0)  # noqa: F841 (a T.Ref)
+
+
+@T.macro
+def _score_tile(acc, w_loc, ks_val: T.Ref, logit: T.Ref, vis_shared, out, row0, col0, by, S, N, BQ, H, tx):
+    """A tile's epilogue: the head sum of w · ReLU(q·k) (:data:`HEAD_SUM_SOURCE`) into ``logit``, × key scale, the
+    mask and the store of entries ``col0 .. col0 + BC`` (one store a thread)."""
+    logit = T.call_extern(T.float32, f"tilev4_head_sum<{BQ}, {H}>", acc.access_ptr("r"), w_loc.access_ptr("r"))
+    j, c, stores = _tile_entry(tx, BQ)
+    col = col0 + c
+    if stores and by * BQ + j < S and col < N:
+        out[row0 + j, col] = T.if_then_else(col < vis_shared[j], logit * ks_val, -T.infinity(T.float32))
 
 
 @T.macro
@@ -294,13 +365,13 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
     wgmma, and warp 0 refills the stage with the tile ``num_stages`` ahead once every warp is past it:
     ``release="barrier"``, after the tile's epilogue and a CTA barrier; ``"mbarrier"``, as soon as each warp has
     arrived on the stage's ``empty`` mbarrier after its wgmma (one lane a warp), before warp 0's own epilogue,
-    with no CTA barrier in the loop (the automatic shared-memory syncs are then off and the two the kernel needs,
-    after the visible counts and after the query tile, are explicit). Same bits either way (H200, S=4096: BQ=2
-    is faster with the barrier, BQ=1 with the mbarrier, which is what a build takes when ``release`` is left
-    out). No thread computes copy addresses,
-    and the loop stops at the CTA's last visible tile (the rest of its range is stored as −inf without a
-    wgmma). Keys past the flat ``[B·N, D]`` tensor read as zero (TMA bounds); keys of the next sequence that a
-    last tile reaches are masked by the visibility test like any invisible entry.
+    with no CTA barrier in the loop. The automatic shared-memory syncs are off (they put a second CTA barrier
+    before each wgmma); the ones the kernel needs, after the visible counts and after the query tile, are
+    explicit. Same bits either way (H200, S=4096: BQ=2 is faster with the barrier, BQ=1 with the mbarrier, which
+    is what a build takes when ``release`` is left out). No thread computes copy addresses, and the loop stops
+    at the CTA's last visible tile (the rest of its range is stored as −inf without a wgmma). Keys past the flat
+    ``[B·N, D]`` tensor read as zero (TMA bounds); keys of the next sequence that a last tile reaches are masked
+    by the visibility test like any invisible entry.
     """
     NH = BQ * H
     num_blocks = SPLIT // BC
@@ -321,19 +392,18 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
         full = T.alloc_barrier([32] * ST)  # warp 0's lanes (+ the TMA bytes)
         if release == "mbarrier":
             empty = T.alloc_barrier([4] * ST)  # one lane of each warp, past its wgmma of the stage
-        ks_frag = T.alloc_fragment((BC,), T.float32)
         acc = T.alloc_fragment((BC, NH), T.float32)
-        acc3 = T.reshape(acc, (BC, BQ, H))
-        logit_frag = T.alloc_fragment((BC, BQ), T.float32)
-        w_frag = T.alloc_fragment((BQ, H), T.float32)
+        w_loc = T.alloc_local((NH // 4,), T.float32)
+        ks_val = T.alloc_var(T.float32)
+        logit = T.alloc_var(T.float32)
         vis_shared = T.alloc_shared((BQ,), T.int32)
         num_vis = T.alloc_var(T.int32)
+        T.import_source(HEAD_SUM_SOURCE)
         T.annotate_layout({k_shared: make_swizzled_layout(k_shared), q_shared: make_swizzled_layout(q_shared)})
         tx = T.get_thread_binding()
 
         row0, c0, num_tiles = _cta_range(visible, vis_shared, num_vis, bx, by, bz, S, N, BQ, BC, SPLIT)
-        if release == "mbarrier":
-            T.sync_threads()  # vis_shared
+        T.sync_threads()  # vis_shared (the automatic shared-memory syncs are off: this and the one below suffice)
 
         if num_tiles > 0:
             if tx < 32:  # warp 0 issues (one elected lane) and arrives
@@ -342,15 +412,14 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
                                barrier=full[i])
                     T.barrier_arrive(full[i])
             T.copy(q[row0 * H, 0], q_shared)
-            T.copy(qw[row0, 0], w_frag)
-            if release == "mbarrier":
-                T.fence_proxy_async()  # the query tile's plain stores, before the wgmma (async proxy) reads them
-                T.sync_threads()
+            _load_head_weights(qw, w_loc, row0, by, S, BQ, H, tx)
+            T.fence_proxy_async()  # the query tile's plain stores, before the wgmma (async proxy) reads them
+            T.sync_threads()
             for it in T.serial(num_tiles):
                 slot = it % ST
-                # the tile's key scales: plain loads (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight
-                # during the wgmma
-                T.copy(ks[bz * N + c0 + it * BC], ks_frag)
+                # the key scale: a plain load (a TMA map of [B, N] fp32 needs N·4 % 16 == 0), in flight during the
+                # wgmma
+                _load_key_scale(ks, ks_val, bz, N, c0 + it * BC, BQ, tx)
                 T.barrier_wait(full[slot], (it // ST) & 1)
                 # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                 T.gemm(k_shared[slot, :, :], q_shared, acc, transpose_B=True, clear_accum=True,
@@ -361,8 +430,7 @@ def _logits_tma_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stages: in
                     if tx < 32 and it + ST < num_tiles:  # refill it once all four warps are past it
                         T.barrier_wait(empty[slot], (it // ST) & 1)
                         refill(k, k_shared, full, bz, N, c0, it, slot)
-                _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
-                            BC, BQ, H)
+                _score_tile(acc, w_loc, ks_val, logit, vis_shared, out, row0, c0 + it * BC, by, S, N, BQ, H, tx)
                 if release == "barrier":
                     T.sync_threads()  # every warp is past the stage: refill it
                     if tx < 32 and it + ST < num_tiles:
@@ -384,29 +452,29 @@ def _logits_pipelined_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stag
         q_shared = T.alloc_shared((NH, D), T.float8_e4m3fn)
         k_shared = T.alloc_shared((BC, D), T.float8_e4m3fn)
         acc = T.alloc_fragment((BC, NH), T.float32)
-        acc3 = T.reshape(acc, (BC, BQ, H))
-        logit_frag = T.alloc_fragment((BC, BQ), T.float32)
-        w_frag = T.alloc_fragment((BQ, H), T.float32)
-        ks_frag = T.alloc_fragment((BC,), T.float32)
+        w_loc = T.alloc_local((NH // 4,), T.float32)
+        ks_val = T.alloc_var(T.float32)
+        logit = T.alloc_var(T.float32)
         vis_shared = T.alloc_shared((BQ,), T.int32)
         num_vis = T.alloc_var(T.int32)
+        T.import_source(HEAD_SUM_SOURCE)
+        tx = T.get_thread_binding()
 
         row0, c0, num_tiles = _cta_range(visible, vis_shared, num_vis, bx, by, bz, S, N, BQ, BC, SPLIT)
 
         if num_tiles > 0:
             T.copy(q[row0 * H, 0], q_shared)
-            T.copy(qw[row0, 0], w_frag)
+            _load_head_weights(qw, w_loc, row0, by, S, BQ, H, tx)
             # a static trip count (a dynamic one breaks this TileLang's pipeline epilogue): tiles
             # past the last visible one reload it and store −inf
             for it in T.Pipelined(num_blocks, num_stages=num_stages):
                 tile = T.min(it, num_tiles - 1)
                 T.copy(k[bz * N + c0 + tile * BC, 0], k_shared)
-                T.copy(ks[bz * N + c0 + tile * BC], ks_frag)
+                _load_key_scale(ks, ks_val, bz, N, c0 + tile * BC, BQ, tx)
                 # [BC, D] @ [BQ·H, D]ᵀ -> [BC, BQ·H]
                 T.gemm(k_shared, q_shared, acc, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullRow)
-                _score_tile(acc3, w_frag, logit_frag, ks_frag, vis_shared, out, row0, c0 + it * BC, by, S, N,
-                            BC, BQ, H)
+                _score_tile(acc, w_loc, ks_val, logit, vis_shared, out, row0, c0 + it * BC, by, S, N, BQ, H, tx)
         else:
             for it in T.serial(num_blocks):
                 _store_hidden(out, row0, c0 + it * BC, by, S, N, BC, BQ)
@@ -416,32 +484,31 @@ def _logits_pipelined_cta(H: int, D: int, BQ: int, BC: int, SPLIT: int, num_stag
 
 @register(
     "indexer_logits",
-    configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 64, "D": 128, "batch_invariant": True},
-             {"H": 8, "D": 128}, {"H": 8, "D": 128, "decode": True}, {"H": 8, "D": 128, "batch_invariant": True}],
+    configs=[{"H": 64, "D": 128}, {"H": 64, "D": 128, "decode": True}, {"H": 8, "D": 128},
+             {"H": 8, "D": 128, "decode": True}],
     tags=("indexer", "batch_invariant"),
     space=INDEXER_LOGITS_SPACE,
     bucket=_logits_bucket,
     harness=TuningHarness(_logits_case, _logits_check, sizes=(512,), size_name="queries", batch_slice=_logits_slice),
 )
-def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_invariant: bool = False,
-                         BQ: int = 2, BC: int = 64, SPLIT: int = 2048, num_stages: int = 3, threads: int = 128,
-                         schedule: str = "tma", min_ctas: int = 1, release: str | None = None):
+def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, BQ: int = 2, BC: int = 64,
+                         SPLIT: int = 2048, num_stages: int = 3, threads: int = 128, schedule: str = "tma",
+                         min_ctas: int = 1, release: str | None = None):
     """Lightning-indexer logits on FP8 tensor cores: I = s_k · Σ_h w_h · ReLU(k8 · q8_h), masked.
 
-    ``decode`` (S = 1) and ``batch_invariant`` (one build for every S) are problem keys; both take BQ=1,
-    the invariant one by necessity (:func:`_one_query_per_cta`). Tunable: schedule, BQ, SPLIT, num_stages.
-    ``schedule="tma"``: one thread refills the key ring by TMA (mbarriers), the loop runs over the visible
-    tiles only; ``"pipelined"``: every thread issues cp.async copies (static trip count). Both run the same
-    wgmma and epilogue (the cp.async loop's prologue and epilogue copies may contract multiply-adds
-    differently, so the last bits can differ between the schedules). ``min_ctas`` (tma): CTAs an SM must hold
+    ``decode`` (S = 1) is the problem key; it takes BQ=1 (:func:`_one_query_per_cta`). Tunable: schedule, BQ
+    (1 or 2), SPLIT, num_stages. ``schedule="tma"``: one thread refills the key ring by TMA (mbarriers), the loop
+    runs over the visible tiles only; ``"pipelined"``: every thread issues cp.async copies (static trip count).
+    Both run the same wgmma and epilogue (:data:`HEAD_SUM_SOURCE`: explicit fused multiply-adds, one order), so
+    every build gives the same bits. ``min_ctas`` (tma): CTAs an SM must hold
     (``__launch_bounds__``), which caps the registers (4: 128 a thread). ``release`` (tma; not tuned, follows BQ
     when left out): how a key stage is handed back for its refill, ``"barrier"`` (a CTA barrier after the tile's
     epilogue) or ``"mbarrier"`` (each warp arrives after its wgmma; no CTA barrier in the loop), same bits.
     """
     if schedule not in ("tma", "pipelined"):
         raise ValueError(f"schedule must be 'tma' or 'pipelined', got {schedule!r}")
-    if batch_invariant and BQ != 1:
-        raise ValueError(f"a batch-invariant build takes one query per CTA (BQ=1), got BQ={BQ}")
+    if BQ not in (1, 2):
+        raise ValueError(f"BQ must be 1 or 2, got {BQ}")
     if min_ctas not in (1, 2, 3, 4):
         raise ValueError(f"min_ctas must be in 1..4, got {min_ctas}")
     if schedule == "pipelined" and min_ctas != 1:
@@ -453,8 +520,8 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
     if schedule == "pipelined" and release != "barrier":
         raise ValueError(f"release is a knob of the tma schedule, got {release!r} with {schedule!r}")
     _check_logits_shape(H, D, BC, SPLIT)
-    if schedule == "tma" and threads != 128:
-        raise ValueError(f"the tma schedule runs one warpgroup (threads=128), got {threads}")
+    if threads != 128:  # the epilogue reads the accumulator of one m64 wgmma warpgroup (HEAD_SUM_SOURCE)
+        raise ValueError(f"the logits kernel runs one warpgroup (threads=128), got {threads}")
     B = T.dynamic("B")
     S = T.dynamic("S")
     N = T.dynamic("N")
@@ -472,7 +539,7 @@ def build_indexer_logits(H: int = 64, D: int = 128, decode: bool = False, batch_
         visible2: T.Tensor[(B, S), T.int32],  # entries c < visible[b, s] are scored
         out3: T.Tensor[(B, S, N), T.float32],
     ):
-        T.annotate_pass_configs(_NO_AUTO_SYNC if release == "mbarrier" else _NO_WS)
+        T.annotate_pass_configs(_NO_AUTO_SYNC if schedule == "tma" else _NO_WS)
         q = T.reshape(q4, (B * S * H, D))  # flat views: a CTA's rows are one contiguous range
         qw = T.reshape(qw3, (B * S, H))
         k = T.reshape(k3, (B * N, D))
@@ -1107,12 +1174,9 @@ def indexer_fp8_cast(x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor,
     return x8, scale
 
 
-def _logits_problem(S: int, batch_invariant: bool = False, H: int = 64, D: int = 128) -> dict[str, Any]:
-    """The compiled problem (no tunables): BQ=1 and BQ=2 builds sum the heads in different orders
-    (measured on the H200: the last bits differ), so the batch-invariant problem is one for every S
-    (decode included) and its space keeps BQ=1; otherwise decode (S = 1) and prefill are tuned apart."""
-    if batch_invariant:
-        return {"H": H, "D": D, "batch_invariant": True}
+def _logits_problem(S: int, H: int = 64, D: int = 128) -> dict[str, Any]:
+    """The compiled problem (no tunables): decode (S = 1) and prefill are tuned apart; every build gives the same
+    bits (:data:`HEAD_SUM_SOURCE`)."""
     return {"H": H, "D": D, "decode": S == 1}
 
 
@@ -1151,15 +1215,14 @@ def indexer_logits(
             device, to stay free of host syncs: a negative position sees nothing).
         ratio: compression ratio m (4 for CSA; 128 accepted): entry c is visible iff c < (pos+1)//m.
         k_lens: optional int32/int64 [B], valid entries per sequence (<= N); entries past it are hidden.
-        batch_invariant: one query per CTA whatever S, so that a query's bits do not depend on S
-            either (prefill chunking vs decode); slower prefill.
+        batch_invariant: accepted for symmetry with the other ops; every build is batch-invariant (below), so it
+            changes nothing.
         out: optional fp32 [B, S, N] contiguous output.
 
     Returns:
         fp32 [B, S, N]; −inf where not visible. Equal to :func:`tilev4.reference.indexer_scores` of the
-        dequantised inputs up to the fp32 order of the 64-head sum. A query's row never depends on B or
-        the other queries; with the default it may differ in the last bits between S = 1 and S > 1
-        (decode vs prefill: two CTA shapes); ``batch_invariant=True`` removes that too.
+        dequantised inputs up to the fp32 order of the 64-head sum. A query's row never depends on B, S, the
+        other queries or the tuned config: every build sums the heads in the same order.
     """
     check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=4, contiguous=True)
     b, s, h, d = q8.shape
@@ -1186,7 +1249,8 @@ def indexer_logits(
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
         return out
-    problem = _logits_problem(s, batch_invariant, h, d)
+    del batch_invariant  # every build is batch-invariant
+    problem = _logits_problem(s, h, d)
     bq = 1  # the query-block grid dim is ceil(S / BQ): only a long S needs the resolved (tuned) BQ
     if s > _MAX_GRID_YZ:
         bq = dict(resolve_config("indexer_logits", problem).items)["BQ"]
