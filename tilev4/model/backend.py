@@ -513,9 +513,9 @@ class KernelOps(ReferenceOps):
 
     def indexer(self, q, w, keys, positions, rope, top_k):  # type: ignore[override]
         """The indexer kernels: FP8 logits on the tensor cores (exact for the FP4-simulated q / keys) and the
-        radix top-k, after :meth:`_prepare_queries`. Batch-invariant mode pins one query per CTA in the logits
-        kernel. A head count the logits kernel does not take (``tiny``: 4) runs the reference math, one
-        sequence at a time in batch-invariant mode."""
+        radix top-k, after :meth:`_prepare_queries`; both are batch-invariant in every build. A head count the
+        logits kernel does not take (``tiny``: 4) runs the reference math, one sequence at a time in
+        batch-invariant mode."""
         import tilev4
         from tilev4.kernels.indexer import LOGITS_HEADS
 
