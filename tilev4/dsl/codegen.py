@@ -61,6 +61,12 @@ __device__ __forceinline__ float tilev4_rcp(float x) {
 """
 
 
+def _any_of(conds: list[Any]) -> Any:
+    """``conds[0] or conds[1] …`` as one TIR condition, False for none. (A plain function: in a macro body the
+    conditional expression ``a if conds else b`` would be staged, and its Python list test logged as a warning.)"""
+    return functools.reduce(T.Or, conds) if conds else False
+
+
 def _lg2(x):
     """log2(x) (``lg2.approx.ftz``); the program must import :data:`FAST_SOURCE`."""
     return T.call_extern(T.float32, "tilev4_lg2", x)
@@ -561,8 +567,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
         blocks = [(g, g.tma_block(tq, gblk - bases[i], start)) for i, g in tma_srcs]
         blocks = [(g, blk) for g, blk in blocks if blk is not None]
         conds = [T.And(c, gblk < hi) for _, (c, _) in blocks]
-        # a Python False (no source with such blocks) keeps only the gather in the program
-        if functools.reduce(T.Or, conds) if conds else False:
+        if _any_of(conds):  # a Python False (no source with such blocks) keeps only the gather in the program
             if publish:
                 publish_stage(ptx, stage, slot, ok_shared, kvpos_shared, src_local, pos_local)
             for (g, (_, row0)), cond in zip(blocks, conds):
