@@ -539,8 +539,6 @@ class KernelOps(ReferenceOps):
             return {}
         return {
             "attention": "split-KV count chosen from the batch size (small batches split to fill the SMs)",
-            "indexer": "the logits kernel's query block (BQ) follows the number of queries: prefill and decode "
-                       "sum the heads in different orders",
         }
 
 
