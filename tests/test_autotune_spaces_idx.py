@@ -383,13 +383,13 @@ def _decode_stand_in(problem):
 
 @pytest.mark.parametrize("restore", [True, False])
 def test_tuner_restores_the_decode_state_for_every_candidate(monkeypatch, restore):
-    """Three candidates checked one after the other on one case: each must start from the initial state (a
+    """The candidates checked one after the other on one case: each must start from the initial state (a
     check launch moves it on by a token, and the poisoning of the outputs hits the state too)."""
     if not restore:
         monkeypatch.setattr(TuningCase, "restore", lambda self: None)
     kdef = get_kernel_def("compressor_decode")
     (plan,) = plan_kernel("compressor_decode", parse_shapes(["ratio=128,D=512,quant=attention,b=8"]), arch="sm_90a")
-    assert len(plan.candidates) == 3 and plan.sizes == [[8]]
+    assert len(plan.candidates) == 4 and plan.sizes == [[8]]  # 1, 2, 4, 8 sequences of 128 threads
     kernel = _decode_stand_in(plan.problems[0])
     kernels = {(0, label): kernel for label in plan.labels}
     m = measure_bucket(plan, kernels, kdef.harness, batch_invariant=True, device="cpu", timer=WallTimer(),

@@ -45,8 +45,10 @@ Thread layout: a thread owns 8 consecutive channels of an entry (one 16-byte bf1
 entry takes ``TPE = D/8`` lanes (64 for D = 512, 16 for D = 128); RoPE pairs and the 8-channel slices of
 the quantisation blocks lie inside a thread, block maxima, the rmsnorm sum (a butterfly, then the entry's
 warps in order) and the Hadamard butterflies across lanes use warp shuffles. For m = 4 an entry pools 8
-rows in two chunks of 4; for m = 128 an entry pools 4 row groups of 32 rows each (chunks of 4 rows),
-combined in shared memory in group order. The RoPE angles of an entry are computed once each, spread over
+rows in two chunks of 4; for m = 128 an entry pools 2 row groups of 64 rows each (chunks of 4 rows),
+combined in shared memory in group order (H200, s = 65536: 0.67 of copy BW against 0.62 with 4 groups of 32
+rows and 0.62 with 1 group of 128 — more rows a thread keeps more loads in flight an SM, fewer groups a
+shorter combine). The RoPE angles of an entry are computed once each, spread over
 the lanes of the warp that holds the rope dims, and gathered by shuffles. The pooling shape is fixed per
 (m, D), shared by prefill and decode, which is what makes the two bit-identical. The weights ``2^x`` are
 ``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
@@ -130,7 +132,7 @@ def _pool_shape(ratio: int, D: int) -> tuple[int, int, int]:
     tpe = D // VEC
     if ratio == 4:
         return 1, 4, max(1, 256 // tpe)
-    return 4, 4, 1
+    return 2, 4, 1
 
 
 def _default_block_entries(ratio: int, D: int, decode: bool) -> int:
@@ -702,11 +704,11 @@ def _pool_smem(c: Mapping[str, Any]) -> int:
 
 # Prefill defaults per (m, D): the fastest on the H200 at s = 65536 from position 0, bf16 (fractions of the
 # same-run copy bandwidth; direct at its default CTA size for comparison): m = 4, D = 512: 0.85 (direct 0.80);
-# m = 128: 0.61 (direct 0.57; entry_steps 1: 0.58, 4: 0.42 — 256 CTAs fill the SMs once); indexer: 0.48
-# (entry_steps 4: 0.51; direct 0.47). Three stages were never faster than two.
+# m = 128 (2 row groups): direct, 2 entries a CTA 0.67 (1 entry 0.66, 4 entries 0.65; stream 0.63, entry_steps 2:
+# 0.53, 4: 0.37); indexer: 0.48 (entry_steps 4: 0.51; direct 0.47). Three stages were never faster than two.
 _PREFILL_DEFAULTS = {
     (4, 512): {"schedule": "stream", "block_entries": 2, "num_stages": 2, "entry_steps": 1},
-    (128, 512): {"schedule": "stream", "block_entries": 1, "num_stages": 2, "entry_steps": 2},
+    (128, 512): {"schedule": "direct", "block_entries": 2, "num_stages": 2, "entry_steps": 1},
     (4, 128): {"schedule": "stream", "block_entries": 8, "num_stages": 2, "entry_steps": 1},
 }
 
