@@ -29,7 +29,7 @@ def test_ops_for_device_and_modes():
     assert ops_for_device("cpu").cache_dtype == torch.float32
     k = KernelOps()
     assert not k.batch_invariant and k.cache_dtype == torch.bfloat16
-    assert {"attention", "indexer"} == set(k.non_invariant_ops())
+    assert {"attention"} == set(k.non_invariant_ops())  # the indexer logits are invariant in every build
     assert KernelOps(batch_invariant=True).non_invariant_ops() == {}
     assert "batch_invariant=True" in repr(KernelOps(True))
 
