@@ -617,8 +617,9 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
 def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
     """The softmax steps the warp-specialised consumers share, as macros: ``mask`` (scale, the user's
     score/mask modifiers, the key validity of stage ``st``; base-2 scores, −inf for dropped keys),
-    ``exponentiate`` (``P = 2^(S − m)`` in place, its row sums into ``l``, the accumulator × ``alpha``) and
-    ``rescale`` (``l`` and the accumulator × ``alpha`` alone)."""
+    ``exponentiate`` (``P = 2^(S − m)`` in place, its row sums into ``l``, the accumulator × ``alpha``),
+    ``rescale`` (``l`` and the accumulator × ``alpha`` alone) and ``epilogue_factors`` (a row's ``lse2``, ``1/l``,
+    split weight and ``1/(w + sink)``)."""
     scale, score_mod, mask_mod = spec.softmax_scale, spec.score_mod, spec.mask_mod
 
     @T.macro
@@ -650,7 +651,25 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
         for h, d in T.Parallel(HB, DH):
             acc_o[h, d] = acc_o[h, d] * alpha[h]
 
-    return mask, exponentiate, rescale
+    @T.macro
+    def epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, weight, inv_den):
+        """Row ``h``'s epilogue factors: ``lse2 = log2(l) + m``, ``alpha = 1/l`` and, as the combine forms them for
+        a lone split, the split weight ``w`` (``2^(lse2 − M)`` against the sink, else 1; 0 for an empty row) and
+        ``1/(w + sink)``."""
+        lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+        alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
+        if spec.sink:
+            sink2 = t["sink"][h0 + h] * LOG2E
+            mx = T.max(lse2[h], sink2)
+            w = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
+            den = w + ex2(sink2 - mx)
+        else:
+            w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
+            den = w
+        weight[h] = w
+        inv_den[h] = T.if_then_else(w > 0, _rcp(den), 0.0)
+
+    return mask, exponentiate, rescale, epilogue_factors
 
 
 def _ws_setup(spec: AttentionSpec, config: AttentionConfig, split: bool) -> tuple:
@@ -684,7 +703,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
     computes ``P V[:, 256:]``; ``p_ready``/``p_free`` hand P and the rescale factors over.
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
-     _rescale) = _ws_setup(spec, config, split)
+     _rescale, epilogue_factors) = _ws_setup(spec, config, split)
 
     @T.macro
     def body(t):
@@ -750,18 +769,7 @@ def _build_ws_program(spec: AttentionSpec, config: AttentionConfig, split: bool)
                         T.barrier_arrive(k_free[st])
                 # epilogue factors: inv_l, then (split) done or (direct) w and 1/den as in the combine
                 for h in T.Parallel(HB):
-                    lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
-                    alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
-                    if spec.sink:
-                        sink2 = t["sink"][h0 + h] * LOG2E
-                        mx = T.max(lse2[h], sink2)
-                        w = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
-                        den = w + ex2(sink2 - mx)
-                    else:
-                        w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
-                        den = w
-                    m_prev[h] = w
-                    row_sum[h] = T.if_then_else(w > 0, _rcp(den), 0.0)
+                    epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
                 for h in T.Parallel(HB):
                     row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
                     fac_shared[0, h] = alpha[h]
@@ -829,7 +837,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     shared max), which gives the same bits as running them on its zero rows, all masked.
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
-     rescale) = _ws_setup(spec, config, split)
+     rescale, epilogue_factors) = _ws_setup(spec, config, split)
     RING = config.pair_stages
 
     @T.macro
@@ -911,18 +919,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.barrier_wait(fin, 0)
         for h in T.Parallel(HB):
             l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
-            lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
-            alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
-            if spec.sink:
-                sink2 = t["sink"][h0 + h] * LOG2E
-                mx = T.max(lse2[h], sink2)
-                wt = T.if_then_else(l_sum[h] > 0, ex2(lse2[h] - mx), 0.0)
-                den = wt + ex2(sink2 - mx)
-            else:
-                wt = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
-                den = wt
-            m_prev[h] = wt
-            row_sum[h] = T.if_then_else(wt > 0, _rcp(den), 0.0)
+            epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
         if split:
             for h, d in T.Parallel(HB, DH):
                 t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d] * alpha[h]
