@@ -284,7 +284,7 @@ def test_compressor_prefill_harness(cfg):
 
 
 def test_compressor_entries_check_allows_one_quantum_on_few_values():
-    cache = torch.randn(2, 3, 512)
+    cache = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(11))
     fmt = C._EntryFormat("attention", 64)
     ref = kv_fp8_simulate(cache, nope_dim=448, block=64)
     assert C._entries_check(ref.clone(), ref, fmt) is None
@@ -292,7 +292,10 @@ def test_compressor_entries_check_allows_one_quantum_on_few_values():
     blk = one[0, 0, :64]
     scale = torch.exp2(torch.ceil(torch.log2(blk.abs().max() / 448)))
     k = int(blk.abs().argmax())
-    one[0, 0, k] = blk[k] - torch.sign(blk[k]) * 32 * scale  # the neighbouring e4m3 code below 448
+    # the neighbouring e4m3 code towards 0: 3 mantissa bits, so one quantum is 2^(exponent - 3) (16 in [128, 256),
+    # 32 in [256, 448]); the block's largest code lies in (224, 448] whatever the random draw
+    quantum = torch.exp2(torch.floor(torch.log2(blk[k].abs() / scale)) - 3)
+    one[0, 0, k] = blk[k] - torch.sign(blk[k]) * quantum * scale
     assert C._entries_check(one, ref, fmt) is None  # one quantum, one value of 2688
     many = ref.clone()
     many[..., :448] *= 1 + 2.0**-4  # within one quantum, but most values differ
