@@ -177,6 +177,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         raise ValueError(f"block_entries={EPC}: {G}·{EPC}·{TPE} = {threads} threads must be a multiple of 32 "
                          f"and <= 1024")
     P = 2 * ratio if overlap else ratio  # pooled positions
+    span = ratio if overlap else 0  # an entry's first row is i·m − span
     RPG = P // G  # rows per group
     NCH = RPG // CH  # chunks per group
     ROWS_OWNED = ratio if overlap else RPG  # state rows a decode thread reads and resets
@@ -440,7 +441,17 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             per (e, lane) thread of every row group)."""
             i = t0 // ratio + ent  # its absolute index
             reset_sums(mx, den, num)
-            if valid:
+            if valid and i * ratio - span >= t0:  # every row is a new token: no clamp, no state rows
+                for ck in T.serial(NCH):
+                    for j in T.unroll(CH):
+                        rr = g * RPG + ck * CH + j  # pooled position: row i·m − span + rr, ape row rr % m
+                        if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
+                            load_new(kv, gate, ape, s, i * ratio - span + rr - t0, rr, c0 + (rr // ratio) * D,
+                                     kv_l, sc_l, j)
+                        else:
+                            load_new(kv, gate, ape, s, i * ratio + rr - t0, rr, c0, kv_l, sc_l, j)
+                    chunk_update(kv_l, sc_l, mx, den, num)
+            elif valid:
                 for ck in T.serial(NCH):
                     # the chunk's rows from kv'/gate first, with no branch around the loads (a row
                     # before the first new token is clamped to it here and replaced from the state
@@ -475,7 +486,6 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         HEADS = -(-(2 if overlap else 1) // EPC)  # CTAs for the (at most 2, m = 4; 1, m = 128) head entries
         ROWS = G * EPC * CH  # rows of a chunk tile (kv' and gate each)
         STEPS = entry_steps * NCH  # pipelined steps of a body CTA: NCH chunks of EPC entries, entry_steps times
-        span = ratio if overlap else 0  # an entry's first row is i·m − span
         if direct:
             grid_x = (N // ratio + EPC) // EPC  # ceil((n // m + 1) / EPC): entries a call can complete
         else:
