@@ -346,9 +346,12 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                     y[lo] = u + w
                     y[lo + (1 << hb)] = u - w
             for hb in T.unroll(LOG_TPE):  # channel bits 3..: across lanes
+                # y + other (bit clear) or other − y (bit set) as fma(y, ±1, other): an exact product, so the
+                # same single rounding as the add, in one instruction
+                sgn = T.if_then_else((lane >> hb) & 1 == 0, T.float32(1.0), T.float32(-1.0))
                 for v in T.unroll(VEC):
                     other = T.shfl_xor(y[v], 1 << hb)
-                    y[v] = T.if_then_else((lane >> hb) & 1 == 0, y[v] + other, other - y[v])
+                    y[v] = T.fma(y[v], sgn, other)
             amax = T.alloc_var(f32)
             amax = 0.0
             for v in T.unroll(VEC):
@@ -359,11 +362,12 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             scale, inv = pow2_scale_bits(T.max(amax, FP4_AMAX_FLOOR), FP4_MAX)
             for v in T.unroll(VEC):
                 a = T.min(T.abs(y[v] * inv), FP4_MAX)
-                # round to the e2m1 grid, ties to the even code: steps 0.5 below 2, 1 below 4, then 2
-                qa = T.if_then_else(
-                    a < 2.0, T.nearbyint(a * 2.0) * 0.5,
-                    T.if_then_else(a < 4.0, T.nearbyint(a), T.nearbyint(a * 0.5) * 2.0),
-                )
+                # round to the e2m1 grid, ties to the even code: steps 0.5 below 2, 1 below 4, then 2 (a·(1/step)
+                # and the product back are exact: powers of two)
+                lo, mid = a < 2.0, a < 4.0
+                up = T.if_then_else(lo, T.float32(2.0), T.if_then_else(mid, T.float32(1.0), T.float32(0.5)))
+                step = T.if_then_else(lo, T.float32(0.5), T.if_then_else(mid, T.float32(1.0), T.float32(2.0)))
+                qa = T.nearbyint(a * up) * step
                 y[v] = T.if_then_else(y[v] < 0.0, -qa, qa) * scale
 
     @T.macro
