@@ -122,6 +122,19 @@ _PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
 _STREAM_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
 
 
+SINCOS_SOURCE = """
+__device__ __forceinline__ void tilev4_sincos(float x, float* s, float* c) {
+  sincosf(x, s, c);
+}
+"""
+
+
+def _sincos(x, sn, cs, t):
+    """sn[t], cs[t] = sinf(x), cosf(x) through one ``sincosf`` (one argument reduction for both); the program
+    must import :data:`SINCOS_SOURCE`."""
+    return T.evaluate(T.call_extern("handle", "tilev4_sincos", x, T.address_of(sn[t]), T.address_of(cs[t])))
+
+
 def _div(x, y):
     """x / y as ``__fdividef`` (reciprocal and product, within 2 ulp; y is a softmax denominator in [1, 2^8])."""
     return T.call_extern(T.float32, "__fdividef", x, y)
@@ -305,8 +318,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                 for t in T.unroll(PPL):
                     pidx = T.min((lane - RW0) * PPL + t, R2 - 1)
                     ang = T.cast(T.cast(pos, T.float64) * T.cast(freqs[pidx], T.float64), f32)
-                    cs_l[t] = T.cos(ang)
-                    sn_l[t] = T.sin(ang)
+                    _sincos(ang, sn_l, cs_l, t)
                 lane0 = T.get_thread_binding() % 32 - (lane - RW0)  # warp lane of the group's lane RW0
                 for k in T.unroll(VEC // 2):
                     src = lane0 + (T.max(c0 - NOPE, 0) // 2 + k) // PPL  # pair (c0 − NOPE)/2 + k; k % PPL its slot
@@ -523,7 +535,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             new_num_tokens: T.Tensor[(B,), T.int64],
         ):
             with T.Kernel(grid_x + 1, B, threads=threads) as (bx, s):
-                T.import_source(EX2_SOURCE)
+                T.import_source(EX2_SOURCE + SINCOS_SOURCE)
                 if not direct:
                     T.annotate_min_blocks_per_sm(max(1, 512 // threads))  # registers capped: 512 threads an SM
                 tx = T.get_thread_binding()
@@ -602,7 +614,7 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
         cache: T.Tensor[(B, NC, D), out_dt],
     ):
         with T.Kernel(T.ceildiv(B, EPC), threads=threads) as bx:
-            T.import_source(EX2_SOURCE)
+            T.import_source(EX2_SOURCE + SINCOS_SOURCE)
             tx = T.get_thread_binding()
             lane = tx % TPE
             e = (tx // TPE) % EPC
