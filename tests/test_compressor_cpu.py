@@ -138,7 +138,7 @@ def test_state_is_validated():
 @pytest.mark.parametrize("name", ["compressor_prefill", "compressor_decode"])
 def test_generated_cuda(name):
     """The pooling's exponentials on the MUFU (ex2.approx.ftz, the same instruction in prefill and decode) and
-    no other fast math (accurate sqrtf, cosf/sinf, no __expf), warp shuffles for the block maxima, rmsnorm
+    no other fast math (accurate sqrtf, sincosf, no __expf), warp shuffles for the block maxima, rmsnorm
     sums, RoPE angles and Hadamard butterflies, exact RNE for FP4 (nearbyintf), an FP8 conversion, and every
     state write in the decode step."""
     attention = compile_kernel(name, SHIPPED[0], DEFAULT_AOT_ARCH).get_kernel_source()
@@ -146,7 +146,8 @@ def test_generated_cuda(name):
     for src in (attention, indexer):
         assert "ex2.approx.ftz.f32" in src and "tilev4_ex2(" in src and "__expf" not in src
         assert "__shfl_xor_sync" in src and "__shfl_sync" in src and "sqrtf(" in src
-        assert "rsqrtf" not in src and "cosf(" in src and "sinf(" in src and "__cosf" not in src
+        assert "rsqrtf" not in src and "sincosf(" in src and "tilev4_sincos(" in src
+        assert "__cosf" not in src and "__sinf" not in src and "__sincosf" not in src
     assert "fp8_e4_t" in attention and "nearbyintf" in indexer
     if name == "compressor_decode":
         for buf in ("st_kv", "st_score", "st_pkv", "st_pscore", "num_tokens"):
