@@ -48,16 +48,23 @@ warps in order) and the Hadamard butterflies across lanes use warp shuffles. For
 rows in two chunks of 4; for m = 128 an entry pools 2 row groups of 64 rows each (chunks of 4 rows),
 combined in shared memory in group order (H200, s = 65536: 0.67 of copy BW against 0.62 with 4 groups of 32
 rows and 0.62 with 1 group of 128 — more rows a thread keeps more loads in flight an SM, fewer groups a
-shorter combine). The RoPE angles of an entry are computed once each, spread over
-the lanes of the warp that holds the rope dims, and gathered by shuffles. The pooling shape is fixed per
+shorter combine). The RoPE angles of an entry are computed once each (``sincosf``: one
+argument reduction for both), spread over the lanes of the warp that holds the rope dims, and gathered by
+shuffles. A cross-lane Hadamard stage is ``fma(y, ±1, y_partner)`` (the add's rounding in one instruction) and
+the FP4 rounding one ``rint`` at the step of the value's binade. On the H200 these three took the indexer
+variant's prefill from 0.49 to 0.59 of copy BW; its pooling alone (no finish, no ``ape``) runs at ~0.64, and
+the m = 128 variant is bound by its row loads (neither its finish, ``ape``, more warps an SM, two chunks in
+flight a thread, an L2 prefetch of later chunks nor interleaved row groups moved it past 0.68). The pooling shape is fixed per
 (m, D), shared by prefill and decode, which is what makes the two bit-identical. The weights ``2^x`` are
 ``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
 
 Prefill schedules (same bits):
 
 * ``"direct"``: a CTA pools ``block_entries`` entries; each thread loads its chunk's rows from global memory
-  with no branch around the loads, so that they are all in flight at once (rows before a prefill's first new
-  token are then replaced from the state).
+  with no branch around the loads, so that they are all in flight at once. An entry whose rows are all new
+  tokens (every entry but a sequence's first one or two) takes a path with neither the clamp to the first new
+  token nor the state loads (380 instead of 553 instructions a 4-row chunk for m = 128); the others load the
+  rows before the first new token from the state after the clamped loads.
 * ``"stream"`` (the default): the one or two *head* entries of a sequence (those with a row before its first
   new token, read from the state) run as above in their own CTA; every other (*body*) CTA pools
   ``block_entries · entry_steps`` consecutive entries, the row chunks of ``block_entries`` entries at a time
