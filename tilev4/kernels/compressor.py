@@ -54,9 +54,9 @@ shuffles. A cross-lane Hadamard stage is ``fma(y, ±1, y_partner)`` (the add's r
 the FP4 rounding one ``rint`` at the step of the value's binade. On the H200 these three took the indexer
 variant's prefill from 0.49 to 0.59 of copy BW; its pooling alone (no finish, no ``ape``) runs at ~0.64, and
 the m = 128 variant is bound by its row loads (neither its finish, ``ape``, more warps an SM, two chunks in
-flight a thread, an L2 prefetch of later chunks nor interleaved row groups moved it past 0.68). The pooling shape is fixed per
-(m, D), shared by prefill and decode, which is what makes the two bit-identical. The weights ``2^x`` are
-``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
+flight a thread, an L2 prefetch of later chunks nor interleaved row groups moved it past 0.68). The pooling
+shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical. The
+weights ``2^x`` are ``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
 
 Prefill schedules (same bits):
 
