@@ -155,3 +155,43 @@ def test_merge_tune_report_replaces_only_the_retuned_kernels(tmp_path):
         assert "different GPUs" in str(e)
     else:
         raise AssertionError("reports of two GPUs were merged")
+
+
+def _ab_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attention_ab", ROOT / "tools" / "attention_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_ab_loads_a_base_codegen_as_its_own_module(tmp_path):
+    """A copy of the codegen loads as a separate module and builds the same program as the package's; an edited
+    copy builds a different one."""
+    from tilelang import tvm
+
+    import tilev4.dsl.codegen as current
+    from tilev4.kernels.attention import variant_spec
+
+    tool = _ab_tool()
+    spec = variant_spec("hca", 64)
+    base = tmp_path / "codegen.py"
+    base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())
+    cg = tool.load_codegen(base)
+    assert cg is not current and cg.__name__ != current.__name__
+    same = cg.build_main_program(spec, cg.AttentionConfig(), split=False)
+    ref = current.build_main_program(spec, current.AttentionConfig(), split=False)
+    assert tvm.ir.structural_equal(same, ref, map_free_vars=True)
+    edited = tmp_path / "codegen_edited.py"
+    edited.write_text(base.read_text().replace("LOG2E = 1.4426950408889634", "LOG2E = 1.5"))
+    other = tool.load_codegen(edited).build_main_program(spec, cg.AttentionConfig(), split=False)
+    assert not tvm.ir.structural_equal(other, ref, map_free_vars=True)
+
+
+def test_attention_ab_rejects_a_missing_base(tmp_path):
+    import pytest
+
+    tool = _ab_tool()
+    with pytest.raises(SystemExit):
+        tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])

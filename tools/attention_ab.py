@@ -1,0 +1,140 @@
+"""A/B of two versions of the attention code generator on the GPU: bits and time, in one process.
+
+    git show main:tilev4/dsl/codegen.py > /tmp/codegen_base.py                 # here (the device has no .git)
+    python3 tools/attention_ab.py --base /tmp/codegen_base.py --json $OUT/attention_ab.json       # on a GPU
+    python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --build-only --arch sm_90a   # no GPU
+
+For each case (those of ``tools/attention_timeline.py``: the benchmark's inputs) the tool builds the main program
+with the default config from the working tree's :mod:`tilev4.dsl.codegen` ("new") and from the file ``--base``
+("base", loaded as a separate module), launches both on the same inputs with the output poisoned (NaN) first,
+compares the outputs bit for bit, then times them alternately (CUDA-graph replays, L2 flushed) for ``--rounds``
+rounds and reports each one's median and the median of the per-round ratios new / base. Differences of a few
+percent between two separate benchmark runs are common on the H200; alternating in one process is what makes
+them measurable.
+"""
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import importlib.util
+import json
+import linecache
+import multiprocessing as mp
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from attention_timeline import CASES, _inputs  # noqa: E402  (the tool directory is not a package)
+
+
+def load_codegen(path: Path) -> Any:
+    """``path`` (a version of ``tilev4/dsl/codegen.py``) as its own module, next to :mod:`tilev4.dsl.codegen`."""
+    text = path.read_text()
+    name = "tilev4_dsl_codegen_ab_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    fname = f"<tilev4 codegen {name}>"
+    linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)  # the macro parser reads the source
+    exec(compile(text, fname, "exec"), module.__dict__)
+    return module
+
+
+def build(case: str, base: str | None, arch: str) -> Any:
+    """The main program of ``case`` from the working tree (``base`` None) or from the file ``base``, compiled."""
+    import tilelang
+
+    import tilev4.dsl.codegen as current
+    from tilev4.kernels.attention import variant_spec
+
+    variant, heads, ring = CASES[case]
+    cg = current if base is None else load_codegen(Path(base))
+    spec = variant_spec(variant, heads, ring=ring)
+    prog = cg.build_main_program(spec, cg.AttentionConfig(), split=False)
+    return tilelang.compile(prog, target={"kind": "cuda", "arch": arch}, execution_backend="tvm_ffi")
+
+
+def _build_in_worker(job: tuple[str, str | None, str]) -> bool:
+    build(*job)  # fills TileLang's kernel cache, so that the parent's build is a cache hit
+    return True
+
+
+def run_case(case: str, base: str, arch: str, rounds: int) -> dict[str, Any]:
+    import torch
+
+    from tilev4.bench import time_cuda
+
+    kernels = {"new": build(case, None, arch), "base": build(case, base, arch)}
+    args = _inputs(case)
+    q = args[0]
+    outs = {}
+    for which, k in kernels.items():
+        o = torch.full_like(q, float("nan"))
+        k(*args, o)
+        torch.cuda.synchronize()
+        outs[which] = o
+    bits_equal = bool(torch.equal(outs["new"].view(torch.int16), outs["base"].view(torch.int16)))
+    max_diff = float((outs["new"].float() - outs["base"].float()).abs().max())
+    times: dict[str, list[float]] = {"new": [], "base": []}
+    reps = 3 if case == "hca64" else 10
+    for _ in range(rounds):
+        for which, k in kernels.items():
+            o = outs[which]
+            times[which].append(time_cuda(lambda k=k, o=o: k(*args, o), warmup=2, reps=reps, graph=True))
+    return {
+        "case": case,
+        "bits_equal": bits_equal,
+        "max_abs_diff": max_diff,
+        "nan": bool(torch.isnan(outs["new"]).any()),
+        "base_ms": statistics.median(times["base"]),
+        "new_ms": statistics.median(times["new"]),
+        "ratio_new_over_base": statistics.median(a / b for a, b in zip(times["new"], times["base"])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="the other version of tilev4/dsl/codegen.py (a file)")
+    ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable (default: all)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--jobs", type=int, default=8, help="parallel compiles before the GPU runs")
+    ap.add_argument("--build-only", action="store_true", help="lower and compile both programs, no GPU")
+    ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if not Path(args.base).is_file():
+        ap.error(f"--base: no such file: {args.base}")
+    cases = args.case or sorted(CASES)
+    if args.build_only:
+        arch = args.arch or "sm_90a"
+    else:
+        from tilev4.kernels.registry import current_arch
+
+        arch = args.arch or current_arch()
+    jobs = [(c, b, arch) for c in cases for b in (None, args.base)]
+    if args.jobs > 1 and len(jobs) > 1:
+        with cf.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+            list(ex.map(_build_in_worker, jobs))
+    if args.build_only:
+        for job in jobs:
+            build(*job)
+        print(f"built {len(jobs)} programs for {arch}")
+        return 0
+    rows = []
+    for c in cases:
+        rows.append(run_case(c, args.base, arch, args.rounds))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
