@@ -467,12 +467,11 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
             if valid and i * ratio - span >= t0:  # every row is a new token: no clamp, no state rows
                 for ck in T.serial(NCH):
                     for j in T.unroll(CH):
-                        rr = g * RPG + ck * CH + j  # pooled position: row i·m − span + rr, ape row rr % m
-                        if overlap:  # rows 0..3: previous block via [:D]; 4..7: current via [D:]
-                            load_new(kv, gate, ape, s, i * ratio - span + rr - t0, rr, c0 + (rr // ratio) * D,
-                                     kv_l, sc_l, j)
-                        else:
-                            load_new(kv, gate, ape, s, i * ratio + rr - t0, rr, c0, kv_l, sc_l, j)
+                        # pooled position rr: row i·m − span + rr, ape row rr % m; m = 4 reads the previous block
+                        # (rr < 4) through [:D] and the current one through [D:] (for m = 128, rr // m is 0)
+                        rr = g * RPG + ck * CH + j
+                        load_new(kv, gate, ape, s, i * ratio - span + rr - t0, rr, c0 + (rr // ratio) * D,
+                                 kv_l, sc_l, j)
                     chunk_update(kv_l, sc_l, mx, den, num)
             elif valid:
                 for ck in T.serial(NCH):
