@@ -66,13 +66,18 @@ def test_kernel_records_name_registry_kernels():
         assert all(isinstance(config, dict) for _, config in jobs)
 
 
-def _timeline_tool():
+def _tool(name):
+    """tools/<name>.py as a module (the tool directory is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("attention_timeline", ROOT / "tools" / "attention_timeline.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _timeline_tool():
+    return _tool("attention_timeline")
 
 
 def test_attention_timeline_instruments_the_seesaw_program():
@@ -158,12 +163,7 @@ def test_merge_tune_report_replaces_only_the_retuned_kernels(tmp_path):
 
 
 def _ab_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("attention_ab", ROOT / "tools" / "attention_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _tool("attention_ab")
 
 
 def test_attention_ab_loads_a_base_codegen_as_its_own_module(tmp_path):

@@ -15,10 +15,7 @@ them measurable.
 
 import argparse
 import concurrent.futures as cf
-import hashlib
-import importlib.util
 import json
-import linecache
 import multiprocessing as mp
 import statistics
 import sys
@@ -28,23 +25,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from attention_timeline import CASES, _inputs  # noqa: E402  (the tool directory is not a package)
+from attention_timeline import CASES, _inputs, module_from_source  # noqa: E402  (the tool directory is not a package)
 
 
 def load_codegen(path: Path) -> Any:
     """``path`` (a version of ``tilev4/dsl/codegen.py``) as its own module, next to :mod:`tilev4.dsl.codegen`."""
-    text = path.read_text()
-    name = "tilev4_dsl_codegen_ab_" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_loader(name, loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__file__ = str(path)
-    sys.modules[name] = module
-    fname = f"<tilev4 codegen {name}>"
-    linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)  # the macro parser reads the source
-    exec(compile(text, fname, "exec"), module.__dict__)
-    return module
+    return module_from_source(path.read_text(), "tilev4_dsl_codegen_ab", path)
 
 
 def build(case: str, base: str | None, arch: str) -> Any:

@@ -119,13 +119,22 @@ def instrumented_codegen() -> Any:
                                f"times in _build_seesaw_program (expected once); update tools/attention_timeline.py")
         body = body.replace(anchor, new)
     text = head + body + tail + f"\nTIMER_SOURCE = {_TIMER_SOURCE!r}\n"
-    name = "tilev4_dsl_codegen_timeline_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return module_from_source(text, "tilev4_dsl_codegen_timeline", CODEGEN)
+
+
+def module_from_source(text: str, prefix: str, path: Path) -> Any:
+    """``text`` (a version of a tilev4 module, ``path`` its file) run as a module of its own, named ``prefix`` and
+    a hash of the text (loaded once a text). Its source is registered with :mod:`linecache`: TileLang's macro
+    parser reads it."""
+    name = f"{prefix}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
-    module.__file__ = str(CODEGEN)
+    module.__file__ = str(path)
     sys.modules[name] = module
-    fname = f"<tilev4 timeline codegen {name}>"
-    linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)  # the macro parser reads the source
+    fname = f"<tilev4 {name}>"
+    linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)
     exec(compile(text, fname, "exec"), module.__dict__)
     return module
 
