@@ -51,6 +51,8 @@ README_BEGIN = "<!-- perf-table:begin -->"
 README_END = "<!-- perf-table:end -->"
 
 
+L2_FLUSH = "read of 256 MiB before each launch"  # how time_cuda clears the L2 (recorded in every report)
+_OLD_L2_FLUSH = "write of 256 MiB before each launch"  # what reports without an "l2_flush" field were timed with
 _HOST_LEAD_CYCLES = 2_000_000  # ~1 ms of GPU clock: the host's head start on a timed call
 
 
@@ -59,15 +61,19 @@ def time_cuda(
 ) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` launches, each timed with CUDA events.
 
-    ``flush_l2`` overwrites a 256 MiB buffer before each launch so that no run reads its
-    inputs from the 50 MB L2 left warm by the previous one. ``graph=True`` captures ``fn`` in a
+    ``flush_l2`` reads a 256 MiB buffer before each launch (:data:`L2_FLUSH`), so that no run reads its inputs
+    from the 50 MB L2 left warm by the previous one. A read pass leaves the L2 holding clean lines: whatever the
+    previous launch left dirty is written back during the flush, not inside the timed interval. (A flush that
+    WRITES the buffer leaves ~50 MB of dirty lines that the timed kernel then has to write back to HBM as it
+    allocates: on the H200 that adds ~2 µs to a 21 MiB copy and ~6 µs to a kernel that reads 134 MB, work of
+    the flush, not of the kernel.) ``graph=True`` captures ``fn`` in a
     CUDA graph and times its replays, so that only GPU time is measured (small decode kernels
     otherwise measure the host's launch path); it falls back to plain launches when capture fails.
     Without a graph, the stream spins ~1 ms (``torch.cuda._sleep``) before the start event, so that the
     host has queued all of ``fn``'s launches by the time it starts: the events time the device's work, not
     the host's Python between two of ``fn``'s kernels.
     """
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    flush = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -86,7 +92,7 @@ def time_cuda(
     times = []
     for _ in range(reps):
         if flush is not None:
-            flush.fill_(1)
+            flush.sum(dtype=torch.int64)  # a read of every byte (see above)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if not graph:
             torch.cuda._sleep(_HOST_LEAD_CYCLES)
@@ -156,6 +162,7 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
         "gpu": props.name,
         "commit": os.environ.get("TILEV4_COMMIT", "unknown"),
         "torch": torch.__version__,
+        "l2_flush": L2_FLUSH,
         "peaks": peaks,
         "results": results,
     }
@@ -196,7 +203,11 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         f"{rep['gpu']} {rep['date']} ({rep['commit']}): bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS"
         f"{fp8_peak(rep)}, copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
     )
-    return "\n".join(lines) + f"\n\nSame-run peaks — {peaks}.\n"
+    flushes: dict[str, list[str]] = {}
+    for rep in reports:  # reports from before the read flush say nothing: theirs was a write of the same buffer
+        flushes.setdefault(rep.get("l2_flush", _OLD_L2_FLUSH), []).append(rep["commit"])
+    how = "; ".join(f"{way} ({', '.join(sorted(set(commits)))})" for way, commits in flushes.items())
+    return "\n".join(lines) + f"\n\nSame-run peaks — {peaks}.\n\nL2 flush — {how}.\n"
 
 
 def update_readme(readme: Path, json_files: list[Path]) -> None:

@@ -1,0 +1,44 @@
+"""The README performance table made from benchmark reports (no GPU)."""
+
+import math
+
+import pytest
+import torch
+
+from tilev4.bench import L2_FLUSH, render_table, time_cuda
+
+
+def _report(commit: str, **extra):
+    return {"date": "2026-11-30", "gpu": "NVIDIA H200", "commit": commit, "torch": "2.13.0",
+            "peaks": {"bf16_matmul_tflops": 800.0, "copy_gbps": 4000.0},
+            "results": [{"kernel": "k", "shape": "s", "ms": 0.5, "gbps": 2000.0, "fraction_of_copy_bw": 0.5,
+                         "target_fraction": 0.6}], **extra}
+
+
+def test_table_names_each_reports_l2_flush():
+    table = render_table([_report("aaa1111", l2_flush=L2_FLUSH), _report("bbb2222")])
+    assert "| k | s | 0.5000 | 2000 | – | 0.50 of copy BW | 0.60 | NVIDIA H200 | 2026-11-30 | aaa1111 |" in table
+    flush_line = next(line for line in table.splitlines() if line.startswith("L2 flush"))
+    assert f"{L2_FLUSH} (aaa1111)" in flush_line
+    assert "write of 256 MiB before each launch (bbb2222)" in flush_line  # older reports: the write flush
+
+
+def test_table_groups_reports_with_the_same_flush():
+    flush_line = next(line for line in render_table([_report("c1", l2_flush=L2_FLUSH), _report("c2", l2_flush=L2_FLUSH)]
+                                                    ).splitlines() if line.startswith("L2 flush"))
+    assert flush_line == f"L2 flush — {L2_FLUSH} (c1, c2)."
+
+
+@pytest.mark.gpu
+def test_time_cuda_flush_makes_reads_cold():
+    """A kernel that reads 32 MiB (fits the L2) is slower with the flush than without: the flush evicts its input."""
+    x = torch.randn(8 * 2**20, device="cuda")  # 32 MiB
+    out = torch.empty((), device="cuda")
+
+    def read():
+        torch.sum(x, dim=0, out=out)
+
+    cold = time_cuda(read, reps=20, graph=True)
+    warm = time_cuda(read, reps=20, graph=True, flush_l2=False)
+    assert math.isfinite(cold) and math.isfinite(warm) and warm > 0
+    assert cold > 1.2 * warm, (cold, warm)
