@@ -25,19 +25,22 @@ __all__ = ["BENCHES", "benchmark", "measure_peaks", "record", "render_table", "r
 
 BenchFn = Callable[[dict[str, float]], list[dict[str, Any]]]
 BENCHES: dict[str, BenchFn] = {}
+BENCH_L2_FLUSH: dict[str, str] = {}  # benchmark → how it treats the L2 (see benchmark())
 
 
-def benchmark(name: str) -> Callable[[BenchFn], BenchFn]:
+def benchmark(name: str, l2_flush: str | None = None) -> Callable[[BenchFn], BenchFn]:
     """Register ``fn(peaks) -> list of records`` as benchmark ``name`` (``tilev4 bench NAME``).
 
     Benchmarks live in the submodules of :mod:`tilev4.bench`, one per area; all are imported
-    when a run starts.
+    when a run starts. ``l2_flush`` says how its timings treat the L2 when that is not :func:`time_cuda`'s flush
+    (:data:`L2_FLUSH`); a report records it.
     """
 
     def wrap(fn: BenchFn) -> BenchFn:
         if name in BENCHES:
             raise ValueError(f"benchmark {name!r} is registered twice")
         BENCHES[name] = fn
+        BENCH_L2_FLUSH[name] = l2_flush or L2_FLUSH
         return fn
 
     return wrap
@@ -154,7 +157,8 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(BENCHES)}")
     peaks = measure_peaks()
     results = []
-    for name in names or list(BENCHES):
+    names = names or list(BENCHES)
+    for name in names:
         results += BENCHES[name](peaks)
     props = torch.cuda.get_device_properties(0)
     return {
@@ -162,7 +166,7 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
         "gpu": props.name,
         "commit": os.environ.get("TILEV4_COMMIT", "unknown"),
         "torch": torch.__version__,
-        "l2_flush": L2_FLUSH,
+        "l2_flush": "; ".join(dict.fromkeys(BENCH_L2_FLUSH[n] for n in names)),
         "peaks": peaks,
         "results": results,
     }

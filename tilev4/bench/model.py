@@ -71,7 +71,10 @@ def _step_bytes(model: Any, context: int, batch: int) -> float:
     return batch * kv + weights
 
 
-@benchmark("model")
+MODEL_L2_FLUSH = "none (host wall time of consecutive decode steps)"
+
+
+@benchmark("model", l2_flush=MODEL_L2_FLUSH)
 def bench_model(peaks: dict[str, float]) -> list[dict[str, Any]]:
     from tilev4.model import Config, Model, random_checkpoint_tensors
     from tilev4.model.backend import ReferenceOps
