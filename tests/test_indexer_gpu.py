@@ -210,6 +210,28 @@ def test_long_context_decode_logits():
     _check_logits(out, q, w, k, positions)
 
 
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lens_dtype", [None, torch.int32, torch.int64])
+@pytest.mark.parametrize("ratio", [4, 128])
+def test_logits_prep_kernel_equals_the_torch_expressions(pos_dtype, w_dtype, lens_dtype, ratio):
+    """The one-launch preparation (visible counts, w · s_q) gives the bits of the torch expressions it replaces,
+    negative positions (nothing visible) and k_lens below and above N included."""
+    from tilev4.kernels.indexer import _logits_inputs, _visible_counts
+
+    g = _gen(7)
+    b, s, h, n = 3, 37, 64, 1000
+    positions = torch.randint(-9, 6000, (b, s), generator=g, device="cuda").to(pos_dtype)
+    positions[0, 0] = -1  # (−1 + 1) // m = 0: nothing visible
+    w = torch.randn(b, s, h, generator=g, device="cuda").to(w_dtype)
+    q_scale = torch.exp2(torch.randint(-20, 4, (b, s, h), generator=g, device="cuda").float()) * 1.5
+    k_lens = None if lens_dtype is None else torch.tensor([0, 700, 5000], device="cuda", dtype=lens_dtype)
+    visible, qw = _logits_inputs(positions, w, q_scale, ratio, n, k_lens)
+    assert torch.equal(visible, _visible_counts(positions, ratio, n, k_lens))
+    assert torch.equal(qw.view(torch.int32), (w.float() * q_scale).view(torch.int32))
+    assert visible[0, 0] == 0 and int(visible.max()) <= n
+
+
 def test_ratio_128_and_bf16_weights():
     g = _gen(22)
     q, k, w = _inputs(2, 4, 300, g)

@@ -1180,6 +1180,81 @@ def _logits_problem(S: int, H: int = 64, D: int = 128) -> dict[str, Any]:
     return {"H": H, "D": D, "decode": S == 1}
 
 
+_PREP_DTYPES = {torch.int32: "int32", torch.int64: "int64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
+
+
+@register(
+    "indexer_logits_prep",
+    # the model's prefill and decode (int64 positions, fp32 w) and the benchmark's; others compile on first use
+    configs=[{"pos_dtype": "int64"}, {"pos_dtype": "int64", "k_lens_dtype": "int64"}, {}],
+    tags=("indexer", "batch_invariant"),
+)
+def build_indexer_logits_prep(ratio: int = 4, pos_dtype: str = "int32", w_dtype: str = "float32",
+                              k_lens_dtype: str = "none", threads: int = 256):
+    """The logits kernel's per-query inputs in one launch (instead of a chain of small torch ops).
+
+    ``visible[b, s] = min((pos + 1) // ratio, cap)`` (floor division; ``cap = min(k_lens[b], N)``, or ``N``
+    without ``k_lens``) and ``qw[b, s, h] = float(w) · q_scale`` (the query scale folded into the head weight:
+    one fp32 product, as the torch expression computes it). A thread takes one ``(b, s, h)``; the thread of
+    ``h = 0`` also writes ``visible``. Not tuned.
+    """
+    if ratio not in _RATIOS:
+        raise ValueError(f"ratio must be one of {_RATIOS}, got {ratio}")
+    for name, value, allowed in (("pos_dtype", pos_dtype, ("int32", "int64")),
+                                 ("w_dtype", w_dtype, ("float32", "bfloat16", "float16")),
+                                 ("k_lens_dtype", k_lens_dtype, ("none", "int32", "int64"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    B, S, H = T.dynamic("B"), T.dynamic("S"), T.dynamic("H")
+    has_lens = k_lens_dtype != "none"
+    lens_dt = k_lens_dtype if has_lens else "int32"
+
+    @T.prim_func
+    def indexer_logits_prep_kernel(
+        positions: T.Tensor[(B, S), pos_dtype],
+        w: T.Tensor[(B, S, H), w_dtype],
+        q_scale: T.Tensor[(B, S, H), T.float32],
+        k_lens: T.Tensor[(B,), lens_dt],  # ignored without k_lens (any [B] int tensor)
+        n: T.int32,
+        visible: T.Tensor[(B, S), T.int32],
+        qw: T.Tensor[(B, S, H), T.float32],
+    ):
+        pos = T.reshape(positions, (B * S,))  # flat views: thread i takes element i of qw
+        wf = T.reshape(w, (B * S * H,))
+        qs = T.reshape(q_scale, (B * S * H,))
+        vis_out = T.reshape(visible, (B * S,))
+        qw_out = T.reshape(qw, (B * S * H,))
+        with T.Kernel(T.ceildiv(B * S * H, threads), threads=threads) as bx:
+            i = bx * threads + T.get_thread_binding()
+            if i < B * S * H:
+                qw_out[i] = T.cast(wf[i], T.float32) * qs[i]
+                if T.truncmod(i, H) == 0:
+                    row = T.truncdiv(i, H)
+                    vis = T.floordiv(T.cast(pos[row], T.int64) + 1, ratio)  # floor: a negative position sees nothing
+                    cap = T.cast(n, T.int64)
+                    if has_lens:
+                        cap = T.min(T.cast(k_lens[T.truncdiv(row, S)], T.int64), cap)
+                    vis_out[row] = T.cast(T.min(vis, cap), T.int32)
+
+    return indexer_logits_prep_kernel
+
+
+def _logits_inputs(positions: torch.Tensor, w: torch.Tensor, q_scale: torch.Tensor, ratio: int, n: int,
+                   k_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(visible, qw)`` of :func:`build_indexer_logits_prep`, one launch; equal to
+    ``(_visible_counts(positions, ratio, n, k_lens), w.float() * q_scale)``."""
+    b, s, h = w.shape
+    visible = torch.empty(b, s, dtype=torch.int32, device=w.device)
+    qw = torch.empty(b, s, h, dtype=torch.float32, device=w.device)
+    config = {"ratio": ratio, "pos_dtype": _PREP_DTYPES[positions.dtype], "w_dtype": _PREP_DTYPES[w.dtype],
+              "k_lens_dtype": "none" if k_lens is None else _PREP_DTYPES[k_lens.dtype]}
+    lens = visible.view(-1)[:b] if k_lens is None else k_lens.contiguous()  # without k_lens: never read
+    compile_kernel("indexer_logits_prep", config)(positions.contiguous(), w.contiguous(), q_scale, lens, n, visible,
+                                                  qw)
+    return visible, qw
+
+
 def _visible_counts(positions: torch.Tensor, ratio: int, n: int, k_lens: torch.Tensor | None) -> torch.Tensor:
     """int32 [B, S]: min((pos + 1) // ratio, k_lens[b] (or N))."""
     vis = torch.div(positions.long() + 1, ratio, rounding_mode="floor")  # [B, S]
@@ -1199,7 +1274,8 @@ def indexer_logits(
     k_lens: torch.Tensor | None = None,
     batch_invariant: bool = False,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_visible: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightning-indexer logits ``I[b, s, c] = Σ_h w · ReLU(q_I · K_I[c])`` on FP8 tensor cores.
 
     Prefill is ``B = 1`` (S queries of one sequence), decode is ``S = 1`` (a ragged batch: ``k8`` padded to
@@ -1218,11 +1294,13 @@ def indexer_logits(
         batch_invariant: accepted for symmetry with the other ops; every build is batch-invariant (below), so it
             changes nothing.
         out: optional fp32 [B, S, N] contiguous output.
+        return_visible: also return the int32 [B, S] visible-entry counts the mask used.
 
     Returns:
-        fp32 [B, S, N]; −inf where not visible. Equal to :func:`tilev4.reference.indexer_scores` of the
-        dequantised inputs up to the fp32 order of the 64-head sum. A query's row never depends on B, S, the
-        other queries or the tuned config: every build sums the heads in the same order.
+        fp32 [B, S, N] (with ``return_visible``, ``(logits, visible)``); −inf where not visible. Equal to
+        :func:`tilev4.reference.indexer_scores` of the dequantised inputs up to the fp32 order of the 64-head sum.
+        A query's row never depends on B, S, the other queries or the tuned config: every build sums the heads in
+        the same order.
     """
     check_tensor("q8", q8, dtype=torch.float8_e4m3fn, ndim=4, contiguous=True)
     b, s, h, d = q8.shape
@@ -1248,7 +1326,7 @@ def indexer_logits(
     else:
         check_tensor("out", out, dtype=torch.float32, shape=(b, s, n), contiguous=True, device=q8.device)
     if out.numel() == 0:
-        return out
+        return (out, _visible_counts(positions, ratio, n, k_lens)) if return_visible else out
     del batch_invariant  # every build is batch-invariant
     problem = _logits_problem(s, h, d)
     bq = 1  # the query-block grid dim is ceil(S / BQ): only a long S needs the resolved (tuned) BQ
@@ -1256,9 +1334,11 @@ def indexer_logits(
         bq = dict(resolve_config("indexer_logits", problem).items)["BQ"]
     if b > _MAX_GRID_YZ or -(-s // bq) > _MAX_GRID_YZ:
         raise ValueError(f"q8: B={b} and ceil(S/BQ) for S={s}, BQ={bq} must be <= {_MAX_GRID_YZ}")
-    visible = _visible_counts(positions, ratio, n, k_lens)  # [B, S]
-    qw = (w.float() * q_scale).contiguous()  # [B, S, H]: s_q folded into the head weight (exact)
+    # [B, S] visible entries and [B, S, H] w · s_q (the query scale folded into the head weight), one launch
+    visible, qw = _logits_inputs(positions, w, q_scale, ratio, n, k_lens)
     compile_kernel("indexer_logits", problem)(q8, qw, k8, k_scale, visible, out)
+    if return_visible:
+        return out, visible
     return out
 
 
@@ -1367,8 +1447,7 @@ def indexer_topk(
         the selection was made from. Two passes: the logits are 4 bytes per entry against 128 FP8
         key bytes (~3% extra traffic), and the select reads only each query's visible prefix.
     """
-    logits = indexer_logits(q8, q_scale, w, k8, k_scale, positions, ratio=ratio, k_lens=k_lens,
-                            batch_invariant=batch_invariant)
-    lengths = _visible_counts(positions, ratio, logits.shape[-1], k_lens)  # [B, S]
+    logits, lengths = indexer_logits(q8, q_scale, w, k8, k_scale, positions, ratio=ratio, k_lens=k_lens,
+                                     batch_invariant=batch_invariant, return_visible=True)  # lengths: [B, S]
     idx = topk_select(logits, top_k, lengths=lengths, offset=offset)
     return (idx, logits) if return_logits else idx
