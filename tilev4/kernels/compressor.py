@@ -54,7 +54,9 @@ shuffles. A cross-lane Hadamard stage is ``fma(y, ±1, y_partner)`` (the add's r
 the FP4 rounding one ``rint`` at the step of the value's binade. On the H200 these three took the indexer
 variant's prefill from 0.49 to 0.59 of copy BW; its pooling alone (no finish, no ``ape``) runs at ~0.64, and
 the m = 128 variant is bound by its row loads (neither its finish, ``ape``, more warps an SM, two chunks in
-flight a thread, an L2 prefetch of later chunks nor interleaved row groups moved it past 0.68). The pooling
+flight a thread, an L2 prefetch of later chunks nor interleaved row groups moved it past 0.68). These fractions
+were timed after a flush that WROTE the L2 full of dirty lines; with the benchmarks' read flush (whose lines the
+kernel need not write back) the same programs reach 0.92 (m = 4), 0.78 (m = 128) and 0.70 (indexer). The pooling
 shape is fixed per (m, D), shared by prefill and decode, which is what makes the two bit-identical. The
 weights ``2^x`` are ``ex2.approx.ftz`` and the pooled ``num / den`` is ``__fdividef``, in both programs.
 
