@@ -1180,10 +1180,6 @@ def _logits_problem(S: int, H: int = 64, D: int = 128) -> dict[str, Any]:
     return {"H": H, "D": D, "decode": S == 1}
 
 
-_PREP_DTYPES = {torch.int32: "int32", torch.int64: "int64", torch.float32: "float32", torch.bfloat16: "bfloat16",
-                torch.float16: "float16"}
-
-
 @register(
     "indexer_logits_prep",
     # the model's prefill and decode (int64 positions, fp32 w) and the benchmark's; others compile on first use
@@ -1240,6 +1236,11 @@ def build_indexer_logits_prep(ratio: int = 4, pos_dtype: str = "int32", w_dtype:
     return indexer_logits_prep_kernel
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.int64`` → ``"int64"``: the dtype names the builders take."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _logits_inputs(positions: torch.Tensor, w: torch.Tensor, q_scale: torch.Tensor, ratio: int, n: int,
                    k_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(visible, qw)`` of :func:`build_indexer_logits_prep`, one launch; equal to
@@ -1247,8 +1248,8 @@ def _logits_inputs(positions: torch.Tensor, w: torch.Tensor, q_scale: torch.Tens
     b, s, h = w.shape
     visible = torch.empty(b, s, dtype=torch.int32, device=w.device)
     qw = torch.empty(b, s, h, dtype=torch.float32, device=w.device)
-    config = {"ratio": ratio, "pos_dtype": _PREP_DTYPES[positions.dtype], "w_dtype": _PREP_DTYPES[w.dtype],
-              "k_lens_dtype": "none" if k_lens is None else _PREP_DTYPES[k_lens.dtype]}
+    config = {"ratio": ratio, "pos_dtype": _dtype_name(positions.dtype), "w_dtype": _dtype_name(w.dtype),
+              "k_lens_dtype": "none" if k_lens is None else _dtype_name(k_lens.dtype)}
     lens = visible.view(-1)[:b] if k_lens is None else k_lens.contiguous()  # without k_lens: never read
     compile_kernel("indexer_logits_prep", config)(positions.contiguous(), w.contiguous(), q_scale, lens, n, visible,
                                                   qw)
