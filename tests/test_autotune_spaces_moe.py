@@ -95,6 +95,9 @@ def test_measured_faster_configs_are_candidates():
     assert {"schedule": "pipelined", "block_n": 128, "block_k": 64, "num_stages": 3, "threads": 256} in down.candidates
     (up,) = plan_kernel("moe_up", [{"dim": 4096}], arch="sm_90a")
     assert up.candidates[0] == {"schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
+    (down8,) = plan_kernel("moe_down_fp8", [{"inter": 2048}], arch="sm_90a")  # 128 × 256 measured 16 % faster
+    assert down8.candidates[0] == {"block_n": 256, "num_stages": 4, "threads": 256}
+    assert {"block_n": 128, "num_stages": 4, "threads": 256} in down8.candidates
     for stages in (3, 4):
         assert {"schedule": "pipelined", "block_n": 128, "block_k": 64, "num_stages": stages,
                 "threads": 256} in up.candidates
@@ -113,6 +116,12 @@ def test_static_pruning_reasons():
     fp8 = get_kernel_def("moe_up_fp8")
     assert "one weight scale" in fp8.space.why_invalid({**fp8.problem({"dim": 4096}), "block_n": 96,
                                                         "num_stages": 3, "threads": 256})
+    # the FP8 down-projection's 256-column tile: two halves of one scale each, ws schedule only
+    down8 = get_kernel_def("moe_down_fp8")
+    wide = {**down8.problem({"inter": 2048}), "block_n": 256, "num_stages": 4, "threads": 256}
+    assert down8.space.why_invalid(wide, SMEM_LIMIT_BYTES["sm_90a"]) is None
+    assert "ws schedule" in down8.space.why_invalid({**wide, "schedule": "pipelined"})
+    assert "one weight scale" in down8.space.why_invalid({**wide, "block_n": 192})
     gate = get_kernel_def("moe_gate")
     tiny = {**gate.problem({"dim": 256, "num_experts": 8, "top_k": 2}), "block_k": 32, "block_e": 128,
             "num_stages": 2}

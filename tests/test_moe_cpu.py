@@ -8,6 +8,7 @@ import torch
 from tilev4.kernels import get_kernel_def, iter_registry
 
 K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
+F8 = importlib.import_module("tilev4.kernels.moe_fp8")
 
 MOE_KERNELS = {"moe_gate", "moe_count", "moe_scan", "moe_scatter", "moe_up", "moe_down", "moe_combine", "moe_up_fp8",
                "moe_up_fp8_q", "moe_down_fp8", "moe_up_fp4", "moe_down_fp4"}
@@ -45,6 +46,9 @@ def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
         (K.build_moe_gate, {"dim": 256, "num_experts": 8, "top_k": 9}, "top_k"),
         (K.build_moe_gate, {"dim": 256, "num_experts": 400, "top_k": 6}, "num_experts"),
         (K.build_moe_combine, {"dim": 256, "top_k": 2, "out_dtype": "float16"}, "out_dtype"),
+        (F8.build_moe_down_fp8, {"inter": 2048, "block_n": 256, "schedule": "pipelined"}, "block_n=256"),
+        (F8.build_moe_down_fp8, {"inter": 2048, "block_n": 192}, "block_n=192"),
+        (F8.build_moe_down_fp8, {"inter": 2048, "block_n": 32}, "block_n=32"),
     ],
 )
 def test_factories_reject_bad_keys(build, kwargs, match):

@@ -556,6 +556,34 @@ def test_fp8_gemm_schedules_agree_bit_for_bit(case, block_n):
 
 
 @pytest.mark.parametrize("case", list(FP8_CASES))
+def test_fp8_down_wide_tile_gives_the_bits_of_128(case):
+    """The 128 × 256 down tile (two 128-column halves of W2 a stage) against 128 × 128 and 128 × 64: every element
+    is the same wgmma steps and promotions, so the same bits — also where dim is not a multiple of 256 (the last
+    tile's second half lies past N: zero-filled loads, a clamped scale index, clipped stores). Against fp32 math:
+    test_fp8_experts_match_reference, which runs the default (256)."""
+    from tilev4.kernels import compile_kernel, fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, _, scale = FP8_CASES[case]
+    _, _, _, w2, _, _ = _layer(dim, inter, num_experts, 0, seed=310 + len(case))
+    q2 = F.quantize_fp8_weight(w2)
+    g = _gen(311)
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = perm.x_sorted.shape[0]
+    h8, hs = fp8_quantize(_randn(n, inter, g=g, scale=scale))
+    outs = {}
+    for block_n in (256, 128, 64):
+        y = _poison(n, dim, dtype=torch.bfloat16)
+        compile_kernel("moe_down_fp8", {"inter": inter, "block_m": perm.block_m, "block_n": block_n})(
+            h8, hs, q2.data, q2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, y)
+        assert not torch.isnan(y).any(), block_n
+        outs[block_n] = y
+    assert torch.equal(outs[256], outs[128])
+    assert torch.equal(outs[256], outs[64])
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
 @pytest.mark.parametrize("limit", [10.0, None])
 def test_fp8_up_quantizes_h_as_fp8_quantize_does(case, limit):
     """``moe_up_fp8(quantize=True)`` (h quantised in the epilogue) writes exactly ``fp8_quantize`` of the bf16 h:

@@ -9,7 +9,7 @@ kernel            tunables                                               bucket 
 moe_up            schedule ws/pipelined · block_n 128/64 · stages 4/3    grouped|dense, dim range        8
 moe_down          schedule ws/pipelined · block_n 256/128 · stages 4/3   grouped|dense, inter range      8
 moe_up_fp8        block_n 128/64 · stages 3/2/4                          dim range                       6
-moe_down_fp8      block_n 128/64 · stages 4/3/2                          inter range                     6
+moe_down_fp8      block_n 256/128 · stages 4/3/2                         inter range                     6
 moe_up_fp4        block_n 64/32 · stages 3/2/4                           dim range                       6
 moe_down_fp4      block_n 128/64 · stages 4/3/2                          inter range                     6
 fp8_linear        block_m 64/128 · block_n 128/64 · stages 4/3           K range                         8
@@ -35,7 +35,8 @@ the grouped bf16 up-projection (the largest: 230,400 B at its default). Register
 :data:`MAX_ACC_PER_THREAD` fp32 accumulator elements a thread. Pipeline depth: at most
 :data:`MAX_PREFETCH_BYTES` of K per row in flight (a 128-wide bf16 K tile runs 2 stages, a 64-wide one up to
 4). K tiles: no ``block_k`` that leaves a partial last K tile where the default leaves none. FP8 weight
-scales: ``block_n`` divides 128 (one scale per tile).
+scales: ``block_n`` divides 128 (one scale per tile), or is 256 for the ``ws`` FP8 down-projection (two halves of
+one scale each).
 
 **Harnesses.** Random inputs on the tuner's device from its CPU generator, scaled as in
 ``tests/test_moe_gpu.py``. The grouped GEMMs get rows already sorted by expert (:data:`HARNESS_EXPERTS`
@@ -195,6 +196,16 @@ def _scale_block_n(c: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _fp8_down_tile(c: Mapping[str, Any]) -> str | None:
+    """FP8 down-projection: one weight scale per tile, or (``ws`` schedule) two 128-column halves of one each, whose
+    two accumulators and one scratch are the up-projection's three [block_m, 128] tiles."""
+    if c["block_n"] == 2 * SCALE_BLOCK:
+        if c.get("schedule", "ws") != "ws":
+            return f"block_n={c['block_n']} (two halves) needs the ws schedule, got {c['schedule']!r}"
+        return _accumulators(1.5)(c)
+    return _scale_block_n(c) or _accumulators(2)(c)  # acc, t
+
+
 def _k_range(name: str, k: int, bounds: Sequence[int]) -> str:
     for b in bounds:
         if k <= b:
@@ -307,8 +318,10 @@ MOE_UP_FP8_SPACE = Space(
     smem_bytes=_fp8_up_smem,
 )
 MOE_DOWN_FP8_SPACE = Space(
-    params={"block_n": (128, 64), "num_stages": (4, 3, 2), "threads": _GEMM_THREADS},
-    constraints=(_warpgroup_rows, _accumulators(2), _scale_block_n, _prefetch(1, SCALE_BLOCK)),  # acc, t
+    # block_n 64 (1.5x slower than 128 on the H200: benchmarks/logs/h200-2026-11-29-session6.md) is left out: a space
+    # keeps at most 8 candidates
+    params={"block_n": (256, 128), "num_stages": (4, 3, 2), "threads": _GEMM_THREADS},
+    constraints=(_warpgroup_rows, _fp8_down_tile, _prefetch(1, SCALE_BLOCK)),
     smem_bytes=_fp8_gemm_smem,
 )
 MOE_UP_FP4_SPACE = Space(

@@ -97,9 +97,11 @@ def check_ws_schedule(schedule: str, block_m: int, schedules: tuple[str, ...]) -
 
 
 @T.macro
-def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S):
+def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, second_n=0):
     """The producer warpgroup: per K step, wait until both consumers released the stage, then TMA-load the A
-    halves (the second only when the tile has more than 64 valid rows) and the weight tile(s) ``ws``."""
+    halves (the second only when the tile has more than 64 valid rows) and the weight tile(s) ``ws``; the second
+    weight tile starts ``second_n`` rows after the first (a Python int: 0 for W1 / W3, ``BN`` for the two halves of
+    one weight's wider tile)."""
     T.set_max_nreg(PRODUCER_REGS, 0)
     for ki in T.serial(KT):
         slot = ki % S
@@ -110,7 +112,11 @@ def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S
                        barrier=full[slot])
         T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
         if len(ws) == 2:
-            T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
+            if second_n:
+                T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
+                           barrier=full[slot])
+            else:
+                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
         T.barrier_arrive(full[slot])
 
 
