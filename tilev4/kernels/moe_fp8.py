@@ -330,23 +330,6 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
 
         return moe_up_fp8_q_ws
 
-    if wide:
-
-        @T.prim_func
-        def moe_down_fp8_ws(
-            h8: T.Tensor[(NR, K), fp8],
-            hs: T.Tensor[(NR, KB), T.float32],
-            w2: T.Tensor[(E, N, K), fp8],
-            w2s: T.Tensor[(E, NS, KB), T.float32],
-            offsets: T.Tensor[(E + 1,), T.int32],
-            tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
-            y: T.Tensor[(NR, N), T.bfloat16],
-        ):
-            body(h8, hs, [w2, w2], [w2s, w2s], None, y, None, offsets, tile_offsets, tile_expert)
-
-        return moe_down_fp8_ws
-
     @T.prim_func
     def moe_down_fp8_ws(
         h8: T.Tensor[(NR, K), fp8],
@@ -358,7 +341,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
         tile_expert: T.Tensor[(MT,), T.int32],
         y: T.Tensor[(NR, N), T.bfloat16],
     ):
-        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+        body(h8, hs, [w2] * NB, [w2s] * NB, None, y, None, offsets, tile_offsets, tile_expert)  # wide: W2 twice
 
     return moe_down_fp8_ws
 
