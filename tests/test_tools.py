@@ -96,6 +96,32 @@ def test_attention_timeline_instruments_the_seesaw_program():
     assert "tv4_clock" not in plain.script() and "dbg" not in [plain.buffer_map[p].name for p in plain.params]
 
 
+def test_attention_timeline_instruments_the_split_program():
+    """``--split-keys``: the split program gets the stamp argument too (every column but the two staging stamps: a
+    split CTA stores its fp32 partial from registers), and a decode row of 128 + 512 keys (10 blocks) needs 2 splits
+    of 320 keys and 3 of 256."""
+    import torch
+
+    from tilev4.kernels.attention import variant_spec
+
+    tool = _timeline_tool()
+    cg = tool.instrumented_codegen()
+    spec = variant_spec("csa", 64, ring=True)
+    prog = cg.build_main_program(spec, cg.AttentionConfig(split_keys=320), split=True)
+    assert prog.buffer_map[prog.params[-1]].name == "dbg"
+    written = set(re.findall(r"dbg\[rr, (\d+)\] = T\.call_extern", prog.script()))
+    staged = {str(tool.COLUMNS.index(n)) for n in ("staged_0", "staged_1")}
+    assert written == {str(i) for i in range(16)} - staged
+    # the decode inputs' shapes (q, positions, sink, window ring, compressed cache, indices), on the CPU
+    args = [torch.empty(64, 1, 64, 512), torch.empty(64, 1, dtype=torch.int32), torch.empty(64),
+            torch.empty(64, 128, 512), torch.empty(64, 32768, 512, dtype=torch.bfloat16),
+            torch.empty(64, 1, 512, dtype=torch.int32)]
+    assert tool._num_splits("decode64", 320, args) == 2
+    assert tool._num_splits("decode64", 256, args) == 3
+    args[-1] = torch.empty(64, 1, 1024, dtype=torch.int32)  # 18 blocks: read from the index list, not the cache
+    assert tool._num_splits("decode64", 320, args) == 4
+
+
 def test_attention_timeline_fails_loudly_when_the_codegen_moved(tmp_path, monkeypatch):
     import pytest
 

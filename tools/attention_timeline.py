@@ -3,6 +3,7 @@
     python3 tools/attention_timeline.py --json $OUT/attention_timeline.json          # on a GPU: all cases
     python3 tools/attention_timeline.py --case csa64 --save-raw $OUT/raw             # one case, raw stamps too
     python3 tools/attention_timeline.py --build-only --arch sm_90a                   # no GPU: lower and compile
+    python3 tools/attention_timeline.py --case decode64 --split-keys 320             # the split program, 2 splits
 
 The tool loads a copy of :mod:`tilev4.dsl.codegen` with timestamp writes added at fixed points of the seesaw
 program (each insertion is anchored on a line of the current source and fails loudly when the source moved), builds
@@ -16,6 +17,11 @@ build: 4-5 % above the shipped program on the H200 (stamps and their stores). Th
 
 Cases: ``sparse64`` (index list, 512 keys), ``csa64`` / ``csa128`` (V4-Flash / V4-Pro prefill, 4096 queries),
 ``hca64`` (65536 queries from position 0), ``decode64`` (CSA decode, 64 sequences, ring window).
+
+``--split-keys K`` (a multiple of 64) builds the split program instead, each CTA walking K keys of its row, and
+runs it with as many splits as the case's rows need (their partials in an fp32 workspace; the combine is not run or
+timed). Its CTAs write their partials from registers, so the staging stamp is absent (0) and ``stage_0`` / ``store_0``
+read as the partial store.
 """
 
 import argparse
@@ -139,8 +145,9 @@ def module_from_source(text: str, prefix: str, path: Path) -> Any:
     return module
 
 
-def build(case: str, arch: str | None = None) -> Any:
-    """The instrumented main program of ``case``, compiled (``arch``: sm_90a by default, or the current GPU's)."""
+def build(case: str, arch: str | None = None, split_keys: int | None = None) -> Any:
+    """The instrumented main program of ``case`` (with ``split_keys``: its split program), compiled (``arch``: sm_90a
+    by default, or the current GPU's)."""
     import tilelang
 
     from tilev4.kernels.attention import variant_spec
@@ -149,13 +156,16 @@ def build(case: str, arch: str | None = None) -> Any:
     variant, heads, ring = CASES[case]
     cg = instrumented_codegen()
     spec = variant_spec(variant, heads, ring=ring)
-    prog = cg.build_main_program(spec, cg.AttentionConfig(), split=False)
+    if split_keys is None:
+        prog = cg.build_main_program(spec, cg.AttentionConfig(), split=False)
+    else:
+        prog = cg.build_main_program(spec, cg.AttentionConfig(split_keys=split_keys), split=True)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": arch or current_arch()},
                             execution_backend="tvm_ffi")
 
 
-def _inputs(case: str) -> list[Any]:
-    """The benchmark's tensors of ``case``, in the main program's argument order (without the output)."""
+def _inputs(case: str, split: bool = False) -> list[Any]:
+    """The benchmark's tensors of ``case``, in the main (or split) program's argument order (without the outputs)."""
     from tilev4.bench.attention import _csa_decode_inputs, _csa_prefill_inputs, _hca_prefill_inputs
     from tilev4.dsl.codegen import tensor_layout
     from tilev4.kernels.attention import variant_spec
@@ -171,8 +181,22 @@ def _inputs(case: str) -> list[Any]:
         q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(4096, heads, 512 if heads == 64 else 1024)
         named = {"window_kv": kv_w, "window_start": start, "sel_kv": kv_c, "sel_idx": idx}
     named.update(q=q, positions=pos, sink=sink)
-    layout = tensor_layout(variant_spec(variant, heads, ring=ring), split=False)
-    return [named[name] for name, _ in layout if name != "o"]
+    layout = tensor_layout(variant_spec(variant, heads, ring=ring), split=split)
+    return [named[name] for name, _ in layout if name not in ("o", "o_part", "lse_part")]
+
+
+def _num_splits(case: str, split_keys: int, args: list[Any]) -> int:
+    """Splits of ``split_keys`` keys that a row of ``case`` needs, ``args`` being its split program's inputs
+    (:func:`_inputs`): each source padded to whole 64-key blocks, as the DSL's runtime counts them."""
+    from tilev4.dsl.codegen import tensor_layout
+    from tilev4.dsl.runtime import AttentionKernel
+    from tilev4.kernels.attention import variant_spec
+
+    variant, heads, ring = CASES[case]
+    kernel = AttentionKernel(variant_spec(variant, heads, ring=ring))
+    names = [n for n, _ in tensor_layout(kernel.spec, split=True) if n not in ("o_part", "lse_part")]
+    blocks = kernel.num_key_blocks(kernel.source_keys(dict(zip(names, args))), 64)
+    return -(-blocks // (split_keys // 64))
 
 
 def summarize(d: Any) -> dict[str, float]:
@@ -209,28 +233,33 @@ def summarize(d: Any) -> dict[str, float]:
     return out
 
 
-def run(case: str, save_raw: Path | None) -> dict[str, Any]:
+def run(case: str, save_raw: Path | None, split_keys: int | None = None) -> dict[str, Any]:
     import torch
 
     from tilev4.bench import time_cuda
 
-    kernel = build(case)
-    args = _inputs(case)
+    kernel = build(case, split_keys=split_keys)
+    args = _inputs(case, split=split_keys is not None)
     q = args[0]
-    heads = CASES[case][1]
-    out = torch.full_like(q, float("nan"))
-    dbg = torch.zeros(q.shape[0] * q.shape[1] * (heads // 64), 16, dtype=torch.int64, device="cuda")
-    ms = time_cuda(lambda: kernel(*args, out, dbg), reps=10, warmup=3, graph=True)
+    b, s, heads, d = q.shape
+    ns = 1 if split_keys is None else _num_splits(case, split_keys, args)
+    if split_keys is None:
+        outs = [torch.full_like(q, float("nan"))]
+    else:
+        outs = [torch.full((b, s, ns, heads, d), float("nan"), device="cuda"),
+                torch.full((b, s, ns, heads), float("nan"), device="cuda")]
+    dbg = torch.zeros(b * s * (heads // 64) * ns, 16, dtype=torch.int64, device="cuda")
+    ms = time_cuda(lambda: kernel(*args, *outs, dbg), reps=10, warmup=3, graph=True)
     dbg.zero_()
-    kernel(*args, out, dbg)
+    kernel(*args, *outs, dbg)
     torch.cuda.synchronize()
-    if bool(torch.isnan(out).any()):
+    if bool(torch.isnan(outs[0]).any()):
         raise RuntimeError(f"{case}: the instrumented kernel left NaN in the output")
     raw = dbg.cpu()
     if save_raw is not None:
         save_raw.mkdir(parents=True, exist_ok=True)
         torch.save({"columns": COLUMNS, "stamps": raw}, save_raw / f"{case}.pt")
-    return {"case": case, "ms": ms, **summarize(raw)}
+    return {"case": case, "split_keys": split_keys, "num_splits": ns, "ms": ms, **summarize(raw)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-raw", type=Path, help="also save each case's stamp table (torch.save) in this folder")
     ap.add_argument("--build-only", action="store_true", help="lower and compile the instrumented programs only")
     ap.add_argument("--arch", default=None, help="CUDA arch for --build-only (default sm_90a)")
+    ap.add_argument("--split-keys", type=int, default=None,
+                    help="build and run the split program, this many keys a CTA (a multiple of 64)")
     args = ap.parse_args(argv)
+    if args.split_keys is not None and (args.split_keys < 64 or args.split_keys % 64):
+        ap.error(f"--split-keys must be a positive multiple of 64, got {args.split_keys}")
     cases = args.case or sorted(CASES)
     if args.build_only:
         for case in cases:
-            build(case, args.arch or "sm_90a")
+            build(case, args.arch or "sm_90a", args.split_keys)
             print(f"{case}: built", flush=True)
         return 0
     import torch
@@ -254,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = []
     for case in cases:
-        report.append(run(case, args.save_raw))
+        report.append(run(case, args.save_raw, args.split_keys))
         print(json.dumps(report[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
