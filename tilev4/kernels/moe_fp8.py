@@ -179,6 +179,12 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
                 if i < rw:
                     out[0][r0 + i, n0 + j] = o_s[i, j]
 
+    def _second_scale_block(nb):
+        """The second weight tile's scale block: the first's (W3 beside W1), or for W2's two halves the next one,
+        clamped into the scales (the last tile's second half may lie past N). A plain function, called where the
+        index is used: the expression is substituted there (a name bound in the macro would add a let binding)."""
+        return T.min(nb + 1, NS - 1) if wide else nb
+
     @T.macro
     def promote(acc, t, sc, cur, w_scale):
         for i in T.Parallel(HALF_M):
@@ -207,10 +213,8 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             for i in T.Parallel(HALF_M):
                 nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, 0], 0.0)
             ws0_next = w_scales[0][e, nb, 0]
-            if wide:
-                ws1_next = w_scales[1][e, T.min(nb + 1, NS - 1), 0]
-            elif NB == 2:
-                ws1_next = w_scales[1][e, nb, 0]
+            if NB == 2:
+                ws1_next = w_scales[1][e, _second_scale_block(nb), 0]
         for ki in T.serial(KB):
             slot = ki % S
             T.barrier_wait(full[slot], (ki // S) & 1)
@@ -225,10 +229,8 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
                     for i in T.Parallel(HALF_M):
                         nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, ki + 1], 0.0)
                     ws0_next = w_scales[0][e, nb, ki + 1]
-                    if wide:
-                        ws1_next = w_scales[1][e, T.min(nb + 1, NS - 1), ki + 1]
-                    elif NB == 2:
-                        ws1_next = w_scales[1][e, nb, ki + 1]
+                    if NB == 2:
+                        ws1_next = w_scales[1][e, _second_scale_block(nb), ki + 1]
                 promote(accs[0], t, sc, cur, ws0)
                 if NB == 2:
                     T.wgmma_gemm(a_s[slot, :, :], bs[1][slot, :, :], t, transpose_B=True, clear_accum=True)

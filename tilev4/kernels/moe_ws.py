@@ -112,11 +112,8 @@ def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S
                        barrier=full[slot])
         T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
         if len(ws) == 2:
-            if second_n:
-                T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
-                           barrier=full[slot])
-            else:
-                T.tma_copy(ws[1][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :], barrier=full[slot])
+            T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
+                       barrier=full[slot])
         T.barrier_arrive(full[slot])
 
 
