@@ -117,7 +117,7 @@ def instrumented_codegen() -> Any:
     """A module: :mod:`tilev4.dsl.codegen` with the seesaw program's timestamps (see the module docstring)."""
     src = CODEGEN.read_text()
     start = src.index("def _build_seesaw_program")
-    end = src.index("def build_combine_program")
+    end = src.index("\ndef ", start) + 1  # the next top-level function
     head, body, tail = src[:start], src[start:end], src[end:]
     for anchor, new, where in _edits():
         if body.count(anchor) != 1:
