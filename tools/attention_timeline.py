@@ -20,8 +20,8 @@ Cases: ``sparse64`` (index list, 512 keys), ``csa64`` / ``csa128`` (V4-Flash / V
 
 ``--split-keys K`` (a multiple of 64) builds the split program instead, each CTA walking K keys of its row, and
 runs it with as many splits as the case's rows need (their partials in an fp32 workspace; the combine is not run or
-timed). Its CTAs write their partials from registers, so the staging stamp is absent (0) and ``stage_0`` / ``store_0``
-read as the partial store.
+timed). Its CTAs write their partials from registers, so there is no staging stamp: ``stage_0`` reads 0 and
+``store_0`` is the partial store (from the row-sum barrier).
 """
 
 import argparse
@@ -222,6 +222,9 @@ def summarize(d: Any) -> dict[str, float]:
         "cta_ns": med(col["gtime_end"] - col["gtime_start"]),
         "span_ns": float(col["gtime_end"].max() - col["gtime_start"].min()),
     }
+    if bool((col["staged_0"] == 0).all()):  # a split program: no staging, the partial store follows the barrier
+        out["stage_0"] = 0.0
+        out["store_0"] = med(col["store_end_0"] - col["fin_0"])
     gaps = []
     for sm in d[:, 1].unique():
         rows = d[d[:, 1] == sm].double()
