@@ -89,7 +89,7 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule
+from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule, silu
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -488,9 +488,9 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
         u = T.if_then_else(up_frag[i, j] > limit, limit,
                            T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
         if weighted:
-            h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
+            h_shared[i, j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)
         else:
-            h_shared[i, j] = T.cast(g / (1.0 + T.exp(-g)) * u, T.bfloat16)
+            h_shared[i, j] = T.cast(silu(g) * u, T.bfloat16)
     for i, j in T.Parallel(BM, BN):
         if i < rows:
             h[row0 + i, n0 + j] = h_shared[i, j]

@@ -86,6 +86,7 @@ from tilev4.kernels.moe_tuning import (
     down_bucket,
     up_bucket,
 )
+from tilev4.kernels.moe_ws import silu
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
@@ -404,7 +405,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                     u = T.if_then_else(c_shared[i, BN + j] > limit, limit,
                                        T.if_then_else(c_shared[i, BN + j] < -limit, -limit, c_shared[i, BN + j]))
                     if i < rows:
-                        h[row0 + i, n0 + j] = T.cast(g / (1.0 + T.exp(-g)) * u * w_shared[i], T.bfloat16)
+                        h[row0 + i, n0 + j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)
 
     return moe_up_fp4_kernel
 

@@ -61,6 +61,7 @@ from tilev4.kernels.moe_ws import (
     check_ws_schedule,
     load_route_weights,
     produce,
+    silu,
     store_part,
 )
 from tilev4.kernels.quant import FP8_AMAX_FLOOR, pow2_scale_bits
@@ -160,7 +161,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
         for i, j in T.Parallel(HALF_M, BN):
             g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
             u = T.if_then_else(up[i, j] > limit, limit, T.if_then_else(up[i, j] < -limit, -limit, up[i, j]))
-            t[i, j] = T.cast(T.cast(g / (1.0 + T.exp(-g)) * u * w_s[i], T.bfloat16), T.float32)
+            t[i, j] = T.cast(T.cast(silu(g) * u * w_s[i], T.bfloat16), T.float32)
         T.reduce_absmax(t, amax, dim=1)
         for i in T.Parallel(HALF_M):
             scale, inv_scale = pow2_scale_bits(T.max(amax[i], FP8_AMAX_FLOOR), FP8_MAX)
