@@ -41,40 +41,14 @@ from typing import Any
 
 import tilelang.language as T
 
-from tilev4._fastmath import EX2_SOURCE, ex2
+from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, lg2, rcp
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
-
-# The epilogues' per-row arithmetic on the MUFU (approximate reciprocal and log2 besides ex2): a handful of
-# dependent instructions a row instead of the IEEE division and log2f subroutines. The combine uses the same
-# helpers, so a lone split still gives the one-pass program's bits.
-FAST_SOURCE = EX2_SOURCE + """
-__device__ __forceinline__ float tilev4_lg2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float tilev4_rcp(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-"""
 
 
 def _any_of(conds: list[Any]) -> Any:
     """``conds[0] or conds[1] …`` as one TIR condition, False for none. (A plain function: in a macro body the
     conditional expression ``a if conds else b`` would be staged, and its Python list test logged as a warning.)"""
     return functools.reduce(T.Or, conds) if conds else False
-
-
-def _lg2(x):
-    """log2(x) (``lg2.approx.ftz``); the program must import :data:`FAST_SOURCE`."""
-    return T.call_extern(T.float32, "tilev4_lg2", x)
-
-
-def _rcp(x):
-    """1/x (``rcp.approx.ftz``, within an ulp); the program must import :data:`FAST_SOURCE`."""
-    return T.call_extern(T.float32, "tilev4_rcp", x)
 
 
 __all__ = [
@@ -86,7 +60,6 @@ __all__ = [
     "ws_supported",
 ]
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never sees inf - inf
 
@@ -383,8 +356,8 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
 
             # normalised partial: o = acc_o / l, lse2 = log2(l) + m (base 2, sink excluded)
             for h in T.Parallel(HB):
-                lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
-                alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
+                lse2[h] = T.if_then_else(l_sum[h] > 0, lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+                alpha[h] = T.if_then_else(l_sum[h] > 0, rcp(l_sum[h]), 0.0)
             for h, d in T.Parallel(HB, D):
                 acc_o[h, d] = acc_o[h, d] * alpha[h]
             if split:
@@ -405,7 +378,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
                     else:
                         w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
                         den = w
-                    m_prev[h] = w * T.if_then_else(w > 0, _rcp(den), 0.0)  # the combine's weight of a lone split
+                    m_prev[h] = w * T.if_then_else(w > 0, rcp(den), 0.0)  # the combine's weight of a lone split
                 for h, d in T.Parallel(HB, D):
                     o_shared[h, d] = T.cast(acc_o[h, d] * m_prev[h], T.bfloat16)
                 T.copy(o_shared, t["o"][b_i, s_i, h0 : h0 + HB, :])
@@ -656,8 +629,8 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
         """Row ``h``'s epilogue factors: ``lse2 = log2(l) + m``, ``alpha = 1/l`` and, as the combine forms them for
         a lone split, the split weight ``w`` (``2^(lse2 − M)`` against the sink, else 1; 0 for an empty row) and
         ``1/(w + sink)``."""
-        lse2[h] = T.if_then_else(l_sum[h] > 0, _lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
-        alpha[h] = T.if_then_else(l_sum[h] > 0, _rcp(l_sum[h]), 0.0)
+        lse2[h] = T.if_then_else(l_sum[h] > 0, lg2(l_sum[h]) + m[h], -T.infinity(T.float32))
+        alpha[h] = T.if_then_else(l_sum[h] > 0, rcp(l_sum[h]), 0.0)
         if spec.sink:
             sink2 = t["sink"][h0 + h] * LOG2E
             mx = T.max(lse2[h], sink2)
@@ -667,7 +640,7 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
             w = T.if_then_else(l_sum[h] > 0, 1.0, 0.0)
             den = w
         weight[h] = w
-        inv_den[h] = T.if_then_else(w > 0, _rcp(den), 0.0)
+        inv_den[h] = T.if_then_else(w > 0, rcp(den), 0.0)
 
     return mask, exponentiate, rescale, epilogue_factors
 
@@ -1050,7 +1023,7 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
                     den = lsum[h] + ex2(t["sink"][T.min(h0 + h, H - 1)] * LOG2E - mx[h])
                 else:
                     den = lsum[h]
-                inv[h] = T.if_then_else(lsum[h] > 0, _rcp(den), 0.0)
+                inv[h] = T.if_then_else(lsum[h] > 0, rcp(den), 0.0)
             # the weights normalised first, so that a lone split gives the one-pass epilogue's bits:
             # (o·(1/l)) · (w · 1/(w + sink))
             T.fill(acc, 0)
@@ -1066,7 +1039,7 @@ def build_combine_program(spec: AttentionSpec, threads: int = 128) -> Any:
                 for h in T.Parallel(HC):
                     if h0 + h < H:
                         t["lse"][b_i, s_i, h0 + h] = T.if_then_else(
-                            lsum[h] > 0, (mx[h] + _lg2(lsum[h])) * LN2, -T.infinity(T.float32)
+                            lsum[h] > 0, (mx[h] + lg2(lsum[h])) * LN2, -T.infinity(T.float32)
                         )
 
     return _generated_prim_func(f"{spec.name}_combine", names, ann, body)

@@ -75,6 +75,7 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_aligned, check_int, check_tensor
+from tilev4._fastmath import FAST_SOURCE
 from tilev4.kernels.moe_tuning import (
     MOE_COMBINE_HARNESS,
     MOE_COMBINE_SPACE,
@@ -89,7 +90,7 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule, silu
+from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule, clamp_keep_nan, silu
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -483,10 +484,9 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
     """The up-projection epilogue: ``h = silu(min(gate, l)) · clamp(up, ±l) [· w]`` in fp32, bf16 rows of the
     segment stored (rows past it belong to the next expert)."""
     for i, j in T.Parallel(BM, BN):
-        # written as selects so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+        # a select for the gate, so that NaN propagates as in torch.clamp (fminf would drop it)
         g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
-        u = T.if_then_else(up_frag[i, j] > limit, limit,
-                           T.if_then_else(up_frag[i, j] < -limit, -limit, up_frag[i, j]))
+        u = clamp_keep_nan(up_frag[i, j], limit)
         if weighted:
             h_shared[i, j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)
         else:
@@ -545,6 +545,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
         ):
             T.annotate_pass_configs(pass_configs)
             with T.Kernel(T.ceildiv(NR, BM) * T.ceildiv(I, BN), threads=threads) as bx:
+                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
                 a_shared = T.alloc_shared((BM, BK), T.bfloat16)
                 b1_shared = T.alloc_shared((BN, BK), T.bfloat16)
                 b3_shared = T.alloc_shared((BN, BK), T.bfloat16)
@@ -576,6 +577,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
     ):
         T.annotate_pass_configs(pass_configs)
         with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
+            T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a_shared = T.alloc_shared((BM, BK), T.bfloat16)
             b1_shared = T.alloc_shared((BN, BK), T.bfloat16)
             b3_shared = T.alloc_shared((BN, BK), T.bfloat16)

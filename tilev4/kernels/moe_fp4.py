@@ -76,6 +76,7 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_aligned, check_tensor
+from tilev4._fastmath import FAST_SOURCE
 from tilev4.kernels.moe import _NO_WS, BLOCK_M, MoEPermutation, _grouped_tile
 from tilev4.kernels.moe_fp8 import QuantFormat, grouped_down, grouped_up
 from tilev4.kernels.moe_tuning import (
@@ -86,7 +87,7 @@ from tilev4.kernels.moe_tuning import (
     down_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import silu
+from tilev4.kernels.moe_ws import clamp_keep_nan, silu
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
@@ -358,6 +359,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
         with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
+            T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a_shared = T.alloc_shared((BM, BK), fp8)
             q1_shared = T.alloc_shared((BN, BK // 2), T.uint8)
             q3_shared = T.alloc_shared((BN, BK // 2), T.uint8)
@@ -402,8 +404,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                 T.copy(acc, c_shared)
                 for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: selects keep NaN
                     g = T.if_then_else(c_shared[i, j] > limit, limit, c_shared[i, j])
-                    u = T.if_then_else(c_shared[i, BN + j] > limit, limit,
-                                       T.if_then_else(c_shared[i, BN + j] < -limit, -limit, c_shared[i, BN + j]))
+                    u = clamp_keep_nan(c_shared[i, BN + j], limit)
                     if i < rows:
                         h[row0 + i, n0 + j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)
 

@@ -36,6 +36,7 @@ import torch
 from tilelang.layout import make_swizzled_layout
 
 from tilev4._checks import check_aligned, check_tensor
+from tilev4._fastmath import FAST_SOURCE
 from tilev4.kernels.moe import (
     _NO_WS,
     BLOCK_M,
@@ -59,6 +60,7 @@ from tilev4.kernels.moe_ws import (
     HALF_M,
     _grouped_unit,
     check_ws_schedule,
+    clamp_keep_nan,
     load_route_weights,
     produce,
     silu,
@@ -160,7 +162,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
         gate, up = accs
         for i, j in T.Parallel(HALF_M, BN):
             g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
-            u = T.if_then_else(up[i, j] > limit, limit, T.if_then_else(up[i, j] < -limit, -limit, up[i, j]))
+            u = clamp_keep_nan(up[i, j], limit)
             t[i, j] = T.cast(T.cast(silu(g) * u * w_s[i], T.bfloat16), T.float32)
         T.reduce_absmax(t, amax, dim=1)
         for i in T.Parallel(HALF_M):
@@ -253,6 +255,8 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
     @T.macro
     def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_expert):
         with T.Kernel(MT * T.ceildiv(N, TN), threads=384) as bx:
+            if kind == "up":
+                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
             a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
             bs = [T.alloc_shared((S, BN, BK), fp8) for _ in range(NB)]
@@ -384,6 +388,7 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
         with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
+            T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a_shared = T.alloc_shared((BM, BK), fp8)
             b1_shared = T.alloc_shared((BN, BK), fp8)
             b3_shared = T.alloc_shared((BN, BK), fp8)

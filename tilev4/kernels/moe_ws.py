@@ -37,8 +37,10 @@ from typing import Any
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
-__all__ = ["build_ws_gemm", "check_ws_schedule", "load_route_weights", "produce", "silu", "store_part",
-           "store_width", "ws_buffer_bytes"]
+from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, rcp
+
+__all__ = ["build_ws_gemm", "check_ws_schedule", "clamp_keep_nan", "load_route_weights", "produce", "silu",
+           "store_part", "store_width", "ws_buffer_bytes"]
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
@@ -48,12 +50,18 @@ STORE_N = 128  # columns of one staged TMA store in the epilogue
 
 def silu(g):
     """``g · sigmoid(g)`` as every expert kernel's SwiGLU epilogue computes it: ``g · rcp(1 + 2^(-g·log2 e))`` on
-    the special-function unit (``__expf``, ``rcp.approx``), a few ulp of fp32 from the exact value and far below the
-    bf16 (or FP8) rounding of h that follows. The IEEE ``expf`` and division it replaces took ~30 instructions an
-    element, with a slow-path branch each, and made the epilogue ~1/3 of a consumer warp's time in the FP8
-    up-projection. Large negative ``g`` gives ``2^(+big) = inf``, ``rcp(inf) = 0``: ``-0``, as the exact form;
-    NaN propagates. A plain function: the expression is substituted where it is used (no let binding)."""
-    return g * T.fast_rcp(1.0 + T.__exp(-g))
+    the special-function unit (:mod:`tilev4._fastmath`; the program imports ``FAST_SOURCE``), a few ulp of fp32 from
+    the exact value and far below the bf16 (or FP8) rounding of h that follows. The IEEE ``expf`` and division it
+    replaces took ~30 instructions an element, with a slow-path branch each, and made the epilogue ~1/3 of a
+    consumer warp's time in the FP8 up-projection. Large negative ``g`` gives ``2^(+big) = inf``, ``rcp(inf) = 0``:
+    ``-0``, as the exact form; NaN propagates. A plain function: the expression is substituted where it is used."""
+    return g * rcp(1.0 + ex2(g * -LOG2E))
+
+
+def clamp_keep_nan(x, limit):
+    """``clamp(x, -limit, limit)`` that keeps NaN as ``torch.clamp`` does (``fminf`` / ``fmaxf`` alone would drop it):
+    two min/max and one select, where nested selects compiled to a branch an element."""
+    return T.if_then_else(T.isnan(x), x, T.max(T.min(x, limit), -limit))
 
 
 def ws_buffer_bytes(weight_tiles: int, weighted: bool, block_n: int, block_k: int, num_stages: int) -> list[int]:
@@ -143,10 +151,9 @@ def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted):
     if len(accs) == 2:
         gate, up = accs
         for i, j in T.Parallel(HALF_M, SN):
-            # selects, so that NaN propagates as in torch.clamp (fminf / fmaxf would drop it)
+            # a select for the gate, so that NaN propagates as in torch.clamp (fminf would drop it)
             g = T.if_then_else(gate[i, p * SN + j] > limit, limit, gate[i, p * SN + j])
-            u = T.if_then_else(up[i, p * SN + j] > limit, limit,
-                               T.if_then_else(up[i, p * SN + j] < -limit, -limit, up[i, p * SN + j]))
+            u = clamp_keep_nan(up[i, p * SN + j], limit)
             if weighted:
                 o_s[i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
             else:
@@ -216,6 +223,8 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
     def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
         num_m = T.ceildiv(NR, BLOCK_M) if dense else MT
         with T.Kernel(num_m * T.ceildiv(N, BN), threads=384) as bx:
+            if kind == "up":
+                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a0_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             a1_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             bs = [T.alloc_shared((S, BN, BK), T.bfloat16) for _ in range(NB)]
