@@ -33,3 +33,16 @@ def test_each_benchmark_declares_its_l2_flush():
     assert set(bench.BENCH_L2_FLUSH) == set(bench.BENCHES)
     assert bench.BENCH_L2_FLUSH["model"] == MODEL_L2_FLUSH  # decode steps back to back, no flush
     assert {bench.BENCH_L2_FLUSH[n] for n in bench.BENCHES if n != "model"} == {L2_FLUSH}
+
+
+def test_quantised_moe_rows_show_the_speed_up_over_the_bf16_path_and_its_target():
+    rep = _report("d1")
+    rep["results"] = [
+        {"kernel": "fp8", "shape": "prefill", "ms": 3.0, "tflops": 700.0, "fraction_of_bf16_peak": 0.875,
+         "speedup_vs_bf16": 1.6, "target_speedup_vs_bf16": 1.5},
+        {"kernel": "fp8", "shape": "decode", "ms": 1.0, "gbps": 3600.0, "fraction_of_copy_bw": 0.9,
+         "speedup_vs_bf16": 1.85},
+    ]
+    rows = render_table([rep]).splitlines()
+    assert "| fp8 | prefill | 3.0000 | – | 700.0 | 0.88 of bf16 matmul, 1.60× the bf16 path | 1.5× bf16 |" in rows[2]
+    assert "| fp8 | decode | 1.0000 | 3600 | – | 0.90 of copy BW, 1.85× the bf16 path | – |" in rows[3]

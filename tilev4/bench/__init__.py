@@ -195,6 +195,10 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                 which = ("fp8 matmul" if "fraction_of_fp8_peak" in r
                          else "bf16 matmul" if "fraction_of_bf16_peak" in r else "copy BW")
                 value, target = f"{frac:.2f} of {which}", _fmt(r.get("target_fraction"), 2)
+                if "speedup_vs_bf16" in r:  # the quantised MoE paths against the bf16 one of the same run
+                    value += f", {r['speedup_vs_bf16']:.2f}× the bf16 path"
+                    if "target_speedup_vs_bf16" in r:
+                        target = f"{r['target_speedup_vs_bf16']:.1f}× bf16"
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
                 f"{_fmt(r.get('tflops'), 1)} | {value} | {target} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"

@@ -12,9 +12,9 @@
 * FP8 weights (128×128 power-of-two scales), same shapes: the routed path as it runs in
   ``moe_experts(weight_format="fp8")`` — quantise x 1×128 (each token once; the permutation gathers the FP8
   rows, untimed as the bf16 gather is for the bf16 path, and the row scales are gathered in the timed region),
-  FP8 up with h quantised in its epilogue, FP8 down — with
-  ``speedup_vs_bf16`` against the bf16 routed path of the same run; decode bytes count the FP8
-  weights touched (``3·dim·inter`` per expert, plus their fp32 scales).
+  FP8 up with h quantised in its epilogue, FP8 down — with ``speedup_vs_bf16`` against the bf16 routed path of
+  the same run (prefill target 1.5: ``target_speedup_vs_bf16``); decode bytes count the FP8 weights touched
+  (``3·dim·inter`` per expert, plus their fp32 scales).
 * FP4 weights (packed e2m1, e8m0 scales per 32 along K, expanded to FP8 in shared memory), same shapes and
   the same routed path with the FP4 GEMMs, with ``speedup_vs_bf16`` and ``speedup_vs_fp8`` against the
   other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
@@ -168,6 +168,8 @@ def _bench_fp8(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any], graph: bool, 
     work = {"flops": flops} if not graph else {"nbytes": touched * (3 * DIM * INTER + scale_bytes)}
     rec = record("moe routed FP8 (quantise x, up quantising h, down)", shape, ms, peaks=peaks, **work)
     rec["speedup_vs_bf16"] = ms_bf16 / ms
+    if not graph:  # the prefill shape: #5 asks for 1.5x the bf16 path
+        rec["target_speedup_vs_bf16"] = 1.5
     rec["experts_touched"] = touched
     rec["has_nan"] = bool(torch.isnan(y).any())
     return [rec]
