@@ -8,9 +8,10 @@ them: a handful of dependent instructions where the IEEE division, ``expf`` and 
 
 import tilelang.language as T
 
-__all__ = ["EX2_SOURCE", "FAST_SOURCE", "LOG2E", "ex2", "lg2", "rcp"]
+__all__ = ["EX2_SOURCE", "FAST_SOURCE", "LN2", "LOG2E", "ex2", "lg2", "rcp"]
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # e^x = 2^(x·log2 e)
+LN2 = 0.6931471805599453  # ln x = log2 x · ln 2
 
 EX2_SOURCE = """
 __device__ __forceinline__ float tilev4_ex2(float x) {

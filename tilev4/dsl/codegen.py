@@ -41,7 +41,7 @@ from typing import Any
 
 import tilelang.language as T
 
-from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, lg2, rcp
+from tilev4._fastmath import FAST_SOURCE, LN2, LOG2E, ex2, lg2, rcp
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
 
 
@@ -60,7 +60,6 @@ __all__ = [
     "ws_supported",
 ]
 
-LN2 = 0.6931471805599453
 NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never sees inf - inf
 
 

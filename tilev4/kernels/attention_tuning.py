@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from tilev4._fastmath import LN2, LOG2E
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS
 from tilev4.dsl.tuning import config_space
@@ -64,8 +65,6 @@ ROW_QUERIES = 16  # consecutive queries per row of a stream (prefill) or sparse 
 TOPK = 512  # index slots per query (CSA, sparse)
 SPARSE_ROWS = 1024  # rows of the sparse kv
 RING = 256  # decode ring rows (>= window + queries - 1)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _spec(variant: str, c: Mapping[str, Any]) -> Any:

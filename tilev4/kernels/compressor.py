@@ -98,7 +98,7 @@ import tilelang.language as T
 import torch
 
 from tilev4._checks import check_aligned, check_int, check_same_device, check_tensor
-from tilev4._fastmath import EX2_SOURCE, ex2
+from tilev4._fastmath import EX2_SOURCE, LOG2E, ex2  # the pooling's exponentials in base 2
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
 from tilev4.kernels.quant import pow2_scale_bits
@@ -117,7 +117,6 @@ __all__ = [
 
 VEC = 8  # channels per thread: one 16-byte bf16 load per row
 RMS_EPS = 1e-6
-LOG2E = 1.4426950408889634  # the pooling's exponentials in base 2: e^(s − M) = 2^((s − M)·log2 e)
 FP8_MAX, FP8_BLOCK, FP8_AMAX_FLOOR = 448.0, 64, 1e-4
 FP4_MAX, FP4_BLOCK, FP4_AMAX_FLOOR = 6.0, 32, 6.0 * 2.0**-126
 QUANTS = ("attention", "indexer", "none")
