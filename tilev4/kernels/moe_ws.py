@@ -30,6 +30,16 @@ Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h2
 * 2-CTA clusters multicasting the weight tile to two M tiles (or the A rows to two N tiles) were 1.3-2×
   slower: the pair moves in lockstep and the second M tile of an expert is usually half empty.
 * a 256-row tile (four m64 slabs, half the N width) read each weight tile once but was ~10 % slower.
+
+Later (``benchmarks/logs/h200-2026-11-30-session22.md``; code on the ``wip/moe-*`` branches, all bit-identical):
+
+* with the warp-specialised kernels, weight multicast in 2-CTA clusters was still 5-16 % slower;
+* with exactly R rows an expert, a tile costs about the time to stream its weight tile whatever its rows
+  (R = 128: W1 + W3 at 0.88 of the copy bandwidth; a 64-row tile 0.91 of a full one);
+* 192-row tiles (three consumer warpgroups, 3 stages, 160 registers) were 11-15 % faster where every expert
+  fits one tile but slower per tile otherwise, and slower on the benchmark's routing (~half its experts have
+  more than 192 rows);
+* an L2 read-ahead of the weight rows by the producer (``cp.async.bulk.prefetch.L2``) was 25-50 % slower.
 """
 
 from typing import Any
