@@ -39,7 +39,8 @@ Later (``benchmarks/logs/h200-2026-11-30-session22.md``; code on the ``wip/moe-*
 * 192-row tiles (three consumer warpgroups, 3 stages, 160 registers) were 11-15 % faster where every expert
   fits one tile but slower per tile otherwise, and slower on the benchmark's routing (~half its experts have
   more than 192 rows);
-* an L2 read-ahead of the weight rows by the producer (``cp.async.bulk.prefetch.L2``) was 25-50 % slower.
+* an L2 read-ahead of the weights by the producer was slower: 25-50 % by rows (``cp.async.bulk.prefetch.L2``),
+  3-22 % a whole tile at a time through its tensor map, 2 to 12 K steps ahead.
 """
 
 from typing import Any
