@@ -90,7 +90,7 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import build_ws_gemm, check_ws_schedule, clamp_keep_nan, silu
+from tilev4.kernels.moe_ws import build_ws_gemm, cap_keep_nan, check_ws_schedule, clamp_keep_nan, silu
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -484,8 +484,7 @@ def _swiglu_store(h, limit, row0, rows, n0, gate_frag, up_frag, h_shared, w_shar
     """The up-projection epilogue: ``h = silu(min(gate, l)) · clamp(up, ±l) [· w]`` in fp32, bf16 rows of the
     segment stored (rows past it belong to the next expert)."""
     for i, j in T.Parallel(BM, BN):
-        # a select for the gate, so that NaN propagates as in torch.clamp (fminf would drop it)
-        g = T.if_then_else(gate_frag[i, j] > limit, limit, gate_frag[i, j])
+        g = cap_keep_nan(gate_frag[i, j], limit)
         u = clamp_keep_nan(up_frag[i, j], limit)
         if weighted:
             h_shared[i, j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)

@@ -87,7 +87,7 @@ from tilev4.kernels.moe_tuning import (
     down_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import clamp_keep_nan, silu
+from tilev4.kernels.moe_ws import cap_keep_nan, clamp_keep_nan, silu
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
@@ -402,8 +402,8 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                     for i, j in T.Parallel(BM, 2 * BN):  # promote: exact power-of-two rescale, fp32 sum
                         acc[i, j] += t_frag[i, j] * sx[i] * sw_shared[j]
                 T.copy(acc, c_shared)
-                for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: selects keep NaN
-                    g = T.if_then_else(c_shared[i, j] > limit, limit, c_shared[i, j])
+                for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: NaN kept
+                    g = cap_keep_nan(c_shared[i, j], limit)
                     u = clamp_keep_nan(c_shared[i, BN + j], limit)
                     if i < rows:
                         h[row0 + i, n0 + j] = T.cast(silu(g) * u * w_shared[i], T.bfloat16)

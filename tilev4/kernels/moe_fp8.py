@@ -59,6 +59,7 @@ from tilev4.kernels.moe_ws import (
     CONSUMER_REGS,
     HALF_M,
     _grouped_unit,
+    cap_keep_nan,
     check_ws_schedule,
     clamp_keep_nan,
     load_route_weights,
@@ -161,7 +162,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
         columns, a power-of-two scale, ``rne(h / scale)``; stored by TMA when all 64 rows are valid."""
         gate, up = accs
         for i, j in T.Parallel(HALF_M, BN):
-            g = T.if_then_else(gate[i, j] > limit, limit, gate[i, j])
+            g = cap_keep_nan(gate[i, j], limit)
             u = clamp_keep_nan(up[i, j], limit)
             t[i, j] = T.cast(T.cast(silu(g) * u * w_s[i], T.bfloat16), T.float32)
         T.reduce_absmax(t, amax, dim=1)

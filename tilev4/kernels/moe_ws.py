@@ -50,8 +50,8 @@ from tilelang.layout import make_swizzled_layout
 
 from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, rcp
 
-__all__ = ["build_ws_gemm", "check_ws_schedule", "clamp_keep_nan", "load_route_weights", "produce", "silu",
-           "store_part", "store_width", "ws_buffer_bytes"]
+__all__ = ["build_ws_gemm", "cap_keep_nan", "check_ws_schedule", "clamp_keep_nan", "load_route_weights", "produce",
+           "silu", "store_part", "store_width", "ws_buffer_bytes"]
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
@@ -67,6 +67,12 @@ def silu(g):
     consumer warp's time in the FP8 up-projection. Large negative ``g`` gives ``2^(+big) = inf``, ``rcp(inf) = 0``:
     ``-0``, as the exact form; NaN propagates. A plain function: the expression is substituted where it is used."""
     return g * rcp(1.0 + ex2(g * -LOG2E))
+
+
+def cap_keep_nan(x, limit):
+    """``min(x, limit)`` that keeps NaN as ``torch.clamp(max=limit)`` does (``fminf`` would drop it): one select. The
+    SwiGLU's gate cap."""
+    return T.if_then_else(x > limit, limit, x)
 
 
 def clamp_keep_nan(x, limit):
@@ -162,8 +168,7 @@ def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted):
     if len(accs) == 2:
         gate, up = accs
         for i, j in T.Parallel(HALF_M, SN):
-            # a select for the gate, so that NaN propagates as in torch.clamp (fminf would drop it)
-            g = T.if_then_else(gate[i, p * SN + j] > limit, limit, gate[i, p * SN + j])
+            g = cap_keep_nan(gate[i, p * SN + j], limit)
             u = clamp_keep_nan(up[i, p * SN + j], limit)
             if weighted:
                 o_s[i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
