@@ -247,6 +247,33 @@ def test_seesaw_ring_of_two_pairs(num_splits):
                       unused=slice(128, 160), duplicates=False)
 
 
+@pytest.mark.parametrize("query_tiles", [2, 4])
+def test_seesaw_query_tiles(query_tiles):
+    """A seesaw CTA walking 2 or 4 queries: against the reference (see ``_check_ws_program``: 5 queries a sequence,
+    so a CTA's last turn is past the sequence or has fewer queries; HCA with ragged starts), and bit for bit against
+    one query a CTA on CSA prefill with ragged starts (131 queries a sequence, 2 sequences)."""
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.codegen import AttentionConfig
+    from tilev4.kernels.attention import variant_spec
+
+    _check_ws_program(AttentionConfig(query_tiles=query_tiles), None, 900 + query_tiles, k=320,
+                      unused=slice(128, 192), duplicates=True)
+    g = _gen(950 + query_tiles)
+    b, s, k = 2, 131, 96
+    start = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
+    positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, 64, 64, k, positions, start=start, n_stream=s)
+    outs = []
+    for qt in (1, query_tiles):
+        kern = AttentionKernel(variant_spec("csa", 64, False, False), AttentionConfig(query_tiles=qt))
+        outs.append(kern(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, sel_kv=kv_c,
+                         sel_idx=idx))
+    assert not torch.isnan(outs[1]).any()
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), idx.cpu())
+    _check(outs[1], RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.integers(1, 64), row=st.integers(0, 63), seed=st.integers(0, 2**20))
 def test_batch_invariant_decode_bit_exact(batch, row, seed):

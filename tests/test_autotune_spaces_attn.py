@@ -13,7 +13,9 @@ from tilev4.autotune.store import TuningRecord, current_key, save_record
 from tilev4.autotune.tuner import WallTimer, measure_bucket, parse_shapes, plan_kernel
 from tilev4.dsl import AttentionConfig
 from tilev4.dsl import tuning as dsl_tuning
+from tilev4.dsl.codegen import build_main_program
 from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS, AttentionKernel
+from tilev4.dsl.spec import AttentionSpec, CompressedDense
 from tilev4.kernels import attention_tuning as attn_tuning
 from tilev4.kernels import get_kernel_def
 from tilev4.kernels.attention import _kernel, csa_spec, variant_spec
@@ -65,6 +67,20 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
     assert dsl_tuning.smem_bytes(ws, AttentionConfig(pair_stages=2), "main") > SMEM
     with pytest.raises(ValueError, match="pair_stages must be 1 or 2"):
         AttentionConfig(pair_stages=3)
+    # queries a CTA walks: the seesaw main program (and the batch-invariant split of its bucket, which ignores it)
+    assert why(ws, AttentionConfig(query_tiles=4), "main") is None
+    assert why(ws, AttentionConfig(query_tiles=2), "split") is None  # split_keys = the batch-invariant size
+    assert "seesaw main program" in why(ws, AttentionConfig(query_tiles=2, split_keys=256), "split")
+    assert "seesaw main program" in why(ws, AttentionConfig(query_tiles=2, schedule="ws"), "main")
+    assert "seesaw main program" in why(ws, AttentionConfig(query_tiles=2), "combine")
+    assert "seesaw main program" in why(simple16, AttentionConfig(query_tiles=2), "main")
+    dense_only = AttentionSpec(heads=64, sources=(CompressedDense("comp", 128),))
+    assert "window or an index-list" in why(dense_only, AttentionConfig(query_tiles=2), "main")
+    assert dsl_tuning.smem_bytes(ws, AttentionConfig(query_tiles=2), "main") <= SMEM
+    with pytest.raises(ValueError, match="query_tiles must be in"):
+        AttentionConfig(query_tiles=0)
+    with pytest.raises(ValueError, match="query_tiles=2 needs the seesaw main program"):
+        build_main_program(ws, AttentionConfig(query_tiles=2), split=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -87,11 +103,17 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
         if plan.bucket.endswith("combine"):
             assert [c["combine_threads"] for c in plan.candidates] == [128, 256, 64]
         else:  # warp-specialised: the block size and the schedule are free; seesaw rings of 32- or 16-key blocks
+            # (the 64-head one-pass bucket also holds the long launches' program of two queries a CTA, which only
+            # the seesaw schedule builds)
+            long_launch = any(p.get("query_tiles", 1) != 1 for p in plan.problems)
+            assert long_launch == (plan.bucket in ("H=64,main", "H=64,prefill,main"))
+            schedules = ("seesaw",) if long_launch else ("ws", "seesaw")
             assert sorted((c["block_kv"], c["schedule"], c["pair_stages"]) for c in plan.candidates) == sorted(
-                [(bi, sch, 1) for bi in (64, 32, 16) for sch in ("ws", "seesaw")]
+                [(bi, sch, 1) for bi in (64, 32, 16) for sch in schedules]
                 + [(bi, "seesaw", 2) for bi in (32, 16)])
         if plan.bucket.endswith(",main"):  # the one-pass program and the batch-invariant split share a config
-            assert sorted(p["kind"] for p in plan.problems) == ["main", "split"]
+            assert sorted(p["kind"] for p in plan.problems) == (["main", "main", "split"] if long_launch
+                                                                 else ["main", "split"])
             assert all(p.get("split_keys") == BATCH_INVARIANT_SPLIT_KEYS for p in plan.problems)
     # the bucket never sees the number of queries
     plans = plan_kernel(name, parse_shapes(["heads=64,kind=main,Q=4", "heads=64,kind=main,Q=4096"]), arch="sm_90a")

@@ -52,12 +52,12 @@ def _build_in_worker(job: tuple[str, str | None, str]) -> bool:
     return True
 
 
-def run_case(case: str, base: str, arch: str, rounds: int) -> dict[str, Any]:
+def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = None) -> dict[str, Any]:
     import torch
 
     from tilev4.bench import time_cuda
 
-    kernels = {"new": build(case, None, arch), "base": build(case, base, arch)}
+    kernels = {"new": build(case, new, arch), "base": build(case, base, arch)}
     args = _inputs(case)
     q = args[0]
     outs = {}
@@ -88,6 +88,7 @@ def run_case(case: str, base: str, arch: str, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the other version of tilev4/dsl/codegen.py (a file)")
+    ap.add_argument("--new", help="the version to measure against it (a file; default: the working tree's)")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable (default: all)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--jobs", type=int, default=8, help="parallel compiles before the GPU runs")
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    if not Path(args.base).is_file():
-        ap.error(f"--base: no such file: {args.base}")
+    for opt in ("base", "new"):
+        if getattr(args, opt) is not None and not Path(getattr(args, opt)).is_file():
+            ap.error(f"--{opt}: no such file: {getattr(args, opt)}")
     cases = args.case or sorted(CASES)
     if args.build_only:
         arch = args.arch or "sm_90a"
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         from tilev4.kernels.registry import current_arch
 
         arch = args.arch or current_arch()
-    jobs = [(c, b, arch) for c in cases for b in (None, args.base)]
+    jobs = [(c, b, arch) for c in cases for b in (args.new, args.base)]
     if args.jobs > 1 and len(jobs) > 1:
         with cf.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             list(ex.map(_build_in_worker, jobs))
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for c in cases:
-        rows.append(run_case(c, args.base, arch, args.rounds))
+        rows.append(run_case(c, args.base, arch, args.rounds, args.new))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

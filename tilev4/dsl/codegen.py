@@ -88,6 +88,11 @@ class AttentionConfig:
         merged in a serial loop).
     pair_stages: block pairs the seesaw schedule's key buffer holds (1 or 2): with 2 (``block_kv`` <= 32 to fit
         in shared memory) the producer gathers pair ``it + 1`` while the consumers work on pair ``it``.
+    query_tiles: consecutive queries a seesaw main-program CTA walks in turn (1: one CTA a query and head
+        block). With more, a query's prologue overlaps the previous query's end: the producer loads the next Q
+        as soon as both consumers are past their last QKᵀ and gathers its first key blocks while they finish
+        the softmax, P·V and the output (staged through the P buffer, since Q's buffer holds the next Q). Each
+        query runs the same arithmetic either way (same bits).
     """
 
     block_kv: int = 64
@@ -97,6 +102,7 @@ class AttentionConfig:
     schedule: str = "seesaw"
     combine_threads: int = 128
     pair_stages: int = 1
+    query_tiles: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws", "seesaw"):
@@ -105,6 +111,8 @@ class AttentionConfig:
             raise ValueError(f"split_keys must be >= 1, got {self.split_keys}")
         if self.pair_stages not in (1, 2):
             raise ValueError(f"pair_stages must be 1 or 2, got {self.pair_stages}")
+        if not 1 <= self.query_tiles <= 8:
+            raise ValueError(f"query_tiles must be in [1, 8], got {self.query_tiles}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
         for name in ("threads", "combine_threads"):
@@ -258,6 +266,11 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     if config.pair_stages != 1 and not (config.schedule == "seesaw" and ws_supported(spec)):
         raise ValueError(f"pair_stages={config.pair_stages} needs the 'seesaw' schedule with 64-head CTAs and D = 512 "
                          f"(schedule={config.schedule!r}, heads={spec.heads}, head_dim={spec.head_dim})")
+    if config.query_tiles != 1 and (split or not (config.schedule == "seesaw" and ws_supported(spec))
+                                    or not any(isinstance(s, (Window, IndexList)) for s in spec.sources)):
+        raise ValueError(f"query_tiles={config.query_tiles} needs the seesaw main program with 64-head CTAs, "
+                         f"D = 512 and a window or index-list source (every query then walks a key block; "
+                         f"schedule={config.schedule!r}, split={split}, heads={spec.heads})")
     if config.schedule == "seesaw" and ws_supported(spec):
         return _build_seesaw_program(spec, config, split)
     if config.schedule == "ws" and ws_supported(spec):
@@ -438,6 +451,11 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
+def _cta_pair(it: Any, g0: Any) -> Any:
+    """Block pair ``it`` of a query counted along the CTA's queries (``g0`` pairs before it; None: one query a CTA)."""
+    return it if g0 is None else g0 + it
+
+
 def _ring_slot(it: Any, ring: int) -> tuple[Any, Any]:
     """Block pair ``it``'s first stage in a key buffer of ``ring`` pairs, and the parity of its ready/free barriers
     (with one pair: stage 0 and ``it & 1``, written so that the program is the one without a ring)."""
@@ -554,7 +572,8 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
 
     @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
-                src_local, row_local, pos_local, idx_cur, idx_nxt):
+                src_local, row_local, pos_local, idx_cur, idx_nxt, g0=None):
+        # g0: block pairs the CTA walked for its earlier queries (query_tiles > 1), None for one query a CTA
         start = None
         if len(streams) > 0:  # one load up front instead of one a resolved block
             start_local = T.alloc_local((1,), T.int32)
@@ -569,7 +588,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                 for st in T.unroll(2):
                     resolve(t, ptx, b_i, s_i, tq, lo + it * 2 + st, hi, st, st, src_local, row_local, pos_local,
                             idx_cur, start)
-            r0, ph = _ring_slot(it, ring)
+            r0, ph = _ring_slot(_cta_pair(it, g0), ring)
             for st, u0, u1, publish in steps:
                 stage = r0 + st
                 bar = stage * 2 + u0 // (NU // 2) if halves else st
@@ -583,6 +602,58 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                 for k in T.unroll(len(listed) * 2 * NR):
                     idx_cur[k] = idx_nxt[k]
 
+    @T.macro
+    def produce_tiles(t, ptx, b_i, s0, n_q, S, gens_end, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
+                      src_local, row_local, pos_local, idx_cur, idx_nxt):
+        """``produce`` for the ``n_q`` consecutive queries from ``s0`` of a CTA (query_tiles > 1, halves only): their
+        block pairs walked as one sequence, so that the ring's stages and barrier phases run on across queries and
+        the next query's first pairs are gathered while the consumers finish a query. One loop, not a loop over the
+        queries: TileLang would order the queries' shared writes with a named barrier of its own numbering (the
+        consumers' mbarriers already order them). ``gens_end(tq)``: a query's block count. Every query walks at
+        least one pair (the build asks for a window or an index list)."""
+        start = None
+        if len(streams) > 0:
+            start_local = T.alloc_local((1,), T.int32)
+            start_local[0] = t[f"{streams[0].src.name}_start"][b_i]
+            start = start_local[0]
+        total = T.alloc_var(T.int32, init=0)
+        for jq in T.serial(n_q):
+            total = total + T.ceildiv(gens_end(t["positions"][b_i, s0 + jq]), 2)
+        sq = T.alloc_var(T.int32)
+        tq = T.alloc_var(T.int32)
+        hi = T.alloc_var(T.int32)
+        it = T.alloc_var(T.int32, init=0)
+        sq = s0
+        tq = t["positions"][b_i, s0]
+        hi = gens_end(tq)
+        if has_list:
+            load_indices(t, ptx, b_i, sq, 0, 0, idx_cur)
+        for gp in T.serial(total):
+            if has_list:  # the next pair's entries, in flight during this pair (past the query: the next query's)
+                if it * 2 + 2 < hi:
+                    load_indices(t, ptx, b_i, sq, 0, it + 1, idx_nxt)
+                else:
+                    load_indices(t, ptx, b_i, T.min(sq + 1, S - 1), 0, 0, idx_nxt)
+            for st in T.unroll(2):
+                resolve(t, ptx, b_i, sq, tq, it * 2 + st, hi, st, st, src_local, row_local, pos_local, idx_cur, start)
+            r0, ph = _ring_slot(gp, ring)
+            for st, u0, u1, publish in steps:
+                stage = r0 + st
+                bar = stage * 2 + u0 // (NU // 2)
+                T.barrier_wait(k_free[bar], ph ^ 1)
+                fill(t, ptx, b_i, tq, it * 2 + st, hi, stage, st, u0, u1, bar, publish, start, kv_shared, ok_shared,
+                     kvpos_shared, k_ready, src_local, row_local, pos_local)
+            if has_list:
+                for k in T.unroll(len(listed) * 2 * NR):
+                    idx_cur[k] = idx_nxt[k]
+            it = it + 1
+            if it * 2 >= hi:  # the query's last pair: on to the next query
+                it = 0
+                sq = sq + 1
+                tq = t["positions"][b_i, T.min(sq, S - 1)]
+                hi = gens_end(tq)
+
+    produce.tiles = produce_tiles  # (a macro object takes attributes: the two share the steps above)
     return produce
 
 
@@ -811,12 +882,22 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
      rescale, epilogue_factors) = _ws_setup(spec, config, split)
     RING = config.pair_stages
+    QT = config.query_tiles
+
+    @T.macro
+    def load_q(t, b_i, s_q, h0, q_shared, q_bar):
+        """query_tiles > 1: the follower's TMA load of query ``s_q``'s Q (its 128 threads arrive on ``q_bar``)."""
+        T.tma_copy(t["q"][b_i, s_q, h0 : h0 + HB, :], q_shared, barrier=q_bar)
+        T.barrier_arrive(q_bar)
 
     @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
                 kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local,
-                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2):
-        T.barrier_wait(q_bar, 0)
+                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0=None, j=None, next_q=None):
+        # query_tiles > 1: g0 block pairs walked for the CTA's earlier queries, j this query's turn (the parity of
+        # the once-a-query barriers), next_q (exists, its query index) the query whose Q the follower loads once
+        # both consumers are past this query's last QKᵀ
+        T.barrier_wait(q_bar, 0 if j is None else j & 1)
         T.fill(acc_o, 0)
         T.fill(l_sum, 0)
         T.fill(m, NEG_BIG)
@@ -824,7 +905,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
             second = it * 2 + 1 < n_blocks  # the pair's second (the follower's) block is a real one
             real = w == 0 or second
-            r0, ph = _ring_slot(it, RING)  # the pair's first stage in the ring, the parity of its barriers
+            # the pair's first stage in the ring, the parity of its barriers
+            r0, ph = _ring_slot(_cta_pair(it, g0), RING)
             T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
             if real:
                 T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
@@ -850,7 +932,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.gemm(p_local, kv_shared[r0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 T.barrier_arrive(k_free[r0 * 2])
                 # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
-                T.barrier_wait(s_ready[1], it & 1)
+                T.barrier_wait(s_ready[1], _cta_pair(it, g0) & 1)
                 for h in T.Parallel(HB):
                     alpha[h] = ex2(m[h] - max_shared[1, h])
                     m[h] = max_shared[1, h]
@@ -863,7 +945,12 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             else:
                 # follower: m1 = max(m0, rowmax S_1), the max both use from here on
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_1)  [HB]
-                T.barrier_wait(s_ready[0], it & 1)
+                T.barrier_wait(s_ready[0], _cta_pair(it, g0) & 1)
+                if next_q is not None:
+                    # the leader's QKᵀ of this pair is done (it published m0 after it), and so is this one's: after the
+                    # query's last pair, Q's buffer takes the next query's Q
+                    if T.And(it == n_iter - 1, next_q[0]):
+                        load_q(t, b_i, next_q[1], h0, q_shared, q_bar)
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
                     m[h] = T.max(max_shared[0, h], row_sum[h])
@@ -881,16 +968,18 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.barrier_arrive(p_ready[1])
                     rescale(alpha, l_sum, acc_o)
                 T.barrier_arrive(k_free[(r0 + 1) * 2 + 1])
-            T.barrier_wait(p_ready[1 - w], it & 1)
+            T.barrier_wait(p_ready[1 - w], _cta_pair(it, g0) & 1)
             if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
                 T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o)
             T.barrier_arrive(k_free[(r0 + 1 - w) * 2 + w])
-        # the two row sums, added in the same order by both; then the epilogue factors
-        T.copy(l_sum, sum_shared[w, :])
+        # the two row sums, added in the same order by both; then the epilogue factors (query_tiles > 1: a query's
+        # sums in the slots of its turn's parity, so that the next query's never overwrite ones still being read)
+        sb = 0 if j is None else (j & 1) * 2
+        T.copy(l_sum, sum_shared[sb + w, :])
         T.barrier_arrive(fin)
-        T.barrier_wait(fin, 0)
+        T.barrier_wait(fin, 0 if j is None else j & 1)
         for h in T.Parallel(HB):
-            l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
+            l_sum[h] = sum_shared[sb, h] + sum_shared[sb + 1, h]
             epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
         if split:
             for h, d in T.Parallel(HB, DH):
@@ -901,16 +990,89 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         else:
             for h in T.Parallel(HB):
                 row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
-            for h, d in T.Parallel(HB, DH):
-                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)
-            T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
+            if j is None:
+                for h, d in T.Parallel(HB, DH):
+                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)
+                T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
+            else:
+                # Q's buffer holds the next query's Q: the output goes out through this consumer's P slot
+                # (free: both consumers are past their last P·V), BI columns at a time
+                for c in [c * BI for c in range(DH // BI)]:
+                    for h, d in T.Parallel(HB, BI):
+                        p_shared[w, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
+                    T.copy(p_shared[w, :, :], t["o"][b_i, s_i, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
             if spec.return_lse and w == 0:
                 for h in T.Parallel(HB):
                     t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
 
     @T.macro
+    def consumer_tiles(t, w, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
+                       sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m, m_prev,
+                       alpha, l_sum, row_sum, lse2):
+        """query_tiles > 1: consumer ``w`` runs the CTA's queries ``s_i·QT + j`` in turn. The next query's position
+        is loaded a query ahead, so that its key-block count is known when its turn comes. The follower loads every
+        Q: the first before its first query, each next one once both consumers are past the last QKᵀ."""
+        h0 = (bx % NHB) * HB
+        g0 = T.alloc_var(T.int32, init=0)  # block pairs walked so far
+        tq = T.alloc_var(T.int32)
+        tq_next = T.alloc_var(T.int32)
+        tq_next = t["positions"][b_i, s_i * QT]
+        if w == 1:
+            load_q(t, b_i, s_i * QT, h0, q_shared, q_bar)
+        for j in T.serial(QT):
+            sq = s_i * QT + j
+            if sq < S:
+                tq = tq_next
+                has_next = T.And(j + 1 < QT, sq + 1 < S)
+                if has_next:
+                    tq_next = t["positions"][b_i, sq + 1]
+                lo, hi = _block_range(t, gens, b_i, tq, 0, None)
+                n_iter = T.ceildiv(hi - lo, 2)
+                consume(t, w, b_i, sq, 0, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s,
+                        p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
+                        (has_next, sq + 1) if w == 1 else None)
+                if w == 1:
+                    if T.And(n_iter == 0, has_next):  # no pair walked, no QKᵀ: the next Q now
+                        load_q(t, b_i, sq + 1, h0, q_shared, q_bar)
+                g0 = g0 + n_iter
+
+    @T.macro
+    def producer_tiles(t, ptx, s_i, b_i, kv_shared, ok_shared, kvpos_shared, k_ready, k_free, src_local, row_local,
+                       pos_local, idx_cur, idx_nxt):
+        """query_tiles > 1: the producer gathers the key blocks of the CTA's queries into the ring as one sequence of
+        pairs (see ``produce.tiles``)."""
+        produce.tiles(t, ptx, b_i, s_i * QT, T.min(QT, S - s_i * QT), S,
+                      lambda tq: _block_range(t, gens, b_i, tq, 0, None)[1], kv_shared, ok_shared, kvpos_shared,
+                      k_ready, k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
+
+    @T.macro
+    def one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared, sum_shared,
+                  q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0, p_local_1, acc_o_0,
+                  acc_o_1, m_0, m_1, m_prev_0, m_prev_1, alpha_0, alpha_1, l_sum_0, l_sum_1, row_sum_0, row_sum_1,
+                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):
+        h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
+                                                 fixed_sb if split else None)
+        tx = T.get_thread_binding()
+
+        if tx < 128:
+            T.set_max_nreg(216, 1)
+            consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                    kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
+                    p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+        elif tx >= 128 and tx < 256:
+            T.set_max_nreg(216, 1)
+            consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                    kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
+                    p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+        elif tx >= 256:
+            T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
+            produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
+                    k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
+
+    @T.macro
     def body(t):
-        with T.Kernel(S, NHB * NS, B, threads=384) as (s_i, bx, b_i):
+        with T.Kernel(S if QT == 1 else T.ceildiv(S, QT), NHB * NS, B, threads=384) as (s_i, bx, b_i):
             T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
@@ -918,7 +1080,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             ok_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             kvpos_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             max_shared = T.alloc_shared((2, HB), T.float32)
-            sum_shared = T.alloc_shared((2, HB), T.float32)
+            sum_shared = T.alloc_shared((2 if QT == 1 else 4, HB), T.float32)
             acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
             acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
             p_local_0 = T.alloc_fragment((HB, BI), T.bfloat16)
@@ -942,31 +1104,35 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             s_ready = T.alloc_barrier(arrive_count=[128, 128])
             p_ready = T.alloc_barrier(arrive_count=[128, 128])
             fin = T.alloc_barrier(arrive_count=256)
-            q_bar = T.alloc_barrier(arrive_count=384)
+            q_bar = T.alloc_barrier(arrive_count=384 if QT == 1 else 128)
             src_local = T.alloc_local((2 * NR,), T.int32)
             row_local = T.alloc_local((2 * NR,), T.int32)
             pos_local = T.alloc_local((2 * NR,), T.int32)
             idx_cur = T.alloc_local((NP,), T.int32)
             idx_nxt = T.alloc_local((NP,), T.int32)
 
-            h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
-                                                     fixed_sb if split else None)
-            tx = T.get_thread_binding()
-
-            if tx < 128:
-                T.set_max_nreg(216, 1)
-                consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
-                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
-                        p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
-            elif tx >= 128 and tx < 256:
-                T.set_max_nreg(216, 1)
-                consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
-                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
-                        p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
-            elif tx >= 256:
-                T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
-                produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready,
-                        k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
+            if QT > 1:
+                tx = T.get_thread_binding()
+                if tx < 128:
+                    T.set_max_nreg(216, 1)
+                    consumer_tiles(t, 0, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                                   max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
+                                   p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+                elif tx >= 128 and tx < 256:
+                    T.set_max_nreg(216, 1)
+                    consumer_tiles(t, 1, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                                   max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
+                                   p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+                elif tx >= 256:
+                    T.set_max_nreg(72, 0)
+                    producer_tiles(t, tx - 256, s_i, b_i, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
+                                   src_local, row_local, pos_local, idx_cur, idx_nxt)
+            else:
+                one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
+                          sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0,
+                          p_local_1, acc_o_0, acc_o_1, m_0, m_1, m_prev_0, m_prev_1, alpha_0, alpha_1, l_sum_0,
+                          l_sum_1, row_sum_0, row_sum_1, lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur,
+                          idx_nxt)
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_seesaw", arg_names, ann, body)
 

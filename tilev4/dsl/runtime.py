@@ -115,7 +115,8 @@ class AttentionKernel:
         return sum(-(-n // block_kv) for n in source_keys)
 
     def plan(self, b: int, s: int, source_keys: list[int], *, batch_invariant: bool = False,
-             num_splits: int | None = None, num_sms: int | None = None) -> LaunchPlan:
+             num_splits: int | None = None, num_sms: int | None = None, device_sms: int | None = None
+             ) -> LaunchPlan:
         """Which programs a call launches, with which configs and how many splits (no GPU needed).
 
         Args:
@@ -126,10 +127,12 @@ class AttentionKernel:
             num_splits: force this many splits (rounded to whole blocks).
             num_sms: SMs of the device; the one-pass program is used when a quarter of them work
                 (None: always one pass, unless ``batch_invariant`` or ``num_splits`` say otherwise).
+            device_sms: SMs of the device, for :meth:`tile_queries` (the one-pass program's queries a CTA).
         """
         if batch_invariant:
             main_cfg = self.launch_config("main")
-            split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS))
+            split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS,
+                                                          query_tiles=1))  # splits walk one query a CTA
             ns = -(-self.num_key_blocks(source_keys, split_cfg.block_kv) // split_cfg.blocks_per_split())
         else:
             split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS))
@@ -144,8 +147,13 @@ class AttentionKernel:
                 ns = 1 if num_sms is None or 4 * ctas >= num_sms else -(-total // split_cfg.blocks_per_split())
             main_cfg = None
         if ns <= 1:
-            return LaunchPlan("main", main_cfg or self.launch_config("main"), 1)
+            return LaunchPlan("main", self.tile_queries(main_cfg or self.launch_config("main"), b, s, device_sms), 1)
         return LaunchPlan("split", split_cfg, ns, self.launch_config("combine"))
+
+    def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
+        """The one-pass program's config for a launch of ``b × s`` queries on ``device_sms`` SMs: here ``config``
+        itself; the ops' kernels choose ``query_tiles`` per launch. Every choice gives the same bits."""
+        return config
 
     def __call__(
         self,
@@ -171,9 +179,10 @@ class AttentionKernel:
         if b * s == 0:
             return (out, lse) if spec.return_lse else out
 
-        sms = None if batch_invariant or num_splits is not None else _num_sms(q.device.index or 0)
+        dev_sms = _num_sms(q.device.index or 0)
+        sms = None if batch_invariant or num_splits is not None else dev_sms
         plan = self.plan(b, s, self.source_keys(tensors), batch_invariant=batch_invariant, num_splits=num_splits,
-                         num_sms=sms)
+                         num_sms=sms, device_sms=dev_sms)
         src_args = [tensors[n] for src in spec.sources for n in src.tensor_names()]
         head = [q, positions] + ([sink] if spec.sink else [])
         if plan.kind == "main":

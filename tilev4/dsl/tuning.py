@@ -23,6 +23,13 @@ CUDA sources):
   Measured on the H200 against one pair of 64-key blocks: CSA decode (b = 64) 0.0324 vs 0.0345 ms, but CSA
   and HCA prefill 8-13 % slower (32-key blocks halve the GEMM sizes); one pair of 32-key blocks: 0.0396 ms.
   Pinned to 1 for the other schedules and the combine.
+* ``query_tiles`` (not tuned: a builder parameter that :func:`why_invalid` checks): consecutive queries a ``seesaw``
+  main-program CTA walks (the next query's Q and first key blocks load while the consumers finish a query: same
+  bits). It pays only when a launch has many CTAs a SM, which the tuning harness's bucket shapes do not have, so
+  the ops choose it per launch (:mod:`tilev4.kernels.attention`). Measured on the H200 against 1 (A/B, one
+  process, the benchmark's inputs), 2 / 4: HCA prefill 0.95 / 0.93, sparse k = 512 0.94 / 0.91, V4-Flash CSA
+  prefill 0.97 / 0.99, V4-Pro CSA prefill (two head blocks) 1.02 / 1.03. Main programs with a window or an index
+  list only (every query walks a key block); the batch-invariant split of a main program's config ignores it.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 
@@ -43,7 +50,7 @@ from typing import Any
 
 from tilev4.dsl.codegen import AttentionConfig, head_block, ws_supported
 from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS
-from tilev4.dsl.spec import AttentionSpec
+from tilev4.dsl.spec import AttentionSpec, IndexList, Window
 
 __all__ = [
     "CANDIDATES",
@@ -92,6 +99,15 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
         return (f"pair_stages={config.pair_stages} is not used by the combine program" if kind == "combine" else
                 f"pair_stages={config.pair_stages} needs the seesaw schedule "
                 f"(this config runs {schedule_of(spec, config)!r})")
+    if config.query_tiles != 1:
+        # the batch-invariant split shares the main program's config (its bucket) and ignores the knob: it walks one
+        # query a CTA (see AttentionKernel.plan)
+        shared = kind == "split" and config.split_keys == BATCH_INVARIANT_SPLIT_KEYS
+        if not (kind == "main" or shared) or schedule_of(spec, config) != "seesaw":
+            return (f"query_tiles={config.query_tiles} needs the seesaw main program "
+                    f"(kind={kind!r}, schedule {schedule_of(spec, config)!r})")
+        if not any(isinstance(s, (Window, IndexList)) for s in spec.sources):
+            return f"query_tiles={config.query_tiles} needs a window or an index-list source"
     if kind == "combine":
         if (config.block_kv, config.threads) != (_DEFAULT.block_kv, _DEFAULT.threads):
             return "block_kv and threads are not used by the combine program"
@@ -124,7 +140,10 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
     if schedule_of(spec, config) == "seesaw":
         # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
-        return hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + 2 * hb * bi * 2 + 4 * hb * 4
+        # (query_tiles > 1: the row sums of two queries)
+        sums = 2 if config.query_tiles == 1 else 4
+        return (hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + 2 * hb * bi * 2 + 2 * hb * 4
+                + sums * hb * 4)
     if schedule_of(spec, config) == "ws":
         # Q, the 2-stage KV buffer, P, per-key flags/positions of both stages, rescale factors
         return hb * d * 2 + 2 * bi * d * 2 + hb * bi * 2 + 2 * 2 * bi * 4 + 4 * hb * 4
@@ -134,7 +153,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
-    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages")
+    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages", "query_tiles")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 

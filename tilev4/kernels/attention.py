@@ -21,12 +21,13 @@ their arithmetic), so a row's output is the same for any batch size and position
 V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys) always take the one-pass kernel.
 
 Tuning: problem keys ``heads``, ``kind`` (main / split / combine), ``ring``, ``return_lse``,
-``split_keys``; tunables ``block_kv``, ``threads``, ``schedule`` and ``pair_stages`` (main and split programs) and
-``combine_threads`` (see :mod:`tilev4.dsl.tuning` for what each schedule uses and
+``split_keys``; tunables ``block_kv``, ``threads``, ``schedule`` and ``pair_stages`` (main and split programs),
+``query_tiles`` (main programs) and ``combine_threads`` (see :mod:`tilev4.dsl.tuning` for what each schedule uses and
 :mod:`tilev4.kernels.attention_tuning` for the buckets and the harness). The ops resolve the config
 of every program they launch per GPU and size splits and workspaces from it.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -34,9 +35,9 @@ import torch
 
 from tilev4._checks import check_tensor
 from tilev4.dsl import AttentionConfig, AttentionKernel, AttentionSpec, CompressedDense, IndexList, Window
-from tilev4.dsl.codegen import build_combine_program, build_main_program
+from tilev4.dsl.codegen import build_combine_program, build_main_program, head_block
 from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS
-from tilev4.dsl.tuning import config_from
+from tilev4.dsl.tuning import config_from, why_invalid
 from tilev4.kernels import attention_tuning as tuning
 from tilev4.kernels.registry import compile_kernel, register, resolved_config
 
@@ -45,6 +46,11 @@ __all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_att
 
 WINDOW = 128
 HCA_RATIO = 128
+LONG_LAUNCH_QUERY_TILES = 2
+"""Queries a CTA of the one-pass program walks in a long launch (:meth:`_TunedAttention.tile_queries`). Measured on
+the H200 against one (A/B, the benchmark's inputs): HCA prefill 0.95, sparse k = 512 0.94, V4-Flash CSA prefill 0.97;
+V4-Pro (two head blocks) 1.02, which is why it takes one head block."""
+LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
 _KINDS = ("main", "split", "combine")
 
 
@@ -74,25 +80,31 @@ def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool 
 
 
 def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
-           block_kv: int, threads: int, combine_threads: int, schedule: str, pair_stages: int) -> Any:
+           block_kv: int, threads: int, combine_threads: int, schedule: str, pair_stages: int,
+           query_tiles: int) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     spec = variant_spec(variant, heads, ring, return_lse)
+    if kind == "split":
+        query_tiles = 1  # a split program walks one query a CTA (the batch-invariant split shares the main's config)
     cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads,
-                          schedule=schedule, pair_stages=pair_stages)
+                          schedule=schedule, pair_stages=pair_stages, query_tiles=query_tiles)
     if kind == "combine":
         return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
 
 
 def _configs(windowed: bool) -> list[dict[str, Any]]:
-    """Shipped configs: prefill (one pass), splits of 2048 keys (batch-invariant) and 256 keys (small
+    """Shipped configs: prefill (one pass; with 64 heads also the long launches' program of
+    :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA), splits of 2048 keys (batch-invariant) and 256 keys (small
     batches) for the stream layout and, for windowed variants, the decode ring; the combine."""
     out = []
     for h in (64, 128):
         for ring in (False, True) if windowed else (False,):
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
+            if h == 64 and not ring:
+                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
@@ -107,28 +119,31 @@ def _registration(variant: str) -> dict[str, Any]:
 @register("sparse_attention", **_registration("sparse"))
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                           combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
+                           combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
+                           query_tiles: int = 1):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages)
+                  pair_stages, query_tiles)
 
 
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
+                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
+                        query_tiles: int = 1):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages)
+                  pair_stages, query_tiles)
 
 
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
-                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1):
+                        combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
+                        query_tiles: int = 1):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages)
+                  pair_stages, query_tiles)
 
 
 class _TunedAttention(AttentionKernel):
@@ -155,11 +170,22 @@ class _TunedAttention(AttentionKernel):
         items = dict(resolved_config(self.name, self.problem(kind, split_keys), self.arch).items)
         return config_from({**items, "split_keys": split_keys})
 
+    def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
+        """:data:`LONG_LAUNCH_QUERY_TILES` queries a CTA for a long launch of the one-pass program (at least
+        :data:`LONG_LAUNCH_WAVES` waves of such CTAs) with one head block, where the program can (the seesaw
+        schedule); else ``config``. Same bits either way."""
+        tiled = dataclasses.replace(config, query_tiles=LONG_LAUNCH_QUERY_TILES)
+        if (device_sms is None or config.query_tiles != 1 or head_block(self.spec.heads) != self.spec.heads
+                or b * s < LONG_LAUNCH_WAVES * LONG_LAUNCH_QUERY_TILES * device_sms
+                or why_invalid(self.spec, tiled, "main") is not None):
+            return config
+        return tiled
+
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
         """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
         return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
                 "combine_threads": config.combine_threads, "schedule": config.schedule,
-                "pair_stages": config.pair_stages}
+                "pair_stages": config.pair_stages, "query_tiles": config.query_tiles}
 
 
 class _RegistryAttention(_TunedAttention):
