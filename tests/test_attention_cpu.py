@@ -39,3 +39,24 @@ def test_public_ops_reject_bad_input_on_cpu():
     with pytest.raises(ValueError, match="scale"):
         tilev4.sparse_attention(q.bfloat16(), torch.randn(1, 4, 512).bfloat16(), torch.zeros(64),
                                 torch.zeros(1, 2, 4, dtype=torch.int32), scale=-1.0)
+
+
+def test_long_launches_take_two_queries_a_cta():
+    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA in long launches with one head block
+    (default and batch-invariant calls alike), one query otherwise; split programs always one."""
+    from tilev4.kernels import attention as A
+
+    sms, qt = 132, A.LONG_LAUNCH_QUERY_TILES
+    long_s = A.LONG_LAUNCH_WAVES * qt * sms
+    for variant, keys in (("csa", [128, 512]), ("hca", [128, 512]), ("sparse", [512])):
+        k = A._kernel(variant, 64, False, None, False)
+        assert k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config.query_tiles == qt
+        assert k.plan(1, long_s, keys, batch_invariant=True, device_sms=sms).config.query_tiles == qt
+        assert k.plan(1, long_s - 1, keys, num_sms=sms, device_sms=sms).config.query_tiles == 1
+        assert k.plan(1, long_s, keys, num_sms=sms).config.query_tiles == 1  # no device: as tuned
+        split = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)
+        assert split.kind == "split" and split.config.query_tiles == 1
+        cfg = k.registry_config("main", k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config)
+        assert cfg["query_tiles"] == qt
+    pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with two queries a CTA
+    assert pro.plan(1, 4 * long_s, [128, 1024], num_sms=sms, device_sms=sms).config.query_tiles == 1

@@ -256,7 +256,7 @@ def test_seesaw_query_tiles(query_tiles):
     from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec
 
-    _check_ws_program(AttentionConfig(query_tiles=query_tiles), None, 900 + query_tiles, k=320,
+    _check_ws_program(AttentionConfig(query_tiles=query_tiles), 1, 900 + query_tiles, k=320,  # one pass
                       unused=slice(128, 192), duplicates=True)
     g = _gen(950 + query_tiles)
     b, s, k = 2, 131, 96
@@ -266,8 +266,9 @@ def test_seesaw_query_tiles(query_tiles):
     outs = []
     for qt in (1, query_tiles):
         kern = AttentionKernel(variant_spec("csa", 64, False, False), AttentionConfig(query_tiles=qt))
-        outs.append(kern(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, sel_kv=kv_c,
-                         sel_idx=idx))
+        assert kern.plan(b, s, [128, k], num_splits=1).config.query_tiles == qt
+        outs.append(kern(q, positions, sink, num_splits=1, out=_poisoned(q), window_kv=kv_w, window_start=start,
+                         sel_kv=kv_c, sel_idx=idx))
     assert not torch.isnan(outs[1]).any()
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
     kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), idx.cpu())

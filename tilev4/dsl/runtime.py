@@ -73,8 +73,9 @@ class AttentionKernel:
     # -- configs and programs ---------------------------------------------------------------
     def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
         """The config program ``kind`` in {"main", "split", "combine"} is built with (here the
-        kernel's own; registry kernels resolve theirs per GPU)."""
-        return dataclasses.replace(self.config, split_keys=split_keys)
+        kernel's own, with one query a CTA but for the main program; registry kernels resolve theirs per GPU)."""
+        return dataclasses.replace(self.config, split_keys=split_keys,
+                                   query_tiles=self.config.query_tiles if kind == "main" else 1)
 
     def program(self, kind: str, config: AttentionConfig | None = None) -> Any:
         """The TileLang program ``kind`` in {"main", "split", "combine"} (default config: :meth:`launch_config`)."""
