@@ -46,9 +46,10 @@ def test_long_launches_take_two_queries_a_cta():
     (default and batch-invariant calls alike), one query otherwise; split programs always one."""
     from tilev4.kernels import attention as A
 
-    sms, qt = 132, A.LONG_LAUNCH_QUERY_TILES
-    long_s = A.LONG_LAUNCH_WAVES * qt * sms
+    sms = 132
     for variant, keys in (("csa", [128, 512]), ("hca", [128, 512]), ("sparse", [512])):
+        qt = A.LONG_LAUNCH_QUERY_TILES[variant]
+        long_s = A.LONG_LAUNCH_WAVES * qt * sms
         k = A._kernel(variant, 64, False, None, False)
         assert k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config.query_tiles == qt
         assert k.plan(1, long_s, keys, batch_invariant=True, device_sms=sms).config.query_tiles == qt
@@ -59,4 +60,4 @@ def test_long_launches_take_two_queries_a_cta():
         cfg = k.registry_config("main", k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config)
         assert cfg["query_tiles"] == qt
     pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with two queries a CTA
-    assert pro.plan(1, 4 * long_s, [128, 1024], num_sms=sms, device_sms=sms).config.query_tiles == 1
+    assert pro.plan(1, 1 << 16, [128, 1024], num_sms=sms, device_sms=sms).config.query_tiles == 1

@@ -8,6 +8,7 @@ CUDA-graph replay of the public op (kernel time only: the op's host path — che
 resolution, launch — would otherwise show in the millisecond prefill rows too).
 """
 
+import statistics
 from typing import Any
 
 import torch
@@ -32,9 +33,14 @@ def _csa_prefill_inputs(s: int, heads: int, topk: int, n_c: int = 16384, seed: i
     return q, kv_w, kv_c, idx, sink, positions, start
 
 
-def _time_both(fn, **kw) -> dict[bool, float]:
-    """Median ms of ``fn(batch_invariant)`` for the default and the batch-invariant variant."""
-    return {bi: time_cuda(lambda bi=bi: fn(bi), **kw) for bi in (False, True)}
+def _time_both(fn, rounds: int = 3, **kw) -> dict[bool, float]:
+    """Median ms of ``fn(batch_invariant)`` for the default and the batch-invariant variant: the median of
+    ``rounds`` rounds that time the two in turn, so that neither gets the cooler GPU."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for bi in (False, True):
+            times[bi].append(time_cuda(lambda bi=bi: fn(bi), **kw))
+    return {bi: statistics.median(t) for bi, t in times.items()}
 
 
 def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: int = 4096) -> list[dict[str, Any]]:

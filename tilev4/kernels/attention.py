@@ -46,10 +46,11 @@ __all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_att
 
 WINDOW = 128
 HCA_RATIO = 128
-LONG_LAUNCH_QUERY_TILES = 2
-"""Queries a CTA of the one-pass program walks in a long launch (:meth:`_TunedAttention.tile_queries`). Measured on
-the H200 against one (A/B, the benchmark's inputs): HCA prefill 0.95, sparse k = 512 0.94, V4-Flash CSA prefill 0.97;
-V4-Pro (two head blocks) 1.02, which is why it takes one head block."""
+LONG_LAUNCH_QUERY_TILES = {"sparse": 4, "csa": 2, "hca": 4}
+"""Queries a CTA of the one-pass program walks in a long launch, per variant (:meth:`_TunedAttention.tile_queries`).
+Measured on the H200 against one query a CTA (A/B in one process, the benchmark's inputs), 2 / 4 queries: sparse
+k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
+1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
 _KINDS = ("main", "split", "combine")
 
@@ -94,17 +95,18 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
     return build_main_program(spec, cfg, split=(kind == "split"))
 
 
-def _configs(windowed: bool) -> list[dict[str, Any]]:
+def _configs(variant: str) -> list[dict[str, Any]]:
     """Shipped configs: prefill (one pass; with 64 heads also the long launches' program of
     :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA), splits of 2048 keys (batch-invariant) and 256 keys (small
     batches) for the stream layout and, for windowed variants, the decode ring; the combine."""
+    windowed = variant != "sparse"
     out = []
     for h in (64, 128):
         for ring in (False, True) if windowed else (False,):
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
-                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES})
+                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant]})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
@@ -112,7 +114,7 @@ def _configs(windowed: bool) -> list[dict[str, Any]]:
 
 
 def _registration(variant: str) -> dict[str, Any]:
-    return {"configs": _configs(windowed=variant != "sparse"), "tags": ("attention", "batch_invariant"),
+    return {"configs": _configs(variant), "tags": ("attention", "batch_invariant"),
             "space": tuning.space(variant), "bucket": tuning.bucket_fn(variant), "harness": tuning.harness(variant)}
 
 
@@ -174,9 +176,10 @@ class _TunedAttention(AttentionKernel):
         """:data:`LONG_LAUNCH_QUERY_TILES` queries a CTA for a long launch of the one-pass program (at least
         :data:`LONG_LAUNCH_WAVES` waves of such CTAs) with one head block, where the program can (the seesaw
         schedule); else ``config``. Same bits either way."""
-        tiled = dataclasses.replace(config, query_tiles=LONG_LAUNCH_QUERY_TILES)
+        qt = LONG_LAUNCH_QUERY_TILES[self.variant]
+        tiled = dataclasses.replace(config, query_tiles=qt)
         if (device_sms is None or config.query_tiles != 1 or head_block(self.spec.heads) != self.spec.heads
-                or b * s < LONG_LAUNCH_WAVES * LONG_LAUNCH_QUERY_TILES * device_sms
+                or b * s < LONG_LAUNCH_WAVES * qt * device_sms
                 or why_invalid(self.spec, tiled, "main") is not None):
             return config
         return tiled
