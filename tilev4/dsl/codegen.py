@@ -31,7 +31,9 @@ warpgroups run the tensor-core work — ``seesaw`` (default: each consumer takes
 half of D of the output, the running max goes from one to the other, a free/ready barrier per half of D
 lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
 softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather, then
-compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P.
+compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
+program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
+load while the consumers finish the previous one (same bits as one query a CTA).
 """
 
 import functools
