@@ -127,7 +127,7 @@ def test_attention_timeline_fails_loudly_when_the_codegen_moved(tmp_path, monkey
 
     tool = _timeline_tool()
     moved = tmp_path / "codegen.py"
-    fin = "        T.barrier_wait(fin, 0)\n"
+    fin = "        T.barrier_wait(fin, 0 if j is None else j & 1)\n"
     moved.write_text(tool.CODEGEN.read_text().replace(fin, fin.rstrip() + "  # moved\n"))
     monkeypatch.setattr(tool, "CODEGEN", moved)
     with pytest.raises(RuntimeError, match="row-sum barrier"):

@@ -56,60 +56,72 @@ def _stamp(col: int, tid: int, indent: int) -> str:
 
 def _edits() -> list[tuple[str, str, str]]:
     """(anchor, replacement, where) applied in order inside ``_build_seesaw_program``; each anchor must occur there
-    exactly once."""
+    exactly once. The stamps cover the program of one query a CTA (``query_tiles = 1``, the one the tool builds)."""
     c = COLUMNS.index
+    row = "(b_i * S + s_i) * (NHB * NS) + bx"
     return [
         ("    RING = config.pair_stages\n",
          "    RING = config.pair_stages\n    ann = dict(ann)\n"
          "    ann['dbg'] = T.Tensor[(B * S * NHB * NS, 16), T.int64]\n    arg_names = arg_names + ['dbg']\n",
          "the dbg argument"),
-        ("acc_o, m, m_prev, alpha, l_sum, row_sum, lse2):\n        T.barrier_wait(q_bar, 0)\n",
-         "acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, dbg, rr):\n        tid = T.get_thread_binding()\n"
-         "        T.barrier_wait(q_bar, 0)\n" + _stamp(c("q_ready"), 0, 8),
+        ("lse2, g0=None, j=None, next_q=None):\n",
+         "lse2, g0=None, j=None, next_q=None, dbg=None, rr=None):\n",
+         "the consumer's parameters"),
+        ("        T.barrier_wait(q_bar, 0 if j is None else j & 1)\n",
+         "        tid = T.get_thread_binding()\n        T.barrier_wait(q_bar, 0 if j is None else j & 1)\n"
+         + _stamp(c("q_ready"), 0, 8),
          "the consumer's Q wait"),
         ("            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n",
          "            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n            if tid == 0 and it == 0:\n"
          f"                dbg[rr, {c('first_block')}] = T.call_extern('int64', 'tv4_clock')\n",
          "the first key block"),
-        ("        # the two row sums, added in the same order by both; then the epilogue factors\n",
+        ("        # the two row sums, added in the same order by both; then the epilogue factors",
          _stamp(c("loop_end_0"), 0, 8) + _stamp(c("loop_end_1"), 128, 8)
-         + "        # the two row sums, added in the same order by both; then the epilogue factors\n",
+         + "        # the two row sums, added in the same order by both; then the epilogue factors",
          "the loop end"),
-        ("        T.barrier_wait(fin, 0)\n",
-         "        T.barrier_wait(fin, 0)\n" + _stamp(c("fin_0"), 0, 8) + _stamp(c("fin_1"), 128, 8),
+        ("        T.barrier_wait(fin, 0 if j is None else j & 1)\n",
+         "        T.barrier_wait(fin, 0 if j is None else j & 1)\n" + _stamp(c("fin_0"), 0, 8)
+         + _stamp(c("fin_1"), 128, 8),
          "the row-sum barrier"),
-        ("                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n",
-         "                q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n"
-         + _stamp(c("staged_0"), 0, 12) + _stamp(c("staged_1"), 128, 12),
+        ("                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n",
+         "                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n"
+         + _stamp(c("staged_0"), 0, 16) + _stamp(c("staged_1"), 128, 16),
          "the staged output"),
-        ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def body(t):\n",
+        ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def consumer_tiles(",
          "                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n" + _stamp(c("store_end_0"), 0, 8)
          + "        if tid == 0:\n"
          f"            dbg[rr, {c('gtime_end')}] = T.call_extern('int64', 'tv4_gtime')\n"
-         + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def body(t):\n",
+         + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def consumer_tiles(",
          "the output store"),
+        ("                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):\n",
+         "                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt, dbg=None, rr=None):\n",
+         "the one-query CTA's parameters"),
         ("            T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)\n"
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
          "            T.import_source(FAST_SOURCE + TIMER_SOURCE)\n            dbg = t['dbg']\n"
-         "            rr = (b_i * S + s_i) * (NHB * NS) + bx\n            if T.get_thread_binding() == 0:\n"
+         f"            rr = {row}\n            if T.get_thread_binding() == 0:\n"
          f"                dbg[rr, {c('gtime_start')}] = T.call_extern('int64', 'tv4_gtime')\n"
          f"                dbg[rr, {c('smid')}] = T.call_extern('int64', 'tv4_smid')\n"
          f"                dbg[rr, {c('start')}] = T.call_extern('int64', 'tv4_clock')\n"
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
          "the kernel start"),
-        ("p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)",
-         "p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0, dbg, rr)", "consumer 0's call"),
-        ("p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)",
-         "p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1, dbg, rr)", "consumer 1's call"),
-        ("                produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, "
-         "k_ready,\n                        k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)\n",
-         "                tid = tx\n" + _stamp(c("producer_start"), 256, 16)
-         + "                produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, "
-         "k_ready,\n                        k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)\n"
-         + _stamp(c("producer_end"), 256, 16),
+        ("                    p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)\n        elif",
+         "                    p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0, dbg=dbg, rr=rr)\n"
+         "        elif", "consumer 0's call"),
+        ("                    p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)\n        elif",
+         "                    p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1, dbg=dbg, rr=rr)\n"
+         "        elif", "consumer 1's call"),
+        ("            produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, "
+         "k_ready,\n                    k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)\n",
+         "            tid = tx\n" + _stamp(c("producer_start"), 256, 12)
+         + "            produce(t, tx - 256, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, "
+         "k_ready,\n                    k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)\n"
+         + _stamp(c("producer_end"), 256, 12),
          "the producer"),
+        ("                          idx_nxt)\n", "                          idx_nxt, dbg=dbg, rr=rr)\n",
+         "the one-query CTA's call"),
     ]
 
 
