@@ -177,12 +177,12 @@ class _TunedAttention(AttentionKernel):
         :data:`LONG_LAUNCH_WAVES` waves of such CTAs) with one head block, where the program can (the seesaw
         schedule); else ``config``. Same bits either way."""
         qt = LONG_LAUNCH_QUERY_TILES[self.variant]
-        tiled = dataclasses.replace(config, query_tiles=qt)
-        if (device_sms is None or config.query_tiles != 1 or head_block(self.spec.heads) != self.spec.heads
-                or b * s < LONG_LAUNCH_WAVES * qt * device_sms
-                or why_invalid(self.spec, tiled, "main") is not None):
+        # the cheap tests first: a decode step (a few queries) returns here on every call
+        if (device_sms is None or config.query_tiles != 1 or b * s < LONG_LAUNCH_WAVES * qt * device_sms
+                or head_block(self.spec.heads) != self.spec.heads):
             return config
-        return tiled
+        tiled = dataclasses.replace(config, query_tiles=qt)
+        return tiled if why_invalid(self.spec, tiled, "main") is None else config
 
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
         """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
