@@ -466,30 +466,26 @@ FP8_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(FP8_CASES))
-def test_fp8_experts_match_reference(case):
-    """Each FP8 GEMM against fp32 math on its own (dequantised) inputs, then the layer as their composition.
+def _check_fp8_activation_layer(x, weights, experts, q, d, shared, moe_up, moe_down, weight_format):
+    """The two GEMMs of a layer whose activations are quantised to FP8 (FP8 or FP4 weights ``q = (w1, w2, w3)``,
+    ``d`` their fp32 values as the kernels use them), each against fp32 math on its own dequantised inputs; then the
+    layer (``moe_experts`` with ``weight_format``) bit for bit as the composition of the two. Returns its output.
 
-    The FP8 products and the power-of-two promotions are exact, so each GEMM differs from fp32 only by the
-    order of the fp32 sums and one bf16 rounding (the tolerance of the bf16 pieces test). The end-to-end
-    comparison with a reference that re-quantises h itself would not be sharp: an h element one bf16 ulp
-    off can round to the neighbouring FP8 value (1/16 relative), so the layer is checked bit for bit as
-    the composition of the checked pieces instead."""
+    The FP8 products and the power-of-two promotions are exact, so each GEMM differs from fp32 only by the tensor
+    core's block sums and one bf16 rounding: FP8 wgmma sums a 128-long K block with a reduced-precision accumulator
+    (~14 bits kept) before the fp32 promotion, so per output |err| <= FP8_ACC · Σ_k |a_k·b_k|, propagated through the
+    SwiGLU (|∂h/∂gate| <= 1.1·|up|·w, |∂h/∂up| = |silu(gate)|·w; the clamps only shrink it)."""
     from tilev4.kernels import fp8_quantize
 
-    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = FP8_CASES[case]
-    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=100 + len(case))
-    q1, q2, q3 = (F.quantize_fp8_weight(w) for w in (w1, w2, w3))
-    d1, d2, d3 = _dequant(q1), _dequant(q2), _dequant(q3)
-    g = _gen(200 + len(case))
-    x = _randn(num_tokens, dim, g=g, scale=scale)
-    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    (q1, q2, q3), (d1, d2, d3) = q, d
+    num_tokens, dim = x.shape
+    num_experts, inter, top_k = d1.shape[0], d1.shape[1], experts.shape[1]
     perm = K.moe_permute(x, weights, experts, num_experts)
     n = num_tokens * top_k
     x8, xs = fp8_quantize(perm.x_sorted)
-    h = F.moe_up_fp8(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    h = moe_up(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
     h8, hs = fp8_quantize(h)
-    y = F.moe_down_fp8(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
+    y = moe_down(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
     assert not torch.isnan(h).any() and not torch.isnan(y).any()
     ex = torch.sort(experts.flatten().cpu().long(), stable=True).values  # expert of each sorted row
     xq, hq, wts = _dequant_act(x8, xs), _dequant_act(h8, hs), perm.w_sorted.cpu()
@@ -501,9 +497,6 @@ def test_fp8_experts_match_reference(case):
             gate, up = xq[rows] @ d1[e].T, xq[rows] @ d3[e].T
             h_ref[rows] = torch.nn.functional.silu(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0) * wts[rows, None]
             y_ref[rows] = hq[rows] @ d2[e].T
-            # FP8 wgmma sums a 128-long K block with a reduced-precision accumulator (~14 bits kept) before
-            # the fp32 promotion: per output, |err| <= FP8_ACC · Σ_k |a_k·b_k|, propagated through the SwiGLU
-            # (|∂h/∂gate| <= 1.1·|up|·w, |∂h/∂up| = |silu(gate)|·w; the clamps only shrink it)
             dg, du = FP8_ACC * (xq[rows].abs() @ d1[e].T.abs()), FP8_ACC * (xq[rows].abs() @ d3[e].T.abs())
             g_c, u_c = gate.clamp(max=10.0), up.clamp(-10.0, 10.0)
             h_tol[rows] = (1.1 * u_c.abs() * dg + torch.nn.functional.silu(g_c).abs() * du) * wts[rows, None]
@@ -513,9 +506,30 @@ def test_fp8_experts_match_reference(case):
         assert (excess <= 0).all(), f"{name}: max excess {excess.max().item():.3g}"
     ys = None if shared is None else K.moe_shared_expert(x, *shared)
     expected = K.moe_combine(y, perm.pair_pos, ys)
-    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format="fp8",
+    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format=weight_format,
                         out=_poison(num_tokens, dim, dtype=torch.bfloat16))
     assert torch.equal(out, expected)
+    return out
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_fp8_experts_match_reference(case):
+    """Each FP8 GEMM against fp32 math on its own (dequantised) inputs, then the layer as their composition.
+
+    The FP8 products and the power-of-two promotions are exact, so each GEMM differs from fp32 only by the
+    order of the fp32 sums and one bf16 rounding (the tolerance of the bf16 pieces test). The end-to-end
+    comparison with a reference that re-quantises h itself would not be sharp: an h element one bf16 ulp
+    off can round to the neighbouring FP8 value (1/16 relative), so the layer is checked bit for bit as
+    the composition of the checked pieces instead."""
+    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = FP8_CASES[case]
+    _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=100 + len(case))
+    q1, q2, q3 = (F.quantize_fp8_weight(w) for w in (w1, w2, w3))
+    d1, d2, d3 = _dequant(q1), _dequant(q2), _dequant(q3)
+    g = _gen(200 + len(case))
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    out = _check_fp8_activation_layer(x, weights, experts, (q1, q2, q3), (d1, d2, d3), shared, F.moe_up_fp8,
+                                      F.moe_down_fp8, "fp8")
     # and it approximates the bf16-weight layer: five e4m3 roundings (x, W1, W3, h, W2) of ~3% rms each add
     # to ~7% in quadrature; a wrong scale (2x) or a wrong expert moves the output by ~100%
     ref_bf16, _ = _reference(x, weights, experts, w1, w2, w3, shared, 10.0)
@@ -723,8 +737,6 @@ def test_fp4_experts_match_reference(case):
     same rounded weights, expand_fp4_weight, whose rounding the CPU tests check). The FP8 products and the
     power-of-two promotions (per row and per column) are exact, so the tolerance is the FP8 one: the tensor
     core's block sum (FP8_ACC of Σ|products|, propagated through the SwiGLU) and one bf16 rounding."""
-    from tilev4.kernels import fp8_quantize
-
     dim, inter, num_experts, top_k, num_tokens, shared_inter, scale, spread = FP4_CASES[case]
     _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=400 + len(case))
     g = _gen(500 + len(case))
@@ -739,35 +751,8 @@ def test_fp4_experts_match_reference(case):
     assert torch.equal(q2.data[:2].cpu(), host.data) and torch.equal(q2.scale[:2].cpu(), host.scale)
     x = _randn(num_tokens, dim, g=g, scale=scale)
     weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
-    perm = K.moe_permute(x, weights, experts, num_experts)
-    n = num_tokens * top_k
-    x8, xs = fp8_quantize(perm.x_sorted)
-    h = F4.moe_up_fp4(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
-    h8, hs = fp8_quantize(h)
-    y = F4.moe_down_fp4(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
-    assert not torch.isnan(h).any() and not torch.isnan(y).any()
-    ex = torch.sort(experts.flatten().cpu().long(), stable=True).values  # expert of each sorted row
-    xq, hq, wts = _dequant_act(x8, xs), _dequant_act(h8, hs), perm.w_sorted.cpu()
-    h_ref, y_ref = torch.zeros(n, inter), torch.zeros(n, dim)
-    h_tol, y_tol = torch.zeros(n, inter), torch.zeros(n, dim)
-    for e in range(num_experts):
-        rows = torch.nonzero(ex == e).flatten()
-        if rows.numel():
-            gate, up = xq[rows] @ d1[e].T, xq[rows] @ d3[e].T
-            h_ref[rows] = torch.nn.functional.silu(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0) * wts[rows, None]
-            y_ref[rows] = hq[rows] @ d2[e].T
-            dg, du = FP8_ACC * (xq[rows].abs() @ d1[e].T.abs()), FP8_ACC * (xq[rows].abs() @ d3[e].T.abs())
-            g_c, u_c = gate.clamp(max=10.0), up.clamp(-10.0, 10.0)
-            h_tol[rows] = (1.1 * u_c.abs() * dg + torch.nn.functional.silu(g_c).abs() * du) * wts[rows, None]
-            y_tol[rows] = FP8_ACC * (hq[rows].abs() @ d2[e].T.abs())
-    for name, got, ref, tol in (("h", h, h_ref, h_tol), ("y", y, y_ref, y_tol)):
-        excess = (got.float().cpu() - ref).abs() - (tol + 2.0**-8 * ref.abs() + 1e-6)  # + one bf16 rounding
-        assert (excess <= 0).all(), f"{name}: max excess {excess.max().item():.3g}"
-    ys = None if shared is None else K.moe_shared_expert(x, *shared)
-    expected = K.moe_combine(y, perm.pair_pos, ys)
-    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format="fp4",
-                        out=_poison(num_tokens, dim, dtype=torch.bfloat16))
-    assert torch.equal(out, expected)
+    out = _check_fp8_activation_layer(x, weights, experts, (q1, q2, q3), (d1, d2, d3), shared, F4.moe_up_fp4,
+                                      F4.moe_down_fp4, "fp4")
     # and it approximates the fp32 layer on the same weights: the FP8 roundings of x and h (~3% rms each) give ~5%
     # (~8% with the scale spread, where h's 1x128 blocks mix magnitudes; both measured in a CPU emulation); a wrong
     # scale (2x), nibble order or expert moves the output by ~100%
