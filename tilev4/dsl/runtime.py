@@ -30,9 +30,7 @@ OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that mo
 
 
 @functools.lru_cache(maxsize=8)
-@functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
-    """SMs of CUDA device ``device_index`` (asked once: every attention call plans with it)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
