@@ -75,6 +75,29 @@ def test_sparse_without_keys_and_huge_sink():
     _check(o, _ref_sparse(q, kv, sink, idx))
 
 
+
+@pytest.mark.parametrize("order", ["rising", "falling", "zigzag"])
+def test_sparse_running_max_moves(order):
+    """Scores whose row maxima climb from block to block (rising: by more than the seesaw's rescale slack of 2^8
+    in most rows, less in some), never move after the first block (falling: every later rescale is skipped), or
+    jump back and forth (zigzag), up to ~130 in base 2: the lazily rescaled accumulator still gives the
+    fp32 reference's output and log-sum-exp."""
+    g = _gen(11)
+    n, k = 512, 512
+    q = _randn(1, 4, 64, 512, g=g)
+    ramp = torch.linspace(0.25, 40.0, n, device="cuda")  # a block's row maxima: ~10 (first) to ~130 (last), base 2
+    if order == "falling":
+        ramp = ramp.flip(0)
+    elif order == "zigzag":
+        ramp = torch.where(torch.arange(n, device="cuda") // 64 % 2 == 0, ramp, ramp.flip(0))
+    kv = (torch.randn(1, n, 512, generator=g, device="cuda") * ramp[None, :, None]).bfloat16()
+    sink = torch.randn(64, generator=g, device="cuda")
+    idx = torch.arange(k, device="cuda", dtype=torch.int32).expand(1, 4, k).contiguous()
+    o, lse = tilev4.sparse_attention(q, kv, sink, idx, return_lse=True, out=_poisoned(q))
+    ref, ref_lse = _ref_sparse(q, kv, sink, idx, return_lse=True)
+    _check(o, ref, lse, ref_lse)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_split_kv_matches(num_splits):
     from tilev4.kernels.attention import _kernel

@@ -63,6 +63,15 @@ __all__ = [
 ]
 
 NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never sees inf - inf
+# Seesaw schedule: a row's running max (base 2) moves only when a block's scores pass it by more than this, so
+# that the 128-register output accumulator is rescaled only then; P = 2^(S - m) stays <= 2^8, O and l carry the
+# same stale max, and the normalised output is the same sum (other roundings, no other math).
+RESCALE_SLACK = 8.0
+# tilev4_any_ne1(a): whether either of a thread's two entries of a [64]-row fragment (the rows it holds of an m64
+# accumulator) differs from 1 -- the warp skips the accumulator's rescale when no lane needs it
+ANY_NE1_SOURCE = """
+__device__ __forceinline__ int tilev4_any_ne1(const float* a) { return (a[0] != 1.0f) | (a[1] != 1.0f); }
+"""
 
 
 
@@ -679,22 +688,32 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
             acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
 
     @T.macro
-    def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o):
+    def scale_acc(alpha, acc_o, lazy):
+        """The accumulator × ``alpha``; ``lazy`` (64-row fragments, :data:`ANY_NE1_SOURCE` imported): skipped by a
+        warp none of whose rows has ``alpha`` ≠ 1 (the same bits: a product with 1 is exact)."""
+        if lazy:
+            if T.call_extern("int32", "tilev4_any_ne1", alpha.data) != 0:
+                for h, d in T.Parallel(HB, DH):
+                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+        else:
+            for h, d in T.Parallel(HB, DH):
+                acc_o[h, d] = acc_o[h, d] * alpha[h]
+
+    @T.macro
+    def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=False):
         for h, jj in T.Parallel(HB, BI):
             acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
         T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P.sum(-1)  [HB]
         for h in T.Parallel(HB):
             l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-        for h, d in T.Parallel(HB, DH):
-            acc_o[h, d] = acc_o[h, d] * alpha[h]
+        scale_acc(alpha, acc_o, lazy)
 
     @T.macro
-    def rescale(alpha, l_sum, acc_o):
+    def rescale(alpha, l_sum, acc_o, lazy=False):
         """The row sum and the accumulator × ``alpha`` (moved to a new running max, no new keys)."""
         for h in T.Parallel(HB):
             l_sum[h] = l_sum[h] * alpha[h]
-        for h, d in T.Parallel(HB, DH):
-            acc_o[h, d] = acc_o[h, d] * alpha[h]
+        scale_acc(alpha, acc_o, lazy)
 
     @T.macro
     def epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, weight, inv_den):
@@ -869,9 +888,10 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     one of the ``ws`` schedule, with a free/ready barrier per half of D). Consumer ``w`` owns half ``w``
     of D in the output and block ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D
     (its own half of D first: that half was refilled first) and masks it. The running max is handed
-    from consumer 0 (the leader) to consumer 1 (the follower): the leader takes ``m0 = max(m, rowmax S_0)``,
-    runs its softmax, publishes ``m0`` and starts ``P_0 V_0[:, half 0]`` (P from registers); the follower
-    takes ``m1 = max(m0, rowmax S_1)``, publishes it, runs its softmax, hands ``P_1`` over through shared
+    from consumer 0 (the leader) to consumer 1 (the follower): the leader takes ``m0`` (``m``, or ``rowmax S_0``
+    where that passes ``m`` by more than :data:`RESCALE_SLACK`), runs its softmax, publishes ``m0`` and starts
+    ``P_0 V_0[:, half 0]`` (P from registers); the follower takes ``m1`` from ``m0`` and ``rowmax S_1`` the same
+    way, publishes it, runs its softmax, hands ``P_1`` over through shared
     memory and accumulates ``P_1 V_1[:, half 1]``; the leader then moves ``P_0``, its row sum and its
     accumulator to ``m1`` (one factor ``2^(m0 − m1)``), hands ``P_0`` over, and each consumer adds the
     peer's block, ``P_{1−w} V_{1−w}[:, half w]``. The two softmaxes are staggered, so one consumer's
@@ -880,9 +900,12 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     Each consumer keeps the row sum of its own blocks; the two are added at the end. When the block count is odd,
     the follower's block of the last pair is padding: both skip its GEMMs (the follower only rescales to the
     shared max), which gives the same bits as running them on its zero rows, all masked.
+    With the slack, a row's max rarely moves after the first blocks, so its factors are 1 and a warp whose rows
+    all have 1 skips the rescale of its accumulator (128 registers a thread) and of ``P_0``.
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
      rescale, epilogue_factors) = _ws_setup(spec, config, split)
+    assert HB == 64, "the seesaw schedule's lazy rescale reads a thread's two rows of a 64-row fragment"
     RING = config.pair_stages
     QT = config.query_tiles
 
@@ -922,12 +945,13 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             else:  # padding: no key (what the mask makes of its zero rows)
                 T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
-                # leader: its own running max first (m0 = max(m, rowmax S_0)); the follower's max arrives later
-                T.copy(m, m_prev)
-                T.reduce_max(acc_s, m, dim=1, clear=False)  # m = m0  [HB]
+                # leader: its own running max first (m0); the follower's max arrives later
+                T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_0)  [HB]
                 for h in T.Parallel(HB):
+                    m_prev[h] = m[h]
+                    m[h] = T.if_then_else(row_sum[h] > m_prev[h] + RESCALE_SLACK, row_sum[h], m_prev[h])  # m0
                     alpha[h] = ex2(m_prev[h] - m[h])
-                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
+                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True)
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
                 T.copy(acc_s, p_local)
@@ -938,14 +962,15 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 for h in T.Parallel(HB):
                     alpha[h] = ex2(m[h] - max_shared[1, h])
                     m[h] = max_shared[1, h]
-                for h, jj in T.Parallel(HB, BI):
-                    acc_s[h, jj] = acc_s[h, jj] * alpha[h]
+                if T.call_extern("int32", "tilev4_any_ne1", alpha.data) != 0:
+                    for h, jj in T.Parallel(HB, BI):
+                        acc_s[h, jj] = acc_s[h, jj] * alpha[h]
                 T.copy(acc_s, p_shared[0, :, :])
                 T.fence_proxy_async()  # P_0 is read by the peer's tensor-core GEMM
                 T.barrier_arrive(p_ready[0])
-                rescale(alpha, l_sum, acc_o)
+                rescale(alpha, l_sum, acc_o, lazy=True)
             else:
-                # follower: m1 = max(m0, rowmax S_1), the max both use from here on
+                # follower: m1 (from m0 and rowmax S_1), the max both use from here on
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_1)  [HB]
                 T.barrier_wait(s_ready[0], _cta_pair(it, g0) & 1)
                 if next_q is not None:
@@ -955,12 +980,13 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                         load_q(t, b_i, next_q[1], h0, q_shared, q_bar)
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
-                    m[h] = T.max(max_shared[0, h], row_sum[h])
+                    m[h] = T.if_then_else(row_sum[h] > max_shared[0, h] + RESCALE_SLACK, row_sum[h],
+                                          max_shared[0, h])
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
                 if second:
-                    exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o)
+                    exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True)
                     T.copy(acc_s, p_local)
                     T.copy(p_local, p_shared[1, :, :])
                     T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
@@ -968,7 +994,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.gemm(p_local, kv_shared[r0 + 1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 else:  # padding: P_1 = 0, only the rescale to the shared max
                     T.barrier_arrive(p_ready[1])
-                    rescale(alpha, l_sum, acc_o)
+                    rescale(alpha, l_sum, acc_o, lazy=True)
                 T.barrier_arrive(k_free[(r0 + 1) * 2 + 1])
             T.barrier_wait(p_ready[1 - w], _cta_pair(it, g0) & 1)
             if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
@@ -1075,7 +1101,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     @T.macro
     def body(t):
         with T.Kernel(S if QT == 1 else T.ceildiv(S, QT), NHB * NS, B, threads=384) as (s_i, bx, b_i):
-            T.import_source(FAST_SOURCE)  # ex2.approx.ftz (the softmax), rcp / lg2 approx (the epilogue)
+            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)  # ex2 / rcp / lg2 approx; the lazy rescale's test
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
