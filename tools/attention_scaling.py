@@ -1,0 +1,90 @@
+"""Prefill attention time against the number of keys a query sees: the fixed cost of a query and the key-loop rate.
+
+    python3 tools/attention_scaling.py --json $OUT/attention_scaling.json        # on a GPU
+
+For V4-Flash CSA prefill (the benchmark's inputs: b = 1, s = 4096, H = 64, a 128-key window plus top-k compressed
+entries), V4-Pro (H = 128) and plain sparse attention (H = 128, an index list only, the shape FlashMLA's sparse
+prefill reports), the public op is timed (CUDA-graph replays, L2 flushed, medians) at several top-k. A least-squares
+line ``ms = a + b · keys`` over the top-k of a series splits a launch's time into a part that does not grow with the
+keys (``a``: a query's Q load, output, epilogue, the launch and its tail) and the key loop's rate: ``4·s·H·D / b``
+is the TFLOPS of the marginal key, which the fraction of the same-run bf16 matmul peak compares with the whole
+call's. FLOPs count valid keys only (4·H·D a query and key, as ``tilev4 bench attention`` does).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+D = 512
+
+
+def _series(name: str, heads: int, topks: list[int], window: bool, s: int, peaks: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    import tilev4
+    from tilev4.bench import time_cuda
+    from tilev4.bench.attention import _csa_prefill_inputs
+
+    rows = []
+    for topk in topks:
+        q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(s, heads, topk)
+        o = torch.full_like(q, float("nan"))
+        if window:
+            def fn(q=q, kv_w=kv_w, kv_c=kv_c, idx=idx, sink=sink, pos=pos, start=start, o=o):
+                tilev4.csa_attention(q, kv_w, kv_c, idx, sink, pos, window_start=start, validate=False, out=o)
+            keys = 128 + topk
+        else:
+            def fn(q=q, kv_c=kv_c, idx=idx, sink=sink, o=o):
+                tilev4.sparse_attention(q, kv_c, sink, idx, validate=False, out=o)
+            keys = topk
+        fn()
+        torch.cuda.synchronize()
+        if not torch.isfinite(o).all():
+            raise RuntimeError(f"{name} top-k {topk}: non-finite output")
+        ms = time_cuda(fn, reps=20, graph=True)
+        tflops = 4.0 * s * heads * D * keys / ms / 1e9
+        rows.append({"topk": topk, "keys": keys, "ms": ms, "tflops": tflops,
+                     "fraction_of_bf16_peak": tflops / peaks["bf16_matmul_tflops"]})
+        print(json.dumps({"series": name, **rows[-1]}), flush=True)
+    xs, ys = [r["keys"] for r in rows], [r["ms"] for r in rows]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    marginal = 4.0 * s * heads * D / b / 1e9
+    fit = {"fixed_ms": a, "ms_per_key": b, "marginal_tflops": marginal,
+           "marginal_fraction_of_bf16_peak": marginal / peaks["bf16_matmul_tflops"],
+           "max_residual_ms": max(abs(y - (a + b * x)) for x, y in zip(xs, ys))}
+    print(json.dumps({"series": name, **fit}), flush=True)
+    return {"series": name, "heads": heads, "s": s, "window": window, "rows": rows, "fit": fit}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the series here")
+    ap.add_argument("--s", type=int, default=4096, help="queries (default 4096, the benchmark's)")
+    args = ap.parse_args()
+
+    import torch
+
+    from tilev4.bench import measure_peaks
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    peaks = measure_peaks()
+    print(json.dumps(peaks), flush=True)
+    out = {"gpu": torch.cuda.get_device_name(), "peaks": peaks, "series": [
+        _series("V4-Flash CSA (H=64, window 128 + top-k)", 64, [128, 256, 512, 1024, 2048], True, args.s, peaks),
+        _series("V4-Pro CSA (H=128, window 128 + top-k)", 128, [256, 512, 1024, 2048], True, args.s, peaks),
+        _series("sparse (H=128, top-k only)", 128, [512, 1024, 2048], False, args.s, peaks),
+    ]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
