@@ -28,8 +28,9 @@ kernels) it is warp-specialised: a producer warpgroup fills a two-stage buffer w
 pair — by TMA where a block is consecutive rows (a stream window, a fully visible block of a compressed stream),
 else gathered with cp.async (the index-list entries of the next pair already in registers) — and two consumer
 warpgroups run the tensor-core work — ``seesaw`` (default: each consumer takes one block of a pair and one
-half of D of the output, the running max goes from one to the other, a free/ready barrier per half of D
-lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
+half of D of the output, the running max goes from one to the other and moves only when new scores pass it
+by more than :data:`RESCALE_SLACK`, so that most pairs skip the accumulator's rescale, a free/ready barrier per
+half of D lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
 softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather, then
 compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
