@@ -13,6 +13,7 @@ call's. FLOPs count valid keys only (4·H·D a query and key, as ``tilev4 bench 
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,7 @@ def _series(name: str, heads: int, topks: list[int], window: bool, s: int, peaks
                      "fraction_of_bf16_peak": tflops / peaks["bf16_matmul_tflops"]})
         print(json.dumps({"series": name, **rows[-1]}), flush=True)
     xs, ys = [r["keys"] for r in rows], [r["ms"] for r in rows]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    a = my - b * mx
+    b, a = statistics.linear_regression(xs, ys)
     marginal = 4.0 * s * heads * D / b / 1e9
     fit = {"fixed_ms": a, "ms_per_key": b, "marginal_tflops": marginal,
            "marginal_fraction_of_bf16_peak": marginal / peaks["bf16_matmul_tflops"],

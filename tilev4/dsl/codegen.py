@@ -75,6 +75,11 @@ __device__ __forceinline__ int tilev4_any_ne1(const float* a) { return (a[0] != 
 """
 
 
+def _lazy_max(m: Any, rowmax: Any) -> Any:
+    """The running max after a block whose row max is ``rowmax``: unchanged unless passed by more than the slack."""
+    return T.if_then_else(rowmax > m + RESCALE_SLACK, rowmax, m)
+
+
 
 @dataclass(frozen=True)
 class AttentionConfig:
@@ -689,16 +694,17 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
             acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
 
     @T.macro
-    def scale_acc(alpha, acc_o, lazy):
-        """The accumulator × ``alpha``; ``lazy`` (64-row fragments, :data:`ANY_NE1_SOURCE` imported): skipped by a
-        warp none of whose rows has ``alpha`` ≠ 1 (the same bits: a product with 1 is exact)."""
+    def scale_rows(alpha, acc, cols, lazy):
+        """``acc[:, :cols]`` (row ``h``) × ``alpha[h]``; ``lazy`` (64-row fragments, :data:`ANY_NE1_SOURCE`
+        imported): skipped by a warp none of whose rows has ``alpha`` ≠ 1 (the same bits: a product with 1 is
+        exact)."""
         if lazy:
             if T.call_extern("int32", "tilev4_any_ne1", alpha.data) != 0:
-                for h, d in T.Parallel(HB, DH):
-                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                for h, d in T.Parallel(HB, cols):
+                    acc[h, d] = acc[h, d] * alpha[h]
         else:
-            for h, d in T.Parallel(HB, DH):
-                acc_o[h, d] = acc_o[h, d] * alpha[h]
+            for h, d in T.Parallel(HB, cols):
+                acc[h, d] = acc[h, d] * alpha[h]
 
     @T.macro
     def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=False):
@@ -707,14 +713,16 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
         T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P.sum(-1)  [HB]
         for h in T.Parallel(HB):
             l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
-        scale_acc(alpha, acc_o, lazy)
+        scale_rows(alpha, acc_o, DH, lazy)
 
     @T.macro
     def rescale(alpha, l_sum, acc_o, lazy=False):
         """The row sum and the accumulator × ``alpha`` (moved to a new running max, no new keys)."""
         for h in T.Parallel(HB):
             l_sum[h] = l_sum[h] * alpha[h]
-        scale_acc(alpha, acc_o, lazy)
+        scale_rows(alpha, acc_o, DH, lazy)
+
+    rescale.rows = scale_rows  # (a macro object takes attributes) the seesaw leader's lazy rescale of P_0
 
     @T.macro
     def epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, weight, inv_den):
@@ -950,7 +958,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_0)  [HB]
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
-                    m[h] = T.if_then_else(row_sum[h] > m_prev[h] + RESCALE_SLACK, row_sum[h], m_prev[h])  # m0
+                    m[h] = _lazy_max(m_prev[h], row_sum[h])  # m0
                     alpha[h] = ex2(m_prev[h] - m[h])
                 exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True)
                 T.copy(m, max_shared[0, :])
@@ -963,9 +971,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 for h in T.Parallel(HB):
                     alpha[h] = ex2(m[h] - max_shared[1, h])
                     m[h] = max_shared[1, h]
-                if T.call_extern("int32", "tilev4_any_ne1", alpha.data) != 0:
-                    for h, jj in T.Parallel(HB, BI):
-                        acc_s[h, jj] = acc_s[h, jj] * alpha[h]
+                rescale.rows(alpha, acc_s, BI, True)
                 T.copy(acc_s, p_shared[0, :, :])
                 T.fence_proxy_async()  # P_0 is read by the peer's tensor-core GEMM
                 T.barrier_arrive(p_ready[0])
@@ -981,8 +987,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                         load_q(t, b_i, next_q[1], h0, q_shared, q_bar)
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
-                    m[h] = T.if_then_else(row_sum[h] > max_shared[0, h] + RESCALE_SLACK, row_sum[h],
-                                          max_shared[0, h])
+                    m[h] = _lazy_max(max_shared[0, h], row_sum[h])
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
