@@ -683,15 +683,23 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
     scale, score_mod, mask_mod = spec.softmax_scale, spec.score_mod, spec.mask_mod
 
     @T.macro
-    def mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq):
+    def mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw=False):
+        """``raw`` (no ``score_mod``, a positive scale): dropped keys to −inf, the others left as ``Q·K``, scaled
+        later inside the exponent (``exponentiate(..., c=scale·log2 e)``: one FFMA a score)."""
         for h, jj in T.Parallel(HB, BI):
-            score = acc_s[h, jj] * scale
-            if score_mod is not None:
-                score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
-            keep = ok_shared[st, jj] != 0
-            if mask_mod is not None:
-                keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
-            acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+            if raw:
+                keep = ok_shared[st, jj] != 0
+                if mask_mod is not None:
+                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+                acc_s[h, jj] = T.if_then_else(keep, acc_s[h, jj], -T.infinity(T.float32))
+            else:
+                score = acc_s[h, jj] * scale
+                if score_mod is not None:
+                    score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
+                keep = ok_shared[st, jj] != 0
+                if mask_mod is not None:
+                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+                acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
 
     @T.macro
     def scale_rows(alpha, acc, cols, lazy):
@@ -707,9 +715,13 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
                 acc[h, d] = acc[h, d] * alpha[h]
 
     @T.macro
-    def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=False):
+    def exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=False, c=None):
+        """``c``: the scores are raw (``mask(..., raw=True)``), ``P = 2^(S·c − m)``."""
         for h, jj in T.Parallel(HB, BI):
-            acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
+            if c is None:
+                acc_s[h, jj] = ex2(acc_s[h, jj] - m[h])
+            else:
+                acc_s[h, jj] = ex2(acc_s[h, jj] * c - m[h])
         T.reduce_sum(acc_s, row_sum, dim=1)  # row_sum = P.sum(-1)  [HB]
         for h in T.Parallel(HB):
             l_sum[h] = l_sum[h] * alpha[h] + row_sum[h]
@@ -911,12 +923,20 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     shared max), which gives the same bits as running them on its zero rows, all masked.
     With the slack, a row's max rarely moves after the first blocks, so its factors are 1 and a warp whose rows
     all have 1 skips the rescale of its accumulator (128 registers a thread) and of ``P_0``.
+    Without a ``score_mod`` (and with a positive scale) the mask leaves the scores as raw ``Q·K``: row maxima are
+    scaled once a row, and ``P = 2^(S·c − m)`` is one FFMA a score (``c`` = scale · log2 e).
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
      rescale, epilogue_factors) = _ws_setup(spec, config, split)
     assert HB == 64, "the seesaw schedule's lazy rescale reads a thread's two rows of a 64-row fragment"
     RING = config.pair_stages
     QT = config.query_tiles
+    # no score_mod and a positive scale: the mask leaves Q·K raw and the exponent scales it (P = 2^(S·C − m))
+    RAW = spec.score_mod is None and spec.softmax_scale > 0
+    C = spec.softmax_scale * LOG2E if RAW else None
+
+    def rowmax2(x):  # a raw row max in base-2 units
+        return x if C is None else x * C
 
     @T.macro
     def load_q(t, b_i, s_q, h0, q_shared, q_bar):
@@ -950,7 +970,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH],
                        acc_s, transpose_B=True)
                 # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq)
+                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
             else:  # padding: no key (what the mask makes of its zero rows)
                 T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
@@ -958,9 +978,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_0)  [HB]
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
-                    m[h] = _lazy_max(m_prev[h], row_sum[h])  # m0
+                    m[h] = _lazy_max(m_prev[h], rowmax2(row_sum[h]))  # m0
                     alpha[h] = ex2(m_prev[h] - m[h])
-                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True)
+                exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True, c=C)
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
                 T.copy(acc_s, p_local)
@@ -987,12 +1007,12 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                         load_q(t, b_i, next_q[1], h0, q_shared, q_bar)
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
-                    m[h] = _lazy_max(max_shared[0, h], row_sum[h])
+                    m[h] = _lazy_max(max_shared[0, h], rowmax2(row_sum[h]))
                     alpha[h] = ex2(m_prev[h] - m[h])
                 T.copy(m, max_shared[1, :])
                 T.barrier_arrive(s_ready[1])
                 if second:
-                    exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True)
+                    exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True, c=C)
                     T.copy(acc_s, p_local)
                     T.copy(p_local, p_shared[1, :, :])
                     T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
