@@ -925,6 +925,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     all have 1 skips the rescale of its accumulator (128 registers a thread) and of ``P_0``.
     Without a ``score_mod`` (and with a positive scale) the mask leaves the scores as raw ``Q·K``: row maxima are
     scaled once a row, and ``P = 2^(S·c − m)`` is one FFMA a score (``c`` = scale · log2 e).
+    TileLang's automatic shared-memory syncs are off in this program: every buffer one warpgroup hands to another
+    goes through an mbarrier, and the staged output, the one buffer a warpgroup's threads share among themselves,
+    has explicit warpgroup syncs (named barriers 8 and 9).
     """
     (D, BI, HB, DH, NHB, fixed_sb, B, S, NS, gens, ann, arg_names, NR, NP, produce, mask, exponentiate,
      rescale, epilogue_factors) = _ws_setup(spec, config, split)
@@ -1047,6 +1050,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             if j is None:
                 for h, d in T.Parallel(HB, DH):
                     q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)
+                T.sync_threads(8 + w, 128)  # the warpgroup's staged output is complete (no automatic syncs)
                 T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
             else:
                 # Q's buffer holds the next query's Q: the output goes out through this consumer's P slot
@@ -1054,7 +1058,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 for c in [c * BI for c in range(DH // BI)]:
                     for h, d in T.Parallel(HB, BI):
                         p_shared[w, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
+                    T.sync_threads(8 + w, 128)  # the chunk is staged
                     T.copy(p_shared[w, :, :], t["o"][b_i, s_i, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
+                    T.sync_threads(8 + w, 128)  # the store has read the slot (its elected thread waited)
             if spec.return_lse and w == 0:
                 for h in T.Parallel(HB):
                     t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
@@ -1128,6 +1134,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     def body(t):
         with T.Kernel(S if QT == 1 else T.ceildiv(S, QT), NHB * NS, B, threads=384) as (s_i, bx, b_i):
             T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)  # ex2 / rcp / lg2 approx; the lazy rescale's test
+            # mbarriers order every hand-over between warpgroups; the only shared buffer a warpgroup's own threads
+            # hand to each other is its staged output (explicit syncs above)
+            T.annotate_pass_configs({"tl.disable_thread_storage_sync": True})
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
