@@ -54,6 +54,12 @@ def _stamp(col: int, tid: int, indent: int) -> str:
     return f"{pad}if tid == {tid}:\n{pad}    dbg[rr, {col}] = T.call_extern('int64', 'tv4_clock')\n"
 
 
+# the seesaw body's pass-config lines, kept in the instrumented program
+SYNCS_OFF = ("            # mbarriers order every hand-over between warpgroups; the only shared buffer a warpgroup's"
+             " own threads\n            # hand to each other is its staged output (explicit syncs above)\n"
+             "            T.annotate_pass_configs({\"tl.disable_thread_storage_sync\": True})\n")
+
+
 def _edits() -> list[tuple[str, str, str]]:
     """(anchor, replacement, where) applied in order inside ``_build_seesaw_program``; each anchor must occur there
     exactly once. The stamps cover the program of one query a CTA (``query_tiles = 1``, the one the tool builds)."""
@@ -97,14 +103,14 @@ def _edits() -> list[tuple[str, str, str]]:
          "                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt, dbg=None, rr=None):\n",
          "the one-query CTA's parameters"),
         ("            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)"
-         "  # ex2 / rcp / lg2 approx; the lazy rescale's test\n"
+         "  # ex2 / rcp / lg2 approx; the lazy rescale's test\n" + SYNCS_OFF +
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
          "            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE + TIMER_SOURCE)\n            dbg = t['dbg']\n"
          f"            rr = {row}\n            if T.get_thread_binding() == 0:\n"
          f"                dbg[rr, {c('gtime_start')}] = T.call_extern('int64', 'tv4_gtime')\n"
          f"                dbg[rr, {c('smid')}] = T.call_extern('int64', 'tv4_smid')\n"
-         f"                dbg[rr, {c('start')}] = T.call_extern('int64', 'tv4_clock')\n"
+         f"                dbg[rr, {c('start')}] = T.call_extern('int64', 'tv4_clock')\n" + SYNCS_OFF +
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
          "the kernel start"),
