@@ -58,3 +58,32 @@ def test_warp_specialised_register_split_fits_the_launch_allocation(name, config
     counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
     assert len(counts) == 3, counts
     assert sum(counts) <= 3 * 168, counts
+
+
+SEESAW_PROGRAMS = [
+    ("csa_attention", {"heads": 64, "kind": "main", "schedule": "seesaw"}),
+    ("csa_attention", {"heads": 64, "kind": "main", "schedule": "seesaw", "query_tiles": 2}),
+    ("hca_attention", {"heads": 64, "kind": "split", "schedule": "seesaw"}),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(("name", "config"), SEESAW_PROGRAMS,
+                         ids=[f"{n}-{c['kind']}-qt{c.get('query_tiles', 1)}" for n, c in SEESAW_PROGRAMS])
+def test_seesaw_program_syncs_only_its_staged_output(name, config):
+    """The seesaw program turns TileLang's automatic shared-memory syncs off (mbarriers order every hand-over between
+    warpgroups): its only warpgroup barriers are the explicit ones around the staged output (ids 8 and 9, one per
+    consumer), before each TMA store of the output and, walking several queries, after it too."""
+    import re
+
+    src = compile_kernel(name, config, DEFAULT_AOT_ARCH).get_kernel_source()
+    syncs = re.findall(r"__sync_thread_partial\((\d+), (\d+)\)", src)
+    assert {int(i) for i, _ in syncs} <= {8, 9}, syncs
+    assert {int(n) for _, n in syncs} <= {128}, syncs
+    stores = len(re.findall(r"tl::tma_store\(o_desc", src))
+    if config["kind"] == "split":
+        assert stores == 0 and not syncs  # the split program writes its fp32 partials straight from registers
+    elif config.get("query_tiles", 1) == 1:
+        assert stores == 2 and sorted(i for i, _ in syncs) == ["8", "9"]  # one store a consumer, a sync before it
+    else:
+        assert stores == 8 and len(syncs) == 16  # 4 chunks a consumer, a sync before and after each
