@@ -687,18 +687,16 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
         """``raw`` (no ``score_mod``, a positive scale): dropped keys to −inf, the others left as ``Q·K``, scaled
         later inside the exponent (``exponentiate(..., c=scale·log2 e)``: one FFMA a score)."""
         for h, jj in T.Parallel(HB, BI):
-            if raw:
-                keep = ok_shared[st, jj] != 0
-                if mask_mod is not None:
-                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
-                acc_s[h, jj] = T.if_then_else(keep, acc_s[h, jj], -T.infinity(T.float32))
-            else:
+            if not raw:
                 score = acc_s[h, jj] * scale
                 if score_mod is not None:
                     score = score_mod(score, b_i, h0 + h, tq, kvpos_shared[st, jj])
-                keep = ok_shared[st, jj] != 0
-                if mask_mod is not None:
-                    keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+            keep = ok_shared[st, jj] != 0
+            if mask_mod is not None:
+                keep = T.And(keep, mask_mod(b_i, h0 + h, tq, kvpos_shared[st, jj]))
+            if raw:
+                acc_s[h, jj] = T.if_then_else(keep, acc_s[h, jj], -T.infinity(T.float32))
+            else:
                 acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
 
     @T.macro
