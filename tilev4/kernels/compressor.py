@@ -127,7 +127,7 @@ _COMPRESSED_ROPE = RopeConfig.compressed()
 # so that the prefill and decode programs cannot fuse the same expression differently (their bit equality
 # rests on it). The kernels are memory-bound: the extra instructions cost nothing measurable.
 _PASS_CONFIGS = {"tl.device_compile_flags": ["-fmad=false"]}
-_STREAM_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
+_STREAM_PASS_CONFIGS = {"tl.disable_warp_specialized": True}  # the ring's copies are cp.async (disable_tma)
 
 
 SINCOS_SOURCE = """
@@ -578,13 +578,13 @@ def _program(ratio: int, D: int, quant: str, in_dtype: str, out_dtype: str, rope
                             ck = k % NCH
                             if overlap:  # EPC consecutive entries' chunk ck: one run of rows, half ck of the channels
                                 r0 = i_step * ratio - ratio + ck * CH - t0
-                                T.copy(kv[s, r0:r0 + ROWS, ck * D:ck * D + D], kv_sh)
-                                T.copy(gate[s, r0:r0 + ROWS, ck * D:ck * D + D], g_sh)
+                                T.copy(kv[s, r0:r0 + ROWS, ck * D:ck * D + D], kv_sh, disable_tma=True)
+                                T.copy(gate[s, r0:r0 + ROWS, ck * D:ck * D + D], g_sh, disable_tma=True)
                             else:  # group gg of entry ee: its CH rows of chunk ck
                                 for q in T.unroll(G * EPC):
                                     r0 = (i_step + q % EPC) * ratio + (q // EPC) * RPG + ck * CH - t0
-                                    T.copy(kv[s, r0:r0 + CH, 0:D], kv_sh[q * CH:q * CH + CH, :])
-                                    T.copy(gate[s, r0:r0 + CH, 0:D], g_sh[q * CH:q * CH + CH, :])
+                                    T.copy(kv[s, r0:r0 + CH, 0:D], kv_sh[q * CH:q * CH + CH, :], disable_tma=True)
+                                    T.copy(gate[s, r0:r0 + CH, 0:D], g_sh[q * CH:q * CH + CH, :], disable_tma=True)
                             for j in T.unroll(CH):
                                 row = (g * EPC + e) * CH + j
                                 rr = g * RPG + ck * CH + j  # pooled position; its offset in the block below

@@ -511,7 +511,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
     check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
         return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m)
-    pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
+    pass_configs = _NO_WS  # every copy below is a cp.async (disable_tma): the software pipeline's loads
     BM, BN, BK = block_m, block_n, block_k
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
     D = dim  # static: the K loop of a software pipeline needs a constant trip count
@@ -522,9 +522,9 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
         T.clear(gate_frag)
         T.clear(up_frag)
         for k in T.Pipelined(T.ceildiv(D, BK), num_stages=num_stages):
-            T.copy(x[row0, k * BK], a_shared)  # rows past NR read as 0 (TMA bounds)
-            T.copy(w1[e, n0, k * BK], b1_shared)
-            T.copy(w3[e, n0, k * BK], b3_shared)
+            T.copy(x[row0, k * BK], a_shared, disable_tma=True)  # rows past NR read as 0 (zero-filling cp.async)
+            T.copy(w1[e, n0, k * BK], b1_shared, disable_tma=True)
+            T.copy(w3[e, n0, k * BK], b3_shared, disable_tma=True)
             T.gemm(a_shared, b1_shared, gate_frag, transpose_B=True, policy=policy)  # [BM, BK] @ [BK, BN]
             T.gemm(a_shared, b3_shared, up_frag, transpose_B=True, policy=policy)  # [BM, BK] @ [BK, BN]
 
@@ -617,7 +617,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
     check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
     if schedule == "ws":
         return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m)
-    pass_configs = {**_NO_WS, "tl.disable_tma_lower": True}
+    pass_configs = _NO_WS  # every copy below is a cp.async (disable_tma), as in build_moe_up
     BM, BN, BK = block_m, block_n, block_k
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
     I = inter  # static: the K loop of a software pipeline needs a constant trip count
@@ -627,8 +627,8 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
     def mainloop_epilogue(h, w2, y, e, row0, rows, n0, a_shared, b_shared, acc):
         T.clear(acc)
         for k in T.Pipelined(T.ceildiv(I, BK), num_stages=num_stages):
-            T.copy(h[row0, k * BK], a_shared)
-            T.copy(w2[e, n0, k * BK], b_shared)
+            T.copy(h[row0, k * BK], a_shared, disable_tma=True)
+            T.copy(w2[e, n0, k * BK], b_shared, disable_tma=True)
             T.gemm(a_shared, b_shared, acc, transpose_B=True, policy=policy)  # [BM, BK] @ [BK, BN] -> [BM, BN]
         for i, j in T.Parallel(BM, BN):
             if i < rows:  # rows past the expert's segment belong to the next expert: never stored

@@ -102,7 +102,7 @@ FAST_SHIFT = 5  # j <= 5 keeps every non-zero v · 2^-j a normal e4m3 number (0.
 _E4M3_LO, _E4M3_HI = 0x3C383000, 0x4C484440  # e4m3 bytes of 0, 0.5, 1, 1.5 | 2, 3, 4, 6 (little-endian)
 _DATA_DTYPES = (torch.uint8, torch.int8)  # the checkpoint stores the packed bytes as int8
 _SCALE_DTYPES = (torch.uint8, torch.float8_e8m0fnu)  # ... and the scales as float8_e8m0fnu
-_PASS_CONFIGS = {**_NO_WS, "tl.disable_tma_lower": True}  # cp.async software pipeline (see moe.py)
+_PASS_CONFIGS = _NO_WS  # cp.async software pipeline (see moe.py): its copies are disable_tma
 
 
 class FP4Weight(NamedTuple):
@@ -386,13 +386,13 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                               BM, BN)
                 for i in T.Parallel(BM):
                     w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
-                T.copy(w1s[e, n0, 0], s1_shared)  # [BN, K/32] e8m0: the tile's scales, loaded once
-                T.copy(w3s[e, n0, 0], s3_shared)
+                T.copy(w1s[e, n0, 0], s1_shared, disable_tma=True)  # [BN, K/32] e8m0: the tile's scales, loaded once
+                T.copy(w3s[e, n0, 0], s3_shared, disable_tma=True)
                 T.clear(acc)
                 for k in T.Pipelined(KB, order=order, stage=stage):
-                    T.copy(x8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
-                    T.copy(w1[e, n0, k * (BK // 2)], q1_shared)  # [BN, 64] packed e2m1
-                    T.copy(w3[e, n0, k * (BK // 2)], q3_shared)
+                    T.copy(x8[row0, k * BK], a_shared, disable_tma=True)  # rows past NR read as 0 (cp.async zero-fill)
+                    T.copy(w1[e, n0, k * (BK // 2)], q1_shared, disable_tma=True)  # [BN, 64] packed e2m1
+                    T.copy(w3[e, n0, k * (BK // 2)], q3_shared, disable_tma=True)
                     for i in T.Parallel(BM):  # the row's activation scale of this K block (a power of two)
                         sx[i] = T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0)
                     _expand(q1_shared, s1_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)
@@ -401,7 +401,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, 2 * BN):  # promote: exact power-of-two rescale, fp32 sum
                         acc[i, j] += t_frag[i, j] * sx[i] * sw_shared[j]
-                T.copy(acc, c_shared)
+                T.copy(acc, c_shared, disable_tma=True)
                 for i, j in T.Parallel(BM, BN):  # as the bf16 kernel: NaN kept
                     g = cap_keep_nan(c_shared[i, j], limit)
                     u = clamp_keep_nan(c_shared[i, BN + j], limit)
@@ -458,11 +458,11 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
                 _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
-                T.copy(w2s[e, n0, 0], s_shared)  # [BN, K/32] e8m0: the tile's scales, loaded once
+                T.copy(w2s[e, n0, 0], s_shared, disable_tma=True)  # [BN, K/32] e8m0: the tile's scales, loaded once
                 T.clear(acc)
                 for k in T.Pipelined(KB, order=order, stage=stage):
-                    T.copy(h8[row0, k * BK], a_shared)
-                    T.copy(w2[e, n0, k * (BK // 2)], q_shared)  # [BN, 64] packed e2m1
+                    T.copy(h8[row0, k * BK], a_shared, disable_tma=True)
+                    T.copy(w2[e, n0, k * (BK // 2)], q_shared, disable_tma=True)  # [BN, 64] packed e2m1
                     for i in T.Parallel(BM):
                         sx[i] = T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0)
                     _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)

@@ -75,7 +75,7 @@ __all__ = ["FP8Weight", "build_moe_down_fp8", "build_moe_up_fp8", "moe_down_fp8"
 
 SCALE_BLOCK = 128
 FP8_MAX = 448.0
-_PASS_CONFIGS = {**_NO_WS, "tl.disable_tma_lower": True}  # cp.async software pipeline (see moe.py)
+_PASS_CONFIGS = _NO_WS  # cp.async software pipeline (see moe.py): its copies are disable_tma
 
 
 class FP8Weight(NamedTuple):
@@ -414,9 +414,9 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
                 T.clear(gate_frag)
                 T.clear(up_frag)
                 for k in T.Pipelined(KB, num_stages=num_stages):
-                    T.copy(x8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
-                    T.copy(w1[e, n0, k * BK], b1_shared)
-                    T.copy(w3[e, n0, k * BK], b3_shared)
+                    T.copy(x8[row0, k * BK], a_shared, disable_tma=True)  # rows past NR read as 0 (cp.async zero-fill)
+                    T.copy(w1[e, n0, k * BK], b1_shared, disable_tma=True)
+                    T.copy(w3[e, n0, k * BK], b3_shared, disable_tma=True)
                     for i in T.Parallel(BM):  # the row's combined scales of this K block (powers of two)
                         sx = T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0)
                         sc1[i] = sx * w1s[e, n0 // SCALE_BLOCK, k]
@@ -439,8 +439,8 @@ def _fp8_gemm_store(a8, a_scale, w8, w_scale, y, e, row0, rows, n0, NR, KB, num_
     promotion into the fp32 accumulator, one rounding to ``out_dtype`` at the store."""
     T.clear(acc)
     for k in T.Pipelined(KB, num_stages=num_stages):
-        T.copy(a8[row0, k * BK], a_shared)  # rows past NR read as 0 (zero-filling cp.async)
-        T.copy(w8[e, n0, k * BK], b_shared)
+        T.copy(a8[row0, k * BK], a_shared, disable_tma=True)  # rows past NR read as 0 (cp.async zero-fill)
+        T.copy(w8[e, n0, k * BK], b_shared, disable_tma=True)
         for i in T.Parallel(BM):
             sc[i] = T.if_then_else(row0 + i < NR, a_scale[row0 + i, k], 0.0) * w_scale[e, n0 // SCALE_BLOCK, k]
         T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=T.GemmWarpPolicy.FullRow, clear_accum=True)
