@@ -41,6 +41,12 @@ Later (``benchmarks/logs/h200-2026-11-30-session22.md``; code on the ``wip/moe-*
   more than 192 rows);
 * an L2 read-ahead of the weights by the producer was slower: 25-50 % by rows (``cp.async.bulk.prefetch.L2``),
   3-22 % a whole tile at a time through its tensor map, 2 to 12 K steps ahead.
+
+And (``benchmarks/logs/h200-2026-11-30-session27.md``): multicasting the A rows instead, to a cluster of two N tiles
+of the same M tile (equal partners, so no lockstep between a full and a half-empty tile), was still up to 3 % slower
+on the up-projection and 5-15 % on the down-projection. The stage count explains much of the 192-row result above:
+the tuner measures 3 stages 7-10 % slower than 4 on the 128-row tiles (V4-Flash routing), and a 192-row tile
+leaves shared memory for 3.
 """
 
 from typing import Any
