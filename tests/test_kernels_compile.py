@@ -45,6 +45,25 @@ WS_PROGRAMS = [
 
 
 @pytest.mark.compile
+def test_moe_up_192_row_tile_fits_registers_and_shared_memory():
+    """The bf16 up-projection's 192-row tile (three consumer warpgroups and the producer: 512 threads, 128 registers
+    each at launch) redistributes no more registers than the launch gave, and its 4 stages fit in shared memory
+    because the consumers stage their output in their A slabs (no staging tiles)."""
+    import re
+
+    from tilev4.kernels.moe import UP_192_CONFIG
+    from tilev4.kernels.moe_ws import ws_buffer_bytes
+
+    kernel = compile_kernel("moe_up", {"dim": 4096, **UP_192_CONFIG}, DEFAULT_AOT_ARCH)
+    src = kernel.get_kernel_source()
+    counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
+    assert len(counts) == 4 and sum(counts) <= 4 * 128, counts
+    smem = sum(ws_buffer_bytes(2, True, 128, 64, UP_192_CONFIG["num_stages"], block_m=192))
+    assert smem <= 227 * 1024, smem
+    assert "tma_store" in src  # the staged output leaves by TMA
+
+
+@pytest.mark.compile
 @pytest.mark.parametrize(("name", "config"), WS_PROGRAMS,
                          ids=[f"{n}-{c['schedule']}" + ("-ring" if c.get("pair_stages", 1) > 1 else "")
                               for n, c in WS_PROGRAMS])

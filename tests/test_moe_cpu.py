@@ -164,3 +164,30 @@ def test_zero_tokens_are_validated_like_any_batch():
 def test_kernel_lookup_by_name():
     assert get_kernel_def("moe_up").default_config == {"dim": 4096}
     assert get_kernel_def("moe_gate").default_config == {"dim": 4096, "num_experts": 256, "top_k": 6}
+
+
+def test_up_tile_table_192_rule():
+    """The bf16 up-projection's 192-row table: one tile for an expert of 1-192 rows, 128-row tiles past that (a
+    193-row expert is 128 + 65 rows, not 192 + 1), none for an empty expert; the same rule in the scan's TileLang
+    expression and in the tuner's host-side tables."""
+    import torch
+
+    from tilev4.kernels.moe_tuning import tile_tables
+    from tilev4.kernels.moe_ws import tiles_of
+
+    counts = [0, 1, 64, 128, 129, 192, 193, 256, 257, 1089]
+    want = [0, 1, 1, 1, 1, 1, 2, 2, 3, 9]
+    assert [tiles_of(c, 192) for c in counts] == want
+    assert [tiles_of(c, 128) for c in counts] == [-(-c // 128) for c in counts]
+    offsets, tile_offsets, tile_expert = tile_tables(torch.tensor(counts), 192, sum(counts))
+    assert tile_offsets.tolist() == [0, *torch.tensor(want).cumsum(0).tolist()]
+    assert tile_expert[: sum(want)].tolist() == [e for e, t in enumerate(want) for _ in range(t)]
+    assert offsets[-1] == sum(counts)
+
+
+def test_permute_rejects_an_unknown_up_tile():
+    from tilev4.kernels.moe import moe_permute
+
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="up_block_m"):
+        moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=64)

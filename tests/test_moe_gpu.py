@@ -311,6 +311,52 @@ def test_gemm_schedules_agree_bit_for_bit(case, used):
         assert torch.equal(a, b), name
 
 
+UP_TILE_CASES = {
+    # dim, inter, E, top_k, T, experts used: rows an expert around 160 (one 192-row tile each), a mix of
+    # 129-192 / <= 128 / > 192 rows, all experts <= 128 rows (no 192-row tile), 300 rows each (128-row tiles only)
+    "129-192 rows": (4096, 2048, 16, 6, 430, None),
+    "mixed counts": (256, 384, 10, 1, 0, (150, 60, 250, 0, 170, 128, 129, 193, 192, 1)),  # rows an expert
+    "small experts": (264, 200, 8, 2, 67, None),
+    "300 rows each": (256, 128, 8, 2, 300, (1, 5)),
+}
+
+
+@pytest.mark.parametrize("case", list(UP_TILE_CASES))
+def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
+    """The bf16 up-projection's own tile table (``perm.up_tiles``: one 192-row tile of three consumer warpgroups for
+    an expert of 129-192 rows, 128-row tiles otherwise) computes each row with the same wgmma sequence over K as the
+    128-row table: the same bits, NaN-free from NaN-poisoned outputs; the table is the one ``tiles_of`` defines."""
+    from tilev4.kernels.moe_tuning import tile_tables
+
+    dim, inter, num_experts, top_k, num_tokens, used = UP_TILE_CASES[case]
+    _, _, w1, _, w3, _ = _layer(dim, inter, num_experts, 0, seed=51 + len(case))
+    g = _gen(52 + len(case))
+    x = _randn(max(num_tokens, 1), dim, g=g, scale=4.0)
+    if case == "mixed counts":  # top-1 routing with these rows an expert, in a shuffled token order
+        ids = torch.repeat_interleave(torch.arange(num_experts, device="cuda"), torch.tensor(used, device="cuda"))
+        experts = ids[torch.randperm(ids.numel(), generator=g, device="cuda")].to(torch.int32).view(-1, 1)
+        num_tokens = experts.shape[0]
+        x = _randn(num_tokens, dim, g=g, scale=4.0)
+        weights = torch.rand(num_tokens, 1, generator=g, device="cuda") + 0.1
+    else:
+        weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=used or range(num_experts))
+    perm192 = K.moe_permute(x, weights, experts, num_experts)
+    perm128 = K.moe_permute(x, weights, experts, num_experts, up_block_m=128)
+    assert perm128.up_tiles is None and perm192.up_tiles is not None and perm192.up_tiles[0] == 192
+    n = perm192.x_sorted.shape[0]
+    _, want_offsets, want_expert = tile_tables(perm192.counts, 192, n)
+    tiles = int(want_offsets[-1])
+    assert torch.equal(perm192.up_tiles[1], want_offsets)
+    assert torch.equal(perm192.up_tiles[2][:tiles], want_expert[:tiles])
+    counts = perm192.counts.cpu()
+    if case == "129-192 rows":
+        assert ((counts > 128) & (counts <= 192)).sum() >= num_experts // 2, counts  # the 192-row tile is exercised
+    h192 = K.moe_up(perm192, w1, w3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    h128 = K.moe_up(perm128, w1, w3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    assert not torch.isnan(h192).any()
+    assert torch.equal(h192, h128)
+
+
 def test_experts_with_few_used_experts_and_poisoned_scratch(monkeypatch):
     dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 300
     _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=21)

@@ -90,7 +90,15 @@ from tilev4.kernels.moe_tuning import (
     gate_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import build_ws_gemm, cap_keep_nan, check_ws_schedule, clamp_keep_nan, silu
+from tilev4.kernels.moe_ws import (
+    WS_BLOCK_MS,
+    build_ws_gemm,
+    cap_keep_nan,
+    check_ws_schedule,
+    clamp_keep_nan,
+    silu,
+    tiles_of,
+)
 from tilev4.kernels.registry import compile_kernel, register
 
 __all__ = [
@@ -117,6 +125,13 @@ __all__ = [
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
+# the bf16 up-projection's own tile table (MoEPermutation.up_tiles): an expert of 129-192 rows is one 192-row tile
+# of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
+UP_BLOCK_M = 192
+UP_BLOCK_MS = WS_BLOCK_MS
+# the 192-row tile's one config: it stages its output in the A slabs, two 64-column chunks a weight tile, and
+# 4 stages fill shared memory (229.9 KB)
+UP_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory
 MAX_GATE_EXPERTS = 384  # the gate keeps a [64, E] fp32 score tile in shared memory (V4-Pro: 384)
@@ -389,14 +404,14 @@ def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
                     toff = 0
                     for j in T.serial(eb * threads + tx):  # exclusive scans over the experts before
                         off = off + cnt_shared[j]
-                        toff = toff + T.ceildiv(cnt_shared[j], block_m)
+                        toff = toff + tiles_of(cnt_shared[j], block_m)
                     offsets[eb * threads + tx] = off
                     tile_offsets[eb * threads + tx] = toff
                     run = cnt_shared[eb * threads + tx]  # a loop extent must not read shared memory
                     if eb * threads + tx == E - 1:
                         offsets[E] = off + run
-                        tile_offsets[E] = toff + T.ceildiv(run, block_m)
-                    for j in T.serial(T.ceildiv(run, block_m)):
+                        tile_offsets[E] = toff + tiles_of(run, block_m)
+                    for j in T.serial(tiles_of(run, block_m)):
                         tile_expert[toff + j] = eb * threads + tx
 
     return moe_scan_kernel
@@ -508,9 +523,9 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
                  group_m: int = 8):
     """MoE grouped up-projection: x·W1ᵀ and x·W3ᵀ per expert, SwiGLU with clamp and routing weight fused."""
     _check_gemm_format(weight_format)
-    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
+    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES, WS_BLOCK_MS)
     if schedule == "ws":
-        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m)
+        return build_ws_gemm("up", dim, dense, block_n, block_k, num_stages, group_m, block_m)
     pass_configs = _NO_WS  # every copy below is a cp.async (disable_tma): the software pipeline's loads
     BM, BN, BK = block_m, block_n, block_k
     NR, I, E, MT = (T.dynamic(n) for n in ("NR", "I", "E", "MT"))
@@ -614,9 +629,9 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
                    threads: int = 256, group_m: int = 8):
     """MoE grouped down-projection: y = h·W2ᵀ per expert (bf16 out)."""
     _check_gemm_format(weight_format)
-    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES)
+    check_ws_schedule(schedule, block_m, GEMM_SCHEDULES, WS_BLOCK_MS)
     if schedule == "ws":
-        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m)
+        return build_ws_gemm("down", inter, dense, block_n, block_k, num_stages, group_m, block_m)
     pass_configs = _NO_WS  # every copy below is a cp.async (disable_tma), as in build_moe_up
     BM, BN, BK = block_m, block_n, block_k
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
@@ -917,6 +932,8 @@ class MoEPermutation:
         tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused.
         x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
+        up_tiles: ``(block_m, tile_offsets, tile_expert)`` of the bf16 up-projection when it has its own tile
+            table (``moe_permute(up_block_m=192)``, the default for bf16 rows), else None (it reads the one above).
     """
 
     num_experts: int
@@ -930,6 +947,7 @@ class MoEPermutation:
     tile_expert: torch.Tensor
     x_sorted: torch.Tensor
     w_sorted: torch.Tensor
+    up_tiles: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
 
 def _check_routing(x: object, weights: object, experts: object) -> torch.Tensor:
@@ -950,12 +968,12 @@ def _check_routing(x: object, weights: object, experts: object) -> torch.Tensor:
 
 def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     """M tiles in the worst case: every non-empty expert may end in a partial tile."""
-    return -(-num_pairs // block_m) + min(num_experts, num_pairs)
+    return -(-num_pairs // min(block_m, BLOCK_M)) + min(num_experts, num_pairs)
 
 
 def moe_permute(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True,
-    payload: torch.Tensor | None = None,
+    payload: torch.Tensor | None = None, up_block_m: int | None = None,
 ) -> MoEPermutation:
     """Sort the (token, slot) pairs by expert, stably, and gather x and the weights in that order.
 
@@ -969,10 +987,20 @@ def moe_permute(
         payload: what to gather instead of x, [T, dim] of any 1- or 2-byte dtype (e.g. ``fp8_quantize(x)[0]``,
             so that the FP8 expert GEMMs gather FP8 rows instead of quantising the gathered bf16 rows);
             ``perm.x_sorted`` then has its dtype.
+        up_block_m: the M tile of the bf16 up-projection's table, one of :data:`UP_BLOCK_MS`. 192 (the default
+            without a payload) adds a second table (``perm.up_tiles``, one more scan launch) in which an expert of
+            129-192 rows is one 192-row tile: :func:`moe_up` then runs those experts with three consumer
+            warpgroups and one weight stream. Both tilings give the same bits. 128 (the default with a payload,
+            whose FP8 / FP4 GEMMs read the 128-row table) adds none.
 
     Returns:
-        :class:`MoEPermutation`. Three launches (count, scan, scatter), no host sync, no atomics.
+        :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host
+        sync, no atomics.
     """
+    if up_block_m is None:
+        up_block_m = UP_BLOCK_M if payload is None else BLOCK_M
+    if up_block_m not in UP_BLOCK_MS:
+        raise ValueError(f"up_block_m must be one of {UP_BLOCK_MS}, got {up_block_m!r}")
     experts = _check_routing(x, weights, experts)
     num_tokens, top_k = experts.shape
     dim = x.shape[1]
@@ -1005,9 +1033,12 @@ def moe_permute(
         tile_expert=_empty((max(_max_tiles(n, num_experts, BLOCK_M), 1),), torch.int32, dev),
         x_sorted=_empty((n, dim), src.dtype, dev),
         w_sorted=_empty((n,), torch.float32, dev),
+        up_tiles=None if up_block_m == BLOCK_M else (
+            up_block_m, _empty((num_experts + 1,), torch.int32, dev),
+            _empty((max(_max_tiles(n, num_experts, up_block_m), 1),), torch.int32, dev)),
     )
     if n == 0:
-        for t in (perm.counts, perm.offsets, perm.tile_offsets):
+        for t in (perm.counts, perm.offsets, perm.tile_offsets, *([perm.up_tiles[1]] if perm.up_tiles else [])):
             t.zero_()
         return perm
     local_rank = _empty((n,), torch.int32, dev)
@@ -1020,6 +1051,11 @@ def moe_permute(
         compile_kernel("moe_scatter", {})(src.view(torch.int64), weights, experts, local_rank, chunk_base,
                                           perm.offsets, perm.x_sorted.view(torch.int64), perm.w_sorted,
                                           perm.sorted_tokens, perm.pair_pos)
+        if perm.up_tiles is not None:  # the same scan for the up-projection's table; its other outputs are scratch
+            bm, up_offsets, up_expert = perm.up_tiles
+            compile_kernel("moe_scan", {"block_m": bm})(chunk_counts, torch.empty_like(chunk_base),
+                                                        torch.empty_like(perm.counts), torch.empty_like(perm.offsets),
+                                                        up_offsets, up_expert)
     return perm
 
 
@@ -1066,8 +1102,11 @@ def moe_up(
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            kernel = compile_kernel("moe_up", {"dim": dim, "block_m": perm.block_m})  # the tile table's M tile
-            kernel(x_sorted, perm.w_sorted, w1, w3, perm.offsets, perm.tile_offsets, perm.tile_expert, out, limit)
+            bm, tile_offsets, tile_expert = perm.up_tiles or (perm.block_m, perm.tile_offsets, perm.tile_expert)
+            # the table's M tile; the 192-row tile has one config (UP_192_CONFIG)
+            config = {"dim": dim, **(UP_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
+            kernel = compile_kernel("moe_up", config)
+            kernel(x_sorted, perm.w_sorted, w1, w3, perm.offsets, tile_offsets, tile_expert, out, limit)
     return out
 
 

@@ -287,7 +287,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
                 _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, TN)
                 if tx >= 256:
-                    produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KB, BK, BN, S, SECOND_N)
+                    produce(a, ws, [a0_s, a1_s], bs, full, empty, e, row0, rows, n0, KB, BK, BN, S, SECOND_N)
                 elif tx < 128:
                     consumer(0, a_scale, w_scales, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, t0, sc0, cur0,
                              nxt0, full, empty, tx, e, row0, rows, n0)

@@ -1,4 +1,4 @@
-"""Warp-specialised bf16 expert GEMMs: a TMA producer warpgroup feeding two wgmma consumer warpgroups.
+"""Warp-specialised bf16 expert GEMMs: a TMA producer warpgroup feeding two (or three) wgmma consumer warpgroups.
 
 The ``ws`` schedule of :func:`tilev4.kernels.moe.build_moe_up` / :func:`~tilev4.kernels.moe.build_moe_down`
 (the default). Same arguments, tile → expert map, launch order and results as the ``pipelined`` schedule
@@ -21,6 +21,16 @@ One CTA computes one ``128 × block_n`` output tile (grid: one CTA per tile, CTA
 Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · BK · 2`` for the stages
 (``NB`` = 2 weight tiles for the up-projection, 1 for the down-projection) plus the staging tiles
 ``2 · 64 · store_n · 2`` — 224 KiB for the up-projection at ``block_n = 128``, 4 stages.
+
+**192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``): three
+consumer warpgroups (160 registers; the producer, warpgroup 3, 24), for an expert of 129-192 rows, which 128-row tiles
+would serve with two CTAs each streaming the whole weight tile. The table gives such an expert one tile and every
+other expert 128-row tiles (:func:`tiles_of`). There is no room for staging tiles beside 4 stages of three A slabs and
+two weight tiles (224 KiB), so each consumer stages its output in its own A-slab buffers, 64 columns a slot: they
+are free once its K loop is done (one tile a CTA; only this warpgroup reads them). Same wgmma sequence per row, so the
+same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.83 of the 128-row time with
+160 or 192 rows an expert, 0.97-1.00 on the benchmark's routing; the down-projection keeps 128-row tiles (its
+three-consumer variant, two 128-column halves a 256-column tile, was 5-28 % slower where experts have many tiles).
 
 Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h200-2026-11-29-session6.md``):
 
@@ -45,8 +55,8 @@ Later (``benchmarks/logs/h200-2026-11-30-session22.md``; code on the ``wip/moe-*
 And (``benchmarks/logs/h200-2026-11-30-session27.md``): multicasting the A rows instead, to a cluster of two N tiles
 of the same M tile (equal partners, so no lockstep between a full and a half-empty tile), was still up to 3 % slower
 on the up-projection and 5-15 % on the down-projection. The stage count explains much of the 192-row result above:
-the tuner measures 3 stages 7-10 % slower than 4 on the 128-row tiles (V4-Flash routing), and a 192-row tile
-leaves shared memory for 3.
+the tuner measures 3 stages 7-10 % slower than 4 on the 128-row tiles (V4-Flash routing), and a 192-row tile with
+staging tiles leaves shared memory for 3 — hence the staging in the A slabs above.
 """
 
 from typing import Any
@@ -61,7 +71,10 @@ __all__ = ["build_ws_gemm", "cap_keep_nan", "check_ws_schedule", "clamp_keep_nan
 
 HALF_M = 64  # rows of one consumer warpgroup (one m64 wgmma slab)
 BLOCK_M = 2 * HALF_M
+WS_BLOCK_MS = (BLOCK_M, 3 * HALF_M)  # M tiles of the ws schedule: two or three consumer warpgroups
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation
+# three consumers: 24 + 3 x 160 = 504 = 4 x 126, rounded to the multiples of 8 setmaxnreg takes (the launch has 128)
+REGS_BY_SLABS = {2: (PRODUCER_REGS, CONSUMER_REGS), 3: (24, 160)}
 STORE_N = 128  # columns of one staged TMA store in the epilogue
 
 
@@ -87,13 +100,22 @@ def clamp_keep_nan(x, limit):
     return T.if_then_else(T.isnan(x), x, T.max(T.min(x, limit), -limit))
 
 
-def ws_buffer_bytes(weight_tiles: int, weighted: bool, block_n: int, block_k: int, num_stages: int) -> list[int]:
-    """Bytes of each shared buffer of a ``ws`` CTA with 2-byte operands (the A halves, the weight tiles, the
-    staging tiles, the routing weights), without the barriers: for the tuner's static pruning."""
-    halves = [num_stages * HALF_M * block_k * 2] * 2
+def ws_buffer_bytes(weight_tiles: int, weighted: bool, block_n: int, block_k: int, num_stages: int,
+                    block_m: int = BLOCK_M) -> list[int]:
+    """Bytes of each shared buffer of a ``ws`` CTA with 2-byte operands (the A slabs, the weight tiles, the
+    staging tiles, the routing weights), without the barriers: for the tuner's static pruning. Three consumers
+    (192-row tiles) stage their output in their A slabs: no staging tiles."""
+    slabs = block_m // HALF_M
+    halves = [num_stages * HALF_M * block_k * 2] * slabs
     weights = [num_stages * block_n * block_k * 2] * weight_tiles
-    staging = [HALF_M * store_width(block_n) * 2] * 2
-    return halves + weights + staging + ([HALF_M * 4] * 2 if weighted else [])
+    staging = [HALF_M * store_width(block_n) * 2] * slabs if slabs == 2 else []
+    return halves + weights + staging + ([HALF_M * 4] * slabs if weighted else [])
+
+
+def store_barrier(w: int) -> int:
+    """Named barrier of consumer ``w``'s epilogue: 1 and 2 for the first two. TileLang numbers the barriers it adds
+    itself (a consumer's shared routing weights) from 3 up, one a consumer, so a third consumer takes 8."""
+    return 1 + w if w < 2 else 8
 
 
 def store_width(block_n: int) -> int:
@@ -101,9 +123,21 @@ def store_width(block_n: int) -> int:
     return min(block_n, STORE_N)
 
 
+def tiles_of(count, block_m: int):
+    """M tiles of an expert with ``count`` rows in the tile table built for ``block_m``: ``⌈count / 128⌉`` for
+    128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or ``⌈count / 128⌉`` 128-row tiles
+    past that (a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole weight
+    tile). A TileLang expression for the scan kernel, or an int."""
+    if block_m == BLOCK_M:
+        return T.ceildiv(count, BLOCK_M) if not isinstance(count, int) else -(-count // BLOCK_M)
+    if isinstance(count, int):
+        return min(count, 1) if count <= block_m else -(-count // BLOCK_M)
+    return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count, BLOCK_M))
+
+
 @T.macro
 def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, row0: T.Ref, rows: T.Ref,
-                  n0: T.Ref, BN):
+                  n0: T.Ref, BN, BM=BLOCK_M):
     """Expert, first row, valid rows and first column of tile ``b`` (the tiles of one expert are consecutive,
     M fastest, so the CTAs that read one weight tile run together).
 
@@ -114,43 +148,52 @@ def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, 
     a0 = tile_offsets[e]
     c = tile_offsets[e + 1] - a0
     n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
-    row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
-    rows = T.min(BLOCK_M, offsets[e + 1] - row0)  # noqa: F841
+    if BM == BLOCK_M:
+        row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BM
+        rows = T.min(BM, offsets[e + 1] - row0)
+    else:  # see tiles_of: one tile of up to BM rows, or 128-row tiles
+        row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
+        rows = T.min(T.if_then_else(c == 1, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
 
 
 @T.macro
-def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0: T.Ref, BN):
+def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0: T.Ref, BN, BM=BLOCK_M):
     """First row, valid rows and first column of tile ``b`` in dense mode (groups of ``group_m`` M tiles)."""
     a0 = (b // (group_m * num_n_tiles)) * group_m
-    c = T.min(group_m, T.ceildiv(num_rows, BLOCK_M) - a0)
+    c = T.min(group_m, T.ceildiv(num_rows, BM) - a0)
     n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841
-    row0 = (a0 + (b - a0 * num_n_tiles) % c) * BLOCK_M
-    rows = T.min(BLOCK_M, num_rows - row0)  # noqa: F841
+    row0 = (a0 + (b - a0 * num_n_tiles) % c) * BM
+    rows = T.min(BM, num_rows - row0)  # noqa: F841
 
 
-def check_ws_schedule(schedule: str, block_m: int, schedules: tuple[str, ...]) -> None:
-    """``schedule`` is one of ``schedules``; the ``ws`` one runs 128-row tiles (two 64-row consumers)."""
+def check_ws_schedule(schedule: str, block_m: int, schedules: tuple[str, ...],
+                      block_ms: tuple[int, ...] = (BLOCK_M,)) -> None:
+    """``schedule`` is one of ``schedules``; the ``ws`` one runs tiles of ``block_ms`` rows (64-row consumers)."""
     if schedule not in schedules:
         raise ValueError(f"schedule must be one of {schedules}, got {schedule!r}")
-    if schedule == "ws" and block_m != BLOCK_M:
-        raise ValueError(f"block_m must be {BLOCK_M} for the 'ws' schedule (two 64-row consumer warpgroups), "
+    if schedule == "ws" and block_m not in block_ms:
+        raise ValueError(f"block_m must be one of {block_ms} for the 'ws' schedule (64-row consumer warpgroups), "
                          f"got {block_m}")
 
 
 @T.macro
-def produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, second_n=0):
-    """The producer warpgroup: per K step, wait until both consumers released the stage, then TMA-load the A
-    halves (the second only when the tile has more than 64 valid rows) and the weight tile(s) ``ws``; the second
-    weight tile starts ``second_n`` rows after the first (a Python int: 0 for W1 / W3, ``BN`` for the two halves of
-    one weight's wider tile)."""
-    T.set_max_nreg(PRODUCER_REGS, 0)
+def produce(a, ws, a_bufs, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, second_n=0, regs=PRODUCER_REGS):
+    """The producer warpgroup: per K step, wait until the consumers released the stage, then TMA-load the A
+    slabs ``a_bufs`` (64 rows each; a later one only when the tile has rows in it) and the weight tile(s) ``ws``;
+    the second weight tile starts ``second_n`` rows after the first (a Python int: 0 for W1 / W3, ``BN`` for the
+    two halves of one weight's wider tile)."""
+    T.set_max_nreg(regs, 0)
     for ki in T.serial(KT):
         slot = ki % S
-        T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # both consumers are done with the stage
-        T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a0_s[slot, :, :], barrier=full[slot])
+        T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # the consumers are done with the stage
+        T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a_bufs[0][slot, :, :], barrier=full[slot])
         if rows > HALF_M:
-            T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a1_s[slot, :, :],
+            T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a_bufs[1][slot, :, :],
                        barrier=full[slot])
+        if len(a_bufs) == 3:
+            if rows > BLOCK_M:
+                T.tma_copy(a[row0 + BLOCK_M:row0 + BLOCK_M + HALF_M, ki * BK:(ki + 1) * BK], a_bufs[2][slot, :, :],
+                           barrier=full[slot])
         T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
         if len(ws) == 2:
             T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
@@ -166,38 +209,69 @@ def load_route_weights(rw, r0, wts, w_s):
 
 
 @T.macro
-def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted):
+def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted, slot=None):
     """Columns ``p·SN .. (p+1)·SN`` of consumer ``w``'s 64 rows: fp32 → bf16 in ``o_s`` (the up-projection's
     SwiGLU first when ``accs`` is (gate, up)), then stored: by TMA when all 64 rows are valid, with row-masked
     stores otherwise (rows past the segment belong to the next expert)."""
-    T.sync_threads(barrier_id=1 + w, arrive_count=128)  # the previous store has read o_s
+    T.sync_threads(barrier_id=store_barrier(w), arrive_count=128)  # the previous store has read o_s
     if len(accs) == 2:
         gate, up = accs
         for i, j in T.Parallel(HALF_M, SN):
             g = cap_keep_nan(gate[i, p * SN + j], limit)
             u = clamp_keep_nan(up[i, p * SN + j], limit)
             if weighted:
-                o_s[i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
+                if slot is None:
+                    o_s[i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
+                else:
+                    o_s[slot, i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
             else:
-                o_s[i, j] = T.cast(silu(g) * u, T.bfloat16)
+                if slot is None:
+                    o_s[i, j] = T.cast(silu(g) * u, T.bfloat16)
+                else:
+                    o_s[slot, i, j] = T.cast(silu(g) * u, T.bfloat16)
     else:
         for i, j in T.Parallel(HALF_M, SN):
-            o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
+            if slot is None:
+                o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
+            else:
+                o_s[slot, i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
     if rw >= HALF_M:
         T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
-        T.sync_threads(barrier_id=1 + w, arrive_count=128)
-        T.copy(o_s, out[r0, n0 + p * SN])  # TMA store; columns past N are clipped
+        T.sync_threads(barrier_id=store_barrier(w), arrive_count=128)
+        if slot is None:
+            T.copy(o_s, out[r0, n0 + p * SN])  # TMA store; columns past N are clipped
+        else:
+            T.copy(o_s[slot, :, :], out[r0:r0 + HALF_M, n0 + p * SN:n0 + p * SN + SN])
     else:
-        T.sync_threads(barrier_id=1 + w, arrive_count=128)
+        T.sync_threads(barrier_id=store_barrier(w), arrive_count=128)
         for i, j in T.Parallel(HALF_M, SN):
             if i < rw and n0 + p * SN + j < N:
-                out[r0 + i, n0 + p * SN + j] = o_s[i, j]
+                if slot is None:
+                    out[r0 + i, n0 + p * SN + j] = o_s[i, j]
+                else:
+                    out[r0 + i, n0 + p * SN + j] = o_s[slot, i, j]
 
 
-def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int) -> Any:
-    """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module."""
-    BN, BK, S, SN = block_n, block_k, num_stages, store_width(block_n)
-    NB = 2 if kind == "up" else 1
+def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
+                  block_m: int = BLOCK_M) -> Any:
+    """The ``ws`` program of ``moe_up`` (``kind="up"``) or ``moe_down`` (``kind="down"``); see the module.
+    ``block_m // 64`` consumer warpgroups (two or three) share each stage."""
+    BM, SLABS = block_m, block_m // HALF_M
+    P_REGS, C_REGS = REGS_BY_SLABS[SLABS]
+    # three consumers have 128 registers at launch, below what one m64n256 wgmma (128 accumulators) needs:
+    # a wider down-projection tile is two weight tiles of half the width (W2 rows n0.. and n0 + block_n / 2..)
+    halves = kind == "down" and SLABS == 3 and block_n > STORE_N
+    TN = block_n  # columns of a CTA
+    BN, BK, S = (block_n // 2 if halves else block_n), block_k, num_stages  # BN: columns of one weight tile
+    # three consumers: each stages its output in its own A slab buffers, free once its K loop is done, BK columns a
+    # slot (no separate staging tiles: that leaves shared memory for 4 stages)
+    in_a = SLABS == 3
+    SN = BK if in_a else store_width(BN)
+    NB = 2 if kind == "up" or halves else 1
+    if in_a and not (BN == 2 * BK and (2 if halves else 1) * 2 <= num_stages):
+        raise ValueError(f"192-row ws tiles stage their output in the A slabs, two {BK}-column chunks a weight tile: "
+                         f"they need block_n = {2 * BK if kind == 'up' else 4 * BK} and num_stages >= "
+                         f"{4 if halves else 2}, got block_n={block_n}, num_stages={num_stages}")
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     KT = (K + BK - 1) // BK
     weighted = kind == "up" and not dense
@@ -209,13 +283,13 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         live = dense or b // NNT < tile_offsets[E]
         if live:
             if dense:
-                _dense_unit(b, NNT, NR, group_m, row0, rows, n0, BN)
+                _dense_unit(b, NNT, NR, group_m, row0, rows, n0, TN, BM)
             else:
-                _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+                _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, TN, BM)
 
     @T.macro
     def consumer(w, wts, out, limit, a_s, bs, o_s, w_s, accs, full, empty, tx, row0, rows, n0):
-        T.set_max_nreg(CONSUMER_REGS, 1)
+        T.set_max_nreg(C_REGS, 1)
         lane = tx % 32
         prev = T.alloc_var(T.int32, init=0)
         rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
@@ -237,29 +311,48 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             r0 = row0 + w * HALF_M
             if weighted:
                 load_route_weights(rw, r0, wts, w_s)
-            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
-            if BN // SN > 1:
-                store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
+            if in_a and halves:  # (asserted) BN = 2 * SN: four chunks, one a slot
+                store_part(0, w, rw, r0, n0, out, limit, a_s, w_s, accs[0:1], N, SN, weighted, 0)
+                store_part(1, w, rw, r0, n0, out, limit, a_s, w_s, accs[0:1], N, SN, weighted, 1)
+                store_part(0, w, rw, r0, n0 + BN, out, limit, a_s, w_s, accs[1:2], N, SN, weighted, 2)
+                store_part(1, w, rw, r0, n0 + BN, out, limit, a_s, w_s, accs[1:2], N, SN, weighted, 3)
+            elif in_a:
+                store_part(0, w, rw, r0, n0, out, limit, a_s, w_s, accs, N, SN, weighted, 0)
+                store_part(1, w, rw, r0, n0, out, limit, a_s, w_s, accs, N, SN, weighted, 1)
+            elif halves:  # two weight tiles side by side: columns n0.. and n0 + BN..
+                store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs[0:1], N, SN, weighted)
+                store_part(0, w, rw, r0, n0 + BN, out, limit, o_s, w_s, accs[1:2], N, SN, weighted)
+            else:
+                store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
+                if BN // SN > 1:
+                    store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
 
     @T.macro
     def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
-        num_m = T.ceildiv(NR, BLOCK_M) if dense else MT
-        with T.Kernel(num_m * T.ceildiv(N, BN), threads=384) as bx:
+        num_m = T.ceildiv(NR, BM) if dense else MT
+        with T.Kernel(num_m * T.ceildiv(N, TN), threads=128 * (SLABS + 1)) as bx:
             if kind == "up":
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            third = SLABS == 3
             a0_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             a1_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
+            a2_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16) if third else None
             bs = [T.alloc_shared((S, BN, BK), T.bfloat16) for _ in range(NB)]
-            o0_s = T.alloc_shared((HALF_M, SN), T.bfloat16)
-            o1_s = T.alloc_shared((HALF_M, SN), T.bfloat16)
+            o0_s = None if in_a else T.alloc_shared((HALF_M, SN), T.bfloat16)
+            o1_s = None if in_a else T.alloc_shared((HALF_M, SN), T.bfloat16)
+            o2_s = None
             w0_s = T.alloc_shared((HALF_M,), T.float32) if weighted else None
             w1_s = T.alloc_shared((HALF_M,), T.float32) if weighted else None
+            w2_s = T.alloc_shared((HALF_M,), T.float32) if weighted and third else None
             acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
             acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)]
+            acc2 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(NB)] if third else None
             full = T.alloc_barrier([128] * S)  # the producer's 128 threads (+ the TMA bytes)
-            empty = T.alloc_barrier([8] * S)  # lane 0 of each of the 8 consumer warps
-            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, o0_s, o1_s, *bs]})
-            NNT = T.ceildiv(N, BN)
+            empty = T.alloc_barrier([4 * SLABS] * S)  # lane 0 of each consumer warp
+            a_s, o_s = [a0_s, a1_s, a2_s][:SLABS], [o0_s, o1_s, o2_s][:SLABS]
+            w_s, acc = [w0_s, w1_s, w2_s], [acc0, acc1, acc2]
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [*a_s, *bs, *([] if in_a else o_s)]})
+            NNT = T.ceildiv(N, TN)
             tx = T.get_thread_binding()
             e = T.alloc_var(T.int32, init=0)
             row0 = T.alloc_var(T.int32, init=0)
@@ -268,12 +361,22 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             live = T.alloc_var(T.bool)
             resolve(bx, NNT, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
             if live:  # CTAs past the real tiles exit
-                if tx >= 256:
-                    produce(a, ws, a0_s, a1_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S)
+                if tx >= 128 * SLABS:
+                    produce(a, ws, a_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, BN if halves else 0,
+                            P_REGS)
                 elif tx < 128:
-                    consumer(0, wts, out, limit, a0_s, bs, o0_s, w0_s, acc0, full, empty, tx, row0, rows, n0)
+                    consumer(0, wts, out, limit, a_s[0], bs, o_s[0], w_s[0], acc[0], full, empty, tx, row0, rows, n0)
                 else:
-                    consumer(1, wts, out, limit, a1_s, bs, o1_s, w1_s, acc1, full, empty, tx, row0, rows, n0)
+                    if SLABS == 3:
+                        if tx < 256:
+                            consumer(1, wts, out, limit, a_s[1], bs, o_s[1], w_s[1], acc[1], full, empty, tx, row0,
+                                     rows, n0)
+                        else:
+                            consumer(2, wts, out, limit, a_s[2], bs, o_s[2], w_s[2], acc[2], full, empty, tx, row0,
+                                     rows, n0)
+                    else:
+                        consumer(1, wts, out, limit, a_s[1], bs, o_s[1], w_s[1], acc[1], full, empty, tx, row0, rows,
+                                 n0)
 
     if kind == "up" and dense:
 
@@ -315,7 +418,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             w2: T.Tensor[(1, N, K), T.bfloat16],
             y: T.Tensor[(NR, N), T.bfloat16],
         ):
-            body(h, None, [w2], y, None, None, None, None)
+            body(h, None, [w2, w2] if halves else [w2], y, None, None, None, None)
 
         return moe_down_dense_ws
 
@@ -328,6 +431,6 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         tile_expert: T.Tensor[(MT,), T.int32],
         y: T.Tensor[(NR, N), T.bfloat16],
     ):
-        body(h, None, [w2], y, None, offsets, tile_offsets, tile_expert)
+        body(h, None, [w2, w2] if halves else [w2], y, None, offsets, tile_offsets, tile_expert)
 
     return moe_down_ws
