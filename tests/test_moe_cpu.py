@@ -191,3 +191,5 @@ def test_permute_rejects_an_unknown_up_tile():
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="up_block_m"):
         moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=64)
+    with pytest.raises(ValueError, match="up_block_m=192 is for bf16 rows"):
+        moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=192, payload=x)

@@ -340,8 +340,8 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
         weights = torch.rand(num_tokens, 1, generator=g, device="cuda") + 0.1
     else:
         weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=used or range(num_experts))
-    perm192 = K.moe_permute(x, weights, experts, num_experts)
-    perm128 = K.moe_permute(x, weights, experts, num_experts, up_block_m=128)
+    perm192 = K.moe_permute(x, weights, experts, num_experts, up_block_m=192)
+    perm128 = K.moe_permute(x, weights, experts, num_experts)
     assert perm128.up_tiles is None and perm192.up_tiles is not None and perm192.up_tiles[0] == 192
     n = perm192.x_sorted.shape[0]
     _, want_offsets, want_expert = tile_tables(perm192.counts, 192, n)

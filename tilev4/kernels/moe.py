@@ -125,8 +125,8 @@ __all__ = [
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
-# the bf16 up-projection's own tile table (MoEPermutation.up_tiles): an expert of 129-192 rows is one 192-row tile
-# of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
+# the bf16 up-projection's own tile table (MoEPermutation.up_tiles, opt-in): an expert of 129-192 rows is one 192-row
+# tile of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
 UP_BLOCK_M = 192
 UP_BLOCK_MS = WS_BLOCK_MS
 # the 192-row tile's one config: it stages its output in the A slabs, two 64-column chunks a weight tile, and
@@ -933,7 +933,7 @@ class MoEPermutation:
         x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
         up_tiles: ``(block_m, tile_offsets, tile_expert)`` of the bf16 up-projection when it has its own tile
-            table (``moe_permute(up_block_m=192)``, the default for bf16 rows), else None (it reads the one above).
+            table (``moe_permute(up_block_m=192)``), else None (it reads the one above).
     """
 
     num_experts: int
@@ -973,7 +973,7 @@ def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def moe_permute(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True,
-    payload: torch.Tensor | None = None, up_block_m: int | None = None,
+    payload: torch.Tensor | None = None, up_block_m: int = BLOCK_M,
 ) -> MoEPermutation:
     """Sort the (token, slot) pairs by expert, stably, and gather x and the weights in that order.
 
@@ -987,20 +987,22 @@ def moe_permute(
         payload: what to gather instead of x, [T, dim] of any 1- or 2-byte dtype (e.g. ``fp8_quantize(x)[0]``,
             so that the FP8 expert GEMMs gather FP8 rows instead of quantising the gathered bf16 rows);
             ``perm.x_sorted`` then has its dtype.
-        up_block_m: the M tile of the bf16 up-projection's table, one of :data:`UP_BLOCK_MS`. 192 (the default
-            without a payload) adds a second table (``perm.up_tiles``, one more scan launch) in which an expert of
-            129-192 rows is one 192-row tile: :func:`moe_up` then runs those experts with three consumer
-            warpgroups and one weight stream. Both tilings give the same bits. 128 (the default with a payload,
-            whose FP8 / FP4 GEMMs read the 128-row table) adds none.
+        up_block_m: the M tile of the bf16 up-projection's table, one of :data:`UP_BLOCK_MS`. 128 (the default)
+            shares the table above. 192 adds a second table (``perm.up_tiles``, one more scan launch) in which an
+            expert of 129-192 rows is one 192-row tile: :func:`moe_up` then runs it with three consumer warpgroups
+            and one weight stream instead of two CTAs each streaming it. Both give the same bits. On the H200 the
+            192-row table takes 0.81 of the time with 160 or 192 rows an expert (a balanced gate), but 1.01-1.12 on
+            a routing whose experts range from a few rows to ~1000 (``tools/moe_up_tiles.py``): choose it for
+            balanced routings. Not for a payload (its FP8 / FP4 GEMMs read the 128-row table).
 
     Returns:
         :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host
         sync, no atomics.
     """
-    if up_block_m is None:
-        up_block_m = UP_BLOCK_M if payload is None else BLOCK_M
     if up_block_m not in UP_BLOCK_MS:
         raise ValueError(f"up_block_m must be one of {UP_BLOCK_MS}, got {up_block_m!r}")
+    if payload is not None and up_block_m != BLOCK_M:
+        raise ValueError(f"up_block_m={up_block_m} is for bf16 rows; a payload's GEMMs read the {BLOCK_M}-row table")
     experts = _check_routing(x, weights, experts)
     num_tokens, top_k = experts.shape
     dim = x.shape[1]
