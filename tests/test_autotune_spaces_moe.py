@@ -131,6 +131,22 @@ def test_static_pruning_reasons():
     assert "shared memory" in gate.space.why_invalid(pro, SMEM_LIMIT_BYTES["sm_90a"])
 
 
+def test_192_row_tiles_prune_to_their_one_shape():
+    """block_m = 192 (the bf16 up-projection's opt-in table): the ws program's own 512 threads, its A-slab staging
+    (block_n = 2·block_k up, 4·block_k down, enough stages) and its shared memory (no staging tiles)."""
+    up, down = get_kernel_def("moe_up"), get_kernel_def("moe_down")
+    cfg = {**up.problem({"dim": 4096, "block_m": 192}), **{k: v for k, v in K.UP_192_CONFIG.items() if k != "block_m"}}
+    assert up.space.why_invalid(cfg, SMEM_LIMIT_BYTES["sm_90a"]) is None
+    assert MT._moe_up_smem(cfg) <= SMEM_LIMIT_BYTES["sm_90a"]
+    assert "A slabs" in up.space.why_invalid({**cfg, "block_n": 64})
+    assert up.space.why_invalid({**cfg, "schedule": "pipelined"}) is not None  # 384 threads, not a ws program
+    assert up.space.why_invalid({**cfg, "num_stages": 5}, SMEM_LIMIT_BYTES["sm_90a"]) is not None
+    wide = {**down.problem({"inter": 2048, "block_m": 192}), "schedule": "ws", "block_n": 256, "block_k": 64,
+            "num_stages": 4, "threads": 256}
+    assert down.space.why_invalid(wide, SMEM_LIMIT_BYTES["sm_90a"]) is None
+    assert "A slabs" in down.space.why_invalid({**wide, "num_stages": 3})
+
+
 def test_buckets_follow_the_static_sizes():
     up, down, comb = get_kernel_def("moe_up"), get_kernel_def("moe_down"), get_kernel_def("moe_combine")
     assert up.bucket(up.problem({"dim": 4096})) == "grouped,dim<=4096"

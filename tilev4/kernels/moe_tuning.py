@@ -149,6 +149,8 @@ def _smem(*buffers: int) -> int:
 
 
 def _warpgroup_rows(c: Mapping[str, Any]) -> str | None:
+    if c.get("schedule") == "ws" and c["block_m"] == 192:
+        return None  # the three-consumer ws program sets its own 512 threads (``threads`` is not read)
     if c["threads"] != 2 * c["block_m"]:
         return f"threads={c['threads']} != 2·block_m={2 * c['block_m']} (one warpgroup per 64 rows)"
     return None
@@ -158,7 +160,9 @@ def _accumulators(tiles: float) -> Callable[[Mapping[str, Any]], str | None]:
     """At most MAX_ACC_PER_THREAD fp32 accumulator elements a thread for ``tiles`` [block_m, block_n] tiles."""
 
     def check(c: Mapping[str, Any]) -> str | None:
-        per_thread = int(tiles * c["block_m"] * c["block_n"]) // c["threads"]
+        # the ws programs run one consumer warpgroup per 64 rows whatever ``threads`` says
+        threads = 2 * c["block_m"] if c.get("schedule") == "ws" else c["threads"]
+        per_thread = int(tiles * c["block_m"] * c["block_n"]) // threads
         if per_thread > MAX_ACC_PER_THREAD:
             return f"{per_thread} fp32 accumulators a thread > {MAX_ACC_PER_THREAD}"
         return None
@@ -254,8 +258,26 @@ def combine_bucket(problem: Mapping[str, Any]) -> str:
 
 
 def _ws_smem(c: Mapping[str, Any], weight_tiles: int, weighted: bool) -> int:
-    """The ``ws`` schedule (tilev4.kernels.moe_ws): A halves, weight tiles, staging tiles, routing weights."""
-    return _smem(*ws_buffer_bytes(weight_tiles, weighted, c["block_n"], c["block_k"], c["num_stages"]))
+    """The ``ws`` schedule (tilev4.kernels.moe_ws): A slabs, weight tiles, staging tiles, routing weights."""
+    return _smem(*ws_buffer_bytes(weight_tiles, weighted, c["block_n"], c["block_k"], c["num_stages"],
+                                  c["block_m"]))
+
+
+def _ws_192_chunks(columns_per_k: int) -> Callable[[Mapping[str, Any]], str | None]:
+    """A 192-row ``ws`` tile stages its output in its A slabs, two ``block_k``-column chunks a weight tile (one slot
+    each): ``block_n = columns_per_k · block_k`` and enough stages for the chunks (tilev4.kernels.moe_ws)."""
+
+    def check(c: Mapping[str, Any]) -> str | None:
+        if c["block_m"] != 192:
+            return None
+        if c.get("schedule") != "ws":
+            return "192-row tiles need the ws schedule"
+        if c["block_n"] != columns_per_k * c["block_k"] or c["num_stages"] < columns_per_k:
+            return (f"a 192-row tile stages its output in its A slabs: block_n must be {columns_per_k}·block_k "
+                    f"and num_stages >= {columns_per_k}")
+        return None
+
+    return check
 
 
 def _moe_up_smem(c: Mapping[str, Any]) -> int:
@@ -303,13 +325,13 @@ _GEMM_SCHEDULES = ("ws", "pipelined")
 MOE_UP_SPACE = Space(
     params={"schedule": _GEMM_SCHEDULES, "block_n": (128, 64), "block_k": (64,), "num_stages": (4, 3),
             "threads": _GEMM_THREADS},
-    constraints=(_warpgroup_rows, _accumulators(2), _prefetch(2), _k_tiles("dim", 64)),  # gate + up tiles
+    constraints=(_warpgroup_rows, _accumulators(2), _prefetch(2), _k_tiles("dim", 64), _ws_192_chunks(2)),
     smem_bytes=_moe_up_smem,
 )
 MOE_DOWN_SPACE = Space(
     params={"schedule": _GEMM_SCHEDULES, "block_n": (256, 128), "block_k": (64,), "num_stages": (4, 3),
             "threads": _GEMM_THREADS},
-    constraints=(_warpgroup_rows, _accumulators(1), _prefetch(2), _k_tiles("inter", 64)),
+    constraints=(_warpgroup_rows, _accumulators(1), _prefetch(2), _k_tiles("inter", 64), _ws_192_chunks(4)),
     smem_bytes=_moe_down_smem,
 )
 MOE_UP_FP8_SPACE = Space(
