@@ -357,6 +357,18 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
     assert torch.equal(h192, h128)
 
 
+def test_moe_with_the_192_row_up_table_gives_the_default_bits():
+    """``tilev4.moe(..., up_block_m=192)`` (the op's opt-in for balanced routings) changes the tiling, not a bit."""
+    dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = EXPERT_CASES["flash"]
+    gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=61)
+    x = _randn(12 * num_tokens, dim, g=_gen(62), scale=scale)  # ~180 rows an expert: 192-row tiles in use
+    args = (x, gate, bias, w1, w2, w3, shared)
+    want = K.moe(*args, top_k=top_k)
+    got = K.moe(*args, top_k=top_k, up_block_m=192, out=_poison(*want.shape, dtype=torch.bfloat16))
+    assert not torch.isnan(got).any()
+    assert torch.equal(got, want)
+
+
 def test_experts_with_few_used_experts_and_poisoned_scratch(monkeypatch):
     dim, inter, num_experts, top_k, num_tokens = 256, 128, 8, 2, 300
     _, _, w1, w2, w3, shared = _layer(dim, inter, num_experts, 128, seed=21)
