@@ -438,13 +438,11 @@ def tile_tables(counts: torch.Tensor, block_m: int, num_rows: int) -> tuple[torc
     """``(offsets, tile_offsets, tile_expert)`` of rows sorted by expert with ``counts`` [E] rows each, as
     ``moe_scan`` builds them for ``block_m`` (``tile_expert`` sized as the op sizes it; unused entries -1)."""
     from tilev4.kernels.moe import _max_tiles
-    from tilev4.kernels.moe_ws import BLOCK_M as WS_BLOCK_M
+    from tilev4.kernels.moe_ws import tiles_of
 
     counts = counts.long()
     zero = torch.zeros(1, dtype=torch.long, device=counts.device)
-    tiles = (counts + block_m - 1) // block_m
-    if block_m > WS_BLOCK_M:  # tilev4.kernels.moe_ws.tiles_of: one tile of up to block_m rows, else 128-row tiles
-        tiles = torch.where(counts <= block_m, counts.clamp(max=1), (counts + WS_BLOCK_M - 1) // WS_BLOCK_M)
+    tiles = torch.tensor([tiles_of(c, block_m) for c in counts.tolist()], dtype=torch.long, device=counts.device)
     tile_expert = torch.full((max(_max_tiles(num_rows, counts.numel(), block_m), 1),), -1, dtype=torch.int32,
                              device=counts.device)
     used = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), tiles)

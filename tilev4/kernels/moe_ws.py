@@ -125,15 +125,22 @@ def store_width(block_n: int) -> int:
 
 
 def tiles_of(count, block_m: int):
-    """M tiles of an expert with ``count`` rows in the tile table built for ``block_m``: ``⌈count / 128⌉`` for
-    128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or ``⌈count / 128⌉`` 128-row tiles
-    past that (a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole weight
-    tile). A TileLang expression for the scan kernel, or an int."""
-    if block_m == BLOCK_M:
-        return T.ceildiv(count, BLOCK_M) if not isinstance(count, int) else -(-count // BLOCK_M)
+    """M tiles of an expert with ``count`` rows in the tile table built for ``block_m``: ``⌈count / block_m⌉`` up
+    to 128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or ``⌈count / 128⌉`` 128-row
+    tiles past that (a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole
+    weight tile). A TileLang expression for the scan kernel, or an int for the host."""
     if isinstance(count, int):
-        return min(count, 1) if count <= block_m else -(-count // BLOCK_M)
+        if block_m <= BLOCK_M or count > block_m:
+            return -(-count // min(block_m, BLOCK_M))
+        return min(count, 1)
+    if block_m <= BLOCK_M:
+        return T.ceildiv(count, block_m)
     return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count, BLOCK_M))
+
+
+def _staged(slot, i, j):
+    """Index of element (i, j) of a consumer's staged output: its own tile, or slot ``slot`` of its A slabs."""
+    return (i, j) if slot is None else (slot, i, j)
 
 
 @T.macro
@@ -221,21 +228,12 @@ def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted, sl
             g = cap_keep_nan(gate[i, p * SN + j], limit)
             u = clamp_keep_nan(up[i, p * SN + j], limit)
             if weighted:
-                if slot is None:
-                    o_s[i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
-                else:
-                    o_s[slot, i, j] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
+                o_s[_staged(slot, i, j)] = T.cast(silu(g) * u * w_s[i], T.bfloat16)
             else:
-                if slot is None:
-                    o_s[i, j] = T.cast(silu(g) * u, T.bfloat16)
-                else:
-                    o_s[slot, i, j] = T.cast(silu(g) * u, T.bfloat16)
+                o_s[_staged(slot, i, j)] = T.cast(silu(g) * u, T.bfloat16)
     else:
         for i, j in T.Parallel(HALF_M, SN):
-            if slot is None:
-                o_s[i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
-            else:
-                o_s[slot, i, j] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
+            o_s[_staged(slot, i, j)] = T.cast(accs[0][i, p * SN + j], T.bfloat16)
     if rw >= HALF_M:
         T.fence_proxy_async()  # generic-proxy writes of o_s before the TMA (async proxy) reads it
         T.sync_threads(barrier_id=store_barrier(w), arrive_count=128)
@@ -247,10 +245,7 @@ def store_part(p, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted, sl
         T.sync_threads(barrier_id=store_barrier(w), arrive_count=128)
         for i, j in T.Parallel(HALF_M, SN):
             if i < rw and n0 + p * SN + j < N:
-                if slot is None:
-                    out[r0 + i, n0 + p * SN + j] = o_s[i, j]
-                else:
-                    out[r0 + i, n0 + p * SN + j] = o_s[slot, i, j]
+                out[r0 + i, n0 + p * SN + j] = o_s[_staged(slot, i, j)]
 
 
 def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, num_stages: int, group_m: int,
