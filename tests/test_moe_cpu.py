@@ -126,7 +126,8 @@ def _stacked(e=8, inter=32, dim=64):
         (lambda: K.moe_experts(*_routing(), *_stacked(), weight_format="fp4"), TypeError, "w1 must be an FP4Weight"),
         (lambda: K.moe_experts(*_routing(), *_stacked(), swiglu_limit=-1.0), ValueError, "swiglu_limit"),
         (lambda: K.moe_experts(*_routing(), *_stacked(), out_dtype=torch.float16), TypeError, "out_dtype"),
-        (lambda: K.moe_experts(*_routing(), *_stacked(), up_block_m=256), ValueError, "up_block_m must be one of"),
+        (lambda: K.moe_experts(*_routing(), *_stacked(), up_block_m=256), ValueError,
+         "up_block_m must be None or one of"),
         (lambda: K.moe_experts(*_routing(), *_stacked(), weight_format="fp8", up_block_m=192), ValueError,
          "up_block_m=192 needs bf16 weights"),
         (lambda: K.moe_experts(*_routing(), *_stacked(inter=30)), ValueError, "multiple of 8"),
@@ -196,3 +197,24 @@ def test_permute_rejects_an_unknown_up_tile():
         moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=64)
     with pytest.raises(ValueError, match="up_block_m=192 is for bf16 rows"):
         moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=192, payload=x)
+
+
+def test_the_benchmarks_balanced_routing_gives_every_expert_the_same_rows():
+    from tilev4.bench.moe import ROUTE_SCALE, balanced_routing
+
+    gen = torch.Generator().manual_seed(3)
+    weights, experts = balanced_routing(96, 16, 4, gen)
+    assert experts.dtype == torch.int32 and experts.shape == (96, 4)
+    assert torch.bincount(experts.flatten().long(), minlength=16).tolist() == [24] * 16
+    assert (experts.sort(-1).values.diff(dim=-1) != 0).all()  # a token's experts are distinct
+    assert (weights > 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.full((96,), ROUTE_SCALE))
+    with pytest.raises(ValueError, match="num_experts=16"):
+        balanced_routing(5, 16, 4, gen)
+
+
+def test_the_default_up_table_is_192_rows_where_a_balanced_routing_fills_them():
+    assert K.choose_up_block_m(8192 * 6, 256) == 192  # V4-Flash prefill: 192 rows an expert
+    assert K.choose_up_block_m(256 * 256, 256) == 192 and K.choose_up_block_m(256 * 256 + 1, 256) == 128
+    assert K.choose_up_block_m(128 * 256, 256) == 128 and K.choose_up_block_m(128 * 256 + 1, 256) == 192
+    assert K.choose_up_block_m(64 * 6, 256) == 128 and K.choose_up_block_m(0, 8) == 128  # decode, no token

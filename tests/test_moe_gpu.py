@@ -341,7 +341,7 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
     else:
         weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=used or range(num_experts))
     perm192 = K.moe_permute(x, weights, experts, num_experts, up_block_m=192)
-    perm128 = K.moe_permute(x, weights, experts, num_experts)
+    perm128 = K.moe_permute(x, weights, experts, num_experts, up_block_m=128)
     assert perm128.up_tiles is None and perm192.up_tiles is not None and perm192.up_tiles[0] == 192
     n = perm192.x_sorted.shape[0]
     _, want_offsets, want_expert = tile_tables(perm192.counts, 192, n)
@@ -357,16 +357,19 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
     assert torch.equal(h192, h128)
 
 
-def test_moe_with_the_192_row_up_table_gives_the_default_bits():
-    """``tilev4.moe(..., up_block_m=192)`` (the op's opt-in for balanced routings) changes the tiling, not a bit."""
+def test_moe_up_tables_128_192_and_the_default_give_the_same_bits():
+    """``tilev4.moe(..., up_block_m=...)`` changes the tiling, not a bit: 128, 192 and the default's choice (192 here,
+    where the mean rows an expert is in (128, 256])."""
     dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = EXPERT_CASES["flash"]
     gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=61)
     x = _randn(12 * num_tokens, dim, g=_gen(62), scale=scale)  # ~180 rows an expert: 192-row tiles in use
+    assert K.choose_up_block_m(x.shape[0] * top_k, num_experts) == 192
     args = (x, gate, bias, w1, w2, w3, shared)
-    want = K.moe(*args, top_k=top_k)
-    got = K.moe(*args, top_k=top_k, up_block_m=192, out=_poison(*want.shape, dtype=torch.bfloat16))
-    assert not torch.isnan(got).any()
-    assert torch.equal(got, want)
+    want = K.moe(*args, top_k=top_k, up_block_m=128)
+    for up_block_m in (192, None):
+        got = K.moe(*args, top_k=top_k, up_block_m=up_block_m, out=_poison(*want.shape, dtype=torch.bfloat16))
+        assert not torch.isnan(got).any()
+        assert torch.equal(got, want), up_block_m
 
 
 def test_experts_with_few_used_experts_and_poisoned_scratch(monkeypatch):

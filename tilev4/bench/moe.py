@@ -20,6 +20,14 @@
   other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
   expert plus one e8m0 byte per 32 weights).
 
+* Balanced routing, 8192 tokens: the routed bf16 path again on a routing in which every expert gets exactly
+  ``T·k/E`` = 192 rows (each token's k experts distinct, the assignment shuffled), as a trained gate's
+  load-balancing bias aims for; the random gate above is heavily skewed (an expert gets 4 to ~1100 rows). Rows:
+  the default (which takes the 192-row up table at this size: ``choose_up_block_m``), the 128-row up table forced
+  (``moe_permute(up_block_m=128)``; it must give the same bits: ``bits_equal_to_default``) and
+  ``torch._grouped_mm`` on the same permutation. Where the default chose the 192-row table for the random gate's
+  routing too, a "128-row up tiles" row follows its routed row. ``up_block_m`` names each row's table.
+
 Each record also carries the largest difference of the routed output from the torch path on the same
 inputs (``max_abs_diff_vs_torch``; the torch path rounds gate and up to bf16, so it is not zero), as a
 sanity check of the timed kernels.
@@ -117,6 +125,9 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
             routed_work, layer_work = {"nbytes": routed_bytes}, {"nbytes": layer_bytes}
         target = 0.7 if num_tokens > 256 else 0.6  # the issue's targets: prefill of the bf16 peak, decode of copy BW
         recs = [record("moe routed (up+SwiGLU, down)", shape, ms_routed, peaks=peaks, target=target, **routed_work)]
+        recs[0]["up_block_m"] = perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M
+        if perm.up_tiles:  # the default chose the 192-row up table: the 128-row one too, on the same routing
+            recs.append(_routed_128(K, x, weights, experts, w1, w2, w3, y, shape, peaks, routed_work))
         if ms_torch is not None:
             recs.append(record("torch._grouped_mm routed", shape, ms_torch, peaks=peaks, **routed_work))
         recs.append(record("moe layer", shape, ms_full, peaks=peaks, **layer_work))
@@ -133,7 +144,85 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         out += fp8_recs
         out += _bench_fp4(perm8, quant_x, fp4, graph, ms_routed, fp8_recs[0]["ms"], routed_flops, touched, shape,
                           peaks)
+        if num_tokens > 256:
+            out += _bench_balanced(K, x, gen, w1, w2, w3, peaks)
     return out
+
+
+def _routed_128(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, w3: torch.Tensor, y_default: torch.Tensor, shape: str, peaks: dict[str, float],
+                work: dict[str, float]) -> dict[str, Any]:
+    """The routed bf16 path with the 128-row up table forced, on the routing of a default row that chose 192."""
+    perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=K.BLOCK_M)
+    n = perm.x_sorted.shape[0]
+    h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
+    y = torch.full((n, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+    def routed():
+        K.moe_up(perm, w1, w3, LIMIT, out=h)
+        K.moe_down(perm, h, w2, out=y)
+
+    routed()
+    rec = record("moe routed, 128-row up tiles", shape, time_cuda(routed), peaks=peaks, **work)
+    rec["up_block_m"] = K.BLOCK_M
+    rec["bits_equal_to_default"] = bool(torch.equal(y, y_default))
+    return rec
+
+
+def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing in which every expert gets exactly ``num_tokens·top_k/num_experts`` rows (that must be a whole
+    number, and ``top_k <= num_experts``): the (token, slot) pairs in a random token order take the experts of
+    a random expert order cyclically, so a token's ``top_k`` experts are distinct. Weights: random positive,
+    normalised and times ``ROUTE_SCALE``. Returns ``(weights [T, k] fp32, experts [T, k] int32)``."""
+    if (num_tokens * top_k) % num_experts or top_k > num_experts:
+        raise ValueError(f"num_tokens*top_k={num_tokens * top_k} must be a multiple of num_experts={num_experts} "
+                         f"and top_k={top_k} at most num_experts")
+    dev = gen.device
+    order = torch.randperm(num_experts, generator=gen, device=dev)
+    slots = torch.arange(num_tokens * top_k, device=dev).view(num_tokens, top_k) % num_experts
+    experts = order[slots][torch.randperm(num_tokens, generator=gen, device=dev)].to(torch.int32)
+    weights = torch.rand(num_tokens, top_k, generator=gen, device=dev) + 0.1
+    return weights / weights.sum(-1, keepdim=True) * ROUTE_SCALE, experts
+
+
+def _bench_balanced(K: Any, x: torch.Tensor, gen: torch.Generator, w1: torch.Tensor, w2: torch.Tensor,
+                    w3: torch.Tensor, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    num_tokens = x.shape[0]
+    weights, experts = balanced_routing(num_tokens, NUM_EXPERTS, TOP_K, gen)
+    n = num_tokens * TOP_K
+    shape = (f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K} "
+             f"balanced ({n // NUM_EXPERTS} rows/expert)")
+    flops = 6.0 * n * DIM * INTER
+    recs, ys = [], []
+    for up_block_m in (None, K.BLOCK_M):
+        perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=up_block_m)
+        h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
+
+        def routed(perm=perm, h=h, y=y):
+            K.moe_up(perm, w1, w3, LIMIT, out=h)
+            K.moe_down(perm, h, w2, out=y)
+
+        routed()
+        ys.append(y)
+        ms = time_cuda(routed)
+        name = "moe routed, balanced routing" + ("" if up_block_m is None else ", 128-row up tiles")
+        recs.append(record(name, shape, ms, peaks=peaks, target=0.7 if up_block_m is None else None, flops=flops))
+        recs[-1]["up_block_m"] = perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M
+    recs[1]["bits_equal_to_default"] = bool(torch.equal(ys[0], ys[1]))
+    try:
+        diff = (ys[0].float() - _torch_routed(perm, w1, w2, w3).float()).abs().max().item()
+        ms_torch = time_cuda(lambda perm=perm: _torch_routed(perm, w1, w2, w3))
+    except RuntimeError:
+        diff = ms_torch = None
+    if ms_torch is not None:
+        recs.append(record("torch._grouped_mm routed, balanced routing", shape, ms_torch, peaks=peaks, flops=flops))
+    for r in recs:
+        r["experts_touched"] = NUM_EXPERTS
+        r["max_abs_diff_vs_torch"] = diff
+        r["has_nan"] = bool(torch.isnan(ys[0]).any())
+    return recs
 
 
 def _quantize_tokens(x: torch.Tensor, perm8: Any) -> Any:

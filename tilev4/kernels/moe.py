@@ -113,6 +113,7 @@ __all__ = [
     "build_moe_scan",
     "build_moe_scatter",
     "build_moe_up",
+    "choose_up_block_m",
     "moe",
     "moe_combine",
     "moe_down",
@@ -125,10 +126,12 @@ __all__ = [
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
-# the bf16 up-projection's own tile table (MoEPermutation.up_tiles, opt-in): an expert of 129-192 rows is one 192-row
-# tile of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
+# the bf16 up-projection's own tile table (MoEPermutation.up_tiles; choose_up_block_m): an expert of 129-192 rows is
+# one 192-row tile of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
 UP_BLOCK_M = 192
 UP_BLOCK_MS = WS_BLOCK_MS
+# up_block_m=None takes the 192-row table when a balanced routing would give an expert this many rows on average
+AUTO_UP_ROWS = (BLOCK_M, 2 * BLOCK_M)  # (low, high]: T·k/E in it
 # the 192-row tile's one config: it stages its output in the A slabs, two 64-column chunks a weight tile, and
 # 4 stages fill shared memory (229.9 KB)
 UP_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
@@ -971,9 +974,19 @@ def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-num_pairs // min(block_m, BLOCK_M)) + min(num_experts, num_pairs)
 
 
+def choose_up_block_m(num_pairs: int, num_experts: int) -> int:
+    """The bf16 up-projection's M tile that ``moe_permute(up_block_m=None)`` takes for ``num_pairs`` (token, slot)
+    pairs over ``num_experts`` experts: 192 when the mean rows an expert, ``num_pairs / num_experts``, is in
+    :data:`AUTO_UP_ROWS` = (128, 256] — where a balanced routing gives most experts 129-192 rows (one 192-row tile
+    instead of two 128-row ones; H200: 0.81 of the up-projection's time at 160 and 192 rows, 0.99 at 256) — else
+    128. A host-side rule on the shapes: the counts are on the device, and reading them would cost a sync."""
+    lo, hi = AUTO_UP_ROWS
+    return UP_BLOCK_M if lo * num_experts < num_pairs <= hi * num_experts else BLOCK_M
+
+
 def moe_permute(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True,
-    payload: torch.Tensor | None = None, up_block_m: int = BLOCK_M,
+    payload: torch.Tensor | None = None, up_block_m: int | None = None,
 ) -> MoEPermutation:
     """Sort the (token, slot) pairs by expert, stably, and gather x and the weights in that order.
 
@@ -987,24 +1000,28 @@ def moe_permute(
         payload: what to gather instead of x, [T, dim] of any 1- or 2-byte dtype (e.g. ``fp8_quantize(x)[0]``,
             so that the FP8 expert GEMMs gather FP8 rows instead of quantising the gathered bf16 rows);
             ``perm.x_sorted`` then has its dtype.
-        up_block_m: the M tile of the bf16 up-projection's table, one of :data:`UP_BLOCK_MS`. 128 (the default)
-            shares the table above. 192 adds a second table (``perm.up_tiles``, one more scan launch) in which an
-            expert of 129-192 rows is one 192-row tile: :func:`moe_up` then runs it with three consumer warpgroups
-            and one weight stream instead of two CTAs each streaming it. Both give the same bits. On the H200 the
-            192-row table takes 0.81 of the time with 160 or 192 rows an expert (a balanced gate), but 1.01-1.12 on
-            a routing whose experts range from a few rows to ~1000 (``tools/moe_up_tiles.py``): choose it for
-            balanced routings. Not for a payload (its FP8 / FP4 GEMMs read the 128-row table).
+        up_block_m: the M tile of the bf16 up-projection's table: None (the default) chooses, or one of
+            :data:`UP_BLOCK_MS`. 128 shares the table above. 192 adds a second table (``perm.up_tiles``, one more
+            scan launch) in which an expert of 129-192 rows is one 192-row tile: :func:`moe_up` then runs it with
+            three consumer warpgroups and one weight stream instead of two CTAs each streaming it. Both give the
+            same bits. On the H200 the 192-row table takes 0.81 of the up-projection's time with 160 or 192 rows an
+            expert (a balanced gate) and 0.99 with 256, but 1.01-1.12 on a routing whose experts range from a few
+            rows to ~1000 (``tools/moe_up_tiles.py``). None takes 192 when ``T·k/E`` is in (128, 256] (see
+            :func:`choose_up_block_m`: the rows a load-balanced gate gives an expert; the counts themselves are on
+            the device) and 128 otherwise or with a payload (its FP8 / FP4 GEMMs read the 128-row table).
 
     Returns:
         :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host
         sync, no atomics.
     """
-    if up_block_m not in UP_BLOCK_MS:
-        raise ValueError(f"up_block_m must be one of {UP_BLOCK_MS}, got {up_block_m!r}")
-    if payload is not None and up_block_m != BLOCK_M:
+    if up_block_m is not None and up_block_m not in UP_BLOCK_MS:
+        raise ValueError(f"up_block_m must be None or one of {UP_BLOCK_MS}, got {up_block_m!r}")
+    if payload is not None and up_block_m not in (None, BLOCK_M):
         raise ValueError(f"up_block_m={up_block_m} is for bf16 rows; a payload's GEMMs read the {BLOCK_M}-row table")
     experts = _check_routing(x, weights, experts)
     num_tokens, top_k = experts.shape
+    if up_block_m is None:
+        up_block_m = BLOCK_M if payload is not None else choose_up_block_m(num_tokens * top_k, num_experts)
     dim = x.shape[1]
     if payload is not None:
         check_tensor("payload", payload, ndim=2, shape=(num_tokens, dim), contiguous=True, device=x.device)
@@ -1261,7 +1278,7 @@ def moe_experts(
     out_dtype: torch.dtype = torch.bfloat16,
     validate: bool = True,
     out: torch.Tensor | None = None,
-    up_block_m: int = BLOCK_M,
+    up_block_m: int | None = None,
 ) -> torch.Tensor:
     """The routed experts a routing selected, weighted and summed, plus the shared expert.
 
@@ -1283,8 +1300,9 @@ def moe_experts(
         out_dtype: bf16 or fp32 output.
         validate: check the expert ids on the device (one host sync).
         out: optional preallocated [T, dim] of ``out_dtype``.
-        up_block_m: 192 runs the bf16 up-projection on its own 192-row tile table (see :func:`moe_permute`:
-            faster for balanced routings, the same bits); bf16 weights only.
+        up_block_m: the bf16 up-projection's M tile (see :func:`moe_permute`: 192 is faster for balanced
+            routings, the same bits): None chooses (:func:`choose_up_block_m`; 128 for FP8 / FP4 weights), 128 or
+            192 (bf16 weights only).
 
     Returns:
         [T, dim] ``Σ_s weights[t, s] · expert_{experts[t, s]}(x[t]) + shared(x[t])``. h and each
@@ -1293,9 +1311,9 @@ def moe_experts(
     """
     _check_weight_format(weight_format)
     _check_limit(swiglu_limit)
-    if up_block_m not in UP_BLOCK_MS:
-        raise ValueError(f"up_block_m must be one of {UP_BLOCK_MS}, got {up_block_m!r}")
-    if weight_format != "bf16" and up_block_m != BLOCK_M:
+    if up_block_m is not None and up_block_m not in UP_BLOCK_MS:
+        raise ValueError(f"up_block_m must be None or one of {UP_BLOCK_MS}, got {up_block_m!r}")
+    if weight_format != "bf16" and up_block_m not in (None, BLOCK_M):
         raise ValueError(f"up_block_m={up_block_m} needs bf16 weights, got weight_format={weight_format!r}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
@@ -1381,10 +1399,10 @@ def moe(
     out_dtype: torch.dtype = torch.bfloat16,
     validate: bool = True,
     out: torch.Tensor | None = None,
-    up_block_m: int = BLOCK_M,
+    up_block_m: int | None = None,
 ) -> torch.Tensor:
-    """The MoE layer: :func:`moe_route` then :func:`moe_experts` (nine launches, no host sync
-    when ``validate=False``).
+    """The MoE layer: :func:`moe_route` then :func:`moe_experts` (nine launches, ten with the 192-row up table; no
+    host sync when ``validate=False``).
 
     Args:
         x: [T, dim] bf16. gate_weight: [E, dim] fp32. gate_bias: [E] fp32 or None (None for a

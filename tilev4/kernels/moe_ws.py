@@ -22,16 +22,17 @@ Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · B
 (``NB`` = 2 weight tiles for the up-projection, 1 for the down-projection) plus the staging tiles
 ``2 · 64 · store_n · 2`` — 224 KiB for the up-projection at ``block_n = 128``, 4 stages.
 
-**192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``, opt-in): three
+**192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``): three
 consumer warpgroups (160 registers; the producer, warpgroup 3, 24), for an expert of 129-192 rows, which 128-row tiles
 would serve with two CTAs each streaming the whole weight tile. The table gives such an expert one tile and every
 other expert 128-row tiles (:func:`tiles_of`). There is no room for staging tiles beside 4 stages of three A slabs and
 two weight tiles (224 KiB), so each consumer stages its output in its own A-slab buffers, 64 columns a slot: they
 are free once its K loop is done (one tile a CTA; only this warpgroup reads them). Same wgmma sequence per row, so the
 same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.81-0.83 of the 128-row time
-with 160 or 192 rows an expert, but 0.97-1.12 on the benchmark's routing (experts of 4 to ~1000 rows; two runs), so
-it is opt-in; the down-projection keeps 128-row tiles (its three-consumer variant, two 128-column halves a
-256-column tile, was 5-28 % slower where experts have many tiles).
+with 160 or 192 rows an expert, but 0.97-1.12 on the benchmark's random-gate routing (experts of 4 to ~1000 rows; two
+runs), so ``moe_permute`` takes it by default only where a balanced routing gives an expert 129-256 rows on average
+(:func:`tilev4.kernels.moe.choose_up_block_m`); the down-projection keeps 128-row tiles (its three-consumer variant,
+two 128-column halves a 256-column tile, was 5-28 % slower where experts have many tiles).
 
 Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h200-2026-11-29-session6.md``):
 
