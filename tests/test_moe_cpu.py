@@ -215,6 +215,6 @@ def test_the_benchmarks_balanced_routing_gives_every_expert_the_same_rows():
 
 def test_the_default_up_table_is_192_rows_where_a_balanced_routing_fills_them():
     assert K.choose_up_block_m(8192 * 6, 256) == 192  # V4-Flash prefill: 192 rows an expert
-    assert K.choose_up_block_m(256 * 256, 256) == 192 and K.choose_up_block_m(256 * 256 + 1, 256) == 128
+    assert K.choose_up_block_m(192 * 256, 256) == 192 and K.choose_up_block_m(192 * 256 + 1, 256) == 128
     assert K.choose_up_block_m(128 * 256, 256) == 128 and K.choose_up_block_m(128 * 256 + 1, 256) == 192
     assert K.choose_up_block_m(64 * 6, 256) == 128 and K.choose_up_block_m(0, 8) == 128  # decode, no token

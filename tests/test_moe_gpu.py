@@ -359,7 +359,7 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
 
 def test_moe_up_tables_128_192_and_the_default_give_the_same_bits():
     """``tilev4.moe(..., up_block_m=...)`` changes the tiling, not a bit: 128, 192 and the default's choice (192 here,
-    where the mean rows an expert is in (128, 256])."""
+    where the mean rows an expert is in (128, 192])."""
     dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = EXPERT_CASES["flash"]
     gate, bias, w1, w2, w3, shared = _layer(dim, inter, num_experts, shared_inter, seed=61)
     x = _randn(12 * num_tokens, dim, g=_gen(62), scale=scale)  # ~180 rows an expert: 192-row tiles in use

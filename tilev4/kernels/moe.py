@@ -131,7 +131,7 @@ BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the sca
 UP_BLOCK_M = 192
 UP_BLOCK_MS = WS_BLOCK_MS
 # up_block_m=None takes the 192-row table when a balanced routing would give an expert this many rows on average
-AUTO_UP_ROWS = (BLOCK_M, 2 * BLOCK_M)  # (low, high]: T·k/E in it
+AUTO_UP_ROWS = (BLOCK_M, UP_BLOCK_M)  # (low, high]: T·k/E in it
 # the 192-row tile's one config: it stages its output in the A slabs, two 64-column chunks a weight tile, and
 # 4 stages fill shared memory (229.9 KB)
 UP_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
@@ -977,9 +977,10 @@ def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 def choose_up_block_m(num_pairs: int, num_experts: int) -> int:
     """The bf16 up-projection's M tile that ``moe_permute(up_block_m=None)`` takes for ``num_pairs`` (token, slot)
     pairs over ``num_experts`` experts: 192 when the mean rows an expert, ``num_pairs / num_experts``, is in
-    :data:`AUTO_UP_ROWS` = (128, 256] — where a balanced routing gives most experts 129-192 rows (one 192-row tile
-    instead of two 128-row ones; H200: 0.81 of the up-projection's time at 160 and 192 rows, 0.99 at 256) — else
-    128. A host-side rule on the shapes: the counts are on the device, and reading them would cost a sync."""
+    :data:`AUTO_UP_ROWS` = (128, 192] — where a balanced routing gives most experts 129-192 rows (one 192-row tile
+    instead of two 128-row ones; H200: 0.81-0.82 of the up-projection's time at 168 and 192 rows, but 1.01 at 240,
+    where every expert takes 128-row tiles in both tables) — else 128. A host-side rule on the shapes: the counts
+    are on the device, and reading them would cost a sync."""
     lo, hi = AUTO_UP_ROWS
     return UP_BLOCK_M if lo * num_experts < num_pairs <= hi * num_experts else BLOCK_M
 
@@ -1004,11 +1005,12 @@ def moe_permute(
             :data:`UP_BLOCK_MS`. 128 shares the table above. 192 adds a second table (``perm.up_tiles``, one more
             scan launch) in which an expert of 129-192 rows is one 192-row tile: :func:`moe_up` then runs it with
             three consumer warpgroups and one weight stream instead of two CTAs each streaming it. Both give the
-            same bits. On the H200 the 192-row table takes 0.81 of the up-projection's time with 160 or 192 rows an
-            expert (a balanced gate) and 0.99 with 256, but 1.01-1.12 on a routing whose experts range from a few
-            rows to ~1000 (``tools/moe_up_tiles.py``). None takes 192 when ``T·k/E`` is in (128, 256] (see
-            :func:`choose_up_block_m`: the rows a load-balanced gate gives an expert; the counts themselves are on
-            the device) and 128 otherwise or with a payload (its FP8 / FP4 GEMMs read the 128-row table).
+            same bits. On the H200 (``tools/moe_up_tiles.py``, alternating order) the 192-row table takes 0.81-0.82
+            of the up-projection's time (0.87 of up + down) with 168 or 192 rows an expert (balanced routings), 1.01
+            with 240 (no expert fits one 192-row tile) and 0.99-1.00 on the benchmark's random gate (experts of a
+            few rows to ~1000). None takes 192 when ``T·k/E`` is in (128, 192] (:func:`choose_up_block_m`: the rows
+            a load-balanced gate gives an expert; the counts themselves are on the device) and 128 otherwise or
+            with a payload (its FP8 / FP4 GEMMs read the 128-row table).
 
     Returns:
         :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host

@@ -30,7 +30,7 @@ two weight tiles (224 KiB), so each consumer stages its output in its own A-slab
 are free once its K loop is done (one tile a CTA; only this warpgroup reads them). Same wgmma sequence per row, so the
 same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.81-0.83 of the 128-row time
 with 160 or 192 rows an expert, but 0.97-1.12 on the benchmark's random-gate routing (experts of 4 to ~1000 rows; two
-runs), so ``moe_permute`` takes it by default only where a balanced routing gives an expert 129-256 rows on average
+runs), so ``moe_permute`` takes it by default only where a balanced routing gives an expert 129-192 rows on average
 (:func:`tilev4.kernels.moe.choose_up_block_m`); the down-projection keeps 128-row tiles (its three-consumer variant,
 two 128-column halves a 256-column tile, was 5-28 % slower where experts have many tiles).
 
