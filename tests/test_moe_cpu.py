@@ -193,8 +193,9 @@ def test_permute_rejects_an_unknown_up_tile():
     from tilev4.kernels.moe import moe_permute
 
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="up_block_m"):
-        moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=64)
+    for bad in (64, 192.0, True, "192"):
+        with pytest.raises(ValueError, match="up_block_m must be None or one of"):
+            moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=bad)
     with pytest.raises(ValueError, match="up_block_m=192 is for bf16 rows"):
         moe_permute(x, torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 8, up_block_m=192, payload=x)
 

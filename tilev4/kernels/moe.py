@@ -985,6 +985,11 @@ def choose_up_block_m(num_pairs: int, num_experts: int) -> int:
     return UP_BLOCK_M if lo * num_experts < num_pairs <= hi * num_experts else BLOCK_M
 
 
+def _check_up_block_m(up_block_m: object) -> None:
+    if up_block_m is not None and (type(up_block_m) is not int or up_block_m not in UP_BLOCK_MS):
+        raise ValueError(f"up_block_m must be None or one of {UP_BLOCK_MS}, got {up_block_m!r}")
+
+
 def moe_permute(
     x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, *, validate: bool = True,
     payload: torch.Tensor | None = None, up_block_m: int | None = None,
@@ -1016,8 +1021,7 @@ def moe_permute(
         :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host
         sync, no atomics.
     """
-    if up_block_m is not None and up_block_m not in UP_BLOCK_MS:
-        raise ValueError(f"up_block_m must be None or one of {UP_BLOCK_MS}, got {up_block_m!r}")
+    _check_up_block_m(up_block_m)
     if payload is not None and up_block_m not in (None, BLOCK_M):
         raise ValueError(f"up_block_m={up_block_m} is for bf16 rows; a payload's GEMMs read the {BLOCK_M}-row table")
     experts = _check_routing(x, weights, experts)
@@ -1313,8 +1317,7 @@ def moe_experts(
     """
     _check_weight_format(weight_format)
     _check_limit(swiglu_limit)
-    if up_block_m is not None and up_block_m not in UP_BLOCK_MS:
-        raise ValueError(f"up_block_m must be None or one of {UP_BLOCK_MS}, got {up_block_m!r}")
+    _check_up_block_m(up_block_m)
     if weight_format != "bf16" and up_block_m not in (None, BLOCK_M):
         raise ValueError(f"up_block_m={up_block_m} needs bf16 weights, got weight_format={weight_format!r}")
     if out_dtype not in _OUT_DTYPES:
