@@ -127,16 +127,18 @@ def store_width(block_n: int) -> int:
 
 def tiles_of(count, block_m: int):
     """M tiles of an expert with ``count`` rows in the tile table built for ``block_m``: ``⌈count / block_m⌉`` up
-    to 128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or ``⌈count / 128⌉`` 128-row
-    tiles past that (a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole
-    weight tile). A TileLang expression for the scan kernel, or an int for the host."""
+    to 128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or past that 128-row tiles whose
+    last one takes the remainder too when it is at most 64 rows: ``⌈(count − 64) / 128⌉`` tiles (300 rows:
+    128 + 172; a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole
+    weight tile).
+    A TileLang expression for the scan kernel, or an int for the host."""
     if isinstance(count, int):
-        if block_m <= BLOCK_M or count > block_m:
-            return -(-count // min(block_m, BLOCK_M))
-        return min(count, 1)
+        if block_m <= BLOCK_M:
+            return -(-count // block_m)
+        return min(count, 1) if count <= block_m else -(-(count - HALF_M) // BLOCK_M)
     if block_m <= BLOCK_M:
         return T.ceildiv(count, block_m)
-    return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count, BLOCK_M))
+    return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count - HALF_M, BLOCK_M))
 
 
 def _staged(slot, i, j):
@@ -160,9 +162,10 @@ def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, 
     if BM == BLOCK_M:
         row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BM
         rows = T.min(BM, offsets[e + 1] - row0)
-    else:  # see tiles_of: one tile of up to BM rows, or 128-row tiles
+    else:  # see tiles_of: 128-row tiles, the last one of up to BM rows
         row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
-        rows = T.min(T.if_then_else(c == 1, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
+        last = (b - a0 * num_n_tiles) % c == c - 1
+        rows = T.min(T.if_then_else(last, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
 
 
 @T.macro
