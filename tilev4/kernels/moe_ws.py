@@ -25,7 +25,8 @@ Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · B
 **192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``): three
 consumer warpgroups (160 registers; the producer, warpgroup 3, 24), for an expert of 129-192 rows, which 128-row tiles
 would serve with two CTAs each streaming the whole weight tile. The table gives such an expert one tile and every
-other expert 128-row tiles (:func:`tiles_of`). There is no room for staging tiles beside 4 stages of three A slabs and
+other expert 128-row tiles, except that a last tile of 1-64 rows joins the one before it (:func:`tiles_of`). There
+is no room for staging tiles beside 4 stages of three A slabs and
 two weight tiles (224 KiB), so each consumer stages its output in its own A-slab buffers, 64 columns a slot: they
 are free once its K loop is done (one tile a CTA; only this warpgroup reads them). Same wgmma sequence per row, so the
 same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.81-0.83 of the 128-row time
