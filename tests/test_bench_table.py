@@ -46,3 +46,15 @@ def test_quantised_moe_rows_show_the_speed_up_over_the_bf16_path_and_its_target(
     rows = render_table([rep]).splitlines()
     assert "| fp8 | prefill | 3.0000 | – | 700.0 | 0.88 of bf16 matmul, 1.60× the bf16 path | 1.5× bf16 |" in rows[2]
     assert "| fp8 | decode | 1.0000 | 3600 | – | 0.90 of copy BW, 1.85× the bf16 path | – |" in rows[3]
+
+
+def test_time_in_turn_reverses_the_order_every_other_round(monkeypatch):
+    import tilev4.bench as bench
+
+    order = []
+    monkeypatch.setattr(bench, "time_cuda", lambda fn, **kw: (order.append((fn, kw)), {"a": 3.0, "b": 1.0}[fn])[1])
+    assert bench.time_in_turn(["a", "b"], rounds=3, graph=True) == [3.0, 1.0]
+    assert [fn for fn, _ in order] == ["a", "b", "b", "a", "a", "b"] and all(kw == {"graph": True} for _, kw in order)
+    order.clear()
+    bench.time_in_turn(["a", "b"], rounds=2, alternate=False)
+    assert [fn for fn, _ in order] == ["a", "b", "a", "b"]

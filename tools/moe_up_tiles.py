@@ -20,7 +20,7 @@ import torch
 
 def main() -> None:
     from tilev4.bench import time_cuda
-    from tilev4.bench.moe import DIM, INTER, LIMIT, NUM_EXPERTS, ROUTE_SCALE, TOP_K, _layer, balanced_routing
+    from tilev4.bench.moe import DIM, NUM_EXPERTS, ROUTE_SCALE, TOP_K, _layer, balanced_routing, routed_path
     K = importlib.import_module("tilev4.kernels.moe")  # the module (the package exports the op under its name)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,23 +46,12 @@ def main() -> None:
     for name, x, weights, experts in cases:
         runs, outs = {}, {}
         for bm in (128, 192):
-            perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=bm)
-            n = perm.x_sorted.shape[0]
-            h = torch.full((n, INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
-            y = torch.full((n, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
-
-            def up(perm=perm, h=h):
-                K.moe_up(perm, w1, w3, LIMIT, out=h)
-
-            def routed(perm=perm, h=h, y=y):
-                K.moe_up(perm, w1, w3, LIMIT, out=h)
-                K.moe_down(perm, h, w2, out=y)
-
-            routed()
+            path = routed_path(K, x, weights, experts, w1, w2, w3, bm)
+            path.routed()
             torch.cuda.synchronize()
-            outs[bm] = (h.clone(), y.clone())
-            runs[bm] = (up, routed)
-            counts = perm.counts
+            outs[bm] = (path.h.clone(), path.y.clone())
+            runs[bm] = (path.up, path.routed)
+            counts = path.perm.counts
         res = {"up_ms": {128: [], 192: []}, "routed_ms": {128: [], 192: []}}
         for r in range(args.rounds):
             for bm in ((128, 192) if r % 2 == 0 else (192, 128)):

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BENCHES", "benchmark", "measure_peaks", "record", "render_table", "run_benches", "time_cuda"]
+__all__ = ["BENCHES", "benchmark", "measure_peaks", "record", "render_table", "run_benches", "time_cuda",
+           "time_in_turn"]
 
 BenchFn = Callable[[dict[str, float]], list[dict[str, Any]]]
 BENCHES: dict[str, BenchFn] = {}
@@ -121,6 +122,18 @@ def measure_peaks() -> dict[str, float]:
         "bf16_matmul_tflops": 2 * n**3 / ms / 1e9,
         "copy_gbps": 2 * src.numel() * 4 / ms_copy / 1e6,
     }
+
+
+def time_in_turn(fns: list[Callable[[], Any]], rounds: int = 3, alternate: bool = True, **kw: Any) -> list[float]:
+    """Median ms of each of ``fns`` (:func:`time_cuda` with ``kw``) over ``rounds`` rounds that time them in turn,
+    so that none gets the cooler GPU; with ``alternate`` the order is reversed every other round, as back-to-back
+    medians of one program drift by up to ~5 % within a process on the H200 (the first measured fastest)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = reversed(range(len(fns))) if alternate and r % 2 else range(len(fns))
+        for i in order:
+            times[i].append(time_cuda(fns[i], **kw))
+    return [statistics.median(t) for t in times]
 
 
 def record(

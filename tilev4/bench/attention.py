@@ -8,12 +8,11 @@ CUDA-graph replay of the public op (kernel time only: the op's host path — che
 resolution, launch — would otherwise show in the millisecond prefill rows too).
 """
 
-import statistics
 from typing import Any
 
 import torch
 
-from tilev4.bench import benchmark, record, time_cuda
+from tilev4.bench import benchmark, record, time_in_turn
 
 __all__ = ["bench_attention"]
 
@@ -36,11 +35,8 @@ def _csa_prefill_inputs(s: int, heads: int, topk: int, n_c: int = 16384, seed: i
 def _time_both(fn, rounds: int = 3, **kw) -> dict[bool, float]:
     """Median ms of ``fn(batch_invariant)`` for the default and the batch-invariant variant: the median of
     ``rounds`` rounds that time the two in turn, so that neither gets the cooler GPU."""
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for bi in (False, True):
-            times[bi].append(time_cuda(lambda bi=bi: fn(bi), **kw))
-    return {bi: statistics.median(t) for bi, t in times.items()}
+    ms = time_in_turn([lambda: fn(False), lambda: fn(True)], rounds, alternate=False, **kw)
+    return {False: ms[0], True: ms[1]}
 
 
 def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: int = 4096) -> list[dict[str, Any]]:

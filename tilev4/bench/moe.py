@@ -27,7 +27,7 @@
   (``moe_permute(up_block_m=128)``; it must give the same bits: ``bits_equal_to_default``) and
   ``torch._grouped_mm`` on the same permutation. Where the default chose the 192-row table for the random gate's
   routing too, a "128-row up tiles" row follows its routed row. ``up_block_m`` names each row's table; the two
-  tables are timed in alternating order (:func:`time_alternating`), as back-to-back timings drift.
+  tables are timed in alternating order (:func:`tilev4.bench.time_in_turn`), as back-to-back timings drift.
 
 Each record also carries the largest difference of the routed output from the torch path on the same
 inputs (``max_abs_diff_vs_torch``; the torch path rounds gate and up to bf16, so it is not zero), as a
@@ -35,14 +35,14 @@ sanity check of the timed kernels.
 """
 
 import importlib
-import statistics
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
-from tilev4.bench import benchmark, record, time_cuda
+from tilev4.bench import benchmark, record, time_cuda, time_in_turn
 
-__all__ = ["bench_moe"]
+__all__ = ["RoutedPath", "balanced_routing", "bench_moe", "routed_path"]
 
 DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
 
@@ -91,15 +91,9 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
     for num_tokens in (8192, 64):
         x = torch.randn(num_tokens, DIM, generator=gen, device="cuda").bfloat16()
         weights, experts = K.moe_route(x, layer["gate"], layer["bias"], TOP_K, ROUTE_SCALE)
-        perm = K.moe_permute(x, weights, experts, NUM_EXPERTS)
+        perm, _, y, _, routed = routed_path(K, x, weights, experts, w1, w2, w3)
         n = num_tokens * TOP_K
         shape = f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K}"
-        h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
-
-        def routed(perm=perm, h=h, y=y):
-            K.moe_up(perm, w1, w3, LIMIT, out=h)
-            K.moe_down(perm, h, w2, out=y)
 
         def full(x=x):
             K.moe(x, layer["gate"], layer["bias"], w1, w2, w3, shared, top_k=TOP_K, route_scale=ROUTE_SCALE,
@@ -108,11 +102,12 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         routed()
         touched = int((perm.counts > 0).sum().item())
         graph = num_tokens <= 256
-        routed_128 = _routed_128(K, x, weights, experts, w1, w2, w3) if perm.up_tiles else None
-        if routed_128 is None:
+        path_128 = routed_path(K, x, weights, experts, w1, w2, w3, K.BLOCK_M) if perm.up_tiles else None
+        if path_128 is None:
             ms_routed = time_cuda(routed, graph=graph)
         else:  # the default chose the 192-row up table: time the 128-row one too, in alternating order
-            ms_routed, ms_128 = time_alternating([routed, routed_128[0]])
+            path_128.routed()
+            ms_routed, ms_128 = time_in_turn([routed, path_128.routed])
         ms_full = time_cuda(full, graph=graph)
         try:  # the baseline must not take the tilev4 records down with it
             diff = (y.float() - _torch_routed(perm, w1, w2, w3).float()).abs().max().item()
@@ -132,10 +127,10 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         target = 0.7 if num_tokens > 256 else 0.6  # the issue's targets: prefill of the bf16 peak, decode of copy BW
         recs = [record("moe routed (up+SwiGLU, down)", shape, ms_routed, peaks=peaks, target=target, **routed_work)]
         recs[0]["up_block_m"] = perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M
-        if routed_128 is not None:
+        if path_128 is not None:
             recs.append(record("moe routed, 128-row up tiles", shape, ms_128, peaks=peaks, **routed_work))
             recs[-1]["up_block_m"] = K.BLOCK_M
-            recs[-1]["bits_equal_to_default"] = bool(torch.equal(routed_128[1], y))
+            recs[-1]["bits_equal_to_default"] = bool(torch.equal(path_128.y, y))
         if ms_torch is not None:
             recs.append(record("torch._grouped_mm routed", shape, ms_torch, peaks=peaks, **routed_work))
         recs.append(record("moe layer", shape, ms_full, peaks=peaks, **layer_work))
@@ -157,32 +152,34 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
     return out
 
 
-def time_alternating(fns: list[Any], rounds: int = 3) -> list[float]:
-    """Median ms of each of ``fns`` (:func:`tilev4.bench.time_cuda`) over ``rounds`` rounds, the order reversed every
-    other round: back-to-back medians of the same program drift by up to ~5 % within a process on the H200 (the
-    first measured fastest), so a fixed order would favour the first."""
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            times[i].append(time_cuda(fns[i]))
-    return [statistics.median(t) for t in times]
+class RoutedPath(NamedTuple):
+    """The bf16 routed path on one permutation: ``up()`` runs the up-projection into ``h``, ``routed()`` up and down
+    into ``y`` (NaN before the first launch)."""
+
+    perm: Any
+    h: torch.Tensor
+    y: torch.Tensor
+    up: Callable[[], None]
+    routed: Callable[[], None]
 
 
-def _routed_128(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
-                w2: torch.Tensor, w3: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """The routed bf16 path with the 128-row up table forced (its launch function, run once, and its output)."""
-    perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=K.BLOCK_M)
+def routed_path(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, w3: torch.Tensor, up_block_m: int | None = None) -> RoutedPath:
+    """The permutation of ``(weights, experts)`` with the given up table (None: the default's choice), its output
+    buffers and launch functions (``K``: :mod:`tilev4.kernels.moe`). Nothing is launched but the permutation."""
+    perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=up_block_m)
     n = perm.x_sorted.shape[0]
-    h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
-    y = torch.full((n, DIM), float("nan"), device="cuda", dtype=torch.bfloat16)
+    h = torch.full((n, INTER), float("nan"), device=x.device, dtype=torch.bfloat16)
+    y = torch.full((n, DIM), float("nan"), device=x.device, dtype=torch.bfloat16)
 
-    def routed():
+    def up() -> None:
         K.moe_up(perm, w1, w3, LIMIT, out=h)
+
+    def routed() -> None:
+        up()
         K.moe_down(perm, h, w2, out=y)
 
-    routed()
-    return routed, y
+    return RoutedPath(perm, h, y, up, routed)
 
 
 def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator
@@ -212,20 +209,13 @@ def _bench_balanced(K: Any, x: torch.Tensor, gen: torch.Generator, w1: torch.Ten
     flops = 6.0 * n * DIM * INTER
     recs, ys, fns = [], [], []
     for up_block_m in (None, K.BLOCK_M):
-        perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=up_block_m)
-        h = torch.empty(n, INTER, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
-
-        def routed(perm=perm, h=h, y=y):
-            K.moe_up(perm, w1, w3, LIMIT, out=h)
-            K.moe_down(perm, h, w2, out=y)
-
+        perm, _, y, _, routed = routed_path(K, x, weights, experts, w1, w2, w3, up_block_m)
         routed()
         ys.append(y)
         fns.append(routed)
         name = "moe routed, balanced routing" + ("" if up_block_m is None else ", 128-row up tiles")
         recs.append({"name": name, "up_block_m": perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M})
-    for i, ms in enumerate(time_alternating(fns)):
+    for i, ms in enumerate(time_in_turn(fns)):
         extra = recs[i]
         recs[i] = record(extra.pop("name"), shape, ms, peaks=peaks, target=None if i else 0.7, flops=flops)
         recs[i].update(extra)
