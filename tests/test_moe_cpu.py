@@ -171,16 +171,17 @@ def test_kernel_lookup_by_name():
 
 
 def test_up_tile_table_192_rule():
-    """The bf16 up-projection's 192-row table: one tile for an expert of 1-192 rows, 128-row tiles past that (a
-    193-row expert is 128 + 65 rows, not 192 + 1), none for an empty expert; the same rule in the scan's TileLang
-    expression and in the tuner's host-side tables."""
+    """The bf16 up-projection's 192-row table: one tile for an expert of 1-192 rows, 128-row tiles past that, the
+    last one taking a remainder of at most 64 rows too (320 = 128 + 192; a 193-row expert is 128 + 65 rows, not
+    192 + 1), none for an empty expert; the same rule in the scan's TileLang expression and in the tuner's
+    host-side tables."""
     import torch
 
     from tilev4.kernels.moe_tuning import tile_tables
     from tilev4.kernels.moe_ws import tiles_of
 
-    counts = [0, 1, 64, 128, 129, 192, 193, 256, 257, 1089]
-    want = [0, 1, 1, 1, 1, 1, 2, 2, 3, 9]
+    counts = [0, 1, 64, 128, 129, 192, 193, 256, 257, 320, 321, 1088, 1089]
+    want = [0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 8, 9]
     assert [tiles_of(c, 192) for c in counts] == want
     assert [tiles_of(c, 128) for c in counts] == [-(-c // 128) for c in counts]
     offsets, tile_offsets, tile_expert = tile_tables(torch.tensor(counts), 192, sum(counts))

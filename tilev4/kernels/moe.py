@@ -127,7 +127,8 @@ __all__ = [
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
 # the bf16 up-projection's own tile table (MoEPermutation.up_tiles; choose_up_block_m): an expert of 129-192 rows is
-# one 192-row tile of three consumer warpgroups (one weight stream instead of two); other experts keep 128-row tiles
+# one 192-row tile of three consumer warpgroups (one weight stream instead of two); larger experts take 128-row
+# tiles, the last one with up to 192 rows (tiles_of)
 UP_BLOCK_M = 192
 UP_BLOCK_MS = WS_BLOCK_MS
 # up_block_m=None takes the 192-row table when a balanced routing would give an expert this many rows on average
@@ -1008,11 +1009,12 @@ def moe_permute(
             ``perm.x_sorted`` then has its dtype.
         up_block_m: the M tile of the bf16 up-projection's table: None (the default) chooses, or one of
             :data:`UP_BLOCK_MS`. 128 shares the table above. 192 adds a second table (``perm.up_tiles``, one more
-            scan launch) in which an expert of 129-192 rows is one 192-row tile: :func:`moe_up` then runs it with
+            scan launch) in which an expert of 129-192 rows is one 192-row tile (and a larger expert's last 1-64
+            rows join its last 128-row tile: ``tiles_of``): :func:`moe_up` then runs it with
             three consumer warpgroups and one weight stream instead of two CTAs each streaming it. Both give the
             same bits. On the H200 (``tools/moe_up_tiles.py``, alternating order) the 192-row table takes 0.81-0.82
             of the up-projection's time (0.87 of up + down) with 168 or 192 rows an expert (balanced routings), 1.01
-            with 240 (no expert fits one 192-row tile) and 0.99-1.00 on the benchmark's random gate (experts of a
+            with 240 (no expert fits one 192-row tile) and 0.97-1.01 on the benchmark's random gate (experts of a
             few rows to ~1000). None takes 192 when ``T·k/E`` is in (128, 192] (:func:`choose_up_block_m`: the rows
             a load-balanced gate gives an expert; the counts themselves are on the device) and 128 otherwise or
             with a payload (its FP8 / FP4 GEMMs read the 128-row table).

@@ -25,7 +25,8 @@ Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · B
 **192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``): three
 consumer warpgroups (160 registers; the producer, warpgroup 3, 24), for an expert of 129-192 rows, which 128-row tiles
 would serve with two CTAs each streaming the whole weight tile. The table gives such an expert one tile and every
-other expert 128-row tiles (:func:`tiles_of`). There is no room for staging tiles beside 4 stages of three A slabs and
+other expert 128-row tiles, except that a last tile of 1-64 rows joins the one before it (:func:`tiles_of`). There
+is no room for staging tiles beside 4 stages of three A slabs and
 two weight tiles (224 KiB), so each consumer stages its output in its own A-slab buffers, 64 columns a slot: they
 are free once its K loop is done (one tile a CTA; only this warpgroup reads them). Same wgmma sequence per row, so the
 same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.81-0.83 of the 128-row time
@@ -127,16 +128,18 @@ def store_width(block_n: int) -> int:
 
 def tiles_of(count, block_m: int):
     """M tiles of an expert with ``count`` rows in the tile table built for ``block_m``: ``⌈count / block_m⌉`` up
-    to 128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or ``⌈count / 128⌉`` 128-row
-    tiles past that (a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole
-    weight tile). A TileLang expression for the scan kernel, or an int for the host."""
+    to 128; for 192 (the three-consumer ``ws`` tiles) one tile of up to 192 rows, or past that 128-row tiles whose
+    last one takes the remainder too when it is at most 64 rows: ``⌈(count − 64) / 128⌉`` tiles (300 rows:
+    128 + 172; a 193-row expert is better served by 128 + 65 rows than by 192 + 1: each tile reads the whole
+    weight tile).
+    A TileLang expression for the scan kernel, or an int for the host."""
     if isinstance(count, int):
-        if block_m <= BLOCK_M or count > block_m:
-            return -(-count // min(block_m, BLOCK_M))
-        return min(count, 1)
+        if block_m <= BLOCK_M:
+            return -(-count // block_m)
+        return min(count, 1) if count <= block_m else -(-(count - HALF_M) // BLOCK_M)
     if block_m <= BLOCK_M:
         return T.ceildiv(count, block_m)
-    return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count, BLOCK_M))
+    return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count - HALF_M, BLOCK_M))
 
 
 def _staged(slot, i, j):
@@ -160,9 +163,10 @@ def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, 
     if BM == BLOCK_M:
         row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BM
         rows = T.min(BM, offsets[e + 1] - row0)
-    else:  # see tiles_of: one tile of up to BM rows, or 128-row tiles
+    else:  # see tiles_of: 128-row tiles, the last one of up to BM rows
         row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
-        rows = T.min(T.if_then_else(c == 1, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
+        last = (b - a0 * num_n_tiles) % c == c - 1
+        rows = T.min(T.if_then_else(last, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
 
 
 @T.macro
