@@ -6,6 +6,7 @@ bf16 (relative 2^-9); with |v| of N(0,1) rows below ~5 that bounds |o − o_ref|
 The lse goes through fp32 only (atol 1e-3 covers exp2/log2 and the summation order).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -273,32 +274,90 @@ def test_seesaw_ring_of_two_pairs(num_splits):
                       unused=slice(128, 160), duplicates=False)
 
 
-@pytest.mark.parametrize("query_tiles", [2, 4])
-def test_seesaw_query_tiles(query_tiles):
-    """A seesaw CTA walking 2 or 4 queries: against the reference (see ``_check_ws_program``: 5 queries a sequence,
-    so a CTA's last turn is past the sequence or has fewer queries; HCA with ragged starts), and bit for bit against
-    one query a CTA on CSA prefill with ragged starts (131 queries a sequence, 2 sequences)."""
+@pytest.mark.parametrize("walk", [{"query_tiles": 2}, {"query_tiles": 4}, {"persistent_ctas": 3},
+                                  {"persistent_ctas": 300}], ids=["qt2", "qt4", "pc3", "pc300"])
+def test_seesaw_query_tiles(walk):
+    """A seesaw CTA walking 2 or 4 consecutive queries, or persistent CTAs walking every 3rd query (or 300 CTAs, more
+    than the queries: some walk none): against the reference (see ``_check_ws_program``: 5 queries a sequence, so a
+    CTA's last turn is past the sequence or has fewer queries; HCA with ragged starts), and bit for bit against one
+    query a CTA on CSA prefill with ragged starts (131 queries a sequence, 2 sequences)."""
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec
 
-    _check_ws_program(AttentionConfig(query_tiles=query_tiles), 1, 900 + query_tiles, k=320,  # one pass
+    seed = walk.get("query_tiles", 0) + walk.get("persistent_ctas", 0)
+    _check_ws_program(AttentionConfig(**walk), 1, 900 + seed, k=320,  # one pass
                       unused=slice(128, 192), duplicates=True)
-    g = _gen(950 + query_tiles)
+    g = _gen(950 + seed)
     b, s, k = 2, 131, 96
     start = torch.tensor([0, 37], dtype=torch.int32, device="cuda")
     positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
     q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, 64, 64, k, positions, start=start, n_stream=s)
     outs = []
-    for qt in (1, query_tiles):
-        kern = AttentionKernel(variant_spec("csa", 64, False, False), AttentionConfig(query_tiles=qt))
-        assert kern.plan(b, s, [128, k], num_splits=1).config.query_tiles == qt
+    for cfg in (AttentionConfig(), AttentionConfig(**walk)):
+        kern = AttentionKernel(variant_spec("csa", 64, False, False), cfg)
+        assert kern.plan(b, s, [128, k], num_splits=1).config == cfg
         outs.append(kern(q, positions, sink, num_splits=1, out=_poisoned(q), window_kv=kv_w, window_start=start,
                          sel_kv=kv_c, sel_idx=idx))
     assert not torch.isnan(outs[1]).any()
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
     kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions, start=start), idx.cpu())
     _check(outs[1], RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
+@pytest.mark.parametrize("variant", ["sparse", "csa", "hca"])
+def test_long_launch_matches_one_query_a_cta(variant):
+    """A long one-pass launch of the op (several queries a CTA, or persistent CTAs for LONG_LAUNCH_PERSISTENT
+    variants, on this GPU's SM count) gives the bits of the same tuned config walking one query a CTA, and its
+    first and last queries match the reference."""
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.runtime import _num_sms
+    from tilev4.kernels import attention as A
+
+    sms = _num_sms(torch.cuda.current_device())
+    s = A.LONG_LAUNCH_WAVES * A.LONG_LAUNCH_QUERY_TILES[variant] * sms
+    k = 512 if variant == "sparse" else 256
+    g = _gen(1300 + len(variant))
+    kern = A._kernel(variant, 64, False, None, False)
+    plan = kern.plan(1, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
+    walk = {"persistent_ctas": sms} if variant in A.LONG_LAUNCH_PERSISTENT else {
+        "query_tiles": A.LONG_LAUNCH_QUERY_TILES[variant]}
+    assert plan.kind == "main" and plan.config == dataclasses.replace(kern.launch_config("main"), **walk)
+    one = AttentionKernel(kern.spec, kern.launch_config("main"))  # the same config, one query a CTA
+    rows = list(range(8)) + list(range(s - 8, s))
+    if variant == "sparse":
+        n = 3000
+        q, kv = _randn(1, s, 64, 512, g=g), _randn(1, n, 512, g=g)
+        sink = torch.randn(64, generator=g, device="cuda")
+        idx = torch.randint(0, n, (1, s, k), generator=g, device="cuda", dtype=torch.int32)
+        idx[:, :, 3::7] = -1
+        o = tilev4.sparse_attention(q, kv, sink, idx, out=_poisoned(q))
+        base = one(q, torch.zeros(1, s, dtype=torch.int32, device="cuda"), sink, out=_poisoned(q), sel_kv=kv,
+                   sel_idx=idx)
+        ref = _ref_sparse(q[:, rows], kv, sink, idx[:, rows])
+    else:
+        start = torch.tensor([5000], dtype=torch.int32, device="cuda")
+        positions = start.view(1, 1) + torch.arange(s, device="cuda", dtype=torch.int32).view(1, s)
+        if variant == "csa":
+            n_c = 2048
+            q, kv_w, kv_c, sink, idx = _csa_case(g, 1, s, 64, n_c, k, positions, start=start, n_stream=s)
+            o = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, window_start=start, out=_poisoned(q))
+            base = one(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, sel_kv=kv_c,
+                       sel_idx=idx)
+            sel = idx[:, rows].cpu()
+        else:
+            n_c = int(positions.max() + 1) // 128
+            q, kv_w, kv_c = _randn(1, s, 64, 512, g=g), _randn(1, s, 512, g=g), _randn(1, n_c, 512, g=g)
+            sink = torch.randn(64, generator=g, device="cuda")
+            o = tilev4.hca_attention(q, kv_w, kv_c, sink, positions, window_start=start, out=_poisoned(q))
+            base = one(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, comp_kv=kv_c)
+            sel = RA.compressed_indices(positions[:, rows].cpu(), 128, max_entries=n_c)
+        kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu(), _window_rows(positions[:, rows], start=start),
+                                             sel)
+        ref = RA.sparse_attention(q[:, rows].cpu().float(), kv_cat, sink.cpu(), idx_cat)
+    assert not torch.isnan(o).any()
+    assert torch.equal(o.view(torch.int16), base.view(torch.int16))
+    _check(o[:, rows], ref)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))

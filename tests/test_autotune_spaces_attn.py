@@ -81,6 +81,21 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
         AttentionConfig(query_tiles=0)
     with pytest.raises(ValueError, match="query_tiles=2 needs the seesaw main program"):
         build_main_program(ws, AttentionConfig(query_tiles=2), split=True)
+    # persistent CTAs: the same rules, and not with query_tiles
+    assert why(ws, AttentionConfig(persistent_ctas=132), "main") is None
+    assert why(ws, AttentionConfig(persistent_ctas=132), "split") is None  # the batch-invariant split ignores it
+    assert "persistent_ctas=132 needs the seesaw main" in why(ws, AttentionConfig(persistent_ctas=132,
+                                                                                    split_keys=256), "split")
+    assert "persistent_ctas=7 needs the seesaw main" in why(simple16, AttentionConfig(persistent_ctas=7), "main")
+    assert "persistent_ctas=7 needs a window" in why(dense_only, AttentionConfig(persistent_ctas=7), "main")
+    assert dsl_tuning.smem_bytes(ws, AttentionConfig(persistent_ctas=132), "main") <= SMEM
+    for bad in (-1, 1 << 17):
+        with pytest.raises(ValueError, match=f"persistent_ctas must be in \\[0, 65536\\], got {bad}"):
+            AttentionConfig(persistent_ctas=bad)
+    with pytest.raises(ValueError, match="persistent_ctas=132 needs query_tiles=1"):
+        AttentionConfig(persistent_ctas=132, query_tiles=2)
+    with pytest.raises(ValueError, match="persistent_ctas=132 needs the seesaw main program"):
+        build_main_program(ws, AttentionConfig(persistent_ctas=132), split=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -103,9 +118,9 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
         if plan.bucket.endswith("combine"):
             assert [c["combine_threads"] for c in plan.candidates] == [128, 256, 64]
         else:  # warp-specialised: the block size and the schedule are free; seesaw rings of 32- or 16-key blocks
-            # (the 64-head one-pass bucket also holds the long launches' program of two queries a CTA, which only
-            # the seesaw schedule builds)
-            long_launch = any(p.get("query_tiles", 1) != 1 for p in plan.problems)
+            # (the 64-head one-pass bucket also holds the long launches' program of several queries a CTA or of
+            # persistent CTAs, which only the seesaw schedule builds)
+            long_launch = any(p.get("query_tiles", 1) != 1 or p.get("persistent_ctas", 0) for p in plan.problems)
             assert long_launch == (plan.bucket in ("H=64,main", "H=64,prefill,main"))
             schedules = ("seesaw",) if long_launch else ("ws", "seesaw")
             assert sorted((c["block_kv"], c["schedule"], c["pair_stages"]) for c in plan.candidates) == sorted(

@@ -1,4 +1,5 @@
-"""Attention benchmarks: V4-Flash / V4-Pro CSA prefill, CSA decode, HCA prefill, batch-invariant variants.
+"""Attention benchmarks: V4-Flash / V4-Pro CSA prefill, CSA decode, HCA prefill, ``sparse_attention`` prefill,
+batch-invariant variants.
 
 FLOPs count only valid keys: 4·H·D per (query, valid key) (QKᵀ and PV). Decode bytes are the bytes of KV
 read, as the issue's target defines them: the KV rows actually gathered (every valid key's 512 bf16 values); the
@@ -49,6 +50,24 @@ def _csa_prefill(peaks: dict[str, float], name: str, heads: int, topk: int, s: i
     flops = 4.0 * s * heads * D * (128 + topk)
     return [record(f"{name}{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} keys=128+{topk}", t,
                    flops=flops, peaks=peaks, target=0.70) for bi, t in ms.items()]
+
+
+def _sparse_prefill(peaks: dict[str, float], heads: int = 64, topk: int = 512, s: int = 4096,
+                    n: int = 16384) -> list[dict[str, Any]]:
+    """``tilev4.sparse_attention`` over an index list only (no issue target: the public op the CSA rows build on)."""
+    import tilev4
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, s, heads, D, generator=g, device="cuda").bfloat16()
+    kv = torch.randn(1, n, D, generator=g, device="cuda").bfloat16()
+    idx = torch.argsort(torch.rand(1, s, n, generator=g, device="cuda"), dim=-1)[..., :topk].int().contiguous()
+    sink = torch.randn(heads, generator=g, device="cuda")
+    o = torch.empty_like(q)
+    ms = _time_both(lambda bi: tilev4.sparse_attention(q, kv, sink, idx, batch_invariant=bi, validate=False, out=o),
+                    reps=20, graph=True)
+    flops = 4.0 * s * heads * D * topk
+    return [record(f"sparse_attention prefill{' (batch-invariant)' if bi else ''}", f"b=1 s={s} H={heads} k={topk}",
+                   t, flops=flops, peaks=peaks) for bi, t in ms.items()]
 
 
 def _csa_decode_inputs(b: int = 64, heads: int = 64, topk: int = 512, n_c: int = 32768):
@@ -114,4 +133,5 @@ def bench_attention(peaks: dict[str, float]) -> list[dict[str, Any]]:
     out += _csa_prefill(peaks, "V4-Pro CSA prefill", 128, 1024)
     out += _csa_decode(peaks)
     out += _hca_prefill(peaks)
+    out += _sparse_prefill(peaks)
     return out

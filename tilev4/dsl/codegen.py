@@ -34,7 +34,8 @@ half of D lets the producer refill a half as soon as its last reader is done) or
 softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather, then
 compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
-load while the consumers finish the previous one (same bits as one query a CTA).
+load while the consumers finish the previous one (same bits as one query a CTA); with
+``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
 """
 
 import functools
@@ -63,6 +64,7 @@ __all__ = [
     "ws_supported",
 ]
 
+MAX_PERSISTENT_CTAS = 1 << 16
 NEG_BIG = -1.0e30  # running-max start: finite, so that 2^(m_prev - m) never sees inf - inf
 # Seesaw schedule: a row's running max (base 2) moves only when a block's scores pass it by more than this, so
 # that the 128-register output accumulator is rescaled only then; P = 2^(S - m) stays <= 2^8, O and l carry the
@@ -110,6 +112,11 @@ class AttentionConfig:
         as soon as both consumers are past their last QKᵀ and gathers its first key blocks while they finish
         the softmax, P·V and the output (staged through the P buffer, since Q's buffer holds the next Q). Each
         query runs the same arithmetic either way (same bits).
+    persistent_ctas: 0 (default), or the number of seesaw main-program CTAs a head block (and sequence) that walk
+        all the queries in turn, CTA ``i`` the queries ``i, i + P, i + 2P, …`` (strided, as a query's cost may
+        grow with its position), each with the overlap ``query_tiles`` gives; with ``P`` = the device's SMs the
+        launch is one wave, with no per-CTA prologue past the first query and no partly empty last wave. Excludes
+        ``query_tiles`` > 1. Same bits as one query a CTA.
     """
 
     block_kv: int = 64
@@ -120,6 +127,7 @@ class AttentionConfig:
     combine_threads: int = 128
     pair_stages: int = 1
     query_tiles: int = 1
+    persistent_ctas: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws", "seesaw"):
@@ -130,6 +138,11 @@ class AttentionConfig:
             raise ValueError(f"pair_stages must be 1 or 2, got {self.pair_stages}")
         if not 1 <= self.query_tiles <= 8:
             raise ValueError(f"query_tiles must be in [1, 8], got {self.query_tiles}")
+        if not 0 <= self.persistent_ctas <= MAX_PERSISTENT_CTAS:
+            raise ValueError(f"persistent_ctas must be in [0, {MAX_PERSISTENT_CTAS}], got {self.persistent_ctas}")
+        if self.persistent_ctas and self.query_tiles != 1:
+            raise ValueError(f"persistent_ctas={self.persistent_ctas} needs query_tiles=1 (the CTAs walk their "
+                             f"queries in turn already), got query_tiles={self.query_tiles}")
         if self.block_kv % 16 or self.block_kv < 16:
             raise ValueError(f"block_kv must be a positive multiple of 16, got {self.block_kv}")
         for name in ("threads", "combine_threads"):
@@ -283,9 +296,12 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     if config.pair_stages != 1 and not (config.schedule == "seesaw" and ws_supported(spec)):
         raise ValueError(f"pair_stages={config.pair_stages} needs the 'seesaw' schedule with 64-head CTAs and D = 512 "
                          f"(schedule={config.schedule!r}, heads={spec.heads}, head_dim={spec.head_dim})")
-    if config.query_tiles != 1 and (split or not (config.schedule == "seesaw" and ws_supported(spec))
-                                    or not any(isinstance(s, (Window, IndexList)) for s in spec.sources)):
-        raise ValueError(f"query_tiles={config.query_tiles} needs the seesaw main program with 64-head CTAs, "
+    if (config.query_tiles != 1 or config.persistent_ctas) and (
+            split or not (config.schedule == "seesaw" and ws_supported(spec))
+            or not any(isinstance(s, (Window, IndexList)) for s in spec.sources)):
+        walk = (f"persistent_ctas={config.persistent_ctas}" if config.persistent_ctas
+                else f"query_tiles={config.query_tiles}")
+        raise ValueError(f"{walk} needs the seesaw main program with 64-head CTAs, "
                          f"D = 512 and a window or index-list source (every query then walks a key block; "
                          f"schedule={config.schedule!r}, split={split}, heads={spec.heads})")
     if config.schedule == "seesaw" and ws_supported(spec):
@@ -468,6 +484,16 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
 
 
+def _first_query(s0: Any, S: Any, bound: Any) -> Any:
+    """A CTA's first query, clamped into the launch where the CTA may have none (``bound``: persistent CTAs)."""
+    return s0 if bound is None else T.min(s0, S - 1)
+
+
+def _live(cond: Any, bound: Any) -> Any:
+    """``cond`` where a persistent CTA's walk needs it (``bound`` given), else True: a test the program leaves out."""
+    return True if bound is None else cond
+
+
 def _cta_pair(it: Any, g0: Any) -> Any:
     """Block pair ``it`` of a query counted along the CTA's queries (``g0`` pairs before it; None: one query a CTA)."""
     return it if g0 is None else g0 + it
@@ -590,7 +616,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
     @T.macro
     def produce(t, ptx, b_i, s_i, tq, lo, hi, n_iter, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
                 src_local, row_local, pos_local, idx_cur, idx_nxt, g0=None):
-        # g0: block pairs the CTA walked for its earlier queries (query_tiles > 1), None for one query a CTA
+        # g0: block pairs the CTA walked for its earlier queries (several a CTA), None for one query a CTA
         start = None
         if len(streams) > 0:  # one load up front instead of one a resolved block
             start_local = T.alloc_local((1,), T.int32)
@@ -621,54 +647,61 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
 
     @T.macro
     def produce_tiles(t, ptx, b_i, s0, n_q, S, gens_end, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
-                      src_local, row_local, pos_local, idx_cur, idx_nxt):
-        """``produce`` for the ``n_q`` consecutive queries from ``s0`` of a CTA (query_tiles > 1, halves only): their
-        block pairs walked as one sequence, so that the ring's stages and barrier phases run on across queries and
-        the next query's first pairs are gathered while the consumers finish a query. One loop, not a loop over the
-        queries: TileLang would order the queries' shared writes with a named barrier of its own numbering (the
-        consumers' mbarriers already order them). ``gens_end(tq)``: a query's block count. Every query walks at
-        least one pair (the build asks for a window or an index list)."""
+                      src_local, row_local, pos_local, idx_cur, idx_nxt, bound=None, stride=1):
+        """``produce`` for the ``n_q`` queries ``s0 + j·stride`` of a CTA (query_tiles > 1 or persistent CTAs, halves
+        only): their block pairs walked as one sequence, so that the ring's stages and barrier phases run on across
+        queries and the next query's first pairs are gathered while the consumers finish a query. One loop, not a
+        loop over the queries: TileLang would order the queries' shared writes with a named barrier of its own
+        numbering (the consumers' mbarriers already order them). ``gens_end(tq)``: a query's block count. Every query
+        walks at least one pair (the build asks for a window or an index list). ``bound`` (persistent CTAs, whose
+        query count is dynamic): the loop runs that many pairs and idles past the CTA's last query instead of
+        counting them."""
         start = None
         if len(streams) > 0:
             start_local = T.alloc_local((1,), T.int32)
             start_local[0] = t[f"{streams[0].src.name}_start"][b_i]
             start = start_local[0]
         total = T.alloc_var(T.int32, init=0)
-        for jq in T.serial(n_q):
-            total = total + T.ceildiv(gens_end(t["positions"][b_i, s0 + jq]), 2)
+        if bound is None:
+            for jq in T.serial(n_q):
+                total = total + T.ceildiv(gens_end(t["positions"][b_i, s0 + jq]), 2)
+        else:  # many queries a CTA: walk up to ``bound`` pairs, idle past the last query's last pair
+            total = bound
         sq = T.alloc_var(T.int32)
         tq = T.alloc_var(T.int32)
         hi = T.alloc_var(T.int32)
         it = T.alloc_var(T.int32, init=0)
         sq = s0
-        tq = t["positions"][b_i, s0]
+        tq = t["positions"][b_i, _first_query(s0, S, bound)]
         hi = gens_end(tq)
         if has_list:
             load_indices(t, ptx, b_i, sq, 0, 0, idx_cur)
         for gp in T.serial(total):
-            if has_list:  # the next pair's entries, in flight during this pair (past the query: the next query's)
-                if it * 2 + 2 < hi:
-                    load_indices(t, ptx, b_i, sq, 0, it + 1, idx_nxt)
-                else:
-                    load_indices(t, ptx, b_i, T.min(sq + 1, S - 1), 0, 0, idx_nxt)
-            for st in T.unroll(2):
-                resolve(t, ptx, b_i, sq, tq, it * 2 + st, hi, st, st, src_local, row_local, pos_local, idx_cur, start)
-            r0, ph = _ring_slot(gp, ring)
-            for st, u0, u1, publish in steps:
-                stage = r0 + st
-                bar = stage * 2 + u0 // (NU // 2)
-                T.barrier_wait(k_free[bar], ph ^ 1)
-                fill(t, ptx, b_i, tq, it * 2 + st, hi, stage, st, u0, u1, bar, publish, start, kv_shared, ok_shared,
-                     kvpos_shared, k_ready, src_local, row_local, pos_local)
-            if has_list:
-                for k in T.unroll(len(listed) * 2 * NR):
-                    idx_cur[k] = idx_nxt[k]
-            it = it + 1
-            if it * 2 >= hi:  # the query's last pair: on to the next query
-                it = 0
-                sq = sq + 1
-                tq = t["positions"][b_i, T.min(sq, S - 1)]
-                hi = gens_end(tq)
+            if _live(sq < S, bound):  # (persistent CTAs) past the CTA's last query: idle
+                if has_list:  # the next pair's entries, in flight during this pair (past the query: the next query's)
+                    if it * 2 + 2 < hi:
+                        load_indices(t, ptx, b_i, sq, 0, it + 1, idx_nxt)
+                    else:
+                        load_indices(t, ptx, b_i, T.min(sq + stride, S - 1), 0, 0, idx_nxt)
+                for st in T.unroll(2):
+                    resolve(t, ptx, b_i, sq, tq, it * 2 + st, hi, st, st, src_local, row_local, pos_local, idx_cur,
+                            start)
+                r0, ph = _ring_slot(gp, ring)
+                for st, u0, u1, publish in steps:
+                    stage = r0 + st
+                    bar = stage * 2 + u0 // (NU // 2)
+                    T.barrier_wait(k_free[bar], ph ^ 1)
+                    fill(t, ptx, b_i, tq, it * 2 + st, hi, stage, st, u0, u1, bar, publish, start, kv_shared,
+                         ok_shared, kvpos_shared, k_ready, src_local, row_local, pos_local)
+                if has_list:
+                    for k in T.unroll(len(listed) * 2 * NR):
+                        idx_cur[k] = idx_nxt[k]
+                it = it + 1
+                if it * 2 >= hi:  # the query's last pair: on to the next query
+                    it = 0
+                    sq = sq + stride
+                    tq = t["positions"][b_i, T.min(sq, S - 1)]
+                    hi = gens_end(tq)
 
     produce.tiles = produce_tiles  # (a macro object takes attributes: the two share the steps above)
     return produce
@@ -932,6 +965,21 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     assert HB == 64, "the seesaw schedule's lazy rescale reads a thread's two rows of a 64-row fragment"
     RING = config.pair_stages
     QT = config.query_tiles
+    PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, a contiguous range each
+    # a query's most block pairs (shape-only), the producer's loop bound a query with persistent CTAs
+    max_pairs = T.ceildiv(sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens), 2)
+
+    def walk(s_i):
+        """CTA ``s_i``'s queries ``s0 + j·stride``: ``(s0, the consumers' count, the producer's count, stride, the
+        producer's pair bound)``. ``query_tiles``: QT consecutive queries (the consumers skip those past S; no bound:
+        the producer counts the pairs). Persistent CTAs: queries ``s_i, s_i + PC, …`` (strided, as a query's cost
+        may grow with its position: HCA's compressed keys), a dynamic count, the producer's loop bounded by the
+        count × a query's most pairs."""
+        if PC:
+            n_q = T.ceildiv(T.max(S - s_i, 0), PC)
+            return s_i, n_q, n_q, PC, n_q * max_pairs
+        return s_i * QT, QT, T.min(QT, S - s_i * QT), 1, None
+
     # no score_mod and a positive scale: the mask leaves Q·K raw and the exponent scales it (P = 2^(S·C − m))
     RAW = spec.score_mod is None and spec.softmax_scale > 0
     C = spec.softmax_scale * LOG2E if RAW else None
@@ -1064,45 +1112,38 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
 
     @T.macro
-    def consumer_tiles(t, w, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
-                       sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m, m_prev,
-                       alpha, l_sum, row_sum, lse2):
-        """query_tiles > 1: consumer ``w`` runs the CTA's queries ``s_i·QT + j`` in turn. The next query's position
+    def consumer_walk(t, w, s0, n_q, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
+                      max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
+                      m_prev, alpha, l_sum, row_sum, lse2):
+        """query_tiles > 1 or persistent CTAs: consumer ``w`` runs the CTA's queries ``s0 + j·stride``, ``j < n_q``,
+        in turn (``bound`` given: persistent CTAs, ``n_q`` a dynamic count that may be 0). The next query's position
         is loaded a query ahead, so that its key-block count is known when its turn comes. The follower loads every
         Q: the first before its first query, each next one once both consumers are past the last QKᵀ."""
         h0 = (bx % NHB) * HB
         g0 = T.alloc_var(T.int32, init=0)  # block pairs walked so far
         tq = T.alloc_var(T.int32)
         tq_next = T.alloc_var(T.int32)
-        tq_next = t["positions"][b_i, s_i * QT]
+        tq_next = t["positions"][b_i, _first_query(s0, S, bound)]
         if w == 1:
-            load_q(t, b_i, s_i * QT, h0, q_shared, q_bar)
-        for j in T.serial(QT):
-            sq = s_i * QT + j
+            if _live(n_q > 0, bound):
+                load_q(t, b_i, s0, h0, q_shared, q_bar)
+        for j in T.serial(n_q):
+            sq = s0 + j * stride
             if sq < S:
                 tq = tq_next
-                has_next = T.And(j + 1 < QT, sq + 1 < S)
+                has_next = T.And(j + 1 < n_q, sq + stride < S)
                 if has_next:
-                    tq_next = t["positions"][b_i, sq + 1]
+                    tq_next = t["positions"][b_i, sq + stride]
                 lo, hi = _block_range(t, gens, b_i, tq, 0, None)
                 n_iter = T.ceildiv(hi - lo, 2)
                 consume(t, w, b_i, sq, 0, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
                         kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s,
                         p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
-                        (has_next, sq + 1) if w == 1 else None)
+                        (has_next, sq + stride) if w == 1 else None)
                 if w == 1:
                     if T.And(n_iter == 0, has_next):  # no pair walked, no QKᵀ: the next Q now
-                        load_q(t, b_i, sq + 1, h0, q_shared, q_bar)
+                        load_q(t, b_i, sq + stride, h0, q_shared, q_bar)
                 g0 = g0 + n_iter
-
-    @T.macro
-    def producer_tiles(t, ptx, s_i, b_i, kv_shared, ok_shared, kvpos_shared, k_ready, k_free, src_local, row_local,
-                       pos_local, idx_cur, idx_nxt):
-        """query_tiles > 1: the producer gathers the key blocks of the CTA's queries into the ring as one sequence of
-        pairs (see ``produce.tiles``)."""
-        produce.tiles(t, ptx, b_i, s_i * QT, T.min(QT, S - s_i * QT), S,
-                      lambda tq: _block_range(t, gens, b_i, tq, 0, None)[1], kv_shared, ok_shared, kvpos_shared,
-                      k_ready, k_free, src_local, row_local, pos_local, idx_cur, idx_nxt)
 
     @T.macro
     def one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared, sum_shared,
@@ -1130,7 +1171,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
     @T.macro
     def body(t):
-        with T.Kernel(S if QT == 1 else T.ceildiv(S, QT), NHB * NS, B, threads=384) as (s_i, bx, b_i):
+        # (the grid's first extent written inline: a named local would rename S in the program's signature)
+        with T.Kernel(PC if PC else (S if QT == 1 else T.ceildiv(S, QT)), NHB * NS, B, threads=384) as (s_i, bx, b_i):
             T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)  # ex2 / rcp / lg2 approx; the lazy rescale's test
             # mbarriers order every hand-over between warpgroups; the only shared buffer a warpgroup's own threads
             # hand to each other is its staged output (explicit syncs above)
@@ -1141,7 +1183,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             ok_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             kvpos_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             max_shared = T.alloc_shared((2, HB), T.float32)
-            sum_shared = T.alloc_shared((2 if QT == 1 else 4, HB), T.float32)
+            sum_shared = T.alloc_shared((2 if QT == 1 and not PC else 4, HB), T.float32)
             acc_s_0 = T.alloc_fragment((HB, BI), T.float32)
             acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
             p_local_0 = T.alloc_fragment((HB, BI), T.bfloat16)
@@ -1165,29 +1207,32 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             s_ready = T.alloc_barrier(arrive_count=[128, 128])
             p_ready = T.alloc_barrier(arrive_count=[128, 128])
             fin = T.alloc_barrier(arrive_count=256)
-            q_bar = T.alloc_barrier(arrive_count=384 if QT == 1 else 128)
+            q_bar = T.alloc_barrier(arrive_count=384 if QT == 1 and not PC else 128)
             src_local = T.alloc_local((2 * NR,), T.int32)
             row_local = T.alloc_local((2 * NR,), T.int32)
             pos_local = T.alloc_local((2 * NR,), T.int32)
             idx_cur = T.alloc_local((NP,), T.int32)
             idx_nxt = T.alloc_local((NP,), T.int32)
 
-            if QT > 1:
+            if PC or QT > 1:
                 tx = T.get_thread_binding()
+                s0, n_c, n_p, stride, bound = walk(s_i)
                 if tx < 128:
                     T.set_max_nreg(216, 1)
-                    consumer_tiles(t, 0, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                                   max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
-                                   p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+                    consumer_walk(t, 0, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
+                                  kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
+                                  acc_s_0, p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(216, 1)
-                    consumer_tiles(t, 1, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                                   max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
-                                   p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+                    consumer_walk(t, 1, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
+                                  kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
+                                  acc_s_1, p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
                 elif tx >= 256:
                     T.set_max_nreg(72, 0)
-                    producer_tiles(t, tx - 256, s_i, b_i, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
-                                   src_local, row_local, pos_local, idx_cur, idx_nxt)
+                    # the key blocks of the CTA's queries, gathered into the ring as one sequence of pairs
+                    produce.tiles(t, tx - 256, b_i, s0, n_p, S, lambda tq: _block_range(t, gens, b_i, tq, 0, None)[1],
+                                  kv_shared, ok_shared, kvpos_shared, k_ready, k_free, src_local, row_local, pos_local,
+                                  idx_cur, idx_nxt, bound, stride)
             else:
                 one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
                           sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0,

@@ -74,8 +74,10 @@ class AttentionKernel:
     def launch_config(self, kind: str, split_keys: int = BATCH_INVARIANT_SPLIT_KEYS) -> AttentionConfig:
         """The config program ``kind`` in {"main", "split", "combine"} is built with (here the
         kernel's own, with one query a CTA but for the main program; registry kernels resolve theirs per GPU)."""
+        main = kind == "main"
         return dataclasses.replace(self.config, split_keys=split_keys,
-                                   query_tiles=self.config.query_tiles if kind == "main" else 1)
+                                   query_tiles=self.config.query_tiles if main else 1,
+                                   persistent_ctas=self.config.persistent_ctas if main else 0)
 
     def program(self, kind: str, config: AttentionConfig | None = None) -> Any:
         """The TileLang program ``kind`` in {"main", "split", "combine"} (default config: :meth:`launch_config`)."""
@@ -133,7 +135,7 @@ class AttentionKernel:
         if batch_invariant:
             main_cfg = self.launch_config("main")
             split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS,
-                                                          query_tiles=1))  # splits walk one query a CTA
+                                                          query_tiles=1, persistent_ctas=0))  # one query a CTA
             ns = -(-self.num_key_blocks(source_keys, split_cfg.block_kv) // split_cfg.blocks_per_split())
         else:
             split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS))
@@ -153,7 +155,8 @@ class AttentionKernel:
 
     def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
         """The one-pass program's config for a launch of ``b × s`` queries on ``device_sms`` SMs: here ``config``
-        itself; the ops' kernels choose ``query_tiles`` per launch. Every choice gives the same bits."""
+        itself; the ops' kernels choose ``query_tiles`` or ``persistent_ctas`` per launch. Every choice gives the same
+        bits."""
         return config
 
     def __call__(

@@ -30,6 +30,9 @@ CUDA sources):
   process, the benchmark's inputs), 2 / 4: HCA prefill 0.95 / 0.93, sparse k = 512 0.94 / 0.91, V4-Flash CSA
   prefill 0.97 / 0.99, V4-Pro CSA prefill (two head blocks) 1.02 / 1.03. Main programs with a window or an index
   list only (every query walks a key block); the batch-invariant split of a main program's config ignores it.
+* ``persistent_ctas`` (not tuned either, same rules): a fixed number of seesaw main-program CTAs a head block that
+  walk every query, strided (:class:`~tilev4.dsl.codegen.AttentionConfig`); the ops use the device's SM count for
+  the long launches of :data:`tilev4.kernels.attention.LONG_LAUNCH_PERSISTENT`.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 
@@ -99,15 +102,16 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
         return (f"pair_stages={config.pair_stages} is not used by the combine program" if kind == "combine" else
                 f"pair_stages={config.pair_stages} needs the seesaw schedule "
                 f"(this config runs {schedule_of(spec, config)!r})")
-    if config.query_tiles != 1:
-        # the batch-invariant split shares the main program's config (its bucket) and ignores the knob: it walks one
+    if config.query_tiles != 1 or config.persistent_ctas:
+        # the batch-invariant split shares the main program's config (its bucket) and ignores the knobs: it walks one
         # query a CTA (see AttentionKernel.plan)
+        walk = (f"persistent_ctas={config.persistent_ctas}" if config.persistent_ctas
+                else f"query_tiles={config.query_tiles}")
         shared = kind == "split" and config.split_keys == BATCH_INVARIANT_SPLIT_KEYS
         if not (kind == "main" or shared) or schedule_of(spec, config) != "seesaw":
-            return (f"query_tiles={config.query_tiles} needs the seesaw main program "
-                    f"(kind={kind!r}, schedule {schedule_of(spec, config)!r})")
+            return f"{walk} needs the seesaw main program (kind={kind!r}, schedule {schedule_of(spec, config)!r})"
         if not any(isinstance(s, (Window, IndexList)) for s in spec.sources):
-            return f"query_tiles={config.query_tiles} needs a window or an index-list source"
+            return f"{walk} needs a window or an index-list source"
     if kind == "combine":
         if (config.block_kv, config.threads) != (_DEFAULT.block_kv, _DEFAULT.threads):
             return "block_kv and threads are not used by the combine program"
@@ -140,8 +144,8 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
     if schedule_of(spec, config) == "seesaw":
         # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
-        # (query_tiles > 1: the row sums of two queries)
-        sums = 2 if config.query_tiles == 1 else 4
+        # (several queries a CTA: the row sums of two queries)
+        sums = 2 if config.query_tiles == 1 and not config.persistent_ctas else 4
         return (hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + 2 * hb * bi * 2 + 2 * hb * 4
                 + sums * hb * 4)
     if schedule_of(spec, config) == "ws":
@@ -153,7 +157,8 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
-    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages", "query_tiles")
+    keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages", "query_tiles",
+            "persistent_ctas")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 

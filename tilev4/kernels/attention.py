@@ -21,10 +21,10 @@ their arithmetic), so a row's output is the same for any batch size and position
 V4 CSA rows (640 or 1152 keys) and HCA rows (≤ 640 keys) always take the one-pass kernel.
 
 Tuning: problem keys ``heads``, ``kind`` (main / split / combine), ``ring``, ``return_lse``,
-``split_keys``; tunables ``block_kv``, ``threads``, ``schedule`` and ``pair_stages`` (main and split programs),
-``query_tiles`` (main programs) and ``combine_threads`` (see :mod:`tilev4.dsl.tuning` for what each schedule uses and
-:mod:`tilev4.kernels.attention_tuning` for the buckets and the harness). The ops resolve the config
-of every program they launch per GPU and size splits and workspaces from it.
+``split_keys``; tunables ``block_kv``, ``threads``, ``schedule`` and ``pair_stages`` (main and split programs) and
+``combine_threads``; ``query_tiles`` and ``persistent_ctas`` (main programs) are chosen per launch (see
+:mod:`tilev4.dsl.tuning` for what each schedule uses and :mod:`tilev4.kernels.attention_tuning` for the buckets and
+the harness). The ops resolve the config of every program they launch per GPU and size splits and workspaces from it.
 """
 
 import dataclasses
@@ -52,6 +52,19 @@ Measured on the H200 against one query a CTA (A/B in one process, the benchmark'
 k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
+LONG_LAUNCH_PERSISTENT = frozenset({"sparse"})
+"""Variants whose long launches run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking
+every SM-count-th query). H200, against the ``query_tiles`` programs above (same bits): sparse k = 512 0.96, V4-Flash
+CSA prefill 1.00, HCA prefill 1.02 (``benchmarks/logs/h200-2026-12-01-session29.md``)."""
+SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
+_KINDS = ("main", "split", "combine")
+
+
+def _long_launch(variant: str, sms: int) -> dict[str, int]:
+    """How the one-pass program of ``variant`` walks a long launch's queries on ``sms`` SMs, as config items."""
+    if variant in LONG_LAUNCH_PERSISTENT:
+        return {"persistent_ctas": sms}
+    return {"query_tiles": LONG_LAUNCH_QUERY_TILES[variant]}
 _KINDS = ("main", "split", "combine")
 
 
@@ -82,14 +95,16 @@ def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool 
 
 def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
            block_kv: int, threads: int, combine_threads: int, schedule: str, pair_stages: int,
-           query_tiles: int) -> Any:
+           query_tiles: int, persistent_ctas: int) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     spec = variant_spec(variant, heads, ring, return_lse)
     if kind == "split":
-        query_tiles = 1  # a split program walks one query a CTA (the batch-invariant split shares the main's config)
+        # a split program walks one query a CTA (the batch-invariant split shares the main's config)
+        query_tiles, persistent_ctas = 1, 0
     cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads,
-                          schedule=schedule, pair_stages=pair_stages, query_tiles=query_tiles)
+                          schedule=schedule, pair_stages=pair_stages, query_tiles=query_tiles,
+                          persistent_ctas=persistent_ctas)
     if kind == "combine":
         return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
@@ -106,7 +121,7 @@ def _configs(variant: str) -> list[dict[str, Any]]:
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
-                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant]})
+                out.append({"heads": h, "kind": "main", **_long_launch(variant, SHIPPED_SMS)})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
@@ -122,30 +137,30 @@ def _registration(variant: str) -> dict[str, Any]:
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                            combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                           query_tiles: int = 1):
+                           query_tiles: int = 1, persistent_ctas: int = 0):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles)
+                  pair_stages, query_tiles, persistent_ctas)
 
 
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                         combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                        query_tiles: int = 1):
+                        query_tiles: int = 1, persistent_ctas: int = 0):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles)
+                  pair_stages, query_tiles, persistent_ctas)
 
 
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                         combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                        query_tiles: int = 1):
+                        query_tiles: int = 1, persistent_ctas: int = 0):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles)
+                  pair_stages, query_tiles, persistent_ctas)
 
 
 class _TunedAttention(AttentionKernel):
@@ -173,22 +188,24 @@ class _TunedAttention(AttentionKernel):
         return config_from({**items, "split_keys": split_keys})
 
     def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
-        """:data:`LONG_LAUNCH_QUERY_TILES` queries a CTA for a long launch of the one-pass program (at least
-        :data:`LONG_LAUNCH_WAVES` waves of such CTAs) with one head block, where the program can (the seesaw
-        schedule); else ``config``. Same bits either way."""
+        """In a long launch of the one-pass program (at least :data:`LONG_LAUNCH_WAVES` waves of CTAs of
+        :data:`LONG_LAUNCH_QUERY_TILES` queries) with one head block, where the program can (the seesaw schedule):
+        :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA, or for :data:`LONG_LAUNCH_PERSISTENT` variants one persistent
+        CTA an SM; else ``config``. Same bits either way."""
         qt = LONG_LAUNCH_QUERY_TILES[self.variant]
         # the cheap tests first: a decode step (a few queries) returns here on every call
-        if (device_sms is None or config.query_tiles != 1 or b * s < LONG_LAUNCH_WAVES * qt * device_sms
-                or head_block(self.spec.heads) != self.spec.heads):
+        if (device_sms is None or config.query_tiles != 1 or config.persistent_ctas
+                or b * s < LONG_LAUNCH_WAVES * qt * device_sms or head_block(self.spec.heads) != self.spec.heads):
             return config
-        tiled = dataclasses.replace(config, query_tiles=qt)
+        tiled = dataclasses.replace(config, **_long_launch(self.variant, device_sms))
         return tiled if why_invalid(self.spec, tiled, "main") is None else config
 
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
         """The complete registry config of program ``kind`` built with ``config`` (tunables given)."""
         return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
                 "combine_threads": config.combine_threads, "schedule": config.schedule,
-                "pair_stages": config.pair_stages, "query_tiles": config.query_tiles}
+                "pair_stages": config.pair_stages, "query_tiles": config.query_tiles,
+                "persistent_ctas": config.persistent_ctas}
 
 
 class _RegistryAttention(_TunedAttention):
