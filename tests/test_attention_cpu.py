@@ -42,16 +42,18 @@ def test_public_ops_reject_bad_input_on_cpu():
 
 
 def test_long_launches_take_two_queries_a_cta():
-    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA (LONG_LAUNCH_PERSISTENT variants: one
-    persistent CTA an SM) in long launches with one head block (default and batch-invariant calls alike), one query
-    otherwise; split programs always one."""
+    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA (one persistent CTA an SM where
+    LONG_LAUNCH_PERSISTENT says so: sparse queries of 8 key blocks or more) in long launches with one head block
+    (default and batch-invariant calls alike), one query otherwise; split programs always one."""
     from tilev4.kernels import attention as A
 
     sms = 132
-    assert A.LONG_LAUNCH_PERSISTENT == {"sparse"}
-    for variant, keys in (("csa", [128, 512]), ("hca", [128, 512]), ("sparse", [512])):
+    assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 8}
+    cases = (("csa", [128, 512], False), ("hca", [128, 512], False), ("sparse", [512], True),
+             ("sparse", [2048], True), ("sparse", [448], False), ("sparse", [128], False))
+    for variant, keys, persistent in cases:
         qt = A.LONG_LAUNCH_QUERY_TILES[variant]
-        walk = (1, sms) if variant in A.LONG_LAUNCH_PERSISTENT else (qt, 0)  # (query_tiles, persistent_ctas)
+        walk = (1, sms) if persistent else (qt, 0)  # (query_tiles, persistent_ctas)
         long_s = A.LONG_LAUNCH_WAVES * qt * sms
         k = A._kernel(variant, 64, False, None, False)
 
@@ -63,12 +65,15 @@ def test_long_launches_take_two_queries_a_cta():
         assert walk_of(k.plan(1, long_s - 1, keys, num_sms=sms, device_sms=sms).config) == (1, 0)
         assert walk_of(k.plan(1, long_s, keys, num_sms=sms).config) == (1, 0)  # no device: as tuned
         assert walk_of(k.plan(1, long_s, keys, num_sms=114, device_sms=114).config) == (
-            (1, 114) if variant in A.LONG_LAUNCH_PERSISTENT else (qt, 0))  # another SM count: one CTA an SM
-        split = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)
-        assert split.kind == "split" and walk_of(split.config) == (1, 0)
+            (1, 114) if persistent else (qt, 0))  # another SM count: one CTA an SM
+        short = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)  # split into 256-key pieces where there are several
+        assert short.kind == ("split" if sum(keys) > 256 else "main") and walk_of(short.config) == (1, 0)
         bi_split = k.plan(1, 4, [128, 4096], batch_invariant=True, device_sms=sms)  # two batch-invariant splits
         assert bi_split.kind == "split" and walk_of(bi_split.config) == (1, 0)
         cfg = k.registry_config("main", k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config)
         assert (cfg["query_tiles"], cfg["persistent_ctas"]) == walk
+    # the shipped configs hold both long-launch programs of sparse_attention
+    shipped = [c for c in A._configs("sparse") if c["kind"] == "main" and c["heads"] == 64]
+    assert {(c.get("query_tiles", 1), c.get("persistent_ctas", 0)) for c in shipped} == {(1, 0), (4, 0), (1, 132)}
     pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with two queries a CTA
     assert pro.plan(1, 1 << 16, [128, 1024], num_sms=sms, device_sms=sms).config.query_tiles == 1

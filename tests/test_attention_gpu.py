@@ -320,8 +320,8 @@ def test_long_launch_matches_one_query_a_cta(variant):
     g = _gen(1300 + len(variant))
     kern = A._kernel(variant, 64, False, None, False)
     plan = kern.plan(1, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
-    walk = {"persistent_ctas": sms} if variant in A.LONG_LAUNCH_PERSISTENT else {
-        "query_tiles": A.LONG_LAUNCH_QUERY_TILES[variant]}
+    walk = A._long_launch(variant, sms, k // 64 + (variant != "sparse") * 2)
+    assert ("persistent_ctas" in walk) == (variant == "sparse")
     assert plan.kind == "main" and plan.config == dataclasses.replace(kern.launch_config("main"), **walk)
     one = AttentionKernel(kern.spec, kern.launch_config("main"))  # the same config, one query a CTA
     rows = list(range(8)) + list(range(s - 8, s))

@@ -150,11 +150,14 @@ class AttentionKernel:
                 ns = 1 if num_sms is None or 4 * ctas >= num_sms else -(-total // split_cfg.blocks_per_split())
             main_cfg = None
         if ns <= 1:
-            return LaunchPlan("main", self.tile_queries(main_cfg or self.launch_config("main"), b, s, device_sms), 1)
+            main = self.tile_queries(main_cfg or self.launch_config("main"), b, s, source_keys, device_sms)
+            return LaunchPlan("main", main, 1)
         return LaunchPlan("split", split_cfg, ns, self.launch_config("combine"))
 
-    def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
-        """The one-pass program's config for a launch of ``b × s`` queries on ``device_sms`` SMs: here ``config``
+    def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
+                     device_sms: int | None) -> AttentionConfig:
+        """The one-pass program's config for a launch of ``b × s`` queries (``source_keys``: :meth:`source_keys`)
+        on ``device_sms`` SMs: here ``config``
         itself; the ops' kernels choose ``query_tiles`` or ``persistent_ctas`` per launch. Every choice gives the same
         bits."""
         return config

@@ -52,20 +52,22 @@ Measured on the H200 against one query a CTA (A/B in one process, the benchmark'
 k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
-LONG_LAUNCH_PERSISTENT = frozenset({"sparse"})
+LONG_LAUNCH_PERSISTENT = {"sparse": 8}
 """Variants whose long launches run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking
-every SM-count-th query). H200, against the ``query_tiles`` programs above (same bits): sparse k = 512 0.96, V4-Flash
-CSA prefill 1.00, HCA prefill 1.02 (``benchmarks/logs/h200-2026-12-01-session29.md``)."""
+every SM-count-th query), where a query has at least this many 64-key blocks. H200, against the ``query_tiles``
+programs above (same bits; ``benchmarks/logs/h200-2026-12-01-session30.md``): sparse k = 512 0.96 (4096 and 16384
+queries), but k = 128 1.02 / 1.10; V4-Flash CSA prefill 1.00, HCA prefill 1.02, V4-Pro (two head blocks, 66 or 132
+CTAs a head block) 1.06."""
 SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
 _KINDS = ("main", "split", "combine")
 
 
-def _long_launch(variant: str, sms: int) -> dict[str, int]:
-    """How the one-pass program of ``variant`` walks a long launch's queries on ``sms`` SMs, as config items."""
-    if variant in LONG_LAUNCH_PERSISTENT:
+def _long_launch(variant: str, sms: int, key_blocks: int) -> dict[str, int]:
+    """How the one-pass program of ``variant`` walks a long launch's queries of ``key_blocks`` 64-key blocks on
+    ``sms`` SMs, as config items."""
+    if key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1):
         return {"persistent_ctas": sms}
     return {"query_tiles": LONG_LAUNCH_QUERY_TILES[variant]}
-_KINDS = ("main", "split", "combine")
 
 
 def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
@@ -121,7 +123,9 @@ def _configs(variant: str) -> list[dict[str, Any]]:
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
-                out.append({"heads": h, "kind": "main", **_long_launch(variant, SHIPPED_SMS)})
+                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant]})
+                if variant in LONG_LAUNCH_PERSISTENT:
+                    out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
@@ -187,17 +191,19 @@ class _TunedAttention(AttentionKernel):
         items = dict(resolved_config(self.name, self.problem(kind, split_keys), self.arch).items)
         return config_from({**items, "split_keys": split_keys})
 
-    def tile_queries(self, config: AttentionConfig, b: int, s: int, device_sms: int | None) -> AttentionConfig:
+    def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
+                     device_sms: int | None) -> AttentionConfig:
         """In a long launch of the one-pass program (at least :data:`LONG_LAUNCH_WAVES` waves of CTAs of
         :data:`LONG_LAUNCH_QUERY_TILES` queries) with one head block, where the program can (the seesaw schedule):
-        :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA, or for :data:`LONG_LAUNCH_PERSISTENT` variants one persistent
-        CTA an SM; else ``config``. Same bits either way."""
+        :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA, or one persistent CTA an SM where
+        :data:`LONG_LAUNCH_PERSISTENT` says so; else ``config``. Same bits either way."""
         qt = LONG_LAUNCH_QUERY_TILES[self.variant]
         # the cheap tests first: a decode step (a few queries) returns here on every call
         if (device_sms is None or config.query_tiles != 1 or config.persistent_ctas
                 or b * s < LONG_LAUNCH_WAVES * qt * device_sms or head_block(self.spec.heads) != self.spec.heads):
             return config
-        tiled = dataclasses.replace(config, **_long_launch(self.variant, device_sms))
+        walk = _long_launch(self.variant, device_sms, self.num_key_blocks(source_keys, 64))
+        tiled = dataclasses.replace(config, **walk)
         return tiled if why_invalid(self.spec, tiled, "main") is None else config
 
     def registry_config(self, kind: str, config: AttentionConfig) -> dict[str, Any]:
