@@ -43,14 +43,15 @@ def test_public_ops_reject_bad_input_on_cpu():
 
 def test_long_launches_take_two_queries_a_cta():
     """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA (one persistent CTA an SM where
-    LONG_LAUNCH_PERSISTENT says so: sparse queries of 8 key blocks or more) in long launches with one head block
+    LONG_LAUNCH_PERSISTENT says so: sparse queries of 4 key blocks or more) in long launches with one head block
     (default and batch-invariant calls alike), one query otherwise; split programs always one."""
     from tilev4.kernels import attention as A
 
     sms = 132
-    assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 8}
+    assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 4}
     cases = (("csa", [128, 512], False), ("hca", [128, 512], False), ("sparse", [512], True),
-             ("sparse", [2048], True), ("sparse", [448], False), ("sparse", [128], False))
+             ("sparse", [2048], True), ("sparse", [256], True), ("sparse", [193], True), ("sparse", [192], False),
+             ("sparse", [128], False))
     for variant, keys, persistent in cases:
         qt = A.LONG_LAUNCH_QUERY_TILES[variant]
         walk = (1, sms) if persistent else (qt, 0)  # (query_tiles, persistent_ctas)

@@ -52,12 +52,12 @@ Measured on the H200 against one query a CTA (A/B in one process, the benchmark'
 k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
-LONG_LAUNCH_PERSISTENT = {"sparse": 8}
+LONG_LAUNCH_PERSISTENT = {"sparse": 4}
 """Variants whose long launches run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking
 every SM-count-th query), where a query has at least this many 64-key blocks. H200, against the ``query_tiles``
-programs above (same bits; ``benchmarks/logs/h200-2026-12-01-session30.md``): sparse k = 512 0.96 (4096 and 16384
-queries), but k = 128 1.02 / 1.10; V4-Flash CSA prefill 1.00, HCA prefill 1.02, V4-Pro (two head blocks, 66 or 132
-CTAs a head block) 1.06."""
+programs above (same bits; 4096 queries unless said; ``benchmarks/logs/h200-2026-12-01-session30.md``): sparse
+k = 256 0.94, 384 0.95, 512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384: 1.10);
+V4-Flash CSA prefill 1.00, HCA prefill 1.02, V4-Pro (two head blocks; 66 or 132 CTAs a head block) 1.06."""
 SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
 _KINDS = ("main", "split", "combine")
 
