@@ -93,11 +93,11 @@ def _edits() -> list[tuple[str, str, str]]:
          "                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n"
          + _stamp(c("staged_0"), 0, 16) + _stamp(c("staged_1"), 128, 16),
          "the staged output"),
-        ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def consumer_tiles(",
+        ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def consumer_walk(",
          "                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n" + _stamp(c("store_end_0"), 0, 8)
          + "        if tid == 0:\n"
          f"            dbg[rr, {c('gtime_end')}] = T.call_extern('int64', 'tv4_gtime')\n"
-         + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def consumer_tiles(",
+         + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def consumer_walk(",
          "the output store"),
         ("                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):\n",
          "                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt, dbg=None, rr=None):\n",
