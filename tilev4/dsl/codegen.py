@@ -489,6 +489,14 @@ def _first_query(s0: Any, S: Any, bound: Any) -> Any:
     return s0 if bound is None else T.min(s0, S - 1)
 
 
+def _position_ahead(t: dict, b_i: Any, sq: Any, S: Any, bound: Any) -> Any:
+    """Persistent CTAs (``bound`` given): a register holding query ``sq``'s position (clamped into the launch), else
+    None."""
+    if bound is None:
+        return None
+    return T.alloc_var(T.int32, init=t["positions"][b_i, T.min(sq, S - 1)])
+
+
 def _live(cond: Any, bound: Any) -> Any:
     """``cond`` where a persistent CTA's walk needs it (``bound`` given), else True: a test the program leaves out."""
     return True if bound is None else cond
@@ -674,6 +682,9 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
         sq = s0
         tq = t["positions"][b_i, _first_query(s0, S, bound)]
         hi = gens_end(tq)
+        # persistent CTAs: the next query's position is loaded a query ahead (a strided query's is in another cache
+        # line, whose latency the producer would otherwise wait out at every query)
+        tq_nxt = _position_ahead(t, b_i, sq + stride, S, bound)
         if has_list:
             load_indices(t, ptx, b_i, sq, 0, 0, idx_cur)
         for gp in T.serial(total):
@@ -700,7 +711,11 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                 if it * 2 >= hi:  # the query's last pair: on to the next query
                     it = 0
                     sq = sq + stride
-                    tq = t["positions"][b_i, T.min(sq, S - 1)]
+                    if bound is None:
+                        tq = t["positions"][b_i, T.min(sq, S - 1)]
+                    else:
+                        tq = tq_nxt
+                        tq_nxt = t["positions"][b_i, T.min(sq + stride, S - 1)]
                     hi = gens_end(tq)
 
     produce.tiles = produce_tiles  # (a macro object takes attributes: the two share the steps above)

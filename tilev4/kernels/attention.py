@@ -57,7 +57,8 @@ LONG_LAUNCH_PERSISTENT = {"sparse": 4}
 every SM-count-th query), where a query has at least this many 64-key blocks. H200, against the ``query_tiles``
 programs above (same bits; 4096 queries unless said; ``benchmarks/logs/h200-2026-12-01-session30.md``): sparse
 k = 256 0.94, 384 0.95, 512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384: 1.10);
-V4-Flash CSA prefill 1.00, HCA prefill 1.02, V4-Pro (two head blocks; 66 or 132 CTAs a head block) 1.06."""
+V4-Flash CSA prefill 1.00, HCA prefill 0.99 (within the run-to-run spread), V4-Pro (two head blocks; 66 or 132 CTAs a
+head block) 1.06."""
 SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
 _KINDS = ("main", "split", "combine")
 
