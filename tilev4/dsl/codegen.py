@@ -980,7 +980,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     assert HB == 64, "the seesaw schedule's lazy rescale reads a thread's two rows of a 64-row fragment"
     RING = config.pair_stages
     QT = config.query_tiles
-    PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, a contiguous range each
+    PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, strided
     # a query's most block pairs (shape-only), the producer's loop bound a query with persistent CTAs
     max_pairs = T.ceildiv(sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens), 2)
 
