@@ -42,36 +42,38 @@ def test_public_ops_reject_bad_input_on_cpu():
 
 
 def test_long_launches_take_two_queries_a_cta():
-    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA (one persistent CTA an SM where
-    LONG_LAUNCH_PERSISTENT says so: sparse queries of 4 key blocks or more) in long launches with one head block
-    (default and batch-invariant calls alike), one query otherwise; split programs always one."""
+    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA in long launches with one head block, and
+    one persistent CTA an SM where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more, from 2
+    queries an SM); default and batch-invariant calls alike; one query a CTA otherwise; split programs always one."""
     from tilev4.kernels import attention as A
 
     sms = 132
-    assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 4}
+    assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 4} and A.PERSISTENT_QUERIES_PER_SM == 2
+
+    def walk_of(cfg):
+        return cfg.query_tiles, cfg.persistent_ctas
+
     cases = (("csa", [128, 512], False), ("hca", [128, 512], False), ("sparse", [512], True),
              ("sparse", [2048], True), ("sparse", [256], True), ("sparse", [193], True), ("sparse", [192], False),
              ("sparse", [128], False))
     for variant, keys, persistent in cases:
         qt = A.LONG_LAUNCH_QUERY_TILES[variant]
-        walk = (1, sms) if persistent else (qt, 0)  # (query_tiles, persistent_ctas)
-        long_s = A.LONG_LAUNCH_WAVES * qt * sms
         k = A._kernel(variant, 64, False, None, False)
-
-        def walk_of(cfg):
-            return cfg.query_tiles, cfg.persistent_ctas
-
-        assert walk_of(k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config) == walk
-        assert walk_of(k.plan(1, long_s, keys, batch_invariant=True, device_sms=sms).config) == walk
-        assert walk_of(k.plan(1, long_s - 1, keys, num_sms=sms, device_sms=sms).config) == (1, 0)
-        assert walk_of(k.plan(1, long_s, keys, num_sms=sms).config) == (1, 0)  # no device: as tuned
-        assert walk_of(k.plan(1, long_s, keys, num_sms=114, device_sms=114).config) == (
+        # the smallest launch that changes the walk, and the walk it takes
+        first, walk = (2 * sms, (1, sms)) if persistent else (A.LONG_LAUNCH_WAVES * qt * sms, (qt, 0))
+        assert walk_of(k.plan(1, first, keys, num_sms=sms, device_sms=sms).config) == walk
+        assert walk_of(k.plan(1, first, keys, batch_invariant=True, device_sms=sms).config) == walk
+        assert walk_of(k.plan(2, first // 2, keys, num_sms=sms, device_sms=sms).config) == walk  # queries of all rows
+        assert walk_of(k.plan(1, first - 1, keys, num_sms=sms, device_sms=sms).config) == (1, 0)
+        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=sms).config) == (1, 0)  # no device: as tuned
+        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config) == walk
+        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=114, device_sms=114).config) == (
             (1, 114) if persistent else (qt, 0))  # another SM count: one CTA an SM
         short = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)  # split into 256-key pieces where there are several
         assert short.kind == ("split" if sum(keys) > 256 else "main") and walk_of(short.config) == (1, 0)
         bi_split = k.plan(1, 4, [128, 4096], batch_invariant=True, device_sms=sms)  # two batch-invariant splits
         assert bi_split.kind == "split" and walk_of(bi_split.config) == (1, 0)
-        cfg = k.registry_config("main", k.plan(1, long_s, keys, num_sms=sms, device_sms=sms).config)
+        cfg = k.registry_config("main", k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config)
         assert (cfg["query_tiles"], cfg["persistent_ctas"]) == walk
     # the shipped configs hold both long-launch programs of sparse_attention
     shipped = [c for c in A._configs("sparse") if c["kind"] == "main" and c["heads"] == 64]

@@ -320,7 +320,7 @@ def test_long_launch_matches_one_query_a_cta(variant):
     g = _gen(1300 + len(variant))
     kern = A._kernel(variant, 64, False, None, False)
     plan = kern.plan(1, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
-    walk = A._long_launch(variant, sms, k // 64 + (variant != "sparse") * 2)
+    walk = A._walk(variant, sms, s, k // 64 + (variant != "sparse") * 2)
     assert ("persistent_ctas" in walk) == (variant == "sparse")
     assert plan.kind == "main" and plan.config == dataclasses.replace(kern.launch_config("main"), **walk)
     one = AttentionKernel(kern.spec, kern.launch_config("main"))  # the same config, one query a CTA

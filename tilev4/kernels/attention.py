@@ -53,22 +53,28 @@ k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; 
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
 LONG_LAUNCH_PERSISTENT = {"sparse": 4}
-"""Variants whose long launches run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking
-every SM-count-th query), where a query has at least this many 64-key blocks. H200, against the ``query_tiles``
-programs above (same bits; 4096 queries unless said; ``benchmarks/logs/h200-2026-12-01-session30.md``): sparse
-k = 256 0.94, 384 0.95, 512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384: 1.10);
-V4-Flash CSA prefill 1.00, HCA prefill 0.99 (within the run-to-run spread), V4-Pro (two head blocks; 66 or 132 CTAs a
-head block) 1.06."""
+"""Variants that run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking every SM-count-th
+query) where a query has at least this many 64-key blocks, from :data:`PERSISTENT_QUERIES_PER_SM` queries an SM on.
+H200 (same bits; ``benchmarks/logs/h200-2026-12-01-session30.md``):
+
+* against one query a CTA, sparse k = 512: 0.95 / 0.91 / 0.90 / 0.90 / 0.91 / 0.91 at 264 / 528 / 768 / 1024 / 2048 /
+  4096 queries (k = 256, 1024 queries: 0.83), where 4 queries a CTA, which depends on how its CTAs fill the last
+  wave, gave 1.58 / 0.90 / 1.16 / 0.91 / 0.93 / 0.94;
+* against the long launches' ``query_tiles`` programs (4096 queries unless said): sparse k = 256 0.94, 384 0.95,
+  512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384: 1.10); V4-Flash CSA prefill 1.00,
+  HCA prefill 0.99 (within the run-to-run spread), V4-Pro (two head blocks; 66 or 132 CTAs a head block) 1.06."""
+PERSISTENT_QUERIES_PER_SM = 2
 SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
 _KINDS = ("main", "split", "combine")
 
 
-def _long_launch(variant: str, sms: int, key_blocks: int) -> dict[str, int]:
-    """How the one-pass program of ``variant`` walks a long launch's queries of ``key_blocks`` 64-key blocks on
-    ``sms`` SMs, as config items."""
-    if key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1):
+def _walk(variant: str, sms: int, queries: int, key_blocks: int) -> dict[str, int] | None:
+    """How the one-pass program of ``variant`` walks ``queries`` queries of ``key_blocks`` 64-key blocks (one head
+    block) on ``sms`` SMs, as config items; None: one query a CTA."""
+    if key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1) and queries >= PERSISTENT_QUERIES_PER_SM * sms:
         return {"persistent_ctas": sms}
-    return {"query_tiles": LONG_LAUNCH_QUERY_TILES[variant]}
+    qt = LONG_LAUNCH_QUERY_TILES[variant]
+    return {"query_tiles": qt} if queries >= LONG_LAUNCH_WAVES * qt * sms else None
 
 
 def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
@@ -194,16 +200,16 @@ class _TunedAttention(AttentionKernel):
 
     def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
                      device_sms: int | None) -> AttentionConfig:
-        """In a long launch of the one-pass program (at least :data:`LONG_LAUNCH_WAVES` waves of CTAs of
-        :data:`LONG_LAUNCH_QUERY_TILES` queries) with one head block, where the program can (the seesaw schedule):
-        :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA, or one persistent CTA an SM where
-        :data:`LONG_LAUNCH_PERSISTENT` says so; else ``config``. Same bits either way."""
-        qt = LONG_LAUNCH_QUERY_TILES[self.variant]
+        """With one head block, where the program can (the seesaw schedule): one persistent CTA an SM where
+        :data:`LONG_LAUNCH_PERSISTENT` says so, else :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA in a long launch
+        (at least :data:`LONG_LAUNCH_WAVES` waves of such CTAs); else ``config``. Same bits either way."""
         # the cheap tests first: a decode step (a few queries) returns here on every call
         if (device_sms is None or config.query_tiles != 1 or config.persistent_ctas
-                or b * s < LONG_LAUNCH_WAVES * qt * device_sms or head_block(self.spec.heads) != self.spec.heads):
+                or b * s < PERSISTENT_QUERIES_PER_SM * device_sms or head_block(self.spec.heads) != self.spec.heads):
             return config
-        walk = _long_launch(self.variant, device_sms, self.num_key_blocks(source_keys, 64))
+        walk = _walk(self.variant, device_sms, b * s, self.num_key_blocks(source_keys, 64))
+        if walk is None:
+            return config
         tiled = dataclasses.replace(config, **walk)
         return tiled if why_invalid(self.spec, tiled, "main") is None else config
 
