@@ -150,6 +150,11 @@ class AttentionConfig:
             if v < 32 or v % 32 or v > 1024:
                 raise ValueError(f"{name} must be a multiple of 32 in [32, 1024], got {v}")
 
+    def walk_name(self) -> str:
+        """How a CTA walks several queries (``query_tiles`` or ``persistent_ctas``), as the errors name it."""
+        return (f"persistent_ctas={self.persistent_ctas}" if self.persistent_ctas
+                else f"query_tiles={self.query_tiles}")
+
     def blocks_per_split(self) -> int:
         """Key blocks per split; ``split_keys`` must be a multiple of ``block_kv``."""
         if self.split_keys % self.block_kv:
@@ -299,9 +304,7 @@ def build_main_program(spec: AttentionSpec, config: AttentionConfig, split: bool
     if (config.query_tiles != 1 or config.persistent_ctas) and (
             split or not (config.schedule == "seesaw" and ws_supported(spec))
             or not any(isinstance(s, (Window, IndexList)) for s in spec.sources)):
-        walk = (f"persistent_ctas={config.persistent_ctas}" if config.persistent_ctas
-                else f"query_tiles={config.query_tiles}")
-        raise ValueError(f"{walk} needs the seesaw main program with 64-head CTAs, "
+        raise ValueError(f"{config.walk_name()} needs the seesaw main program with 64-head CTAs, "
                          f"D = 512 and a window or index-list source (every query then walks a key block; "
                          f"schedule={config.schedule!r}, split={split}, heads={spec.heads})")
     if config.schedule == "seesaw" and ws_supported(spec):

@@ -157,9 +157,8 @@ class AttentionKernel:
     def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
                      device_sms: int | None) -> AttentionConfig:
         """The one-pass program's config for a launch of ``b × s`` queries (``source_keys``: :meth:`source_keys`)
-        on ``device_sms`` SMs: here ``config``
-        itself; the ops' kernels choose ``query_tiles`` or ``persistent_ctas`` per launch. Every choice gives the same
-        bits."""
+        on ``device_sms`` SMs: here ``config`` itself; the ops' kernels choose ``query_tiles`` or ``persistent_ctas``
+        per launch. Every choice gives the same bits."""
         return config
 
     def __call__(

@@ -105,8 +105,7 @@ def why_invalid(spec: AttentionSpec, config: AttentionConfig, kind: str) -> str 
     if config.query_tiles != 1 or config.persistent_ctas:
         # the batch-invariant split shares the main program's config (its bucket) and ignores the knobs: it walks one
         # query a CTA (see AttentionKernel.plan)
-        walk = (f"persistent_ctas={config.persistent_ctas}" if config.persistent_ctas
-                else f"query_tiles={config.query_tiles}")
+        walk = config.walk_name()
         shared = kind == "split" and config.split_keys == BATCH_INVARIANT_SPLIT_KEYS
         if not (kind == "main" or shared) or schedule_of(spec, config) != "seesaw":
             return f"{walk} needs the seesaw main program (kind={kind!r}, schedule {schedule_of(spec, config)!r})"
