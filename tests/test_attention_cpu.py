@@ -42,9 +42,10 @@ def test_public_ops_reject_bad_input_on_cpu():
 
 
 def test_long_launches_take_two_queries_a_cta():
-    """The ops' one-pass program walks LONG_LAUNCH_QUERY_TILES queries a CTA in long launches with one head block, and
-    one persistent CTA an SM where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more, from 2
-    queries an SM); default and batch-invariant calls alike; one query a CTA otherwise; split programs always one."""
+    """The ops' one-pass program (one head block) runs one persistent CTA an SM a sequence from 2 queries an SM a
+    sequence on, up to the long launches of LONG_LAUNCH_QUERY_TILES queries a CTA; in those, persistent CTAs only
+    where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more); default and batch-invariant calls
+    alike; one query a CTA otherwise; split programs always one."""
     from tilev4.kernels import attention as A
 
     sms = 132
@@ -53,30 +54,43 @@ def test_long_launches_take_two_queries_a_cta():
     def walk_of(cfg):
         return cfg.query_tiles, cfg.persistent_ctas
 
-    cases = (("csa", [128, 512], False), ("hca", [128, 512], False), ("sparse", [512], True),
-             ("sparse", [2048], True), ("sparse", [256], True), ("sparse", [193], True), ("sparse", [192], False),
-             ("sparse", [128], False))
-    for variant, keys, persistent in cases:
+    cases = (("csa", [128, 512], False), ("hca", [128, 512], False), ("csa", [128, 128], False),
+             ("sparse", [512], True), ("sparse", [2048], True), ("sparse", [256], True), ("sparse", [193], True),
+             ("sparse", [192], False), ("sparse", [128], False), ("sparse", [64], False))
+    for variant, keys, long_persistent in cases:
         qt = A.LONG_LAUNCH_QUERY_TILES[variant]
+        long = A.LONG_LAUNCH_WAVES * qt * sms
         k = A._kernel(variant, 64, False, None, False)
-        # the smallest launch that changes the walk, and the walk it takes
-        first, walk = (2 * sms, (1, sms)) if persistent else (A.LONG_LAUNCH_WAVES * qt * sms, (qt, 0))
-        assert walk_of(k.plan(1, first, keys, num_sms=sms, device_sms=sms).config) == walk
-        assert walk_of(k.plan(1, first, keys, batch_invariant=True, device_sms=sms).config) == walk
-        assert walk_of(k.plan(2, first // 2, keys, num_sms=sms, device_sms=sms).config) == walk  # queries of all rows
-        assert walk_of(k.plan(1, first - 1, keys, num_sms=sms, device_sms=sms).config) == (1, 0)
-        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=sms).config) == (1, 0)  # no device: as tuned
-        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config) == walk
-        assert walk_of(k.plan(1, 1 << 16, keys, num_sms=114, device_sms=114).config) == (
-            (1, 114) if persistent else (qt, 0))  # another SM count: one CTA an SM
+
+        def plan(b, s, k=k, keys=keys, **kw):
+            return walk_of(k.plan(b, s, keys, **({"num_sms": sms, "device_sms": sms} | kw)).config)
+
+        # persistent CTAs from 2 queries an SM, in one sequence
+        assert plan(1, 2 * sms) == (1, sms) and plan(1, 2 * sms - 1) == (1, 0)
+        assert plan(1, 2 * sms, batch_invariant=True, num_sms=None) == (1, sms)
+        assert plan(3, 2 * sms) == (1, sms)  # each sequence fills the GPU twice
+        assert plan(2, sms) == (1, 0)  # as many queries, in two sequences: one query a CTA
+        assert plan(1, long - 1) == (1, sms)  # up to the long launches
+        # the long launches: persistent where LONG_LAUNCH_PERSISTENT says so, else qt queries a CTA
+        walk = (1, sms) if long_persistent else (qt, 0)
+        assert plan(1, long) == walk and plan(1, long, batch_invariant=True, num_sms=None) == walk
+        assert plan(1, 1 << 16) == walk
+        assert plan(64, long // 64) == (qt, 0)  # short sequences: queries of all rows, no persistent CTAs
+        assert plan(1, 1 << 16, device_sms=None) == (1, 0)  # no device: as tuned
+        assert plan(1, 1 << 16, num_sms=114, device_sms=114) == (
+            (1, 114) if long_persistent else (qt, 0))  # another SM count: one CTA an SM
+        assert plan(1, 1000, num_sms=114, device_sms=114) == (1, 114)
         short = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)  # split into 256-key pieces where there are several
         assert short.kind == ("split" if sum(keys) > 256 else "main") and walk_of(short.config) == (1, 0)
         bi_split = k.plan(1, 4, [128, 4096], batch_invariant=True, device_sms=sms)  # two batch-invariant splits
         assert bi_split.kind == "split" and walk_of(bi_split.config) == (1, 0)
         cfg = k.registry_config("main", k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config)
         assert (cfg["query_tiles"], cfg["persistent_ctas"]) == walk
-    # the shipped configs hold both long-launch programs of sparse_attention
-    shipped = [c for c in A._configs("sparse") if c["kind"] == "main" and c["heads"] == 64]
-    assert {(c.get("query_tiles", 1), c.get("persistent_ctas", 0)) for c in shipped} == {(1, 0), (4, 0), (1, 132)}
-    pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with two queries a CTA
-    assert pro.plan(1, 1 << 16, [128, 1024], num_sms=sms, device_sms=sms).config.query_tiles == 1
+    # the shipped configs hold the query_tiles and the persistent program of every variant (stream layout)
+    for variant, qt in A.LONG_LAUNCH_QUERY_TILES.items():
+        shipped = [c for c in A._configs(variant) if c["kind"] == "main" and c["heads"] == 64 and not c.get("ring")]
+        assert {(c.get("query_tiles", 1), c.get("persistent_ctas", 0)) for c in shipped} == {(1, 0), (qt, 0),
+                                                                                            (1, 132)}
+    pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with several queries a CTA
+    for s in (2 * sms, 1000, 1 << 16):
+        assert walk_of(pro.plan(1, s, [128, 1024], num_sms=sms, device_sms=sms).config) == (1, 0)

@@ -305,13 +305,13 @@ def test_seesaw_query_tiles(walk):
     _check(outs[1], RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
-@pytest.mark.parametrize("variant,size", [("sparse", "long"), ("csa", "long"), ("hca", "long"),
-                                          ("sparse", "fewest"), ("sparse", "between")])
+@pytest.mark.parametrize("size", ["long", "fewest", "between"])
+@pytest.mark.parametrize("variant", ["sparse", "csa", "hca"])
 def test_long_launch_matches_one_query_a_cta(variant, size):
-    """A long one-pass launch of the op (several queries a CTA, or persistent CTAs for LONG_LAUNCH_PERSISTENT
-    variants, on this GPU's SM count) gives the bits of the same tuned config walking one query a CTA, and its
-    first and last queries match the reference. ``long``: as many queries as the query_tiles rule needs;
-    ``fewest``: the fewest queries that take persistent CTAs; ``between``: an odd count between the two."""
+    """A long one-pass launch of the op (persistent CTAs on this GPU's SM count, or several queries a CTA in the
+    long launches of variants outside LONG_LAUNCH_PERSISTENT) gives the bits of the same tuned config walking one
+    query a CTA, and its first and last queries match the reference. ``long``: as many queries as the query_tiles
+    rule needs; ``fewest``: the fewest queries that take persistent CTAs; ``between``: an odd count between the two."""
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.runtime import _num_sms
     from tilev4.kernels import attention as A
@@ -324,8 +324,8 @@ def test_long_launch_matches_one_query_a_cta(variant, size):
     g = _gen(1300 + len(variant) + len(size))
     kern = A._kernel(variant, 64, False, None, False)
     plan = kern.plan(1, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
-    walk = A._walk(variant, sms, s, k // 64 + (variant != "sparse") * 2)
-    assert walk is not None and ("persistent_ctas" in walk) == (variant in A.LONG_LAUNCH_PERSISTENT)
+    walk = A._walk(variant, sms, 1, s, k // 64 + (variant != "sparse") * 2)
+    assert walk is not None and ("persistent_ctas" in walk) == (size != "long" or variant in A.LONG_LAUNCH_PERSISTENT)
     assert plan.kind == "main" and plan.config == dataclasses.replace(kern.launch_config("main"), **walk)
     one = AttentionKernel(kern.spec, kern.launch_config("main"))  # the same config, one query a CTA
     rows = list(range(8)) + list(range(s - 8, s))

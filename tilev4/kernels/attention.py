@@ -52,29 +52,42 @@ Measured on the H200 against one query a CTA (A/B in one process, the benchmark'
 k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
-LONG_LAUNCH_PERSISTENT = {"sparse": 4}
-"""Variants that run persistent CTAs instead (``persistent_ctas`` = the device's SMs, each CTA walking every SM-count-th
-query) where a query has at least this many 64-key blocks, from :data:`PERSISTENT_QUERIES_PER_SM` queries an SM on.
-H200 (same bits; ``benchmarks/logs/h200-2026-12-01-session30.md``):
-
-* against one query a CTA, sparse k = 512: 0.95 / 0.91 / 0.90 / 0.90 / 0.91 / 0.91 at 264 / 528 / 768 / 1024 / 2048 /
-  4096 queries (k = 256, 1024 queries: 0.83), where 4 queries a CTA, which depends on how its CTAs fill the last
-  wave, gave 1.58 / 0.90 / 1.16 / 0.91 / 0.93 / 0.94;
-* against the long launches' ``query_tiles`` programs (4096 queries unless said): sparse k = 256 0.94, 384 0.95,
-  512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384: 1.10); V4-Flash CSA prefill 1.00,
-  HCA prefill 0.99 (within the run-to-run spread), V4-Pro (two head blocks; 66 or 132 CTAs a head block) 1.06."""
 PERSISTENT_QUERIES_PER_SM = 2
+"""From this many queries an SM in one sequence on, the one-pass program (one head block) runs one persistent CTA an
+SM a sequence (``persistent_ctas`` = the device's SMs, each CTA walking every SM-count-th query of its sequence) for
+every variant and key count, up to the long launches of :data:`LONG_LAUNCH_QUERY_TILES`; in those, only where
+:data:`LONG_LAUNCH_PERSISTENT` says so. (A batch of short sequences keeps one query a CTA: the persistent grid holds
+SM-count CTAs for each sequence.) H200, against one query a CTA (same bits;
+``benchmarks/logs/h200-2026-12-01-session30.md`` and ``…-session31.md``), at 264 / 528 / 1024 / 2048 queries:
+
+* sparse k = 512 0.95 / 0.91 / 0.90 / 0.91 (where 4 queries a CTA, which depends on how its CTAs fill the last wave,
+  gave 1.58 / 0.90 / 0.91 / 0.93), k = 192 0.93 / 0.88 / 0.83 / 0.83, k = 128 0.91 / 0.82 / 0.80 / 0.83 (k = 64,
+  1024 queries: 0.77);
+* V4-Flash CSA (128 + 512 keys) 0.98 / 0.96 / 0.99 / 0.99 (128 + 128 keys, 2048 queries: 0.86);
+* HCA at position 65 536 (128 + 512 keys) 0.98 / 0.96 / 0.95 / 0.96 (4096 queries: 0.96)."""
+LONG_LAUNCH_PERSISTENT = {"sparse": 4}
+"""Variants whose long launches (:data:`LONG_LAUNCH_QUERY_TILES`) also take persistent CTAs, where a query has at
+least this many 64-key blocks. H200, against the long launches' ``query_tiles`` programs (4096 queries unless said):
+
+* sparse k = 256 0.94, 384 0.95, 512 0.96 (16384 queries: 0.95), 1024 0.98, 2048 0.99, but k = 128 1.02 (16384:
+  1.10), so those keep 4 queries a CTA;
+* V4-Flash CSA 1.00 to 1.02 (8192 queries 1.02, 16384 1.04), HCA prefill from position 0 (65 536 queries) 0.99 to
+  1.01, HCA at position 65 536 (8192 / 16384 queries) 0.97 / 0.99: within a few per cent either way, so they keep
+  their ``query_tiles`` programs (CSA with 128 + 128 keys: 0.93 to 0.96, not a V4 shape);
+* V4-Pro (two head blocks; 66 or 132 CTAs a head block) 1.06: persistent CTAs are for one head block only."""
 SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are built for (H100 / H200 SXM)
 _KINDS = ("main", "split", "combine")
 
 
-def _walk(variant: str, sms: int, queries: int, key_blocks: int) -> dict[str, int] | None:
-    """How the one-pass program of ``variant`` walks ``queries`` queries of ``key_blocks`` 64-key blocks (one head
-    block) on ``sms`` SMs, as config items; None: one query a CTA."""
-    if key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1) and queries >= PERSISTENT_QUERIES_PER_SM * sms:
-        return {"persistent_ctas": sms}
+def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> dict[str, int] | None:
+    """How the one-pass program of ``variant`` walks ``batch`` sequences of ``queries`` queries of ``key_blocks``
+    64-key blocks (one head block) on ``sms`` SMs, as config items; None: one query a CTA."""
     qt = LONG_LAUNCH_QUERY_TILES[variant]
-    return {"query_tiles": qt} if queries >= LONG_LAUNCH_WAVES * qt * sms else None
+    long = batch * queries >= LONG_LAUNCH_WAVES * qt * sms
+    if queries >= PERSISTENT_QUERIES_PER_SM * sms and (
+            not long or key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1)):
+        return {"persistent_ctas": sms}
+    return {"query_tiles": qt} if long else None
 
 
 def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
@@ -121,8 +134,9 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
 
 def _configs(variant: str) -> list[dict[str, Any]]:
     """Shipped configs: prefill (one pass; with 64 heads also the long launches' program of
-    :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA), splits of 2048 keys (batch-invariant) and 256 keys (small
-    batches) for the stream layout and, for windowed variants, the decode ring; the combine."""
+    :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA and the persistent program of :data:`SHIPPED_SMS` CTAs), splits of
+    2048 keys (batch-invariant) and 256 keys (small batches) for the stream layout and, for windowed variants, the
+    decode ring; the combine."""
     windowed = variant != "sparse"
     out = []
     for h in (64, 128):
@@ -131,8 +145,7 @@ def _configs(variant: str) -> list[dict[str, Any]]:
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
                 out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant]})
-                if variant in LONG_LAUNCH_PERSISTENT:
-                    out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
+                out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
@@ -200,14 +213,15 @@ class _TunedAttention(AttentionKernel):
 
     def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
                      device_sms: int | None) -> AttentionConfig:
-        """With one head block, where the program can (the seesaw schedule): one persistent CTA an SM where
-        :data:`LONG_LAUNCH_PERSISTENT` says so, else :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA in a long launch
-        (at least :data:`LONG_LAUNCH_WAVES` waves of such CTAs); else ``config``. Same bits either way."""
+        """With one head block, where the program can (the seesaw schedule): one persistent CTA an SM a sequence from
+        :data:`PERSISTENT_QUERIES_PER_SM` queries an SM a sequence on, but in a long launch (at least
+        :data:`LONG_LAUNCH_WAVES` waves of :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA) only where
+        :data:`LONG_LAUNCH_PERSISTENT` says so, else that many queries a CTA; else ``config``. Same bits either way."""
         # the cheap tests first: a decode step (a few queries) returns here on every call
         if (device_sms is None or config.query_tiles != 1 or config.persistent_ctas
                 or b * s < PERSISTENT_QUERIES_PER_SM * device_sms or head_block(self.spec.heads) != self.spec.heads):
             return config
-        walk = _walk(self.variant, device_sms, b * s, self.num_key_blocks(source_keys, 64))
+        walk = _walk(self.variant, device_sms, b, s, self.num_key_blocks(source_keys, 64))
         if walk is None:
             return config
         tiled = dataclasses.replace(config, **walk)
