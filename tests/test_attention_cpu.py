@@ -42,8 +42,8 @@ def test_public_ops_reject_bad_input_on_cpu():
 
 
 def test_long_launches_take_two_queries_a_cta():
-    """The ops' one-pass program (one head block) runs one persistent CTA an SM from 2 queries an SM on (those of all
-    sequences), up to the long launches of LONG_LAUNCH_QUERY_TILES queries a CTA; in those, persistent CTAs only
+    """The ops' one-pass program (one head block) runs one persistent CTA an SM a sequence from 2 queries an SM a
+    sequence on, up to the long launches of LONG_LAUNCH_QUERY_TILES queries a CTA; in those, persistent CTAs only
     where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more); default and batch-invariant calls
     alike; one query a CTA otherwise; split programs always one."""
     from tilev4.kernels import attention as A
@@ -65,17 +65,17 @@ def test_long_launches_take_two_queries_a_cta():
         def plan(b, s, k=k, keys=keys, **kw):
             return walk_of(k.plan(b, s, keys, **({"num_sms": sms, "device_sms": sms} | kw)).config)
 
-        # persistent CTAs from 2 queries an SM, those of all sequences
+        # persistent CTAs from 2 queries an SM, in one sequence
         assert plan(1, 2 * sms) == (1, sms) and plan(1, 2 * sms - 1) == (1, 0)
         assert plan(1, 2 * sms, batch_invariant=True, num_sms=None) == (1, sms)
-        assert plan(3, 2 * sms) == (1, sms) and plan(2, sms) == (1, sms) and plan(24, 11) == (1, sms)
-        assert plan(2, sms - 1) == (1, 0) and plan(23, 11) == (1, 0)
+        assert plan(3, 2 * sms) == (1, sms)  # each sequence fills the GPU twice
+        assert plan(2, sms) == (1, 0)  # as many queries, in two sequences: one query a CTA
         assert plan(1, long - 1) == (1, sms)  # up to the long launches
         # the long launches: persistent where LONG_LAUNCH_PERSISTENT says so, else qt queries a CTA
         walk = (1, sms) if long_persistent else (qt, 0)
         assert plan(1, long) == walk and plan(1, long, batch_invariant=True, num_sms=None) == walk
         assert plan(1, 1 << 16) == walk
-        assert plan(64, long // 64) == walk  # the queries of all rows
+        assert plan(64, long // 64) == (qt, 0)  # short sequences: queries of all rows, no persistent CTAs
         assert plan(1, 1 << 16, device_sms=None) == (1, 0)  # no device: as tuned
         assert plan(1, 1 << 16, num_sms=114, device_sms=114) == (
             (1, 114) if long_persistent else (qt, 0))  # another SM count: one CTA an SM

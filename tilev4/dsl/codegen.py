@@ -35,7 +35,7 @@ softmax, both run P·V on their half of D). Other specs run the ``simple`` sched
 compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
 load while the consumers finish the previous one (same bits as one query a CTA); with
-``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query of the launch that way, strided.
+``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
 """
 
 import functools
@@ -112,11 +112,11 @@ class AttentionConfig:
         as soon as both consumers are past their last QKᵀ and gathers its first key blocks while they finish
         the softmax, P·V and the output (staged through the P buffer, since Q's buffer holds the next Q). Each
         query runs the same arithmetic either way (same bits).
-    persistent_ctas: 0 (default), or the number of seesaw main-program CTAs a head block that walk all the queries
-        of the launch in turn (those of every sequence, numbered sequence after sequence), CTA ``i`` the queries
-        ``i, i + P, i + 2P, …`` (strided, as a query's cost may grow with its position), each with the overlap
-        ``query_tiles`` gives; with ``P`` = the device's SMs the launch is one wave, with no per-CTA prologue past
-        the first query and no partly empty last wave. Excludes ``query_tiles`` > 1. Same bits as one query a CTA.
+    persistent_ctas: 0 (default), or the number of seesaw main-program CTAs a head block (and sequence) that walk
+        all the queries in turn, CTA ``i`` the queries ``i, i + P, i + 2P, …`` (strided, as a query's cost may
+        grow with its position), each with the overlap ``query_tiles`` gives; with ``P`` = the device's SMs the
+        launch is one wave, with no per-CTA prologue past the first query and no partly empty last wave. Excludes
+        ``query_tiles`` > 1. Same bits as one query a CTA.
     """
 
     block_kv: int = 64
@@ -492,27 +492,12 @@ def _first_query(s0: Any, S: Any, bound: Any) -> Any:
     return s0 if bound is None else T.min(s0, S - 1)
 
 
-def _position_ahead(t: dict, g: Any, S: Any, n: Any, bound: Any) -> Any:
-    """Persistent CTAs (``bound`` given): a register holding the position of query ``g`` of the flattened launch
-    (``n`` queries, ``S`` a sequence; clamped into the launch), else None."""
+def _position_ahead(t: dict, b_i: Any, sq: Any, S: Any, bound: Any) -> Any:
+    """Persistent CTAs (``bound`` given): a register holding query ``sq``'s position (clamped into the launch), else
+    None."""
     if bound is None:
         return None
-    return T.alloc_var(T.int32, init=t["positions"][T.min(g, n - 1) // S, T.min(g, n - 1) % S])
-
-
-def _walk_count(flat: bool, B: Any, S: Any) -> Any:
-    """The queries a CTA walk counts: those of all ``B`` sequences where the walk is flat (persistent CTAs), else the
-    ``S`` of its sequence. (A function, not a name bound in the macro: that would rename ``S`` in the program.)"""
-    return B * S if flat else S
-
-
-def _pick(flat: bool, a: Any, b: Any, load: bool = False) -> Any:
-    """``a`` where the walk is flat (persistent CTAs), else ``b``, read where the call stands; ``load``: ``a`` is a
-    one-element buffer (None: no such buffer, ``b`` then) whose element is read. (A macro that binds a name to a
-    variable's value binds a copy, so the walk's per-query state is passed through this at each use.)"""
-    if flat and a is not None:
-        return a[0] if load else a
-    return b
+    return T.alloc_var(T.int32, init=t["positions"][b_i, T.min(sq, S - 1)])
 
 
 def _live(cond: Any, bound: Any) -> Any:
@@ -673,33 +658,24 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
 
     @T.macro
     def produce_tiles(t, ptx, b_i, s0, n_q, S, gens_end, kv_shared, ok_shared, kvpos_shared, k_ready, k_free,
-                      src_local, row_local, pos_local, idx_cur, idx_nxt, bound=None, stride=1, B=None):
+                      src_local, row_local, pos_local, idx_cur, idx_nxt, bound=None, stride=1):
         """``produce`` for the ``n_q`` queries ``s0 + j·stride`` of a CTA (query_tiles > 1 or persistent CTAs, halves
         only): their block pairs walked as one sequence, so that the ring's stages and barrier phases run on across
         queries and the next query's first pairs are gathered while the consumers finish a query. One loop, not a
         loop over the queries: TileLang would order the queries' shared writes with a named barrier of its own
-        numbering (the consumers' mbarriers already order them). ``gens_end(b, tq)``: a query's block count. Every query
+        numbering (the consumers' mbarriers already order them). ``gens_end(tq)``: a query's block count. Every query
         walks at least one pair (the build asks for a window or an index list). ``bound`` (persistent CTAs, whose
         query count is dynamic): the loop runs that many pairs and idles past the CTA's last query instead of
-        counting them; ``s0`` and the stride then count the queries of all ``B`` sequences (query ``g`` is query
-        ``g % S`` of sequence ``g // S``), and ``b_i`` is unused. (The walk's sequence, query and window start are
-        read through :func:`_pick` at each use: a name bound to a variable's value in a macro is a copy.)"""
-        flat = bound is not None
-        bq = None  # persistent CTAs: the current query's sequence and its query there
-        qq = None
-        if flat:
-            bq = T.alloc_var(T.int32, init=_first_query(s0, B * S, bound) // S)
-            qq = T.alloc_var(T.int32, init=_first_query(s0, B * S, bound) % S)
+        counting them."""
         start = None
-        start_local = None
         if len(streams) > 0:
             start_local = T.alloc_local((1,), T.int32)
-            start_local[0] = t[f"{streams[0].src.name}_start"][_pick(flat, bq, b_i)]
-            start = start_local[0]  # (persistent CTAs: reloaded a query, read at each use)
+            start_local[0] = t[f"{streams[0].src.name}_start"][b_i]
+            start = start_local[0]
         total = T.alloc_var(T.int32, init=0)
         if bound is None:
             for jq in T.serial(n_q):
-                total = total + T.ceildiv(gens_end(b_i, t["positions"][b_i, s0 + jq]), 2)
+                total = total + T.ceildiv(gens_end(t["positions"][b_i, s0 + jq]), 2)
         else:  # many queries a CTA: walk up to ``bound`` pairs, idle past the last query's last pair
             total = bound
         sq = T.alloc_var(T.int32)
@@ -707,33 +683,30 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
         hi = T.alloc_var(T.int32)
         it = T.alloc_var(T.int32, init=0)
         sq = s0
-        tq = t["positions"][_pick(flat, bq, b_i), _pick(flat, qq, _first_query(s0, S, bound))]
-        hi = gens_end(_pick(flat, bq, b_i), tq)
+        tq = t["positions"][b_i, _first_query(s0, S, bound)]
+        hi = gens_end(tq)
         # persistent CTAs: the next query's position is loaded a query ahead (a strided query's is in another cache
         # line, whose latency the producer would otherwise wait out at every query)
-        tq_nxt = _position_ahead(t, sq + stride, S, _walk_count(flat, B, S), bound)
+        tq_nxt = _position_ahead(t, b_i, sq + stride, S, bound)
         if has_list:
-            load_indices(t, ptx, _pick(flat, bq, b_i), _pick(flat, qq, sq), 0, 0, idx_cur)
+            load_indices(t, ptx, b_i, sq, 0, 0, idx_cur)
         for gp in T.serial(total):
-            if _live(sq < _walk_count(flat, B, S), bound):  # (persistent CTAs) past the CTA's last query: idle
+            if _live(sq < S, bound):  # (persistent CTAs) past the CTA's last query: idle
                 if has_list:  # the next pair's entries, in flight during this pair (past the query: the next query's)
                     if it * 2 + 2 < hi:
-                        load_indices(t, ptx, _pick(flat, bq, b_i), _pick(flat, qq, sq), 0, it + 1, idx_nxt)
+                        load_indices(t, ptx, b_i, sq, 0, it + 1, idx_nxt)
                     else:
-                        load_indices(t, ptx, _pick(flat, T.min(sq + stride, B * S - 1) // S, b_i),
-                                     _pick(flat, T.min(sq + stride, B * S - 1) % S, T.min(sq + stride, S - 1)), 0, 0,
-                                     idx_nxt)
+                        load_indices(t, ptx, b_i, T.min(sq + stride, S - 1), 0, 0, idx_nxt)
                 for st in T.unroll(2):
-                    resolve(t, ptx, _pick(flat, bq, b_i), _pick(flat, qq, sq), tq, it * 2 + st, hi, st, st, src_local,
-                            row_local, pos_local, idx_cur, _pick(flat, start_local, start, True))
+                    resolve(t, ptx, b_i, sq, tq, it * 2 + st, hi, st, st, src_local, row_local, pos_local, idx_cur,
+                            start)
                 r0, ph = _ring_slot(gp, ring)
                 for st, u0, u1, publish in steps:
                     stage = r0 + st
                     bar = stage * 2 + u0 // (NU // 2)
                     T.barrier_wait(k_free[bar], ph ^ 1)
-                    fill(t, ptx, _pick(flat, bq, b_i), tq, it * 2 + st, hi, stage, st, u0, u1, bar, publish,
-                         _pick(flat, start_local, start, True), kv_shared, ok_shared, kvpos_shared, k_ready, src_local,
-                         row_local, pos_local)
+                    fill(t, ptx, b_i, tq, it * 2 + st, hi, stage, st, u0, u1, bar, publish, start, kv_shared,
+                         ok_shared, kvpos_shared, k_ready, src_local, row_local, pos_local)
                 if has_list:
                     for k in T.unroll(len(listed) * 2 * NR):
                         idx_cur[k] = idx_nxt[k]
@@ -744,14 +717,9 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
                     if bound is None:
                         tq = t["positions"][b_i, T.min(sq, S - 1)]
                     else:
-                        bq = T.min(sq, B * S - 1) // S
-                        qq = T.min(sq, B * S - 1) % S
-                        if len(streams) > 0:
-                            start_local[0] = t[f"{streams[0].src.name}_start"][bq]
                         tq = tq_nxt
-                        tq_nxt = t["positions"][T.min(sq + stride, B * S - 1) // S,
-                                                T.min(sq + stride, B * S - 1) % S]
-                    hi = gens_end(_pick(flat, bq, b_i), tq)
+                        tq_nxt = t["positions"][b_i, T.min(sq + stride, S - 1)]
+                    hi = gens_end(tq)
 
     produce.tiles = produce_tiles  # (a macro object takes attributes: the two share the steps above)
     return produce
@@ -1022,11 +990,11 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     def walk(s_i):
         """CTA ``s_i``'s queries ``s0 + j·stride``: ``(s0, the consumers' count, the producer's count, stride, the
         producer's pair bound)``. ``query_tiles``: QT consecutive queries (the consumers skip those past S; no bound:
-        the producer counts the pairs). Persistent CTAs: queries ``s_i, s_i + PC, …`` of the launch's ``B · S``,
-        counted over all sequences (strided, as a query's cost may grow with its position: HCA's compressed keys), a
-        dynamic count, the producer's loop bounded by the count × a query's most pairs."""
+        the producer counts the pairs). Persistent CTAs: queries ``s_i, s_i + PC, …`` (strided, as a query's cost
+        may grow with its position: HCA's compressed keys), a dynamic count, the producer's loop bounded by the
+        count × a query's most pairs."""
         if PC:
-            n_q = T.ceildiv(T.max(B * S - s_i, 0), PC)
+            n_q = T.ceildiv(T.max(S - s_i, 0), PC)
             return s_i, n_q, n_q, PC, n_q * max_pairs
         return s_i * QT, QT, T.min(QT, S - s_i * QT), 1, None
 
@@ -1048,7 +1016,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local,
                 acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0=None, j=None, next_q=None):
         # query_tiles > 1: g0 block pairs walked for the CTA's earlier queries, j this query's turn (the parity of
-        # the once-a-query barriers), next_q (exists, its sequence, its query) the query whose Q the follower loads once
+        # the once-a-query barriers), next_q (exists, its query index) the query whose Q the follower loads once
         # both consumers are past this query's last QKᵀ
         T.barrier_wait(q_bar, 0 if j is None else j & 1)
         T.fill(acc_o, 0)
@@ -1103,7 +1071,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     # the leader's QKᵀ of this pair is done (it published m0 after it), and so is this one's: after the
                     # query's last pair, Q's buffer takes the next query's Q
                     if T.And(it == n_iter - 1, next_q[0]):
-                        load_q(t, next_q[1], next_q[2], h0, q_shared, q_bar)
+                        load_q(t, b_i, next_q[1], h0, q_shared, q_bar)
                 for h in T.Parallel(HB):
                     m_prev[h] = m[h]
                     m[h] = _lazy_max(max_shared[0, h], rowmax2(row_sum[h]))
@@ -1166,40 +1134,33 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                       max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
                       m_prev, alpha, l_sum, row_sum, lse2):
         """query_tiles > 1 or persistent CTAs: consumer ``w`` runs the CTA's queries ``s0 + j·stride``, ``j < n_q``,
-        in turn (``bound`` given: persistent CTAs, ``n_q`` a dynamic count that may be 0, the queries counted over all
-        ``B`` sequences: query ``g`` is query ``g % S`` of sequence ``g // S``). The next query's position
+        in turn (``bound`` given: persistent CTAs, ``n_q`` a dynamic count that may be 0). The next query's position
         is loaded a query ahead, so that its key-block count is known when its turn comes. The follower loads every
         Q: the first before its first query, each next one once both consumers are past the last QKᵀ."""
-        flat = bound is not None
         h0 = (bx % NHB) * HB
         g0 = T.alloc_var(T.int32, init=0)  # block pairs walked so far
         tq = T.alloc_var(T.int32)
         tq_next = T.alloc_var(T.int32)
-        tq_next = t["positions"][_pick(flat, _first_query(s0, B * S, bound) // S, b_i),
-                                 _pick(flat, _first_query(s0, B * S, bound) % S, _first_query(s0, S, bound))]
+        tq_next = t["positions"][b_i, _first_query(s0, S, bound)]
         if w == 1:
             if _live(n_q > 0, bound):
-                load_q(t, _pick(flat, s0 // S, b_i), _pick(flat, s0 % S, s0), h0, q_shared, q_bar)
+                load_q(t, b_i, s0, h0, q_shared, q_bar)
         for j in T.serial(n_q):
             sq = s0 + j * stride
-            if sq < _walk_count(flat, B, S):
+            if sq < S:
                 tq = tq_next
-                has_next = T.And(j + 1 < n_q, sq + stride < _walk_count(flat, B, S))
+                has_next = T.And(j + 1 < n_q, sq + stride < S)
                 if has_next:
-                    tq_next = t["positions"][_pick(flat, (sq + stride) // S, b_i),
-                                             _pick(flat, (sq + stride) % S, sq + stride)]
-                lo, hi = _block_range(t, gens, _pick(flat, sq // S, b_i), tq, 0, None)
+                    tq_next = t["positions"][b_i, sq + stride]
+                lo, hi = _block_range(t, gens, b_i, tq, 0, None)
                 n_iter = T.ceildiv(hi - lo, 2)
-                consume(t, w, _pick(flat, sq // S, b_i), _pick(flat, sq % S, sq), 0, h0, tq, n_iter, hi - lo,
-                        q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared, sum_shared, q_bar, k_ready,
-                        k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2,
-                        g0, j, (has_next, _pick(flat, (sq + stride) // S, b_i), _pick(flat, (sq + stride) % S,
-                                                                                     sq + stride))
-                        if w == 1 else None)
+                consume(t, w, b_i, sq, 0, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                        kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s,
+                        p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
+                        (has_next, sq + stride) if w == 1 else None)
                 if w == 1:
                     if T.And(n_iter == 0, has_next):  # no pair walked, no QKᵀ: the next Q now
-                        load_q(t, _pick(flat, (sq + stride) // S, b_i), _pick(flat, (sq + stride) % S, sq + stride),
-                               h0, q_shared, q_bar)
+                        load_q(t, b_i, sq + stride, h0, q_shared, q_bar)
                 g0 = g0 + n_iter
 
     @T.macro
@@ -1229,9 +1190,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     @T.macro
     def body(t):
         # (the grid's first extent written inline: a named local would rename S in the program's signature)
-        # (persistent CTAs walk the queries of every sequence: one CTA row, b_i unused)
-        with T.Kernel(PC if PC else (S if QT == 1 else T.ceildiv(S, QT)), NHB * NS, 1 if PC else B,
-                      threads=384) as (s_i, bx, b_i):
+        with T.Kernel(PC if PC else (S if QT == 1 else T.ceildiv(S, QT)), NHB * NS, B, threads=384) as (s_i, bx, b_i):
             T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)  # ex2 / rcp / lg2 approx; the lazy rescale's test
             # mbarriers order every hand-over between warpgroups; the only shared buffer a warpgroup's own threads
             # hand to each other is its staged output (explicit syncs above)
@@ -1289,10 +1248,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 elif tx >= 256:
                     T.set_max_nreg(72, 0)
                     # the key blocks of the CTA's queries, gathered into the ring as one sequence of pairs
-                    produce.tiles(t, tx - 256, b_i, s0, n_p, S,
-                                  lambda b, tq: _block_range(t, gens, b, tq, 0, None)[1], kv_shared, ok_shared,
-                                  kvpos_shared, k_ready, k_free, src_local, row_local, pos_local, idx_cur, idx_nxt,
-                                  bound, stride, B)
+                    produce.tiles(t, tx - 256, b_i, s0, n_p, S, lambda tq: _block_range(t, gens, b_i, tq, 0, None)[1],
+                                  kv_shared, ok_shared, kvpos_shared, k_ready, k_free, src_local, row_local, pos_local,
+                                  idx_cur, idx_nxt, bound, stride)
             else:
                 one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
                           sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0,

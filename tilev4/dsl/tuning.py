@@ -32,7 +32,7 @@ CUDA sources):
   list only (every query walks a key block); the batch-invariant split of a main program's config ignores it.
 * ``persistent_ctas`` (not tuned either, same rules): a fixed number of seesaw main-program CTAs a head block that
   walk every query, strided (:class:`~tilev4.dsl.codegen.AttentionConfig`); the ops use the device's SM count from
-  :data:`tilev4.kernels.attention.PERSISTENT_QUERIES_PER_SM` queries an SM on.
+  :data:`tilev4.kernels.attention.PERSISTENT_QUERIES_PER_SM` queries an SM a sequence on.
 * ``combine_threads``: the combine program's CTA size, 128 (default), 256 or 64 (the combine is
   element-wise over 4 heads × D, the splits merged in a serial loop; any size dividing 4·D builds).
 

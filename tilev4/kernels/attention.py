@@ -53,11 +53,11 @@ k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; 
 1.02 / 1.03, which is why it takes one head block."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
 PERSISTENT_QUERIES_PER_SM = 2
-"""From this many queries an SM on (those of all sequences of the launch), the one-pass program (one head block)
-runs one persistent CTA an SM (``persistent_ctas`` = the device's SMs, each CTA walking every SM-count-th query of the
-launch, the sequences one after the other) for every variant and key count, up to the long launches of
-:data:`LONG_LAUNCH_QUERY_TILES`; in those, only where :data:`LONG_LAUNCH_PERSISTENT` says so. H200, against one query
-a CTA (same bits;
+"""From this many queries an SM in one sequence on, the one-pass program (one head block) runs one persistent CTA an
+SM a sequence (``persistent_ctas`` = the device's SMs, each CTA walking every SM-count-th query of its sequence) for
+every variant and key count, up to the long launches of :data:`LONG_LAUNCH_QUERY_TILES`; in those, only where
+:data:`LONG_LAUNCH_PERSISTENT` says so. (A batch of short sequences keeps one query a CTA: the persistent grid holds
+SM-count CTAs for each sequence.) H200, against one query a CTA (same bits;
 ``benchmarks/logs/h200-2026-12-01-session30.md`` and ``…-session31.md``), at 264 / 528 / 1024 / 2048 queries:
 
 * sparse k = 512 0.95 / 0.91 / 0.90 / 0.91 (where 4 queries a CTA, which depends on how its CTAs fill the last wave,
@@ -84,7 +84,7 @@ def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> 
     64-key blocks (one head block) on ``sms`` SMs, as config items; None: one query a CTA."""
     qt = LONG_LAUNCH_QUERY_TILES[variant]
     long = batch * queries >= LONG_LAUNCH_WAVES * qt * sms
-    if batch * queries >= PERSISTENT_QUERIES_PER_SM * sms and (
+    if queries >= PERSISTENT_QUERIES_PER_SM * sms and (
             not long or key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1)):
         return {"persistent_ctas": sms}
     return {"query_tiles": qt} if long else None
@@ -213,8 +213,8 @@ class _TunedAttention(AttentionKernel):
 
     def tile_queries(self, config: AttentionConfig, b: int, s: int, source_keys: list[int],
                      device_sms: int | None) -> AttentionConfig:
-        """With one head block, where the program can (the seesaw schedule): one persistent CTA an SM from
-        :data:`PERSISTENT_QUERIES_PER_SM` queries an SM on, but in a long launch (at least
+        """With one head block, where the program can (the seesaw schedule): one persistent CTA an SM a sequence from
+        :data:`PERSISTENT_QUERIES_PER_SM` queries an SM a sequence on, but in a long launch (at least
         :data:`LONG_LAUNCH_WAVES` waves of :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA) only where
         :data:`LONG_LAUNCH_PERSISTENT` says so, else that many queries a CTA; else ``config``. Same bits either way."""
         # the cheap tests first: a decode step (a few queries) returns here on every call
