@@ -305,13 +305,15 @@ def test_seesaw_query_tiles(walk):
     _check(outs[1], RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
-@pytest.mark.parametrize("size", ["long", "fewest", "between"])
+@pytest.mark.parametrize("size", ["long", "fewest", "between", "batched"])
 @pytest.mark.parametrize("variant", ["sparse", "csa", "hca"])
 def test_long_launch_matches_one_query_a_cta(variant, size):
     """A long one-pass launch of the op (persistent CTAs on this GPU's SM count, or several queries a CTA in the
     long launches of variants outside LONG_LAUNCH_PERSISTENT) gives the bits of the same tuned config walking one
     query a CTA, and its first and last queries match the reference. ``long``: as many queries as the query_tiles
-    rule needs; ``fewest``: the fewest queries that take persistent CTAs; ``between``: an odd count between the two."""
+    rule needs; ``fewest``: the fewest queries that take persistent CTAs; ``between``: an odd count between the two;
+    ``batched``: three sequences (CSA, HCA: at different positions) a little longer than ``fewest``, each walked by
+    its own persistent CTAs."""
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.runtime import _num_sms
     from tilev4.kernels import attention as A
@@ -319,39 +321,40 @@ def test_long_launch_matches_one_query_a_cta(variant, size):
     sms = _num_sms(torch.cuda.current_device())
     long = A.LONG_LAUNCH_WAVES * A.LONG_LAUNCH_QUERY_TILES[variant] * sms
     fewest = A.PERSISTENT_QUERIES_PER_SM * sms
-    s = {"long": long, "fewest": fewest, "between": (fewest + long) // 2 | 1}[size]
+    b, s = (3, fewest + 5) if size == "batched" else (1, {"long": long, "fewest": fewest,
+                                                          "between": (fewest + long) // 2 | 1}[size])
     k = 512 if variant == "sparse" else 256
     g = _gen(1300 + len(variant) + len(size))
     kern = A._kernel(variant, 64, False, None, False)
-    plan = kern.plan(1, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
-    walk = A._walk(variant, sms, 1, s, k // 64 + (variant != "sparse") * 2)
+    plan = kern.plan(b, s, [k] if variant == "sparse" else [128, k], num_sms=sms, device_sms=sms)
+    walk = A._walk(variant, sms, b, s, k // 64 + (variant != "sparse") * 2)
     assert walk is not None and ("persistent_ctas" in walk) == (size != "long" or variant in A.LONG_LAUNCH_PERSISTENT)
     assert plan.kind == "main" and plan.config == dataclasses.replace(kern.launch_config("main"), **walk)
     one = AttentionKernel(kern.spec, kern.launch_config("main"))  # the same config, one query a CTA
     rows = list(range(8)) + list(range(s - 8, s))
     if variant == "sparse":
         n = 3000
-        q, kv = _randn(1, s, 64, 512, g=g), _randn(1, n, 512, g=g)
+        q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
         sink = torch.randn(64, generator=g, device="cuda")
-        idx = torch.randint(0, n, (1, s, k), generator=g, device="cuda", dtype=torch.int32)
+        idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
         idx[:, :, 3::7] = -1
         o = tilev4.sparse_attention(q, kv, sink, idx, out=_poisoned(q))
-        base = one(q, torch.zeros(1, s, dtype=torch.int32, device="cuda"), sink, out=_poisoned(q), sel_kv=kv,
+        base = one(q, torch.zeros(b, s, dtype=torch.int32, device="cuda"), sink, out=_poisoned(q), sel_kv=kv,
                    sel_idx=idx)
         ref = _ref_sparse(q[:, rows], kv, sink, idx[:, rows])
     else:
-        start = torch.tensor([5000], dtype=torch.int32, device="cuda")
-        positions = start.view(1, 1) + torch.arange(s, device="cuda", dtype=torch.int32).view(1, s)
+        start = torch.tensor([5000, 5777, 6555][:b], dtype=torch.int32, device="cuda")
+        positions = start.view(b, 1) + torch.arange(s, device="cuda", dtype=torch.int32).view(1, s)
         if variant == "csa":
             n_c = 2048
-            q, kv_w, kv_c, sink, idx = _csa_case(g, 1, s, 64, n_c, k, positions, start=start, n_stream=s)
+            q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, 64, n_c, k, positions, start=start, n_stream=s)
             o = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, window_start=start, out=_poisoned(q))
             base = one(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, sel_kv=kv_c,
                        sel_idx=idx)
             sel = idx[:, rows].cpu()
         else:
             n_c = int(positions.max() + 1) // 128
-            q, kv_w, kv_c = _randn(1, s, 64, 512, g=g), _randn(1, s, 512, g=g), _randn(1, n_c, 512, g=g)
+            q, kv_w, kv_c = _randn(b, s, 64, 512, g=g), _randn(b, s, 512, g=g), _randn(b, n_c, 512, g=g)
             sink = torch.randn(64, generator=g, device="cuda")
             o = tilev4.hca_attention(q, kv_w, kv_c, sink, positions, window_start=start, out=_poisoned(q))
             base = one(q, positions, sink, out=_poisoned(q), window_kv=kv_w, window_start=start, comp_kv=kv_c)
