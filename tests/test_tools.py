@@ -53,6 +53,30 @@ def test_compressor_configs_checks_its_arguments():
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
 
 
+def test_attention_walks_checks_its_arguments():
+    """The attention walk A/B (a GPU tool) reads qtN / pcN / pcsms walks, names a bad one, and says when there is no
+    GPU to run on."""
+    import pytest
+    import torch
+
+    tool = _tool("attention_walks")
+    assert tool.parse_walks("qt1, qt4,pc132,pcsms", 114) == [
+        ("qt1", {"query_tiles": 1}), ("qt4", {"query_tiles": 4}), ("pc132", {"persistent_ctas": 132}),
+        ("pcsms", {"persistent_ctas": 114})]
+    for bad in ("qt0", "pc", "tiles4", "qt2,qt2", "pcsms"):
+        with pytest.raises(ValueError, match="--walks"):
+            tool.parse_walks(bad, None)
+    script = str(ROOT / "tools" / "attention_walks.py")
+    run = subprocess.run([sys.executable, script, "--walks", "qt1,pcx"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "pcx" in run.stderr
+    run = subprocess.run([sys.executable, script, "--queries", "0"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "--queries" in run.stderr
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message is for machines without one")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
 def test_kernel_records_name_registry_kernels():
     """tools/records/*.jsonl (builds earlier GPU rounds loaded) read as (kernel, config) jobs of this registry."""
     from tilev4.kernels.registry import load_all_kernels, recorded_jobs
