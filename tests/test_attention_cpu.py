@@ -80,8 +80,9 @@ def test_long_launches_take_two_queries_a_cta():
         assert plan(1, 1 << 16, num_sms=114, device_sms=114) == (
             (1, 114) if long_persistent else (qt, 0))  # another SM count: one CTA an SM
         assert plan(1, 1000, num_sms=114, device_sms=114) == (1, 114)
-        short = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)  # split into 256-key pieces where there are several
-        assert short.kind == ("split" if sum(keys) > 256 else "main") and walk_of(short.config) == (1, 0)
+        short = k.plan(1, 4, keys, num_sms=sms, device_sms=sms)  # split into 128-key pieces where there are several
+        assert short.kind == ("split" if k.num_key_blocks(keys, 64) > 2 else "main") and walk_of(short.config) == (1, 0)
+        assert short.kind == "main" or short.config.split_keys == 128
         bi_split = k.plan(1, 4, [128, 4096], batch_invariant=True, device_sms=sms)  # two batch-invariant splits
         assert bi_split.kind == "split" and walk_of(bi_split.config) == (1, 0)
         cfg = k.registry_config("main", k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config)

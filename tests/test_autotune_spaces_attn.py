@@ -14,7 +14,7 @@ from tilev4.autotune.tuner import WallTimer, measure_bucket, parse_shapes, plan_
 from tilev4.dsl import AttentionConfig
 from tilev4.dsl import tuning as dsl_tuning
 from tilev4.dsl.codegen import build_main_program
-from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS, AttentionKernel
+from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, FINE_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS, AttentionKernel
 from tilev4.dsl.spec import AttentionSpec, CompressedDense
 from tilev4.kernels import attention_tuning as attn_tuning
 from tilev4.kernels import get_kernel_def
@@ -127,7 +127,7 @@ def test_spaces_are_small_defaults_first_and_bucketed_by_compile_time_keys(name)
                 [(bi, sch, 1) for bi in (64, 32, 16) for sch in schedules]
                 + [(bi, "seesaw", 2) for bi in (32, 16)])
         if plan.bucket.endswith(",main"):  # the one-pass program and the batch-invariant split share a config
-            mains = 1 + (long_launch and 1) + (long_launch and name == "sparse_attention")  # + QT, + persistent
+            mains = 1 + (long_launch and 2)  # + the query_tiles and the persistent program
             assert sorted(p["kind"] for p in plan.problems) == ["main"] * mains + ["split"]
             assert all(p.get("split_keys") == BATCH_INVARIANT_SPLIT_KEYS for p in plan.problems)
     # the bucket never sees the number of queries
@@ -143,7 +143,8 @@ def test_default_configs_are_the_shipped_programs():
         full = dict(resolve_config(kdef, cfg, "sm_90a", gpu=None).items)
         got = (full["block_kv"], full["threads"], full["combine_threads"], full["schedule"])
         assert got == (64, 256, 128, "seesaw")
-    assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS}
+    assert {c.get("split_keys") for c in kdef.configs} == {None, BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS,
+                                                           FINE_SPLIT_KEYS}
 
 
 # --- the harnesses ------------------------------------------------------------------------------
@@ -305,10 +306,16 @@ def test_runtime_launches_the_resolved_configs(tuned):
     assert plan.kind == "split" and plan.config.block_kv == 32 and plan.config.split_keys == BATCH_INVARIANT_SPLIT_KEYS
     assert plan.num_splits == -(-(128 // 32 + 4096 // 32) // (2048 // 32)) == 3
     assert plan.combine.combine_threads == 256
-    # small batches: the occupancy split runs the split bucket's block size; its workspace follows it
+    # small batches: the occupancy split runs the split bucket's block size; its workspace follows it. 128-key
+    # pieces where all their CTAs fit in one wave (2 rows x 5 pieces on 132 SMs) ...
     plan = kern.plan(2, 1, short, num_sms=132)
+    assert (plan.kind, plan.config.block_kv, plan.config.split_keys) == ("split", 16, FINE_SPLIT_KEYS)
+    assert plan.num_splits == -(-(128 // 16 + 512 // 16) // (128 // 16)) == 5
+    # ... else 256-key ones (10 CTAs on 9 SMs)
+    plan = kern.plan(2, 1, short, num_sms=9)
     assert (plan.kind, plan.config.block_kv, plan.config.split_keys) == ("split", 16, OCCUPANCY_SPLIT_KEYS)
     assert plan.num_splits == -(-(128 // 16 + 512 // 16) // (256 // 16)) == 3
+    assert kern.plan(2, 1, short, num_sms=8).kind == "main"  # a quarter of the SMs busy: one pass
     plan = kern.plan(2, 1, short, num_splits=4)
     assert plan.config.block_kv == 16 and plan.config.split_keys % 16 == 0 and plan.num_splits == 4
     assert plan.num_splits * plan.config.blocks_per_split() >= kern.num_key_blocks(short, 16)
@@ -348,4 +355,5 @@ def test_plain_dsl_kernel_launches_its_own_config():
     odd = AttentionKernel(csa_spec(64, ring=True), AttentionConfig(block_kv=48))
     plan = odd.plan(1, 1, [128, 4096], batch_invariant=True)
     assert plan.config.split_keys == 2064 and plan.num_splits == -(-(3 + 86) // 43) == 3
-    assert odd.plan(1, 1, [128, 512], num_sms=132).config.split_keys == 288
+    assert odd.plan(1, 1, [128, 512], num_sms=132).config.split_keys == 144  # 128 keys: 3 blocks
+    assert odd.plan(30, 1, [128, 512], num_sms=132).config.split_keys == 288  # 30 x 5 pieces: no wave; 256 keys

@@ -23,10 +23,17 @@ from tilev4.dsl.codegen import (
 )
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, Window
 
-__all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEYS", "AttentionKernel", "LaunchPlan"]
+__all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "FINE_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEYS", "AttentionKernel", "LaunchPlan"]
 
 BATCH_INVARIANT_SPLIT_KEYS = 2048  # V4 CSA rows (640 / 1152 keys) and HCA rows fit in one split
 OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that more SMs work
+FINE_SPLIT_KEYS = 128
+"""... and into 128-key pieces where all of those CTAs (every row's, head block's and piece's) fit in one wave on the
+device's SMs. H200, whole decode calls at 128K context (CUDA graphs, L2 flushed; µs for 256- / 128-key pieces;
+``benchmarks/logs/h200-2026-12-01-session31.md``): V4-Flash CSA (64 heads, 128 + 512 keys) b = 1 19.0 / 15.7, b = 8
+19.7 / 17.2, b = 16 20.6 / 19.8, but b = 32 (160 CTAs) 23.7 / 31.6; V4-Pro CSA (128 heads, 128 + 1024) b = 1 19.6 /
+17.0, b = 4 20.5 / 18.7, b = 8 (144 CTAs) 21.9 / 29.4; HCA (128 + 1024) b = 1 18.6 / 16.5, b = 8 20.1 / 18.9, b = 16
+(144 CTAs) 22.0 / 29.3. 64-key pieces were slower than 128-key ones in every case."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,8 +135,10 @@ class AttentionKernel:
                 the split of a long row runs the MAIN program's config, so that a row that fits in one
                 split gets the same bits from the one-pass program as from split + combine.
             num_splits: force this many splits (rounded to whole blocks).
-            num_sms: SMs of the device; the one-pass program is used when a quarter of them work
-                (None: always one pass, unless ``batch_invariant`` or ``num_splits`` say otherwise).
+            num_sms: SMs of the device; the one-pass program is used when a quarter of them work, else
+                :data:`FINE_SPLIT_KEYS`-key splits where their CTAs fit in one wave, else
+                :data:`OCCUPANCY_SPLIT_KEYS`-key ones (None: always one pass, unless ``batch_invariant`` or
+                ``num_splits`` say otherwise).
             device_sms: SMs of the device, for :meth:`tile_queries` (the one-pass program's queries a CTA).
         """
         if batch_invariant:
@@ -147,7 +156,15 @@ class AttentionKernel:
             else:
                 ctas = b * s * -(-self.spec.heads // head_block(self.spec.heads))
                 # measured on the H200: one pass beats split + combine down to ~1/4 of the SMs busy
-                ns = 1 if num_sms is None or 4 * ctas >= num_sms else -(-total // split_cfg.blocks_per_split())
+                if num_sms is None or 4 * ctas >= num_sms:
+                    ns = 1
+                else:
+                    fine = _whole_blocks(self.launch_config("split", FINE_SPLIT_KEYS))
+                    ns = -(-self.num_key_blocks(source_keys, fine.block_kv) // fine.blocks_per_split())
+                    if ctas * ns <= num_sms:  # the finer pieces' CTAs fit in one wave
+                        split_cfg = fine
+                    else:
+                        ns = -(-total // split_cfg.blocks_per_split())
             main_cfg = None
         if ns <= 1:
             main = self.tile_queries(main_cfg or self.launch_config("main"), b, s, source_keys, device_sms)

@@ -14,7 +14,7 @@ token ``p`` in slot ``p % R`` with ``R >= 128 + s − 1``.
 
 Batch invariance: every CTA owns one (token, head block) and walks its keys in a fixed order, so a
 row never depends on the others; the only batch-dependent choice is whether tiny batches are
-split into 256-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 2048
+split into 256- or 128-key pieces to fill the GPU. ``batch_invariant=True`` fixes the split SIZE at 2048
 keys instead, and the split program runs the one-pass program's config; a row that fits in one
 split gets identical bits from the one-pass kernel and from split + combine (the epilogues share
 their arithmetic), so a row's output is the same for any batch size and position in the batch.
@@ -36,7 +36,7 @@ import torch
 from tilev4._checks import check_tensor
 from tilev4.dsl import AttentionConfig, AttentionKernel, AttentionSpec, CompressedDense, IndexList, Window
 from tilev4.dsl.codegen import build_combine_program, build_main_program, head_block
-from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS
+from tilev4.dsl.runtime import BATCH_INVARIANT_SPLIT_KEYS, FINE_SPLIT_KEYS, OCCUPANCY_SPLIT_KEYS
 from tilev4.dsl.tuning import config_from, why_invalid
 from tilev4.kernels import attention_tuning as tuning
 from tilev4.kernels.registry import compile_kernel, register, resolved_config
@@ -135,7 +135,7 @@ def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, sp
 def _configs(variant: str) -> list[dict[str, Any]]:
     """Shipped configs: prefill (one pass; with 64 heads also the long launches' program of
     :data:`LONG_LAUNCH_QUERY_TILES` queries a CTA and the persistent program of :data:`SHIPPED_SMS` CTAs), splits of
-    2048 keys (batch-invariant) and 256 keys (small batches) for the stream layout and, for windowed variants, the
+    2048 keys (batch-invariant), 256 and 128 keys (small batches) for the stream layout and, for windowed variants, the
     decode ring; the combine."""
     windowed = variant != "sparse"
     out = []
@@ -148,6 +148,7 @@ def _configs(variant: str) -> list[dict[str, Any]]:
                 out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
+            out.append({"heads": h, "kind": "split", "split_keys": FINE_SPLIT_KEYS, **extra})
         out.append({"heads": h, "kind": "combine"})
     return out
 

@@ -12,7 +12,7 @@ head counts), ``combine_threads`` 128/256/64 for the combine (3 candidates). The
                          stream layout: one config for both, because in batch-invariant mode the split
                          of a long row runs the one-pass program's config (same bits either way)
     H=64,decode,main     the same for the decode ring
-    H=64,prefill,split   the other splits (256-key pieces for small batches, ``num_splits``)
+    H=64,prefill,split   the other splits (256- and 128-key pieces for small batches, ``num_splits``)
     H=64,decode,split
     H=64,combine         the combine (layout-free)
 
