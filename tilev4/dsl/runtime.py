@@ -28,12 +28,16 @@ __all__ = ["BATCH_INVARIANT_SPLIT_KEYS", "FINE_SPLIT_KEYS", "OCCUPANCY_SPLIT_KEY
 BATCH_INVARIANT_SPLIT_KEYS = 2048  # V4 CSA rows (640 / 1152 keys) and HCA rows fit in one split
 OCCUPANCY_SPLIT_KEYS = 256  # tiny batches: split into 256-key pieces so that more SMs work
 FINE_SPLIT_KEYS = 128
-"""... and into 128-key pieces where all of those CTAs (every row's, head block's and piece's) fit in one wave on the
-device's SMs. H200, whole decode calls at 128K context (CUDA graphs, L2 flushed; µs for 256- / 128-key pieces;
-``benchmarks/logs/h200-2026-12-01-session31.md``): V4-Flash CSA (64 heads, 128 + 512 keys) b = 1 19.0 / 15.7, b = 8
-19.7 / 17.2, b = 16 20.6 / 19.8, but b = 32 (160 CTAs) 23.7 / 31.6; V4-Pro CSA (128 heads, 128 + 1024) b = 1 19.6 /
-17.0, b = 4 20.5 / 18.7, b = 8 (144 CTAs) 21.9 / 29.4; HCA (128 + 1024) b = 1 18.6 / 16.5, b = 8 20.1 / 18.9, b = 16
-(144 CTAs) 22.0 / 29.3. 64-key pieces were slower than 128-key ones in every case."""
+"""Tiny batches split into 128-key pieces instead where all of those CTAs (every row's, head block's and piece's) fit
+in one wave on the device's SMs. H200, whole decode calls at 128K context (CUDA graphs, L2 flushed; µs for 256- /
+128-key pieces; ``benchmarks/logs/h200-2026-12-01-session31.md``):
+
+* V4-Flash CSA (64 heads, 128 + 512 keys): b = 1 19.0 / 15.7, b = 8 19.7 / 17.2, b = 16 20.6 / 19.8, but b = 32
+  (160 CTAs) 23.7 / 31.6;
+* V4-Pro CSA (128 heads, 128 + 1024 keys): b = 1 19.6 / 17.0, b = 4 20.5 / 18.7, but b = 8 (144 CTAs) 21.9 / 29.4;
+* HCA (128 + 1024 keys): b = 1 18.6 / 16.5, b = 8 20.1 / 18.9, but b = 16 (144 CTAs) 22.0 / 29.3.
+
+64-key pieces were slower than 128-key ones in every case."""
 
 
 @functools.lru_cache(maxsize=8)
