@@ -77,6 +77,24 @@ def test_attention_walks_checks_its_arguments():
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
 
 
+def test_decode_splits_checks_its_arguments():
+    """The decode split-size comparison (a GPU tool) names a bad --split-keys / --batches / --topk, counts a row's key
+    blocks as the benchmark's inputs have them, and says when there is no GPU to run on."""
+    import pytest
+    import torch
+
+    tool = _tool("decode_splits")
+    assert tool.key_blocks("csa", 512) == 10 and tool.key_blocks("hca", 512) == 18
+    script = str(ROOT / "tools" / "decode_splits.py")
+    for flag, bad in (("--split-keys", "96"), ("--split-keys", "32"), ("--batches", "0"), ("--topk", "100")):
+        run = subprocess.run([sys.executable, script, flag, bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and flag in run.stderr, run.stderr
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message is for machines without one")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
 def test_kernel_records_name_registry_kernels():
     """tools/records/*.jsonl (builds earlier GPU rounds loaded) read as (kernel, config) jobs of this registry."""
     from tilev4.kernels.registry import load_all_kernels, recorded_jobs

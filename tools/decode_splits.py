@@ -1,0 +1,129 @@
+"""Decode attention by split size, on the GPU: the whole call with the one-pass program and with each forced split size.
+
+    python3 tools/decode_splits.py --variant csa --heads 64 --batches 1,8,16,32 --json $OUT/decode_splits.json
+    python3 tools/decode_splits.py --variant hca --split-keys 256,128 --build-only      # no GPU: prebuild
+
+The inputs are the attention benchmark's decode at 128K context: one query a sequence at position 131071, a 128-row
+window ring, and either ``--topk`` random compressed entries of 32768 (``csa``) or every compressed entry visible
+there (``hca``: 1024). For each batch the tool times the op's kernel (``AttentionKernel`` with the default config)
+with ``num_splits`` forced to one pass and to the split counts that give ``--split-keys`` keys a piece (CUDA-graph
+replays, L2 flushed, in turn with the order reversed every other round), and checks that no output is NaN and how far
+each is from the one-pass output. ``tilev4.dsl.runtime.AttentionKernel.plan`` is the rule these numbers feed.
+"""
+
+import argparse
+import json
+import sys
+from typing import Any
+
+D = 512
+POSITION = 4 * 32768 - 1  # 128K context
+
+
+def parse_ints(name: str, text: str, lo: int = 1) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < lo:
+        raise ValueError(f"{name} must be comma-separated integers >= {lo}, got {text!r}")
+    return vals
+
+
+def kernel(variant: str, heads: int, arch: str | None) -> Any:
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.codegen import AttentionConfig
+    from tilev4.kernels.attention import variant_spec
+
+    return AttentionKernel(variant_spec(variant, heads, ring=True), AttentionConfig(), arch=arch)
+
+
+def key_blocks(variant: str, topk: int) -> int:
+    """64-key blocks of a row: the window's 2 and the compressed source's."""
+    return 2 + -(-(topk if variant == "csa" else (POSITION + 1) // 128) // 64)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from tilev4.bench import time_in_turn
+
+    k = kernel(args.variant, args.heads, None)
+    nb = key_blocks(args.variant, args.topk)
+    labels = ["one pass"] + [f"{sk}-key pieces" for sk in args.split_keys]
+    splits = [1] + [-(-nb // (sk // 64)) for sk in args.split_keys]
+    n_c = 32768 if args.variant == "csa" else (POSITION + 1) // 128
+    rows = []
+    for b in args.batches:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        pos = torch.full((b, 1), POSITION, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, 1, args.heads, D, generator=g, device="cuda").bfloat16()
+        sink = torch.randn(args.heads, generator=g, device="cuda")
+        t = {"window_kv": torch.randn(b, 128, D, generator=g, device="cuda").bfloat16()}
+        kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
+        if args.variant == "csa":
+            t["sel_kv"] = kv_c
+            t["sel_idx"] = torch.argsort(torch.rand(b, 1, n_c, generator=g, device="cuda"), dim=-1)[..., :args.topk]
+            t["sel_idx"] = t["sel_idx"].int().contiguous()
+        else:
+            t["comp_kv"] = kv_c
+        outs = []
+        for ns in splits:
+            outs.append(torch.full_like(q, float("nan")))
+            k(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
+        o = torch.empty_like(q)
+        head = (q, pos, sink)
+        fns = [lambda ns=ns, a=head, o=o, t=t: k(*a, validate=False, out=o, num_splits=ns, **t) for ns in splits]
+        ms = time_in_turn(fns, rounds=args.rounds, graph=True, warmup=3, reps=20)
+        row = {"variant": args.variant, "heads": args.heads, "batch": b, "key_blocks": nb,
+               "splits": dict(zip(labels, splits)), "us": {lbl: m * 1000 for lbl, m in zip(labels, ms)},
+               "nan": any(bool(torch.isnan(x).any()) for x in outs),
+               "max_abs_diff_to_one_pass": max(float((x.float() - outs[0].float()).abs().max()) for x in outs)}
+        print(f"{args.variant} H={args.heads} b={b}: "
+              + ", ".join(f"{lbl} {us:.1f} us" for lbl, us in row["us"].items())
+              + (" NaN" if row["nan"] else ""), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", choices=("csa", "hca"), default="csa")
+    ap.add_argument("--heads", type=int, choices=(64, 128), default=64)
+    ap.add_argument("--topk", type=int, default=512, help="compressed entries a query selects (csa)")
+    ap.add_argument("--batches", default="1,4,8,16,32")
+    ap.add_argument("--split-keys", default="256,128,64", help="keys a piece, multiples of 64")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--build-only", action="store_true", help="compile the programs (TileLang's cache), no GPU")
+    ap.add_argument("--arch", default="sm_90a", help="CUDA arch for --build-only")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    try:
+        args.batches = parse_ints("--batches", args.batches)
+        args.split_keys = parse_ints("--split-keys", args.split_keys, lo=64)
+        if any(sk % 64 for sk in args.split_keys):
+            raise ValueError(f"--split-keys must be multiples of 64, got {args.split_keys}")
+        if args.topk < 1 or args.topk % 64:
+            raise ValueError(f"--topk must be a positive multiple of 64, got {args.topk}")
+    except ValueError as e:
+        ap.error(str(e))
+    if args.build_only:
+        k = kernel(args.variant, args.heads, args.arch)
+        for kind, sk in [("main", None), ("combine", None)] + [("split", sk) for sk in args.split_keys]:
+            k.compiled(kind, k.launch_config(kind, sk) if sk else k.launch_config(kind))
+            print("built", kind, sk or "", flush=True)
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("decode_splits.py needs a CUDA GPU (or --build-only)", file=sys.stderr)
+        return 2
+    rows = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
