@@ -63,7 +63,7 @@ def test_attention_walks_checks_its_arguments():
     assert tool.parse_walks("qt1, qt4,pc132,pcsms", 114) == [
         ("qt1", {"query_tiles": 1}), ("qt4", {"query_tiles": 4}), ("pc132", {"persistent_ctas": 132}),
         ("pcsms", {"persistent_ctas": 114})]
-    for bad in ("qt0", "pc", "tiles4", "qt2,qt2", "pcsms"):
+    for bad in ("qt0", "pc", "tiles4", "qt2,qt2", "pcsms", "qt16"):
         with pytest.raises(ValueError, match="--walks"):
             tool.parse_walks(bad, None)
     script = str(ROOT / "tools" / "attention_walks.py")

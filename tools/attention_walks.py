@@ -29,6 +29,8 @@ N_ROWS = 16384  # index-list cache rows (sparse, csa)
 
 def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, int]]]:
     """``"qt1,qt4,pc132,pcsms"`` as (label, AttentionConfig items); ``sms`` resolves ``pcsms`` (None: not allowed)."""
+    from tilev4.dsl.codegen import AttentionConfig
+
     out = []
     for label in (w.strip() for w in text.split(",")):
         kind, n = label[:2], label[2:]
@@ -38,7 +40,12 @@ def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, int]]]:
             n = str(sms)
         if kind not in ("qt", "pc") or not n.isdigit() or int(n) < 1:
             raise ValueError(f"--walks: {label!r} is not qtN or pcN (N >= 1) or pcsms")
-        out.append((label, {"query_tiles": int(n)} if kind == "qt" else {"persistent_ctas": int(n)}))
+        walk = {"query_tiles": int(n)} if kind == "qt" else {"persistent_ctas": int(n)}
+        try:
+            AttentionConfig(**walk)
+        except ValueError as e:
+            raise ValueError(f"--walks: {label!r}: {e}") from None
+        out.append((label, walk))
     if not out or len({lbl for lbl, _ in out}) != len(out):
         raise ValueError(f"--walks: give distinct walks, got {text!r}")
     return out
