@@ -9,6 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _assert_needs_gpu(script):
+    """Without a GPU, ``script`` run with its defaults exits non-zero saying it needs one (skipped on a GPU machine)."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU message is for machines without one")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
 def test_profile_decode_reports_both_modes(tmp_path):
     out = tmp_path / "profile.json"
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_decode.py"), "--model", "tiny", "--context",
@@ -25,17 +36,12 @@ def test_profile_decode_reports_both_modes(tmp_path):
 
 def test_moe_schedules_checks_its_arguments():
     """The MoE schedule comparison (a GPU tool) names a bad kernel, and says when there is no GPU to run on."""
-    import pytest
-    import torch
 
     tool = str(ROOT / "tools" / "moe_schedules.py")
     run = subprocess.run([sys.executable, tool, "--kernels", "moe_up,moe_gate"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode != 0 and "moe_gate" in run.stderr
-    if torch.cuda.is_available():
-        pytest.skip("the no-GPU message is for machines without one")
-    run = subprocess.run([sys.executable, tool], capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+    _assert_needs_gpu(tool)
 
 
 def test_compressor_configs_checks_its_arguments():
@@ -57,7 +63,6 @@ def test_attention_walks_checks_its_arguments():
     """The attention walk A/B (a GPU tool) reads qtN / pcN / pcsms walks, names a bad one, and says when there is no
     GPU to run on."""
     import pytest
-    import torch
 
     tool = _tool("attention_walks")
     assert tool.parse_walks("qt1, qt4,pc132,pcsms", 114) == [
@@ -71,17 +76,12 @@ def test_attention_walks_checks_its_arguments():
     assert run.returncode != 0 and "pcx" in run.stderr
     run = subprocess.run([sys.executable, script, "--queries", "0"], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "--queries" in run.stderr
-    if torch.cuda.is_available():
-        pytest.skip("the no-GPU message is for machines without one")
-    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+    _assert_needs_gpu(script)
 
 
 def test_decode_splits_checks_its_arguments():
     """The decode split-size comparison (a GPU tool) names a bad --split-keys / --batches / --topk, counts a row's key
     blocks as the benchmark's inputs have them, and says when there is no GPU to run on."""
-    import pytest
-    import torch
 
     tool = _tool("decode_splits")
     assert tool.key_blocks("csa", 512) == 10 and tool.key_blocks("hca", 512) == 18
@@ -89,10 +89,7 @@ def test_decode_splits_checks_its_arguments():
     for flag, bad in (("--split-keys", "96"), ("--split-keys", "32"), ("--batches", "0"), ("--topk", "100")):
         run = subprocess.run([sys.executable, script, flag, bad], capture_output=True, text=True, timeout=300)
         assert run.returncode != 0 and flag in run.stderr, run.stderr
-    if torch.cuda.is_available():
-        pytest.skip("the no-GPU message is for machines without one")
-    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+    _assert_needs_gpu(script)
 
 
 def test_kernel_records_name_registry_kernels():

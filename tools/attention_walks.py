@@ -142,30 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--queries, --batch and --keys must be positive integers and --position >= 0, got "
                  f"--queries {args.queries!r} --batch {args.batch} --keys {args.keys} --position {args.position}")
+    import torch
+
+    gpu = not args.build_only and torch.cuda.is_available()
+    if gpu:
+        from tilev4.dsl.runtime import _num_sms
+
+        sms = _num_sms(torch.cuda.current_device())
+    else:  # --build-only cannot resolve pcsms; without a GPU the walks are still checked first
+        sms = None if args.build_only else 1
+    try:
+        walks = parse_walks(args.walks, sms)
+    except ValueError as e:
+        ap.error(str(e))
     if args.build_only:
-        try:
-            walks = parse_walks(args.walks, None)
-        except ValueError as e:
-            ap.error(str(e))
         with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for done in pool.map(_build, [(args.variant, w, args.arch) for _, w in walks]):
                 print("built", done, flush=True)
         return 0
-    import torch
-
-    if not torch.cuda.is_available():
-        try:
-            parse_walks(args.walks, 1)
-        except ValueError as e:
-            ap.error(str(e))
+    if not gpu:
         print("attention_walks.py needs a CUDA GPU (or --build-only)", file=sys.stderr)
         return 2
-    from tilev4.dsl.runtime import _num_sms
-
-    try:
-        walks = parse_walks(args.walks, _num_sms(torch.cuda.current_device()))
-    except ValueError as e:
-        ap.error(str(e))
     rows = run(args, walks)
     if args.json:
         with open(args.json, "w") as f:
