@@ -193,6 +193,38 @@ def test_hca_matches_reference(ring, s):
     _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
+@pytest.mark.parametrize("walk", [None, {"query_tiles": 4}, {"persistent_ctas": 7}, "splits"],
+                         ids=["one", "qt4", "pc7", "splits"])
+def test_hca_narrow_last_blocks(walk):
+    """A compressed stream's last block with at most 32 visible entries runs its products on its first 32 keys
+    (``_SourceGen.narrow_block``): queries whose visible entry count crosses 32, 64 and 96 (the last block narrow,
+    then wide; the leader's block or the follower's), against the reference; the entries past the visible ones are
+    NaN. One query a CTA, 4 a CTA, persistent CTAs, and 3 splits (the split boundaries cut the key blocks
+    elsewhere)."""
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.codegen import AttentionConfig
+    from tilev4.kernels.attention import variant_spec
+
+    g = _gen(1100)
+    b, s, heads = 3, 400, 64
+    start = torch.tensor([3950, 8050, 12150], dtype=torch.int32, device="cuda")  # 30-33, 62-66, 94-98 entries visible
+    positions = start.view(-1, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    n_c = int((positions.max() + 1) // 128) + 3
+    q, kv_w, kv_c = _randn(b, s, heads, 512, g=g), _randn(b, s, 512, g=g), _randn(b, n_c, 512, g=g)
+    vis = ((positions[:, -1] + 1) // 128).tolist()
+    for i, v in enumerate(vis):
+        kv_c[i, v:] = float("nan")  # past every query of the sequence
+    sink = torch.randn(heads, generator=g, device="cuda")
+    cfg = AttentionConfig(**walk) if isinstance(walk, dict) else AttentionConfig()
+    kern = AttentionKernel(variant_spec("hca", heads, False, False), cfg)
+    o = kern(q, positions, sink, num_splits=3 if walk == "splits" else 1, out=_poisoned(q), window_kv=kv_w,
+             window_start=start, comp_kv=kv_c)
+    comp = RA.compressed_indices(positions.cpu(), 128, max_entries=n_c)
+    kv_cat, idx_cat = RA.concat_key_sets(kv_w.cpu(), kv_c.cpu().nan_to_num(), _window_rows(positions, start=start),
+                                         comp)
+    _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
+
+
 def test_stream_rows_past_every_query_never_reach_the_output():
     """The blocks of a stream window and the fully visible blocks of the compressed stream are loaded whole by TMA
     (``_SourceGen.tma_block``): rows that no query of the sequence may see (here the padding of a shorter second

@@ -260,3 +260,16 @@ def test_attention_ab_rejects_a_missing_base(tmp_path):
     tool = _ab_tool()
     with pytest.raises(SystemExit):
         tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])
+
+
+def test_attention_ab_rejects_a_bad_walk(tmp_path, capsys):
+    import pytest
+
+    tool = _ab_tool()
+    base = tmp_path / "codegen.py"
+    base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())
+    for walk in ("qt0", "xy4", "qt2,qt4"):
+        with pytest.raises(SystemExit):
+            tool.main(["--base", str(base), "--walk", walk, "--build-only"])
+        err = capsys.readouterr().err
+        assert "--walk: " in err and repr(walk) in err

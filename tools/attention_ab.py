@@ -3,10 +3,12 @@
     git show main:tilev4/dsl/codegen.py > /tmp/codegen_base.py                 # here (the device has no .git)
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --json $OUT/attention_ab.json       # on a GPU
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --build-only --arch sm_90a   # no GPU
+    python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --walk qt4    # the benchmark's HCA walk
 
 For each case (those of ``tools/attention_timeline.py``: the benchmark's inputs) the tool builds the main program
-with the default config from the working tree's :mod:`tilev4.dsl.codegen` ("new") and from the file ``--base``
-("base", loaded as a separate module), launches both on the same inputs with the output poisoned (NaN) first,
+with the default config (``--walk qtN`` / ``pcN``: with that walk of queries) from the working tree's
+:mod:`tilev4.dsl.codegen` ("new") and from the file ``--base`` ("base", loaded as a separate module), launches both
+on the same inputs with the output poisoned (NaN) first,
 compares the outputs bit for bit, then times them alternately (CUDA-graph replays, L2 flushed) for ``--rounds``
 rounds and reports each one's median and the median of the per-round ratios new / base. Differences of a few
 percent between two separate benchmark runs are common on the H200; alternating in one process is what makes
@@ -33,8 +35,9 @@ def load_codegen(path: Path) -> Any:
     return module_from_source(path.read_text(), "tilev4_dsl_codegen_ab", path)
 
 
-def build(case: str, base: str | None, arch: str) -> Any:
-    """The main program of ``case`` from the working tree (``base`` None) or from the file ``base``, compiled."""
+def build(case: str, base: str | None, arch: str, walk: dict[str, int] | None = None) -> Any:
+    """The main program of ``case`` from the working tree (``base`` None) or from the file ``base``, compiled;
+    ``walk``: :class:`AttentionConfig` items (``query_tiles`` / ``persistent_ctas``), default one query a CTA."""
     import tilelang
 
     import tilev4.dsl.codegen as current
@@ -43,21 +46,22 @@ def build(case: str, base: str | None, arch: str) -> Any:
     variant, heads, ring = CASES[case]
     cg = current if base is None else load_codegen(Path(base))
     spec = variant_spec(variant, heads, ring=ring)
-    prog = cg.build_main_program(spec, cg.AttentionConfig(), split=False)
+    prog = cg.build_main_program(spec, cg.AttentionConfig(**(walk or {})), split=False)
     return tilelang.compile(prog, target={"kind": "cuda", "arch": arch}, execution_backend="tvm_ffi")
 
 
-def _build_in_worker(job: tuple[str, str | None, str]) -> bool:
+def _build_in_worker(job: tuple[str, str | None, str, dict[str, int] | None]) -> bool:
     build(*job)  # fills TileLang's kernel cache, so that the parent's build is a cache hit
     return True
 
 
-def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = None) -> dict[str, Any]:
+def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = None,
+             walk: dict[str, int] | None = None) -> dict[str, Any]:
     import torch
 
     from tilev4.bench import time_cuda
 
-    kernels = {"new": build(case, new, arch), "base": build(case, base, arch)}
+    kernels = {"new": build(case, new, arch, walk), "base": build(case, base, arch, walk)}
     args = _inputs(case)
     q = args[0]
     outs = {}
@@ -76,6 +80,7 @@ def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = Non
             times[which].append(time_cuda(lambda k=k, o=o: k(*args, o), warmup=2, reps=reps, graph=True))
     return {
         "case": case,
+        "walk": walk or {},
         "bits_equal": bits_equal,
         "max_abs_diff": max_diff,
         "nan": bool(torch.isnan(outs["new"]).any()),
@@ -94,11 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=8, help="parallel compiles before the GPU runs")
     ap.add_argument("--build-only", action="store_true", help="lower and compile both programs, no GPU")
     ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
+    ap.add_argument("--walk", help="qtN or pcN: the main program's walk of queries (default: one query a CTA)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     for opt in ("base", "new"):
         if getattr(args, opt) is not None and not Path(getattr(args, opt)).is_file():
             ap.error(f"--{opt}: no such file: {getattr(args, opt)}")
+    walk = None
+    if args.walk is not None:
+        from attention_walks import parse_walks
+
+        try:
+            walks = parse_walks(args.walk, None)
+        except ValueError as e:
+            ap.error(str(e).replace("--walks", "--walk"))
+        if len(walks) != 1:
+            ap.error(f"--walk: give one walk, got {args.walk!r}")
+        walk = walks[0][1]
     cases = args.case or sorted(CASES)
     if args.build_only:
         arch = args.arch or "sm_90a"
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from tilev4.kernels.registry import current_arch
 
         arch = args.arch or current_arch()
-    jobs = [(c, b, arch) for c in cases for b in (args.new, args.base)]
+    jobs = [(c, b, arch, walk) for c in cases for b in (args.new, args.base)]
     if args.jobs > 1 and len(jobs) > 1:
         with cf.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             list(ex.map(_build_in_worker, jobs))
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for c in cases:
-        rows.append(run_case(c, args.base, arch, args.rounds, args.new))
+        rows.append(run_case(c, args.base, arch, args.rounds, args.new, walk))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
