@@ -95,20 +95,3 @@ def test_long_launches_take_two_queries_a_cta():
     pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with several queries a CTA
     for s in (2 * sms, 1000, 1 << 16):
         assert walk_of(pro.plan(1, s, [128, 1024], num_sms=sms, device_sms=sms).config) == (1, 0)
-
-
-def test_narrow_blocks_only_where_a_compressed_stream_is():
-    """The seesaw program of HCA (a compressed stream, whose last block may be at most half visible) carries the
-    narrow blocks' fragments, in every walk and in its split program; those of CSA and sparse attention (windows and
-    index lists) do not, nor does HCA's program of 32-key blocks."""
-    from tilev4.dsl.codegen import AttentionConfig, build_main_program
-    from tilev4.kernels.attention import variant_spec
-
-    def narrow(variant, split=False, ring=False, **cfg):
-        prog = build_main_program(variant_spec(variant, 64, ring=ring), AttentionConfig(**cfg), split=split)
-        return "acc_s_n_0" in prog.script()
-
-    assert narrow("hca") and narrow("hca", query_tiles=4) and narrow("hca", persistent_ctas=132)
-    assert narrow("hca", split=True, ring=True, split_keys=256)
-    assert not narrow("csa") and not narrow("csa", split=True, ring=True, split_keys=256) and not narrow("sparse")
-    assert not narrow("hca", block_kv=32, pair_stages=2)

@@ -195,12 +195,11 @@ def test_hca_matches_reference(ring, s):
 
 @pytest.mark.parametrize("walk", [None, {"query_tiles": 4}, {"persistent_ctas": 7}, "splits"],
                          ids=["one", "qt4", "pc7", "splits"])
-def test_hca_narrow_last_blocks(walk):
-    """A compressed stream's last block with at most 32 visible entries runs its products on its first 32 keys
-    (``_SourceGen.narrow_block``): queries whose visible entry count crosses 32, 64 and 96 (the last block narrow,
-    then wide; the leader's block or the follower's), against the reference; the entries past the visible ones are
-    NaN. One query a CTA, 4 a CTA, persistent CTAs, and 3 splits (the split boundaries cut the key blocks
-    elsewhere)."""
+def test_hca_partly_visible_compressed_blocks(walk):
+    """Queries whose visible compressed entry count crosses 32, 64 and 96 (the stream's last block a quarter to
+    fully visible; the seesaw leader's block or the follower's; a fully visible block loads by TMA, a partial one is
+    gathered), against the reference; the entries past the visible ones are NaN. One query a CTA, 4 a CTA,
+    persistent CTAs, and 3 splits (the split boundaries cut the key blocks elsewhere)."""
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec

@@ -277,15 +277,6 @@ class _SourceGen:
             return j, valid, j
         raise TypeError(f"unsupported KV source {type(src).__name__}")
 
-    def narrow_block(self, tq: Any, jb: Any) -> Any:
-        """Whether key block ``jb`` of this source has valid keys, all among its first ``BI / 2`` (a compressed
-        stream's last, at most half visible block); None where the position does not tell (windows, index lists)."""
-        src, BI = self.src, self.BI
-        if isinstance(src, CompressedDense):
-            visible = T.min(T.max((tq + 1) // src.ratio, 0), self.rows)
-            return T.And(jb * BI < visible, visible <= jb * BI + BI // 2)
-        return None
-
     def tma_block(self, tq: Any, jb: Any, start: Any) -> tuple[Any, Any] | None:
         """``(cond, row0)``: when ``cond`` holds, key block ``jb`` of this source is the ``BI`` rows ``row0 …``
         of ``{name}_kv`` and every one of them that lies inside the tensor is a valid key, so one TMA load
@@ -995,62 +986,6 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, strided
     # a query's most block pairs (shape-only), the producer's loop bound a query with persistent CTAs
     max_pairs = T.ceildiv(sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens), 2)
-    # narrow blocks: a compressed stream's last block with at most BI/2 visible entries runs its Q·Kᵀ and P·V
-    # products on its first BI/2 keys only (the others are invalid: masked to −inf, P = 0)
-    HALF = BI // 2
-    bases = [sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens[:i]) for i in range(len(gens))]
-    narrow_srcs = [(base, g) for base, g in zip(bases, gens) if isinstance(g.src, CompressedDense)] if BI == 64 else []
-    NARROW = len(narrow_srcs) > 0
-
-    def narrow(tq, gblk):
-        """Whether global key block ``gblk`` of a query at ``tq`` is narrow (a Python False: no such blocks)."""
-        return _any_of([g.narrow_block(tq, gblk - base) for base, g in narrow_srcs])
-
-    def narrow_fragment(dtype):
-        """A narrow block's ``[HB, BI/2]`` fragment where the program has narrow blocks, else None (a plain
-        function: a conditional expression in a macro body would be staged)."""
-        return T.alloc_fragment((HB, HALF), dtype) if NARROW else None
-
-    @T.macro
-    def qk_wide(q_shared, kv_shared, st, w, acc_s, k_ready, late, ph):
-        """``S = Q Kᵀ`` of the key block in stage ``st`` ([HB, D] @ [D, BI] as two halves of D: consumer ``w``'s own
-        first, the other once ``k_ready[late]`` is ready)."""
-        T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[st, :, w * DH : (w + 1) * DH], acc_s, transpose_B=True,
-               clear_accum=True)
-        T.barrier_wait(k_ready[late], ph)
-        T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[st, :, (1 - w) * DH : (2 - w) * DH], acc_s,
-               transpose_B=True)
-
-    @T.macro
-    def qk_narrow(q_shared, kv_shared, st, w, acc_s, acc_s_n, k_ready, late, ph):
-        """``S = Q Kᵀ`` of a narrow block in stage ``st`` (consumer ``w``'s half of D first, then the other once
-        ``k_ready[late]`` is ready) on its first BI/2 keys, into ``acc_s``'s first BI/2 columns; −inf in the others.
-        The fill gives ``acc_s_n`` a live range of its own (the GEMM's accumulator operand reads it)."""
-        T.fill(acc_s_n, 0)
-        T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[st, 0:HALF, w * DH : (w + 1) * DH], acc_s_n,
-               transpose_B=True)
-        T.barrier_wait(k_ready[late], ph)
-        T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[st, 0:HALF, (1 - w) * DH : (2 - w) * DH],
-               acc_s_n, transpose_B=True)
-        for h, jj in T.Parallel(HB, BI):
-            if jj >= HALF:
-                acc_s[h, jj] = -T.infinity(T.float32)
-        for h, jj in T.Parallel(HB, HALF):
-            acc_s[h, jj] = acc_s_n[h, jj]
-
-    @T.macro
-    def pv_own(p_src, p_local, p_local_n, kv_shared, st, d0, acc_o, nar):
-        """``acc_o += P V[:, d0 : d0 + DH]`` with P from registers: ``p_src`` (the scores' fragment, or ``p_local``
-        itself) converted into ``p_local`` (bf16), or only its first BI/2 columns into ``p_local_n`` where the block
-        is narrow (``nar``)."""
-        if nar:
-            for h, jj in T.Parallel(HB, HALF):
-                p_local_n[h, jj] = T.cast(p_src[h, jj], T.bfloat16)
-            T.gemm(p_local_n, kv_shared[st, 0:HALF, d0 : d0 + DH], acc_o)
-        else:
-            if p_src is not p_local:
-                T.copy(p_src, p_local)
-            T.gemm(p_local, kv_shared[st, :, d0 : d0 + DH], acc_o)
 
     def walk(s_i):
         """CTA ``s_i``'s queries ``s0 + j·stride``: ``(s0, the consumers' count, the producer's count, stride, the
@@ -1077,10 +1012,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.barrier_arrive(q_bar)
 
     @T.macro
-    def consume(t, w, b_i, s_i, sp, h0, tq, lo, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
-                kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, acc_s_n,
-                p_local_n, p_local, acc_o, m, m_prev, alpha, l_sum, row_sum,
-                lse2, g0=None, j=None, next_q=None):
+    def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
+                kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local,
+                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0=None, j=None, next_q=None):
         # query_tiles > 1: g0 block pairs walked for the CTA's earlier queries, j this query's turn (the parity of
         # the once-a-query barriers), next_q (exists, its query index) the query whose Q the follower loads once
         # both consumers are past this query's last QKᵀ
@@ -1095,31 +1029,17 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             # the pair's first stage in the ring, the parity of its barriers
             r0, ph = _ring_slot(_cta_pair(it, g0), RING)
             T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
-            # this consumer's block and the peer's: narrow (see ``narrow``)?
-            nar_own = narrow(tq, lo + it * 2 + w)
-            nar_peer = narrow(tq, lo + it * 2 + 1 - w)
-            if NARROW:  # (a program without narrow blocks keeps the layout below)
-                if T.And(real, nar_own):
-                    qk_narrow(q_shared, kv_shared, r0 + w, w, acc_s, acc_s_n, k_ready, (r0 + w) * 2 + 1 - w, ph)
-                    mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
-                elif real:
-                    qk_wide(q_shared, kv_shared, r0 + w, w, acc_s, k_ready, (r0 + w) * 2 + 1 - w, ph)
-                    mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
-                else:
-                    T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
-                    T.fill(acc_s, -T.infinity(T.float32))
-            else:
-                if real:
-                    T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
-                           transpose_B=True, clear_accum=True)
-                T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
-                if real:
-                    T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH],
-                           kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH], acc_s, transpose_B=True)
-                    # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-                    mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
-                else:  # padding: no key (what the mask makes of its zero rows)
-                    T.fill(acc_s, -T.infinity(T.float32))
+            if real:
+                T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
+                       transpose_B=True, clear_accum=True)
+            T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
+            if real:
+                T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH],
+                       acc_s, transpose_B=True)
+                # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
+                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
+            else:  # padding: no key (what the mask makes of its zero rows)
+                T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
                 # leader: its own running max first (m0); the follower's max arrives later
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_0)  [HB]
@@ -1130,7 +1050,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 exponentiate(acc_s, m, alpha, row_sum, l_sum, acc_o, lazy=True, c=C)
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
-                pv_own(acc_s, p_local, p_local_n, kv_shared, r0, 0, acc_o, nar_own)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                T.copy(acc_s, p_local)
+                T.gemm(p_local, kv_shared[r0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 T.barrier_arrive(k_free[r0 * 2])
                 # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
                 T.barrier_wait(s_ready[1], _cta_pair(it, g0) & 1)
@@ -1163,17 +1084,14 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.copy(p_local, p_shared[1, :, :])
                     T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
                     T.barrier_arrive(p_ready[1])
-                    pv_own(p_local, p_local, p_local_n, kv_shared, r0 + 1, DH, acc_o, nar_own)  # [HB, BI] @ [BI, D/2]
+                    T.gemm(p_local, kv_shared[r0 + 1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 else:  # padding: P_1 = 0, only the rescale to the shared max
                     T.barrier_arrive(p_ready[1])
                     rescale(alpha, l_sum, acc_o, lazy=True)
                 T.barrier_arrive(k_free[(r0 + 1) * 2 + 1])
             T.barrier_wait(p_ready[1 - w], _cta_pair(it, g0) & 1)
             if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
-                if nar_peer:
-                    T.gemm(p_shared[1 - w, :, 0:HALF], kv_shared[r0 + 1 - w, 0:HALF, w * DH : (w + 1) * DH], acc_o)
-                else:
-                    T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o)
+                T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o)
             T.barrier_arrive(k_free[(r0 + 1 - w) * 2 + w])
         # the two row sums, added in the same order by both; then the epilogue factors (query_tiles > 1: a query's
         # sums in the slots of its turn's parity, so that the next query's never overwrite ones still being read)
@@ -1213,8 +1131,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
     @T.macro
     def consumer_walk(t, w, s0, n_q, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
-                      max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, acc_s_n, p_local_n,
-                      p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2):
+                      max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
+                      m_prev, alpha, l_sum, row_sum, lse2):
         """query_tiles > 1 or persistent CTAs: consumer ``w`` runs the CTA's queries ``s0 + j·stride``, ``j < n_q``,
         in turn (``bound`` given: persistent CTAs, ``n_q`` a dynamic count that may be 0). The next query's position
         is loaded a query ahead, so that its key-block count is known when its turn comes. The follower loads every
@@ -1236,9 +1154,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     tq_next = t["positions"][b_i, sq + stride]
                 lo, hi = _block_range(t, gens, b_i, tq, 0, None)
                 n_iter = T.ceildiv(hi - lo, 2)
-                consume(t, w, b_i, sq, 0, h0, tq, lo, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+                consume(t, w, b_i, sq, 0, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
                         kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s,
-                        acc_s_n, p_local_n, p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
+                        p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
                         (has_next, sq + stride) if w == 1 else None)
                 if w == 1:
                     if T.And(n_iter == 0, has_next):  # no pair walked, no QKᵀ: the next Q now
@@ -1247,9 +1165,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
     @T.macro
     def one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared, sum_shared,
-                  q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, acc_s_n_0, acc_s_n_1, p_local_0,
-                  p_local_1, p_local_n_0, p_local_n_1, acc_o_0, acc_o_1, m_0, m_1, m_prev_0, m_prev_1, alpha_0, alpha_1,
-                  l_sum_0, l_sum_1, row_sum_0, row_sum_1,
+                  q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0, p_local_1, acc_o_0,
+                  acc_o_1, m_0, m_1, m_prev_0, m_prev_1, alpha_0, alpha_1, l_sum_0, l_sum_1, row_sum_0, row_sum_1,
                   lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):
         h0, sp, tq, lo, hi, n_iter = _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB,
                                                  fixed_sb if split else None)
@@ -1257,15 +1174,13 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
         if tx < 128:
             T.set_max_nreg(216, 1)
-            consume(t, 0, b_i, s_i, sp, h0, tq, lo, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+            consume(t, 0, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
                     kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0,
-                    acc_s_n_0, p_local_n_0,
                     p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
         elif tx >= 128 and tx < 256:
             T.set_max_nreg(216, 1)
-            consume(t, 1, b_i, s_i, sp, h0, tq, lo, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
+            consume(t, 1, b_i, s_i, sp, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
                     kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_1,
-                    acc_s_n_1, p_local_n_1,
                     p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
         elif tx >= 256:
             T.set_max_nreg(72, 0)  # 2 x 216 + 72 = 504 = 3 x 168: the launch allocation, redistributed
@@ -1291,12 +1206,6 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             acc_s_1 = T.alloc_fragment((HB, BI), T.float32)
             p_local_0 = T.alloc_fragment((HB, BI), T.bfloat16)
             p_local_1 = T.alloc_fragment((HB, BI), T.bfloat16)
-            # narrow blocks' products (allocated where a source has narrow blocks: unused fragments would still
-            # take registers)
-            acc_s_n_0 = narrow_fragment(T.float32)
-            acc_s_n_1 = narrow_fragment(T.float32)
-            p_local_n_0 = narrow_fragment(T.bfloat16)
-            p_local_n_1 = narrow_fragment(T.bfloat16)
             acc_o_0 = T.alloc_fragment((HB, DH), T.float32)
             acc_o_1 = T.alloc_fragment((HB, DH), T.float32)
             m_0 = T.alloc_fragment((HB,), T.float32)
@@ -1330,14 +1239,12 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.set_max_nreg(216, 1)
                     consumer_walk(t, 0, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
                                   kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
-                                  acc_s_0, acc_s_n_0, p_local_n_0, p_local_0, acc_o_0, m_0, m_prev_0, alpha_0,
-                                  l_sum_0, row_sum_0, lse2_0)
+                                  acc_s_0, p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(216, 1)
                     consumer_walk(t, 1, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
                                   kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
-                                  acc_s_1, acc_s_n_1, p_local_n_1, p_local_1, acc_o_1, m_1, m_prev_1, alpha_1,
-                                  l_sum_1, row_sum_1, lse2_1)
+                                  acc_s_1, p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
                 elif tx >= 256:
                     T.set_max_nreg(72, 0)
                     # the key blocks of the CTA's queries, gathered into the ring as one sequence of pairs
@@ -1346,10 +1253,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                                   idx_cur, idx_nxt, bound, stride)
             else:
                 one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared,
-                          sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, acc_s_n_0,
-                          acc_s_n_1, p_local_0, p_local_1, p_local_n_0, p_local_n_1, acc_o_0, acc_o_1, m_0, m_1,
-                          m_prev_0, m_prev_1, alpha_0, alpha_1, l_sum_0, l_sum_1, row_sum_0, row_sum_1, lse2_0, lse2_1,
-                          src_local, row_local, pos_local, idx_cur,
+                          sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s_0, acc_s_1, p_local_0,
+                          p_local_1, acc_o_0, acc_o_1, m_0, m_1, m_prev_0, m_prev_1, alpha_0, alpha_1, l_sum_0,
+                          l_sum_1, row_sum_0, row_sum_1, lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur,
                           idx_nxt)
 
     return _generated_prim_func(f"{spec.name}_{'split' if split else 'main'}_seesaw", arg_names, ann, body)
