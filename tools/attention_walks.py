@@ -20,6 +20,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 D = 512
@@ -160,12 +161,18 @@ def main(argv: list[str] | None = None) -> int:
             for done in pool.map(_build, [(args.variant, w, args.arch) for _, w in walks]):
                 print("built", done, flush=True)
         return 0
+    return run_on_gpu("attention_walks.py", gpu, lambda: run(args, walks), args.json)
+
+
+def run_on_gpu(tool: str, gpu: bool, measure: Callable[[], list[dict[str, Any]]], json_path: str | None) -> int:
+    """A GPU tool's last step (shared with ``tools/decode_splits.py``): ``measure()``'s rows written to ``json_path``
+    (if given), exit status 0; without a GPU, a message saying so and 2."""
     if not gpu:
-        print("attention_walks.py needs a CUDA GPU (or --build-only)", file=sys.stderr)
+        print(f"{tool} needs a CUDA GPU (or --build-only)", file=sys.stderr)
         return 2
-    rows = run(args, walks)
-    if args.json:
-        with open(args.json, "w") as f:
+    rows = measure()
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
 

@@ -12,9 +12,13 @@ each is from the one-pass output. ``tilev4.dsl.runtime.AttentionKernel.plan`` is
 """
 
 import argparse
-import json
 import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tool directory is not a package
+
+from attention_walks import run_on_gpu
 
 D = 512
 POSITION = 4 * 32768 - 1  # 128K context
@@ -115,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
-        print("decode_splits.py needs a CUDA GPU (or --build-only)", file=sys.stderr)
-        return 2
-    rows = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return run_on_gpu("decode_splits.py", torch.cuda.is_available(), lambda: run(args), args.json)
 
 
 if __name__ == "__main__":
