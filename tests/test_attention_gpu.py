@@ -102,6 +102,36 @@ def test_sparse_running_max_moves(order):
     torch.testing.assert_close(lse.cpu(), ref_lse, **LSE_TOL)
 
 
+@pytest.mark.parametrize("query_tiles", [1, 4])
+def test_one_dropped_key_in_a_block_is_masked(query_tiles):
+    """Blocks with a single unused slot (−1) at rows of every producer warp, and fully valid ones. The seesaw skips
+    the mask of a block only when all four producer warps voted its keys valid. The kept keys score ~−20 (base e) and
+    the sink is −100, so an unused slot's zero row (score 0) let through would take nearly all of a row's weight and
+    zero the output (the reference: the mean of the kept rows, of norm ~4.8)."""
+    g = _gen(12 + query_tiles)
+    s, n, k = 8, 4096, 512
+    u = torch.nn.functional.normalize(torch.randn(512, generator=g, device="cuda"), dim=0)
+    q = (u * 20.0 * 512**0.25).expand(1, s, 64, 512).bfloat16().contiguous()  # q·k · 512^-0.5 = −20 for k = −u·512^.25
+    kv = (-u * 512**0.25 + 0.01 * torch.randn(1, n, 512, generator=g, device="cuda")).bfloat16()
+    sink = torch.full((64,), -100.0, device="cuda")
+    idx = torch.stack([torch.randperm(n, generator=g, device="cuda")[:k] for _ in range(s)]).int().view(1, s, k)
+    for i in range(s):
+        for j in range(k // 64):
+            if (i + j) % 3:  # else the block keeps every key
+                idx[0, i, j * 64 + (i * 7 + j * 5) % 64] = -1  # row r·16 + 4·v + l of producer warp v
+    idx[0, 0, 64 * 7 + 5] = -1  # the last block of query 0 drops two
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.codegen import AttentionConfig
+    from tilev4.kernels.attention import variant_spec
+
+    kern = AttentionKernel(variant_spec("sparse", 64), AttentionConfig(query_tiles=query_tiles))  # scale 512^-0.5
+    o = kern(q, torch.arange(s, device="cuda", dtype=torch.int32).view(1, s), sink, num_splits=1, out=_poisoned(q),
+             sel_kv=kv, sel_idx=idx)
+    ref = _ref_sparse(q, kv, sink, idx)
+    assert ref.norm(dim=-1).min() > 4.0  # the kept rows carry the output (norm 512^0.25 = 4.76)
+    _check(o, ref)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_split_kv_matches(num_splits):
     from tilev4.kernels.attention import _kernel

@@ -102,11 +102,13 @@ def _edits() -> list[tuple[str, str, str]]:
         ("                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):\n",
          "                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt, dbg=None, rr=None):\n",
          "the one-query CTA's parameters"),
-        ("            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)"
-         "  # ex2 / rcp / lg2 approx; the lazy rescale's test\n" + SYNCS_OFF +
+        ("            # ex2 / rcp / lg2 approx; the lazy rescale's test; the producer warps' votes\n"
+         "            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE + (WARP_ALL_SOURCE if VOTES else \"\"))\n"
+         + SYNCS_OFF +
          "            q_shared = T.alloc_shared((HB, D), T.bfloat16)\n"
          "            kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)\n",
-         "            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE + TIMER_SOURCE)\n            dbg = t['dbg']\n"
+         "            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE + (WARP_ALL_SOURCE if VOTES else \"\")"
+         " + TIMER_SOURCE)\n            dbg = t['dbg']\n"
          f"            rr = {row}\n            if T.get_thread_binding() == 0:\n"
          f"                dbg[rr, {c('gtime_start')}] = T.call_extern('int64', 'tv4_gtime')\n"
          f"                dbg[rr, {c('smid')}] = T.call_extern('int64', 'tv4_smid')\n"

@@ -29,10 +29,11 @@ pair — by TMA where a block is consecutive rows (a stream window, a fully visi
 else gathered with cp.async (the index-list entries of the next pair already in registers) — and two consumer
 warpgroups run the tensor-core work — ``seesaw`` (default: each consumer takes one block of a pair and one
 half of D of the output, the running max goes from one to the other and moves only when new scores pass it
-by more than :data:`RESCALE_SLACK`, so that most pairs skip the accumulator's rescale, a free/ready barrier per
-half of D lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs QKᵀ and the
-softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather, then
-compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
+by more than :data:`RESCALE_SLACK`, so that most pairs skip the accumulator's rescale, a block whose keys the
+producer's warps all voted valid skips its mask outside decode's window ring (:func:`mask_votes`), a free/ready
+barrier per half of D lets the producer refill a half as soon as its last reader is done) or ``ws`` (consumer 0 runs
+QKᵀ and the softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather,
+then compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
 load while the consumers finish the previous one (same bits as one query a CTA); with
 ``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
@@ -47,6 +48,22 @@ import tilelang.language as T
 
 from tilev4._fastmath import FAST_SOURCE, LN2, LOG2E, ex2, lg2, rcp
 from tilev4.dsl.spec import AttentionSpec, CompressedDense, IndexList, KVSource, Window
+
+
+def mask_votes(spec: AttentionSpec) -> bool:
+    """Whether the seesaw producer publishes, per stage, its warps' votes that all their keys are valid, and the
+    consumers skip the mask of a block where all are (same bits): every layout but decode's window ring. On the H200
+    (session 33, A/B, bits equal) HCA prefill took 0.968 of the time, V4-Flash / V4-Pro CSA prefill 0.993 / 0.994,
+    but the b = 64 decode 1.032, its producer's vote being on the path of keys that come from DRAM."""
+    return not any(isinstance(s, Window) and s.ring for s in spec.sources)
+
+
+def _all_of(conds: list[Any]) -> Any:
+    """``T.And`` of a non-empty list of conditions."""
+    out = conds[0]
+    for c in conds[1:]:
+        out = T.And(out, c)
+    return out
 
 
 def _any_of(conds: list[Any]) -> Any:
@@ -74,6 +91,11 @@ RESCALE_SLACK = 8.0
 # accumulator) differs from 1 -- the warp skips the accumulator's rescale when no lane needs it
 ANY_NE1_SOURCE = """
 __device__ __forceinline__ int tilev4_any_ne1(const float* a) { return (a[0] != 1.0f) | (a[1] != 1.0f); }
+"""
+# tilev4_warp_all(v): whether v is nonzero on every lane of the (converged) warp -- the seesaw producer's
+# per-warp "every key of my rows is valid" flag, which lets the consumers skip the mask of a fully valid block
+WARP_ALL_SOURCE = """
+__device__ __forceinline__ int tilev4_warp_all(int v) { return __all_sync(0xffffffffu, v); }
 """
 
 
@@ -485,6 +507,7 @@ def _query_tile(t, gens, b_i, s_i, bx, q_shared, q_bar, NHB, HB, split_blocks):
 
 
 _ROWS_PER_PASS = 16  # producer warpgroup: 128 threads, 8 per row (16 B each over 64 dims)
+_PRODUCER_WARPS = 4  # its warps, each voting on its keys of a stage (publish_stage)
 
 
 def _first_query(s0: Any, S: Any, bound: Any) -> Any:
@@ -551,6 +574,7 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
     # (stage, first 16-byte piece, end piece, publishes the stage's validity) in gather order
     steps = ([(0, 0, NU // 2, True), (1, NU // 2, NU, True), (0, NU // 2, NU, False), (1, 0, NU // 2, False)]
              if halves else [(0, 0, NU, True), (1, 0, NU, True)])
+    votes = halves and mask_votes(spec)
 
     @T.macro
     def load_indices(t, ptx, b_i, s_i, lo, it, pre):
@@ -577,12 +601,17 @@ def _producer(spec: AttentionSpec, gens: list, BI: int, halves: bool, ring: int 
 
     @T.macro
     def publish_stage(ptx, st, slot, ok_shared, kvpos_shared, src_local, pos_local):
-        """The validity (and kv_idx) of each key of stage ``st``, for the consumers' mask."""
+        """The validity (and kv_idx) of each key of stage ``st``, for the consumers' mask. ``votes``: also, in
+        columns ``BI …`` of ``ok_shared``, whether each producer warp's keys are all valid (a warp vote; every lane
+        writes the same value), so that the consumers skip the mask of a fully valid block."""
         for r in T.unroll(NR):
             jj = r * _ROWS_PER_PASS + ptx // 8
             ok_shared[st, jj] = T.if_then_else(src_local[slot * NR + r] >= 0, 1, 0)
             if has_mods:
                 kvpos_shared[st, jj] = pos_local[slot * NR + r]
+        if votes:
+            mine = _all_of([src_local[slot * NR + r] >= 0 for r in range(NR)])  # this thread's keys are all valid
+            ok_shared[st, BI + ptx // 32] = T.call_extern("int32", "tilev4_warp_all", T.Cast("int32", mine))
 
     @T.macro
     def gather(t, ptx, b_i, st, slot, u0, u1, kv_shared, ok_shared, kvpos_shared, publish, src_local, row_local,
@@ -734,9 +763,8 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
     scale, score_mod, mask_mod = spec.softmax_scale, spec.score_mod, spec.mask_mod
 
     @T.macro
-    def mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw=False):
-        """``raw`` (no ``score_mod``, a positive scale): dropped keys to −inf, the others left as ``Q·K``, scaled
-        later inside the exponent (``exponentiate(..., c=scale·log2 e)``: one FFMA a score)."""
+    def drop(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw):
+        """The mask itself (see ``mask``)."""
         for h, jj in T.Parallel(HB, BI):
             if not raw:
                 score = acc_s[h, jj] * scale
@@ -749,6 +777,18 @@ def _softmax_steps(spec: AttentionSpec, HB: int, BI: int, DH: int) -> tuple:
                 acc_s[h, jj] = T.if_then_else(keep, acc_s[h, jj], -T.infinity(T.float32))
             else:
                 acc_s[h, jj] = T.if_then_else(keep, score * LOG2E, -T.infinity(T.float32))
+
+    @T.macro
+    def mask(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw=False, votes=False):
+        """``raw`` (no ``score_mod``, a positive scale): dropped keys to −inf, the others left as ``Q·K``, scaled
+        later inside the exponent (``exponentiate(..., c=scale·log2 e)``: one FFMA a score). ``votes`` (the seesaw
+        producer's per-warp flags in ``ok_shared[st, BI:]``): with ``raw`` and no ``mask_mod``, a block whose keys
+        are all valid is left as it is (what the mask would do to it)."""
+        if raw and votes and mask_mod is None:
+            if _any_of([ok_shared[st, BI + v] == 0 for v in range(_PRODUCER_WARPS)]):
+                drop(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw)
+        else:
+            drop(acc_s, ok_shared, kvpos_shared, st, b_i, h0, tq, raw)
 
     @T.macro
     def scale_rows(alpha, acc, cols, lazy):
@@ -971,7 +1011,9 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     the follower's block of the last pair is padding: both skip its GEMMs (the follower only rescales to the
     shared max), which gives the same bits as running them on its zero rows, all masked.
     With the slack, a row's max rarely moves after the first blocks, so its factors are 1 and a warp whose rows
-    all have 1 skips the rescale of its accumulator (128 registers a thread) and of ``P_0``.
+    all have 1 skips the rescale of its accumulator (128 registers a thread) and of ``P_0``. Likewise, outside
+    decode's window ring (:func:`mask_votes`), a block whose keys the producer's four warps all voted valid skips
+    its mask, which would leave it as it is.
     Without a ``score_mod`` (and with a positive scale) the mask leaves the scores as raw ``Q·K``: row maxima are
     scaled once a row, and ``P = 2^(S·c − m)`` is one FFMA a score (``c`` = scale · log2 e).
     TileLang's automatic shared-memory syncs are off in this program: every buffer one warpgroup hands to another
@@ -983,6 +1025,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     assert HB == 64, "the seesaw schedule's lazy rescale reads a thread's two rows of a 64-row fragment"
     RING = config.pair_stages
     QT = config.query_tiles
+    VOTES = mask_votes(spec)  # a fully valid block skips its mask
     PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, strided
     # a query's most block pairs (shape-only), the producer's loop bound a query with persistent CTAs
     max_pairs = T.ceildiv(sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens), 2)
@@ -1037,7 +1080,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH],
                        acc_s, transpose_B=True)
                 # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW)
+                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW, votes=VOTES)
             else:  # padding: no key (what the mask makes of its zero rows)
                 T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
@@ -1191,14 +1234,16 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     def body(t):
         # (the grid's first extent written inline: a named local would rename S in the program's signature)
         with T.Kernel(PC if PC else (S if QT == 1 else T.ceildiv(S, QT)), NHB * NS, B, threads=384) as (s_i, bx, b_i):
-            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE)  # ex2 / rcp / lg2 approx; the lazy rescale's test
+            # ex2 / rcp / lg2 approx; the lazy rescale's test; the producer warps' votes
+            T.import_source(FAST_SOURCE + ANY_NE1_SOURCE + (WARP_ALL_SOURCE if VOTES else ""))
             # mbarriers order every hand-over between warpgroups; the only shared buffer a warpgroup's own threads
             # hand to each other is its staged output (explicit syncs above)
             T.annotate_pass_configs({"tl.disable_thread_storage_sync": True})
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
             p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
-            ok_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
+            # a stage's key validity (then, with mask_votes, the producer warps' votes that all their keys are valid)
+            ok_shared = T.alloc_shared((2 * RING, BI + (_PRODUCER_WARPS if VOTES else 0)), T.int32, scope="shared")
             kvpos_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
             max_shared = T.alloc_shared((2, HB), T.float32)
             sum_shared = T.alloc_shared((2 if QT == 1 and not PC else 4, HB), T.float32)
