@@ -262,6 +262,43 @@ def test_attention_ab_rejects_a_missing_base(tmp_path):
         tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])
 
 
+def test_attention_ab_new_config_is_parsed_and_checked():
+    import pytest
+
+    tool = _ab_tool()
+    assert tool.parse_config("block_kv=32,pair_stages=2") == {"block_kv": 32, "pair_stages": 2}
+    assert tool.parse_config("schedule=ws") == {"schedule": "ws"}
+    for text, msg in (("block_kv", "not KEY=VALUE"), ("foo=1", "'foo' is not an AttentionConfig field"),
+                      ("block_kv=33", "multiple of 16"), ("pair_stages=3", "pair_stages must be 1 or 2")):
+        with pytest.raises(ValueError, match=msg):
+            tool.parse_config(text)
+
+
+def test_attention_ab_rejects_a_bad_new_config_or_spread_outside_decode(tmp_path, capsys):
+    import pytest
+
+    tool = _ab_tool()
+    base = tmp_path / "codegen.py"
+    base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())
+    for argv, msg in ((["--new-config", "block_kv=33", "--case", "decode64"], "--new-config: block_kv"),
+                      (["--spread-positions", "--case", "csa64"], "--spread-positions: only the decode case")):
+        with pytest.raises(SystemExit):
+            tool.main(["--base", str(base), "--build-only", *argv])
+        assert msg in capsys.readouterr().err
+
+
+def test_attention_ab_spread_positions_covers_every_ring_phase():
+    import torch
+
+    tool = _ab_tool()
+    pos = torch.full((64, 1), 131071, dtype=torch.int32)
+    out = tool.spread_positions(pos)
+    assert out is pos and out.dtype == torch.int32
+    assert out[0, 0] == 131071 and out[1, 0] == 131071 - 37 and out[4, 0] == 131071 - (4 * 37) % 128
+    phases = {int(p) % 128 for p in out[:, 0]}
+    assert len(phases) == 64  # 37 is odd: 64 sequences take 64 distinct phases of the 128-row ring
+
+
 def test_attention_ab_rejects_a_bad_walk(tmp_path, capsys):
     import pytest
 

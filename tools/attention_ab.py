@@ -4,6 +4,8 @@
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --json $OUT/attention_ab.json       # on a GPU
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --build-only --arch sm_90a   # no GPU
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --walk qt4    # the benchmark's HCA walk
+    python3 tools/attention_ab.py --base tilev4/dsl/codegen.py --case decode64 --new-config block_kv=32,pair_stages=2
+    python3 tools/attention_ab.py --base /tmp/codegen_base.py --case decode64 --spread-positions
 
 For each case (those of ``tools/attention_timeline.py``: the benchmark's inputs) the tool builds the main program
 with the default config (``--walk qtN`` / ``pcN``: with that walk of queries) from the working tree's
@@ -13,6 +15,13 @@ compares the outputs bit for bit, then times them alternately (CUDA-graph replay
 rounds and reports each one's median and the median of the per-round ratios new / base. Differences of a few
 percent between two separate benchmark runs are common on the H200; alternating in one process is what makes
 them measurable.
+
+``--new-config K=V,...`` builds the new program with those :class:`~tilev4.dsl.codegen.AttentionConfig` items (over
+the walk's), so that a config is measured against the default without an edited copy of the generator (``--base``
+may then be the working tree's own file). ``--spread-positions`` moves the decode case's sequences off the
+benchmark's single position (131 071, where both 64-key blocks of the 128-row window ring start at a ring row that is
+a multiple of 64) to ``131 071 − (37·i mod 128)`` for sequence ``i``: a change whose cost depends on where the window
+falls in its ring is then measured over every phase.
 """
 
 import argparse
@@ -35,9 +44,10 @@ def load_codegen(path: Path) -> Any:
     return module_from_source(path.read_text(), "tilev4_dsl_codegen_ab", path)
 
 
-def build(case: str, base: str | None, arch: str, walk: dict[str, int] | None = None) -> Any:
+def build(case: str, base: str | None, arch: str, walk: dict[str, Any] | None = None) -> Any:
     """The main program of ``case`` from the working tree (``base`` None) or from the file ``base``, compiled;
-    ``walk``: :class:`AttentionConfig` items (``query_tiles`` / ``persistent_ctas``), default one query a CTA."""
+    ``walk``: :class:`AttentionConfig` items (the walk, ``query_tiles`` / ``persistent_ctas``, and any others),
+    default one query a CTA."""
     import tilelang
 
     import tilev4.dsl.codegen as current
@@ -50,19 +60,57 @@ def build(case: str, base: str | None, arch: str, walk: dict[str, int] | None = 
     return tilelang.compile(prog, target={"kind": "cuda", "arch": arch}, execution_backend="tvm_ffi")
 
 
-def _build_in_worker(job: tuple[str, str | None, str, dict[str, int] | None]) -> bool:
+def _build_in_worker(job: tuple[str, str | None, str, dict[str, Any] | None]) -> bool:
     build(*job)  # fills TileLang's kernel cache, so that the parent's build is a cache hit
     return True
 
 
+def parse_config(text: str) -> dict[str, Any]:
+    """``"block_kv=32,pair_stages=2"`` as AttentionConfig items (ints where they parse), checked by the config."""
+    from tilev4.dsl.codegen import AttentionConfig
+
+    out: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"--new-config: {item!r} is not KEY=VALUE")
+        if key not in AttentionConfig.__dataclass_fields__:
+            raise ValueError(f"--new-config: {key!r} is not an AttentionConfig field "
+                             f"({', '.join(sorted(AttentionConfig.__dataclass_fields__))})")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    try:
+        AttentionConfig(**out)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--new-config: {e}") from None
+    return out
+
+
+def spread_positions(positions: Any) -> Any:
+    """``positions`` [B, S] with sequence ``i`` moved back by ``37·i mod 128`` tokens (in place; returned)."""
+    import torch
+
+    off = (torch.arange(positions.shape[0], device=positions.device, dtype=positions.dtype) * 37) % 128
+    positions -= off[:, None]
+    return positions
+
+
 def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = None,
-             walk: dict[str, int] | None = None) -> dict[str, Any]:
+             walk: dict[str, Any] | None = None, new_config: dict[str, Any] | None = None,
+             spread: bool = False) -> dict[str, Any]:
     import torch
 
     from tilev4.bench import time_cuda
+    from tilev4.dsl.codegen import tensor_layout
+    from tilev4.kernels.attention import variant_spec
 
-    kernels = {"new": build(case, new, arch, walk), "base": build(case, base, arch, walk)}
+    kernels = {"new": build(case, new, arch, {**(walk or {}), **(new_config or {})}),
+               "base": build(case, base, arch, walk)}
     args = _inputs(case)
+    if spread:
+        variant, heads, ring = CASES[case]
+        names = [n for n, _ in tensor_layout(variant_spec(variant, heads, ring=ring), split=False)
+                 if n not in ("o", "o_part", "lse_part")]  # _inputs' order
+        spread_positions(args[names.index("positions")])
     q = args[0]
     outs = {}
     for which, k in kernels.items():
@@ -81,6 +129,8 @@ def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = Non
     return {
         "case": case,
         "walk": walk or {},
+        "new_config": new_config or {},
+        "spread_positions": spread,
         "bits_equal": bits_equal,
         "max_abs_diff": max_diff,
         "nan": bool(torch.isnan(outs["new"]).any()),
@@ -100,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-only", action="store_true", help="lower and compile both programs, no GPU")
     ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
     ap.add_argument("--walk", help="qtN or pcN: the main program's walk of queries (default: one query a CTA)")
+    ap.add_argument("--new-config", help="K=V,...: AttentionConfig items of the new program only")
+    ap.add_argument("--spread-positions", action="store_true",
+                    help="decode: sequence i at the benchmark's position minus 37·i mod 128 (every ring phase)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     for opt in ("base", "new"):
@@ -116,14 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         if len(walks) != 1:
             ap.error(f"--walk: give one walk, got {args.walk!r}")
         walk = walks[0][1]
+    new_config = None
+    if args.new_config is not None:
+        try:
+            new_config = parse_config(args.new_config)
+        except ValueError as e:
+            ap.error(str(e))
     cases = args.case or sorted(CASES)
+    if args.spread_positions and (bad := [c for c in cases if not CASES[c][2]]):
+        ap.error(f"--spread-positions: only the decode case (a window ring) has one position a sequence, got {bad}")
     if args.build_only:
         arch = args.arch or "sm_90a"
     else:
         from tilev4.kernels.registry import current_arch
 
         arch = args.arch or current_arch()
-    jobs = [(c, b, arch, walk) for c in cases for b in (args.new, args.base)]
+    jobs = [(c, args.new, arch, {**(walk or {}), **(new_config or {})}) for c in cases]
+    jobs += [(c, args.base, arch, walk) for c in cases]
     if args.jobs > 1 and len(jobs) > 1:
         with cf.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             list(ex.map(_build_in_worker, jobs))
@@ -134,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for c in cases:
-        rows.append(run_case(c, args.base, arch, args.rounds, args.new, walk))
+        rows.append(run_case(c, args.base, arch, args.rounds, args.new, walk, new_config, args.spread_positions))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
