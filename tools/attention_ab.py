@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from attention_timeline import CASES, _inputs, module_from_source  # noqa: E402  (the tool directory is not a package)
+from attention_timeline import CASES, _inputs, input_names, module_from_source  # noqa: E402  (the tool directory is not a package)
 
 
 def load_codegen(path: Path) -> Any:
@@ -100,17 +100,12 @@ def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = Non
     import torch
 
     from tilev4.bench import time_cuda
-    from tilev4.dsl.codegen import tensor_layout
-    from tilev4.kernels.attention import variant_spec
 
     kernels = {"new": build(case, new, arch, {**(walk or {}), **(new_config or {})}),
                "base": build(case, base, arch, walk)}
     args = _inputs(case)
     if spread:
-        variant, heads, ring = CASES[case]
-        names = [n for n, _ in tensor_layout(variant_spec(variant, heads, ring=ring), split=False)
-                 if n not in ("o", "o_part", "lse_part")]  # _inputs' order
-        spread_positions(args[names.index("positions")])
+        spread_positions(args[input_names(case).index("positions")])
     q = args[0]
     outs = {}
     for which, k in kernels.items():

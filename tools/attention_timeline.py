@@ -185,11 +185,19 @@ def build(case: str, arch: str | None = None, split_keys: int | None = None) -> 
                             execution_backend="tvm_ffi")
 
 
+def input_names(case: str, split: bool = False) -> list[str]:
+    """The main (or split) program's argument names of ``case`` without the outputs: :func:`_inputs`' order."""
+    from tilev4.dsl.codegen import tensor_layout
+    from tilev4.kernels.attention import variant_spec
+
+    variant, heads, ring = CASES[case]
+    layout = tensor_layout(variant_spec(variant, heads, ring=ring), split=split)
+    return [name for name, _ in layout if name not in ("o", "o_part", "lse_part")]
+
+
 def _inputs(case: str, split: bool = False) -> list[Any]:
     """The benchmark's tensors of ``case``, in the main (or split) program's argument order (without the outputs)."""
     from tilev4.bench.attention import _csa_decode_inputs, _csa_prefill_inputs, _hca_prefill_inputs
-    from tilev4.dsl.codegen import tensor_layout
-    from tilev4.kernels.attention import variant_spec
 
     variant, heads, ring = CASES[case]
     if variant == "hca":
@@ -202,21 +210,18 @@ def _inputs(case: str, split: bool = False) -> list[Any]:
         q, kv_w, kv_c, idx, sink, pos, start = _csa_prefill_inputs(4096, heads, 512 if heads == 64 else 1024)
         named = {"window_kv": kv_w, "window_start": start, "sel_kv": kv_c, "sel_idx": idx}
     named.update(q=q, positions=pos, sink=sink)
-    layout = tensor_layout(variant_spec(variant, heads, ring=ring), split=split)
-    return [named[name] for name, _ in layout if name not in ("o", "o_part", "lse_part")]
+    return [named[name] for name in input_names(case, split)]
 
 
 def _num_splits(case: str, split_keys: int, args: list[Any]) -> int:
     """Splits of ``split_keys`` keys that a row of ``case`` needs, ``args`` being its split program's inputs
     (:func:`_inputs`): each source padded to whole 64-key blocks, as the DSL's runtime counts them."""
-    from tilev4.dsl.codegen import tensor_layout
     from tilev4.dsl.runtime import AttentionKernel
     from tilev4.kernels.attention import variant_spec
 
     variant, heads, ring = CASES[case]
     kernel = AttentionKernel(variant_spec(variant, heads, ring=ring))
-    names = [n for n, _ in tensor_layout(kernel.spec, split=True) if n not in ("o_part", "lse_part")]
-    blocks = kernel.num_key_blocks(kernel.source_keys(dict(zip(names, args))), 64)
+    blocks = kernel.num_key_blocks(kernel.source_keys(dict(zip(input_names(case, split=True), args))), 64)
     return -(-blocks // (split_keys // 64))
 
 
