@@ -538,18 +538,34 @@ def _check_fp8_activation_layer(x, weights, experts, q, d, shared, moe_up, moe_d
     SwiGLU (|∂h/∂gate| <= 1.1·|up|·w, |∂h/∂up| = |silu(gate)|·w; the clamps only shrink it)."""
     from tilev4.kernels import fp8_quantize
 
-    (q1, q2, q3), (d1, d2, d3) = q, d
+    q1, q2, q3 = q
     num_tokens, dim = x.shape
-    num_experts, inter, top_k = d1.shape[0], d1.shape[1], experts.shape[1]
+    num_experts, inter, top_k = d[0].shape[0], d[0].shape[1], experts.shape[1]
     perm = K.moe_permute(x, weights, experts, num_experts)
     n = num_tokens * top_k
     x8, xs = fp8_quantize(perm.x_sorted)
     h = moe_up(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
     h8, hs = fp8_quantize(h)
     y = moe_down(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
+    _check_fp8_activation_gemms(perm, experts, (x8, xs), (h8, hs), h, y, d)
+    ys = None if shared is None else K.moe_shared_expert(x, *shared)
+    expected = K.moe_combine(y, perm.pair_pos, ys)
+    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format=weight_format,
+                        out=_poison(num_tokens, dim, dtype=torch.bfloat16))
+    assert torch.equal(out, expected)
+    return out
+
+
+def _check_fp8_activation_gemms(perm, experts, x_q, h_q, h, y, d):
+    """h = up(x8) and y = down(h8) of a permutation (FP8 activations ``x_q = (x8, xs)``, ``h_q = (h8, hs)``; ``d``
+    the weights' fp32 values as the kernels use them) against fp32 math, to the tolerance derived in
+    :func:`_check_fp8_activation_layer`."""
+    d1, d2, d3 = d
+    num_experts, inter, dim = d1.shape[0], d1.shape[1], d1.shape[2]
+    n = perm.x_sorted.shape[0]
     assert not torch.isnan(h).any() and not torch.isnan(y).any()
     ex = torch.sort(experts.flatten().cpu().long(), stable=True).values  # expert of each sorted row
-    xq, hq, wts = _dequant_act(x8, xs), _dequant_act(h8, hs), perm.w_sorted.cpu()
+    xq, hq, wts = _dequant_act(*x_q), _dequant_act(*h_q), perm.w_sorted.cpu()
     h_ref, y_ref = torch.zeros(n, inter), torch.zeros(n, dim)
     h_tol, y_tol = torch.zeros(n, inter), torch.zeros(n, dim)
     for e in range(num_experts):
@@ -565,12 +581,6 @@ def _check_fp8_activation_layer(x, weights, experts, q, d, shared, moe_up, moe_d
     for name, got, ref, tol in (("h", h, h_ref, h_tol), ("y", y, y_ref, y_tol)):
         excess = (got.float().cpu() - ref).abs() - (tol + 2.0**-8 * ref.abs() + 1e-6)  # + one bf16 rounding
         assert (excess <= 0).all(), f"{name}: max excess {excess.max().item():.3g}"
-    ys = None if shared is None else K.moe_shared_expert(x, *shared)
-    expected = K.moe_combine(y, perm.pair_pos, ys)
-    out = K.moe_experts(x, weights, experts, q1, q2, q3, shared, 10.0, weight_format=weight_format,
-                        out=_poison(num_tokens, dim, dtype=torch.bfloat16))
-    assert torch.equal(out, expected)
-    return out
 
 
 @pytest.mark.parametrize("case", list(FP8_CASES))
@@ -820,6 +830,40 @@ def test_fp4_experts_match_reference(case):
     ref_fp4, _ = _reference(x, weights, experts, d1, d2, d3, shared, 10.0)
     rel = ((out.float().cpu() - ref_fp4).norm() / ref_fp4.norm()).item()
     assert rel < 0.15, rel
+
+
+@pytest.mark.parametrize("case", list(FP4_CASES))
+@pytest.mark.parametrize("config", [{"schedule": "pipelined"}, {"schedule": "ws", "packed_stages": 2, "num_stages": 3},
+                                    {"schedule": "ws", "producer_warpgroups": 1, "block_n": 32}])
+def test_fp4_gemm_configs_give_the_default_bits(case, config):
+    """The FP4 GEMMs in configs the tuner may pick besides the default: the pipelined schedule (one [128, 128] FP8
+    GEMM a K block over W1 stacked on W3, where the ws kernel runs one wgmma a weight), and the warp-specialised one
+    with a packed ring shallower than its stages, or one producer warpgroup and narrow tiles. The same sums of the
+    same products, so the default's bits (the down-projection on the default's h8, so that both GEMMs are checked on
+    the same inputs); and against fp32 math."""
+    from tilev4.kernels import compile_kernel, fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, _, scale, spread = FP4_CASES[case]
+    _, _, w1, w2, w3, _ = _layer(dim, inter, num_experts, 0, seed=600 + len(case))
+    g = _gen(700 + len(case))
+    q1, q2, q3 = (F4.quantize_fp4_weight(_spread(w, g, spread)) for w in (w1, w2, w3))
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = perm.x_sorted.shape[0]
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+    x8, xs = fp8_quantize(perm.x_sorted)
+    h_default = F4.moe_up_fp4(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    h8, hs = fp8_quantize(h_default)
+    y_default = F4.moe_down_fp4(perm, h8, hs, q2, out=_poison(n, dim, dtype=torch.bfloat16))
+    cfg = {"block_m": perm.block_m, **config}
+    h = _poison(n, inter, dtype=torch.bfloat16)
+    compile_kernel("moe_up_fp4", {"dim": dim, **cfg})(x8, xs, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale,
+                                                      *tables, h, 10.0)
+    y = _poison(n, dim, dtype=torch.bfloat16)
+    compile_kernel("moe_down_fp4", {"inter": inter, **cfg})(h8, hs, q2.data, q2.scale, *tables, y)
+    _check_fp8_activation_gemms(perm, experts, (x8, xs), (h8, hs), h, y, tuple(_expanded(q) for q in (q1, q2, q3)))
+    assert torch.equal(h, h_default) and torch.equal(y, y_default)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)

@@ -1,14 +1,18 @@
-"""Compare the schedules of the MoE expert GEMMs on the GPU (bf16 and FP8), kernel by kernel.
+"""Compare the schedules of the MoE expert GEMMs on the GPU (bf16, FP8 and FP4 weights), kernel by kernel.
 
     python3 tools/moe_schedules.py --schedules ws,pipelined --tokens 8192,64 --json $OUT/moe_schedules.json
 
-Compiles ``moe_up`` / ``moe_down`` (bf16 weights) and ``moe_up_fp8`` / ``moe_down_fp8`` through the registry
+Compiles ``moe_up`` / ``moe_down`` (bf16 weights), ``moe_up_fp8`` / ``moe_down_fp8`` and ``moe_up_fp4`` /
+``moe_down_fp4`` through the registry
 with an explicit ``schedule`` (other tunables as resolved for this GPU; ``--config K=V,...`` pins more, e.g.
 ``num_stages=3``), in parallel, then times each on the routing of ``tilev4 bench moe`` (V4-Flash dims: dim
 4096, inter 2048, 256 experts, top-6; a random gate with bias) as CUDA-event medians. Outputs are poisoned
-with NaN before the checked launch and compared bit for bit with the first schedule's; every schedule runs
-the same wgmma sequence, so ``equal`` must be true. TFLOPS count the routed rows only (``2·N·dim·inter`` a
-GEMM, twice for the up-projection's two weights), as the benchmark does.
+with NaN before the checked launch and compared bit for bit with the first schedule's (``equal``; the bf16 and
+FP8 schedules run the same wgmma sequence, so it must be true there; the FP4 ``ws`` kernel runs one wgmma a
+weight where the pipelined one stacks W1 over W3, so it may differ by the FP8 tensor cores' summation order:
+``max_abs_diff`` says by how much). TFLOPS count the routed rows only (``2·N·dim·inter`` a GEMM, twice for the
+up-projection's two weights), as the benchmark does; ``weight_gbps`` the bytes of the weights of the experts that
+have rows (the decode measure: ``fraction_of_copy_bw``).
 """
 
 import argparse
@@ -21,7 +25,7 @@ import torch
 from tilev4.bench import measure_peaks, time_cuda
 
 DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
-KERNELS = ("moe_up", "moe_down", "moe_up_fp8", "moe_down_fp8")
+KERNELS = ("moe_up", "moe_down", "moe_up_fp8", "moe_down_fp8", "moe_up_fp4", "moe_down_fp4")
 
 
 def _problem(kernel: str) -> dict:
@@ -43,21 +47,36 @@ def _parse_config(text: str) -> dict:
     return out
 
 
-def _launch_args(kernel: str, out: torch.Tensor, t: dict, w1, w2, w3, fp8) -> tuple:
+def _launch_args(kernel: str, out: torch.Tensor, t: dict, w1, w2, w3, fp8, fp4) -> tuple:
     """The kernel's arguments on the inputs ``t`` of one token count (see the loop in :func:`main`)."""
-    q1, q2, q3 = fp8
+    q1, q2, q3 = fp4 if kernel.endswith("_fp4") else fp8
     if kernel == "moe_up":
         return (t["perm"].x_sorted, t["perm"].w_sorted, w1, w3, *t["tables"], out, LIMIT)
     if kernel == "moe_down":
         return (t["h"], w2, *t["tables"], out)
-    if kernel == "moe_up_fp8":
+    if kernel in ("moe_up_fp8", "moe_up_fp4"):
         return (t["x8"], t["xs"], t["perm"].w_sorted, q1.data, q1.scale, q3.data, q3.scale, *t["tables"], out, LIMIT)
     return (t["h8"], t["hs"], q2.data, q2.scale, *t["tables"], out)
 
 
+def _schedule_config(spec: str) -> dict:
+    """``ws+num_stages=3`` -> ``{"schedule": "ws", "num_stages": 3}``."""
+    name, *items = spec.split("+")
+    return {"schedule": name, **_parse_config(",".join(items))}
+
+
+def _weight_byte(kernel: str) -> float:
+    """Bytes a weight element takes (FP4: half a byte for the code, 1/32 for its e8m0 scale)."""
+    if kernel.endswith("_fp4"):
+        return 0.5 + 1 / 32
+    return 1.0 if kernel.endswith("_fp8") else 2.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schedules", default="ws,pipelined", help="comma-separated (the first is the baseline)")
+    ap.add_argument("--schedules", default="ws,pipelined",
+                    help="comma-separated (the first is the baseline); a schedule may pin tunables of its own: "
+                         "ws+packed_stages=8+num_stages=3")
     ap.add_argument("--tokens", default="8192,64", help="comma-separated token counts")
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
     ap.add_argument("--config", default="", help="more tunables for every kernel, K=V,...")
@@ -72,12 +91,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("moe_schedules needs a CUDA GPU")
 
-    configs = {(k, s): {**_problem(k), "block_m": 128, "schedule": s, **extra} for k in kernels for s in schedules}
+    configs = {(k, s): {**_problem(k), "block_m": 128, **extra, **_schedule_config(s)} for k in kernels
+               for s in schedules}
     with cf.ProcessPoolExecutor(args.jobs) as pool:  # compile in parallel; the cache serves the timing below
         list(pool.map(_build, [(k, c) for (k, _), c in configs.items()]))
 
     from tilev4.bench.moe import _layer
     from tilev4.kernels import compile_kernel, fp8_quantize
+    from tilev4.kernels.moe_fp4 import quantize_fp4_weight
     from tilev4.kernels.moe_fp8 import quantize_fp8_weight
 
     M = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
@@ -86,6 +107,7 @@ def main() -> None:
     layer = _layer(gen)
     w1, w2, w3 = layer["w1"], layer["w2"], layer["w3"]
     q1, q2, q3 = (quantize_fp8_weight(w) for w in (w1, w2, w3))
+    fp4 = tuple(quantize_fp4_weight(w) for w in (w1, w2, w3)) if any(k.endswith("_fp4") for k in kernels) else None
     rows = []
     for num_tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(num_tokens, DIM, generator=gen, device="cuda").bfloat16()
@@ -100,23 +122,30 @@ def main() -> None:
         for kernel in kernels:
             width = INTER if kernel.startswith("moe_up") else DIM
             flops = 2.0 * n * DIM * INTER * (2 if kernel.startswith("moe_up") else 1)
+            touched = int((perm.offsets[1:] > perm.offsets[:-1]).sum())
+            weight_bytes = touched * DIM * INTER * (2 if kernel.startswith("moe_up") else 1) * _weight_byte(kernel)
             first = None
             for schedule in schedules:
                 fn = compile_kernel(kernel, configs[kernel, schedule])
                 out = torch.full((n, width), float("nan"), device="cuda", dtype=torch.bfloat16)
-                launch_args = _launch_args(kernel, out, inputs, w1, w2, w3, (q1, q2, q3))
+                launch_args = _launch_args(kernel, out, inputs, w1, w2, w3, (q1, q2, q3), fp4)
                 fn(*launch_args)
                 torch.cuda.synchronize()
                 first = out.clone() if first is None else first
                 ms = time_cuda(lambda fn=fn, a=launch_args: fn(*a), warmup=5, reps=30, graph=num_tokens <= 256)
                 tflops = flops / ms / 1e9
+                gbps = weight_bytes / ms / 1e6
                 row = {"tokens": num_tokens, "kernel": kernel, "schedule": schedule, "ms": ms, "tflops": tflops,
-                       "fraction_of_bf16_peak": tflops / peaks["bf16_matmul_tflops"],
-                       "equal": bool(torch.equal(out, first)), "nan": int(torch.isnan(out).sum())}
+                       "fraction_of_bf16_peak": tflops / peaks["bf16_matmul_tflops"], "weight_gbps": gbps,
+                       "fraction_of_copy_bw": gbps / peaks["copy_gbps"], "experts_touched": touched,
+                       "equal": bool(torch.equal(out, first)),
+                       "max_abs_diff": float((out.float() - first.float()).abs().nan_to_num(float("inf")).max()),
+                       "nan": int(torch.isnan(out).sum())}
                 rows.append(row)
                 print(f"T={num_tokens:6d} {kernel:13s} {schedule:10s} {ms:8.4f} ms {row['tflops']:7.1f} TFLOPS "
-                      f"({row['fraction_of_bf16_peak']:.3f} of bf16 peak) equal={row['equal']} nan={row['nan']}",
-                      flush=True)
+                      f"({row['fraction_of_bf16_peak']:.3f} of bf16 peak, {row['fraction_of_copy_bw']:.3f} of copy BW "
+                      f"over the weights) equal={row['equal']} max_abs_diff={row['max_abs_diff']:.3g} "
+                      f"nan={row['nan']}", flush=True)
     print(f"peaks: bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOPS, copy {peaks['copy_gbps']:.0f} GB/s")
     if args.json:
         with open(args.json, "w") as f:

@@ -41,14 +41,24 @@ codes and one 16-byte store writes 16 bytes into the GEMM's swizzled tile, bank-
 :func:`_e4m3_words` and its helpers build both the kernel's expressions and the host emulation that
 the CPU tests check against the per-element rounding for every code and shift.
 
-Kernels (schedule, tile → expert map and batch invariance exactly as the bf16 and FP8 kernels):
+Kernels (tile → expert map and batch invariance exactly as the bf16 and FP8 kernels):
 
 * ``moe_up_fp4`` — ``h = silu(min(x W1ᵀ, l)) · clamp(x W3ᵀ, ±l) · w`` → bf16. A CTA computes 64 columns of
-  h: its B tile stacks 64 rows of W1 over the same 64 rows of W3, so one [128, 128] FP8 GEMM per K block
-  gives gate and up side by side: two fp32 [128, 128] register tiles (accumulator and block sum) where the
-  FP8 kernel's layout — two GEMMs, three tiles — plus the column scales spilled past 255 registers.
+  h from 64 rows of W1 and the same 64 rows of W3.
 * ``moe_down_fp4`` — ``y = h W2ᵀ`` → bf16, from ``h`` quantised 1×128 (a separate
   :func:`tilev4.fp8_quantize` launch).
+
+Two schedules (``schedule``):
+
+* ``ws`` (the default, :func:`_build_fp4_ws`): warp-specialised as the bf16 and FP8 kernels — producer
+  warpgroups that TMA-load the packed bytes and the activations and expand the weights into each stage while two
+  consumer warpgroups run the FP8 wgmma and the promotions of the stage before.
+* ``pipelined``: every thread copies (cp.async), expands and computes in turn. Its B tile stacks the 64 rows of W1
+  over the same rows of W3, so one [128, 128] FP8 GEMM per K block gives gate and up side by side: two fp32
+  [128, 128] register tiles (accumulator and block sum) where the FP8 kernel's layout — two GEMMs, three tiles —
+  plus the column scales spilled past 255 registers. Per K block the copies, the expansion and a synchronous GEMM
+  run one after the other behind block-wide barriers (three per K block for down, four for up;
+  :func:`_loads_last`); 195 / 199 registers a thread (up / down), no spills (ptxas, sm_90a).
 
 Layouts: ``FP4Weight(data, scale)`` with data [E, N, K/2] uint8 (two e2m1 codes per byte, the low nibble
 holds the even element; a code is sign bit 8 | magnitude index 0..7 into 0, 0.5, 1, 1.5, 2, 3, 4, 6) and
@@ -59,11 +69,11 @@ inter for the down projection) is a multiple of 128 and static (a kernel per siz
 
 Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~1.1
 integer instructions per element for the lookup on the fast path, ~2 with the scale bytes, the table,
-addressing and the 16-byte shared loads and stores (~65 a thread per 32-group), serialised with the
-(synchronous) FP8 wgmma of the K block. The K loop issues all its tile copies after the promotion (three
-barriers per K block for down, four for up; :func:`_loads_last`). 195 / 199 registers a thread (up / down),
-no spills (ptxas, sm_90a). Tuned (:mod:`tilev4.kernels.moe_tuning`): ``block_n`` (up 64 / 32: its B tile
-is 2·block_n rows; down 128 / 64) and ``num_stages``; ``block_m`` is the permutation's (a problem key).
+addressing and the 16-byte shared loads and stores (~65 a thread per 32-group). The schedules give the same bits:
+the pipelined kernel's m64 × 128 wgmma over the stacked tile sums each element as the ws kernel's m64 × 64 a weight
+does (measured on the H200; ``tests/test_moe_gpu.py`` checks it). Tuned (:mod:`tilev4.kernels.moe_tuning`):
+``schedule``, ``num_stages`` and ``packed_stages`` (ws), ``block_n`` (down); ``block_m`` is the permutation's (a
+problem key).
 
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128,
 KP = K/2 packed bytes, KS = K/32 scales.
@@ -74,6 +84,7 @@ from typing import Any, NamedTuple
 
 import tilelang.language as T
 import torch
+from tilelang.layout import make_swizzled_layout
 
 from tilev4._checks import check_aligned, check_tensor
 from tilev4._fastmath import FAST_SOURCE
@@ -87,7 +98,16 @@ from tilev4.kernels.moe_tuning import (
     down_bucket,
     up_bucket,
 )
-from tilev4.kernels.moe_ws import cap_keep_nan, clamp_keep_nan, silu
+from tilev4.kernels.moe_ws import (
+    HALF_M,
+    _grouped_unit,
+    cap_keep_nan,
+    check_ws_schedule,
+    clamp_keep_nan,
+    load_route_weights,
+    silu,
+    store_part,
+)
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
@@ -326,12 +346,306 @@ def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off
                     b_shared[off + n, part * 2 * VEC + 16 * h + v] = ob[16 * h + v]
 
 
+SCHEDULES = ("ws", "pipelined")
+# setmaxnreg of each producer and each consumer thread by producer warpgroups: with one, 64 + 2·216 <= 504 (the launch
+# allocation of 384 threads); with two, 80 + 176 <= 256 (512 threads, 128 each)
+WS_REGS = {1: (64, 216), 2: (80, 176)}
+PRODUCER_BARRIER = 9  # named barrier of the producer threads (1, 2: the consumers' epilogues; 3+: TileLang's)
+
+
+def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stages: int,
+                  producer_warpgroups: int = 2) -> Any:
+    """Warp-specialised FP4 expert GEMM (``kind`` "up": SwiGLU epilogue, "down": bf16 out), grouped.
+
+    A CTA computes one ``128 × block_n`` output tile (the tile table and launch order of every expert GEMM) with two
+    consumer warpgroups and ``producer_warpgroups`` producer warpgroups:
+
+    * **producers** (warpgroup 2 and up, :data:`WS_REGS`): keep ``packed_stages`` K blocks of packed e2m1 bytes in
+      flight by TMA (``block_n × 64`` bytes a weight and K block) and load the tile's e8m0 scales once
+      (``block_n × K/32`` bytes a weight). Per K block they wait until the consumers released the stage, TMA-load
+      the FP8 activation rows into it (the second 64-row slab only when the tile has rows there; one elected
+      thread issues every copy), then expand the packed block into the stage's swizzled e4m3 weight tile(s) with
+      each row's block scale ``S`` beside them (the arithmetic of :func:`_expand`, 16 packed bytes a thread and
+      step: every step's loads first, then the steps with the fast table and no branch, then — rarely — the steps
+      whose shift needs the rounding path again), refill the packed slot they have read, fence the generic-proxy
+      stores for the tensor cores and arrive on the stage's ``full`` barrier.
+    * **consumers** (warpgroups 0 and 1): warpgroup ``w`` owns rows ``64·w ..`` of the tile. Per K block one FP8
+      wgmma sequence a weight tile (W1 and W3, or W2) into scratch accumulators, then the exact power-of-two
+      promotion ``acc += t · sx[row] · S[col]`` (the pipelined kernel's expression) and the stage's release.
+      Then the epilogue of the bf16 ``ws`` kernels (:func:`tilev4.kernels.moe_ws.store_part`): staged in shared
+      memory, TMA-stored when all 64 rows are valid.
+
+    The expansion is the producers' bottleneck: a warp's steps are chains of dependent integer instructions, so
+    what hides their latency is the number of expanding warps. On the H200 (V4-Flash dims; the session 35 log in
+    ``benchmarks/logs/``) two producer warpgroups instead of one take 0.80 of the up-projection's time at
+    8192 tokens and 0.86-0.87 elsewhere; with the expansion removed (an ablation) the kernels would take 0.56-0.64
+    of one warpgroup's time. Two producer warpgroups leave 176 registers a consumer (512 threads): enough for the
+    64 × 128 accumulator and scratch tile of either kernel, so ``block_n`` is 64 for the up-projection (two 64-row
+    weight tiles) and 128 or 64 for the down-projection.
+
+    The pipelined kernel stacks W1 over W3 in one B tile (one wgmma of n = 2·block_n, a fragment layout in which the
+    SwiGLU's gate and up elements of an output are columns ``j`` and ``block_n + j`` of one accumulator: TileLang's
+    layout inference rejects that pairing in a ``T.Parallel`` loop, hence two weight tiles here). The promotion is
+    the pipelined kernel's expression, and the two give the same bits (see the module's tuning notes); each is
+    batch-invariant (a row's sums do not depend on the other rows of its tile).
+    """
+    up = kind == "up"
+    SRC = 2 if up else 1  # weight sources of a B tile: W1 and W3, or W2
+    BN, BK, S, PS = block_n, SCALE_BLOCK, num_stages, packed_stages
+    KB, KS = K // SCALE_BLOCK, K // FP4_BLOCK
+    WG = 128  # threads of a warpgroup
+    if producer_warpgroups not in WS_REGS:
+        raise ValueError(f"producer_warpgroups must be one of {sorted(WS_REGS)}, got {producer_warpgroups}")
+    PT = WG * producer_warpgroups  # producer threads (all of them expand)
+    P_REGS, C_REGS = WS_REGS[producer_warpgroups]
+    if block_n not in (32, 64, 128):
+        raise ValueError(f"block_n must be 32, 64 or 128 for the ws FP4 kernels, got {block_n}")
+    SS = BN * GROUPS  # 16-byte (32-group) expansion steps of a weight source and K block
+    if SS % PT:
+        # (splitting the producer threads by source instead puts TileLang's barriers into per-source branches,
+        # where they take the consumers' barrier ids: a hang)
+        raise ValueError(f"block_n={block_n}: the {SS} expansion steps of a weight tile and K block do not split "
+                         f"evenly over {PT} producer threads (producer_warpgroups={producer_warpgroups})")
+    CHUNKS = SS // PT  # steps of a thread, a source and K block
+    NCH = SRC * CHUNKS  # steps of a thread per K block
+    NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
+    fp8 = T.float8_e4m3fn
+
+    @T.macro
+    def load_steps(q_s, s_s, src, ps, k, ptx, qv, sv):
+        """First phase of a K block's expansion, for weight source ``src``: each step's 16 packed bytes (from packed
+        slot ``ps``) and its row's four scale bytes of K block ``k`` into registers — every load of the K block
+        before any arithmetic, so that their latencies overlap."""
+        s32 = T.view(s_s, (BN, KS // GROUPS), T.uint32)  # a row's 4 scale bytes per K block
+        qb = T.view(qv, (NCH * 16,), T.uint8)
+        for it in T.unroll(CHUNKS):
+            n = (it * PT + ptx) // GROUPS
+            sv[src * CHUNKS + it] = s32[n, k]
+            for v in T.vectorized(16):
+                qb[(src * CHUNKS + it) * 16 + v] = q_s[ps, n, (ptx % GROUPS) * 16 + v]
+
+    @T.macro
+    def convert_steps(b_s, sw_s, src, slot, ptx, qv, sv, ow, tab, slow, rounding):
+        """The e4m3 bytes of source ``src``'s steps into stage ``slot`` of its tile ``b_s`` (the arithmetic of
+        :func:`_expand`). ``rounding=False``: every step with the fast table at ``min(j, FAST_SHIFT)`` — no branch,
+        so that the steps interleave — with the rows' block scales into ``sw_s[slot]``, and ``slow`` set where a
+        step's shift needs the rounding path; ``rounding=True``: those steps again with it (rare: a 128-K block whose
+        scales spread past 2^5), overwriting their bytes."""
+        ob = T.view(ow, (32,), fp8)
+        part = ptx % GROUPS  # the 32-group: PT is a multiple of GROUPS
+        for it in T.unroll(CHUNKS):
+            c = src * CHUNKS + it
+            n = (it * PT + ptx) // GROUPS
+            b_max, j = _group_shift(T.cast(sv[c], T.int32), part, _TL_OPS)
+            if rounding:
+                if j > FAST_SHIFT:
+                    tab[0], tab[1] = _magnitude_table(j, False, _TL_OPS)
+                    for i in T.unroll(4):
+                        ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                    for h in T.unroll(2):
+                        for v in T.vectorized(16):
+                            b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
+            else:
+                if part == 0:
+                    sw_s[slot, n] = T.reinterpret(b_max << 23, T.float32)  # exact 2^(b - 127)
+                slow[0] = slow[0] | T.cast(j > FAST_SHIFT, T.int32)
+                tab[0], tab[1] = _magnitude_table(T.cast(T.min(j, FAST_SHIFT), T.uint32), True, _TL_OPS)
+                for i in T.unroll(4):
+                    ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                for h in T.unroll(2):
+                    for v in T.vectorized(16):
+                        b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
+
+    @T.macro
+    def convert_all(b_s, sw_s, slot, ptx, qv, sv, ow, tab, slow, rounding):
+        """:func:`convert_steps` of every source's steps of a thread (each thread takes steps of every source)."""
+        convert_steps(b_s[0], sw_s[0], 0, slot, ptx, qv, sv, ow, tab, slow, rounding)
+        if SRC == 2:
+            convert_steps(b_s[1], sw_s[1], 1, slot, ptx, qv, sv, ow, tab, slow, rounding)
+
+    @T.macro
+    def load_packed(qs_g, q_s, qfull, e, n0, k, ps):
+        """K block ``k`` of the packed bytes of every source into packed slot ``ps``, then the producer's arrival."""
+        T.tma_copy(qs_g[0][e, n0:n0 + BN, k * (BK // 2):(k + 1) * (BK // 2)], q_s[0][ps, :, :], barrier=qfull[ps])
+        if SRC == 2:
+            T.tma_copy(qs_g[1][e, n0:n0 + BN, k * (BK // 2):(k + 1) * (BK // 2)], q_s[1][ps, :, :],
+                       barrier=qfull[ps])
+        T.barrier_arrive(qfull[ps])
+
+    @T.macro
+    def producer(a, qs_g, ss_g, a_s, q_s, s_s, b_s, sw_s, full, empty, qfull, e, row0, rows, n0, tx, qv, sv, ow, tab,
+                 slow):
+        T.set_max_nreg(P_REGS, 0)
+        ptx = tx - 2 * WG
+        for p in T.unroll(min(PS, KB)):
+            load_packed(qs_g, q_s, qfull, e, n0, p, p)
+        # the tile's scales, [BN, K/32] bytes of each source, by the producer's threads while the first packed
+        # blocks are on their way (not by TMA: a row of K/32 bytes is not a multiple of 16 bytes for K < 512).
+        # Python-level source index: a list of buffers cannot be indexed by a loop variable.
+        T.copy(ss_g[0][e, n0:n0 + BN, 0:KS], s_s[0], disable_tma=True)
+        if SRC == 2:
+            T.copy(ss_g[1][e, n0:n0 + BN, 0:KS], s_s[1], disable_tma=True)
+        T.sync_threads(barrier_id=PRODUCER_BARRIER, arrive_count=PT)
+        for ki in T.serial(KB):
+            slot = ki % S
+            ps = ki % PS
+            T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # the consumers are done with the stage
+            T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a_s[0][slot, :, :], barrier=full[slot])
+            if rows > HALF_M:
+                T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a_s[1][slot, :, :],
+                           barrier=full[slot])
+            T.barrier_wait(qfull[ps], (ki // PS) & 1)
+            load_steps(q_s[0], s_s[0], 0, ps, ki, ptx, qv, sv)
+            if SRC == 2:
+                load_steps(q_s[1], s_s[1], 1, ps, ki, ptx, qv, sv)
+            T.sync_threads(barrier_id=PRODUCER_BARRIER, arrive_count=PT)  # every thread has read packed slot ps
+            if ki + PS < KB:
+                load_packed(qs_g, q_s, qfull, e, n0, ki + PS, ps)
+            slow[0] = 0
+            convert_all(b_s, sw_s, slot, ptx, qv, sv, ow, tab, slow, False)
+            if slow[0] != 0:
+                convert_all(b_s, sw_s, slot, ptx, qv, sv, ow, tab, slow, True)
+            T.fence_proxy_async()  # the generic-proxy stores of the B tile, before the wgmma (async proxy) reads it
+            T.barrier_arrive(full[slot])
+
+    @T.macro
+    def consumer(w, a_scale, wts, out, limit, a_s, b_s, sw_s, o_s, w_s, acc, t, cur, nxt, full, empty, tx, row0,
+                 rows, n0):
+        T.set_max_nreg(C_REGS, 1)
+        rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
+        r0 = row0 + w * HALF_M
+        if rw > 0:
+            T.clear(acc[0])
+            if SRC == 2:
+                T.clear(acc[1])
+            for i in T.Parallel(HALF_M):
+                nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, 0], 0.0)
+        for ki in T.serial(KB):
+            slot = ki % S
+            T.barrier_wait(full[slot], (ki // S) & 1)
+            if rw > 0:
+                T.wgmma_gemm(a_s[slot, :, :], b_s[0][slot, :, :], t[0], transpose_B=True, clear_accum=True)
+                if SRC == 2:
+                    T.wgmma_gemm(a_s[slot, :, :], b_s[1][slot, :, :], t[1], transpose_B=True, clear_accum=True)
+                for i in T.Parallel(HALF_M):
+                    cur[i] = nxt[i]
+                if ki + 1 < KB:  # the next K block's row scales load while this one runs
+                    for i in T.Parallel(HALF_M):
+                        nxt[i] = T.if_then_else(i < rw, a_scale[r0 + i, ki + 1], 0.0)
+                T.wait_wgmma(0)
+                for i, j in T.Parallel(HALF_M, BN):  # exact power-of-two rescale, fp32 sum (the pipelined order)
+                    acc[0][i, j] += t[0][i, j] * cur[i] * sw_s[0][slot, j]
+                if SRC == 2:
+                    for i, j in T.Parallel(HALF_M, BN):
+                        acc[1][i, j] += t[1][i, j] * cur[i] * sw_s[1][slot, j]
+            if tx % 32 == 0:
+                T.barrier_arrive(empty[slot])
+        if rw > 0:
+            if up:
+                load_route_weights(rw, r0, wts, w_s)
+            store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, acc, N, BN, up)
+
+    @T.macro
+    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_expert):
+        with T.Kernel(MT * T.ceildiv(N, BN), threads=2 * WG + PT) as bx:
+            if up:
+                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
+            a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
+            b_s = [T.alloc_shared((S, BN, BK), fp8) for _ in range(SRC)]  # the expanded weight tiles
+            q_s = [T.alloc_shared((PS, BN, BK // 2), T.uint8) for _ in range(SRC)]
+            s_s = [T.alloc_shared((BN, KS), T.uint8) for _ in range(SRC)]
+            sw_s = [T.alloc_shared((S, BN), T.float32) for _ in range(SRC)]  # their rows' block scales S
+            o0_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
+            o1_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
+            w0_s = T.alloc_shared((HALF_M,), T.float32) if up else None
+            w1_s = T.alloc_shared((HALF_M,), T.float32) if up else None
+            acc0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(SRC)]  # (gate, up) or (y,)
+            acc1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(SRC)]
+            t0 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(SRC)]  # a K block's FP8 sums
+            t1 = [T.alloc_fragment((HALF_M, BN), T.float32) for _ in range(SRC)]
+            cur0 = T.alloc_fragment((HALF_M,), T.float32)
+            cur1 = T.alloc_fragment((HALF_M,), T.float32)
+            nxt0 = T.alloc_fragment((HALF_M,), T.float32)
+            nxt1 = T.alloc_fragment((HALF_M,), T.float32)
+            qv = T.alloc_local((4 * NCH,), T.uint32)  # the packed bytes of a producer thread's steps (16 each)
+            sv = T.alloc_local((NCH,), T.uint32)  # ... and the scale bytes of their rows
+            ow = T.alloc_local((8,), T.uint32)  # a step's 32 e4m3 bytes
+            tab = T.alloc_local((2,), T.uint32)  # the step's e4m3 bytes of the eight magnitudes
+            slow = T.alloc_local((1,), T.int32)  # a step of this K block needs the rounding path
+            full = T.alloc_barrier([PT] * S)  # the producer's threads (+ the A bytes)
+            empty = T.alloc_barrier([8] * S)  # lane 0 of each consumer warp
+            qfull = T.alloc_barrier([PT] * PS)  # the packed bytes of a K block
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, *b_s, o0_s, o1_s]})
+            NNT = T.ceildiv(N, BN)
+            tx = T.get_thread_binding()
+            e = T.alloc_var(T.int32, init=0)
+            row0 = T.alloc_var(T.int32, init=0)
+            rows = T.alloc_var(T.int32, init=0)
+            n0 = T.alloc_var(T.int32, init=0)
+            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
+                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+                if tx >= 2 * WG:
+                    producer(a, qs_g, ss_g, [a0_s, a1_s], q_s, s_s, b_s, sw_s, full, empty, qfull, e, row0, rows,
+                             n0, tx, qv, sv, ow, tab, slow)
+                elif tx < WG:
+                    consumer(0, a_scale, wts, out, limit, a0_s, b_s, sw_s, o0_s, w0_s, acc0, t0, cur0, nxt0, full,
+                             empty, tx, row0, rows, n0)
+                else:
+                    consumer(1, a_scale, wts, out, limit, a1_s, b_s, sw_s, o1_s, w1_s, acc1, t1, cur1, nxt1, full,
+                             empty, tx, row0, rows, n0)
+
+    KP = K // 2
+    if up:
+
+        @T.prim_func
+        def moe_up_fp4_ws(
+            x8: T.Tensor[(NR, K), fp8],
+            xs: T.Tensor[(NR, KB), T.float32],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, KP), T.uint8],
+            w1s: T.Tensor[(E, N, KS), T.uint8],
+            w3: T.Tensor[(E, N, KP), T.uint8],
+            w3s: T.Tensor[(E, N, KS), T.uint8],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+
+        return moe_up_fp4_ws
+
+    @T.prim_func
+    def moe_down_fp4_ws(
+        h8: T.Tensor[(NR, K), fp8],
+        hs: T.Tensor[(NR, KB), T.float32],
+        w2: T.Tensor[(E, N, KP), T.uint8],
+        w2s: T.Tensor[(E, N, KS), T.uint8],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        y: T.Tensor[(NR, N), T.bfloat16],
+    ):
+        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+
+    return moe_down_fp4_ws
+
+
 @register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
           bucket=up_bucket, harness=MOE_UP_FP4_HARNESS)
-def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_stages: int = 3, threads: int = 256):
-    """MoE grouped up-projection, FP4 weights (expanded to FP8) × FP8 activations, SwiGLU and weight fused."""
+def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_stages: int = 4, threads: int = 256,
+                     schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2):
+    """MoE grouped up-projection, FP4 weights (expanded to FP8) × FP8 activations, SwiGLU and weight fused.
+    ``schedule``: "ws" (:func:`_build_fp4_ws`: ``packed_stages`` K blocks of packed bytes in flight,
+    ``producer_warpgroups`` expanding them) or "pipelined" (every thread copies, expands and computes in turn;
+    ``threads``)."""
     if dim % SCALE_BLOCK:
         raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
+    check_ws_schedule(schedule, block_m, SCHEDULES)
+    if schedule == "ws":
+        return _build_fp4_ws("up", dim, block_n, num_stages, packed_stages, producer_warpgroups)
     # One GEMM per K block with B = [W1 rows; W3 rows] (2·block_n rows): the accumulator holds gate in its
     # first block_n columns and up in the others — two fp32 tiles of [BM, 2·BN] (acc, t) instead of the
     # three [BM, BN] tiles of two GEMMs, which with the promotion's column scales did not fit 255 registers.
@@ -414,10 +728,14 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
 @register("moe_down_fp4", configs=[{"inter": 2048}], tags=("moe", "fp4", "batch_invariant"),
           space=MOE_DOWN_FP4_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP4_HARNESS)
 def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
-                       threads: int = 256):
-    """MoE grouped down-projection, FP4 weights (expanded to FP8) × FP8 activations: y = h·W2ᵀ (bf16 out)."""
+                       threads: int = 256, schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2):
+    """MoE grouped down-projection, FP4 weights (expanded to FP8) × FP8 activations: y = h·W2ᵀ (bf16 out).
+    ``schedule``, ``packed_stages`` and ``producer_warpgroups``: as for :func:`build_moe_up_fp4`."""
     if inter % SCALE_BLOCK:
         raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")
+    check_ws_schedule(schedule, block_m, SCHEDULES)
+    if schedule == "ws":
+        return _build_fp4_ws("down", inter, block_n, num_stages, packed_stages, producer_warpgroups)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
     I, KB, KP, KS = inter, inter // SCALE_BLOCK, inter // 2, inter // FP4_BLOCK
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))

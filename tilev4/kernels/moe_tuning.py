@@ -10,8 +10,10 @@ moe_up            schedule ws/pipelined · block_n 128/64 · stages 4/3    group
 moe_down          schedule ws/pipelined · block_n 256/128 · stages 4/3   grouped|dense, inter range      8
 moe_up_fp8        block_n 128/64 · stages 3/2/4                          dim range                       6
 moe_down_fp8      block_n 256/128 · stages 4/3/2                         inter range                     6
-moe_up_fp4        block_n 64/32 · stages 3/2/4                           dim range                       6
-moe_down_fp4      block_n 128/64 · stages 4/3/2                          inter range                     6
+moe_up_fp4        schedule ws/pipelined · block_n 64/32 · stages 4/3 ·   dim range                       6
+                  packed stages 4/6 (ws)
+moe_down_fp4      schedule ws/pipelined · block_n 128/64 · stages 4/3 ·  inter range                     8
+                  packed stages 4/6 (ws, block_n 128)
 fp8_linear        block_m 64/128 · block_n 128/64 · stages 4/3           K range                         8
 moe_gate          block_k 32/64 · block_e 256/128 · stages 2/3           E range                         4-5
 moe_combine       threads 128/256/64/512                                 dim range                       3-4
@@ -68,7 +70,7 @@ import torch
 
 from tilev4.autotune.harness import TuningCase, TuningHarness
 from tilev4.autotune.space import Space
-from tilev4.kernels.moe_ws import ws_buffer_bytes
+from tilev4.kernels.moe_ws import HALF_M, ws_buffer_bytes
 
 __all__ = [
     "FP8_LINEAR_HARNESS",
@@ -305,7 +307,18 @@ def _fp8_gemm_smem(c: Mapping[str, Any]) -> int:
     return _smem(s * bm * SCALE_BLOCK, s * bn * SCALE_BLOCK)  # a, b
 
 
+def _fp4_ws_smem(c: Mapping[str, Any], sources: int, k: int) -> int:
+    """The FP4 ``ws`` schedule (tilev4.kernels.moe_fp4): A slabs, expanded weight tiles, packed ring, the tile's scales,
+    the rows' block scales, staging tiles, routing weights."""
+    bn, s, ps = c["block_n"], c["num_stages"], c["packed_stages"]
+    per_source = [s * bn * SCALE_BLOCK, ps * bn * SCALE_BLOCK // 2, bn * k // 32, s * bn * 4]
+    return _smem(*[s * HALF_M * SCALE_BLOCK] * 2, *per_source * sources, *[HALF_M * bn * 2] * 2,
+                 *([HALF_M * 4] * 2 if sources == 2 else []))
+
+
 def _fp4_up_smem(c: Mapping[str, Any]) -> int:
+    if c.get("schedule") == "ws":
+        return _fp4_ws_smem(c, 2, c["dim"])
     bm, bn, s, ks = c["block_m"], c["block_n"], c["num_stages"], c["dim"] // 32
     # w, c (fp32 [bm, 2bn]), s1 + s3 (e8m0 [bn, K/32]), smax + sw, a, q1 + q3 (packed), b (expanded [2bn, 128])
     return _smem(4 * bm, bm * 2 * bn * 4, bn * ks, bn * ks, 2 * bn * 4, 2 * bn * 4, s * bm * SCALE_BLOCK,
@@ -313,12 +326,37 @@ def _fp4_up_smem(c: Mapping[str, Any]) -> int:
 
 
 def _fp4_down_smem(c: Mapping[str, Any]) -> int:
+    if c.get("schedule") == "ws":
+        return _fp4_ws_smem(c, 1, c["inter"])
     bm, bn, s, ks = c["block_m"], c["block_n"], c["num_stages"], c["inter"] // 32
     # s (e8m0), smax + sw, a, q (packed), b (expanded)
     return _smem(bn * ks, bn * 4, bn * 4, s * bm * SCALE_BLOCK, s * bn * SCALE_BLOCK // 2, bn * SCALE_BLOCK)
 
 
 _GEMM_THREADS = (256, 128)  # the one matching block_m is kept (_warpgroup_rows)
+_FP4_PACKED = (4, 6)  # packed K blocks in flight (the FP4 ws schedule)
+_FP4_WS_STEPS = 256  # threads of the FP4 ws kernels' two producer warpgroups (their default)
+
+
+def _fp4_schedule(deep_block_n: int) -> Callable[[Mapping[str, Any]], str | None]:
+    """FP4: the ``ws`` kernels' producer threads (two warpgroups) take ``4·block_n`` expansion steps a weight and K
+    block in equal shares, and a packed ring deeper than the default is a candidate at ``deep_block_n`` only; the
+    pipelined schedule reads no ``packed_stages`` and is a candidate at its default stages (a fallback: ~1.2x slower
+    on the H200), so that a space keeps at most 8 candidates."""
+
+    def check(c: Mapping[str, Any]) -> str | None:
+        if c["schedule"] == "ws":
+            if 4 * c["block_n"] % _FP4_WS_STEPS:
+                return (f"block_n={c['block_n']}: the FP4 ws producers split 4·block_n expansion steps into shares of "
+                        f"{_FP4_WS_STEPS}")
+            if c["packed_stages"] != _FP4_PACKED[0] and c["block_n"] != deep_block_n:
+                return f"packed_stages={c['packed_stages']} is a candidate with block_n={deep_block_n} only"
+            return None
+        if c["packed_stages"] != _FP4_PACKED[0] or c["num_stages"] != 4:
+            return "the pipelined FP4 schedule is a candidate at packed_stages=4 (not read) and num_stages=4 only"
+        return None
+
+    return check
 # bf16 expert GEMMs: tilev4.kernels.moe.GEMM_SCHEDULES (repeated: that module imports this one)
 _GEMM_SCHEDULES = ("ws", "pipelined")
 
@@ -347,13 +385,15 @@ MOE_DOWN_FP8_SPACE = Space(
     smem_bytes=_fp8_gemm_smem,
 )
 MOE_UP_FP4_SPACE = Space(
-    params={"block_n": (64, 32), "num_stages": (3, 2, 4), "threads": _GEMM_THREADS},
-    constraints=(_warpgroup_rows, _accumulators(4), _prefetch(1, SCALE_BLOCK)),  # acc, t of [bm, 2·bn]
+    params={"schedule": _GEMM_SCHEDULES, "block_n": (64, 32), "num_stages": (4, 3), "packed_stages": _FP4_PACKED,
+            "threads": _GEMM_THREADS},
+    constraints=(_warpgroup_rows, _accumulators(4), _prefetch(1, SCALE_BLOCK), _fp4_schedule(64)),  # acc, t: 2·bn
     smem_bytes=_fp4_up_smem,
 )
 MOE_DOWN_FP4_SPACE = Space(
-    params={"block_n": (128, 64), "num_stages": (4, 3, 2), "threads": _GEMM_THREADS},
-    constraints=(_warpgroup_rows, _accumulators(2), _prefetch(1, SCALE_BLOCK)),
+    params={"schedule": _GEMM_SCHEDULES, "block_n": (128, 64), "num_stages": (4, 3), "packed_stages": _FP4_PACKED,
+            "threads": _GEMM_THREADS},
+    constraints=(_warpgroup_rows, _accumulators(2), _prefetch(1, SCALE_BLOCK), _fp4_schedule(128)),
     smem_bytes=_fp4_down_smem,
 )
 FP8_LINEAR_SPACE = Space(
