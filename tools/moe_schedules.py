@@ -7,12 +7,12 @@ Compiles ``moe_up`` / ``moe_down`` (bf16 weights), ``moe_up_fp8`` / ``moe_down_f
 with an explicit ``schedule`` (other tunables as resolved for this GPU; ``--config K=V,...`` pins more, e.g.
 ``num_stages=3``), in parallel, then times each on the routing of ``tilev4 bench moe`` (V4-Flash dims: dim
 4096, inter 2048, 256 experts, top-6; a random gate with bias) as CUDA-event medians. Outputs are poisoned
-with NaN before the checked launch and compared bit for bit with the first schedule's (``equal``; the bf16 and
-FP8 schedules run the same wgmma sequence, so it must be true there; the FP4 ``ws`` kernel runs one wgmma a
-weight where the pipelined one stacks W1 over W3, so it may differ by the FP8 tensor cores' summation order:
-``max_abs_diff`` says by how much). TFLOPS count the routed rows only (``2·N·dim·inter`` a GEMM, twice for the
-up-projection's two weights), as the benchmark does; ``weight_gbps`` the bytes of the weights of the experts that
-have rows (the decode measure: ``fraction_of_copy_bw``).
+with NaN before the checked launch and compared bit for bit with the first schedule's (``equal``, and
+``max_abs_diff``): every schedule sums the same products in the same order, so ``equal`` must be true (the FP4
+``ws`` kernel's one wgmma a weight gives the bits of the pipelined kernel's one over W1 stacked on W3, as
+``tests/test_moe_gpu.py`` checks). TFLOPS count the routed rows only (``2·N·dim·inter`` a GEMM, twice for the
+up-projection's two weights), as the benchmark does; ``weight_gbps`` the bytes of the weights (data and scales) of
+the experts that have rows, counted as ``tilev4 bench moe`` counts them (the decode measure: ``fraction_of_copy_bw``).
 """
 
 import argparse
@@ -65,11 +65,14 @@ def _schedule_config(spec: str) -> dict:
     return {"schedule": name, **_parse_config(",".join(items))}
 
 
-def _weight_byte(kernel: str) -> float:
-    """Bytes a weight element takes (FP4: half a byte for the code, 1/32 for its e8m0 scale)."""
-    if kernel.endswith("_fp4"):
-        return 0.5 + 1 / 32
-    return 1.0 if kernel.endswith("_fp8") else 2.0
+def _expert_bytes(kernel: str, bf16: tuple, fp8: tuple, fp4: tuple | None) -> int:
+    """Bytes one expert's weights of ``kernel`` take: W1 and W3 (up) or W2 (down) in the kernel's format, with the
+    scales of a quantised format."""
+    quant = fp4 if kernel.endswith("_fp4") else fp8 if kernel.endswith("_fp8") else None
+    weights = (quant or bf16)[0::2] if kernel.startswith("moe_up") else (quant or bf16)[1:2]  # (w1, w3) or (w2,)
+    if quant is None:
+        return sum(w[0].nbytes for w in weights)
+    return sum(q.data[0].nbytes + q.scale[0].nbytes for q in weights)
 
 
 def main() -> None:
@@ -123,7 +126,7 @@ def main() -> None:
             width = INTER if kernel.startswith("moe_up") else DIM
             flops = 2.0 * n * DIM * INTER * (2 if kernel.startswith("moe_up") else 1)
             touched = int((perm.offsets[1:] > perm.offsets[:-1]).sum())
-            weight_bytes = touched * DIM * INTER * (2 if kernel.startswith("moe_up") else 1) * _weight_byte(kernel)
+            weight_bytes = touched * _expert_bytes(kernel, (w1, w2, w3), (q1, q2, q3), fp4)
             first = None
             for schedule in schedules:
                 fn = compile_kernel(kernel, configs[kernel, schedule])
