@@ -229,7 +229,11 @@ def test_ops_pass_only_problem_keys_and_the_permutations_block_m(launches, block
     K.moe_route(x, torch.zeros(8, dim), None, top_k=2)
     assert [name for name, _ in launches] == [*GROUPED, "moe_up", "moe_down", "moe_combine", "moe_gate"]
     for name, cfg in launches:
-        assert not set(cfg) & set(get_kernel_def(name).tunable_keys), (name, cfg)  # so that tuned configs apply
+        # so that tuned configs apply; the one exception: the FP4 ops' swap schedule for few rows an expert (a rule,
+        # not a tuned choice; here 1.5 rows an expert), on the 128-row tile table it is built for
+        rule = F4.swap_config(name.split("_")[1], n, e) if name.endswith("_fp4") and block_m == K.BLOCK_M else {}
+        assert rule or not name.endswith("_fp4") or block_m != K.BLOCK_M
+        assert {k: v for k, v in cfg.items() if k in get_kernel_def(name).tunable_keys} == rule, (name, cfg)
     for name, cfg in launches[: len(GROUPED)]:
         assert cfg["block_m"] == block_m, (name, cfg)  # compiled for the tile table it reads
 

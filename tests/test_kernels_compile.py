@@ -106,3 +106,22 @@ def test_seesaw_program_syncs_only_its_staged_output(name, config):
         assert stores == 2 and sorted(i for i, _ in syncs) == ["8", "9"]  # one store a consumer, a sync before it
     else:
         assert stores == 8 and len(syncs) == 16  # 4 chunks a consumer, a sync before and after each
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(("name", "problem", "kind"), [("moe_up_fp4", {"dim": 4096}, "up"),
+                                                       ("moe_down_fp4", {"inter": 2048}, "down")])
+def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
+    """The FP4 swap schedule the ops take at decode (not a shipped config: the ops add its keys by the rows, see
+    ``swap_config``) compiles for sm_90a with launch bounds of SWAP_CTAS CTAs an SM, and its shared memory leaves
+    room for them (every buffer starts below 70 KB; the last ones are a few hundred bytes)."""
+    import re
+
+    from tilev4.kernels.moe_fp4 import SWAP_CONFIG, SWAP_CTAS
+
+    kernel = compile_kernel(name, {**problem, "block_m": 128, **SWAP_CONFIG[kind]}, DEFAULT_AOT_ARCH)
+    src = kernel.get_kernel_source()
+    assert f"__launch_bounds__(256, {SWAP_CTAS})" in src
+    offsets = [int(n) for n in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src)]
+    assert offsets and max(offsets) < 70 * 1024, max(offsets)
+    assert "wgmma_ss" in src and ", 64, 8, 32," in src  # m64 n8 k32: the weights as M, the rows as N

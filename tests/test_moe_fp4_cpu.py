@@ -240,6 +240,30 @@ def test_factories_reject_k_off_the_scale_block(build, kwargs):
         build(**kwargs)
 
 
+def test_swap_schedule_is_taken_for_few_rows_an_expert():
+    """The ops' rule: the swap schedule while an expert gets at most SWAP_MAX_ROWS_PER_EXPERT rows on average (the
+    V4-Flash decode batches), the tuned schedule (no extra keys) past that and for no rows."""
+    cap = F.SWAP_MAX_ROWS_PER_EXPERT
+    assert cap >= 2
+    for kind in ("up", "down"):
+        assert F.swap_config(kind, 64 * 6, 256) == F.SWAP_CONFIG[kind]  # 64 tokens, top-6 of 256
+        assert F.swap_config(kind, cap * 256, 256)["schedule"] == "swap"
+        assert F.swap_config(kind, cap * 256 + 1, 256) == {}
+        assert F.swap_config(kind, 8192 * 6, 256) == {}
+        assert F.swap_config(kind, 0, 256) == {}
+    assert F.swap_config("up", 1, 1) is not F.SWAP_CONFIG["up"]  # a copy: the op may add keys
+    with pytest.raises(ValueError, match="kind must be one of"):
+        F.swap_config("gate", 1, 1)
+
+
+@pytest.mark.parametrize("build", [F.build_moe_up_fp4, F.build_moe_down_fp4])
+def test_swap_schedule_needs_the_128_row_table(build):
+    with pytest.raises(ValueError, match="block_m must be 128 for the 'swap' schedule"):
+        build(2048, block_m=192, schedule="swap")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        build(2048, schedule="swapped")
+
+
 def _perm(n=6, dim=256, num_experts=4):
     """A CPU stand-in for a permutation: enough for the input checks, which run before any launch."""
     i32 = torch.int32

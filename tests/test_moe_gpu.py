@@ -795,6 +795,7 @@ FP4_CASES = {
     "flash": (4096, 2048, 16, 6, 40, 2048, 4.0, 0.0),
     "ragged tiles": (384, 640, 5, 3, 301, 0, 1.0, 0.0),  # several M tiles per expert, N not a multiple of 128
     "scale spread": (256, 384, 4, 2, 50, 0, 2.0, 14.0),  # shifts j up to ~14: subnormal e4m3, rounding, flushes
+    "decode": (4096, 2048, 64, 6, 8, 0, 4.0, 0.0),  # ~1 row an expert: the ops take the swap schedule
 }
 
 
@@ -834,13 +835,16 @@ def test_fp4_experts_match_reference(case):
 
 @pytest.mark.parametrize("case", list(FP4_CASES))
 @pytest.mark.parametrize("config", [{"schedule": "pipelined"}, {"schedule": "ws", "packed_stages": 2, "num_stages": 3},
-                                    {"schedule": "ws", "producer_warpgroups": 1, "block_n": 32}])
+                                    {"schedule": "ws", "producer_warpgroups": 1, "block_n": 32},
+                                    {"schedule": "ws"}, {"schedule": "swap", "packed_stages": 3}])
 def test_fp4_gemm_configs_give_the_default_bits(case, config):
-    """The FP4 GEMMs in configs the tuner may pick besides the default: the pipelined schedule (one [128, 128] FP8
-    GEMM a K block over W1 stacked on W3, where the ws kernel runs one wgmma a weight), and the warp-specialised one
-    with a packed ring shallower than its stages, or one producer warpgroup and narrow tiles. The same sums of the
-    same products, so the default's bits (the down-projection on the default's h8, so that both GEMMs are checked on
-    the same inputs); and against fp32 math."""
+    """The FP4 GEMMs in the other configs the ops and the tuner may pick: the pipelined schedule (one [128, 128] FP8
+    GEMM a K block over W1 stacked on W3, where the ws kernel runs one wgmma a weight), the warp-specialised one
+    with a packed ring shallower than its stages, or one producer warpgroup and narrow tiles, the ws schedule where
+    the op takes the swap one ("decode") and the swap schedule with another packed ring (weights as the wgmma's M,
+    rows as its N, in passes of 16 rows a warpgroup: every case but "decode" has tiles of several passes). The same
+    sums of the same products, so the op's bits (the down-projection on the op's h8, so that both GEMMs are checked
+    on the same inputs); and against fp32 math."""
     from tilev4.kernels import compile_kernel, fp8_quantize
 
     dim, inter, num_experts, top_k, num_tokens, _, scale, spread = FP4_CASES[case]

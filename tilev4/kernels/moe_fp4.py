@@ -48,11 +48,14 @@ Kernels (tile → expert map and batch invariance exactly as the bf16 and FP8 ke
 * ``moe_down_fp4`` — ``y = h W2ᵀ`` → bf16, from ``h`` quantised 1×128 (a separate
   :func:`tilev4.fp8_quantize` launch).
 
-Two schedules (``schedule``):
+Three schedules (``schedule``):
 
 * ``ws`` (the default, :func:`_build_fp4_ws`): warp-specialised as the bf16 and FP8 kernels — producer
   warpgroups that TMA-load the packed bytes and the activations and expand the weights into each stage while two
   consumer warpgroups run the FP8 wgmma and the promotions of the stage before.
+* ``swap`` (:func:`_build_fp4_swap`): for tiles of few rows (decode), the weights as the wgmma's M and the rows as
+  its N, every thread expanding, three CTAs an SM. Same bits as ``ws``; the ops take it while the rows an expert
+  gets on average are few (:func:`swap_config`).
 * ``pipelined``: every thread copies (cp.async), expands and computes in turn. Its B tile stacks the 64 rows of W1
   over the same rows of W3, so one [128, 128] FP8 GEMM per K block gives gate and up side by side: two fp32
   [128, 128] register tiles (accumulator and block sum) where the FP8 kernel's layout — two GEMMs, three tiles —
@@ -71,9 +74,11 @@ Tuning notes: every CTA that reads a weight tile expands it again (the M tiles o
 integer instructions per element for the lookup on the fast path, ~2 with the scale bytes, the table,
 addressing and the 16-byte shared loads and stores (~65 a thread per 32-group). The schedules give the same bits:
 the pipelined kernel's m64 × 128 wgmma over the stacked tile sums each element as the ws kernel's m64 × 64 a weight
-does (measured on the H200; ``tests/test_moe_gpu.py`` checks it). Tuned (:mod:`tilev4.kernels.moe_tuning`):
-``schedule``, ``num_stages`` and ``packed_stages`` (ws), ``block_n`` (down); ``block_m`` is the permutation's (a
-problem key).
+does (measured on the H200; ``tests/test_moe_gpu.py`` checks it), and so does the swap kernel's m64 × 8 with the
+operands swapped. Tuned (:mod:`tilev4.kernels.moe_tuning`): ``schedule`` (ws or pipelined), ``num_stages`` and
+``packed_stages`` (ws), ``block_n`` (down); ``block_m`` is the permutation's (a problem key). The swap schedule is
+not a tuning candidate (the tuning buckets do not tell decode from prefill): the ops take it by the rows an expert
+gets on average (:func:`swap_config`, measured on the H200).
 
 Dimension glossary: NR sorted rows (T·k), D dim, I inter, E experts, MT max M tiles, KB = K/128,
 KP = K/2 packed bytes, KS = K/32 scales.
@@ -111,7 +116,7 @@ from tilev4.kernels.moe_ws import (
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
-           "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight"]
+           "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight", "swap_config"]
 
 SCALE_BLOCK = 128  # K block of the FP8 tensor-core sum and of the promotion (as for FP8 weights)
 FP4_BLOCK = 32  # K elements per e8m0 weight scale
@@ -346,7 +351,83 @@ def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off
                     b_shared[off + n, part * 2 * VEC + 16 * h + v] = ob[16 * h + v]
 
 
-SCHEDULES = ("ws", "pipelined")
+def _expansion_steps(BN: int, KS: int, PT: int, SRC: int) -> tuple[Any, Any, Any]:
+    """The macros ``(load_steps, convert_all, load_packed)`` of an expansion by ``PT`` threads (thread ``ptx`` of
+    them) of the [BN, 64]-byte packed blocks of ``SRC`` weight sources into [BN, 128] e4m3 tiles: the first loads
+    the packed bytes and scale words of a thread's steps of one source into registers, the second converts every
+    source's steps, the third TMA-loads a K block of every source's packed bytes into a slot of the packed ring.
+    Each thread takes ``BN·4/PT`` 16-byte steps (32-groups) a source and K block; ``load_steps`` with
+    ``scales=False`` leaves the scale words to the caller."""
+    CHUNKS = BN * GROUPS // PT  # steps of a thread, a source and K block
+    NCH = SRC * CHUNKS  # steps of a thread per K block
+    fp8 = T.float8_e4m3fn
+
+    @T.macro
+    def load_steps(q_s, s_s, src, ps, k, ptx, qv, sv, scales=True):
+        """First phase of a K block's expansion, for weight source ``src``: each step's 16 packed bytes (from packed
+        slot ``ps``) and its row's four scale bytes of K block ``k`` into registers — every load of the K block
+        before any arithmetic, so that their latencies overlap."""
+        s32 = T.view(s_s, (BN, KS // GROUPS), T.uint32) if scales else None  # a row's 4 scale bytes per K block
+        qb = T.view(qv, (NCH * 16,), T.uint8)
+        for it in T.unroll(CHUNKS):
+            n = (it * PT + ptx) // GROUPS
+            if scales:  # (else the caller has the step's scale word in sv)
+                sv[src * CHUNKS + it] = s32[n, k]
+            for v in T.vectorized(16):
+                qb[(src * CHUNKS + it) * 16 + v] = q_s[ps, n, (ptx % GROUPS) * 16 + v]
+
+    @T.macro
+    def convert_steps(b_s, sw_s, src, slot, ptx, qv, sv, ow, tab, slow, rounding):
+        """The e4m3 bytes of source ``src``'s steps into stage ``slot`` of its tile ``b_s`` (the arithmetic of
+        :func:`_expand`). ``rounding=False``: every step with the fast table at ``min(j, FAST_SHIFT)`` — no branch,
+        so that the steps interleave — with the rows' block scales into ``sw_s[slot]``, and ``slow`` set where a
+        step's shift needs the rounding path; ``rounding=True``: those steps again with it (rare: a 128-K block whose
+        scales spread past 2^5), overwriting their bytes."""
+        ob = T.view(ow, (32,), fp8)
+        part = ptx % GROUPS  # the 32-group: PT is a multiple of GROUPS
+        for it in T.unroll(CHUNKS):
+            c = src * CHUNKS + it
+            n = (it * PT + ptx) // GROUPS
+            b_max, j = _group_shift(T.cast(sv[c], T.int32), part, _TL_OPS)
+            if rounding:
+                if j > FAST_SHIFT:
+                    tab[0], tab[1] = _magnitude_table(j, False, _TL_OPS)
+                    for i in T.unroll(4):
+                        ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                    for h in T.unroll(2):
+                        for v in T.vectorized(16):
+                            b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
+            else:
+                if part == 0:
+                    sw_s[slot, n] = T.reinterpret(b_max << 23, T.float32)  # exact 2^(b - 127)
+                slow[0] = slow[0] | T.cast(j > FAST_SHIFT, T.int32)
+                tab[0], tab[1] = _magnitude_table(T.cast(T.min(j, FAST_SHIFT), T.uint32), True, _TL_OPS)
+                for i in T.unroll(4):
+                    ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                for h in T.unroll(2):
+                    for v in T.vectorized(16):
+                        b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
+
+    @T.macro
+    def convert_all(b_s, sw_s, slot, ptx, qv, sv, ow, tab, slow, rounding):
+        """:func:`convert_steps` of every source's steps of a thread (each thread takes steps of every source)."""
+        convert_steps(b_s[0], sw_s[0], 0, slot, ptx, qv, sv, ow, tab, slow, rounding)
+        if SRC == 2:
+            convert_steps(b_s[1], sw_s[1], 1, slot, ptx, qv, sv, ow, tab, slow, rounding)
+
+    @T.macro
+    def load_packed(qs_g, q_s, qfull, e, n0, k, ps):
+        """K block ``k`` of the packed bytes of every source into packed slot ``ps``, then the producer's arrival."""
+        KP = SCALE_BLOCK // 2  # packed bytes of a row and K block
+        T.tma_copy(qs_g[0][e, n0:n0 + BN, k * KP:(k + 1) * KP], q_s[0][ps, :, :], barrier=qfull[ps])
+        if SRC == 2:
+            T.tma_copy(qs_g[1][e, n0:n0 + BN, k * KP:(k + 1) * KP], q_s[1][ps, :, :], barrier=qfull[ps])
+        T.barrier_arrive(qfull[ps])
+
+    return load_steps, convert_all, load_packed
+
+
+SCHEDULES = ("ws", "pipelined", "swap")
 # setmaxnreg of each producer and each consumer thread by producer warpgroups: with one, 64 + 2·216 <= 504 (the launch
 # allocation of 384 threads); with two, 80 + 176 <= 256 (512 threads, 128 each)
 WS_REGS = {1: (64, 216), 2: (80, 176)}
@@ -406,71 +487,11 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
         # where they take the consumers' barrier ids: a hang)
         raise ValueError(f"block_n={block_n}: the {SS} expansion steps of a weight tile and K block do not split "
                          f"evenly over {PT} producer threads (producer_warpgroups={producer_warpgroups})")
-    CHUNKS = SS // PT  # steps of a thread, a source and K block
-    NCH = SRC * CHUNKS  # steps of a thread per K block
+    NCH = SRC * SS // PT  # steps of a thread per K block
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     fp8 = T.float8_e4m3fn
 
-    @T.macro
-    def load_steps(q_s, s_s, src, ps, k, ptx, qv, sv):
-        """First phase of a K block's expansion, for weight source ``src``: each step's 16 packed bytes (from packed
-        slot ``ps``) and its row's four scale bytes of K block ``k`` into registers — every load of the K block
-        before any arithmetic, so that their latencies overlap."""
-        s32 = T.view(s_s, (BN, KS // GROUPS), T.uint32)  # a row's 4 scale bytes per K block
-        qb = T.view(qv, (NCH * 16,), T.uint8)
-        for it in T.unroll(CHUNKS):
-            n = (it * PT + ptx) // GROUPS
-            sv[src * CHUNKS + it] = s32[n, k]
-            for v in T.vectorized(16):
-                qb[(src * CHUNKS + it) * 16 + v] = q_s[ps, n, (ptx % GROUPS) * 16 + v]
-
-    @T.macro
-    def convert_steps(b_s, sw_s, src, slot, ptx, qv, sv, ow, tab, slow, rounding):
-        """The e4m3 bytes of source ``src``'s steps into stage ``slot`` of its tile ``b_s`` (the arithmetic of
-        :func:`_expand`). ``rounding=False``: every step with the fast table at ``min(j, FAST_SHIFT)`` — no branch,
-        so that the steps interleave — with the rows' block scales into ``sw_s[slot]``, and ``slow`` set where a
-        step's shift needs the rounding path; ``rounding=True``: those steps again with it (rare: a 128-K block whose
-        scales spread past 2^5), overwriting their bytes."""
-        ob = T.view(ow, (32,), fp8)
-        part = ptx % GROUPS  # the 32-group: PT is a multiple of GROUPS
-        for it in T.unroll(CHUNKS):
-            c = src * CHUNKS + it
-            n = (it * PT + ptx) // GROUPS
-            b_max, j = _group_shift(T.cast(sv[c], T.int32), part, _TL_OPS)
-            if rounding:
-                if j > FAST_SHIFT:
-                    tab[0], tab[1] = _magnitude_table(j, False, _TL_OPS)
-                    for i in T.unroll(4):
-                        ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
-                    for h in T.unroll(2):
-                        for v in T.vectorized(16):
-                            b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
-            else:
-                if part == 0:
-                    sw_s[slot, n] = T.reinterpret(b_max << 23, T.float32)  # exact 2^(b - 127)
-                slow[0] = slow[0] | T.cast(j > FAST_SHIFT, T.int32)
-                tab[0], tab[1] = _magnitude_table(T.cast(T.min(j, FAST_SHIFT), T.uint32), True, _TL_OPS)
-                for i in T.unroll(4):
-                    ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
-                for h in T.unroll(2):
-                    for v in T.vectorized(16):
-                        b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
-
-    @T.macro
-    def convert_all(b_s, sw_s, slot, ptx, qv, sv, ow, tab, slow, rounding):
-        """:func:`convert_steps` of every source's steps of a thread (each thread takes steps of every source)."""
-        convert_steps(b_s[0], sw_s[0], 0, slot, ptx, qv, sv, ow, tab, slow, rounding)
-        if SRC == 2:
-            convert_steps(b_s[1], sw_s[1], 1, slot, ptx, qv, sv, ow, tab, slow, rounding)
-
-    @T.macro
-    def load_packed(qs_g, q_s, qfull, e, n0, k, ps):
-        """K block ``k`` of the packed bytes of every source into packed slot ``ps``, then the producer's arrival."""
-        T.tma_copy(qs_g[0][e, n0:n0 + BN, k * (BK // 2):(k + 1) * (BK // 2)], q_s[0][ps, :, :], barrier=qfull[ps])
-        if SRC == 2:
-            T.tma_copy(qs_g[1][e, n0:n0 + BN, k * (BK // 2):(k + 1) * (BK // 2)], q_s[1][ps, :, :],
-                       barrier=qfull[ps])
-        T.barrier_arrive(qfull[ps])
+    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC)
 
     @T.macro
     def producer(a, qs_g, ss_g, a_s, q_s, s_s, b_s, sw_s, full, empty, qfull, e, row0, rows, n0, tx, qv, sv, ow, tab,
@@ -633,19 +654,285 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
     return moe_down_fp4_ws
 
 
+SWAP_ROWS = 8  # the swap schedule's rows of one wgmma (its N)
+SWAP_GROUP = 16  # rows of a warpgroup in one pass of the swap schedule's K loop
+SWAP_CTAS = 3  # CTAs of the swap schedule an SM (its launch bounds)
+# the ops' swap schedule (packed ring depths: the up-projection's 2 keeps three CTAs an SM in shared memory) and
+# when they take it: on the H200 (V4-Flash dims, the benchmark's routing; benchmarks/logs/, session 36) it took
+# 0.60 / 0.71 of the ws kernels' time (up / down) at 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6,
+# and 1.22 / 1.41 at 24, where tiles take several passes
+SWAP_CONFIG = {"up": {"schedule": "swap", "packed_stages": 2}, "down": {"schedule": "swap", "packed_stages": 4}}
+SWAP_MAX_ROWS_PER_EXPERT = 8
+
+
+def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M) -> Any:
+    """FP4 expert GEMM for tiles of few rows (decode): the operands swapped, every thread expanding.
+
+    The ``ws`` kernels run each 64-row slab as the M of an m64 wgmma, whatever it holds: at decode a tile has one or
+    two rows, so the tensor cores do ~50x the useful work, and two of the four warpgroups (the consumers) wait while
+    two expand. Here the weights are the M (a 64-row weight tile a source) and the rows the N of the wgmma, in chunks
+    of :data:`SWAP_ROWS`: ``tᵀ = W8[:, kb] · x8[rows, kb]ᵀ`` (m64 n8 k32), a chunk only where the tile has rows. The
+    promotion is the ``ws`` kernel's expression on the transposed tile, ``acc += t · sx[row] · S[col]``, and the FP8
+    tensor core sums each element as in the other orientation (measured on the H200, tested), so both schedules give
+    the same bits and the choice between them cannot change a row's output (batch invariance).
+
+    A CTA is two warpgroups, few registers and ~60 KB of shared memory (:data:`SWAP_CTAS` an SM), and computes one
+    ``128 × 64`` output tile of the tile table; warpgroup ``w`` owns rows ``64·w ..`` as in the ``ws`` kernel, taken
+    :data:`SWAP_GROUP` rows a pass: a tile of up to 16 rows (every decode tile) is one pass over K, a tile of 64 or
+    more rows four, each expanding the weights again (the ops give such tiles to the ``ws`` schedule:
+    :func:`swap_config`). The passes are one flat loop of K blocks:
+
+    * every thread takes one 16-byte expansion step a weight source (the ``ws`` producers' arithmetic,
+      :func:`_expansion_steps`) from a TMA ring of ``packed_stages`` packed K blocks; the scale word of its row
+      comes through a register, loaded a K block ahead; then a CTA-wide barrier;
+    * warpgroup 1 issues every load: the packed bytes, the pass's activation rows of the next K block (TMA) and,
+      a K block ahead through a register, their scales;
+    * warpgroup 0 always has rows (a tile has at least one): its first chunk's wgmma of a K block runs while it
+      expands the next one, and is waited for and promoted just before the next barrier, with no condition on the
+      wait (ptxas serialises every wgmma of a kernel that waits in a divergent path). Its other chunk, and those of
+      warpgroup 1, wait at once.
+
+    The expanded tiles, the activation rows and scales are double-buffered. The accumulators stay in registers and
+    each pass stores its rows from them. ``block_n``, ``num_stages``, ``threads`` and ``producer_warpgroups`` are the
+    other schedules' (a swap tile is 64 columns)."""
+    if block_m != BLOCK_M:
+        raise ValueError(f"block_m must be {BLOCK_M} for the 'swap' schedule (the tile table's 128-row tiles), "
+                         f"got {block_m}")
+    up = kind == "up"
+    SRC = 2 if up else 1
+    BN, BK, PS, RN, GR = 64, SCALE_BLOCK, packed_stages, SWAP_ROWS, SWAP_GROUP
+    KB, KS = K // SCALE_BLOCK, K // FP4_BLOCK
+    WG = 128
+    PT = 2 * WG  # every thread expands
+    NCH = SRC * BN * GROUPS // PT  # expansion steps of a thread per K block
+    # Python-level loops (tuples, not range: the TileLang builder makes a loop over range a TIR loop), so that chunk
+    # and source index Python lists of fragments
+    CHUNK_IDS, SOURCE_IDS = tuple(range(GR // RN)), tuple(range(SRC))
+    NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
+    fp8 = T.float8_e4m3fn
+    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC)
+
+    @T.macro
+    def load_rows(a, a_s, afull, row0, rows, g, k, buf):
+        """Pass ``g``'s activation rows of K block ``k`` into buffer ``buf``: warpgroup 0's, and warpgroup 1's where
+        it has rows in this pass."""
+        r = row0 + g * GR
+        T.tma_copy(a[r:r + GR, k * BK:(k + 1) * BK], a_s[0][buf, :, :], barrier=afull[buf])
+        if rows > HALF_M + g * GR:
+            T.tma_copy(a[r + HALF_M:r + HALF_M + GR, k * BK:(k + 1) * BK], a_s[1][buf, :, :], barrier=afull[buf])
+        T.barrier_arrive(afull[buf])
+
+    def scale_of(a_scale, row0, rows, g, k, j):
+        """Activation scale of row ``j`` (0 .. 2·GR) of pass ``g``'s rows (warpgroup 0's, then 1's) in K block ``k``;
+        0 past the tile's rows."""
+        r = T.if_then_else(j < GR, g * GR + j, HALF_M + g * GR + j - GR)
+        return T.if_then_else(r < rows, a_scale[row0 + r, k], 0.0)
+
+    @T.macro
+    def promote(c, w, acc, t, xs_s, sw_s, buf):
+        """Chunk ``c``'s FP8 sums of a K block into its accumulators: exact power-of-two rescale, fp32 sum (the ws
+        kernel's expression on the transposed tile)."""
+        for s in SOURCE_IDS:
+            for n, i in T.Parallel(BN, RN):
+                acc[c][s][n, i] += t[s][n, i] * xs_s[buf, w * GR + c * RN + i] * sw_s[s][buf, n]
+
+    @T.macro
+    def store(w, g, rw, acc, out, limit, w_s, row0, n0):
+        """Pass ``g``'s rows of warpgroup ``w`` (those of the tile) from the accumulators; then they are cleared."""
+        for c in CHUNK_IDS:
+            for n, i in T.Parallel(BN, RN):
+                j = g * GR + c * RN + i  # the row in the warpgroup's 64
+                if j < rw and n0 + n < N:
+                    if up:  # the SwiGLU of the ws kernels' store_part
+                        out[row0 + w * HALF_M + j, n0 + n] = T.cast(
+                            silu(cap_keep_nan(acc[c][0][n, i], limit)) * clamp_keep_nan(acc[c][1][n, i], limit)
+                            * w_s[w * HALF_M + j], T.bfloat16)
+                    else:
+                        out[row0 + w * HALF_M + j, n0 + n] = T.cast(acc[c][0][n, i], T.bfloat16)
+            for s in SOURCE_IDS:
+                T.clear(acc[c][s])
+
+    @T.macro
+    def part(w, a, a_scale, qs_g, s32g, wts, out, limit, a_s, b_s, q_s, sw_s, xs_s, w_s, acc, t, tf, qfull, afull,
+             tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass):
+        """Warpgroup ``w``'s program: the flat loop over the passes' K blocks (its expansion steps, the CTA-wide
+        barriers, its chunks, the loads for warpgroup 1) and each pass's stores. Both warpgroups run the same loop,
+        each in its own branch, so that the accumulators of one are not live in the other's code."""
+        rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
+        NP = n_pass * KB  # packed loads of all passes (a K block each)
+        for c in CHUNK_IDS:
+            for s in SOURCE_IDS:
+                T.clear(acc[c][s])
+        for it in T.serial(n_pass * KB):
+            g = it // KB
+            ki = it % KB
+            buf = it % 2
+            ps = it % PS
+            T.barrier_wait(qfull[ps], (it // PS) & 1)
+            for s in SOURCE_IDS:  # this K block's scale words, loaded an iteration ago; the next one's now
+                sv[s] = sr[s]
+                sr[s] = s32g[s][e, n0 + tx // GROUPS, (ki + 1) % KB]
+            load_steps(q_s[0], None, 0, ps, ki, tx, qv, sv, scales=False)
+            if SRC == 2:
+                load_steps(q_s[1], None, 1, ps, ki, tx, qv, sv, scales=False)
+            slow[0] = 0
+            convert_all(b_s, sw_s, buf, tx, qv, sv, ow, tab, slow, False)
+            if slow[0] != 0:
+                convert_all(b_s, sw_s, buf, tx, qv, sv, ow, tab, slow, True)
+            if w == 0:  # the first chunk of the previous K block
+                T.wait_wgmma(0)
+                if it > 0:
+                    promote(0, w, acc, tf, xs_s, sw_s, 1 - buf)
+            if T.And(ki == 0, it > 0):  # the previous pass is complete
+                store(w, g - 1, rw, acc, out, limit, w_s, row0, n0)
+            T.fence_proxy_async()  # the generic-proxy stores of the weight tiles, before the wgmma reads them
+            # every thread has read packed slot ps and written its steps; the chunks of the previous K block are done
+            T.sync_threads()
+            if w == 1:  # warpgroup 1 issues every load (TileLang elects a thread in each warpgroup's branch)
+                if it + PS < NP:  # every thread has read packed slot ps: refill it
+                    load_packed(qs_g, q_s, qfull, e, n0, (it + PS) % KB, ps)
+                if it + 1 < n_pass * KB:
+                    load_rows(a, a_s, afull, row0, rows, (it + 1) // KB, (it + 1) % KB, 1 - buf)
+                    if tx - WG < 2 * GR:
+                        xs_s[1 - buf, tx - WG] = xr[0]
+                        if it + 2 < n_pass * KB:
+                            xr[0] = scale_of(a_scale, row0, rows, (it + 2) // KB, (it + 2) % KB, tx - WG)
+            T.barrier_wait(afull[buf], (it // 2) & 1)
+            if w == 0:
+                for s in SOURCE_IDS:  # [BN, BK] @ [BK, RN] -> [BN, RN]
+                    T.wgmma_gemm(b_s[s][buf, :, :], a_s[w][buf, 0:RN, :], tf[s], transpose_B=True, clear_accum=True)
+            for c in CHUNK_IDS[1:] if w == 0 else CHUNK_IDS:
+                if g * GR + c * RN < rw:
+                    for s in SOURCE_IDS:
+                        T.wgmma_gemm(b_s[s][buf, :, :], a_s[w][buf, c * RN:(c + 1) * RN, :], t[s], transpose_B=True,
+                                     clear_accum=True)
+                    T.wait_wgmma(0)
+                    promote(c, w, acc, t, xs_s, sw_s, buf)
+        if w == 0:  # the first chunk of the last K block
+            T.wait_wgmma(0)
+            promote(0, w, acc, tf, xs_s, sw_s, (n_pass * KB - 1) % 2)
+        store(w, n_pass - 1, rw, acc, out, limit, w_s, row0, n0)
+
+    @T.macro
+    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_expert):
+        with T.Kernel(MT * T.ceildiv(N, BN), threads=PT) as bx:
+            T.annotate_min_blocks_per_sm(SWAP_CTAS)
+            # every barrier is explicit (the warpgroups' branches run the same loop; an inserted sync in one would
+            # wait for the other); the first chunk's sums are read an iteration after the wgmma that writes them,
+            # which the initialisation check takes for a read before any write
+            T.annotate_pass_configs({"tl.disable_thread_storage_sync": True, "tl.disable_buffer_init_check": True,
+                                     **_NO_WS})
+            if up:
+                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            a0_s = T.alloc_shared((2, GR, BK), fp8)  # a pass's rows of warpgroup 0 and 1
+            a1_s = T.alloc_shared((2, GR, BK), fp8)
+            b_s = [T.alloc_shared((2, BN, BK), fp8) for _ in range(SRC)]  # the expanded weight tiles
+            q_s = [T.alloc_shared((PS, BN, BK // 2), T.uint8) for _ in range(SRC)]
+            sw_s = [T.alloc_shared((2, BN), T.float32) for _ in range(SRC)]  # their rows' block scales S
+            xs_s = T.alloc_shared((2, 2 * GR), T.float32)  # the pass's rows' activation scales of a K block
+            w_s = T.alloc_shared((BLOCK_M,), T.float32) if up else None
+            acc0 = [[T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
+            acc1 = [[T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
+            t0 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]  # a K block's FP8 sums of a chunk
+            t1 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]
+            tf0 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]  # ... of the first chunk
+            tf1 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]
+            xr = T.alloc_local((1,), T.float32)  # a row's activation scale of a later K block
+            qv = T.alloc_local((4 * NCH,), T.uint32)  # the packed bytes of a thread's steps (16 each)
+            sv = T.alloc_local((NCH,), T.uint32)  # ... and the scale bytes of their rows
+            sr = T.alloc_local((SRC,), T.uint32)  # ... of the next K block (a thread's row is the same in each)
+            s32g = [T.view(g, (E, N, KS // GROUPS), T.uint32) for g in ss_g]  # a row's 4 scale bytes a K block
+            ow = T.alloc_local((8,), T.uint32)  # a step's 32 e4m3 bytes
+            tab = T.alloc_local((2,), T.uint32)  # the step's e4m3 bytes of the eight magnitudes
+            slow = T.alloc_local((1,), T.int32)  # a step of this K block needs the rounding path
+            qfull = T.alloc_barrier([WG] * PS)  # the packed bytes of a load (warpgroup 1 arrives)
+            afull = T.alloc_barrier([WG] * 2)  # the activation rows of a K block
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, *b_s]})
+            NNT = T.ceildiv(N, BN)
+            tx = T.get_thread_binding()
+            e = T.alloc_var(T.int32, init=0)
+            row0 = T.alloc_var(T.int32, init=0)
+            rows = T.alloc_var(T.int32, init=0)
+            n0 = T.alloc_var(T.int32, init=0)
+            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
+                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+                n_pass = T.ceildiv(T.min(rows, HALF_M), GR)  # warpgroup 0 has the most rows
+                if tx >= WG:  # the first loads, by warpgroup 1 as in the loop (its 128 threads arrive)
+                    for p in T.unroll(PS):
+                        if p < n_pass * KB:
+                            load_packed(qs_g, q_s, qfull, e, n0, p % KB, p)
+                    load_rows(a, [a0_s, a1_s], afull, row0, rows, 0, 0, 0)
+                for s in SOURCE_IDS:  # the first K block's scale word of the thread's row, each source
+                    sr[s] = s32g[s][e, n0 + tx // GROUPS, 0]
+                for j in T.Parallel(2 * GR):
+                    xs_s[0, j] = scale_of(a_scale, row0, rows, 0, 0, j)
+                if T.And(tx >= WG, tx - WG < 2 * GR):
+                    xr[0] = scale_of(a_scale, row0, rows, 1 // KB, 1 % KB, tx - WG)
+                if up:
+                    for i in T.Parallel(BLOCK_M):
+                        w_s[i] = T.if_then_else(i < rows, wts[row0 + i], 0.0)
+                T.sync_threads()
+                if tx < WG:
+                    part(0, a, a_scale, qs_g, s32g, wts, out, limit, [a0_s, a1_s], b_s, q_s, sw_s, xs_s, w_s, acc0, t0,
+                         tf0, qfull, afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
+                else:
+                    part(1, a, a_scale, qs_g, s32g, wts, out, limit, [a0_s, a1_s], b_s, q_s, sw_s, xs_s, w_s, acc1, t1,
+                         tf1, qfull, afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
+
+    KP = K // 2
+    if up:
+
+        @T.prim_func
+        def moe_up_fp4_swap(
+            x8: T.Tensor[(NR, K), fp8],
+            xs: T.Tensor[(NR, KB), T.float32],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, KP), T.uint8],
+            w1s: T.Tensor[(E, N, KS), T.uint8],
+            w3: T.Tensor[(E, N, KP), T.uint8],
+            w3s: T.Tensor[(E, N, KS), T.uint8],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+
+        return moe_up_fp4_swap
+
+    @T.prim_func
+    def moe_down_fp4_swap(
+        h8: T.Tensor[(NR, K), fp8],
+        hs: T.Tensor[(NR, KB), T.float32],
+        w2: T.Tensor[(E, N, KP), T.uint8],
+        w2s: T.Tensor[(E, N, KS), T.uint8],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_expert: T.Tensor[(MT,), T.int32],
+        y: T.Tensor[(NR, N), T.bfloat16],
+    ):
+        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+
+    return moe_down_fp4_swap
+
+
 @register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
           bucket=up_bucket, harness=MOE_UP_FP4_HARNESS)
 def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_stages: int = 4, threads: int = 256,
                      schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2):
     """MoE grouped up-projection, FP4 weights (expanded to FP8) × FP8 activations, SwiGLU and weight fused.
     ``schedule``: "ws" (:func:`_build_fp4_ws`: ``packed_stages`` K blocks of packed bytes in flight,
-    ``producer_warpgroups`` expanding them) or "pipelined" (every thread copies, expands and computes in turn;
-    ``threads``)."""
+    ``producer_warpgroups`` expanding them), "pipelined" (every thread copies, expands and computes in turn;
+    ``threads``) or "swap" (:func:`_build_fp4_swap`: tiles of few rows, the rows as the wgmma's N; the ops take it
+    for decode-sized batches, :func:`swap_config`)."""
     if dim % SCALE_BLOCK:
         raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
     check_ws_schedule(schedule, block_m, SCHEDULES)
     if schedule == "ws":
         return _build_fp4_ws("up", dim, block_n, num_stages, packed_stages, producer_warpgroups)
+    if schedule == "swap":
+        return _build_fp4_swap("up", dim, packed_stages, block_m)
     # One GEMM per K block with B = [W1 rows; W3 rows] (2·block_n rows): the accumulator holds gate in its
     # first block_n columns and up in the others — two fp32 tiles of [BM, 2·BN] (acc, t) instead of the
     # three [BM, BN] tiles of two GEMMs, which with the promotion's column scales did not fit 255 registers.
@@ -736,6 +1023,8 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
     check_ws_schedule(schedule, block_m, SCHEDULES)
     if schedule == "ws":
         return _build_fp4_ws("down", inter, block_n, num_stages, packed_stages, producer_warpgroups)
+    if schedule == "swap":
+        return _build_fp4_swap("down", inter, packed_stages, block_m)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
     I, KB, KP, KS = inter, inter // SCALE_BLOCK, inter // 2, inter // FP4_BLOCK
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
@@ -801,8 +1090,17 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
     check_aligned(name, q)
 
 
+def swap_config(kind: str, num_rows: int, num_experts: int) -> dict[str, Any]:
+    """The config keys the FP4 ops add for ``num_rows`` sorted rows over ``num_experts`` experts: the swap schedule
+    (:data:`SWAP_CONFIG`) while the rows an expert gets on average are at most :data:`SWAP_MAX_ROWS_PER_EXPERT`,
+    else none (the tuned schedule). The schedules give the same bits, so the choice cannot change a row's output."""
+    if kind not in SWAP_CONFIG:
+        raise ValueError(f"kind must be one of {sorted(SWAP_CONFIG)}, got {kind!r}")
+    return dict(SWAP_CONFIG[kind]) if 0 < num_rows <= SWAP_MAX_ROWS_PER_EXPERT * num_experts else {}
+
+
 FP4_FORMAT = QuantFormat("FP4", FP4Weight, _check_fp4_weight, _check_act, "moe_up_fp4", "moe_down_fp4",
-                         inter_multiple=SCALE_BLOCK)
+                         inter_multiple=SCALE_BLOCK, rows_config=swap_config)
 
 
 def moe_up_fp4(

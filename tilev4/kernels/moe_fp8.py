@@ -575,6 +575,9 @@ class QuantFormat:
     up_kernel: str
     down_kernel: str
     inter_multiple: int = 1  # what inter must be a multiple of, checked before the weights
+    # ("up" / "down", sorted rows, experts) -> config keys the op adds for that many rows on the 128-row tile table
+    # (FP4: the swap schedule for decode-sized batches, a measured rule rather than a tuned choice), or None
+    rows_config: Callable[[str, int, int], dict[str, Any]] | None = None
 
 
 def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: Any, w3: Any,
@@ -607,7 +610,10 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel(fmt.up_kernel, {"dim": dim, "block_m": perm.block_m})(  # the tile table's M tile
+            config = {"dim": dim, "block_m": perm.block_m}  # the tile table's M tile
+            if fmt.rows_config is not None and perm.block_m == BLOCK_M:
+                config.update(fmt.rows_config("up", n, perm.num_experts))
+            compile_kernel(fmt.up_kernel, config)(
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
                 perm.tile_expert, out, limit)
     return out
@@ -658,7 +664,10 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            compile_kernel(fmt.down_kernel, {"inter": inter, "block_m": perm.block_m})(
+            config = {"inter": inter, "block_m": perm.block_m}
+            if fmt.rows_config is not None and perm.block_m == BLOCK_M:
+                config.update(fmt.rows_config("down", n, perm.num_experts))
+            compile_kernel(fmt.down_kernel, config)(
                 h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
     return out
 
