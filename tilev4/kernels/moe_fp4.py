@@ -1115,6 +1115,9 @@ def moe_up_fp4(
 ) -> torch.Tensor:
     """Grouped FP4-weight up-projection with the SwiGLU fused (the FP4 form of :func:`tilev4.kernels.moe.moe_up`).
 
+    Runs the swap schedule while an expert gets at most :data:`SWAP_MAX_ROWS_PER_EXPERT` rows on average (decode
+    batches: :func:`swap_config`), else the tuned one; both give the same bits.
+
     Args:
         perm: the permutation (:func:`tilev4.kernels.moe.moe_permute`); N = its sorted rows.
         x8, x_scale: the sorted rows quantised 1×128, [N, dim] float8_e4m3fn and [N, dim/128] fp32:
@@ -1139,7 +1142,8 @@ def moe_down_fp4(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Grouped FP4-weight down-projection ``y = h W2ᵀ`` per expert (the FP4 form of ``moe_down``).
+    """Grouped FP4-weight down-projection ``y = h W2ᵀ`` per expert (the FP4 form of ``moe_down``); the schedule is
+    chosen as for :func:`moe_up_fp4`.
 
     Args:
         perm: the permutation; N = its sorted rows.
