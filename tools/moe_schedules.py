@@ -1,6 +1,7 @@
 """Compare the schedules of the MoE expert GEMMs on the GPU (bf16, FP8 and FP4 weights), kernel by kernel.
 
     python3 tools/moe_schedules.py --schedules ws,pipelined --tokens 8192,64 --json $OUT/moe_schedules.json
+    python3 tools/moe_schedules.py --kernels moe_up_fp4,moe_down_fp4 --schedules ws,swap --tokens 64,256
 
 Compiles ``moe_up`` / ``moe_down`` (bf16 weights), ``moe_up_fp8`` / ``moe_down_fp8`` and ``moe_up_fp4`` /
 ``moe_down_fp4`` through the registry
@@ -9,10 +10,11 @@ with an explicit ``schedule`` (other tunables as resolved for this GPU; ``--conf
 4096, inter 2048, 256 experts, top-6; a random gate with bias) as CUDA-event medians. Outputs are poisoned
 with NaN before the checked launch and compared bit for bit with the first schedule's (``equal``, and
 ``max_abs_diff``): every schedule sums the same products in the same order, so ``equal`` must be true (the FP4
-``ws`` kernel's one wgmma a weight gives the bits of the pipelined kernel's one over W1 stacked on W3, as
-``tests/test_moe_gpu.py`` checks). TFLOPS count the routed rows only (``2·N·dim·inter`` a GEMM, twice for the
-up-projection's two weights), as the benchmark does; ``weight_gbps`` the bytes of the weights (data and scales) of
-the experts that have rows, counted as ``tilev4 bench moe`` counts them (the decode measure: ``fraction_of_copy_bw``).
+``ws`` kernel's one wgmma a weight gives the bits of the pipelined kernel's one over W1 stacked on W3, and the swap
+kernel's with the operands swapped, as ``tests/test_moe_gpu.py`` checks). TFLOPS count the routed rows only
+(``2·N·dim·inter`` a GEMM, twice for the up-projection's two weights), as the benchmark does; ``weight_gbps`` the
+bytes of the weights (data and scales) of the experts that have rows, counted as ``tilev4 bench moe`` counts them
+(the decode measure: ``fraction_of_copy_bw``).
 """
 
 import argparse
