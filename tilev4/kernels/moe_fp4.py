@@ -660,9 +660,9 @@ SWAP_CTAS = 3  # CTAs of the swap schedule an SM (its launch bounds)
 # the ops' swap schedule (packed ring depths: the up-projection's 2 keeps three CTAs an SM in shared memory) and
 # when they take it: on the H200 (V4-Flash dims, the benchmark's routing; benchmarks/logs/, session 36) it took
 # 0.60 / 0.71 of the ws kernels' time (up / down) at 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6,
-# and 1.22 / 1.41 at 24, where tiles take several passes
+# 0.73 / 0.87 at 9, 0.83 / 0.98 at 12, 1.02 / 1.19 at 18 and 1.22 / 1.41 at 24, where tiles take several passes
 SWAP_CONFIG = {"up": {"schedule": "swap", "packed_stages": 2}, "down": {"schedule": "swap", "packed_stages": 4}}
-SWAP_MAX_ROWS_PER_EXPERT = 8
+SWAP_MAX_ROWS_PER_EXPERT = 12
 
 
 def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M) -> Any:
