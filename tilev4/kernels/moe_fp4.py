@@ -427,6 +427,49 @@ def _expansion_steps(BN: int, KS: int, PT: int, SRC: int) -> tuple[Any, Any, Any
     return load_steps, convert_all, load_packed
 
 
+def _grouped_prim_func(kind: str, schedule: str, K: int, dims: tuple, body: Any) -> Any:
+    """The prim_func ``moe_{kind}_fp4_{schedule}`` with the ops' arguments around a builder's ``body`` macro (its
+    arguments: activations and their scales, the weight sources' packed bytes and scales (lists), the routing
+    weights, the output, the clamp and the tile tables); ``dims`` the dynamic (NR, N, E, MT) the body uses."""
+    NR, N, E, MT = dims
+    KB, KP, KS = K // SCALE_BLOCK, K // 2, K // FP4_BLOCK
+    fp8 = T.float8_e4m3fn
+    if kind == "up":
+
+        def kernel(
+            x8: T.Tensor[(NR, K), fp8],
+            xs: T.Tensor[(NR, KB), T.float32],
+            w_sorted: T.Tensor[(NR,), T.float32],
+            w1: T.Tensor[(E, N, KP), T.uint8],
+            w1s: T.Tensor[(E, N, KS), T.uint8],
+            w3: T.Tensor[(E, N, KP), T.uint8],
+            w3s: T.Tensor[(E, N, KS), T.uint8],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            h: T.Tensor[(NR, N), T.bfloat16],
+            limit: T.float32,
+        ):
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+
+    else:
+
+        def kernel(
+            h8: T.Tensor[(NR, K), fp8],
+            hs: T.Tensor[(NR, KB), T.float32],
+            w2: T.Tensor[(E, N, KP), T.uint8],
+            w2s: T.Tensor[(E, N, KS), T.uint8],
+            offsets: T.Tensor[(E + 1,), T.int32],
+            tile_offsets: T.Tensor[(E + 1,), T.int32],
+            tile_expert: T.Tensor[(MT,), T.int32],
+            y: T.Tensor[(NR, N), T.bfloat16],
+        ):
+            body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+
+    kernel.__name__ = kernel.__qualname__ = f"moe_{kind}_fp4_{schedule}"  # TileLang names the program after it
+    return T.prim_func(kernel)
+
+
 SCHEDULES = ("ws", "pipelined", "swap")
 # setmaxnreg of each producer and each consumer thread by producer warpgroups: with one, 64 + 2·216 <= 504 (the launch
 # allocation of 384 threads); with two, 80 + 176 <= 256 (512 threads, 128 each)
@@ -616,42 +659,7 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
                     consumer(1, a_scale, wts, out, limit, a1_s, b_s, sw_s, o1_s, w1_s, acc1, t1, cur1, nxt1, full,
                              empty, tx, row0, rows, n0)
 
-    KP = K // 2
-    if up:
-
-        @T.prim_func
-        def moe_up_fp4_ws(
-            x8: T.Tensor[(NR, K), fp8],
-            xs: T.Tensor[(NR, KB), T.float32],
-            w_sorted: T.Tensor[(NR,), T.float32],
-            w1: T.Tensor[(E, N, KP), T.uint8],
-            w1s: T.Tensor[(E, N, KS), T.uint8],
-            w3: T.Tensor[(E, N, KP), T.uint8],
-            w3s: T.Tensor[(E, N, KS), T.uint8],
-            offsets: T.Tensor[(E + 1,), T.int32],
-            tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
-            h: T.Tensor[(NR, N), T.bfloat16],
-            limit: T.float32,
-        ):
-            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
-
-        return moe_up_fp4_ws
-
-    @T.prim_func
-    def moe_down_fp4_ws(
-        h8: T.Tensor[(NR, K), fp8],
-        hs: T.Tensor[(NR, KB), T.float32],
-        w2: T.Tensor[(E, N, KP), T.uint8],
-        w2s: T.Tensor[(E, N, KS), T.uint8],
-        offsets: T.Tensor[(E + 1,), T.int32],
-        tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
-        y: T.Tensor[(NR, N), T.bfloat16],
-    ):
-        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
-
-    return moe_down_fp4_ws
+    return _grouped_prim_func(kind, "ws", K, (NR, N, E, MT), body)
 
 
 SWAP_ROWS = 8  # the swap schedule's rows of one wgmma (its N)
@@ -879,42 +887,7 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
                     part(1, a, a_scale, qs_g, s32g, wts, out, limit, [a0_s, a1_s], b_s, q_s, sw_s, xs_s, w_s, acc1, t1,
                          tf1, qfull, afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
 
-    KP = K // 2
-    if up:
-
-        @T.prim_func
-        def moe_up_fp4_swap(
-            x8: T.Tensor[(NR, K), fp8],
-            xs: T.Tensor[(NR, KB), T.float32],
-            w_sorted: T.Tensor[(NR,), T.float32],
-            w1: T.Tensor[(E, N, KP), T.uint8],
-            w1s: T.Tensor[(E, N, KS), T.uint8],
-            w3: T.Tensor[(E, N, KP), T.uint8],
-            w3s: T.Tensor[(E, N, KS), T.uint8],
-            offsets: T.Tensor[(E + 1,), T.int32],
-            tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
-            h: T.Tensor[(NR, N), T.bfloat16],
-            limit: T.float32,
-        ):
-            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
-
-        return moe_up_fp4_swap
-
-    @T.prim_func
-    def moe_down_fp4_swap(
-        h8: T.Tensor[(NR, K), fp8],
-        hs: T.Tensor[(NR, KB), T.float32],
-        w2: T.Tensor[(E, N, KP), T.uint8],
-        w2s: T.Tensor[(E, N, KS), T.uint8],
-        offsets: T.Tensor[(E + 1,), T.int32],
-        tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
-        y: T.Tensor[(NR, N), T.bfloat16],
-    ):
-        body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
-
-    return moe_down_fp4_swap
+    return _grouped_prim_func(kind, "swap", K, (NR, N, E, MT), body)
 
 
 @register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
@@ -1090,13 +1063,16 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
     check_aligned(name, q)
 
 
-def swap_config(kind: str, num_rows: int, num_experts: int) -> dict[str, Any]:
+def swap_config(kind: str, num_rows: int, num_experts: int, block_m: int = BLOCK_M) -> dict[str, Any]:
     """The config keys the FP4 ops add for ``num_rows`` sorted rows over ``num_experts`` experts: the swap schedule
     (:data:`SWAP_CONFIG`) while the rows an expert gets on average are at most :data:`SWAP_MAX_ROWS_PER_EXPERT`,
-    else none (the tuned schedule). The schedules give the same bits, so the choice cannot change a row's output."""
+    else none (the tuned schedule); none for a tile table of other than 128-row tiles (the swap kernel's). The
+    schedules give the same bits, so the choice cannot change a row's output."""
     if kind not in SWAP_CONFIG:
         raise ValueError(f"kind must be one of {sorted(SWAP_CONFIG)}, got {kind!r}")
-    return dict(SWAP_CONFIG[kind]) if 0 < num_rows <= SWAP_MAX_ROWS_PER_EXPERT * num_experts else {}
+    if block_m != BLOCK_M or not 0 < num_rows <= SWAP_MAX_ROWS_PER_EXPERT * num_experts:
+        return {}
+    return dict(SWAP_CONFIG[kind])
 
 
 FP4_FORMAT = QuantFormat("FP4", FP4Weight, _check_fp4_weight, _check_act, "moe_up_fp4", "moe_down_fp4",

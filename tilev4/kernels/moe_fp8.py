@@ -575,9 +575,16 @@ class QuantFormat:
     up_kernel: str
     down_kernel: str
     inter_multiple: int = 1  # what inter must be a multiple of, checked before the weights
-    # ("up" / "down", sorted rows, experts) -> config keys the op adds for that many rows on the 128-row tile table
+    # ("up" / "down", sorted rows, experts, the tile table's M tile) -> config keys the op adds for that many rows
     # (FP4: the swap schedule for decode-sized batches, a measured rule rather than a tuned choice), or None
-    rows_config: Callable[[str, int, int], dict[str, Any]] | None = None
+    rows_config: Callable[[str, int, int, int], dict[str, Any]] | None = None
+
+    def config(self, kind: str, problem: dict[str, Any], perm: MoEPermutation, num_rows: int) -> dict[str, Any]:
+        """The op's config of the ``kind`` GEMM: the problem, the tile table's M tile, and the rows' keys."""
+        config = {**problem, "block_m": perm.block_m}
+        if self.rows_config is not None:
+            config.update(self.rows_config(kind, num_rows, perm.num_experts, perm.block_m))
+        return config
 
 
 def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: Any, w3: Any,
@@ -610,10 +617,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            config = {"dim": dim, "block_m": perm.block_m}  # the tile table's M tile
-            if fmt.rows_config is not None and perm.block_m == BLOCK_M:
-                config.update(fmt.rows_config("up", n, perm.num_experts))
-            compile_kernel(fmt.up_kernel, config)(
+            compile_kernel(fmt.up_kernel, fmt.config("up", {"dim": dim}, perm, n))(
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
                 perm.tile_expert, out, limit)
     return out
@@ -664,10 +668,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            config = {"inter": inter, "block_m": perm.block_m}
-            if fmt.rows_config is not None and perm.block_m == BLOCK_M:
-                config.update(fmt.rows_config("down", n, perm.num_experts))
-            compile_kernel(fmt.down_kernel, config)(
+            compile_kernel(fmt.down_kernel, fmt.config("down", {"inter": inter}, perm, n))(
                 h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
     return out
 
