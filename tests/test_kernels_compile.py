@@ -125,3 +125,26 @@ def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
     offsets = [int(n) for n in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src)]
     assert offsets and max(offsets) < 70 * 1024, max(offsets)
     assert "wgmma_ss" in src and ", 64, 8, 32," in src  # m64 n8 k32: the weights as M, the rows as N
+
+
+MASKED_STORE_PROGRAMS = [
+    ("moe_up", {"dim": 4096, "schedule": "ws"}, "uint4", "h"),
+    ("moe_down", {"inter": 2048, "schedule": "ws"}, "uint4", "y"),
+    ("moe_up_fp8_q", {"dim": 4096}, "fp8_e4_16_t", "h8"),
+    ("moe_down_fp8", {"inter": 2048, "schedule": "ws"}, "uint4", "y"),
+    ("moe_up_fp4", {"dim": 4096, "schedule": "ws"}, "uint4", "h"),
+    ("moe_down_fp4", {"inter": 2048, "schedule": "ws"}, "uint4", "y"),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(("name", "config", "vec", "out"), MASKED_STORE_PROGRAMS,
+                         ids=[n for n, *_ in MASKED_STORE_PROGRAMS])
+def test_ws_expert_gemm_masked_rows_store_16_bytes(name, config, vec, out):
+    """A consumer whose 64-row slab is partly another expert's stores its valid rows with 16-byte stores
+    (``moe_ws.masked_rows``; element by element they cost ~5 % of the down-projections on a skewed routing), and a
+    full slab leaves by TMA: the vectoriser must keep finding the 16-byte plan (it needs ``N`` and the first column
+    to be multiples of a vector), or these stores fall back to one element at a time without an error."""
+    src = compile_kernel(name, config, DEFAULT_AOT_ARCH).get_kernel_source()
+    assert f"*({vec}*)({out} + " in src
+    assert "tl::tma_store(" in src

@@ -63,6 +63,7 @@ from tilev4.kernels.moe_ws import (
     check_ws_schedule,
     clamp_keep_nan,
     load_route_weights,
+    masked_rows,
     produce,
     silu,
     store_part,
@@ -179,9 +180,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             T.copy(o_s, out[0][r0, n0])
         else:
             T.sync_threads(barrier_id=1 + w, arrive_count=128)
-            for i, j in T.Parallel(HALF_M, BN):
-                if i < rw:
-                    out[0][r0 + i, n0 + j] = o_s[i, j]
+            masked_rows(rw, r0, n0, out[0], o_s, N, BN)
 
     def _second_scale_block(nb):
         """The second weight tile's scale block: the first's (W3 beside W1), or for W2's two halves the next one,
