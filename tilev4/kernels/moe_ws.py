@@ -65,6 +65,7 @@ staging tiles leaves shared memory for 3 — hence the staging in the A slabs ab
 from typing import Any
 
 import tilelang.language as T
+from tilelang import tvm
 from tilelang.layout import make_swizzled_layout
 
 from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, rcp
@@ -258,7 +259,7 @@ def masked_rows(rw, r0, c0, out, o_s, N, SN, slot=None):
     whole-slab TMA store cannot be used. ``N`` and ``c0`` are multiples of a vector (the ops check ``N``), which the
     assumptions tell the vectoriser; element by element, these stores took ~5 % of the down-projection's time on a
     skewed routing (H200, session 37)."""
-    VEC = 16 // (1 if o_s.dtype == "float8_e4m3fn" else 2)
+    VEC = 128 // tvm.DataType(o_s.dtype).bits  # elements in 16 bytes
     T.assume(N % VEC == 0)
     T.assume(c0 % VEC == 0)
     for i, jv in T.Parallel(HALF_M, SN // VEC):
