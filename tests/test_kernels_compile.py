@@ -3,6 +3,7 @@
 import pytest
 
 from tilev4.kernels import DEFAULT_AOT_ARCH, compile_kernel, get_kernel_def, iter_registry
+from tilev4.kernels.moe import DOWN_192_CONFIG, UP_192_CONFIG
 from tilev4.kernels.registry import canonical_config
 
 CASES = [(k.name, dict(c)) for k in iter_registry() for c in k.configs]
@@ -45,20 +46,22 @@ WS_PROGRAMS = [
 
 
 @pytest.mark.compile
-def test_moe_up_192_row_tile_fits_registers_and_shared_memory():
-    """The bf16 up-projection's 192-row tile (three consumer warpgroups and the producer: 512 threads, 128 registers
+@pytest.mark.parametrize("kind", ["up", "down"])
+def test_192_row_tile_fits_registers_and_shared_memory(kind):
+    """The bf16 expert GEMMs' 192-row tile (three consumer warpgroups and the producer: 512 threads, 128 registers
     each at launch) redistributes no more registers than the launch gave, and its 4 stages fit in shared memory
-    because the consumers stage their output in their A slabs (no staging tiles)."""
+    because the consumers stage their output in their A slabs (no staging tiles); the down-projection's 256-column
+    tile is two 128-column weight tiles."""
     import re
 
-    from tilev4.kernels.moe import UP_192_CONFIG
     from tilev4.kernels.moe_ws import ws_buffer_bytes
 
-    kernel = compile_kernel("moe_up", {"dim": 4096, **UP_192_CONFIG}, DEFAULT_AOT_ARCH)
+    config = {"dim": 4096, **UP_192_CONFIG} if kind == "up" else {"inter": 2048, **DOWN_192_CONFIG}
+    kernel = compile_kernel(f"moe_{kind}", config, DEFAULT_AOT_ARCH)
     src = kernel.get_kernel_source()
     counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
     assert len(counts) == 4 and sum(counts) <= 4 * 128, counts
-    smem = sum(ws_buffer_bytes(2, True, 128, 64, UP_192_CONFIG["num_stages"], block_m=192))
+    smem = sum(ws_buffer_bytes(2, kind == "up", 128, 64, config["num_stages"], block_m=192))
     assert smem <= 227 * 1024, smem
     assert "tma_store" in src  # the staged output leaves by TMA
 
@@ -130,6 +133,8 @@ def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
 MASKED_STORE_PROGRAMS = [
     ("moe_up", {"dim": 4096, "schedule": "ws"}, "uint4", "h"),
     ("moe_down", {"inter": 2048, "schedule": "ws"}, "uint4", "y"),
+    ("moe_up", {"dim": 4096, **UP_192_CONFIG}, "uint4", "h"),
+    ("moe_down", {"inter": 2048, **DOWN_192_CONFIG}, "uint4", "y"),
     ("moe_up_fp8_q", {"dim": 4096}, "fp8_e4_16_t", "h8"),
     ("moe_down_fp8", {"inter": 2048, "schedule": "ws"}, "uint4", "y"),
     ("moe_up_fp4", {"dim": 4096, "schedule": "ws"}, "uint4", "h"),
@@ -139,7 +144,7 @@ MASKED_STORE_PROGRAMS = [
 
 @pytest.mark.compile
 @pytest.mark.parametrize(("name", "config", "vec", "out"), MASKED_STORE_PROGRAMS,
-                         ids=[n for n, *_ in MASKED_STORE_PROGRAMS])
+                         ids=[n + ("-192" if c.get("block_m") == 192 else "") for n, c, *_ in MASKED_STORE_PROGRAMS])
 def test_ws_expert_gemm_masked_rows_store_16_bytes(name, config, vec, out):
     """A consumer whose 64-row slab is partly another expert's stores its valid rows with 16-byte stores
     (``moe_ws.masked_rows``; element by element they cost ~5 % of the down-projections on a skewed routing), and a

@@ -322,14 +322,15 @@ UP_TILE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(UP_TILE_CASES))
-def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
-    """The bf16 up-projection's own tile table (``perm.up_tiles``: one 192-row tile of three consumer warpgroups for
-    an expert of 129-192 rows, 128-row tiles otherwise) computes each row with the same wgmma sequence over K as the
-    128-row table: the same bits, NaN-free from NaN-poisoned outputs; the table is the one ``tiles_of`` defines."""
+def test_192_row_tiles_give_the_bits_of_128(case):
+    """The bf16 expert GEMMs' own tile table (``perm.up_tiles``: one 192-row tile of three consumer warpgroups for
+    an expert of 129-192 rows, 128-row tiles otherwise; the up- and the down-projection) computes each row with the
+    same wgmma sequence over K as the 128-row table: the same bits, NaN-free from NaN-poisoned outputs; the table is
+    the one ``tiles_of`` defines."""
     from tilev4.kernels.moe_tuning import tile_tables
 
     dim, inter, num_experts, top_k, num_tokens, used = UP_TILE_CASES[case]
-    _, _, w1, _, w3, _ = _layer(dim, inter, num_experts, 0, seed=51 + len(case))
+    _, _, w1, w2, w3, _ = _layer(dim, inter, num_experts, 0, seed=51 + len(case))
     g = _gen(52 + len(case))
     x = _randn(max(num_tokens, 1), dim, g=g, scale=4.0)
     if case == "mixed counts":  # top-1 routing with these rows an expert, in a shuffled token order
@@ -355,6 +356,10 @@ def test_up_projection_192_row_tiles_give_the_bits_of_128(case):
     h128 = K.moe_up(perm128, w1, w3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
     assert not torch.isnan(h192).any()
     assert torch.equal(h192, h128)
+    y192 = K.moe_down(perm192, h128, w2, out=_poison(n, dim, dtype=torch.bfloat16))
+    y128 = K.moe_down(perm128, h128, w2, out=_poison(n, dim, dtype=torch.bfloat16))
+    assert not torch.isnan(y192).any()
+    assert torch.equal(y192, y128)
 
 
 def test_moe_up_tables_128_192_and_the_default_give_the_same_bits():

@@ -23,10 +23,10 @@
 * Balanced routing, 8192 tokens: the routed bf16 path again on a routing in which every expert gets exactly
   ``T·k/E`` = 192 rows (each token's k experts distinct, the assignment shuffled), as a trained gate's
   load-balancing bias aims for; the random gate above is heavily skewed (an expert gets 4 to ~1100 rows). Rows:
-  the default (which takes the 192-row up table at this size: ``choose_up_block_m``), the 128-row up table forced
+  the default (which takes the 192-row table at this size: ``choose_up_block_m``), the 128-row table forced
   (``moe_permute(up_block_m=128)``; it must give the same bits: ``bits_equal_to_default``) and
   ``torch._grouped_mm`` on the same permutation. Where the default chose the 192-row table for the random gate's
-  routing too, a "128-row up tiles" row follows its routed row. ``up_block_m`` names each row's table; the two
+  routing too, a "128-row tiles" row follows its routed row. ``up_block_m`` names each row's table; the two
   tables are timed in alternating order (:func:`tilev4.bench.time_in_turn`), as back-to-back timings drift.
 
 Each record also carries the largest difference of the routed output from the torch path on the same
@@ -105,7 +105,7 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         path_128 = routed_path(K, x, weights, experts, w1, w2, w3, K.BLOCK_M) if perm.up_tiles else None
         if path_128 is None:
             ms_routed = time_cuda(routed, graph=graph)
-        else:  # the default chose the 192-row up table: time the 128-row one too, in alternating order
+        else:  # the default chose the 192-row table: time the 128-row one too, in alternating order
             path_128.routed()
             ms_routed, ms_128 = time_in_turn([routed, path_128.routed])
         ms_full = time_cuda(full, graph=graph)
@@ -128,7 +128,7 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         recs = [record("moe routed (up+SwiGLU, down)", shape, ms_routed, peaks=peaks, target=target, **routed_work)]
         recs[0]["up_block_m"] = perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M
         if path_128 is not None:
-            recs.append(record("moe routed, 128-row up tiles", shape, ms_128, peaks=peaks, **routed_work))
+            recs.append(record("moe routed, 128-row tiles", shape, ms_128, peaks=peaks, **routed_work))
             recs[-1]["up_block_m"] = K.BLOCK_M
             recs[-1]["bits_equal_to_default"] = bool(torch.equal(path_128.y, y))
         if ms_torch is not None:
@@ -165,7 +165,7 @@ class RoutedPath(NamedTuple):
 
 def routed_path(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, up_block_m: int | None = None) -> RoutedPath:
-    """The permutation of ``(weights, experts)`` with the given up table (None: the default's choice), its output
+    """The permutation of ``(weights, experts)`` with the given bf16 tile table (None: the default's choice), its output
     buffers and launch functions (``K``: :mod:`tilev4.kernels.moe`). Nothing is launched but the permutation."""
     perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=up_block_m)
     n = perm.x_sorted.shape[0]
@@ -207,11 +207,11 @@ def _bench_balanced(K: Any, x: torch.Tensor, gen: torch.Generator, w1: torch.Ten
     shape = (f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K} "
              f"balanced ({n // NUM_EXPERTS} rows/expert)")
     flops = 6.0 * n * DIM * INTER
-    # the default (192-row up table at this size) and the 128-row table forced, timed in alternating order
+    # the default (192-row table at this size) and the 128-row table forced, timed in alternating order
     paths = [routed_path(K, x, weights, experts, w1, w2, w3, up_block_m) for up_block_m in (None, K.BLOCK_M)]
     for p in paths:
         p.routed()
-    names = ("moe routed, balanced routing", "moe routed, balanced routing, 128-row up tiles")
+    names = ("moe routed, balanced routing", "moe routed, balanced routing, 128-row tiles")
     recs = [record(name, shape, ms, peaks=peaks, target=None if i else 0.7, flops=flops)
             for i, (name, ms) in enumerate(zip(names, time_in_turn([p.routed for p in paths])))]
     for r, p in zip(recs, paths):

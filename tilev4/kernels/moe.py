@@ -126,9 +126,10 @@ __all__ = [
 
 WEIGHT_FORMATS = ("bf16", "fp8", "fp4")  # routed experts; fp8: tilev4.kernels.moe_fp8, fp4: tilev4.kernels.moe_fp4
 BLOCK_M = 128  # M tile of the grouped GEMMs (a problem key, not tuned): the scan builds the tile table for it
-# the bf16 up-projection's own tile table (MoEPermutation.up_tiles; choose_up_block_m): an expert of 129-192 rows is
-# one 192-row tile of three consumer warpgroups (one weight stream instead of two); larger experts take 128-row
-# tiles, the last one with up to 192 rows (tiles_of)
+# the bf16 expert GEMMs' own tile table (MoEPermutation.up_tiles, named for the up-projection, which took it first;
+# choose_up_block_m): an expert of 129-192 rows is one 192-row tile of three consumer warpgroups (one weight stream
+# instead of two); larger experts take 128-row tiles, the last one with up to 192 rows (tiles_of). The bf16 up- and
+# down-projections both run it; the FP8 / FP4 GEMMs read the 128-row table.
 UP_BLOCK_M = 192
 UP_BLOCK_MS = WS_BLOCK_MS
 # up_block_m=None takes the 192-row table when a balanced routing would give an expert this many rows on average
@@ -136,6 +137,9 @@ AUTO_UP_ROWS = (BLOCK_M, UP_BLOCK_M)  # (low, high]: T·k/E in it
 # the 192-row tile's one config: it stages its output in the A slabs, two 64-column chunks a weight tile, and
 # 4 stages fill shared memory (229.9 KB)
 UP_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
+# the down-projection's 192-row tile: three consumers, each 256-column tile two 128-column weight tiles (a consumer's
+# 160 registers hold two 64 x 128 accumulators), staged in the A slabs, 4 stages (229.9 KB)
+DOWN_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 256, "block_k": 64, "num_stages": 4, "threads": 256}
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory
 MAX_GATE_EXPERTS = 384  # the gate keeps a [64, E] fp32 score tile in shared memory (V4-Pro: 384)
@@ -936,8 +940,8 @@ class MoEPermutation:
         tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused.
         x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
-        up_tiles: ``(block_m, tile_offsets, tile_expert)`` of the bf16 up-projection when it has its own tile
-            table (``moe_permute(up_block_m=192)``), else None (it reads the one above).
+        up_tiles: ``(block_m, tile_offsets, tile_expert)`` of the bf16 expert GEMMs (up and down) when they have
+            their own tile table (``moe_permute(up_block_m=192)``), else None (they read the one above).
     """
 
     num_experts: int
@@ -976,12 +980,12 @@ def _max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def choose_up_block_m(num_pairs: int, num_experts: int) -> int:
-    """The bf16 up-projection's M tile that ``moe_permute(up_block_m=None)`` takes for ``num_pairs`` (token, slot)
+    """The bf16 expert GEMMs' M tile that ``moe_permute(up_block_m=None)`` takes for ``num_pairs`` (token, slot)
     pairs over ``num_experts`` experts: 192 when the mean rows an expert, ``num_pairs / num_experts``, is in
     :data:`AUTO_UP_ROWS` = (128, 192] — where a balanced routing gives most experts 129-192 rows (one 192-row tile
-    instead of two 128-row ones; H200: 0.81-0.82 of the up-projection's time at 168 and 192 rows, but 1.01 at 240,
-    where every expert takes 128-row tiles in both tables) — else 128. A host-side rule on the shapes: the counts
-    are on the device, and reading them would cost a sync."""
+    instead of two 128-row ones; H200: 0.81-0.85 of the up-projection's time and 0.86 of the down-projection's at 144
+    to 192 rows, but 0.99-1.02 at 48, 96, 240 and 384, where the tables are the same or nearly so) — else 128. A
+    host-side rule on the shapes: the counts are on the device, and reading them would cost a sync."""
     lo, hi = AUTO_UP_ROWS
     return UP_BLOCK_M if lo * num_experts < num_pairs <= hi * num_experts else BLOCK_M
 
@@ -1007,17 +1011,20 @@ def moe_permute(
         payload: what to gather instead of x, [T, dim] of any 1- or 2-byte dtype (e.g. ``fp8_quantize(x)[0]``,
             so that the FP8 expert GEMMs gather FP8 rows instead of quantising the gathered bf16 rows);
             ``perm.x_sorted`` then has its dtype.
-        up_block_m: the M tile of the bf16 up-projection's table: None (the default) chooses, or one of
+        up_block_m: the M tile of the bf16 expert GEMMs' table (the name is the up-projection's, which took it
+            first; the down-projection runs the same table): None (the default) chooses, or one of
             :data:`UP_BLOCK_MS`. 128 shares the table above. 192 adds a second table (``perm.up_tiles``, one more
             scan launch) in which an expert of 129-192 rows is one 192-row tile (and a larger expert's last 1-64
-            rows join its last 128-row tile: ``tiles_of``): :func:`moe_up` then runs it with
+            rows join its last 128-row tile: ``tiles_of``): :func:`moe_up` and :func:`moe_down` then run it with
             three consumer warpgroups and one weight stream instead of two CTAs each streaming it. Both give the
             same bits. On the H200 (``tools/moe_up_tiles.py``, alternating order) the 192-row table takes 0.81-0.82
-            of the up-projection's time (0.87 of up + down) with 168 or 192 rows an expert (balanced routings), 1.01
-            with 240 (no expert fits one 192-row tile) and 0.97-1.01 on the benchmark's random gate (experts of a
-            few rows to ~1000). None takes 192 when ``T·k/E`` is in (128, 192] (:func:`choose_up_block_m`: the rows
-            a load-balanced gate gives an expert; the counts themselves are on the device) and 128 otherwise or
-            with a payload (its FP8 / FP4 GEMMs read the 128-row table).
+            of the up-projection's time with 168 or 192 rows an expert (balanced routings), 1.01 with 240 (no
+            expert fits one 192-row tile) and 0.96-0.97 on the benchmark's random gate (experts of a few rows to
+            ~1000); the down-projection's, 0.86 at 192 rows an expert and 0.97-0.98 on the random gate at 4096-16384
+            tokens (``benchmarks/logs/h200-2026-12-01-session38.md``). None takes 192 when ``T·k/E`` is in
+            (128, 192] (:func:`choose_up_block_m`: the rows a load-balanced gate gives an expert; the counts
+            themselves are on the device) and 128 otherwise or with a payload (its FP8 / FP4 GEMMs read the
+            128-row table).
 
     Returns:
         :class:`MoEPermutation`. Three launches (count, scan, scatter; a second scan for ``up_tiles``), no host
@@ -1078,7 +1085,7 @@ def moe_permute(
         compile_kernel("moe_scatter", {})(src.view(torch.int64), weights, experts, local_rank, chunk_base,
                                           perm.offsets, perm.x_sorted.view(torch.int64), perm.w_sorted,
                                           perm.sorted_tokens, perm.pair_pos)
-        if perm.up_tiles is not None:  # the same scan for the up-projection's table; its other outputs are scratch
+        if perm.up_tiles is not None:  # the same scan for the 192-row table; its other outputs are scratch
             bm, up_offsets, up_expert = perm.up_tiles
             compile_kernel("moe_scan", {"block_m": bm})(chunk_counts, torch.empty_like(chunk_base),
                                                         torch.empty_like(perm.counts), torch.empty_like(perm.offsets),
@@ -1148,7 +1155,8 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         out: optional preallocated [N, dim] bf16 (``perm.x_sorted`` may be reused: it is not read).
 
     Returns:
-        y [N, dim] bf16 in sorted-row order (fp32 accumulation, one bf16 rounding).
+        y [N, dim] bf16 in sorted-row order (fp32 accumulation, one bf16 rounding). With ``perm.up_tiles`` (the
+        192-row table) the tiles are those of :func:`moe_up`; the bits are those of the 128-row table.
     """
     n, dim = perm.x_sorted.shape
     dev = perm.x_sorted.device
@@ -1164,8 +1172,11 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            kernel = compile_kernel("moe_down", {"inter": inter, "block_m": perm.block_m})  # the tile table's M tile
-            kernel(h, w2, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+            bm, tile_offsets, tile_expert = perm.up_tiles or (perm.block_m, perm.tile_offsets, perm.tile_expert)
+            # the table's M tile; the 192-row tile has one config (DOWN_192_CONFIG)
+            config = {"inter": inter, **(DOWN_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
+            kernel = compile_kernel("moe_down", config)
+            kernel(h, w2, perm.offsets, tile_offsets, tile_expert, out)
     return out
 
 
@@ -1308,9 +1319,9 @@ def moe_experts(
         out_dtype: bf16 or fp32 output.
         validate: check the expert ids on the device (one host sync).
         out: optional preallocated [T, dim] of ``out_dtype``.
-        up_block_m: the bf16 up-projection's M tile (see :func:`moe_permute`: 192 is faster for balanced
-            routings, the same bits): None chooses (:func:`choose_up_block_m`; 128 for FP8 / FP4 weights), 128 or
-            192 (bf16 weights only).
+        up_block_m: the M tile of the bf16 expert GEMMs' table, up and down (see :func:`moe_permute`: 192 is
+            faster for balanced routings, the same bits): None chooses (:func:`choose_up_block_m`; 128 for FP8 / FP4
+            weights), 128 or 192 (bf16 weights only).
 
     Returns:
         [T, dim] ``Σ_s weights[t, s] · expert_{experts[t, s]}(x[t]) + shared(x[t])``. h and each
@@ -1408,7 +1419,7 @@ def moe(
     out: torch.Tensor | None = None,
     up_block_m: int | None = None,
 ) -> torch.Tensor:
-    """The MoE layer: :func:`moe_route` then :func:`moe_experts` (nine launches, ten with the 192-row up table; no
+    """The MoE layer: :func:`moe_route` then :func:`moe_experts` (nine launches, ten with the 192-row table; no
     host sync when ``validate=False``).
 
     Args:

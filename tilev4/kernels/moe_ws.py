@@ -22,7 +22,7 @@ Shared memory (bf16, ``S`` stages, ``BK = 64``): ``S · (128 + NB·block_n) · B
 (``NB`` = 2 weight tiles for the up-projection, 1 for the down-projection) plus the staging tiles
 ``2 · 64 · store_n · 2`` — 224 KiB for the up-projection at ``block_n = 128``, 4 stages.
 
-**192-row tiles** (``block_m = 192``; the bf16 routed up-projection's own tile table, ``perm.up_tiles``): three
+**192-row tiles** (``block_m = 192``; the bf16 routed expert GEMMs' own tile table, ``perm.up_tiles``): three
 consumer warpgroups (160 registers; the producer, warpgroup 3, 24), for an expert of 129-192 rows, which 128-row tiles
 would serve with two CTAs each streaming the whole weight tile. The table gives such an expert one tile and every
 other expert 128-row tiles, except that a last tile of 1-64 rows joins the one before it (:func:`tiles_of`). There
@@ -32,8 +32,12 @@ are free once its K loop is done (one tile a CTA; only this warpgroup reads them
 same bits as 128-row tiles. H200 (``benchmarks/logs/h200-2026-11-30-session27.md``): 0.81-0.83 of the 128-row time
 with 160 or 192 rows an expert, but 0.97-1.12 on the benchmark's random-gate routing (experts of 4 to ~1000 rows; two
 runs), so ``moe_permute`` takes it by default only where a balanced routing gives an expert 129-192 rows on average
-(:func:`tilev4.kernels.moe.choose_up_block_m`); the down-projection keeps 128-row tiles (its three-consumer variant,
-two 128-column halves a 256-column tile, was 5-28 % slower where experts have many tiles).
+(:func:`tilev4.kernels.moe.choose_up_block_m`). The down-projection runs the same table, each 256-column tile as two
+128-column weight tiles (three consumers hold 64 × 256 accumulators as two halves): 0.86 of the 128-row time at 144
+or 192 rows an expert and 0.97 on the random gate at 8192 tokens (``benchmarks/logs/h200-2026-12-01-session38.md``;
+where the rule takes 128, 0.99-1.02). Served with 192-row tiles throughout (``⌈count / 192⌉``) it was no faster
+than this table (down 0.97-0.98, up 0.97-0.99 of the 128-row time). Session 27 had measured its own 192-row
+down-projection (a branch since removed) 1.08-1.28× slower on the random gate; today's program does not repeat that.
 
 Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h200-2026-11-29-session6.md``):
 
