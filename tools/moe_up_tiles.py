@@ -1,4 +1,4 @@
-"""The bf16 routed path with its 192-row table (both GEMMs) against the 128-row table: bits and time, in alternating order.
+"""The bf16 routed path with its 192-row table (both GEMMs) against the 128-row table: bits and time, alternating.
 
 Routings: the benchmark's (``tilev4 bench moe``: random gate and bias; experts of very different sizes) at several
 token counts, and balanced ones (exactly R rows an expert, :func:`tilev4.bench.moe.balanced_routing`). Both tables run
