@@ -362,7 +362,7 @@ def test_192_row_tiles_give_the_bits_of_128(case):
     assert torch.equal(y192, y128)
 
 
-def test_moe_up_tables_128_192_and_the_default_give_the_same_bits():
+def test_moe_tables_128_192_and_the_default_give_the_same_bits():
     """``tilev4.moe(..., up_block_m=...)`` changes the tiling, not a bit: 128, 192 and the default's choice (192 here,
     where the mean rows an expert is in (128, 192])."""
     dim, inter, num_experts, top_k, num_tokens, shared_inter, scale = EXPERT_CASES["flash"]
