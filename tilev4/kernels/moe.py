@@ -138,7 +138,7 @@ AUTO_UP_ROWS = (BLOCK_M, UP_BLOCK_M)  # (low, high]: T·k/E in it
 # 4 stages fill shared memory (229.9 KB)
 UP_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256}
 # the down-projection's 192-row tile: three consumers, each 256-column tile two 128-column weight tiles (a consumer's
-# 160 registers hold two 64 x 128 accumulators), staged in the A slabs, 4 stages (229.9 KB)
+# 160 registers hold two 64 x 128 accumulators), staged in the A slabs, 4 stages (229 376 bytes)
 DOWN_192_CONFIG = {"block_m": 192, "schedule": "ws", "block_n": 256, "block_k": 64, "num_stages": 4, "threads": 256}
 CHUNK = 1024  # (token, slot) pairs per chunk of the permutation
 MAX_EXPERTS = 1024  # the scan keeps the counts of all experts in shared memory

@@ -35,9 +35,10 @@ runs), so ``moe_permute`` takes it by default only where a balanced routing give
 (:func:`tilev4.kernels.moe.choose_up_block_m`). The down-projection runs the same table, each 256-column tile as two
 128-column weight tiles (three consumers hold 64 × 256 accumulators as two halves): 0.86 of the 128-row time at 144
 or 192 rows an expert and 0.97 on the random gate at 8192 tokens (``benchmarks/logs/h200-2026-12-01-session38.md``;
-where the rule takes 128, 0.99-1.02). Served with 192-row tiles throughout (``⌈count / 192⌉``) it was no faster
-than this table (down 0.97-0.98, up 0.97-0.99 of the 128-row time). Session 27 had measured its own 192-row
-down-projection (a branch since removed) 1.08-1.28× slower on the random gate; today's program does not repeat that.
+where the rule takes 128: 0.97-1.00 on the random gate, 1.00-1.02 balanced). Served with 192-row tiles throughout
+(``⌈count / 192⌉``) it was no faster than this table (down 0.97-0.98, up 0.97-0.99 of the 128-row time). Session 27
+had measured its own 192-row down-projection (a branch since removed) 1.08-1.28× slower on the random gate; today's
+program does not repeat that.
 
 Measured alternatives (H200, V4-Flash prefill, 8192 tokens; ``benchmarks/logs/h200-2026-11-29-session6.md``):
 
