@@ -278,11 +278,16 @@ def _schedule(case):
     owner = [-1] * case.rows
     for q in range(tile_offsets[num_experts]):
         e = tile_expert[q]
+        if case.records:  # the bf16 GEMMs' tile records: expert, its first M tile, first row, rows
+            e, first_tile, first_row, count = e
+            assert (first_tile, first_row, count) == (tile_offsets[e], offsets[e], offsets[e + 1] - offsets[e])
         row0 = offsets[e] + (q - tile_offsets[e]) * bm
         for r in range(row0, min(row0 + bm, offsets[e + 1])):
             assert owner[r] == -1, f"row {r} stored twice"
             owner[r] = e
     assert len(tile_expert) >= tile_offsets[num_experts]  # the grid covers every tile
+    if case.records:  # past the last tile the records have no rows: those CTAs exit
+        assert all(r == [0, 0, 0, 0] for r in tile_expert[tile_offsets[num_experts]:])
     return owner
 
 

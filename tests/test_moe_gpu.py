@@ -211,8 +211,14 @@ def test_permutation_is_the_stable_sort(monkeypatch, num_tokens, top_k, num_expe
     assert torch.equal(perm.pair_pos.long().flatten(), pair_pos)
     assert torch.equal(perm.tile_offsets.long(), torch.cat([zero, tiles.cumsum(0)]))
     num_tiles = int(tiles.sum())
-    assert torch.equal(perm.tile_expert[:num_tiles].long(), torch.repeat_interleave(torch.arange(num_experts,
-                                                                                                 device="cuda"), tiles))
+    tile_expert = torch.repeat_interleave(torch.arange(num_experts, device="cuda"), tiles)
+    assert torch.equal(perm.tile_expert[:num_tiles].long(), tile_expert)
+    # each M tile's record: expert, the expert's first M tile, its first row, its rows; zeros past the last tile
+    first_tile = torch.cat([zero, tiles.cumsum(0)])[tile_expert]
+    first_row = torch.cat([zero, counts.cumsum(0)])[tile_expert]
+    want = torch.stack([tile_expert, first_tile, first_row, counts[tile_expert]], 1)
+    assert torch.equal(perm.tile_info[:num_tiles].long(), want)
+    assert not perm.tile_info[num_tiles:].any()
     assert torch.equal(perm.x_sorted, x[order // top_k])
     assert torch.equal(perm.w_sorted, weights.flatten()[order])
 
@@ -290,7 +296,7 @@ def test_gemm_schedules_agree_bit_for_bit(case, used):
                                        used=used or range(num_experts - 1))
     perm = K.moe_permute(x, weights, experts, num_experts)
     n = perm.x_sorted.shape[0]
-    tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_info)  # the bf16 GEMMs read the tiles' records
     outs = {}
     for schedule in K.GEMM_SCHEDULES:
         up = compile_kernel("moe_up", {"dim": dim, "block_m": perm.block_m, "schedule": schedule})

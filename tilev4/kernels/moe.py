@@ -375,7 +375,8 @@ def build_moe_count(chunk: int = CHUNK, threads: int = 256):
 
 @register("moe_scan", configs=[{}], tags=("moe", "batch_invariant"))
 def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
-    """MoE permutation, step 2 (one CTA): chunk bases, counts, offsets, M-tile offsets and tile → expert.
+    """MoE permutation, step 2 (one CTA): chunk bases, counts, offsets, M-tile offsets, tile → expert and each M
+    tile's record ``(expert, the expert's first M tile, its first row, its rows)`` (zeros past the last tile).
 
     Not tuned (see :func:`build_moe_count`); ``block_m`` must be the grouped GEMMs' (the op passes it).
     """
@@ -389,6 +390,7 @@ def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
         tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
     ):
         T.annotate_pass_configs(_NO_WS)
         with T.Kernel(1, threads=threads):
@@ -421,6 +423,15 @@ def build_moe_scan(block_m: int = BLOCK_M, threads: int = 256):
                         tile_offsets[E] = toff + tiles_of(run, block_m)
                     for j in T.serial(tiles_of(run, block_m)):
                         tile_expert[toff + j] = eb * threads + tx
+                        tile_info[toff + j, 0] = eb * threads + tx
+                        tile_info[toff + j, 1] = toff
+                        tile_info[toff + j, 2] = off
+                        tile_info[toff + j, 3] = run
+            T.sync_threads()  # tile_offsets[E] is written; the records past the last tile read as no rows
+            for jb in T.serial(T.ceildiv(MT, threads)):
+                if jb * threads + tx < MT and jb * threads + tx >= tile_offsets[E]:
+                    for q in T.serial(4):
+                        tile_info[jb * threads + tx, q] = 0
 
     return moe_scan_kernel
 
@@ -480,11 +491,20 @@ def build_moe_scatter(chunk: int = CHUNK, block_pairs: int = 8, block_words: int
 # ------------------------------------------------------------------------------------------------ grouped GEMMs
 
 
+def tile_info_expert(tile_info, j):
+    """The expert of M tile ``j`` in ``moe_scan``'s ``tile_info``."""
+    return tile_info[j, 0]
+
+
 @T.macro
 def _grouped_tile(bx, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, a0: T.Ref, c: T.Ref, row0: T.Ref,
-                  rows: T.Ref, n0: T.Ref, BM, BN):
-    """Expert ``e``, first row, valid rows and first column of CTA ``bx`` in the grouped schedule."""
-    e = tile_expert[bx // num_n_tiles]
+                  rows: T.Ref, n0: T.Ref, BM, BN, records=False):
+    """Expert ``e``, first row, valid rows and first column of CTA ``bx`` in the grouped schedule. With
+    ``records``, ``tile_expert`` is ``moe_scan``'s ``tile_info`` (the expert in column 0)."""
+    if records:
+        e = tile_info_expert(tile_expert, bx // num_n_tiles)
+    else:
+        e = tile_expert[bx // num_n_tiles]
     a0 = tile_offsets[e]  # first M tile of the expert
     c = tile_offsets[e + 1] - a0  # its M tiles
     n0 = ((bx - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
@@ -593,7 +613,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
         w3: T.Tensor[(E, I, D), T.bfloat16],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         h: T.Tensor[(NR, I), T.bfloat16],
         limit: T.float32,
     ):
@@ -614,8 +634,8 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(I, BN) < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_tile(bx, T.ceildiv(I, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
-                              BM, BN)
+                _grouped_tile(bx, T.ceildiv(I, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                              BM, BN, records=True)
                 for i in T.Parallel(BM):
                     w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
                 mainloop(x_sorted, w1, w3, e, row0, n0, a_shared, b1_shared, b3_shared, gate_frag, up_frag)
@@ -686,7 +706,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
         w2: T.Tensor[(E, D, I), T.bfloat16],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         y: T.Tensor[(NR, D), T.bfloat16],
     ):
         T.annotate_pass_configs(pass_configs)
@@ -701,8 +721,8 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
-                _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
-                              BM, BN)
+                _grouped_tile(bx, T.ceildiv(D, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                              BM, BN, records=True)
                 mainloop_epilogue(h, w2, y, e, row0, rows, n0, a_shared, b_shared, acc)
 
     return moe_down_kernel
@@ -940,8 +960,11 @@ class MoEPermutation:
         tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused.
         x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
-        up_tiles: ``(block_m, tile_offsets, tile_expert)`` of the bf16 expert GEMMs (up and down) when they have
-            their own tile table (``moe_permute(up_block_m=192)``), else None (they read the one above).
+        up_tiles: ``(block_m, tile_offsets, tile_expert, tile_info)`` of the bf16 expert GEMMs (up and down) when
+            they have their own tile table (``moe_permute(up_block_m=192)``), else None (they read the one above).
+        tile_info: [max_tiles, 4] int32 each M tile's record ``(expert, the expert's first M tile, its first row,
+            its rows)``, zeros past the last tile: the bf16 expert GEMMs resolve a CTA's tile from it with one
+            load (``tile_expert`` → ``tile_offsets`` → ``offsets`` is three dependent ones).
     """
 
     num_experts: int
@@ -955,7 +978,8 @@ class MoEPermutation:
     tile_expert: torch.Tensor
     x_sorted: torch.Tensor
     w_sorted: torch.Tensor
-    up_tiles: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    up_tiles: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    tile_info: torch.Tensor | None = None
 
 
 def _check_routing(x: object, weights: object, experts: object) -> torch.Tensor:
@@ -1065,11 +1089,13 @@ def moe_permute(
         pair_pos=_empty((num_tokens, top_k), torch.int32, dev),
         tile_offsets=_empty((num_experts + 1,), torch.int32, dev),
         tile_expert=_empty((max(_max_tiles(n, num_experts, BLOCK_M), 1),), torch.int32, dev),
+        tile_info=_empty((max(_max_tiles(n, num_experts, BLOCK_M), 1), 4), torch.int32, dev),
         x_sorted=_empty((n, dim), src.dtype, dev),
         w_sorted=_empty((n,), torch.float32, dev),
         up_tiles=None if up_block_m == BLOCK_M else (
             up_block_m, _empty((num_experts + 1,), torch.int32, dev),
-            _empty((max(_max_tiles(n, num_experts, up_block_m), 1),), torch.int32, dev)),
+            _empty((max(_max_tiles(n, num_experts, up_block_m), 1),), torch.int32, dev),
+            _empty((max(_max_tiles(n, num_experts, up_block_m), 1), 4), torch.int32, dev)),
     )
     if n == 0:
         for t in (perm.counts, perm.offsets, perm.tile_offsets, *([perm.up_tiles[1]] if perm.up_tiles else [])):
@@ -1081,15 +1107,15 @@ def moe_permute(
     with torch.cuda.device(dev):
         compile_kernel("moe_count", {})(experts.view(-1), local_rank, chunk_counts)
         compile_kernel("moe_scan", {"block_m": perm.block_m})(chunk_counts, chunk_base, perm.counts, perm.offsets,
-                                                              perm.tile_offsets, perm.tile_expert)
+                                                              perm.tile_offsets, perm.tile_expert, perm.tile_info)
         compile_kernel("moe_scatter", {})(src.view(torch.int64), weights, experts, local_rank, chunk_base,
                                           perm.offsets, perm.x_sorted.view(torch.int64), perm.w_sorted,
                                           perm.sorted_tokens, perm.pair_pos)
         if perm.up_tiles is not None:  # the same scan for the 192-row table; its other outputs are scratch
-            bm, up_offsets, up_expert = perm.up_tiles
+            bm, up_offsets, up_expert, up_info = perm.up_tiles
             compile_kernel("moe_scan", {"block_m": bm})(chunk_counts, torch.empty_like(chunk_base),
                                                         torch.empty_like(perm.counts), torch.empty_like(perm.offsets),
-                                                        up_offsets, up_expert)
+                                                        up_offsets, up_expert, up_info)
     return perm
 
 
@@ -1136,11 +1162,11 @@ def moe_up(
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            bm, tile_offsets, tile_expert = perm.up_tiles or (perm.block_m, perm.tile_offsets, perm.tile_expert)
+            bm, tile_offsets, _, tile_info = perm.up_tiles or (perm.block_m, perm.tile_offsets, None, perm.tile_info)
             # the table's M tile; the 192-row tile has one config (UP_192_CONFIG)
             config = {"dim": dim, **(UP_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
             kernel = compile_kernel("moe_up", config)
-            kernel(x_sorted, perm.w_sorted, w1, w3, perm.offsets, tile_offsets, tile_expert, out, limit)
+            kernel(x_sorted, perm.w_sorted, w1, w3, perm.offsets, tile_offsets, tile_info, out, limit)
     return out
 
 
@@ -1172,11 +1198,11 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            bm, tile_offsets, tile_expert = perm.up_tiles or (perm.block_m, perm.tile_offsets, perm.tile_expert)
+            bm, tile_offsets, _, tile_info = perm.up_tiles or (perm.block_m, perm.tile_offsets, None, perm.tile_info)
             # the table's M tile; the 192-row tile has one config (DOWN_192_CONFIG)
             config = {"inter": inter, **(DOWN_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
             kernel = compile_kernel("moe_down", config)
-            kernel(h, w2, perm.offsets, tile_offsets, tile_expert, out)
+            kernel(h, w2, perm.offsets, tile_offsets, tile_info, out)
     return out
 
 

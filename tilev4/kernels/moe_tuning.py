@@ -455,6 +455,7 @@ class RowCase(TuningCase):
     row_args: tuple[int, ...] = ()
     tables_at: int | None = None
     block_m: int = 0
+    records: bool = False  # the tables hold tile_info (the bf16 GEMMs), not tile_expert
 
 
 class Bounded(NamedTuple):
@@ -474,20 +475,28 @@ class Selection(NamedTuple):
     route_scale: float
 
 
-def tile_tables(counts: torch.Tensor, block_m: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_tables(counts: torch.Tensor, block_m: int, num_rows: int, records: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(offsets, tile_offsets, tile_expert)`` of rows sorted by expert with ``counts`` [E] rows each, as
-    ``moe_scan`` builds them for ``block_m`` (``tile_expert`` sized as the op sizes it; unused entries -1)."""
+    ``moe_scan`` builds them for ``block_m`` (``tile_expert`` sized as the op sizes it; unused entries -1); with
+    ``records``, ``tile_info`` (each M tile's expert, the expert's first M tile, first row and rows; zeros past the
+    last tile: what the bf16 GEMMs read) in place of ``tile_expert``."""
     from tilev4.kernels.moe import _max_tiles
     from tilev4.kernels.moe_ws import tiles_of
 
     counts = counts.long()
     zero = torch.zeros(1, dtype=torch.long, device=counts.device)
     tiles = torch.tensor([tiles_of(c, block_m) for c in counts.tolist()], dtype=torch.long, device=counts.device)
-    tile_expert = torch.full((max(_max_tiles(num_rows, counts.numel(), block_m), 1),), -1, dtype=torch.int32,
-                             device=counts.device)
+    size = max(_max_tiles(num_rows, counts.numel(), block_m), 1)
     used = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), tiles)
-    tile_expert[: used.numel()] = used.int()
-    return (torch.cat([zero, counts.cumsum(0)]).int(), torch.cat([zero, tiles.cumsum(0)]).int(), tile_expert)
+    offsets, tile_offsets = torch.cat([zero, counts.cumsum(0)]), torch.cat([zero, tiles.cumsum(0)])
+    if records:
+        table = torch.zeros((size, 4), dtype=torch.int32, device=counts.device)
+        table[: used.numel()] = torch.stack([used, tile_offsets[used], offsets[used], counts[used]], 1).int()
+    else:
+        table = torch.full((size,), -1, dtype=torch.int32, device=counts.device)
+        table[: used.numel()] = used.int()
+    return offsets.int(), tile_offsets.int(), table
 
 
 def slice_rows(case: RowCase, start: int, stop: int) -> RowCase:
@@ -500,9 +509,9 @@ def slice_rows(case: RowCase, start: int, stop: int) -> RowCase:
     if case.tables_at is not None:
         j = case.tables_at
         sub = (args[j].long() - start).clamp(0, stop - start)
-        args[j : j + 3] = tile_tables(sub.diff(), case.block_m, stop - start)
+        args[j : j + 3] = tile_tables(sub.diff(), case.block_m, stop - start, case.records)
     return RowCase(tuple(args), case.outputs, None, stop - start, row_args=case.row_args, tables_at=case.tables_at,
-                   block_m=case.block_m)
+                   block_m=case.block_m, records=case.records)
 
 
 def _device_gen(gen: torch.Generator, device: str) -> torch.Generator:
@@ -612,7 +621,7 @@ def _up_case(kind: str) -> Callable[..., RowCase]:
         else:
             limit, counts = ROUTED_LIMIT, _expert_counts(n, e, g, device)
             w_sorted = torch.rand(n, generator=g, device=device) + 0.1
-            tables = tile_tables(counts, problem["block_m"], n)
+            tables = tile_tables(counts, problem["block_m"], n, kind == "bf16")
             offsets, wts = tables[0].tolist(), w_sorted.double()
             args = (*act, w_sorted, *w1, *w3, *tables, h, limit)
             rows, tables_at = tuple(range(len(act) + 1)), len(act) + 1 + len(w1) + len(w3)
@@ -622,7 +631,7 @@ def _up_case(kind: str) -> Callable[..., RowCase]:
             expected = (_per_expert(offsets, n, inter, device,
                                     lambda i, r: _swiglu_ref(a[r], deq1(i), deq3(i), wts[r], limit, acc)),)
         return RowCase(args, (len(args) - 2,), expected, n, row_args=rows, tables_at=tables_at,
-                       block_m=problem.get("block_m", 0))
+                       block_m=problem.get("block_m", 0), records=kind == "bf16")
 
     return make
 
@@ -640,14 +649,14 @@ def _down_case(kind: str) -> Callable[..., RowCase]:
         if dense:
             offsets, args, tables_at = [0, n], (*act, *w2, y), None
         else:
-            tables = tile_tables(_expert_counts(n, e, g, device), problem["block_m"], n)
+            tables = tile_tables(_expert_counts(n, e, g, device), problem["block_m"], n, kind == "bf16")
             offsets, args, tables_at = tables[0].tolist(), (*act, *w2, *tables, y), len(act) + len(w2)
         expected = None
         if reference:
             acc = _acc(kind, inter)
             expected = (_per_expert(offsets, n, dim, device, lambda i, r: _gemm_ref(a[r], deq2(i), acc, OUT_ROUNDING)),)
         return RowCase(args, (len(args) - 1,), expected, n, row_args=tuple(range(len(act))), tables_at=tables_at,
-                       block_m=problem.get("block_m", 0))
+                       block_m=problem.get("block_m", 0), records=kind == "bf16")
 
     return make
 

@@ -176,6 +176,33 @@ def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, 
 
 
 @T.macro
+def _grouped_record(b, num_n_tiles, tile_info, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref, live: T.Ref, BN,
+                  BM=BLOCK_M):
+    """As :func:`_grouped_unit` (the FP8 / FP4 kernels' form), from the record of one of the expert's M tiles
+    (``moe_scan``'s ``tile_info``: expert, its first M tile, its first row, its rows; zeros past the last tile): one
+    load, where the expert, then its tile offsets and row offsets were three dependent ones (H200, session 38:
+    0.98-0.99 of the time of every bf16 ws GEMM).
+
+    The arithmetic of ``tilev4.kernels.moe._grouped_tile``, kept apart on purpose: the cp.async kernels hold
+    the expert's first tile and tile count in variables (they are out-parameters there), this one in let
+    bindings, and merging the two changes the generated code of one side."""
+    e = tile_info[b // num_n_tiles, 0]  # noqa: F841 (T.Ref)
+    a0 = tile_info[b // num_n_tiles, 1]
+    first = tile_info[b // num_n_tiles, 2]
+    count = tile_info[b // num_n_tiles, 3]
+    live = count > 0  # noqa: F841 (T.Ref)
+    c = T.max(tiles_of(count, BM), 1)
+    n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
+    if BM == BLOCK_M:
+        row0 = first + ((b - a0 * num_n_tiles) % c) * BM
+        rows = T.min(BM, first + count - row0)
+    else:  # see tiles_of: 128-row tiles, the last one of up to BM rows
+        row0 = first + ((b - a0 * num_n_tiles) % c) * BLOCK_M
+        last = (b - a0 * num_n_tiles) % c == c - 1
+        rows = T.min(T.if_then_else(last, BM, BLOCK_M), first + count - row0)  # noqa: F841
+
+
+@T.macro
 def _dense_unit(b, num_n_tiles, num_rows, group_m, row0: T.Ref, rows: T.Ref, n0: T.Ref, BN, BM=BLOCK_M):
     """First row, valid rows and first column of tile ``b`` in dense mode (groups of ``group_m`` M tiles)."""
     a0 = (b // (group_m * num_n_tiles)) * group_m
@@ -298,15 +325,13 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
     weighted = kind == "up" and not dense
 
     @T.macro
-    def resolve(b, NNT, offsets, tile_offsets, tile_expert, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref,
-                live: T.Ref):
+    def resolve(b, NNT, tile_info, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref, live: T.Ref):
         """Tile ``b``: expert, first row, valid rows, first column; ``live`` is false past the real tiles."""
-        live = dense or b // NNT < tile_offsets[E]
-        if live:
-            if dense:
-                _dense_unit(b, NNT, NR, group_m, row0, rows, n0, TN, BM)
-            else:
-                _grouped_unit(b, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, TN, BM)
+        if dense:
+            live = True
+            _dense_unit(b, NNT, NR, group_m, row0, rows, n0, TN, BM)
+        else:
+            _grouped_record(b, NNT, tile_info, e, row0, rows, n0, live, TN, BM)
 
     @T.macro
     def consumer(w, wts, out, limit, a_s, bs, o_s, w_s, accs, full, empty, tx, row0, rows, n0):
@@ -349,7 +374,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
                     store_part(1, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, SN, weighted)
 
     @T.macro
-    def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_expert):
+    def body(a, wts, ws, out, limit, offsets, tile_offsets, tile_info):
         num_m = T.ceildiv(NR, BM) if dense else MT
         with T.Kernel(num_m * T.ceildiv(N, TN), threads=128 * (SLABS + 1)) as bx:
             if kind == "up":
@@ -380,7 +405,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             rows = T.alloc_var(T.int32, init=0)
             n0 = T.alloc_var(T.int32, init=0)
             live = T.alloc_var(T.bool)
-            resolve(bx, NNT, offsets, tile_offsets, tile_expert, e, row0, rows, n0, live)
+            resolve(bx, NNT, tile_info, e, row0, rows, n0, live)
             if live:  # CTAs past the real tiles exit
                 if tx >= 128 * SLABS:
                     produce(a, ws, a_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, BN if halves else 0,
@@ -423,11 +448,11 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             w3: T.Tensor[(E, N, K), T.bfloat16],
             offsets: T.Tensor[(E + 1,), T.int32],
             tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
+            tile_info: T.Tensor[(MT, 4), T.int32],
             h: T.Tensor[(NR, N), T.bfloat16],
             limit: T.float32,
         ):
-            body(x_sorted, w_sorted, [w1, w3], h, limit, offsets, tile_offsets, tile_expert)
+            body(x_sorted, w_sorted, [w1, w3], h, limit, offsets, tile_offsets, tile_info)
 
         return moe_up_ws
 
@@ -449,9 +474,9 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         w2: T.Tensor[(E, N, K), T.bfloat16],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         y: T.Tensor[(NR, N), T.bfloat16],
     ):
-        body(h, None, [w2, w2] if halves else [w2], y, None, offsets, tile_offsets, tile_expert)
+        body(h, None, [w2, w2] if halves else [w2], y, None, offsets, tile_offsets, tile_info)
 
     return moe_down_ws
