@@ -6,6 +6,7 @@ outputs, and sub-batches whose inputs and tile tables are the matching rows of t
 """
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 
@@ -186,7 +187,8 @@ def _perm(n, dim, num_experts, block_m):
     return K.MoEPermutation(num_experts, 2, block_m, torch.zeros(num_experts, dtype=i32),
                             torch.zeros(num_experts + 1, dtype=i32), torch.zeros(n, dtype=i32),
                             torch.zeros(n // 2, 2, dtype=i32), torch.zeros(num_experts + 1, dtype=i32),
-                            torch.zeros(8, dtype=i32), torch.zeros(n, dim, dtype=torch.bfloat16), torch.ones(n))
+                            torch.zeros(8, dtype=i32), torch.zeros(n, dim, dtype=torch.bfloat16), torch.ones(n),
+                            tile_info=torch.zeros(8, 4, dtype=i32))
 
 
 @pytest.fixture
@@ -203,6 +205,17 @@ def launches(monkeypatch):
     monkeypatch.setattr(K, "_check_cuda", lambda name, t: None)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return seen
+
+
+def test_bf16_gemms_refuse_a_permutation_without_tile_records(launches):
+    n, dim, inter, e = 6, 256, 128, 4
+    perm = dataclasses.replace(_perm(n, dim, e, K.BLOCK_M), tile_info=None)
+    bf = torch.bfloat16
+    with pytest.raises(ValueError, match=r"perm\.tile_info must be the tile records"):
+        K.moe_up(perm, torch.zeros(e, inter, dim, dtype=bf), torch.zeros(e, inter, dim, dtype=bf))
+    with pytest.raises(ValueError, match=r"perm\.tile_info must be the tile records"):
+        K.moe_down(perm, torch.zeros(n, inter, dtype=bf), torch.zeros(e, dim, inter, dtype=bf))
+    assert not launches
 
 
 @pytest.mark.parametrize("block_m", [K.BLOCK_M, 64])

@@ -1125,6 +1125,18 @@ def _check_stacked(name: str, w: object, shape: tuple[int, int, int], device: to
     return w
 
 
+def _bf16_tiles(perm: MoEPermutation) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(block_m, tile_offsets, tile_info)`` of the table the bf16 expert GEMMs run (the 192-row one when there is
+    one); a permutation without tile records (not built by :func:`moe_permute`) is refused."""
+    if perm.up_tiles is not None:
+        bm, tile_offsets, _, tile_info = perm.up_tiles
+    else:
+        bm, tile_offsets, tile_info = perm.block_m, perm.tile_offsets, perm.tile_info
+    if not isinstance(tile_info, torch.Tensor):
+        raise ValueError(f"perm.tile_info must be the tile records moe_permute builds, got {type(tile_info).__name__}")
+    return bm, tile_offsets, tile_info
+
+
 def moe_up(
     perm: MoEPermutation,
     w1: torch.Tensor,
@@ -1162,7 +1174,7 @@ def moe_up(
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            bm, tile_offsets, _, tile_info = perm.up_tiles or (perm.block_m, perm.tile_offsets, None, perm.tile_info)
+            bm, tile_offsets, tile_info = _bf16_tiles(perm)
             # the table's M tile; the 192-row tile has one config (UP_192_CONFIG)
             config = {"dim": dim, **(UP_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
             kernel = compile_kernel("moe_up", config)
@@ -1198,7 +1210,7 @@ def moe_down(perm: MoEPermutation, h: torch.Tensor, w2: torch.Tensor, *, out: to
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
-            bm, tile_offsets, _, tile_info = perm.up_tiles or (perm.block_m, perm.tile_offsets, None, perm.tile_info)
+            bm, tile_offsets, tile_info = _bf16_tiles(perm)
             # the table's M tile; the 192-row tile has one config (DOWN_192_CONFIG)
             config = {"inter": inter, **(DOWN_192_CONFIG if bm == UP_BLOCK_M else {"block_m": bm})}
             kernel = compile_kernel("moe_down", config)
