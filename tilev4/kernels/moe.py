@@ -491,18 +491,13 @@ def build_moe_scatter(chunk: int = CHUNK, block_pairs: int = 8, block_words: int
 # ------------------------------------------------------------------------------------------------ grouped GEMMs
 
 
-def tile_info_expert(tile_info, j):
-    """The expert of M tile ``j`` in ``moe_scan``'s ``tile_info``."""
-    return tile_info[j, 0]
-
-
 @T.macro
 def _grouped_tile(bx, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, a0: T.Ref, c: T.Ref, row0: T.Ref,
                   rows: T.Ref, n0: T.Ref, BM, BN, records=False):
     """Expert ``e``, first row, valid rows and first column of CTA ``bx`` in the grouped schedule. With
     ``records``, ``tile_expert`` is ``moe_scan``'s ``tile_info`` (the expert in column 0)."""
     if records:
-        e = tile_info_expert(tile_expert, bx // num_n_tiles)
+        e = tile_expert[bx // num_n_tiles, 0]
     else:
         e = tile_expert[bx // num_n_tiles]
     a0 = tile_offsets[e]  # first M tile of the expert
