@@ -218,6 +218,66 @@ def test_bf16_gemms_refuse_a_permutation_without_tile_records(launches):
     assert not launches
 
 
+def _quantized_ops(perm, n, dim, inter, e):
+    """Each FP8 / FP4 expert GEMM op on ``perm`` (zero inputs), by the program it launches."""
+    x8, xs = torch.zeros(n, dim, dtype=torch.float8_e4m3fn), torch.ones(n, dim // 128)
+    h8, hs = torch.zeros(n, inter, dtype=torch.float8_e4m3fn), torch.ones(n, inter // 128)
+    q8 = F8.quantize_fp8_weight
+    w8 = {k: q8(torch.zeros(e, *shape)) for k, shape in (("up", (inter, dim)), ("down", (dim, inter)))}
+
+    def q4(rows, k):
+        return F4.FP4Weight(torch.zeros(e, rows, k // 2, dtype=torch.uint8),
+                            torch.full((e, rows, k // 32), 127, dtype=torch.uint8))
+
+    return {
+        "moe_up_fp8": lambda: F8.moe_up_fp8(perm, x8, xs, w8["up"], w8["up"]),
+        "moe_up_fp8_q": lambda: F8.moe_up_fp8(perm, x8, xs, w8["up"], w8["up"], quantize=True),
+        "moe_down_fp8": lambda: F8.moe_down_fp8(perm, h8, hs, w8["down"]),
+        "moe_up_fp4": lambda: F4.moe_up_fp4(perm, x8, xs, q4(inter, dim), q4(inter, dim)),
+        "moe_down_fp4": lambda: F4.moe_down_fp4(perm, h8, hs, q4(dim, inter)),
+    }
+
+
+@pytest.mark.parametrize("name", ["moe_up_fp8", "moe_up_fp8_q", "moe_down_fp8", "moe_up_fp4", "moe_down_fp4"])
+def test_quantized_gemms_refuse_a_permutation_without_tile_records(launches, name):
+    n, dim, inter, e = 6, 256, 128, 4
+    perm = dataclasses.replace(_perm(n, dim, e, K.BLOCK_M), tile_info=None)
+    with pytest.raises(ValueError, match=r"perm\.tile_info must be the tile records"):
+        _quantized_ops(perm, n, dim, inter, e)[name]()
+    assert not launches
+
+
+@pytest.fixture
+def launch_args(launches, monkeypatch):
+    """As ``launches``, and the arguments of every launch: (kernel, args)."""
+    calls = []
+
+    def fake_compile(name, config=None, arch=None):
+        launches.append((name, dict(config)))
+        return lambda *args: calls.append((name, args))
+
+    monkeypatch.setattr(K, "compile_kernel", fake_compile)
+    monkeypatch.setattr(F8, "compile_kernel", fake_compile)
+    return calls
+
+
+def test_quantized_gemms_read_the_128_row_tables_records(launch_args):
+    """The FP8 / FP4 GEMMs read the records of the permutation's own (128-row) table, also where the bf16 GEMMs have
+    a 192-row one (``perm.up_tiles``), with its offsets and tile offsets."""
+    n, dim, inter, e = 6, 256, 128, 4
+    i32 = torch.int32
+    perm = dataclasses.replace(_perm(n, dim, e, K.BLOCK_M), up_tiles=(
+        K.UP_BLOCK_M, torch.zeros(e + 1, dtype=i32), torch.zeros(8, dtype=i32), torch.zeros(8, 4, dtype=i32)))
+    ops = _quantized_ops(perm, n, dim, inter, e)
+    for op in ops.values():
+        op()
+    assert [name for name, _ in launch_args] == list(ops)
+    for name, args in launch_args:
+        j = next(i for i, a in enumerate(args) if a is perm.offsets)
+        assert args[j + 1] is perm.tile_offsets and args[j + 2] is perm.tile_info, name
+        assert not any(a is perm.up_tiles[3] for a in args), name
+
+
 @pytest.mark.parametrize("block_m", [K.BLOCK_M, 64])
 def test_ops_pass_only_problem_keys_and_the_permutations_block_m(launches, block_m):
     n, dim, inter, e = 6, 256, 128, 4

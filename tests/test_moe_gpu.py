@@ -634,7 +634,7 @@ def test_fp8_gemm_schedules_agree_bit_for_bit(case, block_n):
     weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
     perm = K.moe_permute(x, weights, experts, num_experts)
     n = perm.x_sorted.shape[0]
-    tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_info)  # the expert GEMMs read the tiles' records
     x8, xs = fp8_quantize(perm.x_sorted)
     outs = {}
     for schedule in F.SCHEDULES:
@@ -672,7 +672,7 @@ def test_fp8_down_wide_tile_gives_the_bits_of_128(case):
     for block_n in (256, 128, 64):
         y = _poison(n, dim, dtype=torch.bfloat16)
         compile_kernel("moe_down_fp8", {"inter": inter, "block_m": perm.block_m, "block_n": block_n})(
-            h8, hs, q2.data, q2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, y)
+            h8, hs, q2.data, q2.scale, perm.offsets, perm.tile_offsets, perm.tile_info, y)
         assert not torch.isnan(y).any(), block_n
         outs[block_n] = y
     assert torch.equal(outs[256], outs[128])
@@ -866,7 +866,7 @@ def test_fp4_gemm_configs_give_the_default_bits(case, config):
     weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
     perm = K.moe_permute(x, weights, experts, num_experts)
     n = perm.x_sorted.shape[0]
-    tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_info)  # the expert GEMMs read the tiles' records
     x8, xs = fp8_quantize(perm.x_sorted)
     h_default = F4.moe_up_fp4(perm, x8, xs, q1, q3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
     h8, hs = fp8_quantize(h_default)

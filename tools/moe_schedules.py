@@ -53,9 +53,9 @@ def _launch_args(kernel: str, out: torch.Tensor, t: dict, w1, w2, w3, fp8, fp4) 
     """The kernel's arguments on the inputs ``t`` of one token count (see the loop in :func:`main`)."""
     q1, q2, q3 = fp4 if kernel.endswith("_fp4") else fp8
     if kernel == "moe_up":
-        return (t["perm"].x_sorted, t["perm"].w_sorted, w1, w3, *t["bf16_tables"], out, LIMIT)
+        return (t["perm"].x_sorted, t["perm"].w_sorted, w1, w3, *t["tables"], out, LIMIT)
     if kernel == "moe_down":
-        return (t["h"], w2, *t["bf16_tables"], out)
+        return (t["h"], w2, *t["tables"], out)
     if kernel in ("moe_up_fp8", "moe_up_fp4"):
         return (t["x8"], t["xs"], t["perm"].w_sorted, q1.data, q1.scale, q3.data, q3.scale, *t["tables"], out, LIMIT)
     return (t["h8"], t["hs"], q2.data, q2.scale, *t["tables"], out)
@@ -119,13 +119,11 @@ def main() -> None:
         weights, experts = M.moe_route(x, layer["gate"], layer["bias"], TOP_K, ROUTE_SCALE)
         perm = M.moe_permute(x, weights, experts, NUM_EXPERTS)
         n = perm.x_sorted.shape[0]
-        tables = (perm.offsets, perm.tile_offsets, perm.tile_expert)
-        bf16_tables = (perm.offsets, perm.tile_offsets, perm.tile_info)  # the bf16 GEMMs read the tiles' records
+        tables = (perm.offsets, perm.tile_offsets, perm.tile_info)  # every expert GEMM reads the tiles' records
         h = M.moe_up(perm, w1, w3, LIMIT)
         x8, xs = fp8_quantize(perm.x_sorted)
         h8, hs = fp8_quantize(h)
-        inputs = {"perm": perm, "tables": tables, "bf16_tables": bf16_tables,
-                  "h": h, "x8": x8, "xs": xs, "h8": h8, "hs": hs}
+        inputs = {"perm": perm, "tables": tables, "h": h, "x8": x8, "xs": xs, "h8": h8, "hs": hs}
         for kernel in kernels:
             width = INTER if kernel.startswith("moe_up") else DIM
             flops = 2.0 * n * DIM * INTER * (2 if kernel.startswith("moe_up") else 1)

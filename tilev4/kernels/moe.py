@@ -16,7 +16,8 @@ never synchronises with the host (``validate=False``):
 2. ``moe_count`` — per chunk of 1024 (token, slot) pairs: each pair's rank among the chunk's pairs
    of the same expert (one thread per expert walks the chunk in order) and the chunk's histogram.
 3. ``moe_scan`` — one CTA: per expert, an exclusive scan of the chunk histograms (chunk bases), the
-   counts, the offsets [E+1], the M-tile offsets [E+1] and the tile → expert table.
+   counts, the offsets [E+1], the M-tile offsets [E+1], the tile → expert table and each M tile's record
+   ``tile_info`` (expert, its first M tile, first row, rows), from which the expert GEMMs resolve their tiles.
 4. ``moe_scatter`` — each pair's sorted row ``offsets[e] + chunk_base[chunk, e] + rank``: the order
    within an expert is the pair order ``t·k + s`` (stable), fixed by scans, never by atomics. It
    copies ``x[t]`` and the routing weight to that row.
@@ -492,14 +493,11 @@ def build_moe_scatter(chunk: int = CHUNK, block_pairs: int = 8, block_words: int
 
 
 @T.macro
-def _grouped_tile(bx, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, a0: T.Ref, c: T.Ref, row0: T.Ref,
-                  rows: T.Ref, n0: T.Ref, BM, BN, records=False):
-    """Expert ``e``, first row, valid rows and first column of CTA ``bx`` in the grouped schedule. With
-    ``records``, ``tile_expert`` is ``moe_scan``'s ``tile_info`` (the expert in column 0)."""
-    if records:
-        e = tile_expert[bx // num_n_tiles, 0]
-    else:
-        e = tile_expert[bx // num_n_tiles]
+def _grouped_tile(bx, num_n_tiles, tile_info, tile_offsets, offsets, e: T.Ref, a0: T.Ref, c: T.Ref, row0: T.Ref,
+                  rows: T.Ref, n0: T.Ref, BM, BN):
+    """Expert ``e``, first row, valid rows and first column of CTA ``bx`` in the grouped schedule of the pipelined
+    (cp.async) programs, every weight format: the expert from column 0 of ``moe_scan``'s ``tile_info``."""
+    e = tile_info[bx // num_n_tiles, 0]
     a0 = tile_offsets[e]  # first M tile of the expert
     c = tile_offsets[e + 1] - a0  # its M tiles
     n0 = ((bx - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
@@ -630,7 +628,7 @@ def build_moe_up(dim: int, dense: bool = False, weight_format: str = "bf16", blo
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(I, BN) < tile_offsets[E]:  # CTAs past the real tiles exit
                 _grouped_tile(bx, T.ceildiv(I, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
-                              BM, BN, records=True)
+                              BM, BN)
                 for i in T.Parallel(BM):
                     w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
                 mainloop(x_sorted, w1, w3, e, row0, n0, a_shared, b1_shared, b3_shared, gate_frag, up_frag)
@@ -717,7 +715,7 @@ def build_moe_down(inter: int, dense: bool = False, weight_format: str = "bf16",
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
                 _grouped_tile(bx, T.ceildiv(D, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
-                              BM, BN, records=True)
+                              BM, BN)
                 mainloop_epilogue(h, w2, y, e, row0, rows, n0, a_shared, b_shared, acc)
 
     return moe_down_kernel
@@ -952,14 +950,15 @@ class MoEPermutation:
             order ``t·k + s`` (stable).
         pair_pos: [T, k] int32 sorted row of each (token, slot).
         tile_offsets: [E+1] int32 first M tile of each expert (``ceil(counts / block_m)`` tiles).
-        tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused.
+        tile_expert: [max_tiles] int32 expert of each M tile; entries ``>= tile_offsets[E]`` unused (no expert GEMM
+            reads it: they read ``tile_info``).
         x_sorted: [N, dim] bf16 ``x[sorted_tokens]`` (or the gathered payload, in its dtype).
         w_sorted: [N] fp32 routing weight of each sorted row.
         up_tiles: ``(block_m, tile_offsets, tile_expert, tile_info)`` of the bf16 expert GEMMs (up and down) when
             they have their own tile table (``moe_permute(up_block_m=192)``), else None (they read the one above).
         tile_info: [max_tiles, 4] int32 each M tile's record ``(expert, the expert's first M tile, its first row,
-            its rows)``, zeros past the last tile: the bf16 expert GEMMs resolve a CTA's tile from it with one
-            load (``tile_expert`` → ``tile_offsets`` → ``offsets`` is three dependent ones).
+            its rows)``, zeros past the last tile: the expert GEMMs (bf16, FP8, FP4) resolve a CTA's tile from it
+            with one load (``tile_expert`` → ``tile_offsets`` → ``offsets`` is three dependent ones).
     """
 
     num_experts: int
@@ -1120,6 +1119,14 @@ def _check_stacked(name: str, w: object, shape: tuple[int, int, int], device: to
     return w
 
 
+def _check_tile_info(tile_info: object) -> torch.Tensor:
+    """``tile_info`` if it is tile records; else (a permutation not built by :func:`moe_permute`) the ValueError
+    naming ``perm.tile_info``."""
+    if not isinstance(tile_info, torch.Tensor):
+        raise ValueError(f"perm.tile_info must be the tile records moe_permute builds, got {type(tile_info).__name__}")
+    return tile_info
+
+
 def _bf16_tiles(perm: MoEPermutation) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(block_m, tile_offsets, tile_info)`` of the table the bf16 expert GEMMs run (the 192-row one when there is
     one); a permutation without tile records (not built by :func:`moe_permute`) is refused."""
@@ -1127,9 +1134,7 @@ def _bf16_tiles(perm: MoEPermutation) -> tuple[int, torch.Tensor, torch.Tensor]:
         bm, tile_offsets, _, tile_info = perm.up_tiles
     else:
         bm, tile_offsets, tile_info = perm.block_m, perm.tile_offsets, perm.tile_info
-    if not isinstance(tile_info, torch.Tensor):
-        raise ValueError(f"perm.tile_info must be the tile records moe_permute builds, got {type(tile_info).__name__}")
-    return bm, tile_offsets, tile_info
+    return bm, tile_offsets, _check_tile_info(tile_info)
 
 
 def moe_up(

@@ -105,7 +105,7 @@ from tilev4.kernels.moe_tuning import (
 )
 from tilev4.kernels.moe_ws import (
     HALF_M,
-    _grouped_unit,
+    _grouped_record,
     cap_keep_nan,
     check_ws_schedule,
     clamp_keep_nan,
@@ -446,11 +446,11 @@ def _grouped_prim_func(kind: str, schedule: str, K: int, dims: tuple, body: Any)
             w3s: T.Tensor[(E, N, KS), T.uint8],
             offsets: T.Tensor[(E + 1,), T.int32],
             tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
+            tile_info: T.Tensor[(MT, 4), T.int32],
             h: T.Tensor[(NR, N), T.bfloat16],
             limit: T.float32,
         ):
-            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_info)
 
     else:
 
@@ -461,10 +461,10 @@ def _grouped_prim_func(kind: str, schedule: str, K: int, dims: tuple, body: Any)
             w2s: T.Tensor[(E, N, KS), T.uint8],
             offsets: T.Tensor[(E + 1,), T.int32],
             tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
+            tile_info: T.Tensor[(MT, 4), T.int32],
             y: T.Tensor[(NR, N), T.bfloat16],
         ):
-            body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_expert)
+            body(h8, hs, [w2], [w2s], None, y, None, offsets, tile_offsets, tile_info)
 
     kernel.__name__ = kernel.__qualname__ = f"moe_{kind}_fp4_{schedule}"  # TileLang names the program after it
     return T.prim_func(kernel)
@@ -610,7 +610,7 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
             store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, acc, N, BN, up)
 
     @T.macro
-    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_expert):
+    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_info):
         with T.Kernel(MT * T.ceildiv(N, BN), threads=2 * WG + PT) as bx:
             if up:
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
@@ -647,8 +647,9 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
             row0 = T.alloc_var(T.int32, init=0)
             rows = T.alloc_var(T.int32, init=0)
             n0 = T.alloc_var(T.int32, init=0)
-            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+            live = T.alloc_var(T.bool)
+            _grouped_record(bx, NNT, tile_info, e, row0, rows, n0, live, BN)
+            if live:  # CTAs past the real tiles exit
                 if tx >= 2 * WG:
                     producer(a, qs_g, ss_g, [a0_s, a1_s], q_s, s_s, b_s, sw_s, full, empty, qfull, e, row0, rows,
                              n0, tx, qv, sv, ow, tab, slow)
@@ -822,7 +823,7 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
         store(w, n_pass - 1, rw, acc, out, limit, w_s, row0, n0)
 
     @T.macro
-    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_expert):
+    def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_info):
         with T.Kernel(MT * T.ceildiv(N, BN), threads=PT) as bx:
             T.annotate_min_blocks_per_sm(SWAP_CTAS)
             # every barrier is explicit (the warpgroups' branches run the same loop; an inserted sync in one would
@@ -862,8 +863,9 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
             row0 = T.alloc_var(T.int32, init=0)
             rows = T.alloc_var(T.int32, init=0)
             n0 = T.alloc_var(T.int32, init=0)
-            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, BN)
+            live = T.alloc_var(T.bool)
+            _grouped_record(bx, NNT, tile_info, e, row0, rows, n0, live, BN)
+            if live:  # CTAs past the real tiles exit
                 n_pass = T.ceildiv(T.min(rows, HALF_M), GR)  # warpgroup 0 has the most rows
                 if tx >= WG:  # the first loads, by warpgroup 1 as in the loop (its 128 threads arrive)
                     for p in T.unroll(PS):
@@ -927,7 +929,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
         w3s: T.Tensor[(E, I, KS), T.uint8],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         h: T.Tensor[(NR, I), T.bfloat16],
         limit: T.float32,
     ):
@@ -956,7 +958,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(I, BN) < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_tile(bx, T.ceildiv(I, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                _grouped_tile(bx, T.ceildiv(I, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
                 for i in T.Parallel(BM):
                     w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
@@ -1013,7 +1015,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
         w2s: T.Tensor[(E, D, KS), T.uint8],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         y: T.Tensor[(NR, D), T.bfloat16],
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
@@ -1036,7 +1038,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
-                _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                _grouped_tile(bx, T.ceildiv(D, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
                 T.copy(w2s[e, n0, 0], s_shared, disable_tma=True)  # [BN, K/32] e8m0: the tile's scales, loaded once
                 T.clear(acc)

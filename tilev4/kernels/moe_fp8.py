@@ -42,6 +42,7 @@ from tilev4.kernels.moe import (
     BLOCK_M,
     MoEPermutation,
     _check_limit,
+    _check_tile_info,
     _dense_tile,
     _empty,
     _grouped_tile,
@@ -58,7 +59,7 @@ from tilev4.kernels.moe_tuning import (
 from tilev4.kernels.moe_ws import (
     CONSUMER_REGS,
     HALF_M,
-    _grouped_unit,
+    _grouped_record,
     cap_keep_nan,
     check_ws_schedule,
     clamp_keep_nan,
@@ -253,7 +254,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
                 store_part(0, w, rw, r0, n0, out, limit, o_s, w_s, accs, N, BN, kind == "up")
 
     @T.macro
-    def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_expert):
+    def body(a, a_scale, ws, w_scales, wts, out, limit, offsets, tile_offsets, tile_info):
         with T.Kernel(MT * T.ceildiv(N, TN), threads=384) as bx:
             if kind == "up":
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
@@ -283,8 +284,9 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             row0 = T.alloc_var(T.int32, init=0)
             rows = T.alloc_var(T.int32, init=0)
             n0 = T.alloc_var(T.int32, init=0)
-            if bx // NNT < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_unit(bx, NNT, tile_expert, tile_offsets, offsets, e, row0, rows, n0, TN)
+            live = T.alloc_var(T.bool)
+            _grouped_record(bx, NNT, tile_info, e, row0, rows, n0, live, TN)
+            if live:  # CTAs past the real tiles exit
                 if tx >= 256:
                     produce(a, ws, [a0_s, a1_s], bs, full, empty, e, row0, rows, n0, KB, BK, BN, S, SECOND_N)
                 elif tx < 128:
@@ -307,11 +309,11 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             w3s: T.Tensor[(E, NS, KB), T.float32],
             offsets: T.Tensor[(E + 1,), T.int32],
             tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
+            tile_info: T.Tensor[(MT, 4), T.int32],
             h: T.Tensor[(NR, N), T.bfloat16],
             limit: T.float32,
         ):
-            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_expert)
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, h, limit, offsets, tile_offsets, tile_info)
 
         return moe_up_fp8_ws
 
@@ -328,12 +330,12 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
             w3s: T.Tensor[(E, NS, KB), T.float32],
             offsets: T.Tensor[(E + 1,), T.int32],
             tile_offsets: T.Tensor[(E + 1,), T.int32],
-            tile_expert: T.Tensor[(MT,), T.int32],
+            tile_info: T.Tensor[(MT, 4), T.int32],
             h8: T.Tensor[(NR, N), fp8],
             hs: T.Tensor[(NR, NS), T.float32],
             limit: T.float32,
         ):
-            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, [h8, hs], limit, offsets, tile_offsets, tile_expert)
+            body(x8, xs, [w1, w3], [w1s, w3s], w_sorted, [h8, hs], limit, offsets, tile_offsets, tile_info)
 
         return moe_up_fp8_q_ws
 
@@ -345,10 +347,10 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
         w2s: T.Tensor[(E, NS, KB), T.float32],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         y: T.Tensor[(NR, N), T.bfloat16],
     ):
-        body(h8, hs, [w2] * NB, [w2s] * NB, None, y, None, offsets, tile_offsets, tile_expert)  # wide: W2 twice
+        body(h8, hs, [w2] * NB, [w2s] * NB, None, y, None, offsets, tile_offsets, tile_info)  # wide: W2 twice
 
     return moe_down_fp8_ws
 
@@ -382,7 +384,7 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
         w3s: T.Tensor[(E, IS, KB), T.float32],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         h: T.Tensor[(NR, I), T.bfloat16],
         limit: T.float32,
     ):
@@ -406,7 +408,7 @@ def build_moe_up_fp8(dim: int, block_m: int = BLOCK_M, block_n: int = 128, num_s
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(I, BN) < tile_offsets[E]:  # CTAs past the real tiles exit
-                _grouped_tile(bx, T.ceildiv(I, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                _grouped_tile(bx, T.ceildiv(I, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
                 for i in T.Parallel(BM):
                     w_shared[i] = T.if_then_else(i < rows, w_sorted[row0 + i], 0.0)
@@ -499,7 +501,7 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
         w2s: T.Tensor[(E, DS, KB), T.float32],
         offsets: T.Tensor[(E + 1,), T.int32],
         tile_offsets: T.Tensor[(E + 1,), T.int32],
-        tile_expert: T.Tensor[(MT,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
         y: T.Tensor[(NR, D), odt],
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
@@ -516,7 +518,7 @@ def _build_fp8_gemm(K: int, dense: bool, block_m: int, block_n: int, num_stages:
             rows = T.alloc_var(T.int32)
             n0 = T.alloc_var(T.int32)
             if bx // T.ceildiv(D, BN) < tile_offsets[E]:
-                _grouped_tile(bx, T.ceildiv(D, BN), tile_expert, tile_offsets, offsets, e, a0, c, row0, rows, n0,
+                _grouped_tile(bx, T.ceildiv(D, BN), tile_info, tile_offsets, offsets, e, a0, c, row0, rows, n0,
                               BM, BN)
                 _fp8_gemm_store(h8, hs, w2, w2s, y, e, row0, rows, n0, NR, KB, num_stages, a_shared, b_shared, acc,
                                 t_frag, sc, BK, BN, BM, odt)
@@ -616,9 +618,10 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
+            tile_info = _check_tile_info(perm.tile_info)  # the 128-row table's records (not perm.up_tiles)
             compile_kernel(fmt.up_kernel, fmt.config("up", {"dim": dim}, perm, n))(
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
-                perm.tile_expert, out, limit)
+                tile_info, out, limit)
     return out
 
 
@@ -643,9 +646,10 @@ def _up_quantized(perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor,
                      device=dev)
     if n:
         with torch.cuda.device(dev):
+            tile_info = _check_tile_info(perm.tile_info)
             compile_kernel("moe_up_fp8_q", {"dim": dim})(
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
-                perm.tile_expert, h8, hs, limit)
+                tile_info, h8, hs, limit)
     return h8, hs
 
 
@@ -667,8 +671,9 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         check_aligned("out", out)
     if n:
         with torch.cuda.device(dev):
+            tile_info = _check_tile_info(perm.tile_info)  # the 128-row table's records (not perm.up_tiles)
             compile_kernel(fmt.down_kernel, fmt.config("down", {"inter": inter}, perm, n))(
-                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, perm.tile_expert, out)
+                h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, tile_info, out)
     return out
 
 

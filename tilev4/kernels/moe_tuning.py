@@ -26,7 +26,7 @@ consumer warpgroup per 64 rows — and ignores it. ``moe_count`` / ``moe_scan`` 
 ``moe_scatter`` are not tuned (see their factories in :mod:`tilev4.kernels.moe`).
 
 **block_m of the grouped GEMMs is a problem key.** The permutation's tile table (``tile_offsets`` /
-``tile_expert``, made by ``moe_scan``) is built for one M tile, and a harness sees only the problem, never
+``tile_info``, made by ``moe_scan``) is built for one M tile, and a harness sees only the problem, never
 the candidate's tunables; so ``block_m`` is not tuned: the ops compile each grouped GEMM for the permutation's
 ``perm.block_m`` (``BLOCK_M``) and the harness builds its tables for the problem's ``block_m``. The dense
 variants share the factory and keep it too.
@@ -450,12 +450,12 @@ MOE_COMBINE_SPACE = Space(params={"threads": (128, 256, 64, 512)}, constraints=(
 @dataclass
 class RowCase(TuningCase):
     """A case whose run-time rows can be sliced: ``row_args`` are the indices of the row-batched inputs;
-    grouped GEMMs also hold ``offsets, tile_offsets, tile_expert`` from ``tables_at``, built for ``block_m``."""
+    grouped GEMMs also hold ``offsets, tile_offsets, tile_info`` from ``tables_at``, built for ``block_m``."""
 
     row_args: tuple[int, ...] = ()
     tables_at: int | None = None
     block_m: int = 0
-    records: bool = False  # the tables hold tile_info (the bf16 GEMMs), not tile_expert
+    records: bool = False  # the tables hold tile_info (what every expert GEMM reads), not tile_expert
 
 
 class Bounded(NamedTuple):
@@ -480,7 +480,7 @@ def tile_tables(counts: torch.Tensor, block_m: int, num_rows: int, records: bool
     """``(offsets, tile_offsets, tile_expert)`` of rows sorted by expert with ``counts`` [E] rows each, as
     ``moe_scan`` builds them for ``block_m`` (``tile_expert`` sized as the op sizes it; unused entries -1); with
     ``records``, ``tile_info`` (each M tile's expert, the expert's first M tile, first row and rows; zeros past the
-    last tile: what the bf16 GEMMs read) in place of ``tile_expert``."""
+    last tile: what the expert GEMMs read, bf16, FP8 and FP4) in place of ``tile_expert``."""
     from tilev4.kernels.moe import _max_tiles
     from tilev4.kernels.moe_ws import tiles_of
 
@@ -621,7 +621,7 @@ def _up_case(kind: str) -> Callable[..., RowCase]:
         else:
             limit, counts = ROUTED_LIMIT, _expert_counts(n, e, g, device)
             w_sorted = torch.rand(n, generator=g, device=device) + 0.1
-            tables = tile_tables(counts, problem["block_m"], n, kind == "bf16")
+            tables = tile_tables(counts, problem["block_m"], n, records=True)
             offsets, wts = tables[0].tolist(), w_sorted.double()
             args = (*act, w_sorted, *w1, *w3, *tables, h, limit)
             rows, tables_at = tuple(range(len(act) + 1)), len(act) + 1 + len(w1) + len(w3)
@@ -631,7 +631,7 @@ def _up_case(kind: str) -> Callable[..., RowCase]:
             expected = (_per_expert(offsets, n, inter, device,
                                     lambda i, r: _swiglu_ref(a[r], deq1(i), deq3(i), wts[r], limit, acc)),)
         return RowCase(args, (len(args) - 2,), expected, n, row_args=rows, tables_at=tables_at,
-                       block_m=problem.get("block_m", 0), records=kind == "bf16")
+                       block_m=problem.get("block_m", 0), records=True)
 
     return make
 
@@ -649,14 +649,14 @@ def _down_case(kind: str) -> Callable[..., RowCase]:
         if dense:
             offsets, args, tables_at = [0, n], (*act, *w2, y), None
         else:
-            tables = tile_tables(_expert_counts(n, e, g, device), problem["block_m"], n, kind == "bf16")
+            tables = tile_tables(_expert_counts(n, e, g, device), problem["block_m"], n, records=True)
             offsets, args, tables_at = tables[0].tolist(), (*act, *w2, *tables, y), len(act) + len(w2)
         expected = None
         if reference:
             acc = _acc(kind, inter)
             expected = (_per_expert(offsets, n, dim, device, lambda i, r: _gemm_ref(a[r], deq2(i), acc, OUT_ROUNDING)),)
         return RowCase(args, (len(args) - 1,), expected, n, row_args=tuple(range(len(act))), tables_at=tables_at,
-                       block_m=problem.get("block_m", 0), records=kind == "bf16")
+                       block_m=problem.get("block_m", 0), records=True)
 
     return make
 

@@ -154,34 +154,14 @@ def _staged(slot, i, j):
 
 
 @T.macro
-def _grouped_unit(b, num_n_tiles, tile_expert, tile_offsets, offsets, e: T.Ref, row0: T.Ref, rows: T.Ref,
-                  n0: T.Ref, BN, BM=BLOCK_M):
-    """Expert, first row, valid rows and first column of tile ``b`` (the tiles of one expert are consecutive,
-    M fastest, so the CTAs that read one weight tile run together).
-
-    The arithmetic of ``tilev4.kernels.moe._grouped_tile``, kept apart on purpose: the cp.async kernels hold
-    the expert's first tile and tile count in variables (they are out-parameters there), this one in let
-    bindings, and merging the two changes the generated code of one side."""
-    e = tile_expert[b // num_n_tiles]
-    a0 = tile_offsets[e]
-    c = tile_offsets[e + 1] - a0
-    n0 = ((b - a0 * num_n_tiles) // c) * BN  # noqa: F841 (T.Ref: stores into the caller's variable)
-    if BM == BLOCK_M:
-        row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BM
-        rows = T.min(BM, offsets[e + 1] - row0)
-    else:  # see tiles_of: 128-row tiles, the last one of up to BM rows
-        row0 = offsets[e] + ((b - a0 * num_n_tiles) % c) * BLOCK_M
-        last = (b - a0 * num_n_tiles) % c == c - 1
-        rows = T.min(T.if_then_else(last, BM, BLOCK_M), offsets[e + 1] - row0)  # noqa: F841
-
-
-@T.macro
 def _grouped_record(b, num_n_tiles, tile_info, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref, live: T.Ref, BN,
-                  BM=BLOCK_M):
-    """As :func:`_grouped_unit` (the FP8 / FP4 kernels' form), from the record of one of the expert's M tiles
-    (``moe_scan``'s ``tile_info``: expert, its first M tile, its first row, its rows; zeros past the last tile): one
-    load, where the expert, then its tile offsets and row offsets were three dependent ones (H200, session 38:
-    0.98-0.99 of the time of every bf16 ws GEMM).
+                    BM=BLOCK_M):
+    """Expert, first row, valid rows and first column of tile ``b`` (the tiles of one expert are consecutive,
+    M fastest, so the CTAs that read one weight tile run together), and ``live``: false past the real tiles. From
+    the record of one of the expert's M tiles (``moe_scan``'s ``tile_info``: expert, its first M tile, its first
+    row, its rows; zeros past the last tile): one load, where the expert, then its tile offsets and row offsets were
+    three dependent ones (H200, session 38: 0.98-0.99 of the time of every bf16 ws GEMM). The ``ws`` programs of
+    every weight format (bf16 here, FP8 and FP4) and the FP4 ``swap`` programs resolve their tiles with it.
 
     The arithmetic of ``tilev4.kernels.moe._grouped_tile``, kept apart on purpose: the cp.async kernels hold
     the expert's first tile and tile count in variables (they are out-parameters there), this one in let
