@@ -1,5 +1,7 @@
 """Every registry kernel, in every shipped config, lowers and compiles for sm_90a (no GPU needed)."""
 
+import re
+
 import pytest
 
 from tilev4.kernels import DEFAULT_AOT_ARCH, compile_kernel, get_kernel_def, iter_registry
@@ -7,6 +9,39 @@ from tilev4.kernels.moe import DOWN_192_CONFIG, UP_192_CONFIG
 from tilev4.kernels.registry import canonical_config
 
 CASES = [(k.name, dict(c)) for k in iter_registry() for c in k.configs]
+
+_DYN_SHARED = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\);")
+_WGMMA_DESCRIPTOR = re.compile(r"initialize_wgmma_descriptor<(\d+), \d+, \d+>\(\w+, ([^;]*)\);")
+_SWIZZLE_ALIGNMENT = {0: 16, 1: 1024, 2: 512, 3: 256}  # the descriptor's layout type: none, 128, 64, 32-byte swizzle
+
+
+def wgmma_operands(src: str) -> list[tuple[str, int, int]]:
+    """``(buffer, offset, alignment)`` of every wgmma shared-memory operand of the CUDA source ``src`` that lives in
+    the merged dynamic shared memory: its start in it and the boundary its descriptor's swizzle needs (TileLang writes
+    the descriptor with base offset 0, so an operand off that boundary reads other elements than were stored there:
+    no error, wrong data)."""
+    offsets = {name: int(off) for name, off in _DYN_SHARED.findall(src)}
+    return [(name, offsets[name], _SWIZZLE_ALIGNMENT[int(mode)])
+            for mode, arg in _WGMMA_DESCRIPTOR.findall(src) for name in re.findall(r"\w+", arg) if name in offsets]
+
+
+def assert_wgmma_operands_aligned(src: str) -> None:
+    operands = wgmma_operands(src)
+    if "initialize_wgmma_descriptor" in src:
+        assert operands, "no wgmma operand found: the pattern no longer matches TileLang's CUDA"
+    bad = sorted({op for op in operands if op[1] % op[2]})
+    assert not bad, f"wgmma operands off their swizzle's boundary (buffer, offset, alignment): {bad}"
+
+
+def test_wgmma_operand_check_flags_a_misaligned_operand():
+    """The check above on a made-up source: a 128-byte-swizzled operand at 25344 (the FP4 swap program's layout when
+    its buffers shared one name) fails, the same at 25600 passes."""
+    src = ("  void* b_s0 = ((void*)((char*)buf_dyn_shmem + {off}));\n"
+           "  tl::initialize_wgmma_descriptor<1, 1, 64>(desc_a, (&(((fp8_e4_t*)b_s0)[0])));\n")
+    assert wgmma_operands(src.format(off=25344)) == [("b_s0", 25344, 1024)]
+    with pytest.raises(AssertionError, match="b_s0"):
+        assert_wgmma_operands_aligned(src.format(off=25344))
+    assert_wgmma_operands_aligned(src.format(off=25600))
 
 
 @pytest.mark.compile
@@ -16,6 +51,7 @@ def test_compiles_for_sm90a(name, config):
     src = kernel.get_kernel_source()
     assert "__global__" in src
     assert kernel.target is not None and "sm_90a" in str(kernel.target)
+    assert_wgmma_operands_aligned(src)
 
 
 def test_registry_is_complete_and_documented():
@@ -52,8 +88,6 @@ def test_192_row_tile_fits_registers_and_shared_memory(kind):
     each at launch) redistributes no more registers than the launch gave, and its 4 stages fit in shared memory
     because the consumers stage their output in their A slabs (no staging tiles); the down-projection's 256-column
     tile is two 128-column weight tiles."""
-    import re
-
     from tilev4.kernels.moe_ws import ws_buffer_bytes
 
     config = {"dim": 4096, **UP_192_CONFIG} if kind == "up" else {"inter": 2048, **DOWN_192_CONFIG}
@@ -64,6 +98,7 @@ def test_192_row_tile_fits_registers_and_shared_memory(kind):
     smem = sum(ws_buffer_bytes(2, kind == "up", 128, 64, config["num_stages"], block_m=192))
     assert smem <= 227 * 1024, smem
     assert "tma_store" in src  # the staged output leaves by TMA
+    assert_wgmma_operands_aligned(src)
 
 
 @pytest.mark.compile
@@ -73,8 +108,6 @@ def test_192_row_tile_fits_registers_and_shared_memory(kind):
 def test_warp_specialised_register_split_fits_the_launch_allocation(name, config):
     """The warpgroups' setmaxnreg counts must fit in what the CTA gets at launch (384 threads: at most 168
     registers each); a larger sum makes ``setmaxnreg.inc`` wait forever for registers nobody frees."""
-    import re
-
     kernel = compile_kernel(name, config, DEFAULT_AOT_ARCH)
     src = kernel.get_kernel_source()
     counts = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
@@ -96,8 +129,6 @@ def test_seesaw_program_syncs_only_its_staged_output(name, config):
     """The seesaw program turns TileLang's automatic shared-memory syncs off (mbarriers order every hand-over between
     warpgroups): its only warpgroup barriers are the explicit ones around the staged output (ids 8 and 9, one per
     consumer), before each TMA store of the output and, walking several queries, after it too."""
-    import re
-
     src = compile_kernel(name, config, DEFAULT_AOT_ARCH).get_kernel_source()
     syncs = re.findall(r"__sync_thread_partial\((\d+), (\d+)\)", src)
     assert {int(i) for i, _ in syncs} <= {8, 9}, syncs
@@ -118,8 +149,6 @@ def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
     """The FP4 swap schedule the ops take at decode (not a shipped config: the ops add its keys by the rows, see
     ``swap_config``) compiles for sm_90a with launch bounds of SWAP_CTAS CTAs an SM, and its shared memory leaves
     room for them (every buffer starts below 70 KB; the last ones are a few hundred bytes)."""
-    import re
-
     from tilev4.kernels.moe_fp4 import SWAP_CONFIG, SWAP_CTAS
 
     kernel = compile_kernel(name, {**problem, "block_m": 128, **SWAP_CONFIG[kind]}, DEFAULT_AOT_ARCH)
@@ -128,6 +157,7 @@ def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
     offsets = [int(n) for n in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src)]
     assert offsets and max(offsets) < 70 * 1024, max(offsets)
     assert "wgmma_ss" in src and ", 64, 8, 32," in src  # m64 n8 k32: the weights as M, the rows as N
+    assert_wgmma_operands_aligned(src)  # its expanded weight tiles sit on 1024-byte boundaries
 
 
 MASKED_STORE_PROGRAMS = [

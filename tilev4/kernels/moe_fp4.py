@@ -110,6 +110,7 @@ from tilev4.kernels.moe_ws import (
     check_ws_schedule,
     clamp_keep_nan,
     load_route_weights,
+    shared_buffers,
     silu,
     store_part,
 )
@@ -616,10 +617,10 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
             a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
-            b_s = [T.alloc_shared((S, BN, BK), fp8) for _ in range(SRC)]  # the expanded weight tiles
-            q_s = [T.alloc_shared((PS, BN, BK // 2), T.uint8) for _ in range(SRC)]
-            s_s = [T.alloc_shared((BN, KS), T.uint8) for _ in range(SRC)]
-            sw_s = [T.alloc_shared((S, BN), T.float32) for _ in range(SRC)]  # their rows' block scales S
+            b_s = shared_buffers("b_s", SRC, (S, BN, BK), fp8)  # the expanded weight tiles
+            q_s = shared_buffers("q_s", SRC, (PS, BN, BK // 2), T.uint8)
+            s_s = shared_buffers("s_s", SRC, (BN, KS), T.uint8)
+            sw_s = shared_buffers("sw_s", SRC, (S, BN), T.float32)  # their rows' block scales S
             o0_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
             o1_s = T.alloc_shared((HALF_M, BN), T.bfloat16)
             w0_s = T.alloc_shared((HALF_M,), T.float32) if up else None
@@ -835,9 +836,9 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a0_s = T.alloc_shared((2, GR, BK), fp8)  # a pass's rows of warpgroup 0 and 1
             a1_s = T.alloc_shared((2, GR, BK), fp8)
-            b_s = [T.alloc_shared((2, BN, BK), fp8) for _ in range(SRC)]  # the expanded weight tiles
-            q_s = [T.alloc_shared((PS, BN, BK // 2), T.uint8) for _ in range(SRC)]
-            sw_s = [T.alloc_shared((2, BN), T.float32) for _ in range(SRC)]  # their rows' block scales S
+            b_s = shared_buffers("b_s", SRC, (2, BN, BK), fp8)  # the expanded weight tiles
+            q_s = shared_buffers("q_s", SRC, (PS, BN, BK // 2), T.uint8)
+            sw_s = shared_buffers("sw_s", SRC, (2, BN), T.float32)  # their rows' block scales S
             xs_s = T.alloc_shared((2, 2 * GR), T.float32)  # the pass's rows' activation scales of a K block
             w_s = T.alloc_shared((BLOCK_M,), T.float32) if up else None
             acc0 = [[T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]

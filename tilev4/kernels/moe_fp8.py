@@ -66,6 +66,7 @@ from tilev4.kernels.moe_ws import (
     load_route_weights,
     masked_rows,
     produce,
+    shared_buffers,
     silu,
     store_part,
 )
@@ -260,7 +261,7 @@ def _build_fp8_ws(kind: str, K: int, block_n: int, num_stages: int, quant_out: b
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
             a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
             a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
-            bs = [T.alloc_shared((S, BN, BK), fp8) for _ in range(NB)]
+            bs = shared_buffers("b_s", NB, (S, BN, BK), fp8)
             o0_s = T.alloc_shared((HALF_M, BN), fp8 if quant_out else T.bfloat16)
             o1_s = T.alloc_shared((HALF_M, BN), fp8 if quant_out else T.bfloat16)
             w0_s = T.alloc_shared((HALF_M,), T.float32) if kind == "up" else None

@@ -72,6 +72,7 @@ from typing import Any
 import tilelang.language as T
 from tilelang import tvm
 from tilelang.layout import make_swizzled_layout
+from tvm.script.ir_builder import IRBuilder
 
 from tilev4._fastmath import FAST_SOURCE, LOG2E, ex2, rcp
 
@@ -146,6 +147,18 @@ def tiles_of(count, block_m: int):
     if block_m <= BLOCK_M:
         return T.ceildiv(count, block_m)
     return T.if_then_else(count <= block_m, T.min(count, 1), T.ceildiv(count - HALF_M, BLOCK_M))
+
+
+def shared_buffers(name: str, count: int, shape: tuple, dtype: Any) -> list:
+    """``count`` shared buffers named ``{name}0``, ``{name}1``, … (in a kernel body, where a list of them is wanted).
+
+    Buffers allocated in a comprehension would all get the same name, and TileLang 0.1.15 keys the shared-memory
+    alignment that an op's lowering records (a TMA load's, for instance) by buffer name: that record then stands for
+    every buffer of the name, also for a wgmma operand that needs 1024 bytes (128-byte swizzle), and the merged
+    allocation may place that operand off a 1024-byte boundary. The result is not an error but wrong data (the FP4
+    swap programs once their tile resolution changed, session 39; ``tests/test_kernels_compile.py`` checks every
+    wgmma operand's offset)."""
+    return [IRBuilder.name(f"{name}{i}", T.alloc_shared(shape, dtype)) for i in range(count)]
 
 
 def _staged(slot, i, j):
@@ -363,7 +376,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             a0_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             a1_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16)
             a2_s = T.alloc_shared((S, HALF_M, BK), T.bfloat16) if third else None
-            bs = [T.alloc_shared((S, BN, BK), T.bfloat16) for _ in range(NB)]
+            bs = shared_buffers("b_s", NB, (S, BN, BK), T.bfloat16)
             o0_s = None if in_a else T.alloc_shared((HALF_M, SN), T.bfloat16)
             o1_s = None if in_a else T.alloc_shared((HALF_M, SN), T.bfloat16)
             o2_s = None
