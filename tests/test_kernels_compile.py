@@ -26,6 +26,11 @@ def wgmma_operands(src: str) -> list[tuple[str, int, int]]:
 
 
 def assert_wgmma_operands_aligned(src: str) -> None:
+    """Every wgmma operand on its swizzle's boundary, and no dynamic shared buffer left unnamed: buffers allocated in a
+    comprehension all come out as ``v``, ``v_1``, … and TileLang 0.1.15 keys recorded alignments by name (see
+    :func:`tilev4.kernels.moe_ws.shared_buffers`), so such a program is aligned by luck of the allocation order."""
+    unnamed = [name for name, _ in _DYN_SHARED.findall(src) if re.fullmatch(r"v(_\d+)?", name)]
+    assert not unnamed, f"unnamed dynamic shared buffers {unnamed}: allocate lists with moe_ws.shared_buffers"
     operands = wgmma_operands(src)
     if "initialize_wgmma_descriptor" in src:
         assert operands, "no wgmma operand found: the pattern no longer matches TileLang's CUDA"
@@ -35,13 +40,15 @@ def assert_wgmma_operands_aligned(src: str) -> None:
 
 def test_wgmma_operand_check_flags_a_misaligned_operand():
     """The check above on a made-up source: a 128-byte-swizzled operand at 25344 (the FP4 swap program's layout when
-    its buffers shared one name) fails, the same at 25600 passes."""
+    its buffers shared one name) fails, the same at 25600 passes, and fails again under an unnamed buffer's name."""
     src = ("  void* b_s0 = ((void*)((char*)buf_dyn_shmem + {off}));\n"
            "  tl::initialize_wgmma_descriptor<1, 1, 64>(desc_a, (&(((fp8_e4_t*)b_s0)[0])));\n")
     assert wgmma_operands(src.format(off=25344)) == [("b_s0", 25344, 1024)]
     with pytest.raises(AssertionError, match="b_s0"):
         assert_wgmma_operands_aligned(src.format(off=25344))
     assert_wgmma_operands_aligned(src.format(off=25600))
+    with pytest.raises(AssertionError, match="unnamed"):  # the same operand as TileLang names a comprehension's buffer
+        assert_wgmma_operands_aligned(src.format(off=25600).replace("b_s0", "v_2"))
 
 
 @pytest.mark.compile
