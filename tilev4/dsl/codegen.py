@@ -1160,14 +1160,24 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.sync_threads(8 + w, 128)  # the warpgroup's staged output is complete (no automatic syncs)
                 T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
             else:
-                # Q's buffer holds the next query's Q: the output goes out through this consumer's P slot
-                # (free: both consumers are past their last P·V), BI columns at a time
-                for c in [c * BI for c in range(DH // BI)]:
+                # Q's buffer holds the next query's Q: the output goes out BI columns at a time, staged in turn in
+                # this consumer's P slot (free: both consumers are past their last P·V) and its staging slot, so
+                # that one chunk's store reads shared memory while the next chunk is staged
+                for i, c in enumerate([c * BI for c in range(DH // BI)]):
+                    slot = w + 2 * (i % 2)
+                    if i >= 2:
+                        if T.shuffle_elect(128):
+                            T.tma_store_wait(1)  # the store of chunk i - 2 has read this slot
+                        T.sync_threads(8 + w, 128)
                     for h, d in T.Parallel(HB, BI):
-                        p_shared[w, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
+                        p_shared[slot, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
                     T.sync_threads(8 + w, 128)  # the chunk is staged
-                    T.copy(p_shared[w, :, :], t["o"][b_i, s_i, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
-                    T.sync_threads(8 + w, 128)  # the store has read the slot (its elected thread waited)
+                    if T.shuffle_elect(128):  # the thread that waits on the stores is the one that issued them
+                        T.fence_proxy_async()
+                        T.tma_copy(p_shared[slot, :, :], t["o"][b_i, s_i, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
+                if T.shuffle_elect(128):
+                    T.tma_store_wait(0)
+                T.sync_threads(8 + w, 128)  # both slots are read: the P slot is written again in the next query
             if spec.return_lse and w == 0:
                 for h in T.Parallel(HB):
                     t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
@@ -1241,7 +1251,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             T.annotate_pass_configs({"tl.disable_thread_storage_sync": True})
             q_shared = T.alloc_shared((HB, D), T.bfloat16)
             kv_shared = T.alloc_shared((2 * RING, BI, D), T.bfloat16)
-            p_shared = T.alloc_shared((2, HB, BI), T.bfloat16)
+            # [2, HB, BI] P hand-over slots; with several queries a CTA also two staging slots of the output
+            p_shared = T.alloc_shared((2 if QT == 1 and not PC else 4, HB, BI), T.bfloat16)
             # a stage's key validity (then, with mask_votes, the producer warps' votes that all their keys are valid)
             ok_shared = T.alloc_shared((2 * RING, BI + (_PRODUCER_WARPS if VOTES else 0)), T.int32, scope="shared")
             kvpos_shared = T.alloc_shared((2 * RING, BI), T.int32, scope="shared")
