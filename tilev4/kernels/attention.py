@@ -46,11 +46,12 @@ __all__ = ["csa_attention", "csa_spec", "hca_attention", "hca_spec", "sparse_att
 
 WINDOW = 128
 HCA_RATIO = 128
-LONG_LAUNCH_QUERY_TILES = {"sparse": 4, "csa": 2, "hca": 4}
+LONG_LAUNCH_QUERY_TILES = {"sparse": 4, "csa": 2, "hca": 8}
 """Queries a CTA of the one-pass program walks in a long launch, per variant (:meth:`_TunedAttention.tile_queries`).
 Measured on the H200 against one query a CTA (A/B in one process, the benchmark's inputs), 2 / 4 queries: sparse
 k = 512 0.94 / 0.91, V4-Flash CSA prefill 0.97 / 0.99, HCA prefill 0.95 / 0.93; V4-Pro CSA (two head blocks)
-1.02 / 1.03, which is why it takes one head block."""
+1.02 / 1.03, which is why it takes one head block. HCA prefill, 8 queries against 4: 0.99 (session 40; a query
+there has ~3.5 block pairs, so its fixed costs weigh most)."""
 LONG_LAUNCH_WAVES = 8  # ... and at least this many waves of such CTAs on the device's SMs
 PERSISTENT_QUERIES_PER_SM = 2
 """From this many queries an SM in one sequence on, the one-pass program (one head block) runs one persistent CTA an
