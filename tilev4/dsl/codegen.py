@@ -35,7 +35,8 @@ barrier per half of D lets the producer refill a half as soon as its last reader
 QKᵀ and the softmax, both run P·V on their half of D). Other specs run the ``simple`` schedule (all warps gather,
 then compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
-load while the consumers finish the previous one (same bits as one query a CTA); with
+load while the consumers finish the previous one (same bits as one query a CTA; the output then leaves through two
+8 KB staging slots a consumer, one chunk's store reading shared memory while the next is staged); with
 ``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
 """
 
