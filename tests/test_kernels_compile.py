@@ -135,7 +135,9 @@ SEESAW_PROGRAMS = [
 def test_seesaw_program_syncs_only_its_staged_output(name, config):
     """The seesaw program turns TileLang's automatic shared-memory syncs off (mbarriers order every hand-over between
     warpgroups): its only warpgroup barriers are the explicit ones around the staged output (ids 8 and 9, one per
-    consumer), before each TMA store of the output and, walking several queries, after it too."""
+    consumer), before each TMA store of the output. Walking several queries, a consumer's four chunks alternate
+    between two slots: a chunk is staged once the store two chunks back has read its slot (one store group left in
+    flight), and all stores have read their slots when the query ends."""
     src = compile_kernel(name, config, DEFAULT_AOT_ARCH).get_kernel_source()
     syncs = re.findall(r"__sync_thread_partial\((\d+), (\d+)\)", src)
     assert {int(i) for i, _ in syncs} <= {8, 9}, syncs
@@ -146,7 +148,11 @@ def test_seesaw_program_syncs_only_its_staged_output(name, config):
     elif config.get("query_tiles", 1) == 1:
         assert stores == 2 and sorted(i for i, _ in syncs) == ["8", "9"]  # one store a consumer, a sync before it
     else:
-        assert stores == 8 and len(syncs) == 16  # 4 chunks a consumer, a sync before and after each
+        # a consumer: a sync after staging each of its 4 chunks, one after the waits before chunks 2 and 3, one at
+        # the end
+        assert stores == 8 and len(syncs) == 14
+        assert len(re.findall(r"tl::tma_store_wait<1, true>", src)) == 4
+        assert len(re.findall(r"tl::tma_store_wait<0, true>", src)) == 2
 
 
 @pytest.mark.compile
