@@ -57,6 +57,11 @@ def test_dsl_space_pins_what_a_schedule_does_not_use():
     # shared memory: the defaults fit with room to spare; a 128-key double buffer does not
     assert 200_000 < dsl_tuning.smem_bytes(ws, AttentionConfig(), "main") <= SMEM
     assert 200_000 < dsl_tuning.smem_bytes(ws, AttentionConfig(schedule="seesaw"), "main") <= SMEM
+    # several queries a CTA (or persistent CTAs): two 64 x 64 bf16 output staging slots and two more row sums
+    for walk in ({"query_tiles": 4}, {"persistent_ctas": 132}):
+        several = dsl_tuning.smem_bytes(ws, AttentionConfig(schedule="seesaw", **walk), "main")
+        one = dsl_tuning.smem_bytes(ws, AttentionConfig(schedule="seesaw"), "main")
+        assert several - one == 2 * 64 * 64 * 2 + 2 * 64 * 4 and several <= SMEM
     assert dsl_tuning.smem_bytes(ws, AttentionConfig(block_kv=128), "main") > SMEM
     with pytest.raises(ValueError, match="multiple of block_kv"):
         AttentionConfig(block_kv=48, split_keys=256).blocks_per_split()

@@ -143,9 +143,10 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
     hb, d, bi = head_block(spec.heads), spec.head_dim, config.block_kv
     if schedule_of(spec, config) == "seesaw":
         # Q, the 2-stage KV buffer, P of both stages, per-key flags/positions, row max and row sum exchange
-        # (several queries a CTA: the row sums of two queries)
-        sums = 2 if config.query_tiles == 1 and not config.persistent_ctas else 4
-        return (hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + 2 * hb * bi * 2 + 2 * hb * 4
+        # (several queries a CTA: also the output's two staging slots, and the row sums of two queries)
+        several = config.query_tiles > 1 or config.persistent_ctas > 0
+        slots, sums = (4, 4) if several else (2, 2)
+        return (hb * d * 2 + 2 * config.pair_stages * (bi * d * 2 + 2 * bi * 4) + slots * hb * bi * 2 + 2 * hb * 4
                 + sums * hb * 4)
     if schedule_of(spec, config) == "ws":
         # Q, the 2-stage KV buffer, P, per-key flags/positions of both stages, rescale factors
