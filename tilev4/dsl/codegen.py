@@ -998,7 +998,8 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     Global key blocks come in pairs (stage 0: even block, stage 1: odd block; the producer is the
     one of the ``ws`` schedule, with a free/ready barrier per half of D). Consumer ``w`` owns half ``w``
     of D in the output and block ``2·it + w`` of each pair: it computes ``S_w = Q K_wᵀ`` over all of D
-    (its own half of D first: that half was refilled first) and masks it. The running max is handed
+    (its own half of D first: that half was refilled first; both halves in one wgmma batch, the second half's barrier
+    waited on while the first half's products run) and masks it. The running max is handed
     from consumer 0 (the leader) to consumer 1 (the follower): the leader takes ``m0`` (``m``, or ``rowmax S_0``
     where that passes ``m`` by more than :data:`RESCALE_SLACK`), runs its softmax, publishes ``m0`` and starts
     ``P_0 V_0[:, half 0]`` (P from registers); the follower takes ``m1`` from ``m0`` and ``rowmax S_1`` the same
@@ -1072,17 +1073,22 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             real = w == 0 or second
             # the pair's first stage in the ring, the parity of its barriers
             r0, ph = _ring_slot(_cta_pair(it, g0), RING)
-            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
             if real:
-                T.gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
-                       transpose_B=True, clear_accum=True)
-            T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
-            if real:
-                T.gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH], kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH],
-                       acc_s, transpose_B=True)
+                # the two halves of D in one wgmma batch: the second half's barrier is waited on while the first
+                # half's products run
+                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
+                T.wgmma_gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
+                             transpose_B=True, clear_accum=True)
+                T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
+                T.wgmma_gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH],
+                             kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH], acc_s, transpose_B=True)
+                T.wait_wgmma(0)
+                T.warpgroup_fence_operand(acc_s, num_regs=HB * BI // 128)  # the fragment: a thread's registers
                 # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
                 mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW, votes=VOTES)
             else:  # padding: no key (what the mask makes of its zero rows)
+                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
+                T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
                 T.fill(acc_s, -T.infinity(T.float32))
             if w == 0:
                 # leader: its own running max first (m0); the follower's max arrives later
