@@ -77,9 +77,11 @@ def _edits() -> list[tuple[str, str, str]]:
          "        tid = T.get_thread_binding()\n        T.barrier_wait(q_bar, 0 if j is None else j & 1)\n"
          + _stamp(c("q_ready"), 0, 8),
          "the consumer's Q wait"),
-        ("            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n",
-         "            T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n            if tid == 0 and it == 0:\n"
-         f"                dbg[rr, {c('first_block')}] = T.call_extern('int64', 'tv4_clock')\n",
+        # (thread 0 is the leader's: its block of a pair is never the padding one, so the stamp sits in the real branch)
+        ("                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n                T.wgmma_gemm(",
+         "                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n                if tid == 0 and it == 0:\n"
+         f"                    dbg[rr, {c('first_block')}] = T.call_extern('int64', 'tv4_clock')\n"
+         "                T.wgmma_gemm(",
          "the first key block"),
         ("        # the two row sums, added in the same order by both; then the epilogue factors",
          _stamp(c("loop_end_0"), 0, 8) + _stamp(c("loop_end_1"), 128, 8)
