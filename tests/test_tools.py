@@ -310,3 +310,40 @@ def test_attention_ab_rejects_a_bad_walk(tmp_path, capsys):
             tool.main(["--base", str(base), "--walk", walk, "--build-only"])
         err = capsys.readouterr().err
         assert "--walk: " in err and repr(walk) in err
+
+
+def test_attention_ptxas_parses_resources_advisories_and_sass():
+    tool = _tool("attention_ptxas")
+    text = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+            "ptxas /tmp/k.ptx, line 812; warning : Potential Performance Loss: wgmma.mma_async instructions are "
+            "serialized due to ... (C7515)\n"
+            "ptxas info    : Function properties for k\n"
+            "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+            "ptxas info    : Used 168 registers, used 10 barriers, 1024 bytes smem\n")
+    rep = tool.parse_ptxas(text)
+    assert (rep["registers"], rep["stack_frame"], rep["spill_stores"], rep["spill_loads"]) == (168, 8, 8, 4)
+    assert len(rep["advisories"]) == 1 and "C7515" in rep["advisories"][0]
+    try:
+        tool.parse_ptxas("nvcc: nothing compiled\n")
+    except ValueError as e:
+        assert "no ptxas resource line" in str(e)
+    else:
+        raise AssertionError("output without a resource line was accepted")
+    sass = ("        /*0a10*/   HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT ;\n"
+            "        /*0a20*/   HGMMA.64x256x16.F32.BF16 R24, R184, gdesc[UR4].tnspB, R24 ;\n"
+            "        /*0a30*/   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n"
+            "        /*0a40*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+            "        /*0a50*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n")
+    assert tool.sass_counts(sass) == {"hgmma_64x256x16": 1, "hgmma_64x64x16": 1, "wgmma_wait_0": 2,
+                                      "wgmma_wait_1": 1}
+
+
+def test_attention_ptxas_the_shipped_seesaw_program_neither_spills_nor_serialises(capsys):
+    """The V4-Flash CSA prefill program at the benchmark's walk (2 queries a CTA), compiled by nvcc for sm_90a:
+    no spill and no wgmma advisory (ptxas serialises every wgmma of a program it warns about)."""
+    tool = _tool("attention_ptxas")
+    rc = tool.main(["--case", "csa64", "--walk", "qt2"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["registers"] <= 168
+    assert (rep["spill_stores"], rep["spill_loads"], rep["advisories"]) == (0, 0, [])
+    assert rc == 0
