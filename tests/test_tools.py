@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -338,11 +340,13 @@ def test_attention_ptxas_parses_resources_advisories_and_sass():
                                       "wgmma_wait_1": 1}
 
 
-def test_attention_ptxas_the_shipped_seesaw_program_neither_spills_nor_serialises(capsys):
-    """The V4-Flash CSA prefill program at the benchmark's walk (2 queries a CTA), compiled by nvcc for sm_90a:
-    no spill and no wgmma advisory (ptxas serialises every wgmma of a program it warns about)."""
+@pytest.mark.parametrize("case,walk", [("csa64", "qt2"), ("csa128", None), ("hca64", "qt8"), ("decode64", None)])
+def test_attention_ptxas_the_shipped_seesaw_programs_neither_spill_nor_serialise(case, walk, capsys):
+    """The benchmark rows' programs at the walks the ops launch for them (V4-Flash and V4-Pro CSA prefill, HCA
+    prefill, V4-Flash decode), compiled by nvcc for sm_90a: no spill and no wgmma advisory (ptxas serialises every
+    wgmma of a program it warns about, silently slowing it down)."""
     tool = _tool("attention_ptxas")
-    rc = tool.main(["--case", "csa64", "--walk", "qt2"])
+    rc = tool.main(["--case", case] + (["--walk", walk] if walk else []))
     rep = json.loads(capsys.readouterr().out)
     assert rep["registers"] <= 168
     assert (rep["spill_stores"], rep["spill_loads"], rep["advisories"]) == (0, 0, [])

@@ -155,15 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{opt}: no such file: {getattr(args, opt)}")
     walk = None
     if args.walk is not None:
-        from attention_walks import parse_walks
+        from attention_walks import parse_walk
 
         try:
-            walks = parse_walks(args.walk, None)
+            walk = parse_walk(args.walk)
         except ValueError as e:
-            ap.error(str(e).replace("--walks", "--walk"))
-        if len(walks) != 1:
-            ap.error(f"--walk: give one walk, got {args.walk!r}")
-        walk = walks[0][1]
+            ap.error(str(e))
     new_config = None
     if args.new_config is not None:
         try:

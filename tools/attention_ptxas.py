@@ -125,15 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--codegen: no such file: {args.codegen}")
     walk: dict[str, Any] = {}
     if args.walk is not None:
-        from attention_walks import parse_walks
+        from attention_walks import parse_walk
 
         try:
-            walks = parse_walks(args.walk, None)
+            walk = parse_walk(args.walk)
         except ValueError as e:
-            ap.error(str(e).replace("--walks", "--walk"))
-        if len(walks) != 1:
-            ap.error(f"--walk: give one walk, got {args.walk!r}")
-        walk = walks[0][1]
+            ap.error(str(e))
     rep = {"case": args.case, "walk": walk, "codegen": args.codegen or "working tree",
            **report(lower(args.case, args.codegen, walk), Path(args.cuda) if args.cuda else None)}
     print(json.dumps(rep, indent=1))

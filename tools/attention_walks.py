@@ -52,6 +52,17 @@ def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, int]]]:
     return out
 
 
+def parse_walk(text: str) -> dict[str, int]:
+    """One walk (``"qt4"`` or ``"pc132"``) as AttentionConfig items, for a tool's ``--walk`` option (errors name it)."""
+    try:
+        walks = parse_walks(text, None)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--walks", "--walk")) from None
+    if len(walks) != 1:
+        raise ValueError(f"--walk: give one walk, got {text!r}")
+    return walks[0][1]
+
+
 def kernel(variant: str, walk: dict[str, int], arch: str | None) -> Any:
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.codegen import AttentionConfig
