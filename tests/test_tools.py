@@ -314,6 +314,25 @@ def test_attention_ab_rejects_a_bad_walk(tmp_path, capsys):
         assert "--walk: " in err and repr(walk) in err
 
 
+def test_attention_ab_walks_per_case_and_variant_labels(tmp_path, capsys):
+    tool = _ab_tool()
+    cases = ["csa64", "csa128", "hca64"]
+    assert tool.parse_case_walks("qt2", cases) == {c: {"query_tiles": 2} for c in cases}
+    assert tool.parse_case_walks("csa64=qt2, hca64=pc132, decode64=qt4", cases) == {
+        "csa64": {"query_tiles": 2}, "csa128": {}, "hca64": {"persistent_ctas": 132}}
+    for text, msg in (("csa64=qt2,foo=qt4", "'foo=qt4' is not CASE=WALK"), ("csa64=qt0", "'qt0' is not qtN"),
+                      ("csa64=qt2,qt4", "'qt4' is not CASE=WALK")):
+        with pytest.raises(ValueError, match=msg):
+            tool.parse_case_walks(text, cases)
+    assert tool.variant_labels([None]) == ["new"]
+    assert tool.variant_labels(["/a/vA.py", "/b/vB.py", "/c/vA.py", "/d/base.py"]) == ["vA", "vB", "vA_2", "base_3"]
+    base = tmp_path / "codegen.py"
+    base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())
+    with pytest.raises(SystemExit):
+        tool.main(["--base", str(base), "--new", str(base), "--new", str(tmp_path / "nope.py"), "--build-only"])
+    assert "--new: no such file" in capsys.readouterr().err
+
+
 def test_attention_ptxas_parses_resources_advisories_and_sass():
     tool = _tool("attention_ptxas")
     text = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"

@@ -1,24 +1,29 @@
-"""A/B of two versions of the attention code generator on the GPU: bits and time, in one process.
+"""A/B of versions of the attention code generator on the GPU: bits and time, in one process.
 
     git show main:tilev4/dsl/codegen.py > /tmp/codegen_base.py                 # here (the device has no .git)
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --json $OUT/attention_ab.json       # on a GPU
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --build-only --arch sm_90a   # no GPU
-    python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --walk qt4    # the benchmark's HCA walk
+    python3 tools/attention_ab.py --base /tmp/codegen_base.py --case hca64 --walk qt8    # the benchmark's HCA walk
+    python3 tools/attention_ab.py --base /tmp/base.py --new /tmp/vA.py --new /tmp/vB.py --walk csa64=qt2,hca64=qt8
     python3 tools/attention_ab.py --base tilev4/dsl/codegen.py --case decode64 --new-config block_kv=32,pair_stages=2
     python3 tools/attention_ab.py --base /tmp/codegen_base.py --case decode64 --spread-positions
 
 For each case (those of ``tools/attention_timeline.py``: the benchmark's inputs) the tool builds the main program
-with the default config (``--walk qtN`` / ``pcN``: with that walk of queries) from the working tree's
-:mod:`tilev4.dsl.codegen` ("new") and from the file ``--base`` ("base", loaded as a separate module), launches both
-on the same inputs with the output poisoned (NaN) first,
-compares the outputs bit for bit, then times them alternately (CUDA-graph replays, L2 flushed) for ``--rounds``
-rounds and reports each one's median and the median of the per-round ratios new / base. Differences of a few
-percent between two separate benchmark runs are common on the H200; alternating in one process is what makes
-them measurable.
+with the default config from the file ``--base`` ("base", loaded as a separate module) and from each ``--new`` file
+(repeatable; labelled by the file's stem; default: the working tree's :mod:`tilev4.dsl.codegen`, labelled "new"),
+launches them on the same inputs with the output poisoned (NaN) first, compares each variant's output with the base's
+bit for bit, then times them in turn (CUDA-graph replays, L2 flushed) for ``--rounds`` rounds and reports each one's
+median and, for each variant, the median of the per-round ratios variant / base. Differences of a few percent
+between two separate benchmark runs are common on the H200; alternating in one process is what makes them
+measurable. Every program is built (in ``--jobs`` processes) before the first launch, so a kernel cache built here
+with ``--build-only --arch sm_90a`` and carried makes the GPU run compile nothing.
 
-``--new-config K=V,...`` builds the new program with those :class:`~tilev4.dsl.codegen.AttentionConfig` items (over
-the walk's), so that a config is measured against the default without an edited copy of the generator (``--base``
-may then be the working tree's own file). ``--spread-positions`` moves the decode case's sequences off the
+``--walk``: the main program's walk of queries, ``qtN`` (N queries a CTA) or ``pcN`` (N persistent CTAs) for every
+case, or per case, ``csa64=qt2,hca64=qt8`` (the cases not named walk one query a CTA); the ops' own walks for the
+benchmark's inputs are those of ``tilev4.kernels.attention._walk`` (V4-Flash CSA 2 queries a CTA, HCA 8, the others
+one). ``--new-config K=V,...`` builds the variants with those :class:`~tilev4.dsl.codegen.AttentionConfig` items
+(over the walk's), so that a config is measured against the default without an edited copy of the generator
+(``--base`` may then be the working tree's own file). ``--spread-positions`` moves the decode case's sequences off the
 benchmark's single position (131 071, where both 64-key blocks of the 128-row window ring start at a ring row that is
 a multiple of 64) to ``131 071 − (37·i mod 128)`` for sequence ``i``: a change whose cost depends on where the window
 falls in its ring is then measured over every phase.
@@ -94,15 +99,45 @@ def spread_positions(positions: Any) -> Any:
     return positions
 
 
-def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = None,
+def variant_labels(news: list[str | None]) -> list[str]:
+    """A label a variant: "new" for the working tree (None) alone, else each file's stem (made unique)."""
+    if news == [None]:
+        return ["new"]
+    labels: list[str] = []
+    for f in news:
+        stem = "new" if f is None else Path(f).stem
+        labels.append(stem if stem not in labels and stem != "base" else f"{stem}_{len(labels)}")
+    return labels
+
+
+def parse_case_walks(text: str, cases: list[str]) -> dict[str, dict[str, int]]:
+    """``--walk``: one walk for every case (``"qt2"``), or ``"csa64=qt2,hca64=qt8"`` (the others: one query a
+    CTA); returns each case's AttentionConfig items."""
+    from attention_walks import parse_walk
+
+    if "=" not in text:
+        walk = parse_walk(text)
+        return {c: walk for c in cases}
+    out: dict[str, dict[str, int]] = {c: {} for c in cases}
+    for item in (i.strip() for i in text.split(",")):
+        case, eq, w = item.partition("=")
+        if not eq or case not in CASES:
+            raise ValueError(f"--walk: {item!r} is not CASE=WALK with CASE one of {', '.join(sorted(CASES))}")
+        if case in out:
+            out[case] = parse_walk(w)
+    return out
+
+
+def run_case(case: str, base: str, arch: str, rounds: int, news: list[str | None],
              walk: dict[str, Any] | None = None, new_config: dict[str, Any] | None = None,
              spread: bool = False) -> dict[str, Any]:
     import torch
 
     from tilev4.bench import time_cuda
 
-    kernels = {"new": build(case, new, arch, {**(walk or {}), **(new_config or {})}),
-               "base": build(case, base, arch, walk)}
+    labels = variant_labels(news)
+    kernels = {label: build(case, f, arch, {**(walk or {}), **(new_config or {})}) for label, f in zip(labels, news)}
+    kernels["base"] = build(case, base, arch, walk)
     args = _inputs(case)
     if spread:
         spread_positions(args[input_names(case).index("positions")])
@@ -113,52 +148,53 @@ def run_case(case: str, base: str, arch: str, rounds: int, new: str | None = Non
         k(*args, o)
         torch.cuda.synchronize()
         outs[which] = o
-    bits_equal = bool(torch.equal(outs["new"].view(torch.int16), outs["base"].view(torch.int16)))
-    max_diff = float((outs["new"].float() - outs["base"].float()).abs().max())
-    times: dict[str, list[float]] = {"new": [], "base": []}
+    times: dict[str, list[float]] = {which: [] for which in kernels}
     reps = 3 if case == "hca64" else 10
     for _ in range(rounds):
         for which, k in kernels.items():
             o = outs[which]
             times[which].append(time_cuda(lambda k=k, o=o: k(*args, o), warmup=2, reps=reps, graph=True))
-    return {
-        "case": case,
-        "walk": walk or {},
-        "new_config": new_config or {},
-        "spread_positions": spread,
-        "bits_equal": bits_equal,
-        "max_abs_diff": max_diff,
-        "nan": bool(torch.isnan(outs["new"]).any()),
-        "base_ms": statistics.median(times["base"]),
-        "new_ms": statistics.median(times["new"]),
-        "ratio_new_over_base": statistics.median(a / b for a, b in zip(times["new"], times["base"])),
-    }
+    row: dict[str, Any] = {"case": case, "walk": walk or {}, "new_config": new_config or {},
+                           "spread_positions": spread, "base_ms": statistics.median(times["base"]), "variants": {}}
+    for label in labels:
+        o = outs[label]
+        row["variants"][label] = {
+            "file": news[labels.index(label)] or "working tree",
+            "bits_equal": bool(torch.equal(o.view(torch.int16), outs["base"].view(torch.int16))),
+            "max_abs_diff": float((o.float() - outs["base"].float()).abs().max()),
+            "nan": bool(torch.isnan(o).any()),
+            "ms": statistics.median(times[label]),
+            "ratio_over_base": statistics.median(a / b for a, b in zip(times[label], times["base"])),
+        }
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the other version of tilev4/dsl/codegen.py (a file)")
-    ap.add_argument("--new", help="the version to measure against it (a file; default: the working tree's)")
+    ap.add_argument("--new", action="append",
+                    help="a version to measure against it (a file; repeatable; default: the working tree's)")
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable (default: all)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--jobs", type=int, default=8, help="parallel compiles before the GPU runs")
-    ap.add_argument("--build-only", action="store_true", help="lower and compile both programs, no GPU")
+    ap.add_argument("--build-only", action="store_true", help="lower and compile every program, no GPU")
     ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
-    ap.add_argument("--walk", help="qtN or pcN: the main program's walk of queries (default: one query a CTA)")
-    ap.add_argument("--new-config", help="K=V,...: AttentionConfig items of the new program only")
+    ap.add_argument("--walk", help="qtN or pcN for every case, or CASE=WALK,... (default: one query a CTA)")
+    ap.add_argument("--new-config", help="K=V,...: AttentionConfig items of the variants only")
     ap.add_argument("--spread-positions", action="store_true",
                     help="decode: sequence i at the benchmark's position minus 37·i mod 128 (every ring phase)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    for opt in ("base", "new"):
-        if getattr(args, opt) is not None and not Path(getattr(args, opt)).is_file():
-            ap.error(f"--{opt}: no such file: {getattr(args, opt)}")
-    walk = None
+    news: list[str | None] = args.new or [None]
+    for opt, files in (("base", [args.base]), ("new", news)):
+        for f in files:
+            if f is not None and not Path(f).is_file():
+                ap.error(f"--{opt}: no such file: {f}")
+    cases = args.case or sorted(CASES)
+    walks: dict[str, dict[str, int]] = {c: {} for c in cases}
     if args.walk is not None:
-        from attention_walks import parse_walk
-
         try:
-            walk = parse_walk(args.walk)
+            walks = parse_case_walks(args.walk, cases)
         except ValueError as e:
             ap.error(str(e))
     new_config = None
@@ -167,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
             new_config = parse_config(args.new_config)
         except ValueError as e:
             ap.error(str(e))
-    cases = args.case or sorted(CASES)
     if args.spread_positions and (bad := [c for c in cases if not CASES[c][2]]):
         ap.error(f"--spread-positions: only the decode case (a window ring) has one position a sequence, got {bad}")
     if args.build_only:
@@ -176,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         from tilev4.kernels.registry import current_arch
 
         arch = args.arch or current_arch()
-    jobs = [(c, args.new, arch, {**(walk or {}), **(new_config or {})}) for c in cases]
-    jobs += [(c, args.base, arch, walk) for c in cases]
+    jobs = [(c, f, arch, {**walks[c], **(new_config or {})}) for c in cases for f in news]
+    jobs += [(c, args.base, arch, walks[c]) for c in cases]
     if args.jobs > 1 and len(jobs) > 1:
         with cf.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             list(ex.map(_build_in_worker, jobs))
@@ -188,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for c in cases:
-        rows.append(run_case(c, args.base, arch, args.rounds, args.new, walk, new_config, args.spread_positions))
+        rows.append(run_case(c, args.base, arch, args.rounds, news, walks[c] or None, new_config,
+                             args.spread_positions))
         print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        if args.json:  # after each case, so that a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
