@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _assert_needs_gpu(script):
     """Without a GPU, ``script`` run with its defaults exits non-zero saying it needs one (skipped on a GPU machine)."""
-    import pytest
     import torch
 
     if torch.cuda.is_available():
@@ -48,7 +47,6 @@ def test_moe_schedules_checks_its_arguments():
 
 def test_compressor_configs_checks_its_arguments():
     """The compressor config comparison (a GPU tool) names a bad --configs, and says when there is no GPU."""
-    import pytest
     import torch
 
     tool = str(ROOT / "tools" / "compressor_configs.py")
@@ -64,8 +62,6 @@ def test_compressor_configs_checks_its_arguments():
 def test_attention_walks_checks_its_arguments():
     """The attention walk A/B (a GPU tool) reads qtN / pcN / pcsms walks, names a bad one, and says when there is no
     GPU to run on."""
-    import pytest
-
     tool = _tool("attention_walks")
     assert tool.parse_walks("qt1, qt4,pc132,pcsms", 114) == [
         ("qt1", {"query_tiles": 1}), ("qt4", {"query_tiles": 4}), ("pc132", {"persistent_ctas": 132}),
@@ -164,8 +160,6 @@ def test_attention_timeline_instruments_the_split_program():
 
 
 def test_attention_timeline_fails_loudly_when_the_codegen_moved(tmp_path, monkeypatch):
-    import pytest
-
     tool = _timeline_tool()
     moved = tmp_path / "codegen.py"
     fin = "        T.barrier_wait(fin, 0 if j is None else j & 1)\n"
@@ -257,16 +251,12 @@ def test_attention_ab_loads_a_base_codegen_as_its_own_module(tmp_path):
 
 
 def test_attention_ab_rejects_a_missing_base(tmp_path):
-    import pytest
-
     tool = _ab_tool()
     with pytest.raises(SystemExit):
         tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])
 
 
 def test_attention_ab_new_config_is_parsed_and_checked():
-    import pytest
-
     tool = _ab_tool()
     assert tool.parse_config("block_kv=32,pair_stages=2") == {"block_kv": 32, "pair_stages": 2}
     assert tool.parse_config("schedule=ws") == {"schedule": "ws"}
@@ -277,8 +267,6 @@ def test_attention_ab_new_config_is_parsed_and_checked():
 
 
 def test_attention_ab_rejects_a_bad_new_config_or_spread_outside_decode(tmp_path, capsys):
-    import pytest
-
     tool = _ab_tool()
     base = tmp_path / "codegen.py"
     base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())
@@ -302,8 +290,6 @@ def test_attention_ab_spread_positions_covers_every_ring_phase():
 
 
 def test_attention_ab_rejects_a_bad_walk(tmp_path, capsys):
-    import pytest
-
     tool = _ab_tool()
     base = tmp_path / "codegen.py"
     base.write_text((ROOT / "tilev4" / "dsl" / "codegen.py").read_text())

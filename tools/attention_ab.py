@@ -49,20 +49,25 @@ def load_codegen(path: Path) -> Any:
     return module_from_source(path.read_text(), "tilev4_dsl_codegen_ab", path)
 
 
-def build(case: str, base: str | None, arch: str, walk: dict[str, Any] | None = None) -> Any:
-    """The main program of ``case`` from the working tree (``base`` None) or from the file ``base``, compiled;
+def main_program(case: str, base: str | None, walk: dict[str, Any] | None = None) -> Any:
+    """The main program of ``case`` from the working tree (``base`` None) or from the file ``base`` (not compiled);
     ``walk``: :class:`AttentionConfig` items (the walk, ``query_tiles`` / ``persistent_ctas``, and any others),
     default one query a CTA."""
-    import tilelang
-
     import tilev4.dsl.codegen as current
     from tilev4.kernels.attention import variant_spec
 
     variant, heads, ring = CASES[case]
     cg = current if base is None else load_codegen(Path(base))
-    spec = variant_spec(variant, heads, ring=ring)
-    prog = cg.build_main_program(spec, cg.AttentionConfig(**(walk or {})), split=False)
-    return tilelang.compile(prog, target={"kind": "cuda", "arch": arch}, execution_backend="tvm_ffi")
+    return cg.build_main_program(variant_spec(variant, heads, ring=ring), cg.AttentionConfig(**(walk or {})),
+                                 split=False)
+
+
+def build(case: str, base: str | None, arch: str, walk: dict[str, Any] | None = None) -> Any:
+    """:func:`main_program`, compiled for ``arch``."""
+    import tilelang
+
+    return tilelang.compile(main_program(case, base, walk), target={"kind": "cuda", "arch": arch},
+                            execution_backend="tvm_ffi")
 
 
 def _build_in_worker(job: tuple[str, str | None, str, dict[str, Any] | None]) -> bool:
@@ -156,10 +161,10 @@ def run_case(case: str, base: str, arch: str, rounds: int, news: list[str | None
             times[which].append(time_cuda(lambda k=k, o=o: k(*args, o), warmup=2, reps=reps, graph=True))
     row: dict[str, Any] = {"case": case, "walk": walk or {}, "new_config": new_config or {},
                            "spread_positions": spread, "base_ms": statistics.median(times["base"]), "variants": {}}
-    for label in labels:
+    for label, f in zip(labels, news):
         o = outs[label]
         row["variants"][label] = {
-            "file": news[labels.index(label)] or "working tree",
+            "file": f or "working tree",
             "bits_equal": bool(torch.equal(o.view(torch.int16), outs["base"].view(torch.int16))),
             "max_abs_diff": float((o.float() - outs["base"].float()).abs().max()),
             "nan": bool(torch.isnan(o).any()),

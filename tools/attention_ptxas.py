@@ -35,22 +35,12 @@ from attention_timeline import CASES  # noqa: E402  (the tool directory is not a
 def lower(case: str, codegen: str | None, walk: dict[str, Any]) -> str:
     """The CUDA source of ``case``'s main program with config items ``walk``, lowered for sm_90a."""
     import tilelang
+    from attention_ab import main_program
     from tilelang import tvm
 
-    import tilev4.dsl.codegen as current
-    from tilev4.kernels.attention import variant_spec
-
-    if codegen is None:
-        cg = current
-    else:
-        from attention_ab import load_codegen
-
-        cg = load_codegen(Path(codegen))
-    variant, heads, ring = CASES[case]
-    prog = cg.build_main_program(variant_spec(variant, heads, ring=ring), cg.AttentionConfig(**walk), split=False)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
-        return tilelang.lower(prog, target=target).kernel_source
+        return tilelang.lower(main_program(case, codegen, walk), target=target).kernel_source
 
 
 def _cuobjdump() -> str | None:
