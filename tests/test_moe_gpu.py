@@ -317,6 +317,52 @@ def test_gemm_schedules_agree_bit_for_bit(case, used):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("block_m", [128, 192])
+def test_partly_filled_slabs_of_every_size(block_m):
+    """The ws programs load a partly filled 64-row slab as 8-row boxes and zero the rest of it in shared memory
+    (:func:`tilev4.kernels.moe_ws.zero_padding`): experts of 1-63 rows past 0, 64 and 128 (the last slab of each
+    consumer warpgroup partly filled, every box count, a box cut by the segment's end, the last rows of x_sorted) give
+    the pipelined schedule's bits (whole slabs by cp.async), NaN-free from poisoned outputs, and match the fp32
+    reference."""
+    from tilev4.kernels import compile_kernel
+
+    dim, inter = 256, 128
+    counts = [c + base for base in (0, 64, 128) for c in range(1, 64, 2)] + [64, 128, 192, 63]
+    num_experts = len(counts)
+    _, _, w1, w2, w3, _ = _layer(dim, inter, num_experts, 0, seed=71)
+    g = _gen(72)
+    ids = torch.repeat_interleave(torch.arange(num_experts, device="cuda"), torch.tensor(counts, device="cuda"))
+    experts = ids[torch.randperm(ids.numel(), generator=g, device="cuda")].to(torch.int32).view(-1, 1)
+    num_tokens = experts.shape[0]
+    x = _randn(num_tokens, dim, g=g, scale=4.0)
+    weights = torch.rand(num_tokens, 1, generator=g, device="cuda") + 0.1
+    perm = K.moe_permute(x, weights, experts, num_experts, up_block_m=block_m)
+    n = perm.x_sorted.shape[0]
+    bm, tile_offsets, tile_info = K._bf16_tiles(perm)
+    tables = (perm.offsets, tile_offsets, tile_info)
+    cfg = K.UP_192_CONFIG if bm == 192 else {"block_m": bm}
+    down_cfg = K.DOWN_192_CONFIG if bm == 192 else {"block_m": bm}
+    outs = {}
+    for schedule in ("ws", "pipelined"):
+        if bm == 192 and schedule == "pipelined":  # the 192-row table is ws-only; its bits are the 128-row table's
+            perm128 = K.moe_permute(x, weights, experts, num_experts, up_block_m=128)
+            tables = (perm128.offsets, perm128.tile_offsets, perm128.tile_info)
+            cfg, down_cfg = {"block_m": 128}, {"block_m": 128}
+        up = compile_kernel("moe_up", {"dim": dim, **cfg, "schedule": schedule})
+        down = compile_kernel("moe_down", {"inter": inter, **down_cfg, "schedule": schedule})
+        h = _poison(n, inter, dtype=torch.bfloat16)
+        up(perm.x_sorted, perm.w_sorted, w1, w3, *tables, h, 10.0)
+        y = _poison(n, dim, dtype=torch.bfloat16)
+        down(h, w2, *tables, y)
+        outs[schedule] = (h, y)
+    for name, a, b in zip(("h", "y"), *outs.values()):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, b), name
+    out = K.moe_experts(x, weights, experts, w1, w2, w3, None, 10.0, up_block_m=block_m)
+    ref, tol_scale = _reference(x, weights, experts, w1, w2, w3, None, 10.0)
+    _check_experts(out, ref, tol_scale)
+
+
 UP_TILE_CASES = {
     # dim, inter, E, top_k, T, experts used: rows an expert around 160 (one 192-row tile each), a mix of
     # 129-192 / <= 128 / > 192 rows, all experts <= 128 rows (no 192-row tile), 300 rows each (128-row tiles only)

@@ -356,3 +356,53 @@ def test_attention_ptxas_the_shipped_seesaw_programs_neither_spill_nor_serialise
     assert rep["registers"] <= 168
     assert (rep["spill_stores"], rep["spill_loads"], rep["advisories"]) == (0, 0, [])
     assert rc == 0
+
+
+def test_moe_ab_cases_and_versions(tmp_path):
+    """The MoE GEMM A/B parses its cases, rejects bad ones and missing files, and builds the same ws programs from a
+    copy of the module as from the package (an edited copy: different ones)."""
+    from tilelang import tvm
+
+    tool = _tool("moe_ab")
+    assert tool.parse_case("skewed8192") == ("skewed", 8192)
+    assert tool.parse_case("balanced192") == ("balanced", 192)
+    for bad in ("balanced100", "skewed0", "uniform64", "skewed"):
+        with pytest.raises(ValueError, match="case"):
+            tool.parse_case(bad)
+    with pytest.raises(SystemExit):
+        tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])
+    with pytest.raises(SystemExit):
+        tool.main(["--base", str(ROOT / "tilev4" / "kernels" / "moe_ws.py"), "--case", "balanced100", "--build-only"])
+    assert tool.labels_of([None]) == ["new"]
+    assert tool.labels_of(["/a/v.py", "/b/v.py", "/c/base.py"]) == ["v", "v_1", "base_2"]
+    base = tmp_path / "moe_ws.py"
+    base.write_text((ROOT / "tilev4" / "kernels" / "moe_ws.py").read_text())
+    for table in (128, 192):
+        ref, copy = tool.programs(None, table), tool.programs(str(base), table)
+        for a, b in zip(ref, copy):
+            assert tvm.ir.structural_equal(a, b, map_free_vars=True)
+    edited = tmp_path / "edited.py"
+    edited.write_text(base.read_text().replace("PART_ROWS = 8 ", "PART_ROWS = 16 "))
+    up_ref, _ = tool.programs(None, 192)
+    up_edit, _ = tool.programs(str(edited), 192)
+    assert not tvm.ir.structural_equal(up_edit, up_ref, map_free_vars=True)
+
+
+def test_moe_pad_probe_aligns_each_expert_to_whole_slabs():
+    """The padding probe's one-slot routing: every expert's rows rounded up to a multiple of 64 with padding rows
+    (zeros and weight 0, or random), the pairs first in (token, slot) order."""
+    import torch
+
+    probe = _tool("moe_pad_probe")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16).bfloat16()
+    experts = torch.tensor([[0, 2], [2, 3], [0, 2], [3, 0], [2, 0]], dtype=torch.int32)
+    weights = torch.rand(5, 2)
+    xs, ws, es, pairs = probe.aligned_inputs(x, weights, experts, 4, True, g)
+    counts = torch.bincount(es.view(-1).long(), minlength=4)
+    assert counts.tolist() == [64, 0, 64, 64]
+    assert torch.equal(xs[:10], x.repeat_interleave(2, dim=0)) and not xs[10:].any()
+    assert torch.equal(ws[:10, 0], weights.view(-1)) and not ws[10:].any()
+    assert torch.equal(es[:10, 0], experts.view(-1)) and torch.equal(pairs, torch.arange(10))
+    xr, wr, _, _ = probe.aligned_inputs(x, weights, experts, 4, False, g)
+    assert xr[10:].abs().sum() > 0 and (wr[10:] > 0).all()

@@ -11,6 +11,12 @@ One CTA computes one ``128 × block_n`` output tile (grid: one CTA per tile, CTA
   stage, then issues TMA loads into it — the A rows in two 64-row halves (the second only when the tile
   has more than 64 valid rows) and the weight tile(s) — and arrives on the stage's ``full`` barrier,
   whose transaction count completes when the bytes land. Rows past the tensor read as zero (TMA bounds).
+  In grouped mode a partly filled slab (an expert's last, 1-63 valid rows) is loaded as 8-row boxes up to its
+  valid rows; its consumer zeroes the rest of the slab in every stage once, before its K loop
+  (:func:`zero_padding`). Those rows' products are never stored, but zeros there instead of the next expert's rows
+  draw less power, and these GEMMs run at the H200's power cap: 1.3-1.8 % off the routed path (up + down) on the
+  benchmark's random gate, where 252 of 256 experts end in a partial slab, and the same bits
+  (``benchmarks/logs/h200-2026-12-02-session42.md``).
 * **consumers** (warpgroups 0 and 1, 232 registers): warpgroup ``w`` owns rows ``64·w .. 64·w + 63``
   of the tile. Per K step it waits for the stage, issues its wgmma (skipped when it has no valid row:
   the tile's last 64 rows of an expert segment are often empty), keeps one step in flight and releases
@@ -86,6 +92,7 @@ PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 40 + 2 x 232 = 504 = 3 x 1
 # three consumers: 24 + 3 x 160 = 504 = 4 x 126, rounded to the multiples of 8 setmaxnreg takes (the launch has 128)
 REGS_BY_SLABS = {2: (PRODUCER_REGS, CONSUMER_REGS), 3: (24, 160)}
 STORE_N = 128  # columns of one staged TMA store in the epilogue
+PART_ROWS = 8  # the TMA box of a partly filled slab's rows (a multiple of the 128-byte swizzle's 8-row period)
 
 
 def silu(g):
@@ -215,24 +222,66 @@ def check_ws_schedule(schedule: str, block_m: int, schedules: tuple[str, ...],
                          f"got {block_m}")
 
 
+def partial_rows(rw):
+    """Rows of a partly filled slab (``0 < rw < 64`` valid rows) that its producer loads: the valid ones rounded up
+    to whole :data:`PART_ROWS`-row boxes. The rest hold zeros (:func:`zero_padding`)."""
+    return T.ceildiv(rw, PART_ROWS) * PART_ROWS
+
+
 @T.macro
-def produce(a, ws, a_bufs, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, second_n=0, regs=PRODUCER_REGS):
+def load_slab(a, buf, slot, full, r0, rw, k0, BK, part):
+    """TMA-load slab rows ``r0 ..`` of K columns ``k0 .. k0 + BK`` into ``buf[slot]``: the whole 64-row slab, or with
+    ``part`` and ``rw < 64`` valid rows only the :func:`partial_rows` of them, as ``PART_ROWS``-row boxes (each
+    lands at a multiple of 1 KiB in the slab, the 128-byte swizzle's period, so the swizzle is the slab's)."""
+    if part:
+        if rw >= HALF_M:
+            T.tma_copy(a[r0:r0 + HALF_M, k0:k0 + BK], buf[slot, :, :], barrier=full[slot])
+        else:
+            for pb in T.serial(T.ceildiv(rw, PART_ROWS)):
+                T.tma_copy(a[r0 + pb * PART_ROWS:r0 + pb * PART_ROWS + PART_ROWS, k0:k0 + BK],
+                           buf[slot, pb * PART_ROWS:pb * PART_ROWS + PART_ROWS, :], barrier=full[slot])
+    else:
+        T.tma_copy(a[r0:r0 + HALF_M, k0:k0 + BK], buf[slot, :, :], barrier=full[slot])
+
+
+@T.macro
+def zero_padding(a_s, rw, S, tx, barrier_id):
+    """A consumer with a partly filled slab (``0 < rw < 64`` valid rows) zeroes the rows its producer never loads
+    (past :func:`partial_rows`) in every stage, once before its K loop: the wgmma then multiply zeros there instead of
+    stale shared memory or the next expert's rows. The products of those rows are never stored either way; zeros
+    draw less power, and these GEMMs run at the H200's power cap. 16 bytes a store, whole rows (a row keeps its
+    bytes under the swizzle)."""
+    VEC = 128 // tvm.DataType(a_s.dtype).bits  # elements in 16 bytes
+    CH = a_s.shape[2] // VEC  # 16-byte chunks a row
+    if rw > 0:
+        if rw < HALF_M:
+            for c in T.serial(S * HALF_M * CH // 128):
+                q = c * 128 + tx % 128
+                if (q // CH) % HALF_M >= partial_rows(rw):
+                    for v in T.vectorized(VEC):
+                        a_s[q // (HALF_M * CH), (q // CH) % HALF_M, (q % CH) * VEC + v] = T.cast(0, a_s.dtype)
+            T.fence_proxy_async()  # generic-proxy zeros before the wgmma (async proxy) read them
+            T.sync_threads(barrier_id=barrier_id, arrive_count=128)
+
+
+@T.macro
+def produce(a, ws, a_bufs, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, second_n=0, regs=PRODUCER_REGS,
+            part=False):
     """The producer warpgroup: per K step, wait until the consumers released the stage, then TMA-load the A
     slabs ``a_bufs`` (64 rows each; a later one only when the tile has rows in it) and the weight tile(s) ``ws``;
     the second weight tile starts ``second_n`` rows after the first (a Python int: 0 for W1 / W3, ``BN`` for the
-    two halves of one weight's wider tile)."""
+    two halves of one weight's wider tile). ``part``: a partly filled slab loads only its :func:`partial_rows`
+    (its consumer zeroes the others once: :func:`zero_padding`)."""
     T.set_max_nreg(regs, 0)
     for ki in T.serial(KT):
         slot = ki % S
         T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # the consumers are done with the stage
-        T.tma_copy(a[row0:row0 + HALF_M, ki * BK:(ki + 1) * BK], a_bufs[0][slot, :, :], barrier=full[slot])
+        load_slab(a, a_bufs[0], slot, full, row0, rows, ki * BK, BK, part)
         if rows > HALF_M:
-            T.tma_copy(a[row0 + HALF_M:row0 + BLOCK_M, ki * BK:(ki + 1) * BK], a_bufs[1][slot, :, :],
-                       barrier=full[slot])
+            load_slab(a, a_bufs[1], slot, full, row0 + HALF_M, rows - HALF_M, ki * BK, BK, part)
         if len(a_bufs) == 3:
             if rows > BLOCK_M:
-                T.tma_copy(a[row0 + BLOCK_M:row0 + BLOCK_M + HALF_M, ki * BK:(ki + 1) * BK], a_bufs[2][slot, :, :],
-                           barrier=full[slot])
+                load_slab(a, a_bufs[2], slot, full, row0 + BLOCK_M, rows - BLOCK_M, ki * BK, BK, part)
         T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
         if len(ws) == 2:
             T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
@@ -316,6 +365,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     KT = (K + BK - 1) // BK
     weighted = kind == "up" and not dense
+    part = not dense  # a grouped tile's last slab is often partly filled: zeros past its rows (zero_padding)
 
     @T.macro
     def resolve(b, NNT, tile_info, e: T.Ref, row0: T.Ref, rows: T.Ref, n0: T.Ref, live: T.Ref):
@@ -332,6 +382,8 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
         lane = tx % 32
         prev = T.alloc_var(T.int32, init=0)
         rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
+        if part:
+            zero_padding(a_s, rw, S, tx, store_barrier(w))
         for ki in T.serial(KT):
             slot = ki % S
             T.barrier_wait(full[slot], (ki // S) & 1)
@@ -402,7 +454,7 @@ def build_ws_gemm(kind: str, K: int, dense: bool, block_n: int, block_k: int, nu
             if live:  # CTAs past the real tiles exit
                 if tx >= 128 * SLABS:
                     produce(a, ws, a_s, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, BN if halves else 0,
-                            P_REGS)
+                            P_REGS, part)
                 elif tx < 128:
                     consumer(0, wts, out, limit, a_s[0], bs, o_s[0], w_s[0], acc[0], full, empty, tx, row0, rows, n0)
                 else:
