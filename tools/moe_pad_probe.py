@@ -75,7 +75,8 @@ def main() -> None:
     torch.cuda.synchronize()
     packed, az = paths["packed"], paths["aligned_zero"]
     rows_packed = packed.perm.pair_pos.view(-1).long()
-    rows_aligned = az.perm.pair_pos.view(-1).long()  # one-slot token t·k + s is pair (t, s)
+    # one-slot token t·k + s is pair (t, s); the padding rows' tokens follow the pairs
+    rows_aligned = az.perm.pair_pos.view(-1)[: rows_packed.numel()].long()
     out = {
         "tokens": args.tokens,
         "rows": {k: int(p.perm.offsets[-1]) for k, p in paths.items()},
