@@ -386,6 +386,14 @@ def test_moe_ab_cases_and_versions(tmp_path):
     up_ref, _ = tool.programs(None, 192)
     up_edit, _ = tool.programs(str(edited), 192)
     assert not tvm.ir.structural_equal(up_edit, up_ref, map_free_vars=True)
+    # --format fp8: a copy of moe_fp8.py loads beside the package's (its registrations skipped) and builds the FP8
+    # path's programs as the package does
+    fp8 = tmp_path / "moe_fp8.py"
+    fp8.write_text((ROOT / "tilev4" / "kernels" / "moe_fp8.py").read_text())
+    for a, b in zip(tool.programs(None, 128, "fp8"), tool.programs(str(fp8), 128, "fp8")):
+        assert tvm.ir.structural_equal(a, b, map_free_vars=True)
+    with pytest.raises(SystemExit):
+        tool.main(["--base", str(fp8), "--format", "fp4", "--build-only"])
 
 
 def test_moe_pad_probe_aligns_each_expert_to_whole_slabs():
