@@ -373,8 +373,6 @@ def test_moe_ab_cases_and_versions(tmp_path):
         tool.main(["--base", str(tmp_path / "nope.py"), "--build-only"])
     with pytest.raises(SystemExit):
         tool.main(["--base", str(ROOT / "tilev4" / "kernels" / "moe_ws.py"), "--case", "balanced100", "--build-only"])
-    assert tool.labels_of([None]) == ["new"]
-    assert tool.labels_of(["/a/v.py", "/b/v.py", "/c/base.py"]) == ["v", "v_1", "base_2"]
     base = tmp_path / "moe_ws.py"
     base.write_text((ROOT / "tilev4" / "kernels" / "moe_ws.py").read_text())
     for table in (128, 192):

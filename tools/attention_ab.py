@@ -115,6 +115,17 @@ def variant_labels(news: list[str | None]) -> list[str]:
     return labels
 
 
+def check_versions(ap: argparse.ArgumentParser, base: str, news: list[str] | None) -> list[str | None]:
+    """``--base`` and ``--new`` files exist (else the parser's error naming the option); returns the variants, the
+    working tree's module (None) when no ``--new`` is given."""
+    out: list[str | None] = list(news or [None])
+    for opt, files in (("base", [base]), ("new", out)):
+        for f in files:
+            if f is not None and not Path(f).is_file():
+                ap.error(f"--{opt}: no such file: {f}")
+    return out
+
+
 def parse_case_walks(text: str, cases: list[str]) -> dict[str, dict[str, int]]:
     """``--walk``: one walk for every case (``"qt2"``), or ``"csa64=qt2,hca64=qt8"`` (the others: one query a
     CTA); returns each case's AttentionConfig items."""
@@ -190,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode: sequence i at the benchmark's position minus 37·i mod 128 (every ring phase)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    news: list[str | None] = args.new or [None]
-    for opt, files in (("base", [args.base]), ("new", news)):
-        for f in files:
-            if f is not None and not Path(f).is_file():
-                ap.error(f"--{opt}: no such file: {f}")
+    news = check_versions(ap, args.base, args.new)
     cases = args.case or sorted(CASES)
     walks: dict[str, dict[str, int]] = {c: {} for c in cases}
     if args.walk is not None:

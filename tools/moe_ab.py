@@ -35,7 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from attention_timeline import module_from_source  # noqa: E402  (the tool directory is not a package)
+from attention_ab import check_versions, variant_labels  # noqa: E402  (the tool directory is not a package)
+from attention_timeline import module_from_source  # noqa: E402
 
 CASE_RE = re.compile(r"(skewed|balanced)(\d+)$")
 
@@ -93,14 +94,6 @@ def build(path: str | None, table: int, arch: str, fmt: str = "bf16") -> tuple[A
 def _build_in_worker(job: tuple[str | None, int, str, str]) -> bool:
     build(*job)  # fills TileLang's kernel cache, so that the parent's build is a cache hit
     return True
-
-
-def labels_of(news: list[str | None]) -> list[str]:
-    out: list[str] = []
-    for f in news:
-        stem = "new" if f is None else Path(f).stem
-        out.append(stem if stem not in out and stem != "base" else f"{stem}_{len(out)}")
-    return out
 
 
 def routing(case: str, gen: Any, layer: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -240,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="CUDA arch (default: the current GPU's; sm_90a with --build-only)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    news: list[str | None] = args.new or [None]
-    for opt, files in (("base", [args.base]), ("new", news)):
-        for f in files:
-            if f is not None and not Path(f).is_file():
-                ap.error(f"--{opt}: no such file: {f}")
+    news = check_versions(ap, args.base, args.new)
     cases = args.case or ["skewed8192", "balanced192"]
     for c in cases:
         try:
@@ -272,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     from tilev4.bench.moe import _layer
 
     kernels = {"base": build(args.base, args.table, arch, args.format)}
-    for label, f in zip(labels_of(news), news):
+    for label, f in zip(variant_labels(news), news):
         kernels[label] = build(f, args.table, arch, args.format)
     gen = torch.Generator(device="cuda").manual_seed(0)
     layer = _layer(gen)
