@@ -69,17 +69,19 @@ def load_version(path: str | None, fmt: str) -> Any:
 def programs(path: str | None, table: int, fmt: str = "bf16") -> tuple[Any, Any]:
     """The (up, down) programs of the version at ``path`` (None: the working tree's): bf16 ws programs of the
     ``table``-row tiles, or the FP8 path's (``moe_up_fp8_q``, ``moe_down_fp8``; 128-row tiles)."""
+    import inspect
+
     from tilev4.bench.moe import DIM, INTER
-    from tilev4.kernels.moe import DOWN_192_CONFIG, UP_192_CONFIG
+    from tilev4.kernels.moe import DOWN_192_CONFIG, UP_192_CONFIG, build_moe_down, build_moe_up
 
     mod = load_version(path, fmt)
     if fmt == "fp8":
         return mod.build_moe_up_fp8_q(DIM), mod.build_moe_down_fp8(INTER)
     if table == 192:
         up, down = UP_192_CONFIG, DOWN_192_CONFIG
-    else:  # the registry's defaults (build_moe_up / build_moe_down)
-        up = {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 4}
-        down = {"block_m": 128, "block_n": 256, "block_k": 64, "num_stages": 4}
+    else:  # the defaults of build_moe_up / build_moe_down (block_m 128)
+        up, down = ({k: p.default for k, p in inspect.signature(f).parameters.items()
+                     if p.default is not inspect.Parameter.empty} for f in (build_moe_up, build_moe_down))
     return tuple(mod.build_ws_gemm(kind, k, False, c["block_n"], c["block_k"], c["num_stages"], 8, c["block_m"])
                  for kind, k, c in (("up", DIM, up), ("down", INTER, down)))
 
@@ -113,9 +115,10 @@ def routing(case: str, gen: Any, layer: dict[str, Any]) -> tuple[Any, Any, Any]:
     return (x, *balanced_routing(tokens, NUM_EXPERTS, TOP_K, gen))
 
 
-def launches(fmt: str, perm: Any, bm: int, tile_offsets: Any, tile_info: Any, layer: dict[str, Any], x: Any,
+def launches(fmt: str, perm: Any, tile_offsets: Any, tile_info: Any, layer: dict[str, Any], x_scale: Any,
              up_k: Any, down_k: Any) -> tuple[Any, Any, Callable[[], None], Callable[[], None]]:
-    """``(h, y, up, routed)``: NaN-poisoned outputs (h: the FP8 path's ``(h8, hs)``) and the launch functions."""
+    """``(h, y, up, routed)``: NaN-poisoned outputs (h: the FP8 path's ``(h8, hs)``) and the launch functions
+    (``x_scale``: the FP8 rows' scales, in sorted order)."""
     import torch
 
     from tilev4.bench.moe import DIM, INTER, LIMIT
@@ -133,14 +136,13 @@ def launches(fmt: str, perm: Any, bm: int, tile_offsets: Any, tile_info: Any, la
             down_k(h, w2, perm.offsets, tile_offsets, tile_info, y)
     else:
         q1, q2, q3 = layer["fp8"]
-        xs = layer["fp8_scales"]
         h8 = torch.full((n, INTER), float("nan"), device="cuda").to(torch.float8_e4m3fn)
         hs = torch.full((n, INTER // 128), float("nan"), device="cuda")
         h = (h8, hs)
 
         def up() -> None:
-            up_k(perm.x_sorted, xs, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale, perm.offsets, tile_offsets,
-                 tile_info, h8, hs, LIMIT)
+            up_k(perm.x_sorted, x_scale, perm.w_sorted, q1.data, q1.scale, q3.data, q3.scale, perm.offsets,
+                 tile_offsets, tile_info, h8, hs, LIMIT)
 
         def down() -> None:
             down_k(h8, hs, q2.data, q2.scale, perm.offsets, tile_offsets, tile_info, y)
@@ -170,6 +172,7 @@ def run_case(case: str, kernels: dict[str, tuple[Any, Any]], table: int, rounds:
 
     K = importlib.import_module("tilev4.kernels.moe")
     x, weights, experts = routing(case, gen, layer)
+    x_scale = None
     if fmt == "bf16":
         perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, up_block_m=table)
         bm, tile_offsets, tile_info = K._bf16_tiles(perm)
@@ -179,11 +182,11 @@ def run_case(case: str, kernels: dict[str, tuple[Any, Any]], table: int, rounds:
         x8, xs_tokens = fp8_quantize(x)
         perm = K.moe_permute(x, weights, experts, NUM_EXPERTS, payload=x8)
         bm, tile_offsets, tile_info = perm.block_m, perm.tile_offsets, perm.tile_info
-        layer["fp8_scales"] = xs_tokens.index_select(0, perm.sorted_tokens)
+        x_scale = xs_tokens.index_select(0, perm.sorted_tokens)
     n = perm.x_sorted.shape[0]
     bufs, ups, routeds = {}, {}, {}
     for label, (up_k, down_k) in kernels.items():
-        h, y, up, routed = launches(fmt, perm, bm, tile_offsets, tile_info, layer, x, up_k, down_k)
+        h, y, up, routed = launches(fmt, perm, tile_offsets, tile_info, layer, x_scale, up_k, down_k)
         routed()
         bufs[label], ups[label], routeds[label] = (h, y), up, routed
     torch.cuda.synchronize()

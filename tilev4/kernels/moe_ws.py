@@ -229,19 +229,17 @@ def partial_rows(rw):
 
 
 @T.macro
-def load_slab(a, buf, slot, full, r0, rw, k0, BK, part):
-    """TMA-load slab rows ``r0 ..`` of K columns ``k0 .. k0 + BK`` into ``buf[slot]``: the whole 64-row slab, or with
-    ``part`` and ``rw < 64`` valid rows only the :func:`partial_rows` of them, as ``PART_ROWS``-row boxes (each
-    lands at a multiple of 1 KiB in the slab, the 128-byte swizzle's period, so the swizzle is the slab's)."""
-    if part:
-        if rw >= HALF_M:
-            T.tma_copy(a[r0:r0 + HALF_M, k0:k0 + BK], buf[slot, :, :], barrier=full[slot])
-        else:
-            for pb in T.serial(T.ceildiv(rw, PART_ROWS)):
-                T.tma_copy(a[r0 + pb * PART_ROWS:r0 + pb * PART_ROWS + PART_ROWS, k0:k0 + BK],
-                           buf[slot, pb * PART_ROWS:pb * PART_ROWS + PART_ROWS, :], barrier=full[slot])
-    else:
+def load_slab(a, buf, slot, full, r0, rw, k0, BK):
+    """TMA-load slab rows ``r0 ..`` of K columns ``k0 .. k0 + BK`` into ``buf[slot]``: the whole 64-row slab (always
+    with ``rw = HALF_M``, a Python int), or with ``rw < 64`` valid rows only their :func:`partial_rows`, as
+    ``PART_ROWS``-row boxes (each lands at a multiple of 1 KiB in the slab, the 128-byte swizzle's period, so the
+    swizzle is the slab's)."""
+    if rw >= HALF_M:
         T.tma_copy(a[r0:r0 + HALF_M, k0:k0 + BK], buf[slot, :, :], barrier=full[slot])
+    else:
+        for pb in T.serial(T.ceildiv(rw, PART_ROWS)):
+            T.tma_copy(a[r0 + pb * PART_ROWS:r0 + pb * PART_ROWS + PART_ROWS, k0:k0 + BK],
+                       buf[slot, pb * PART_ROWS:pb * PART_ROWS + PART_ROWS, :], barrier=full[slot])
 
 
 @T.macro
@@ -276,12 +274,13 @@ def produce(a, ws, a_bufs, bs, full, empty, e, row0, rows, n0, KT, BK, BN, S, se
     for ki in T.serial(KT):
         slot = ki % S
         T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)  # the consumers are done with the stage
-        load_slab(a, a_bufs[0], slot, full, row0, rows, ki * BK, BK, part)
+        # a slab's valid rows, or (without part) HALF_M: the whole slab
+        load_slab(a, a_bufs[0], slot, full, row0, rows if part else HALF_M, ki * BK, BK)
         if rows > HALF_M:
-            load_slab(a, a_bufs[1], slot, full, row0 + HALF_M, rows - HALF_M, ki * BK, BK, part)
+            load_slab(a, a_bufs[1], slot, full, row0 + HALF_M, rows - HALF_M if part else HALF_M, ki * BK, BK)
         if len(a_bufs) == 3:
             if rows > BLOCK_M:
-                load_slab(a, a_bufs[2], slot, full, row0 + BLOCK_M, rows - BLOCK_M, ki * BK, BK, part)
+                load_slab(a, a_bufs[2], slot, full, row0 + BLOCK_M, rows - BLOCK_M if part else HALF_M, ki * BK, BK)
         T.tma_copy(ws[0][e, n0:n0 + BN, ki * BK:(ki + 1) * BK], bs[0][slot, :, :], barrier=full[slot])
         if len(ws) == 2:
             T.tma_copy(ws[1][e, n0 + second_n:n0 + second_n + BN, ki * BK:(ki + 1) * BK], bs[1][slot, :, :],
