@@ -330,12 +330,8 @@ def test_attention_ptxas_parses_resources_advisories_and_sass():
     rep = tool.parse_ptxas(text)
     assert (rep["registers"], rep["stack_frame"], rep["spill_stores"], rep["spill_loads"]) == (168, 8, 8, 4)
     assert len(rep["advisories"]) == 1 and "C7515" in rep["advisories"][0]
-    try:
+    with pytest.raises(ValueError, match="no ptxas resource line"):
         tool.parse_ptxas("nvcc: nothing compiled\n")
-    except ValueError as e:
-        assert "no ptxas resource line" in str(e)
-    else:
-        raise AssertionError("output without a resource line was accepted")
     sass = ("        /*0a10*/   HGMMA.64x64x16.F32.BF16 R152, gdesc[UR8], RZ, !UPT ;\n"
             "        /*0a20*/   HGMMA.64x256x16.F32.BF16 R24, R184, gdesc[UR4].tnspB, R24 ;\n"
             "        /*0a30*/   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n"
