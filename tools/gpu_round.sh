@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-round}; mkdir -p "$OUT"
 source .device/activate
 python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=${PYTHONPATH:-}:/tmp/site TILEV4_TILELANG_LOG_LEVEL=WARNING
+export PYTHONPATH=${PYTHONPATH:-}:/tmp/site:$PWD TILEV4_TILELANG_LOG_LEVEL=WARNING
 export TILEV4_COMMIT=${TILEV4_COMMIT:-$(cat .whl/commit 2>/dev/null || echo unknown)}
 TESTS=${TESTS:-$(ls tests/test_*_gpu.py)}
 BENCHES=${BENCHES:-all}
