@@ -245,13 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     arch = args.arch
     if arch is None:
-        if args.build_only:
-            arch = "sm_90a"
-        else:
-            import torch
+        from tilev4.kernels.registry import current_arch
 
-            major, minor = torch.cuda.get_device_capability()
-            arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+        arch = "sm_90a" if args.build_only else current_arch()
     jobs = [(f, args.table, arch, args.format) for f in [args.base, *news]]
     with cf.ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))),
                                 mp_context=mp.get_context("spawn")) as ex:
