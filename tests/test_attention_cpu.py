@@ -45,11 +45,13 @@ def test_long_launches_take_two_queries_a_cta():
     """The ops' one-pass program (one head block) runs one persistent CTA an SM a sequence from 2 queries an SM a
     sequence on, up to the long launches of LONG_LAUNCH_QUERY_TILES queries a CTA; in those, persistent CTAs only
     where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more); default and batch-invariant calls
-    alike; one query a CTA otherwise; split programs always one."""
+    alike; one query a CTA otherwise; split programs always one. The query_tiles programs of LONG_LAUNCH_OVERLAP (HCA)
+    run each query's output path around the next query's first QKᵀ; no other walk does."""
     from tilev4.kernels import attention as A
 
     sms = 132
     assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 4} and A.PERSISTENT_QUERIES_PER_SM == 2
+    assert A.LONG_LAUNCH_OVERLAP == {"hca"}
 
     def walk_of(cfg):
         return cfg.query_tiles, cfg.persistent_ctas
@@ -87,11 +89,33 @@ def test_long_launches_take_two_queries_a_cta():
         assert bi_split.kind == "split" and walk_of(bi_split.config) == (1, 0)
         cfg = k.registry_config("main", k.plan(1, 1 << 16, keys, num_sms=sms, device_sms=sms).config)
         assert (cfg["query_tiles"], cfg["persistent_ctas"]) == walk
+        assert cfg["overlap_epilogue"] == (walk[0] > 1 and variant in A.LONG_LAUNCH_OVERLAP)
+        for b, s in ((1, 2 * sms), (1, 4), (1, long - 1)):  # persistent, split or one query a CTA: no overlap
+            assert not k.plan(b, s, keys, num_sms=sms, device_sms=sms).config.overlap_epilogue
+        assert not k.plan(1, 4, [128, 4096], batch_invariant=True, device_sms=sms).config.overlap_epilogue
     # the shipped configs hold the query_tiles and the persistent program of every variant (stream layout)
     for variant, qt in A.LONG_LAUNCH_QUERY_TILES.items():
         shipped = [c for c in A._configs(variant) if c["kind"] == "main" and c["heads"] == 64 and not c.get("ring")]
         assert {(c.get("query_tiles", 1), c.get("persistent_ctas", 0)) for c in shipped} == {(1, 0), (qt, 0),
                                                                                             (1, 132)}
+        assert [c.get("query_tiles", 1) for c in A._configs(variant) if c.get("overlap_epilogue")] == (
+            [qt] if variant in A.LONG_LAUNCH_OVERLAP else [])
     pro = A._kernel("csa", 128, False, None, False)  # two head blocks: measured slower with several queries a CTA
     for s in (2 * sms, 1000, 1 << 16):
         assert walk_of(pro.plan(1, s, [128, 1024], num_sms=sms, device_sms=sms).config) == (1, 0)
+
+
+def test_overlap_epilogue_needs_several_queries_a_cta():
+    """``overlap_epilogue`` is a walk of several consecutive queries a CTA: refused with one query a CTA or with
+    persistent CTAs (ValueError naming both knobs), and it must be a bool (TypeError); a split program walks one query
+    a CTA without it."""
+    from tilev4.dsl.codegen import AttentionConfig
+
+    with pytest.raises(ValueError, match="overlap_epilogue=True needs query_tiles > 1.*query_tiles=1"):
+        AttentionConfig(overlap_epilogue=True)
+    with pytest.raises(ValueError, match="overlap_epilogue=True needs query_tiles > 1.*persistent_ctas=132"):
+        AttentionConfig(persistent_ctas=132, overlap_epilogue=True)
+    with pytest.raises(TypeError, match="overlap_epilogue must be a bool, got 1"):
+        AttentionConfig(query_tiles=2, overlap_epilogue=1)
+    cfg = AttentionConfig(query_tiles=8, overlap_epilogue=True)
+    assert cfg.one_query() == AttentionConfig()

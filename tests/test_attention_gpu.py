@@ -223,13 +223,14 @@ def test_hca_matches_reference(ring, s):
     _check(o, RA.sparse_attention(q.cpu().float(), kv_cat, sink.cpu(), idx_cat))
 
 
-@pytest.mark.parametrize("walk", [None, {"query_tiles": 4}, {"persistent_ctas": 7}, "splits"],
-                         ids=["one", "qt4", "pc7", "splits"])
+@pytest.mark.parametrize("walk", [None, {"query_tiles": 4}, {"query_tiles": 4, "overlap_epilogue": True},
+                                  {"persistent_ctas": 7}, "splits"], ids=["one", "qt4", "qt4-overlap", "pc7", "splits"])
 def test_hca_partly_visible_compressed_blocks(walk):
     """Queries whose visible compressed entry count crosses 32, 64 and 96 (the stream's last block a quarter to
     fully visible; the seesaw leader's block or the follower's; a fully visible block loads by TMA, a partial one is
-    gathered), against the reference; the entries past the visible ones are NaN. One query a CTA, 4 a CTA,
-    persistent CTAs, and 3 splits (the split boundaries cut the key blocks elsewhere)."""
+    gathered), against the reference; the entries past the visible ones are NaN. One query a CTA, 4 a CTA (also with
+    each query's output path around the next one's first QKᵀ), persistent CTAs, and 3 splits (the split boundaries
+    cut the key blocks elsewhere)."""
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec
@@ -335,11 +336,14 @@ def test_seesaw_ring_of_two_pairs(num_splits):
                       unused=slice(128, 160), duplicates=False)
 
 
-@pytest.mark.parametrize("walk", [{"query_tiles": 2}, {"query_tiles": 4}, {"persistent_ctas": 3},
-                                  {"persistent_ctas": 300}], ids=["qt2", "qt4", "pc3", "pc300"])
+@pytest.mark.parametrize("walk", [{"query_tiles": 2}, {"query_tiles": 4}, {"query_tiles": 2, "overlap_epilogue": True},
+                                  {"query_tiles": 4, "overlap_epilogue": True}, {"persistent_ctas": 3},
+                                  {"persistent_ctas": 300}], ids=["qt2", "qt4", "qt2-overlap", "qt4-overlap", "pc3",
+                                                                   "pc300"])
 def test_seesaw_query_tiles(walk):
-    """A seesaw CTA walking 2 or 4 consecutive queries, or persistent CTAs walking every 3rd query (or 300 CTAs, more
-    than the queries: some walk none): against the reference (see ``_check_ws_program``: 5 queries a sequence, so a
+    """A seesaw CTA walking 2 or 4 consecutive queries (also with each query's output path run around the next
+    query's first QKᵀ), or persistent CTAs walking every 3rd query (or 300 CTAs, more than the queries: some walk
+    none): against the reference (see ``_check_ws_program``: 5 queries a sequence, so a
     CTA's last turn is past the sequence or has fewer queries; HCA with ragged starts), and bit for bit against one
     query a CTA on CSA prefill with ragged starts (131 queries a sequence, 2 sequences)."""
     from tilev4.dsl import AttentionKernel

@@ -40,6 +40,7 @@ load while the consumers finish the previous one (same bits as one query a CTA; 
 ``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
 """
 
+import dataclasses
 import functools
 import linecache
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ __device__ __forceinline__ int tilev4_warp_all(int v) { return __all_sync(0xffff
 """
 
 
+# Several queries a CTA: the columns of a consumer's half of query j's output staged after it has issued query j + 1's
+# first Q·Kᵀ (the rest of the output path runs before; the wait for the stores' shared-memory reads always after). They
+# are converted to bf16 registers before the issue (ptxas waits for in-flight products before any read of a register
+# a wgmma wrote), so each 64 columns hold 16 more registers a thread across the issue.
+EPILOGUE_COLUMNS_AFTER_ISSUE = 64
+
+
 def _lazy_max(m: Any, rowmax: Any) -> Any:
     """The running max after a block whose row max is ``rowmax``: unchanged unless passed by more than the slack."""
     return T.if_then_else(rowmax > m + RESCALE_SLACK, rowmax, m)
@@ -140,6 +148,12 @@ class AttentionConfig:
         grow with its position), each with the overlap ``query_tiles`` gives; with ``P`` = the device's SMs the
         launch is one wave, with no per-CTA prologue past the first query and no partly empty last wave. Excludes
         ``query_tiles`` > 1. Same bits as one query a CTA.
+    overlap_epilogue: with ``query_tiles`` > 1, each consumer runs a query's output path (the row-sum exchange, the
+        normalisation, the staging and stores of its half of O) at the start of the next query's first block pair:
+        all but its last :data:`EPILOGUE_COLUMNS_AFTER_ISSUE` columns before it issues that pair's QKᵀ, the rest
+        and the wait for the stores while the QKᵀ runs on the tensor cores. Same bits. It pays where a query's output
+        weighs most against its key blocks (HCA: 3-4 % on the H200) and costs ~2 % on V4-Flash CSA
+        (``benchmarks/logs/h200-2026-12-02-session45.md``).
     """
 
     block_kv: int = 64
@@ -151,6 +165,7 @@ class AttentionConfig:
     pair_stages: int = 1
     query_tiles: int = 1
     persistent_ctas: int = 0
+    overlap_epilogue: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("simple", "ws", "seesaw"):
@@ -163,6 +178,12 @@ class AttentionConfig:
             raise ValueError(f"query_tiles must be in [1, 8], got {self.query_tiles}")
         if not 0 <= self.persistent_ctas <= MAX_PERSISTENT_CTAS:
             raise ValueError(f"persistent_ctas must be in [0, {MAX_PERSISTENT_CTAS}], got {self.persistent_ctas}")
+        if not isinstance(self.overlap_epilogue, bool):
+            raise TypeError(f"overlap_epilogue must be a bool, got {self.overlap_epilogue!r}")
+        if self.overlap_epilogue and self.query_tiles == 1:
+            raise ValueError(f"overlap_epilogue=True needs query_tiles > 1 (a CTA that walks several queries; with "
+                             f"persistent_ctas it would spill), got query_tiles={self.query_tiles}, "
+                             f"persistent_ctas={self.persistent_ctas}")
         if self.persistent_ctas and self.query_tiles != 1:
             raise ValueError(f"persistent_ctas={self.persistent_ctas} needs query_tiles=1 (the CTAs walk their "
                              f"queries in turn already), got query_tiles={self.query_tiles}")
@@ -172,6 +193,10 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < 32 or v % 32 or v > 1024:
                 raise ValueError(f"{name} must be a multiple of 32 in [32, 1024], got {v}")
+
+    def one_query(self) -> "AttentionConfig":
+        """This config walking one query a CTA (what a split program runs)."""
+        return dataclasses.replace(self, query_tiles=1, persistent_ctas=0, overlap_epilogue=False)
 
     def walk_name(self) -> str:
         """How a CTA walks several queries (``query_tiles`` or ``persistent_ctas``), as the errors name it."""
@@ -1029,6 +1054,12 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
     QT = config.query_tiles
     VOTES = mask_votes(spec)  # a fully valid block skips its mask
     PC = config.persistent_ctas  # > 0: that many CTAs (a head block each) share the queries, strided
+    # a query's output path when a CTA walks several: step 0 the row-sum exchange, steps 1 … DH / BI the output's
+    # chunks; EPI_PRE of them run before the next query's first QKᵀ is issued
+    EPI_STEPS = 1 + DH // BI
+    OVERLAP = config.overlap_epilogue
+    EPI_POST_COLS = min(EPILOGUE_COLUMNS_AFTER_ISSUE // BI, DH // BI) * BI
+    EPI_PRE = EPI_STEPS - EPI_POST_COLS // BI
     # a query's most block pairs (shape-only), the producer's loop bound a query with persistent CTAs
     max_pairs = T.ceildiv(sum(T.ceildiv(g.num_keys_max(), g.BI) for g in gens), 2)
 
@@ -1057,39 +1088,132 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         T.barrier_arrive(q_bar)
 
     @T.macro
+    def qk_issue(w, r0, ph, q_shared, kv_shared, k_ready, acc_s):
+        """Consumer ``w``'s ``S_w = Q K_wᵀ`` of the pair at stage ``r0``, issued (not waited on): the two halves of D
+        in one wgmma batch, the second half's barrier waited on while the first half's products run."""
+        T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
+        T.wgmma_gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
+                     transpose_B=True, clear_accum=True)
+        T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
+        T.wgmma_gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH],
+                     kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH], acc_s, transpose_B=True)
+
+    @T.macro
+    def qk_mask(w, r0, b_i, h0, tq, ok_shared, kvpos_shared, acc_s):
+        """The wait for :func:`qk_issue`'s products, then the mask of ``S_w`` ([HB, D] @ [D, BI] -> [HB, BI])."""
+        T.wait_wgmma(0)
+        T.warpgroup_fence_operand(acc_s, num_regs=HB * BI // 128)  # the fragment: a thread's registers
+        mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW, votes=VOTES)
+
+    @T.macro
+    def finish(t, w, b_i, s_q, h0, j, lo, hi, p_shared, sum_shared, fin, acc_o, m, m_prev, alpha, l_sum, row_sum,
+               lse2, o_bf, split):
+        """Several queries a CTA: steps ``lo … hi`` (Python ints) of consumer ``w``'s output path of query ``s_q``
+        (turn ``j``). Step 0: the two row sums, added in the same order by both (in the slots of the turn's parity,
+        so that the next query's never overwrite ones still being read), and the epilogue factors; steps 1 …
+        DH / BI: the output's BI-column chunks. Q's buffer holds the next query's Q, so each chunk is staged in turn
+        in this consumer's P slot (free: both consumers are past their last P·V, which step 0's barrier orders) and
+        its staging slot, and one chunk's store reads shared memory while the next is staged; the last step also
+        waits for the stores' reads (the P slot is written again in the next query's first pair). ``split``: the
+        path is run in two calls around the next query's first QKᵀ issue (steps ``0 … EPI_PRE`` and
+        ``EPI_PRE …``); the first converts the second's columns into ``o_bf``, which the second stages."""
+        if lo == 0:
+            sb = (j & 1) * 2
+            T.copy(l_sum, sum_shared[sb + w, :])
+            T.barrier_arrive(fin)
+            T.barrier_wait(fin, j & 1)
+            for h in T.Parallel(HB):
+                l_sum[h] = sum_shared[sb, h] + sum_shared[sb + 1, h]
+                epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
+            for h in T.Parallel(HB):
+                row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
+            if split and EPI_POST_COLS > 0:
+                for h, d in T.Parallel(HB, EPI_POST_COLS):
+                    o_bf[h, d] = T.cast(acc_o[h, DH - EPI_POST_COLS + d] * alpha[h] * row_sum[h], T.bfloat16)
+        for i in list(range(max(lo, 1) - 1, hi - 1)):  # (a Python list: unrolled as the program is written)
+            c = i * BI
+            slot = w + 2 * (i % 2)
+            if i >= 2:
+                if T.shuffle_elect(128):
+                    T.tma_store_wait(1)  # the store of chunk i - 2 has read this slot
+                T.sync_threads(8 + w, 128)
+            if split and c >= DH - EPI_POST_COLS:
+                for h, d in T.Parallel(HB, BI):
+                    p_shared[slot, h, d] = o_bf[h, c - (DH - EPI_POST_COLS) + d]
+            else:
+                for h, d in T.Parallel(HB, BI):
+                    p_shared[slot, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
+            T.sync_threads(8 + w, 128)  # the chunk is staged
+            if T.shuffle_elect(128):  # the thread that waits on the stores is the one that issued them
+                T.fence_proxy_async()
+                T.tma_copy(p_shared[slot, :, :], t["o"][b_i, s_q, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
+        if hi == EPI_STEPS:
+            if T.shuffle_elect(128):
+                T.tma_store_wait(0)
+            T.sync_threads(8 + w, 128)
+            if spec.return_lse and w == 0:
+                for h in T.Parallel(HB):
+                    t["lse"][b_i, s_q, h0 + h] = lse2[h] * LN2
+
+    @T.macro
     def consume(t, w, b_i, s_i, sp, h0, tq, n_iter, n_blocks, q_shared, kv_shared, p_shared, ok_shared,
                 kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local,
-                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0=None, j=None, next_q=None):
-        # query_tiles > 1: g0 block pairs walked for the CTA's earlier queries, j this query's turn (the parity of
-        # the once-a-query barriers), next_q (exists, its query index) the query whose Q the follower loads once
-        # both consumers are past this query's last QKᵀ
-        T.barrier_wait(q_bar, 0 if j is None else j & 1)
-        T.fill(acc_o, 0)
-        T.fill(l_sum, 0)
-        T.fill(m, NEG_BIG)
+                acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0=None, j=None, next_q=None, s_prev=None, o_bf=None):
+        # query_tiles > 1 / persistent CTAs: g0 block pairs walked for the CTA's earlier queries, j this query's turn
+        # (the parity of the once-a-query barriers), next_q (exists, its query index) the query whose Q the follower
+        # loads once both consumers are past this query's last QKᵀ. With overlap_epilogue (``late``), s_prev is the
+        # previous query's index: its output path runs in this query's first pair, around the issue of the first QKᵀ
+        # (``finish``; the walk runs the last query's)
+        late = j is not None and OVERLAP
+        if not late:
+            T.barrier_wait(q_bar, 0 if j is None else j & 1)
+            T.fill(acc_o, 0)
+            T.fill(l_sum, 0)
+            T.fill(m, NEG_BIG)
         for it in T.serial(n_iter):
             # the follower's block of an odd block count's last pair is padding: its GEMMs are skipped
             second = it * 2 + 1 < n_blocks  # the pair's second (the follower's) block is a real one
             real = w == 0 or second
             # the pair's first stage in the ring, the parity of its barriers
             r0, ph = _ring_slot(_cta_pair(it, g0), RING)
-            if real:
-                # the two halves of D in one wgmma batch: the second half's barrier is waited on while the first
-                # half's products run
-                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
-                T.wgmma_gemm(q_shared[:, w * DH : (w + 1) * DH], kv_shared[r0 + w, :, w * DH : (w + 1) * DH], acc_s,
-                             transpose_B=True, clear_accum=True)
-                T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
-                T.wgmma_gemm(q_shared[:, (1 - w) * DH : (2 - w) * DH],
-                             kv_shared[r0 + w, :, (1 - w) * DH : (2 - w) * DH], acc_s, transpose_B=True)
-                T.wait_wgmma(0)
-                T.warpgroup_fence_operand(acc_s, num_regs=HB * BI // 128)  # the fragment: a thread's registers
-                # [HB, D] @ [D, BI] -> [HB, BI], as two halves of D
-                mask(acc_s, ok_shared, kvpos_shared, r0 + w, b_i, h0, tq, raw=RAW, votes=VOTES)
-            else:  # padding: no key (what the mask makes of its zero rows)
-                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
-                T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
-                T.fill(acc_s, -T.infinity(T.float32))
+            # late: a query's first P·V into acc_o starts it afresh (the previous query's output path has read it in
+            # this pair; a reset of its 128 registers in the loop would cost as many instructions every pair). Its
+            # lazy rescales before that product only scale what the product then discards.
+            fresh = it == 0 if late else False
+            if not late:
+                if real:
+                    qk_issue(w, r0, ph, q_shared, kv_shared, k_ready, acc_s)
+                    qk_mask(w, r0, b_i, h0, tq, ok_shared, kvpos_shared, acc_s)
+                else:  # padding: no key (what the mask makes of its zero rows)
+                    T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
+                    T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
+                    T.fill(acc_s, -T.infinity(T.float32))
+            else:
+                if it == 0:
+                    if j > 0:  # the previous query's output path, its first steps
+                        finish(t, w, b_i, s_prev, h0, j - 1, 0, EPI_PRE, p_shared, sum_shared, fin, acc_o, m,
+                               m_prev, alpha, l_sum, row_sum, lse2, o_bf, True)
+                    T.barrier_wait(q_bar, j & 1)
+                # the rest while this query's first QKᵀ is on the tensor cores (written in both branches: a join
+                # between the issue and the wait would move acc_s, and ptxas would wait for the products there)
+                if real:
+                    qk_issue(w, r0, ph, q_shared, kv_shared, k_ready, acc_s)
+                    if it == 0:
+                        if j > 0:
+                            finish(t, w, b_i, s_prev, h0, j - 1, EPI_PRE, EPI_STEPS, p_shared, sum_shared, fin, acc_o,
+                                   m, m_prev, alpha, l_sum, row_sum, lse2, o_bf, True)
+                    qk_mask(w, r0, b_i, h0, tq, ok_shared, kvpos_shared, acc_s)
+                else:
+                    T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)
+                    T.barrier_wait(k_ready[(r0 + w) * 2 + 1 - w], ph)
+                    if it == 0:
+                        if j > 0:
+                            finish(t, w, b_i, s_prev, h0, j - 1, EPI_PRE, EPI_STEPS, p_shared, sum_shared, fin, acc_o,
+                                   m, m_prev, alpha, l_sum, row_sum, lse2, o_bf, True)
+                    T.fill(acc_s, -T.infinity(T.float32))
+                if it == 0:
+                    T.fill(l_sum, 0)
+                    T.fill(m, NEG_BIG)
             if w == 0:
                 # leader: its own running max first (m0); the follower's max arrives later
                 T.reduce_max(acc_s, row_sum, dim=1)  # row_sum = rowmax(S_0)  [HB]
@@ -1101,7 +1225,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 T.copy(m, max_shared[0, :])
                 T.barrier_arrive(s_ready[0])
                 T.copy(acc_s, p_local)
-                T.gemm(p_local, kv_shared[r0, :, 0:DH], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                T.gemm(p_local, kv_shared[r0, :, 0:DH], acc_o, clear_accum=fresh)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
                 T.barrier_arrive(k_free[r0 * 2])
                 # the follower's max m1 >= m0: P_0 for the peer and everything accumulated move to m1
                 T.barrier_wait(s_ready[1], _cta_pair(it, g0) & 1)
@@ -1134,65 +1258,49 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     T.copy(p_local, p_shared[1, :, :])
                     T.fence_proxy_async()  # P_1 is read by the peer's tensor-core GEMM
                     T.barrier_arrive(p_ready[1])
-                    T.gemm(p_local, kv_shared[r0 + 1, :, DH:D], acc_o)  # [HB, BI] @ [BI, D/2] -> [HB, D/2]
+                    T.gemm(p_local, kv_shared[r0 + 1, :, DH:D], acc_o, clear_accum=fresh)  # [HB, BI] @ [BI, D/2]
                 else:  # padding: P_1 = 0, only the rescale to the shared max
                     T.barrier_arrive(p_ready[1])
                     rescale(alpha, l_sum, acc_o, lazy=True)
                 T.barrier_arrive(k_free[(r0 + 1) * 2 + 1])
             T.barrier_wait(p_ready[1 - w], _cta_pair(it, g0) & 1)
             if w == 1 or second:  # the leader adds P_1 V_1 of a real block only
-                T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o)
+                # (the follower's peer product is its first of a query whose first pair has a padding block)
+                T.gemm(p_shared[1 - w, :, :], kv_shared[r0 + 1 - w, :, w * DH : (w + 1) * DH], acc_o,
+                       clear_accum=T.And(fresh, T.Not(second)) if late and w == 1 else False)
             T.barrier_arrive(k_free[(r0 + 1 - w) * 2 + w])
-        # the two row sums, added in the same order by both; then the epilogue factors (query_tiles > 1: a query's
-        # sums in the slots of its turn's parity, so that the next query's never overwrite ones still being read)
-        sb = 0 if j is None else (j & 1) * 2
-        T.copy(l_sum, sum_shared[sb + w, :])
-        T.barrier_arrive(fin)
-        T.barrier_wait(fin, 0 if j is None else j & 1)
-        for h in T.Parallel(HB):
-            l_sum[h] = sum_shared[sb, h] + sum_shared[sb + 1, h]
-            epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
-        if split:
-            for h, d in T.Parallel(HB, DH):
-                t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d] * alpha[h]
-            if w == 0:
-                for h in T.Parallel(HB):
-                    t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
-        else:
+        if j is None:
+            # the two row sums, added in the same order by both; then the epilogue factors
+            T.copy(l_sum, sum_shared[w, :])
+            T.barrier_arrive(fin)
+            T.barrier_wait(fin, 0)
             for h in T.Parallel(HB):
-                row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
-            if j is None:
+                l_sum[h] = sum_shared[0, h] + sum_shared[1, h]
+                epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
+            if split:
+                for h, d in T.Parallel(HB, DH):
+                    t["o_part"][b_i, s_i, sp, h0 + h, w * DH + d] = acc_o[h, d] * alpha[h]
+                if w == 0:
+                    for h in T.Parallel(HB):
+                        t["lse_part"][b_i, s_i, sp, h0 + h] = lse2[h]
+            else:
+                for h in T.Parallel(HB):
+                    row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
                 for h, d in T.Parallel(HB, DH):
                     q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)
                 T.sync_threads(8 + w, 128)  # the warpgroup's staged output is complete (no automatic syncs)
                 T.copy(q_shared[:, w * DH : (w + 1) * DH], t["o"][b_i, s_i, h0 : h0 + HB, w * DH : (w + 1) * DH])
-            else:
-                # Q's buffer holds the next query's Q: the output goes out BI columns at a time, staged in turn in
-                # this consumer's P slot (free: both consumers are past their last P·V) and its staging slot, so
-                # that one chunk's store reads shared memory while the next chunk is staged
-                for i, c in enumerate([c * BI for c in range(DH // BI)]):
-                    slot = w + 2 * (i % 2)
-                    if i >= 2:
-                        if T.shuffle_elect(128):
-                            T.tma_store_wait(1)  # the store of chunk i - 2 has read this slot
-                        T.sync_threads(8 + w, 128)
-                    for h, d in T.Parallel(HB, BI):
-                        p_shared[slot, h, d] = T.cast(acc_o[h, c + d] * alpha[h] * row_sum[h], T.bfloat16)
-                    T.sync_threads(8 + w, 128)  # the chunk is staged
-                    if T.shuffle_elect(128):  # the thread that waits on the stores is the one that issued them
-                        T.fence_proxy_async()
-                        T.tma_copy(p_shared[slot, :, :], t["o"][b_i, s_i, h0 : h0 + HB, w * DH + c : w * DH + c + BI])
-                if T.shuffle_elect(128):
-                    T.tma_store_wait(0)
-                T.sync_threads(8 + w, 128)  # both slots are read: the P slot is written again in the next query
-            if spec.return_lse and w == 0:
-                for h in T.Parallel(HB):
-                    t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
+                if spec.return_lse and w == 0:
+                    for h in T.Parallel(HB):
+                        t["lse"][b_i, s_i, h0 + h] = lse2[h] * LN2
+        elif not late:
+            finish(t, w, b_i, s_i, h0, j, 0, EPI_STEPS, p_shared, sum_shared, fin, acc_o, m, m_prev, alpha, l_sum,
+                   row_sum, lse2, None, False)
 
     @T.macro
     def consumer_walk(t, w, s0, n_q, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared,
                       max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s, p_local, acc_o, m,
-                      m_prev, alpha, l_sum, row_sum, lse2):
+                      m_prev, alpha, l_sum, row_sum, lse2, o_bf):
         """query_tiles > 1 or persistent CTAs: consumer ``w`` runs the CTA's queries ``s0 + j·stride``, ``j < n_q``,
         in turn (``bound`` given: persistent CTAs, ``n_q`` a dynamic count that may be 0). The next query's position
         is loaded a query ahead, so that its key-block count is known when its turn comes. The follower loads every
@@ -1205,6 +1313,10 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
         if w == 1:
             if _live(n_q > 0, bound):
                 load_q(t, b_i, s0, h0, q_shared, q_bar)
+        if OVERLAP:  # (a query's state is reset in its first pair, after the previous query's output path read it)
+            T.fill(acc_o, 0)
+            T.fill(l_sum, 0)
+            T.fill(m, NEG_BIG)
         for j in T.serial(n_q):
             sq = s0 + j * stride
             if sq < S:
@@ -1214,14 +1326,21 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                     tq_next = t["positions"][b_i, sq + stride]
                 lo, hi = _block_range(t, gens, b_i, tq, 0, None)
                 n_iter = T.ceildiv(hi - lo, 2)
+                # (every query walks at least one pair: the build asks for a window or an index list, so the
+                # previous query's output path always has a first pair to run in)
                 consume(t, w, b_i, sq, 0, h0, tq, n_iter, hi - lo, q_shared, kv_shared, p_shared, ok_shared,
                         kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin, acc_s,
                         p_local, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, g0, j,
-                        (has_next, sq + stride) if w == 1 else None)
+                        (has_next, sq + stride) if w == 1 else None, sq - stride, o_bf)
                 if w == 1:
                     if T.And(n_iter == 0, has_next):  # no pair walked, no QKᵀ: the next Q now
                         load_q(t, b_i, sq + stride, h0, q_shared, q_bar)
                 g0 = g0 + n_iter
+        if OVERLAP:  # the last query's output path
+            n_valid = T.min(n_q, T.ceildiv(T.max(S - s0, 0), stride))
+            if n_valid > 0:
+                finish(t, w, b_i, s0 + (n_valid - 1) * stride, h0, n_valid - 1, 0, EPI_STEPS, p_shared, sum_shared,
+                       fin, acc_o, m, m_prev, alpha, l_sum, row_sum, lse2, o_bf, False)
 
     @T.macro
     def one_query(t, s_i, bx, b_i, q_shared, kv_shared, p_shared, ok_shared, kvpos_shared, max_shared, sum_shared,
@@ -1296,18 +1415,23 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
             idx_nxt = T.alloc_local((NP,), T.int32)
 
             if PC or QT > 1:
+                # overlap_epilogue: a consumer's last output columns in bf16 (see finish)
+                o_bf_0 = T.alloc_fragment((HB, max(EPI_POST_COLS, BI)), T.bfloat16) if OVERLAP else None
+                o_bf_1 = T.alloc_fragment((HB, max(EPI_POST_COLS, BI)), T.bfloat16) if OVERLAP else None
                 tx = T.get_thread_binding()
                 s0, n_c, n_p, stride, bound = walk(s_i)
                 if tx < 128:
                     T.set_max_nreg(216, 1)
                     consumer_walk(t, 0, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
                                   kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
-                                  acc_s_0, p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0)
+                                  acc_s_0, p_local_0, acc_o_0, m_0, m_prev_0, alpha_0, l_sum_0, row_sum_0, lse2_0,
+                                  o_bf_0)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(216, 1)
                     consumer_walk(t, 1, s0, n_c, stride, bound, bx, b_i, q_shared, kv_shared, p_shared, ok_shared,
                                   kvpos_shared, max_shared, sum_shared, q_bar, k_ready, k_free, s_ready, p_ready, fin,
-                                  acc_s_1, p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1)
+                                  acc_s_1, p_local_1, acc_o_1, m_1, m_prev_1, alpha_1, l_sum_1, row_sum_1, lse2_1,
+                                  o_bf_1)
                 elif tx >= 256:
                     T.set_max_nreg(72, 0)
                     # the key blocks of the CTA's queries, gathered into the ring as one sequence of pairs

@@ -86,9 +86,8 @@ class AttentionKernel:
         """The config program ``kind`` in {"main", "split", "combine"} is built with (here the
         kernel's own, with one query a CTA but for the main program; registry kernels resolve theirs per GPU)."""
         main = kind == "main"
-        return dataclasses.replace(self.config, split_keys=split_keys,
-                                   query_tiles=self.config.query_tiles if main else 1,
-                                   persistent_ctas=self.config.persistent_ctas if main else 0)
+        config = dataclasses.replace(self.config, split_keys=split_keys)
+        return config if main else config.one_query()
 
     def program(self, kind: str, config: AttentionConfig | None = None) -> Any:
         """The TileLang program ``kind`` in {"main", "split", "combine"} (default config: :meth:`launch_config`)."""
@@ -147,8 +146,8 @@ class AttentionKernel:
         """
         if batch_invariant:
             main_cfg = self.launch_config("main")
-            split_cfg = _whole_blocks(dataclasses.replace(main_cfg, split_keys=BATCH_INVARIANT_SPLIT_KEYS,
-                                                          query_tiles=1, persistent_ctas=0))  # one query a CTA
+            split_cfg = _whole_blocks(dataclasses.replace(main_cfg.one_query(),  # one query a CTA
+                                                          split_keys=BATCH_INVARIANT_SPLIT_KEYS))
             ns = -(-self.num_key_blocks(source_keys, split_cfg.block_kv) // split_cfg.blocks_per_split())
         else:
             split_cfg = _whole_blocks(self.launch_config("split", OCCUPANCY_SPLIT_KEYS))

@@ -158,7 +158,7 @@ def smem_bytes(spec: AttentionSpec, config: AttentionConfig, kind: str) -> int:
 def config_from(values: Mapping[str, Any]) -> AttentionConfig:
     """The AttentionConfig of a registry config (the tunable knobs and ``split_keys`` present in ``values``)."""
     keys = ("block_kv", "threads", "combine_threads", "split_keys", "schedule", "pair_stages", "query_tiles",
-            "persistent_ctas")
+            "persistent_ctas", "overlap_epilogue")
     return AttentionConfig(**{k: values[k] for k in keys if k in values})
 
 

@@ -80,7 +80,14 @@ SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are
 _KINDS = ("main", "split", "combine")
 
 
-def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> dict[str, int] | None:
+LONG_LAUNCH_OVERLAP = frozenset({"hca"})
+"""Variants whose long launches' :data:`LONG_LAUNCH_QUERY_TILES` program also runs a query's output path around the
+next query's first QKᵀ (``overlap_epilogue``). H200, A/B in one process on the benchmark's inputs, same bits
+(``benchmarks/logs/h200-2026-12-02-session45.md``): HCA prefill (8 queries a CTA) 0.955 / 0.972; V4-Flash CSA
+(2 queries a CTA) 1.02 / 1.02, with 4 queries a CTA 1.03: CSA keeps the plain walk."""
+
+
+def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> dict[str, Any] | None:
     """How the one-pass program of ``variant`` walks ``batch`` sequences of ``queries`` queries of ``key_blocks``
     64-key blocks (one head block) on ``sms`` SMs, as config items; None: one query a CTA."""
     qt = LONG_LAUNCH_QUERY_TILES[variant]
@@ -88,7 +95,9 @@ def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> 
     if queries >= PERSISTENT_QUERIES_PER_SM * sms and (
             not long or key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1)):
         return {"persistent_ctas": sms}
-    return {"query_tiles": qt} if long else None
+    if not long:
+        return None
+    return {"query_tiles": qt, **({"overlap_epilogue": True} if variant in LONG_LAUNCH_OVERLAP else {})}
 
 
 def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
@@ -118,16 +127,16 @@ def variant_spec(variant: str, heads: int, ring: bool = False, return_lse: bool 
 
 def _build(variant: str, heads: int, kind: str, ring: bool, return_lse: bool, split_keys: int,
            block_kv: int, threads: int, combine_threads: int, schedule: str, pair_stages: int,
-           query_tiles: int, persistent_ctas: int) -> Any:
+           query_tiles: int, persistent_ctas: int, overlap_epilogue: bool) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     spec = variant_spec(variant, heads, ring, return_lse)
     if kind == "split":
         # a split program walks one query a CTA (the batch-invariant split shares the main's config)
-        query_tiles, persistent_ctas = 1, 0
+        query_tiles, persistent_ctas, overlap_epilogue = 1, 0, False
     cfg = AttentionConfig(block_kv=block_kv, threads=threads, split_keys=split_keys, combine_threads=combine_threads,
                           schedule=schedule, pair_stages=pair_stages, query_tiles=query_tiles,
-                          persistent_ctas=persistent_ctas)
+                          persistent_ctas=persistent_ctas, overlap_epilogue=overlap_epilogue)
     if kind == "combine":
         return build_combine_program(spec, threads=cfg.combine_threads)
     return build_main_program(spec, cfg, split=(kind == "split"))
@@ -145,7 +154,8 @@ def _configs(variant: str) -> list[dict[str, Any]]:
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
-                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant]})
+                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant],
+                            **({"overlap_epilogue": True} if variant in LONG_LAUNCH_OVERLAP else {})})
                 out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
@@ -163,30 +173,30 @@ def _registration(variant: str) -> dict[str, Any]:
 def build_sparse_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                            split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                            combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                           query_tiles: int = 1, persistent_ctas: int = 0):
+                           query_tiles: int = 1, persistent_ctas: int = 0, overlap_epilogue: bool = False):
     """Sparse MQA attention over an index list with a sink (DSL: IndexList)."""
     return _build("sparse", heads, kind, False, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles, persistent_ctas)
+                  pair_stages, query_tiles, persistent_ctas, overlap_epilogue)
 
 
 @register("csa_attention", **_registration("csa"))
 def build_csa_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                         combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                        query_tiles: int = 1, persistent_ctas: int = 0):
+                        query_tiles: int = 1, persistent_ctas: int = 0, overlap_epilogue: bool = False):
     """CSA attention: Window(128) ∪ IndexList(top-k) with a sink (DSL)."""
     return _build("csa", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles, persistent_ctas)
+                  pair_stages, query_tiles, persistent_ctas, overlap_epilogue)
 
 
 @register("hca_attention", **_registration("hca"))
 def build_hca_attention(heads: int, kind: str = "main", ring: bool = False, return_lse: bool = False,
                         split_keys: int = BATCH_INVARIANT_SPLIT_KEYS, block_kv: int = 64, threads: int = 256,
                         combine_threads: int = 128, schedule: str = "seesaw", pair_stages: int = 1,
-                        query_tiles: int = 1, persistent_ctas: int = 0):
+                        query_tiles: int = 1, persistent_ctas: int = 0, overlap_epilogue: bool = False):
     """HCA attention: Window(128) ∪ CompressedDense(128) with a sink (DSL)."""
     return _build("hca", heads, kind, ring, return_lse, split_keys, block_kv, threads, combine_threads, schedule,
-                  pair_stages, query_tiles, persistent_ctas)
+                  pair_stages, query_tiles, persistent_ctas, overlap_epilogue)
 
 
 class _TunedAttention(AttentionKernel):
@@ -234,7 +244,7 @@ class _TunedAttention(AttentionKernel):
         return {**self.problem(kind, config.split_keys), "block_kv": config.block_kv, "threads": config.threads,
                 "combine_threads": config.combine_threads, "schedule": config.schedule,
                 "pair_stages": config.pair_stages, "query_tiles": config.query_tiles,
-                "persistent_ctas": config.persistent_ctas}
+                "persistent_ctas": config.persistent_ctas, "overlap_epilogue": config.overlap_epilogue}
 
 
 class _RegistryAttention(_TunedAttention):
