@@ -162,7 +162,7 @@ def test_attention_timeline_instruments_the_split_program():
 def test_attention_timeline_fails_loudly_when_the_codegen_moved(tmp_path, monkeypatch):
     tool = _timeline_tool()
     moved = tmp_path / "codegen.py"
-    fin = "        T.barrier_wait(fin, 0 if j is None else j & 1)\n"
+    fin = "            T.barrier_wait(fin, 0)\n"
     moved.write_text(tool.CODEGEN.read_text().replace(fin, fin.rstrip() + "  # moved\n"))
     monkeypatch.setattr(tool, "CODEGEN", moved)
     with pytest.raises(RuntimeError, match="row-sum barrier"):
@@ -260,8 +260,10 @@ def test_attention_ab_new_config_is_parsed_and_checked():
     tool = _ab_tool()
     assert tool.parse_config("block_kv=32,pair_stages=2") == {"block_kv": 32, "pair_stages": 2}
     assert tool.parse_config("schedule=ws") == {"schedule": "ws"}
+    assert tool.parse_config("query_tiles=8,overlap_epilogue=true") == {"query_tiles": 8, "overlap_epilogue": True}
     for text, msg in (("block_kv", "not KEY=VALUE"), ("foo=1", "'foo' is not an AttentionConfig field"),
-                      ("block_kv=33", "multiple of 16"), ("pair_stages=3", "pair_stages must be 1 or 2")):
+                      ("block_kv=33", "multiple of 16"), ("pair_stages=3", "pair_stages must be 1 or 2"),
+                      ("overlap_epilogue=True", "needs query_tiles > 1")):
         with pytest.raises(ValueError, match=msg):
             tool.parse_config(text)
 

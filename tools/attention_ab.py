@@ -76,7 +76,8 @@ def _build_in_worker(job: tuple[str, str | None, str, dict[str, Any] | None]) ->
 
 
 def parse_config(text: str) -> dict[str, Any]:
-    """``"block_kv=32,pair_stages=2"`` as AttentionConfig items (ints where they parse), checked by the config."""
+    """``"block_kv=32,pair_stages=2"`` as AttentionConfig items (ints where they parse, ``true`` / ``false`` as
+    bools), checked by the config."""
     from tilev4.dsl.codegen import AttentionConfig
 
     out: dict[str, Any] = {}
@@ -87,7 +88,9 @@ def parse_config(text: str) -> dict[str, Any]:
         if key not in AttentionConfig.__dataclass_fields__:
             raise ValueError(f"--new-config: {key!r} is not an AttentionConfig field "
                              f"({', '.join(sorted(AttentionConfig.__dataclass_fields__))})")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+        bools = {"true": True, "false": False}
+        out[key] = (int(value) if value.lstrip("-").isdigit() else bools[value.lower()] if value.lower() in bools
+                    else value)
     try:
         AttentionConfig(**out)
     except (TypeError, ValueError) as e:

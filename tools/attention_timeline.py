@@ -70,36 +70,38 @@ def _edits() -> list[tuple[str, str, str]]:
          "    RING = config.pair_stages\n    ann = dict(ann)\n"
          "    ann['dbg'] = T.Tensor[(B * S * NHB * NS, 16), T.int64]\n    arg_names = arg_names + ['dbg']\n",
          "the dbg argument"),
-        ("lse2, g0=None, j=None, next_q=None):\n",
-         "lse2, g0=None, j=None, next_q=None, dbg=None, rr=None):\n",
+        ("lse2, g0=None, j=None, next_q=None, s_prev=None, o_bf=None):\n",
+         "lse2, g0=None, j=None, next_q=None, s_prev=None, o_bf=None, dbg=None, rr=None):\n",
          "the consumer's parameters"),
-        ("        T.barrier_wait(q_bar, 0 if j is None else j & 1)\n",
-         "        tid = T.get_thread_binding()\n        T.barrier_wait(q_bar, 0 if j is None else j & 1)\n"
-         + _stamp(c("q_ready"), 0, 8),
+        ("            T.barrier_wait(q_bar, 0 if j is None else j & 1)\n",
+         "            tid = T.get_thread_binding()\n            T.barrier_wait(q_bar, 0 if j is None else j & 1)\n"
+         + _stamp(c("q_ready"), 0, 12),
          "the consumer's Q wait"),
-        # (thread 0 is the leader's: its block of a pair is never the padding one, so the stamp sits in the real branch)
-        ("                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n                T.wgmma_gemm(",
-         "                T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n                if tid == 0 and it == 0:\n"
-         f"                    dbg[rr, {c('first_block')}] = T.call_extern('int64', 'tv4_clock')\n"
-         "                T.wgmma_gemm(",
+        # (thread 0 is the leader's: its block of a pair is never the padding one, so the stamp sits in the real branch;
+        # the issue's own wait on the barrier then passes at once)
+        ("                if real:\n                    qk_issue(w, r0, ph, q_shared, kv_shared, k_ready, acc_s)\n"
+         "                    qk_mask(",
+         "                if real:\n                    T.barrier_wait(k_ready[(r0 + w) * 2 + w], ph)\n"
+         "                    if tid == 0 and it == 0:\n"
+         f"                        dbg[rr, {c('first_block')}] = T.call_extern('int64', 'tv4_clock')\n"
+         "                    qk_issue(w, r0, ph, q_shared, kv_shared, k_ready, acc_s)\n                    qk_mask(",
          "the first key block"),
-        ("        # the two row sums, added in the same order by both; then the epilogue factors",
-         _stamp(c("loop_end_0"), 0, 8) + _stamp(c("loop_end_1"), 128, 8)
-         + "        # the two row sums, added in the same order by both; then the epilogue factors",
+        ("            # the two row sums, added in the same order by both; then the epilogue factors",
+         _stamp(c("loop_end_0"), 0, 12) + _stamp(c("loop_end_1"), 128, 12)
+         + "            # the two row sums, added in the same order by both; then the epilogue factors",
          "the loop end"),
-        ("        T.barrier_wait(fin, 0 if j is None else j & 1)\n",
-         "        T.barrier_wait(fin, 0 if j is None else j & 1)\n" + _stamp(c("fin_0"), 0, 8)
-         + _stamp(c("fin_1"), 128, 8),
+        ("            T.barrier_wait(fin, 0)\n",
+         "            T.barrier_wait(fin, 0)\n" + _stamp(c("fin_0"), 0, 12) + _stamp(c("fin_1"), 128, 12),
          "the row-sum barrier"),
         ("                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n",
          "                    q_shared[h, w * DH + d] = T.cast(acc_o[h, d] * alpha[h] * row_sum[h], T.bfloat16)\n"
          + _stamp(c("staged_0"), 0, 16) + _stamp(c("staged_1"), 128, 16),
          "the staged output"),
-        ("                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n\n    @T.macro\n    def consumer_walk(",
-         "                    t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n" + _stamp(c("store_end_0"), 0, 8)
-         + "        if tid == 0:\n"
-         f"            dbg[rr, {c('gtime_end')}] = T.call_extern('int64', 'tv4_gtime')\n"
-         + _stamp(c("store_end_1"), 128, 8) + "\n    @T.macro\n    def consumer_walk(",
+        ("                        t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n        elif not late:\n",
+         "                        t[\"lse\"][b_i, s_i, h0 + h] = lse2[h] * LN2\n" + _stamp(c("store_end_0"), 0, 12)
+         + "            if tid == 0:\n"
+         f"                dbg[rr, {c('gtime_end')}] = T.call_extern('int64', 'tv4_gtime')\n"
+         + _stamp(c("store_end_1"), 128, 12) + "        elif not late:\n",
          "the output store"),
         ("                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt):\n",
          "                  lse2_0, lse2_1, src_local, row_local, pos_local, idx_cur, idx_nxt, dbg=None, rr=None):\n",
