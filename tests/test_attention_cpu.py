@@ -111,9 +111,9 @@ def test_overlap_epilogue_needs_several_queries_a_cta():
     a CTA without it."""
     from tilev4.dsl.codegen import AttentionConfig
 
-    with pytest.raises(ValueError, match="overlap_epilogue=True needs query_tiles > 1.*query_tiles=1"):
+    with pytest.raises(ValueError, match=r"overlap_epilogue=True needs query_tiles > 1.*query_tiles=1"):
         AttentionConfig(overlap_epilogue=True)
-    with pytest.raises(ValueError, match="overlap_epilogue=True needs query_tiles > 1.*persistent_ctas=132"):
+    with pytest.raises(ValueError, match=r"overlap_epilogue=True needs query_tiles > 1.*persistent_ctas=132"):
         AttentionConfig(persistent_ctas=132, overlap_epilogue=True)
     with pytest.raises(TypeError, match="overlap_epilogue must be a bool, got 1"):
         AttentionConfig(query_tiles=2, overlap_epilogue=1)

@@ -36,8 +36,9 @@ QKᵀ and the softmax, both run P·V on their half of D). Other specs run the ``
 then compute). All of them are the same online softmax; their outputs agree to the bf16 rounding of P. A seesaw main
 program may walk ``AttentionConfig.query_tiles`` consecutive queries a CTA: the next query's Q and first key blocks
 load while the consumers finish the previous one (same bits as one query a CTA; the output then leaves through two
-8 KB staging slots a consumer, one chunk's store reading shared memory while the next is staged); with
-``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
+8 KB staging slots a consumer, one chunk's store reading shared memory while the next is staged; with
+``AttentionConfig.overlap_epilogue`` a query's output path runs in the next query's first block pair, around the issue
+of its first QKᵀ); with ``AttentionConfig.persistent_ctas`` a fixed number of CTAs walks every query that way, strided.
 """
 
 import dataclasses
@@ -101,10 +102,10 @@ __device__ __forceinline__ int tilev4_warp_all(int v) { return __all_sync(0xffff
 """
 
 
-# Several queries a CTA: the columns of a consumer's half of query j's output staged after it has issued query j + 1's
-# first Q·Kᵀ (the rest of the output path runs before; the wait for the stores' shared-memory reads always after). They
-# are converted to bf16 registers before the issue (ptxas waits for in-flight products before any read of a register
-# a wgmma wrote), so each 64 columns hold 16 more registers a thread across the issue.
+# AttentionConfig.overlap_epilogue: the columns of a consumer's half of query j's output staged after it has issued
+# query j + 1's first Q·Kᵀ (the rest of the output path runs before; the wait for the stores' shared-memory reads
+# always after). They are converted to bf16 registers before the issue (ptxas waits for in-flight products before any
+# read of a register a wgmma wrote), so each 64 columns hold 16 more registers a thread across the issue: 128 spill.
 EPILOGUE_COLUMNS_AFTER_ISSUE = 64
 
 
