@@ -45,13 +45,13 @@ def test_long_launches_take_two_queries_a_cta():
     """The ops' one-pass program (one head block) runs one persistent CTA an SM a sequence from 2 queries an SM a
     sequence on, up to the long launches of LONG_LAUNCH_QUERY_TILES queries a CTA; in those, persistent CTAs only
     where LONG_LAUNCH_PERSISTENT says so (sparse queries of 4 key blocks or more); default and batch-invariant calls
-    alike; one query a CTA otherwise; split programs always one. The query_tiles programs of LONG_LAUNCH_OVERLAP (HCA)
-    run each query's output path around the next query's first QKᵀ; no other walk does."""
+    alike; one query a CTA otherwise; split programs always one. The query_tiles programs of LONG_LAUNCH_OVERLAP
+    (HCA, sparse) run each query's output path around the next query's first QKᵀ; no other walk does."""
     from tilev4.kernels import attention as A
 
     sms = 132
     assert A.LONG_LAUNCH_PERSISTENT == {"sparse": 4} and A.PERSISTENT_QUERIES_PER_SM == 2
-    assert A.LONG_LAUNCH_OVERLAP == {"hca"}
+    assert A.LONG_LAUNCH_OVERLAP == {"hca", "sparse"}
 
     def walk_of(cfg):
         return cfg.query_tiles, cfg.persistent_ctas

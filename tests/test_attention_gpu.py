@@ -432,6 +432,37 @@ def test_long_launch_matches_one_query_a_cta(variant, size):
     _check(o[:, rows], ref)
 
 
+def test_sparse_long_launch_of_few_keys_overlaps_its_output():
+    """``sparse_attention`` with 128 keys a query in a long launch walks 4 queries a CTA with ``overlap_epilogue`` (each
+    query's output path around the next query's first QKᵀ): the bits of the same config walking one query a CTA, no
+    NaN, its first and last queries against the reference; the batch-invariant call gives the same bits."""
+    from tilev4.dsl import AttentionKernel
+    from tilev4.dsl.runtime import _num_sms
+    from tilev4.kernels import attention as A
+
+    sms = _num_sms(torch.cuda.current_device())
+    b, s, k, n = 1, A.LONG_LAUNCH_WAVES * A.LONG_LAUNCH_QUERY_TILES["sparse"] * sms + 3, 128, 3000
+    kern = A._kernel("sparse", 64, False, None, False)
+    plan = kern.plan(b, s, [k], num_sms=sms, device_sms=sms)
+    assert plan.kind == "main" and plan.config.query_tiles == 4 and plan.config.overlap_epilogue
+    g = _gen(1400)
+    q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
+    sink = torch.randn(64, generator=g, device="cuda")
+    idx = torch.randint(0, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
+    idx[:, :, 5::9] = -1
+    idx[:, 7, :] = -1  # a query without keys (output 0)
+    o = tilev4.sparse_attention(q, kv, sink, idx, out=_poisoned(q))
+    o_bi = tilev4.sparse_attention(q, kv, sink, idx, batch_invariant=True, out=_poisoned(q))
+    one = AttentionKernel(kern.spec, kern.launch_config("main"))
+    base = one(q, torch.zeros(b, s, dtype=torch.int32, device="cuda"), sink, out=_poisoned(q), sel_kv=kv, sel_idx=idx)
+    assert not torch.isnan(o).any()
+    assert torch.equal(o.view(torch.int16), base.view(torch.int16))
+    assert torch.equal(o.view(torch.int16), o_bi.view(torch.int16))
+    assert torch.count_nonzero(o[:, 7]) == 0
+    rows = list(range(8)) + list(range(s - 8, s))
+    _check(o[:, rows], _ref_sparse(q[:, rows], kv, sink, idx[:, rows]))
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.integers(1, 64), row=st.integers(0, 63), seed=st.integers(0, 2**20))
 def test_batch_invariant_decode_bit_exact(batch, row, seed):

@@ -60,13 +60,14 @@ def test_compressor_configs_checks_its_arguments():
 
 
 def test_attention_walks_checks_its_arguments():
-    """The attention walk A/B (a GPU tool) reads qtN / pcN / pcsms walks, names a bad one, and says when there is no
-    GPU to run on."""
+    """The attention walk A/B (a GPU tool) reads qtN / qtNo / pcN / pcsms walks, names a bad one, and says when there
+    is no GPU to run on."""
     tool = _tool("attention_walks")
-    assert tool.parse_walks("qt1, qt4,pc132,pcsms", 114) == [
-        ("qt1", {"query_tiles": 1}), ("qt4", {"query_tiles": 4}), ("pc132", {"persistent_ctas": 132}),
+    assert tool.parse_walks("qt1, qt4,qt4o,pc132,pcsms", 114) == [
+        ("qt1", {"query_tiles": 1}), ("qt4", {"query_tiles": 4}),
+        ("qt4o", {"query_tiles": 4, "overlap_epilogue": True}), ("pc132", {"persistent_ctas": 132}),
         ("pcsms", {"persistent_ctas": 114})]
-    for bad in ("qt0", "pc", "tiles4", "qt2,qt2", "pcsms", "qt16"):
+    for bad in ("qt0", "pc", "tiles4", "qt2,qt2", "pcsms", "qt16", "qt1o", "pc4o", "qto"):
         with pytest.raises(ValueError, match="--walks"):
             tool.parse_walks(bad, None)
     script = str(ROOT / "tools" / "attention_walks.py")

@@ -4,7 +4,8 @@
     python3 tools/attention_walks.py --variant hca --position 65536 --batch 3 --queries 300 --walks qt1,pc132
     python3 tools/attention_walks.py --variant sparse --keys 128 --queries 4096 --walks qt4,pc132 --build-only
 
-A walk is ``qtN`` (``query_tiles`` = N consecutive queries a CTA; ``qt1``: one query a CTA) or ``pcN``
+A walk is ``qtN`` (``query_tiles`` = N consecutive queries a CTA; ``qt1``: one query a CTA; ``qtNo``: the same with
+``overlap_epilogue``, each query's output path run around the next query's first QKᵀ) or ``pcN``
 (``persistent_ctas`` = N CTAs a head block and sequence, each walking every N-th query; ``pcsms``: the device's SM
 count). For each query count the tool builds the main program of each walk (default tunables, 64 heads; the ops
 choose among these per launch, :func:`tilev4.kernels.attention._walk`), runs them on the same random inputs with the
@@ -28,23 +29,28 @@ HEADS = 64
 N_ROWS = 16384  # index-list cache rows (sparse, csa)
 
 
-def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, int]]]:
-    """``"qt1,qt4,pc132,pcsms"`` as (label, AttentionConfig items); ``sms`` resolves ``pcsms`` (None: not allowed)."""
+def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """``"qt1,qt4,qt4o,pc132,pcsms"`` as (label, AttentionConfig items); ``sms`` resolves ``pcsms`` (None: not
+    allowed)."""
     from tilev4.dsl.codegen import AttentionConfig
 
     out = []
     for label in (w.strip() for w in text.split(",")):
         kind, n = label[:2], label[2:]
+        overlap = kind == "qt" and n.endswith("o")
+        n = n[:-1] if overlap else n
         if kind == "pc" and n == "sms":
             if sms is None:
                 raise ValueError(f"--walks: {label!r} needs the device's SM count (not with --build-only; give pcN)")
             n = str(sms)
         if kind not in ("qt", "pc") or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--walks: {label!r} is not qtN or pcN (N >= 1) or pcsms")
-        walk = {"query_tiles": int(n)} if kind == "qt" else {"persistent_ctas": int(n)}
+            raise ValueError(f"--walks: {label!r} is not qtN, qtNo or pcN (N >= 1) or pcsms")
+        walk: dict[str, Any] = {"query_tiles": int(n)} if kind == "qt" else {"persistent_ctas": int(n)}
+        if overlap:
+            walk["overlap_epilogue"] = True
         try:
             AttentionConfig(**walk)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"--walks: {label!r}: {e}") from None
         out.append((label, walk))
     if not out or len({lbl for lbl, _ in out}) != len(out):
@@ -52,8 +58,9 @@ def parse_walks(text: str, sms: int | None) -> list[tuple[str, dict[str, int]]]:
     return out
 
 
-def parse_walk(text: str) -> dict[str, int]:
-    """One walk (``"qt4"`` or ``"pc132"``) as AttentionConfig items, for a tool's ``--walk`` option (errors name it)."""
+def parse_walk(text: str) -> dict[str, Any]:
+    """One walk (``"qt4"``, ``"qt8o"`` or ``"pc132"``) as AttentionConfig items, for a tool's ``--walk`` option
+    (errors name it)."""
     try:
         walks = parse_walks(text, None)
     except ValueError as e:
@@ -63,7 +70,7 @@ def parse_walk(text: str) -> dict[str, int]:
     return walks[0][1]
 
 
-def kernel(variant: str, walk: dict[str, int], arch: str | None) -> Any:
+def kernel(variant: str, walk: dict[str, Any], arch: str | None) -> Any:
     from tilev4.dsl import AttentionKernel
     from tilev4.dsl.codegen import AttentionConfig
     from tilev4.kernels.attention import variant_spec
@@ -71,7 +78,7 @@ def kernel(variant: str, walk: dict[str, int], arch: str | None) -> Any:
     return AttentionKernel(variant_spec(variant, HEADS), AttentionConfig(**walk), arch=arch)
 
 
-def _build(job: tuple[str, dict[str, int], str]) -> str:
+def _build(job: tuple[str, dict[str, Any], str]) -> str:
     variant, walk, arch = job
     k = kernel(variant, walk, arch)
     k.compiled("main", k.launch_config("main"))

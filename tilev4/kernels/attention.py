@@ -80,11 +80,14 @@ SHIPPED_SMS = 132  # the SM count of the GPU the shipped persistent programs are
 _KINDS = ("main", "split", "combine")
 
 
-LONG_LAUNCH_OVERLAP = frozenset({"hca"})
+LONG_LAUNCH_OVERLAP = frozenset({"hca", "sparse"})
 """Variants whose long launches' :data:`LONG_LAUNCH_QUERY_TILES` program also runs a query's output path around the
-next query's first QKᵀ (``overlap_epilogue``). H200, A/B in one process on the benchmark's inputs, same bits
-(``benchmarks/logs/h200-2026-12-02-session45.md``): HCA prefill (8 queries a CTA) 0.955 / 0.972; V4-Flash CSA
-(2 queries a CTA) 1.02 / 1.02, with 4 queries a CTA 1.03: CSA keeps the plain walk."""
+next query's first QKᵀ (``overlap_epilogue``). H200, A/B in one process, same bits
+(``benchmarks/logs/h200-2026-12-02-session45.md``): HCA prefill from position 0 (8 queries a CTA, the benchmark)
+0.955 / 0.972 / 0.971, 8192 queries at position 65 536 0.994; sparse with 4 queries a CTA (its long launches of at
+most 192 keys a query), k = 128 0.954, 192 0.995 (512: 0.998); V4-Flash CSA (2 queries a CTA) 1.02 / 1.02 / 1.02, with
+4 queries a CTA 1.03, so CSA keeps the plain walk (with 128 + 128 keys, not a V4 shape: 0.983). The fewer key blocks
+a query has, the more its output weighs."""
 
 
 def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> dict[str, Any] | None:
