@@ -1108,14 +1108,14 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
 
     @T.macro
     def finish(t, w, b_i, s_q, h0, j, lo, hi, p_shared, sum_shared, fin, acc_o, m, m_prev, alpha, l_sum, row_sum,
-               lse2, o_bf, split):
+               lse2, o_bf, deferred):
         """Several queries a CTA: steps ``lo … hi`` (Python ints) of consumer ``w``'s output path of query ``s_q``
         (turn ``j``). Step 0: the two row sums, added in the same order by both (in the slots of the turn's parity,
         so that the next query's never overwrite ones still being read), and the epilogue factors; steps 1 …
         DH / BI: the output's BI-column chunks. Q's buffer holds the next query's Q, so each chunk is staged in turn
         in this consumer's P slot (free: both consumers are past their last P·V, which step 0's barrier orders) and
         its staging slot, and one chunk's store reads shared memory while the next is staged; the last step also
-        waits for the stores' reads (the P slot is written again in the next query's first pair). ``split``: the
+        waits for the stores' reads (the P slot is written again in the next query's first pair). ``deferred``: the
         path is run in two calls around the next query's first QKᵀ issue (steps ``0 … EPI_PRE`` and
         ``EPI_PRE …``); the first converts the second's columns into ``o_bf``, which the second stages."""
         if lo == 0:
@@ -1128,7 +1128,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 epilogue_factors(t, h0, h, l_sum, m, lse2, alpha, m_prev, row_sum)
             for h in T.Parallel(HB):
                 row_sum[h] = m_prev[h] * row_sum[h]  # w / (w + sink): the combine's weight of a lone split
-            if split and EPI_POST_COLS > 0:
+            if deferred and EPI_POST_COLS > 0:
                 for h, d in T.Parallel(HB, EPI_POST_COLS):
                     o_bf[h, d] = T.cast(acc_o[h, DH - EPI_POST_COLS + d] * alpha[h] * row_sum[h], T.bfloat16)
         for i in list(range(max(lo, 1) - 1, hi - 1)):  # (a Python list: unrolled as the program is written)
@@ -1138,7 +1138,7 @@ def _build_seesaw_program(spec: AttentionSpec, config: AttentionConfig, split: b
                 if T.shuffle_elect(128):
                     T.tma_store_wait(1)  # the store of chunk i - 2 has read this slot
                 T.sync_threads(8 + w, 128)
-            if split and c >= DH - EPI_POST_COLS:
+            if deferred and c >= DH - EPI_POST_COLS:
                 for h, d in T.Parallel(HB, BI):
                     p_shared[slot, h, d] = o_bf[h, c - (DH - EPI_POST_COLS) + d]
             else:

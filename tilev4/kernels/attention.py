@@ -90,6 +90,12 @@ most 192 keys a query), k = 128 0.954, 192 0.995 (512: 0.998); V4-Flash CSA (2 q
 a query has, the more its output weighs."""
 
 
+def _long_launch_walk(variant: str) -> dict[str, Any]:
+    """The config items of ``variant``'s long launches' several-queries-a-CTA program."""
+    return {"query_tiles": LONG_LAUNCH_QUERY_TILES[variant],
+            **({"overlap_epilogue": True} if variant in LONG_LAUNCH_OVERLAP else {})}
+
+
 def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> dict[str, Any] | None:
     """How the one-pass program of ``variant`` walks ``batch`` sequences of ``queries`` queries of ``key_blocks``
     64-key blocks (one head block) on ``sms`` SMs, as config items; None: one query a CTA."""
@@ -98,9 +104,7 @@ def _walk(variant: str, sms: int, batch: int, queries: int, key_blocks: int) -> 
     if queries >= PERSISTENT_QUERIES_PER_SM * sms and (
             not long or key_blocks >= LONG_LAUNCH_PERSISTENT.get(variant, key_blocks + 1)):
         return {"persistent_ctas": sms}
-    if not long:
-        return None
-    return {"query_tiles": qt, **({"overlap_epilogue": True} if variant in LONG_LAUNCH_OVERLAP else {})}
+    return _long_launch_walk(variant) if long else None
 
 
 def sparse_spec(heads: int, scale: float | None = None, return_lse: bool = False) -> AttentionSpec:
@@ -157,8 +161,7 @@ def _configs(variant: str) -> list[dict[str, Any]]:
             extra = {"ring": True} if ring else {}
             out.append({"heads": h, "kind": "main", **extra})
             if h == 64 and not ring:
-                out.append({"heads": h, "kind": "main", "query_tiles": LONG_LAUNCH_QUERY_TILES[variant],
-                            **({"overlap_epilogue": True} if variant in LONG_LAUNCH_OVERLAP else {})})
+                out.append({"heads": h, "kind": "main", **_long_launch_walk(variant)})
                 out.append({"heads": h, "kind": "main", "persistent_ctas": SHIPPED_SMS})
             out.append({"heads": h, "kind": "split", "split_keys": BATCH_INVARIANT_SPLIT_KEYS, **extra})
             out.append({"heads": h, "kind": "split", "split_keys": OCCUPANCY_SPLIT_KEYS, **extra})
