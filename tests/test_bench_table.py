@@ -58,3 +58,28 @@ def test_time_in_turn_reverses_the_order_every_other_round(monkeypatch):
     order.clear()
     bench.time_in_turn(["a", "b"], rounds=2, alternate=False)
     assert [fn for fn, _ in order] == ["a", "b", "a", "b"]
+
+
+def test_decode_rows_show_the_empty_launch_timed_alike():
+    rep = _report("e1")
+    rep["results"][0]["launch_floor_ms"] = 0.0051
+    row = render_table([rep]).splitlines()[2]
+    assert "| 0.50 of copy BW (an empty launch: 0.0051 ms) | 0.60 |" in row
+
+
+def test_routing_stats_count_the_padding_of_partly_filled_slabs():
+    import pytest
+    import torch
+
+    from tilev4.bench.moe import routing_stats
+
+    stats = routing_stats(torch.tensor([4, 64, 130, 0, 192], dtype=torch.int32))
+    assert stats == {"rows_per_expert_min": 0, "rows_per_expert_median": 64, "rows_per_expert_max": 192,
+                     "experts_with_partial_slab": 2, "padding_rows_fraction": (60 + 62) / 390}
+    assert routing_stats(torch.full((8,), 128))["padding_rows_fraction"] == 0.0
+    assert routing_stats(torch.zeros(3, dtype=torch.int64))["padding_rows_fraction"] == 0.0
+    for bad, what in ((torch.zeros(0), "non-empty"), (torch.zeros(2, 2), "1-D"), (torch.tensor([3, -1]), ">= 0")):
+        with pytest.raises(ValueError, match=f"counts must be.*{what}"):
+            routing_stats(bad)
+    with pytest.raises(ValueError, match="slab must be >= 1, got 0"):
+        routing_stats(torch.tensor([3]), slab=0)

@@ -411,3 +411,19 @@ def test_moe_pad_probe_aligns_each_expert_to_whole_slabs():
     assert torch.equal(es[:10, 0], experts.view(-1)) and torch.equal(pairs, torch.arange(10))
     xr, wr, _, _ = probe.aligned_inputs(x, weights, experts, 4, False, g)
     assert xr[10:].abs().sum() > 0 and (wr[10:] > 0).all()
+
+
+def test_moe_skew_checks_its_bias_scales():
+    """The routing-skew sweep (a GPU tool) names a bad scale list, and says when there is no GPU to run on."""
+    tool = str(ROOT / "tools" / "moe_skew.py")
+    for bad in ("0,x", "-1", "inf", ","):
+        run = subprocess.run([sys.executable, tool, "--bias-scales", bad], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and "--bias-scales must" in run.stderr and repr(bad) in run.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from moe_skew import parse_scales
+    finally:
+        sys.path.pop(0)
+    assert parse_scales("0, 0.5,1") == [0.0, 0.5, 1.0]
+    _assert_needs_gpu(tool)

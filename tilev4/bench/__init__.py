@@ -212,6 +212,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                     value += f", {r['speedup_vs_bf16']:.2f}× the bf16 path"
                     if "target_speedup_vs_bf16" in r:
                         target = f"{r['target_speedup_vs_bf16']:.1f}× bf16"
+                if "launch_floor_ms" in r:  # decode: what an empty launch measures the same way
+                    value += f" (an empty launch: {r['launch_floor_ms']:.4f} ms)"
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
                 f"{_fmt(r.get('tflops'), 1)} | {value} | {target} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"

@@ -4,7 +4,8 @@ batch-invariant variants.
 FLOPs count only valid keys: 4·H·D per (query, valid key) (QKᵀ and PV). Decode bytes are the bytes of KV
 read, as the issue's target defines them: the KV rows actually gathered (every valid key's 512 bf16 values); the
 record also gives ``gbps_with_q_o_idx``, the rate over those bytes plus q, o and the index list (what the kernel
-moves in all). Every row is timed as a
+moves in all), ``target_ms`` (the time 0.6 of the copy bandwidth asks for) and ``launch_floor_ms`` (an empty launch
+timed the same way: :func:`launch_floor_ms`). Every row is timed as a
 CUDA-graph replay of the public op (kernel time only: the op's host path — checks, config
 resolution, launch — would otherwise show in the millisecond prefill rows too).
 """
@@ -15,7 +16,7 @@ import torch
 
 from tilev4.bench import benchmark, record, time_in_turn
 
-__all__ = ["bench_attention"]
+__all__ = ["bench_attention", "launch_floor_ms"]
 
 D = 512
 
@@ -91,13 +92,24 @@ def _csa_decode(peaks: dict[str, float], b: int = 64, heads: int = 64, topk: int
                                                     validate=False, out=o), graph=True)
     kv_bytes = b * (128 + topk) * D * 2
     all_bytes = kv_bytes + 2 * q.numel() * 2 + idx.numel() * 4
+    floor = launch_floor_ms()
     out = []
     for bi, t in ms.items():
         rec = record(f"V4-Flash CSA decode{' (batch-invariant)' if bi else ''}",
                      f"b={b} s=1 H={heads} ctx=128K keys=128+{topk}", t, nbytes=kv_bytes, peaks=peaks, target=0.6)
         rec["gbps_with_q_o_idx"] = all_bytes / t / 1e6
+        rec["launch_floor_ms"] = floor
+        rec["target_ms"] = kv_bytes / (0.6 * peaks["copy_gbps"] * 1e6)  # the time the target asks for
         out.append(rec)
     return out
+
+
+def launch_floor_ms() -> float:
+    """What the decode rows' timing gives a kernel that does nothing: one 1-element fill, timed as they are
+    (:func:`tilev4.bench.time_cuda`, a CUDA-graph replay after the L2 flush, same reps). Part of every decode time:
+    the graph's launch, the kernel's start and end, the events."""
+    x = torch.empty(1, device="cuda")
+    return time_in_turn([lambda: x.fill_(1.0)], rounds=3, graph=True)[0]
 
 
 def _hca_prefill_inputs(s: int = 65536, heads: int = 64):

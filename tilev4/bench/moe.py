@@ -20,14 +20,23 @@
   other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
   expert plus one e8m0 byte per 32 weights).
 
-* Balanced routing, 8192 tokens: the routed bf16 path again on a routing in which every expert gets exactly
-  ``T·k/E`` = 192 rows (each token's k experts distinct, the assignment shuffled), as a trained gate's
-  load-balancing bias aims for; the random gate above is heavily skewed (an expert gets 4 to ~1100 rows). Rows:
-  the default (which takes the 192-row table at this size: ``choose_up_block_m``), the 128-row table forced
+* Two more routings of the same 8192 tokens, the routed bf16 path again:
+
+  - balanced: every expert gets exactly ``T·k/E`` = 192 rows (each token's k experts distinct, the assignment
+    shuffled), as a trained gate's load-balancing bias aims for;
+  - the random gate with a zero bias: the router's own load on random tokens, without the random bias that skews
+    the first routing (an expert's rows then vary by the norm of its gate row and by chance: ~130-260 rows).
+
+  The random gate and bias above are heavily skewed (an expert gets 4 to ~1100 rows). Rows: the default (which
+  takes the 192-row table at this size: ``choose_up_block_m``), the 128-row table forced
   (``moe_permute(up_block_m=128)``; it must give the same bits: ``bits_equal_to_default``) and
   ``torch._grouped_mm`` on the same permutation. Where the default chose the 192-row table for the random gate's
   routing too, a "128-row tiles" row follows its routed row. ``up_block_m`` names each row's table; the two
   tables are timed in alternating order (:func:`tilev4.bench.time_in_turn`), as back-to-back timings drift.
+
+Every prefill row of the bf16 routed path also describes its routing (:func:`routing_stats`): the least, median and
+most rows an expert gets, and how many of the 64-row slabs' rows are padding (an expert's last slab is partly
+filled, and the m64 wgmma computes it whole).
 
 Each record also carries the largest difference of the routed output from the torch path on the same
 inputs (``max_abs_diff_vs_torch``; the torch path rounds gate and up to bf16, so it is not zero), as a
@@ -42,7 +51,7 @@ import torch
 
 from tilev4.bench import benchmark, record, time_cuda, time_in_turn
 
-__all__ = ["RoutedPath", "balanced_routing", "bench_moe", "routed_path"]
+__all__ = ["RoutedPath", "balanced_routing", "bench_moe", "routed_path", "routing_stats"]
 
 DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
 
@@ -101,6 +110,9 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
 
         routed()
         touched = int((perm.counts > 0).sum().item())
+        stats = routing_stats(perm.counts) if num_tokens > 256 else {}
+        if stats:
+            shape += f" random gate and bias ({_routing_label(stats)})"
         graph = num_tokens <= 256
         path_128 = routed_path(K, x, weights, experts, w1, w2, w3, K.BLOCK_M) if perm.up_tiles else None
         if path_128 is None:
@@ -139,6 +151,8 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
             r["max_abs_diff_vs_torch"] = diff
             if torch_error:
                 r["torch_error"] = torch_error
+            if r["kernel"] != "moe layer":
+                r.update(stats)
         out += recs
         # the quantised paths gather FP8 rows (x quantised once a token), as moe_experts does
         perm8 = K.moe_permute(x, weights, experts, NUM_EXPERTS, payload=fp8_quantize(x)[0])
@@ -148,7 +162,10 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         out += _bench_fp4(perm8, quant_x, fp4, graph, ms_routed, fp8_recs[0]["ms"], routed_flops, touched, shape,
                           peaks)
         if num_tokens > 256:
-            out += _bench_balanced(K, x, gen, w1, w2, w3, peaks)
+            weights_b, experts_b = balanced_routing(num_tokens, NUM_EXPERTS, TOP_K, gen)
+            out += _bench_routing(K, x, weights_b, experts_b, "balanced routing", w1, w2, w3, peaks)
+            weights_z, experts_z = K.moe_route(x, layer["gate"], torch.zeros_like(layer["bias"]), TOP_K, ROUTE_SCALE)
+            out += _bench_routing(K, x, weights_z, experts_z, "random gate, zero bias", w1, w2, w3, peaks)
     return out
 
 
@@ -182,6 +199,35 @@ def routed_path(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.T
     return RoutedPath(perm, h, y, up, routed)
 
 
+def routing_stats(counts: torch.Tensor, slab: int = 64) -> dict[str, Any]:
+    """How a routing loads the experts: the least, median and most rows an expert gets (``counts`` [E]: rows per
+    expert), the experts whose last ``slab``-row slab is partly filled, and the padding rows of those slabs as a
+    fraction of the routed rows (the m64 wgmma computes a slab whole)."""
+    c = counts.detach().to("cpu", torch.int64)
+    if c.dim() != 1 or c.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D tensor of rows per expert, got shape {tuple(c.shape)}")
+    if bool((c < 0).any()):
+        raise ValueError(f"counts must be >= 0, got {int(c.min())}")
+    if slab < 1:
+        raise ValueError(f"slab must be >= 1, got {slab}")
+    rem = c % slab
+    padding = int(torch.where(rem > 0, slab - rem, torch.zeros_like(rem)).sum())
+    rows = int(c.sum())
+    return {
+        "rows_per_expert_min": int(c.min()),
+        "rows_per_expert_median": int(c.median()),
+        "rows_per_expert_max": int(c.max()),
+        "experts_with_partial_slab": int((rem > 0).sum()),
+        "padding_rows_fraction": padding / rows if rows else 0.0,
+    }
+
+
+def _routing_label(stats: dict[str, Any]) -> str:
+    """The shape string's note of a routing's rows per expert."""
+    lo, hi = stats["rows_per_expert_min"], stats["rows_per_expert_max"]
+    return f"{lo} rows/expert" if lo == hi else f"{lo}-{hi} rows/expert"
+
+
 def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A routing in which every expert gets exactly ``num_tokens·top_k/num_experts`` rows (that must be a whole
@@ -199,19 +245,21 @@ def balanced_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.G
     return weights / weights.sum(-1, keepdim=True) * ROUTE_SCALE, experts
 
 
-def _bench_balanced(K: Any, x: torch.Tensor, gen: torch.Generator, w1: torch.Tensor, w2: torch.Tensor,
-                    w3: torch.Tensor, peaks: dict[str, float]) -> list[dict[str, Any]]:
+def _bench_routing(K: Any, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, label: str,
+                   w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, peaks: dict[str, float]
+                   ) -> list[dict[str, Any]]:
+    """The bf16 routed path on another routing of the same tokens (``label`` names it in the rows): the default
+    table and the 128-row one forced, timed in turn, and ``torch._grouped_mm`` on the same permutation."""
     num_tokens = x.shape[0]
-    weights, experts = balanced_routing(num_tokens, NUM_EXPERTS, TOP_K, gen)
     n = num_tokens * TOP_K
-    shape = (f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K} "
-             f"balanced ({n // NUM_EXPERTS} rows/expert)")
     flops = 6.0 * n * DIM * INTER
     # the default (192-row table at this size) and the 128-row table forced, timed in alternating order
     paths = [routed_path(K, x, weights, experts, w1, w2, w3, up_block_m) for up_block_m in (None, K.BLOCK_M)]
     for p in paths:
         p.routed()
-    names = ("moe routed, balanced routing", "moe routed, balanced routing, 128-row tiles")
+    stats = routing_stats(paths[0].perm.counts)
+    shape = f"T={num_tokens} dim={DIM} inter={INTER} E={NUM_EXPERTS} k={TOP_K} {label} ({_routing_label(stats)})"
+    names = (f"moe routed, {label}", f"moe routed, {label}, 128-row tiles")
     recs = [record(name, shape, ms, peaks=peaks, target=None if i else 0.7, flops=flops)
             for i, (name, ms) in enumerate(zip(names, time_in_turn([p.routed for p in paths])))]
     for r, p in zip(recs, paths):
@@ -224,11 +272,13 @@ def _bench_balanced(K: Any, x: torch.Tensor, gen: torch.Generator, w1: torch.Ten
     except RuntimeError:
         diff = ms_torch = None
     if ms_torch is not None:
-        recs.append(record("torch._grouped_mm routed, balanced routing", shape, ms_torch, peaks=peaks, flops=flops))
+        recs.append(record(f"torch._grouped_mm routed, {label}", shape, ms_torch, peaks=peaks, flops=flops))
+    touched = int((paths[0].perm.counts > 0).sum().item())
     for r in recs:
-        r["experts_touched"] = NUM_EXPERTS
+        r["experts_touched"] = touched
         r["max_abs_diff_vs_torch"] = diff
         r["has_nan"] = bool(torch.isnan(ys[0]).any())
+        r.update(stats)
     return recs
 
 
