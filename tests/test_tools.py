@@ -422,8 +422,13 @@ def test_moe_skew_checks_its_bias_scales():
         assert run.returncode == 2 and "--bias-scales must" in run.stderr and repr(bad) in run.stderr
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        from moe_skew import parse_scales
+        from moe_skew import parse_rows, parse_scales
     finally:
         sys.path.pop(0)
     assert parse_scales("0, 0.5,1") == [0.0, 0.5, 1.0]
+    for bad in ("129,x", "0", "128"):  # 128 rows an expert: 128·256/6 is not a whole number of tokens
+        run = subprocess.run([sys.executable, tool, "--balanced-rows", bad], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2 and "--balanced-rows must" in run.stderr and repr(bad) in run.stderr
+    assert parse_rows("129, 192") == [129, 192]
     _assert_needs_gpu(tool)
