@@ -432,3 +432,25 @@ def test_moe_skew_checks_its_bias_scales():
         assert run.returncode == 2 and "--balanced-rows must" in run.stderr and repr(bad) in run.stderr
     assert parse_rows("129, 192") == [129, 192]
     _assert_needs_gpu(tool)
+
+
+def test_moe_swap_probe_checks_its_rows_and_builds_for_sm90a(tmp_path, monkeypatch):
+    """The swapped up-projection probe (a GPU tool) names bad rows, rounds an expert's rows up to 16 for the wgmma's
+    N, lowers and compiles its program for sm_90a here (two N), and says when there is no GPU to run on."""
+    tool = str(ROOT / "tools" / "moe_swap_probe.py")
+    for bad in ("150,x", "0", "193", "151"):
+        run = subprocess.run([sys.executable, tool, "--rows", bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and "--rows must" in run.stderr and repr(bad) in run.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from moe_swap_probe import parse_rows, swap_n
+    finally:
+        sys.path.pop(0)
+    assert parse_rows("150, 192") == [150, 192]
+    assert [swap_n(r) for r in (3, 16, 17, 150, 192)] == [16, 16, 32, 160, 192]
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    run = subprocess.run([sys.executable, tool, "--rows", "96,192", "--build-only", "--arch", "sm_90a"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "built N=96" in run.stdout and "built N=192" in run.stdout
+    _assert_needs_gpu(tool)

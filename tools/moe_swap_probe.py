@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("moe_swap_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from tilev4.bench import time_in_turn
     from tilev4.bench import moe as bm
+    from tilev4.bench import time_in_turn
 
     K = importlib.import_module("tilev4.kernels.moe")
     gen = torch.Generator(device="cuda").manual_seed(0)
