@@ -118,6 +118,109 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4) -> Any:
     return moe_up_swap
 
 
+def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int = 4) -> Any:
+    """The probe's program on the 192-row tile table of :func:`tilev4.kernels.moe.moe_permute` (same arguments as
+    the shipped ``moe_up`` ws program): a CTA takes one M tile (up to 192 rows of one expert) and 128 features; its
+    rows, rounded up to ``step``, are the wgmma's N — one code path per multiple of ``step`` up to 192."""
+    import tilelang.language as T
+    from tilelang.layout import make_swizzled_layout
+
+    from tilev4._fastmath import FAST_SOURCE
+    from tilev4.kernels.moe_ws import _grouped_record, cap_keep_nan, clamp_keep_nan, silu
+
+    BF, BK, S, NMAX = 2 * HALF, block_k, stages, 192
+    KT = K // BK
+    BUCKETS = list(range(step, NMAX + 1, step))
+    NR, F, E, MT = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E"), T.dynamic("MT")
+
+    @T.macro
+    def consumer(w, nb, wts, h, limit, x_s, g_s, u_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
+        prev = T.alloc_var(T.int32, init=0)
+        for ki in T.serial(KT):
+            slot = ki % S
+            T.barrier_wait(full[slot], (ki // S) & 1)
+            T.wgmma_gemm(g_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_g, transpose_B=True,
+                         clear_accum=ki == 0)
+            T.wgmma_gemm(u_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_u, transpose_B=True,
+                         clear_accum=ki == 0)
+            if ki > 0:
+                T.wait_wgmma(2)
+                if tx % 32 == 0:
+                    T.barrier_arrive(empty[prev])
+            prev = slot
+        T.wait_wgmma(0)
+        T.sync_threads(barrier_id=1, arrive_count=256)
+        for m, n in T.Parallel(HALF, nb):
+            g = cap_keep_nan(acc_g[m, n], limit)
+            u = clamp_keep_nan(acc_u[m, n], limit)
+            x_s[w, n, m] = T.cast(silu(g) * u * T.if_then_else(n < rows, wts[r0 + T.min(n, rows - 1)], 0.0),
+                                  T.bfloat16)
+        T.sync_threads(barrier_id=2 + w, arrive_count=128)
+        T.assume(h.shape[1] % 8 == 0)
+        for n, mv in T.Parallel(nb, HALF // 8):
+            if n < rows:
+                for v in T.vectorized(8):
+                    h[r0 + n, f0 + w * HALF + mv * 8 + v] = x_s[w, n, mv * 8 + v]
+
+    @T.prim_func
+    def moe_up_swap_table(
+        x: T.Tensor[(NR, K), T.bfloat16],
+        wts: T.Tensor[(NR,), T.float32],
+        w1: T.Tensor[(E, F, K), T.bfloat16],
+        w3: T.Tensor[(E, F, K), T.bfloat16],
+        offsets: T.Tensor[(E + 1,), T.int32],
+        tile_offsets: T.Tensor[(E + 1,), T.int32],
+        tile_info: T.Tensor[(MT, 4), T.int32],
+        h: T.Tensor[(NR, F), T.bfloat16],
+        limit: T.float32,
+    ):
+        with T.Kernel(MT * T.ceildiv(F, BF), threads=384) as bx:
+            T.import_source(FAST_SOURCE)
+            T.annotate_pass_configs({"tl.disable_thread_storage_sync": True})
+            x_s = T.alloc_shared((S, NMAX, BK), T.bfloat16)
+            g_s = T.alloc_shared((S, BF, BK), T.bfloat16)
+            u_s = T.alloc_shared((S, BF, BK), T.bfloat16)
+            accs = [[T.alloc_fragment((HALF, nb), T.float32) for _ in range(4)] for nb in BUCKETS]
+            full = T.alloc_barrier([128] * S)
+            empty = T.alloc_barrier([8] * S)
+            T.annotate_layout({b: make_swizzled_layout(b) for b in (x_s, g_s, u_s)})
+            e = T.alloc_var(T.int32, init=0)
+            row0 = T.alloc_var(T.int32, init=0)
+            rows = T.alloc_var(T.int32, init=0)
+            f0 = T.alloc_var(T.int32, init=0)
+            live = T.alloc_var(T.bool)
+            _grouped_record(bx, T.ceildiv(F, BF), tile_info, e, row0, rows, f0, live, BF, NMAX)
+            tx = T.get_thread_binding()
+            bucket = T.ceildiv(rows, step)
+            if live:
+                if tx >= 256:
+                    T.set_max_nreg(40, 0)
+                    for ki in T.serial(KT):
+                        slot = ki % S
+                        T.barrier_wait(empty[slot], ((ki // S) & 1) ^ 1)
+                        for i, nb in enumerate(BUCKETS):
+                            if bucket == i + 1:
+                                T.tma_copy(x[row0:row0 + nb, ki * BK:(ki + 1) * BK], x_s[slot, 0:nb, :],
+                                           barrier=full[slot])
+                        T.tma_copy(w1[e, f0:f0 + BF, ki * BK:(ki + 1) * BK], g_s[slot, :, :], barrier=full[slot])
+                        T.tma_copy(w3[e, f0:f0 + BF, ki * BK:(ki + 1) * BK], u_s[slot, :, :], barrier=full[slot])
+                        T.barrier_arrive(full[slot])
+                elif tx < 128:
+                    T.set_max_nreg(232, 1)
+                    for i, nb in enumerate(BUCKETS):
+                        if bucket == i + 1:
+                            consumer(0, nb, wts, h, limit, x_s, g_s, u_s, accs[i][0], accs[i][1], full, empty, row0,
+                                     rows, f0, tx)
+                else:
+                    T.set_max_nreg(232, 1)
+                    for i, nb in enumerate(BUCKETS):
+                        if bucket == i + 1:
+                            consumer(1, nb, wts, h, limit, x_s, g_s, u_s, accs[i][2], accs[i][3], full, empty, row0,
+                                     rows, f0, tx)
+
+    return moe_up_swap_table
+
+
 def parse_rows(text: str) -> list[int]:
     """``"150,192"`` → ``[150, 192]``: rows an expert, multiples of 3 from 3 to 192 (256 experts × R / 6 slots
     whole; one token tile of at most 192 rows an expert)."""
@@ -128,6 +231,46 @@ def parse_rows(text: str) -> list[int]:
     if not rows or any(r < 3 or r > 192 or r % 3 for r in rows):
         raise ValueError(f"--rows must list multiples of 3 from 3 to 192, got {text!r}")
     return rows
+
+
+def compile_table_program(step: int, arch: str = "sm_90a") -> Any:
+    """:func:`build_swap_up_table` for the V4-Flash dim, built for ``arch``."""
+    import tilelang
+
+    from tilev4.bench.moe import DIM
+
+    return tilelang.compile(build_swap_up_table(DIM, step), target={"kind": "cuda", "arch": arch},
+                            execution_backend="tvm_ffi")
+
+
+def table_routing(case: str, gen: Any, layer: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(x, weights, experts)`` of a table case: ``skewed`` (the benchmark's routing, 8192 tokens), ``natural`` (the
+    same gate with a zero bias) or ``balanced<R>`` (R rows an expert, a multiple of 3)."""
+    import importlib
+
+    import torch
+
+    from tilev4.bench import moe as bm
+
+    K = importlib.import_module("tilev4.kernels.moe")
+    if case in ("skewed", "natural"):
+        x = torch.randn(8192, bm.DIM, generator=gen, device="cuda").bfloat16()
+        bias = layer["bias"] if case == "skewed" else torch.zeros_like(layer["bias"])
+        return (x, *K.moe_route(x, layer["gate"], bias, bm.TOP_K, bm.ROUTE_SCALE))
+    rows = int(case.removeprefix("balanced"))
+    tokens = rows * bm.NUM_EXPERTS // bm.TOP_K
+    x = torch.randn(tokens, bm.DIM, generator=gen, device="cuda").bfloat16()
+    return (x, *bm.balanced_routing(tokens, bm.NUM_EXPERTS, bm.TOP_K, gen))
+
+
+def parse_cases(text: str) -> list[str]:
+    """``"skewed,natural,balanced150"``: table cases (balanced rows a multiple of 3, at least 3)."""
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    ok = all(c in ("skewed", "natural") or (c.startswith("balanced") and c[8:].isdigit() and int(c[8:]) >= 3
+                                             and int(c[8:]) % 3 == 0) for c in cases)
+    if not cases or not ok:
+        raise ValueError(f"--cases must list skewed, natural or balanced<R> (R a multiple of 3), got {text!r}")
+    return cases
 
 
 def compile_program(rows: int, arch: str = "sm_90a") -> Any:
@@ -145,14 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="132,150,171,192", help="rows an expert of the balanced routings")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--cases", help="the table program instead, on these routings: skewed,natural,balanced<R>")
+    ap.add_argument("--step", type=int, default=32, help="the table program's N granularity (16 or 32)")
     ap.add_argument("--build-only", action="store_true", help="compile the programs (no GPU needed)")
     ap.add_argument("--arch", help="with --build-only: the arch to build for (e.g. sm_90a)")
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args(argv)
     try:
         rows_list = parse_rows(args.rows)
+        cases = parse_cases(args.cases) if args.cases else None
     except ValueError as exc:
         ap.error(str(exc))
+    if args.step not in (16, 32):
+        ap.error(f"--step must be 16 or 32, got {args.step}")
+    if args.build_only and cases:
+        compile_table_program(args.step, args.arch or "sm_90a")
+        print(f"built the table program, step {args.step}")
+        return 0
     if args.build_only:
         for r in sorted({swap_n(r) for r in rows_list}):
             compile_program(r, args.arch or "sm_90a")
@@ -174,7 +326,36 @@ def main(argv: list[str] | None = None) -> int:
     layer = bm._layer(gen)
     w1, w3 = layer["w1"], layer["w3"]
     report = []
-    for rows in rows_list:
+    if cases:
+        kernel = compile_table_program(args.step)
+        for case in cases:
+            x, weights, experts = table_routing(case, gen, layer)
+            perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)  # the op's default table
+            perm192 = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS, up_block_m=192)
+            _, tile_offsets, tile_info = K._bf16_tiles(perm192)
+            n = perm.x_sorted.shape[0]
+            h_cur = torch.full((n, bm.INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
+            h_new = torch.full_like(h_cur, float("nan"))
+
+            def cur(h_cur=h_cur, perm=perm):
+                K.moe_up(perm, w1, w3, bm.LIMIT, out=h_cur)
+
+            def new(h_new=h_new, p=perm192, to=tile_offsets, ti=tile_info):
+                kernel(p.x_sorted, p.w_sorted, w1, w3, p.offsets, to, ti, h_new, bm.LIMIT)
+
+            cur()
+            new()
+            torch.cuda.synchronize()
+            equal = bool(torch.equal(h_cur.view(torch.int16), h_new.view(torch.int16)))
+            diff = (h_cur.float() - h_new.float()).abs().max().item()
+            ms_cur, ms_new = time_in_turn([cur, new], rounds=args.rounds, graph=True)
+            row = {"case": case, "step": args.step, "tokens": x.shape[0],
+                   "up_block_m": perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M, **bm.routing_stats(perm.counts),
+                   "ms_shipped": ms_cur, "ms_swap": ms_new, "ratio": ms_new / ms_cur, "bits_equal": equal,
+                   "max_abs_diff": diff, "has_nan": bool(torch.isnan(h_new).any())}
+            print(json.dumps(row), flush=True)
+            report.append(row)
+    for rows in ([] if cases else rows_list):
         tokens = rows * bm.NUM_EXPERTS // bm.TOP_K
         x = torch.randn(tokens, bm.DIM, generator=gen, device="cuda").bfloat16()
         weights, experts = bm.balanced_routing(tokens, bm.NUM_EXPERTS, bm.TOP_K, gen)
