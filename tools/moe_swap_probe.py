@@ -30,7 +30,7 @@ def swap_n(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
-def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4) -> Any:
+def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool = True) -> Any:
     import tilelang.language as T
     from tilelang.layout import make_swizzled_layout
 
@@ -58,6 +58,11 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4) -> Any:
                     T.barrier_arrive(empty[prev])
             prev = slot
         T.wait_wgmma(0)
+        if not epilogue:  # (an ablation: the K loop alone; one value a thread stored, so nothing is dead code)
+            for m, n in T.Parallel(HALF, N):
+                if m == 0 and n == 0:
+                    h[r0, f0 + w * HALF] = T.cast(acc_g[m, n] + acc_u[m, n], T.bfloat16)
+            return
         T.sync_threads(barrier_id=1, arrive_count=256)  # both consumers are past their last read of the stages
         for m, n in T.Parallel(HALF, N):  # hᵀ of this consumer's 64 features, staged as rows in its token buffer
             g = cap_keep_nan(acc_g[m, n], limit)
@@ -273,14 +278,14 @@ def parse_cases(text: str) -> list[str]:
     return cases
 
 
-def compile_program(rows: int, arch: str = "sm_90a") -> Any:
+def compile_program(rows: int, arch: str = "sm_90a", epilogue: bool = True) -> Any:
     """The probe's program for experts of ``rows`` rows, built for ``arch`` (the H200's, also on the GPU: a cache
     filled here with ``--build-only`` is then a hit there)."""
     import tilelang
 
     from tilev4.bench.moe import DIM
 
-    return tilelang.compile(build_swap_up(DIM, swap_n(rows)), target={"kind": "cuda", "arch": arch},
+    return tilelang.compile(build_swap_up(DIM, swap_n(rows), epilogue=epilogue), target={"kind": "cuda", "arch": arch},
                             execution_backend="tvm_ffi")
 
 
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cases", help="the table program instead, on these routings: skewed,natural,balanced<R>")
     ap.add_argument("--step", type=int, default=32, help="the table program's N granularity (16 or 32)")
+    ap.add_argument("--no-epilogue", action="store_true", help="an ablation: the rows programs without their "
+                    "epilogue (wrong output, timing only)")
     ap.add_argument("--build-only", action="store_true", help="compile the programs (no GPU needed)")
     ap.add_argument("--arch", help="with --build-only: the arch to build for (e.g. sm_90a)")
     ap.add_argument("--json", help="write the report here too")
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.build_only:
         for r in sorted({swap_n(r) for r in rows_list}):
-            compile_program(r, args.arch or "sm_90a")
+            compile_program(r, args.arch or "sm_90a", not args.no_epilogue)
             print(f"built N={r}")
         return 0
 
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, experts = bm.balanced_routing(tokens, bm.NUM_EXPERTS, bm.TOP_K, gen)
         perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)
         assert int(perm.counts.max()) <= swap_n(rows)
-        kernel = compile_program(rows)
+        kernel = compile_program(rows, epilogue=not args.no_epilogue)
         n = perm.x_sorted.shape[0]
         h_cur = torch.full((n, bm.INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
         h_new = torch.full_like(h_cur, float("nan"))
