@@ -42,7 +42,7 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
     NR, F, E = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E")
 
     @T.macro
-    def consumer(w, x, wts, h, limit, x_s, g_s, u_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
+    def consumer(w, x, wts, h, limit, x_s, g_s, u_s, w_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
         T.set_max_nreg(232, 1)
         prev = T.alloc_var(T.int32, init=0)
         for ki in T.serial(KT):
@@ -63,14 +63,16 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
                 if m == 0 and n == 0:
                     h[r0, f0 + w * HALF] = T.cast(acc_g[m, n] + acc_u[m, n], T.bfloat16)
             return
+        for n in T.Parallel(N):  # the tile's routing weights (0 past its rows), once
+            w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
         T.sync_threads(barrier_id=1, arrive_count=256)  # both consumers are past their last read of the stages
         for m, n in T.Parallel(HALF, N):  # hᵀ of this consumer's 64 features, staged as rows in its token buffer
             g = cap_keep_nan(acc_g[m, n], limit)
             u = clamp_keep_nan(acc_u[m, n], limit)
-            x_s[w, n, m] = T.cast(silu(g) * u * T.if_then_else(n < rows, wts[r0 + T.min(n, rows - 1)], 0.0),
-                                  T.bfloat16)
+            x_s[w, n, m] = T.cast(silu(g) * u * w_s[n], T.bfloat16)
         T.sync_threads(barrier_id=2 + w, arrive_count=128)
         T.assume(h.shape[1] % 8 == 0)  # F: whole 16-byte vectors (the op checks inter's multiples of 128)
+        T.assume(f0 % 8 == 0)
         for n, mv in T.Parallel(N, HALF // 8):
             if n < rows:
                 for v in T.vectorized(8):
@@ -96,14 +98,16 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
             acc_u0 = T.alloc_fragment((HALF, N), T.float32)
             acc_g1 = T.alloc_fragment((HALF, N), T.float32)
             acc_u1 = T.alloc_fragment((HALF, N), T.float32)
+            w0_s = T.alloc_shared((N,), T.float32)
+            w1_s = T.alloc_shared((N,), T.float32)
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([8] * S)  # lane 0 of each consumer warp
             T.annotate_layout({b: make_swizzled_layout(b) for b in (x_s, g_s, u_s)})
             nfb = T.ceildiv(F, BF)
             e = bx // nfb
-            f0 = (bx % nfb) * BF
-            r0 = offsets[e]
-            rows = offsets[e + 1] - r0
+            f0 = T.alloc_var(T.int32, init=(bx % nfb) * BF)  # (variables: computed once, not in every store)
+            r0 = T.alloc_var(T.int32, init=offsets[e])
+            rows = T.alloc_var(T.int32, init=offsets[e + 1] - offsets[e])
             tx = T.get_thread_binding()
             if rows > 0:
                 if tx >= 256:
@@ -116,9 +120,9 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
                         T.tma_copy(w3[e, f0:f0 + BF, ki * BK:(ki + 1) * BK], u_s[slot, :, :], barrier=full[slot])
                         T.barrier_arrive(full[slot])
                 elif tx < 128:
-                    consumer(0, x, wts, h, limit, x_s, g_s, u_s, acc_g0, acc_u0, full, empty, r0, rows, f0, tx)
+                    consumer(0, x, wts, h, limit, x_s, g_s, u_s, w0_s, acc_g0, acc_u0, full, empty, r0, rows, f0, tx)
                 else:
-                    consumer(1, x, wts, h, limit, x_s, g_s, u_s, acc_g1, acc_u1, full, empty, r0, rows, f0, tx)
+                    consumer(1, x, wts, h, limit, x_s, g_s, u_s, w1_s, acc_g1, acc_u1, full, empty, r0, rows, f0, tx)
 
     return moe_up_swap
 
@@ -139,7 +143,7 @@ def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int =
     NR, F, E, MT = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E"), T.dynamic("MT")
 
     @T.macro
-    def consumer(w, nb, wts, h, limit, x_s, g_s, u_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
+    def consumer(w, nb, wts, h, limit, x_s, g_s, u_s, w_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
         prev = T.alloc_var(T.int32, init=0)
         for ki in T.serial(KT):
             slot = ki % S
@@ -154,14 +158,16 @@ def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int =
                     T.barrier_arrive(empty[prev])
             prev = slot
         T.wait_wgmma(0)
+        for n in T.Parallel(nb):
+            w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
         T.sync_threads(barrier_id=1, arrive_count=256)
         for m, n in T.Parallel(HALF, nb):
             g = cap_keep_nan(acc_g[m, n], limit)
             u = clamp_keep_nan(acc_u[m, n], limit)
-            x_s[w, n, m] = T.cast(silu(g) * u * T.if_then_else(n < rows, wts[r0 + T.min(n, rows - 1)], 0.0),
-                                  T.bfloat16)
+            x_s[w, n, m] = T.cast(silu(g) * u * w_s[n], T.bfloat16)
         T.sync_threads(barrier_id=2 + w, arrive_count=128)
         T.assume(h.shape[1] % 8 == 0)
+        T.assume(f0 % 8 == 0)
         for n, mv in T.Parallel(nb, HALF // 8):
             if n < rows:
                 for v in T.vectorized(8):
@@ -186,6 +192,8 @@ def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int =
             g_s = T.alloc_shared((S, BF, BK), T.bfloat16)
             u_s = T.alloc_shared((S, BF, BK), T.bfloat16)
             accs = [[T.alloc_fragment((HALF, nb), T.float32) for _ in range(4)] for nb in BUCKETS]
+            w0_s = T.alloc_shared((NMAX,), T.float32)
+            w1_s = T.alloc_shared((NMAX,), T.float32)
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([8] * S)
             T.annotate_layout({b: make_swizzled_layout(b) for b in (x_s, g_s, u_s)})
@@ -214,14 +222,14 @@ def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int =
                     T.set_max_nreg(232, 1)
                     for i, nb in enumerate(BUCKETS):
                         if bucket == i + 1:
-                            consumer(0, nb, wts, h, limit, x_s, g_s, u_s, accs[i][0], accs[i][1], full, empty, row0,
-                                     rows, f0, tx)
+                            consumer(0, nb, wts, h, limit, x_s, g_s, u_s, w0_s, accs[i][0], accs[i][1], full, empty,
+                                     row0, rows, f0, tx)
                 else:
                     T.set_max_nreg(232, 1)
                     for i, nb in enumerate(BUCKETS):
                         if bucket == i + 1:
-                            consumer(1, nb, wts, h, limit, x_s, g_s, u_s, accs[i][2], accs[i][3], full, empty, row0,
-                                     rows, f0, tx)
+                            consumer(1, nb, wts, h, limit, x_s, g_s, u_s, w1_s, accs[i][2], accs[i][3], full, empty,
+                                     row0, rows, f0, tx)
 
     return moe_up_swap_table
 
