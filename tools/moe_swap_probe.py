@@ -30,27 +30,25 @@ def swap_n(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
-def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool = True) -> Any:
+def _consumer_macro(KT: int, S: int, epilogue: bool = True) -> Any:
+    """Consumer ``w`` of both programs: ``KT`` K steps of ``hᵀ``'s gate and up products for its 64 features and the
+    tile's ``nb`` rows (the wgmma's N) from ``S`` stages, then the epilogue: SwiGLU with the clamp and the routing
+    weight (``moe_ws``'s helpers: the shipped up-projection's arithmetic), staged transposed in its token buffer (both
+    consumers are past their last wgmma), 16-byte stores of the tile's rows. ``epilogue=False``: an ablation, the K
+    loop alone (one value a thread stored, so that nothing is dead code)."""
     import tilelang.language as T
-    from tilelang.layout import make_swizzled_layout
 
-    from tilev4._fastmath import FAST_SOURCE
     from tilev4.kernels.moe_ws import cap_keep_nan, clamp_keep_nan, silu
 
-    BF, BK, S = 2 * HALF, block_k, stages
-    KT = K // BK
-    NR, F, E = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E")
-
     @T.macro
-    def consumer(w, x, wts, h, limit, x_s, g_s, u_s, w_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
-        T.set_max_nreg(232, 1)
+    def consumer(w, nb, wts, h, limit, x_s, g_s, u_s, w_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
         prev = T.alloc_var(T.int32, init=0)
         for ki in T.serial(KT):
             slot = ki % S
             T.barrier_wait(full[slot], (ki // S) & 1)
-            T.wgmma_gemm(g_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, :, :], acc_g, transpose_B=True,
+            T.wgmma_gemm(g_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_g, transpose_B=True,
                          clear_accum=ki == 0)
-            T.wgmma_gemm(u_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, :, :], acc_u, transpose_B=True,
+            T.wgmma_gemm(u_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_u, transpose_B=True,
                          clear_accum=ki == 0)
             if ki > 0:
                 T.wait_wgmma(2)
@@ -58,25 +56,40 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
                     T.barrier_arrive(empty[prev])
             prev = slot
         T.wait_wgmma(0)
-        if not epilogue:  # (an ablation: the K loop alone; one value a thread stored, so nothing is dead code)
-            for m, n in T.Parallel(HALF, N):
+        if not epilogue:
+            for m, n in T.Parallel(HALF, nb):
                 if m == 0 and n == 0:
                     h[r0, f0 + w * HALF] = T.cast(acc_g[m, n] + acc_u[m, n], T.bfloat16)
-            return
-        for n in T.Parallel(N):  # the tile's routing weights (0 past its rows), once
-            w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
-        T.sync_threads(barrier_id=1, arrive_count=256)  # both consumers are past their last read of the stages
-        for m, n in T.Parallel(HALF, N):  # hᵀ of this consumer's 64 features, staged as rows in its token buffer
-            g = cap_keep_nan(acc_g[m, n], limit)
-            u = clamp_keep_nan(acc_u[m, n], limit)
-            x_s[w, n, m] = T.cast(silu(g) * u * w_s[n], T.bfloat16)
-        T.sync_threads(barrier_id=2 + w, arrive_count=128)
-        T.assume(h.shape[1] % 8 == 0)  # F: whole 16-byte vectors (the op checks inter's multiples of 128)
-        T.assume(f0 % 8 == 0)
-        for n, mv in T.Parallel(N, HALF // 8):
-            if n < rows:
-                for v in T.vectorized(8):
-                    h[r0 + n, f0 + w * HALF + mv * 8 + v] = x_s[w, n, mv * 8 + v]
+        else:
+            for n in T.Parallel(nb):  # the tile's routing weights (0 past its rows), once
+                w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
+            T.sync_threads(barrier_id=1, arrive_count=256)  # both consumers are past their last read of the stages
+            for m, n in T.Parallel(HALF, nb):  # hᵀ of this consumer's 64 features, staged as rows
+                g = cap_keep_nan(acc_g[m, n], limit)
+                u = clamp_keep_nan(acc_u[m, n], limit)
+                x_s[w, n, m] = T.cast(silu(g) * u * w_s[n], T.bfloat16)
+            T.sync_threads(barrier_id=2 + w, arrive_count=128)
+            T.assume(h.shape[1] % 8 == 0)  # F: whole 16-byte vectors
+            T.assume(f0 % 8 == 0)
+            for n, mv in T.Parallel(nb, HALF // 8):
+                if n < rows:
+                    for v in T.vectorized(8):
+                        h[r0 + n, f0 + w * HALF + mv * 8 + v] = x_s[w, n, mv * 8 + v]
+
+    return consumer
+
+
+def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool = True) -> Any:
+    """The "rows" program: one CTA an expert and 128 features, N fixed (every expert at most N rows)."""
+    import tilelang.language as T
+    from tilelang.layout import make_swizzled_layout
+
+    from tilev4._fastmath import FAST_SOURCE
+
+    BF, BK, S = 2 * HALF, block_k, stages
+    KT = K // BK
+    NR, F, E = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E")
+    consumer = _consumer_macro(KT, S, epilogue)
 
     @T.prim_func
     def moe_up_swap(
@@ -120,9 +133,11 @@ def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: 
                         T.tma_copy(w3[e, f0:f0 + BF, ki * BK:(ki + 1) * BK], u_s[slot, :, :], barrier=full[slot])
                         T.barrier_arrive(full[slot])
                 elif tx < 128:
-                    consumer(0, x, wts, h, limit, x_s, g_s, u_s, w0_s, acc_g0, acc_u0, full, empty, r0, rows, f0, tx)
+                    T.set_max_nreg(232, 1)
+                    consumer(0, N, wts, h, limit, x_s, g_s, u_s, w0_s, acc_g0, acc_u0, full, empty, r0, rows, f0, tx)
                 else:
-                    consumer(1, x, wts, h, limit, x_s, g_s, u_s, w1_s, acc_g1, acc_u1, full, empty, r0, rows, f0, tx)
+                    T.set_max_nreg(232, 1)
+                    consumer(1, N, wts, h, limit, x_s, g_s, u_s, w1_s, acc_g1, acc_u1, full, empty, r0, rows, f0, tx)
 
     return moe_up_swap
 
@@ -135,43 +150,13 @@ def build_swap_up_table(K: int, step: int = 32, block_k: int = 64, stages: int =
     from tilelang.layout import make_swizzled_layout
 
     from tilev4._fastmath import FAST_SOURCE
-    from tilev4.kernels.moe_ws import _grouped_record, cap_keep_nan, clamp_keep_nan, silu
+    from tilev4.kernels.moe_ws import _grouped_record
 
     BF, BK, S, NMAX = 2 * HALF, block_k, stages, 192
     KT = K // BK
     BUCKETS = list(range(step, NMAX + 1, step))
     NR, F, E, MT = T.dynamic("NR"), T.dynamic("F"), T.dynamic("E"), T.dynamic("MT")
-
-    @T.macro
-    def consumer(w, nb, wts, h, limit, x_s, g_s, u_s, w_s, acc_g, acc_u, full, empty, r0, rows, f0, tx):
-        prev = T.alloc_var(T.int32, init=0)
-        for ki in T.serial(KT):
-            slot = ki % S
-            T.barrier_wait(full[slot], (ki // S) & 1)
-            T.wgmma_gemm(g_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_g, transpose_B=True,
-                         clear_accum=ki == 0)
-            T.wgmma_gemm(u_s[slot, w * HALF:(w + 1) * HALF, :], x_s[slot, 0:nb, :], acc_u, transpose_B=True,
-                         clear_accum=ki == 0)
-            if ki > 0:
-                T.wait_wgmma(2)
-                if tx % 32 == 0:
-                    T.barrier_arrive(empty[prev])
-            prev = slot
-        T.wait_wgmma(0)
-        for n in T.Parallel(nb):
-            w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
-        T.sync_threads(barrier_id=1, arrive_count=256)
-        for m, n in T.Parallel(HALF, nb):
-            g = cap_keep_nan(acc_g[m, n], limit)
-            u = clamp_keep_nan(acc_u[m, n], limit)
-            x_s[w, n, m] = T.cast(silu(g) * u * w_s[n], T.bfloat16)
-        T.sync_threads(barrier_id=2 + w, arrive_count=128)
-        T.assume(h.shape[1] % 8 == 0)
-        T.assume(f0 % 8 == 0)
-        for n, mv in T.Parallel(nb, HALF // 8):
-            if n < rows:
-                for v in T.vectorized(8):
-                    h[r0 + n, f0 + w * HALF + mv * 8 + v] = x_s[w, n, mv * 8 + v]
+    consumer = _consumer_macro(KT, S)
 
     @T.prim_func
     def moe_up_swap_table(
@@ -297,6 +282,35 @@ def compile_program(rows: int, arch: str = "sm_90a", epilogue: bool = True) -> A
                             execution_backend="tvm_ffi")
 
 
+def _compare(K: Any, perm: Any, kernel: Any, args_new: tuple, w1: Any, w3: Any, rounds: int) -> dict[str, Any]:
+    """The shipped up-projection on ``perm`` against the probe's ``kernel(*args_new, h, limit)``: NaN-poisoned
+    outputs, bits compared, then both timed in turn (CUDA-graph replays)."""
+    import torch
+
+    from tilev4.bench import moe as bm
+    from tilev4.bench import time_in_turn
+
+    n = perm.x_sorted.shape[0]
+    h_cur = torch.full((n, bm.INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
+    h_new = torch.full_like(h_cur, float("nan"))
+
+    def cur() -> None:
+        K.moe_up(perm, w1, w3, bm.LIMIT, out=h_cur)
+
+    def new() -> None:
+        kernel(*args_new, h_new, bm.LIMIT)
+
+    cur()
+    new()
+    torch.cuda.synchronize()
+    equal = bool(torch.equal(h_cur.view(torch.int16), h_new.view(torch.int16)))
+    diff = (h_cur.float() - h_new.float()).abs().max().item()
+    ms_cur, ms_new = time_in_turn([cur, new], rounds=rounds, graph=True)
+    return {"up_block_m": perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M, "ms_shipped": ms_cur, "ms_swap": ms_new,
+            "ratio": ms_new / ms_cur, "bits_equal": equal, "max_abs_diff": diff,
+            "has_nan": bool(torch.isnan(h_new).any())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="132,150,171,192", help="rows an expert of the balanced routings")
@@ -334,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         print("moe_swap_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
     from tilev4.bench import moe as bm
-    from tilev4.bench import time_in_turn
 
     K = importlib.import_module("tilev4.kernels.moe")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -348,26 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)  # the op's default table
             perm192 = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS, up_block_m=192)
             _, tile_offsets, tile_info = K._bf16_tiles(perm192)
-            n = perm.x_sorted.shape[0]
-            h_cur = torch.full((n, bm.INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
-            h_new = torch.full_like(h_cur, float("nan"))
-
-            def cur(h_cur=h_cur, perm=perm):
-                K.moe_up(perm, w1, w3, bm.LIMIT, out=h_cur)
-
-            def new(h_new=h_new, p=perm192, to=tile_offsets, ti=tile_info):
-                kernel(p.x_sorted, p.w_sorted, w1, w3, p.offsets, to, ti, h_new, bm.LIMIT)
-
-            cur()
-            new()
-            torch.cuda.synchronize()
-            equal = bool(torch.equal(h_cur.view(torch.int16), h_new.view(torch.int16)))
-            diff = (h_cur.float() - h_new.float()).abs().max().item()
-            ms_cur, ms_new = time_in_turn([cur, new], rounds=args.rounds, graph=True)
-            row = {"case": case, "step": args.step, "tokens": x.shape[0],
-                   "up_block_m": perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M, **bm.routing_stats(perm.counts),
-                   "ms_shipped": ms_cur, "ms_swap": ms_new, "ratio": ms_new / ms_cur, "bits_equal": equal,
-                   "max_abs_diff": diff, "has_nan": bool(torch.isnan(h_new).any())}
+            args_new = (perm192.x_sorted, perm192.w_sorted, w1, w3, perm192.offsets, tile_offsets, tile_info)
+            row = {"case": case, "step": args.step, "tokens": x.shape[0], **bm.routing_stats(perm.counts),
+                   **_compare(K, perm, kernel, args_new, w1, w3, args.rounds)}
             print(json.dumps(row), flush=True)
             report.append(row)
     for rows in ([] if cases else rows_list):
@@ -377,26 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)
         assert int(perm.counts.max()) <= swap_n(rows)
         kernel = compile_program(rows, epilogue=not args.no_epilogue)
-        n = perm.x_sorted.shape[0]
-        h_cur = torch.full((n, bm.INTER), float("nan"), device="cuda", dtype=torch.bfloat16)
-        h_new = torch.full_like(h_cur, float("nan"))
-
-        def cur(h_cur=h_cur, perm=perm):
-            K.moe_up(perm, w1, w3, bm.LIMIT, out=h_cur)
-
-        def new(h_new=h_new, perm=perm, kernel=kernel):
-            kernel(perm.x_sorted, perm.w_sorted, w1, w3, perm.offsets, h_new, bm.LIMIT)
-
-        cur()
-        new()
-        torch.cuda.synchronize()
-        equal = bool(torch.equal(h_cur.view(torch.int16), h_new.view(torch.int16)))
-        diff = (h_cur.float() - h_new.float()).abs().max().item()
-        ms_cur, ms_new = time_in_turn([cur, new], rounds=args.rounds, graph=True)
+        args_new = (perm.x_sorted, perm.w_sorted, w1, w3, perm.offsets)
         row = {"rows_per_expert": rows, "tokens": tokens, "swap_n": swap_n(rows),
-               "up_block_m": perm.up_tiles[0] if perm.up_tiles else K.BLOCK_M, "ms_shipped": ms_cur,
-               "ms_swap": ms_new, "ratio": ms_new / ms_cur, "bits_equal": equal, "max_abs_diff": diff,
-               "has_nan": bool(torch.isnan(h_new).any())}
+               **_compare(K, perm, kernel, args_new, w1, w3, args.rounds)}
         print(json.dumps(row), flush=True)
         report.append(row)
     if args.json:
