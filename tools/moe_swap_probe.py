@@ -30,12 +30,13 @@ def swap_n(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
-def _consumer_macro(KT: int, S: int, epilogue: bool = True) -> Any:
+def _consumer_macro(KT: int, S: int, epilogue: bool | str = True) -> Any:
     """Consumer ``w`` of both programs: ``KT`` K steps of ``hᵀ``'s gate and up products for its 64 features and the
     tile's ``nb`` rows (the wgmma's N) from ``S`` stages, then the epilogue: SwiGLU with the clamp and the routing
     weight (``moe_ws``'s helpers: the shipped up-projection's arithmetic), staged transposed in its token buffer (both
     consumers are past their last wgmma), 16-byte stores of the tile's rows. ``epilogue=False``: an ablation, the K
-    loop alone (one value a thread stored, so that nothing is dead code)."""
+    loop alone (one value a thread stored, so that nothing is dead code); ``"direct"``: the epilogue without the
+    staging (each value stored from its register to global memory)."""
     import tilelang.language as T
 
     from tilev4.kernels.moe_ws import cap_keep_nan, clamp_keep_nan, silu
@@ -60,6 +61,15 @@ def _consumer_macro(KT: int, S: int, epilogue: bool = True) -> Any:
             for m, n in T.Parallel(HALF, nb):
                 if m == 0 and n == 0:
                     h[r0, f0 + w * HALF] = T.cast(acc_g[m, n] + acc_u[m, n], T.bfloat16)
+        elif epilogue == "direct":  # (an ablation: no staging, each value stored from its register)
+            for n in T.Parallel(nb):
+                w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
+            T.sync_threads(barrier_id=2 + w, arrive_count=128)
+            for m, n in T.Parallel(HALF, nb):
+                if n < rows:
+                    h[r0 + n, f0 + w * HALF + m] = T.cast(
+                        silu(cap_keep_nan(acc_g[m, n], limit)) * clamp_keep_nan(acc_u[m, n], limit) * w_s[n],
+                        T.bfloat16)
         else:
             for n in T.Parallel(nb):  # the tile's routing weights (0 past its rows), once
                 w_s[n] = T.if_then_else(n < rows, wts[r0 + n], 0.0)
@@ -79,7 +89,7 @@ def _consumer_macro(KT: int, S: int, epilogue: bool = True) -> Any:
     return consumer
 
 
-def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool = True) -> Any:
+def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool | str = True) -> Any:
     """The "rows" program: one CTA an expert and 128 features, N fixed (every expert at most N rows)."""
     import tilelang.language as T
     from tilelang.layout import make_swizzled_layout
@@ -271,7 +281,7 @@ def parse_cases(text: str) -> list[str]:
     return cases
 
 
-def compile_program(rows: int, arch: str = "sm_90a", epilogue: bool = True) -> Any:
+def compile_program(rows: int, arch: str = "sm_90a", epilogue: bool | str = True) -> Any:
     """The probe's program for experts of ``rows`` rows, built for ``arch`` (the H200's, also on the GPU: a cache
     filled here with ``--build-only`` is then a hit there)."""
     import tilelang
@@ -311,6 +321,11 @@ def _compare(K: Any, perm: Any, kernel: Any, args_new: tuple, w1: Any, w3: Any, 
             "has_nan": bool(torch.isnan(h_new).any())}
 
 
+def _epilogue(args: Any) -> bool | str:
+    """The rows programs' epilogue from the ablation flags."""
+    return False if args.no_epilogue else "direct" if args.direct_epilogue else True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="132,150,171,192", help="rows an expert of the balanced routings")
@@ -319,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int, default=32, help="the table program's N granularity (16 or 32)")
     ap.add_argument("--no-epilogue", action="store_true", help="an ablation: the rows programs without their "
                     "epilogue (wrong output, timing only)")
+    ap.add_argument("--direct-epilogue", action="store_true", help="an ablation: the rows programs store each "
+                    "value from its register (no staging)")
     ap.add_argument("--build-only", action="store_true", help="compile the programs (no GPU needed)")
     ap.add_argument("--arch", help="with --build-only: the arch to build for (e.g. sm_90a)")
     ap.add_argument("--json", help="write the report here too")
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.build_only:
         for r in sorted({swap_n(r) for r in rows_list}):
-            compile_program(r, args.arch or "sm_90a", not args.no_epilogue)
+            compile_program(r, args.arch or "sm_90a", _epilogue(args))
             print(f"built N={r}")
         return 0
 
@@ -372,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, experts = bm.balanced_routing(tokens, bm.NUM_EXPERTS, bm.TOP_K, gen)
         perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)
         assert int(perm.counts.max()) <= swap_n(rows)
-        kernel = compile_program(rows, epilogue=not args.no_epilogue)
+        kernel = compile_program(rows, epilogue=_epilogue(args))
         args_new = (perm.x_sorted, perm.w_sorted, w1, w3, perm.offsets)
         row = {"rows_per_expert": rows, "tokens": tokens, "swap_n": swap_n(rows),
                **_compare(K, perm, kernel, args_new, w1, w3, args.rounds)}
