@@ -14,7 +14,8 @@ rows, ``UP_192_CONFIG`` / ``DOWN_192_CONFIG``, or ``--table 128``: the registry'
 of the routed FP8 path of ``tilev4 bench moe``: the up-projection quantising h in its epilogue (``moe_up_fp8_q``) and
 the default ``moe_down_fp8``, on the 128-row table of a permutation of x quantised 1×128. Cases:
 ``skewed<T>`` — the routing of ``tilev4 bench moe`` (random gate and bias, T tokens: experts of a few to ~1100 rows)
-— and ``balanced<R>`` (exactly R rows an expert, :func:`tilev4.bench.moe.balanced_routing`). All versions run on the
+—, ``natural<T>`` (the same gate with a zero bias: the router's own load on random tokens) and ``balanced<R>``
+(exactly R rows an expert, :func:`tilev4.bench.moe.balanced_routing`). All versions run on the
 same permutation with their outputs NaN-poisoned first; each variant's h and y are compared bit for bit with the
 base's; then the up-projection alone (CUDA-graph replays) and up + down are timed in turn, the order reversed every
 other round, L2 flushed (:func:`tilev4.bench.time_cuda`). Rows report medians and the median of per-round ratios
@@ -38,15 +39,16 @@ sys.path.insert(0, str(ROOT / "tools"))
 from attention_ab import check_versions, variant_labels  # noqa: E402  (the tool directory is not a package)
 from attention_timeline import module_from_source  # noqa: E402
 
-CASE_RE = re.compile(r"(skewed|balanced)(\d+)$")
+CASE_RE = re.compile(r"(skewed|natural|balanced)(\d+)$")
 
 
 def parse_case(case: str) -> tuple[str, int]:
-    """``"skewed8192"`` → ("skewed", 8192) (tokens); ``"balanced192"`` → ("balanced", 192) (rows an expert, a
-    multiple of 3 so that 256 experts × R / 6 slots is whole)."""
+    """``"skewed8192"`` → ("skewed", 8192) (tokens; ``natural<T>`` alike); ``"balanced192"`` → ("balanced", 192)
+    (rows an expert, a multiple of 3 so that 256 experts × R / 6 slots is whole)."""
     m = CASE_RE.match(case)
     if not m or int(m.group(2)) <= 0 or (m.group(1) == "balanced" and int(m.group(2)) % 3):
-        raise ValueError(f"case {case!r}: expected skewed<tokens> or balanced<rows an expert, a multiple of 3>")
+        raise ValueError(f"case {case!r}: expected skewed<tokens>, natural<tokens> or balanced<rows an expert, a "
+                         "multiple of 3>")
     return m.group(1), int(m.group(2))
 
 
@@ -108,11 +110,12 @@ def routing(case: str, gen: Any, layer: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     kind, n = parse_case(case)
     K = importlib.import_module("tilev4.kernels.moe")
-    tokens = n if kind == "skewed" else NUM_EXPERTS * n // TOP_K
+    tokens = NUM_EXPERTS * n // TOP_K if kind == "balanced" else n
     x = torch.randn(tokens, DIM, generator=gen, device="cuda").bfloat16()
-    if kind == "skewed":
-        return (x, *K.moe_route(x, layer["gate"], layer["bias"], TOP_K, ROUTE_SCALE))
-    return (x, *balanced_routing(tokens, NUM_EXPERTS, TOP_K, gen))
+    if kind == "balanced":
+        return (x, *balanced_routing(tokens, NUM_EXPERTS, TOP_K, gen))
+    bias = layer["bias"] if kind == "skewed" else torch.zeros_like(layer["bias"])
+    return (x, *K.moe_route(x, layer["gate"], bias, TOP_K, ROUTE_SCALE))
 
 
 def launches(fmt: str, perm: Any, tile_offsets: Any, tile_info: Any, layer: dict[str, Any], x_scale: Any,
@@ -225,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", required=True, help="the other version of tilev4/kernels/moe_ws.py (a file)")
     ap.add_argument("--new", action="append", help="a version to measure (a file; repeatable; default: the working "
                     "tree's)")
-    ap.add_argument("--case", action="append", help="skewed<T> or balanced<R> (repeatable; default: skewed8192, "
-                    "balanced192)")
+    ap.add_argument("--case", action="append", help="skewed<T>, natural<T> or balanced<R> (repeatable; default: "
+                    "skewed8192, balanced192)")
     ap.add_argument("--table", type=int, choices=(128, 192), default=192, help="bf16: the tile table")
     ap.add_argument("--format", choices=("bf16", "fp8"), default="bf16",
                     help="fp8: versions of tilev4/kernels/moe_fp8.py, the FP8 path's programs")

@@ -20,7 +20,10 @@ not handled (the probe checks the routing). Not a shipped kernel.
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # moe_ab, a sibling script (tools/ is not a package)
 
 HALF = 64  # features of one consumer warpgroup (the wgmma's M)
 
@@ -30,13 +33,13 @@ def swap_n(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
-def _consumer_macro(KT: int, S: int, epilogue: bool | str = True) -> Any:
+def _consumer_macro(KT: int, S: int, epilogue: str = "staged") -> Any:
     """Consumer ``w`` of both programs: ``KT`` K steps of ``hᵀ``'s gate and up products for its 64 features and the
     tile's ``nb`` rows (the wgmma's N) from ``S`` stages, then the epilogue: SwiGLU with the clamp and the routing
     weight (``moe_ws``'s helpers: the shipped up-projection's arithmetic), staged transposed in its token buffer (both
-    consumers are past their last wgmma), 16-byte stores of the tile's rows. ``epilogue=False``: an ablation, the K
-    loop alone (one value a thread stored, so that nothing is dead code); ``"direct"``: the epilogue without the
-    staging (each value stored from its register to global memory)."""
+    consumers are past their last wgmma), 16-byte stores of the tile's rows (``epilogue="staged"``). Ablations:
+    ``"none"``, the K loop alone (one value a thread stored, so that nothing is dead code); ``"direct"``, the epilogue
+    without the staging (each value stored from its register to global memory)."""
     import tilelang.language as T
 
     from tilev4.kernels.moe_ws import cap_keep_nan, clamp_keep_nan, silu
@@ -57,7 +60,7 @@ def _consumer_macro(KT: int, S: int, epilogue: bool | str = True) -> Any:
                     T.barrier_arrive(empty[prev])
             prev = slot
         T.wait_wgmma(0)
-        if not epilogue:
+        if epilogue == "none":
             for m, n in T.Parallel(HALF, nb):
                 if m == 0 and n == 0:
                     h[r0, f0 + w * HALF] = T.cast(acc_g[m, n] + acc_u[m, n], T.bfloat16)
@@ -89,7 +92,7 @@ def _consumer_macro(KT: int, S: int, epilogue: bool | str = True) -> Any:
     return consumer
 
 
-def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: bool | str = True) -> Any:
+def build_swap_up(K: int, N: int, block_k: int = 64, stages: int = 4, epilogue: str = "staged") -> Any:
     """The "rows" program: one CTA an expert and 128 features, N fixed (every expert at most N rows)."""
     import tilelang.language as T
     from tilelang.layout import make_swizzled_layout
@@ -251,37 +254,27 @@ def compile_table_program(step: int, arch: str = "sm_90a") -> Any:
                             execution_backend="tvm_ffi")
 
 
-def table_routing(case: str, gen: Any, layer: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(x, weights, experts)`` of a table case: ``skewed`` (the benchmark's routing, 8192 tokens), ``natural`` (the
-    same gate with a zero bias) or ``balanced<R>`` (R rows an expert, a multiple of 3)."""
-    import importlib
+def parse_cases(text: str) -> list[tuple[str, str]]:
+    """``"skewed,natural,balanced150"``: table cases — ``skewed`` (the benchmark's routing, 8192 tokens),
+    ``natural`` (the same gate with a zero bias) or ``balanced<R>`` (R rows an expert, a multiple of 3) — as
+    ``(name, moe_ab case)`` pairs (``skewed8192``, ``natural8192``, ``balanced<R>``): the probe runs moe_ab's
+    routings."""
+    from moe_ab import parse_case
 
-    import torch
-
-    from tilev4.bench import moe as bm
-
-    K = importlib.import_module("tilev4.kernels.moe")
-    if case in ("skewed", "natural"):
-        x = torch.randn(8192, bm.DIM, generator=gen, device="cuda").bfloat16()
-        bias = layer["bias"] if case == "skewed" else torch.zeros_like(layer["bias"])
-        return (x, *K.moe_route(x, layer["gate"], bias, bm.TOP_K, bm.ROUTE_SCALE))
-    rows = int(case.removeprefix("balanced"))
-    tokens = rows * bm.NUM_EXPERTS // bm.TOP_K
-    x = torch.randn(tokens, bm.DIM, generator=gen, device="cuda").bfloat16()
-    return (x, *bm.balanced_routing(tokens, bm.NUM_EXPERTS, bm.TOP_K, gen))
-
-
-def parse_cases(text: str) -> list[str]:
-    """``"skewed,natural,balanced150"``: table cases (balanced rows a multiple of 3, at least 3)."""
     cases = [c.strip() for c in text.split(",") if c.strip()]
-    ok = all(c in ("skewed", "natural") or (c.startswith("balanced") and c[8:].isdigit() and int(c[8:]) >= 3
-                                             and int(c[8:]) % 3 == 0) for c in cases)
-    if not cases or not ok:
+    out = [f"{c}8192" if c in ("skewed", "natural") else c for c in cases]
+    try:
+        ok = bool(out) and all(c.startswith("balanced") for c in cases if c not in ("skewed", "natural"))
+        for c in out:
+            parse_case(c)
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(f"--cases must list skewed, natural or balanced<R> (R a multiple of 3), got {text!r}")
-    return cases
+    return list(zip(cases, out))
 
 
-def compile_program(rows: int, arch: str = "sm_90a", epilogue: bool | str = True) -> Any:
+def compile_program(rows: int, arch: str = "sm_90a", epilogue: str = "staged") -> Any:
     """The probe's program for experts of ``rows`` rows, built for ``arch`` (the H200's, also on the GPU: a cache
     filled here with ``--build-only`` is then a hit there)."""
     import tilelang
@@ -321,9 +314,9 @@ def _compare(K: Any, perm: Any, kernel: Any, args_new: tuple, w1: Any, w3: Any, 
             "has_nan": bool(torch.isnan(h_new).any())}
 
 
-def _epilogue(args: Any) -> bool | str:
+def _epilogue(args: Any) -> str:
     """The rows programs' epilogue from the ablation flags."""
-    return False if args.no_epilogue else "direct" if args.direct_epilogue else True
+    return "none" if args.no_epilogue else "direct" if args.direct_epilogue else "staged"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("moe_swap_probe: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from moe_ab import routing
+
     from tilev4.bench import moe as bm
 
     K = importlib.import_module("tilev4.kernels.moe")
@@ -373,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     if cases:
         kernel = compile_table_program(args.step)
-        for case in cases:
-            x, weights, experts = table_routing(case, gen, layer)
+        for case, ab_case in cases:
+            x, weights, experts = routing(ab_case, gen, layer)
             perm = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS)  # the op's default table
             perm192 = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS, up_block_m=192)
             _, tile_offsets, tile_info = K._bf16_tiles(perm192)
