@@ -83,3 +83,56 @@ def test_routing_stats_count_the_padding_of_partly_filled_slabs():
             routing_stats(bad)
     with pytest.raises(ValueError, match="slab must be >= 1, got 0"):
         routing_stats(torch.tensor([3]), slab=0)
+
+
+def test_clock_samples_are_parsed_and_summarised():
+    """nvidia-smi's CSV lines (what is not one is skipped), the clock-event reasons and the summary of a run's samples
+    (the back-to-back measurement's clocks, ``tilev4.bench.sustained``)."""
+    import pytest
+
+    from tilev4.bench.sustained import decode_reasons, parse_sample, summarise
+
+    s = parse_sample("2026/12/02 16:10:00.250, 1335, 3201, 688.12, 61, 0x0000000000000004")
+    assert s is not None and s["sm_mhz"] == 1335.0 and s["power_w"] == 688.12 and s["reasons"] == 4
+    assert s["t"] - int(s["t"]) == pytest.approx(0.25)
+    for junk in ("timestamp, clocks.sm", "2026/12/02 16:10:00.250, [N/A], 3201, 688.12, 61, 0x4", "No devices"):
+        assert parse_sample(junk) is None
+    assert decode_reasons(0x4 | 0x80) == ["sw power cap", "hw power brake"]
+    assert decode_reasons(0x1000) == ["0x1000"] and decode_reasons(0) == []
+    later = parse_sample("2026/12/02 16:10:00.270, 1395, 3201, 650.0, 62, 0x0")
+    summary = summarise([s, later])
+    assert summary["samples"] == 2 and summary["sm_mhz"] == 1365.0 and summary["sm_mhz_min"] == 1335.0
+    assert summary["reasons"] == ["sw power cap"] and summarise([]) == {"samples": 0}
+
+
+def test_rows_show_their_back_to_back_fraction_and_the_sustained_peak():
+    """A row measured back to back at the power cap shows that fraction and both clocks in its cell (the quantised
+    MoE path also its speed-up there), and the peaks line the range of the sustained matmul's TFLOPS."""
+    rep = _report("e1")
+    rep["results"] = [
+        {"kernel": "csa", "shape": "prefill", "ms": 0.63, "tflops": 540.0, "fraction_of_bf16_peak": 0.675,
+         "target_fraction": 0.7, "fraction_of_sustained_peak": 0.709, "sustained_peak_tflops": 666.4,
+         "sm_mhz_sustained": 1710.0, "sm_mhz_sustained_matmul": 1447.5},
+        {"kernel": "fp8", "shape": "prefill", "ms": 3.0, "tflops": 700.0, "fraction_of_bf16_peak": 0.875,
+         "speedup_vs_bf16": 1.6, "target_speedup_vs_bf16": 1.5, "fraction_of_sustained_peak": 1.02,
+         "sustained_peak_tflops": 659.6, "speedup_vs_bf16_sustained": 1.52},
+        {"kernel": "plain", "shape": "s", "ms": 1.0, "tflops": 500.0, "fraction_of_bf16_peak": 0.625},
+    ]
+    table = render_table([rep])
+    rows = table.splitlines()
+    assert "| 0.68 of bf16 matmul; sustained 0.71 of sustained matmul (1710 / 1448 MHz) | 0.70 |" in rows[2]
+    assert "0.88 of bf16 matmul, 1.60× the bf16 path; sustained 1.02 of sustained matmul, 1.52× the bf16 path" \
+        in rows[3]
+    assert "| 0.62 of bf16 matmul | – |" in rows[4]
+    assert "bf16 matmul 800 TFLOPS (back to back at the power cap: 660-666), copy 4000 GB/s" in table
+
+
+def test_bench_names_a_negative_back_to_back_length():
+    from tilev4.bench import run_benches
+
+    try:
+        run_benches(["attention"], sustained_seconds=-1.0)
+    except ValueError as exc:
+        assert "sustained_seconds must be >= 0, got -1.0" in str(exc)
+    else:
+        raise AssertionError("a negative length was accepted")

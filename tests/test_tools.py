@@ -454,3 +454,21 @@ def test_moe_swap_probe_checks_its_rows_and_builds_for_sm90a(tmp_path, monkeypat
     assert run.returncode == 0, run.stderr[-2000:]
     assert "built N=96" in run.stdout and "built N=192" in run.stdout
     _assert_needs_gpu(tool)
+
+
+def test_clock_probe_names_bad_workloads():
+    """The clock probe (a GPU tool) names an unknown workload or a bad duration, and says when there is no GPU to run
+    on (its sampling and parsing are :mod:`tilev4.bench.sustained`'s, tested in ``test_bench_table.py``)."""
+    tool = str(ROOT / "tools" / "clock_probe.py")
+    for bad in ("matmul,foo", ",", "MoE"):
+        run = subprocess.run([sys.executable, tool, "--workloads", bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and "--workloads must" in run.stderr and repr(bad) in run.stderr
+    run = subprocess.run([sys.executable, tool, "--seconds", "0"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--seconds must be > 0" in run.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from clock_probe import parse_workloads
+    finally:
+        sys.path.pop(0)
+    assert parse_workloads("matmul, moe,matmul") == ["matmul", "moe", "matmul"]
+    _assert_needs_gpu(tool)

@@ -465,7 +465,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilev4.bench import render_table, run_benches
 
     try:
-        report = run_benches(args.name or None)
+        report = run_benches(args.name or None, args.sustained_seconds)
     except (RuntimeError, ValueError) as e:
         print(f"tilev4 bench: {e}", file=sys.stderr)
         return 2
@@ -569,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark kernels on the GPU against same-run peaks")
     p.add_argument("name", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--sustained-seconds", type=float, default=None,
+                   help="length of each back-to-back run at the power cap (default 2; 0: none)")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("bench-table", help="markdown table from benchmark JSON files")
     p.add_argument("files", nargs="+", help="benchmark JSON files")

@@ -4,7 +4,9 @@ Every run first measures the two peaks that results are reported against — the
 peak (``torch.matmul`` 8192³) and device-to-device copy bandwidth (read + write) — then times
 each kernel after warm-up as the median of per-launch CUDA-event timings, on random (never
 zero) inputs. A record gives ms, the bytes or FLOPs counted, GB/s or TFLOPS, and the fraction
-of the matching peak.
+of the matching peak. Both the peak and the rows are timed one launch at a time, a burst that
+keeps the clock near boost; the compute-bound rows with a target are also measured back to
+back at the H200's power cap, against the matmul run the same way (:mod:`tilev4.bench.sustained`).
 """
 
 from __future__ import annotations
@@ -160,11 +162,18 @@ def record(
     return rec
 
 
-def run_benches(names: list[str] | None = None) -> dict[str, Any]:
-    """Run the named benchmarks (all by default) and return the JSON-ready report."""
+def run_benches(names: list[str] | None = None, sustained_seconds: float | None = None) -> dict[str, Any]:
+    """Run the named benchmarks (all by default) and return the JSON-ready report. ``sustained_seconds``: how long
+    each back-to-back run of :mod:`tilev4.bench.sustained` lasts (None: its default; 0: none)."""
+    if sustained_seconds is not None and not sustained_seconds >= 0:
+        raise ValueError(f"sustained_seconds must be >= 0, got {sustained_seconds!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks need a CUDA GPU; none is visible")
     _load_all()
+    from tilev4.bench import sustained
+
+    if sustained_seconds is not None:
+        sustained.SUSTAINED_SECONDS = sustained_seconds
     unknown = set(names or []) - set(BENCHES)
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(BENCHES)}")
@@ -187,6 +196,18 @@ def run_benches(names: list[str] | None = None) -> dict[str, Any]:
 
 def _fmt(v: float | None, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _sustained_text(r: dict[str, Any]) -> str:
+    """A row's back-to-back measurement at the power cap (:mod:`tilev4.bench.sustained`), for the table's cell."""
+    if "fraction_of_sustained_peak" not in r:
+        return ""
+    text = f"; sustained {r['fraction_of_sustained_peak']:.2f} of sustained matmul"
+    if "sm_mhz_sustained" in r:
+        text += f" ({r['sm_mhz_sustained']:.0f} / {r['sm_mhz_sustained_matmul']:.0f} MHz)"
+    if "speedup_vs_bf16_sustained" in r:
+        text += f", {r['speedup_vs_bf16_sustained']:.2f}× the bf16 path"
+    return text
 
 
 def render_table(reports: list[dict[str, Any]]) -> str:
@@ -214,6 +235,7 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                         target = f"{r['target_speedup_vs_bf16']:.1f}× bf16"
                 if "launch_floor_ms" in r:  # decode: what an empty launch measures the same way
                     value += f" (an empty launch: {r['launch_floor_ms']:.4f} ms)"
+                value += _sustained_text(r)
             lines.append(
                 f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {_fmt(r.get('gbps'), 0)} | "
                 f"{_fmt(r.get('tflops'), 1)} | {value} | {target} | {rep['gpu']} | {rep['date']} | {rep['commit']} |"
@@ -222,9 +244,13 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         vals = [r["fp8_peak_tflops"] for r in rep["results"] if "fp8_peak_tflops" in r]
         return f", fp8 matmul {vals[0]:.0f} TFLOPS" if vals else ""
 
+    def sustained_peak(rep: dict[str, Any]) -> str:
+        vals = [r["sustained_peak_tflops"] for r in rep["results"] if "sustained_peak_tflops" in r]
+        return f" (back to back at the power cap: {min(vals):.0f}-{max(vals):.0f})" if vals else ""
+
     peaks = "; ".join(
         f"{rep['gpu']} {rep['date']} ({rep['commit']}): bf16 matmul {rep['peaks']['bf16_matmul_tflops']:.0f} TFLOPS"
-        f"{fp8_peak(rep)}, copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
+        f"{sustained_peak(rep)}{fp8_peak(rep)}, copy {rep['peaks']['copy_gbps']:.0f} GB/s" for rep in reports
     )
     flushes: dict[str, list[str]] = {}
     for rep in reports:  # reports from before the read flush say nothing: theirs was a write of the same buffer
