@@ -3,8 +3,8 @@
 :func:`tilev4.bench.time_cuda` times launches one at a time, each after an L2 flush (and, without a CUDA graph, after
 ~1 ms of the stream spinning), and the same-run matmul peak is 25 such launches: the GPU is busy part of the time and
 its clock stays near boost. A workload that runs for seconds (a prefill, a training step) runs at the H200's power cap
-(~700 W) instead, where the SM clock settles at what each kernel's energy a cycle allows: 1440-1455 MHz for the
-peak's 8192³ matmul (660-666 TFLOPS back to back, against ~800 in the burst), lower for a kernel that moves more
+(~690 W) instead, where the SM clock settles at what each kernel's energy a cycle allows: 1430-1460 MHz for the
+peak's 8192³ matmul (656-666 TFLOPS back to back, against ~790-800 in the burst), lower for a kernel that moves more
 bytes a FLOP, higher for one whose tensor pipe idles more (``benchmarks/logs/h200-2026-12-02-session47.md``).
 
 :func:`add_sustained` measures a benchmark row that way too: its call back to back for :data:`SUSTAINED_SECONDS`,
@@ -16,7 +16,6 @@ Clocks come from ``nvidia-smi`` (sampled every 20 ms in a background process); w
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import subprocess
@@ -76,11 +75,11 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _smi_id() -> str:
-    """``nvidia-smi``'s name for the current CUDA device: its index, or the entry of ``CUDA_VISIBLE_DEVICES`` (an
-    index or a UUID, which ``--id`` takes too) that the CUDA index stands for."""
+    """``nvidia-smi``'s name for the current CUDA device: its UUID (CUDA's device order and ``CUDA_VISIBLE_DEVICES``
+    need not match ``nvidia-smi``'s indices), or its index where torch gives no UUID."""
     index = torch.cuda.current_device()
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return visible[index] if index < len(visible) else str(index)
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return f"GPU-{uuid}" if uuid else str(index)
 
 
 class ClockSampler:
