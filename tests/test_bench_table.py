@@ -136,3 +136,13 @@ def test_bench_names_a_negative_back_to_back_length():
         assert "sustained_seconds must be >= 0, got -1.0" in str(exc)
     else:
         raise AssertionError("a negative length was accepted")
+
+
+def test_clock_sampler_without_nvidia_smi_samples_nothing(monkeypatch):
+    """Where nvidia-smi is missing the sampler says so (``available`` false, no samples, no CUDA call) and the
+    back-to-back rows then get times only."""
+    import tilev4.bench.sustained as sustained
+
+    monkeypatch.setattr(sustained.shutil, "which", lambda name: None)
+    with sustained.ClockSampler() as sampler:
+        assert not sampler.available and sampler.between(0.0, 2e9) == []

@@ -74,12 +74,12 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "temp_c": statistics.median(s["temp_c"] for s in samples), "reasons": decode_reasons(mask)}
 
 
-def _smi_id() -> str:
-    """``nvidia-smi``'s name for the current CUDA device: its UUID (CUDA's device order and ``CUDA_VISIBLE_DEVICES``
-    need not match ``nvidia-smi``'s indices), or its index where torch gives no UUID."""
+def _smi_ids() -> list[str]:
+    """``nvidia-smi``'s names for the current CUDA device to try: its UUID first (CUDA's device order and
+    ``CUDA_VISIBLE_DEVICES`` need not match ``nvidia-smi``'s indices), then its index."""
     index = torch.cuda.current_device()
     uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    return f"GPU-{uuid}" if uuid else str(index)
+    return ([f"GPU-{uuid}"] if uuid else []) + [str(index)]
 
 
 class ClockSampler:
@@ -91,9 +91,10 @@ class ClockSampler:
         self.samples: list[dict[str, Any]] = []
         self.proc: subprocess.Popen | None = None
         exe = shutil.which("nvidia-smi")
-        for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active") if exe else ():
+        reasons_fields = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # new name, old name
+        for smi_id, reasons in [(i, r) for i in _smi_ids() for r in reasons_fields] if exe else []:
             cmd = [exe, f"--query-gpu={FIELDS.format(reasons=reasons)}", "--format=csv,noheader,nounits",
-                   f"--id={_smi_id()}"]
+                   f"--id={smi_id}"]
             probe = subprocess.run(cmd, capture_output=True, text=True)
             if probe.returncode == 0 and probe.stdout and parse_sample(probe.stdout.splitlines()[0]) is not None:
                 self.proc = subprocess.Popen([*cmd, f"-lms={interval_ms}"], stdout=subprocess.PIPE,
