@@ -45,10 +45,9 @@ def build(name: str) -> tuple[Callable[[], Any], float | None]:
     import torch
 
     if name == "matmul":
-        n = 8192
-        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-        return (lambda: torch.matmul(a, b, out=c)), 2.0 * n**3
+        from tilev4.bench import peak_matmul
+
+        return peak_matmul()
     if name == "copy":
         src = torch.randn(2**28, device="cuda")
         dst = torch.empty_like(src)
@@ -74,19 +73,11 @@ def build(name: str) -> tuple[Callable[[], Any], float | None]:
     flops = 6.0 * 8192 * bm.TOP_K * bm.DIM * bm.INTER
     if name == "moe-fp8":
         from tilev4.kernels import fp8_quantize
-        from tilev4.kernels.moe_fp8 import moe_down_fp8, moe_up_fp8, quantize_fp8_weight
+        from tilev4.kernels.moe_fp8 import quantize_fp8_weight
 
-        w1, w2, w3 = (quantize_fp8_weight(layer[k]) for k in ("w1", "w2", "w3"))
+        fp8 = tuple(quantize_fp8_weight(layer[k]) for k in ("w1", "w2", "w3"))
         perm8 = K.moe_permute(x, weights, experts, bm.NUM_EXPERTS, payload=fp8_quantize(x)[0])
-        quant_x = bm._quantize_tokens(x, perm8)
-
-        y = torch.empty(perm8.x_sorted.shape[0], bm.DIM, device="cuda", dtype=torch.bfloat16)
-
-        def fp8_path():  # as tilev4 bench moe times it: x's scales gathered, up quantising h, down
-            h8, hs = moe_up_fp8(perm8, perm8.x_sorted, quant_x(), w1, w3, bm.LIMIT, quantize=True)
-            moe_down_fp8(perm8, h8, hs, w2, out=y)
-
-        return fp8_path, flops
+        return bm.fp8_routed_path(perm8, bm._quantize_tokens(x, perm8), fp8)[0], flops
     path = bm.routed_path(K, x, weights, experts, layer["w1"], layer["w2"], layer["w3"])
     return path.routed, flops
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BENCHES", "benchmark", "measure_peaks", "record", "render_table", "run_benches", "time_cuda",
+__all__ = ["BENCHES", "benchmark", "measure_peaks", "peak_matmul", "record", "render_table", "run_benches", "time_cuda",
            "time_in_turn"]
 
 BenchFn = Callable[[dict[str, float]], list[dict[str, Any]]]
@@ -110,18 +110,24 @@ def time_cuda(
     return statistics.median(times)
 
 
-def measure_peaks() -> dict[str, float]:
-    """bf16 matmul TFLOPS (8192³) and copy GB/s (1 GiB, read + write counted) in this run."""
-    n = 8192
+def peak_matmul(n: int = 8192) -> tuple[Callable[[], Any], float]:
+    """The bf16 matmul peak's product (``torch.matmul`` of random ``n × n`` operands into a preallocated output) and
+    its FLOPs a call: what :func:`measure_peaks` times, and :mod:`tilev4.bench.sustained` back to back."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_cuda(lambda: torch.matmul(a, b, out=c), warmup=5, reps=20, flush_l2=False)
+    return (lambda: torch.matmul(a, b, out=c)), 2.0 * n**3
+
+
+def measure_peaks() -> dict[str, float]:
+    """bf16 matmul TFLOPS (8192³) and copy GB/s (1 GiB, read + write counted) in this run."""
+    matmul, flops = peak_matmul()
+    ms = time_cuda(matmul, warmup=5, reps=20, flush_l2=False)
     src = torch.randn(2**28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
     ms_copy = time_cuda(lambda: dst.copy_(src), warmup=5, reps=20, flush_l2=False)
     return {
-        "bf16_matmul_tflops": 2 * n**3 / ms / 1e9,
+        "bf16_matmul_tflops": flops / ms / 1e9,
         "copy_gbps": 2 * src.numel() * 4 / ms_copy / 1e6,
     }
 
@@ -172,16 +178,20 @@ def run_benches(names: list[str] | None = None, sustained_seconds: float | None 
     _load_all()
     from tilev4.bench import sustained
 
-    if sustained_seconds is not None:
-        sustained.SUSTAINED_SECONDS = sustained_seconds
     unknown = set(names or []) - set(BENCHES)
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(BENCHES)}")
     peaks = measure_peaks()
     results = []
     names = names or list(BENCHES)
-    for name in names:
-        results += BENCHES[name](peaks)
+    default_seconds = sustained.SUSTAINED_SECONDS
+    if sustained_seconds is not None:  # for this run only
+        sustained.SUSTAINED_SECONDS = sustained_seconds
+    try:
+        for name in names:
+            results += BENCHES[name](peaks)
+    finally:
+        sustained.SUSTAINED_SECONDS = default_seconds
     props = torch.cuda.get_device_properties(0)
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),

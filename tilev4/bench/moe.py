@@ -52,7 +52,7 @@ import torch
 from tilev4.bench import benchmark, record, time_cuda, time_in_turn
 from tilev4.bench.sustained import add_sustained
 
-__all__ = ["RoutedPath", "balanced_routing", "bench_moe", "routed_path", "routing_stats"]
+__all__ = ["RoutedPath", "balanced_routing", "bench_moe", "fp8_routed_path", "routed_path", "routing_stats"]
 
 DIM, INTER, NUM_EXPERTS, TOP_K, ROUTE_SCALE, LIMIT = 4096, 2048, 256, 6, 1.5, 10.0
 
@@ -300,20 +300,26 @@ def _quantize_tokens(x: torch.Tensor, perm8: Any) -> Any:
     return run
 
 
-def _bench_fp8(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any], graph: bool, ms_bf16: float, flops: float,
-               touched: int, shape: str, peaks: dict[str, float], ms_bf16_sustained: float | None = None
-               ) -> list[dict[str, Any]]:
+def fp8_routed_path(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any]) -> tuple[Callable[[], None], torch.Tensor]:
+    """The FP8 routed path as the benchmark times it, on an FP8 permutation ``perm`` (``moe_permute(payload=...)``):
+    x's row scales gathered (``quant_x``, :func:`_quantize_tokens`), the up-projection quantising h in its epilogue,
+    the down-projection into ``y``. Returns the call and ``y``; nothing is launched."""
     from tilev4.kernels.moe_fp8 import moe_down_fp8, moe_up_fp8
 
     q1, q2, q3 = fp8
-    n = perm.x_sorted.shape[0]
-    y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(perm.x_sorted.shape[0], DIM, device="cuda", dtype=torch.bfloat16)
 
-    def routed_fp8():
-        xs = quant_x()
-        h8, hs = moe_up_fp8(perm, perm.x_sorted, xs, q1, q3, LIMIT, quantize=True)  # h quantised in the epilogue
+    def routed_fp8() -> None:
+        h8, hs = moe_up_fp8(perm, perm.x_sorted, quant_x(), q1, q3, LIMIT, quantize=True)
         moe_down_fp8(perm, h8, hs, q2, out=y)
 
+    return routed_fp8, y
+
+
+def _bench_fp8(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any], graph: bool, ms_bf16: float, flops: float,
+               touched: int, shape: str, peaks: dict[str, float], ms_bf16_sustained: float | None = None
+               ) -> list[dict[str, Any]]:
+    routed_fp8, y = fp8_routed_path(perm, quant_x, fp8)
     routed_fp8()
     ms = time_cuda(routed_fp8, graph=graph)
     scale_bytes = sum(q.scale[0].numel() * 4 for q in fp8)

@@ -30,7 +30,6 @@ __all__ = ["ClockSampler", "add_sustained", "decode_reasons", "parse_sample", "s
 
 SUSTAINED_SECONDS = 2.0  # each back-to-back run (the first half settles the clock; 0 turns the measurement off)
 INTERVAL_MS = 20
-MATMUL_N = 8192  # the same-run peak's product (tilev4.bench.measure_peaks)
 # nvidia-smi's clock-event (formerly "throttle") reason bits
 REASONS = {0x1: "idle", 0x2: "applications clocks setting", 0x4: "sw power cap", 0x8: "hw slowdown",
            0x10: "sync boost", 0x20: "sw thermal slowdown", 0x40: "hw thermal slowdown", 0x80: "hw power brake",
@@ -165,21 +164,17 @@ def add_sustained(rec: dict[str, Any], fn: Callable[[], Any], flops: float,
     two matmul runs), ``fraction_of_sustained_peak`` and, where ``nvidia-smi`` gave samples, ``sm_mhz_sustained``,
     ``sm_mhz_sustained_matmul`` and ``power_w_sustained``. Nothing is added when ``seconds`` (default
     :data:`SUSTAINED_SECONDS`) is 0."""
+    from tilev4.bench import peak_matmul
+
     seconds = SUSTAINED_SECONDS if seconds is None else seconds
     if seconds <= 0:
         return rec
-    a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
-
-    def matmul() -> None:
-        torch.matmul(a, b, out=c)
-
+    matmul, matmul_flops = peak_matmul()
     with ClockSampler() as sampler:
         before = time_back_to_back(matmul, seconds, sampler)
         run = time_back_to_back(fn, seconds, sampler)
         after = time_back_to_back(matmul, seconds, sampler)
-    peak = statistics.mean(2.0 * MATMUL_N**3 / m["ms"] / 1e9 for m in (before, after))
+    peak = statistics.mean(matmul_flops / m["ms"] / 1e9 for m in (before, after))
     rec["ms_sustained"] = run["ms"]
     rec["tflops_sustained"] = flops / run["ms"] / 1e9
     rec["sustained_peak_tflops"] = peak
