@@ -158,19 +158,37 @@ def test_seesaw_program_syncs_only_its_staged_output(name, config):
 @pytest.mark.compile
 @pytest.mark.parametrize(("name", "problem", "kind"), [("moe_up_fp4", {"dim": 4096}, "up"),
                                                        ("moe_down_fp4", {"inter": 2048}, "down")])
-def test_fp4_swap_schedule_builds_for_three_ctas_an_sm(name, problem, kind):
+def test_fp4_swap_schedule_builds_for_its_ctas_an_sm(name, problem, kind):
     """The FP4 swap schedule the ops take at decode (not a shipped config: the ops add its keys by the rows, see
-    ``swap_config``) compiles for sm_90a with launch bounds of SWAP_CTAS CTAs an SM, and its shared memory leaves
-    room for them (every buffer starts below 70 KB; the last ones are a few hundred bytes)."""
-    from tilev4.kernels.moe_fp4 import SWAP_CONFIG, SWAP_CTAS
+    ``swap_config``) compiles for sm_90a with launch bounds of ``swap_ctas`` CTAs an SM (two for the up-projection's
+    two expanded sources, three for the down-projection), and its shared memory fits them: every buffer starts
+    below the size ``swap_ctas`` counts, which leaves room for that many CTAs in the SM's 228 KB."""
+    from tilev4.kernels.moe_fp4 import SWAP_BLOCK_N, SWAP_CONFIG, _swap_shared_bytes, swap_ctas
 
+    stages = SWAP_CONFIG[kind]["packed_stages"]
+    ctas = swap_ctas(kind, stages)
+    assert ctas == {"up": 2, "down": 3}[kind]
     kernel = compile_kernel(name, {**problem, "block_m": 128, **SWAP_CONFIG[kind]}, DEFAULT_AOT_ARCH)
     src = kernel.get_kernel_source()
-    assert f"__launch_bounds__(256, {SWAP_CTAS})" in src
+    assert f"__launch_bounds__(256, {ctas})" in src
     offsets = [int(n) for n in re.findall(r"buf_dyn_shmem \+ (\d+)\)", src)]
-    assert offsets and max(offsets) < 70 * 1024, max(offsets)
+    assert offsets and max(offsets) < _swap_shared_bytes(kind, stages), max(offsets)
+    assert ctas * (_swap_shared_bytes(kind, stages) + 2048) <= 232448
     assert "wgmma_ss" in src and ", 64, 8, 32," in src  # m64 n8 k32: the weights as M, the rows as N
+    assert f"(N + {SWAP_BLOCK_N - 1}) >> 7)" in src  # the N tiles of 128 weight rows a CTA
     assert_wgmma_operands_aligned(src)  # its expanded weight tiles sit on 1024-byte boundaries
+
+
+def test_fp4_swap_ctas_follow_shared_memory():
+    """Three CTAs an SM where their shared memory fits, fewer where a deeper packed ring or two sources take more."""
+    from tilev4.kernels.moe_fp4 import _swap_shared_bytes, swap_ctas
+
+    assert swap_ctas("down", 4) == 3 and swap_ctas("up", 2) == 2 and swap_ctas("up", 4) == 1
+    assert _swap_shared_bytes("up", 2) > _swap_shared_bytes("down", 2)
+    for kind in ("up", "down"):
+        for stages in (1, 2, 3, 4, 6, 8):
+            ctas = swap_ctas(kind, stages)
+            assert ctas * (_swap_shared_bytes(kind, stages) + 2048) <= 232448 or ctas == 1
 
 
 MASKED_STORE_PROGRAMS = [

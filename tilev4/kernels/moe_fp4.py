@@ -43,8 +43,8 @@ the CPU tests check against the per-element rounding for every code and shift.
 
 Kernels (tile → expert map and batch invariance exactly as the bf16 and FP8 kernels):
 
-* ``moe_up_fp4`` — ``h = silu(min(x W1ᵀ, l)) · clamp(x W3ᵀ, ±l) · w`` → bf16. A CTA computes 64 columns of
-  h from 64 rows of W1 and the same 64 rows of W3.
+* ``moe_up_fp4`` — ``h = silu(min(x W1ᵀ, l)) · clamp(x W3ᵀ, ±l) · w`` → bf16. A ``ws`` CTA computes 64 columns
+  of h from 64 rows of W1 and the same 64 rows of W3 (a ``swap`` CTA 128).
 * ``moe_down_fp4`` — ``y = h W2ᵀ`` → bf16, from ``h`` quantised 1×128 (a separate
   :func:`tilev4.fp8_quantize` launch).
 
@@ -54,8 +54,8 @@ Three schedules (``schedule``):
   warpgroups that TMA-load the packed bytes and the activations and expand the weights into each stage while two
   consumer warpgroups run the FP8 wgmma and the promotions of the stage before.
 * ``swap`` (:func:`_build_fp4_swap`): for tiles of few rows (decode), the weights as the wgmma's M and the rows as
-  its N, every thread expanding, three CTAs an SM. Same bits as ``ws``; the ops take it while the rows an expert
-  gets on average are few (:func:`swap_config`).
+  its N, 128 weight rows a CTA, every thread expanding, two or three CTAs an SM. Same bits as ``ws``; the ops take
+  it while the rows an expert gets on average are few (:func:`swap_config`).
 * ``pipelined``: every thread copies (cp.async), expands and computes in turn. Its B tile stacks the 64 rows of W1
   over the same rows of W3, so one [128, 128] FP8 GEMM per K block gives gate and up side by side: two fp32
   [128, 128] register tiles (accumulator and block sum) where the FP8 kernel's layout — two GEMMs, three tiles —
@@ -117,7 +117,7 @@ from tilev4.kernels.moe_ws import (
 from tilev4.kernels.registry import register
 
 __all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
-           "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight", "swap_config"]
+           "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight", "swap_config", "swap_ctas"]
 
 SCALE_BLOCK = 128  # K block of the FP8 tensor-core sum and of the promotion (as for FP8 weights)
 FP4_BLOCK = 32  # K elements per e8m0 weight scale
@@ -665,14 +665,32 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
 
 
 SWAP_ROWS = 8  # the swap schedule's rows of one wgmma (its N)
-SWAP_GROUP = 16  # rows of a warpgroup in one pass of the swap schedule's K loop
-SWAP_CTAS = 3  # CTAs of the swap schedule an SM (its launch bounds)
-# the ops' swap schedule (packed ring depths: the up-projection's 2 keeps three CTAs an SM in shared memory) and
-# when they take it: on the H200 (V4-Flash dims, the benchmark's routing; benchmarks/logs/, session 36) it took
-# 0.60 / 0.71 of the ws kernels' time (up / down) at 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6,
-# 0.73 / 0.87 at 9, 0.83 / 0.98 at 12, 1.02 / 1.19 at 18 and 1.22 / 1.41 at 24, where tiles take several passes
+SWAP_GROUP = 16  # rows of the tile in one pass of the swap schedule's K loop
+SWAP_BLOCK_N = 128  # weight rows (output columns) of a swap CTA: 64 a warpgroup
+SWAP_CTAS = 3  # CTAs of the swap schedule an SM where its shared memory lets them (swap_ctas)
+# the ops' swap schedule (packed ring depths: the up-projection's 2 keeps two CTAs an SM in shared memory, the
+# down-projection's 4 three) and when they take it: on the H200 (V4-Flash dims, the benchmark's routing;
+# benchmarks/logs/, session 36, with 64 weight rows a CTA) it took 0.60 / 0.71 of the ws kernels' time (up / down) at
+# 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6, 0.73 / 0.87 at 9, 0.83 / 0.98 at 12, 1.02 / 1.19 at
+# 18 and 1.22 / 1.41 at 24, where tiles take several passes; 128 weight rows a CTA took 0.85 / 0.77 of that time at
+# 64 tokens and 0.88 / 0.79 at 512 (session 48)
 SWAP_CONFIG = {"up": {"schedule": "swap", "packed_stages": 2}, "down": {"schedule": "swap", "packed_stages": 4}}
 SWAP_MAX_ROWS_PER_EXPERT = 12
+
+
+def _swap_shared_bytes(kind: str, packed_stages: int) -> int:
+    """Shared memory of a swap CTA: the pass's rows (two K blocks), each weight source's expanded tiles (two), packed
+    ring and block scales, the rows' activation scales and routing weights."""
+    src = 2 if kind == "up" else 1
+    BN, BK = SWAP_BLOCK_N, SCALE_BLOCK
+    return 2 * SWAP_GROUP * BK + src * (2 * BN * BK + packed_stages * BN * BK // 2 + 2 * BN * 4) \
+        + 2 * SWAP_GROUP * 4 + BLOCK_M * 4
+
+
+def swap_ctas(kind: str, packed_stages: int) -> int:
+    """CTAs of the swap schedule an SM (its launch bounds): :data:`SWAP_CTAS`, or fewer where their shared memory
+    (:func:`_swap_shared_bytes`, plus 1 KB a CTA the hardware keeps and 1 KB of alignment) exceeds the SM's 227 KB."""
+    return max(1, min(SWAP_CTAS, 232448 // (_swap_shared_bytes(kind, packed_stages) + 2048)))
 
 
 def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M) -> Any:
@@ -680,96 +698,91 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
 
     The ``ws`` kernels run each 64-row slab as the M of an m64 wgmma, whatever it holds: at decode a tile has one or
     two rows, so the tensor cores do ~50x the useful work, and two of the four warpgroups (the consumers) wait while
-    two expand. Here the weights are the M (a 64-row weight tile a source) and the rows the N of the wgmma, in chunks
-    of :data:`SWAP_ROWS`: ``tᵀ = W8[:, kb] · x8[rows, kb]ᵀ`` (m64 n8 k32), a chunk only where the tile has rows. The
-    promotion is the ``ws`` kernel's expression on the transposed tile, ``acc += t · sx[row] · S[col]``, and the FP8
-    tensor core sums each element as in the other orientation (measured on the H200, tested), so both schedules give
-    the same bits and the choice between them cannot change a row's output (batch invariance).
+    two expand. Here the weights are the M and the rows the N of the wgmma, in chunks of :data:`SWAP_ROWS`:
+    ``tᵀ = W8[:, kb] · x8[rows, kb]ᵀ`` (m64 n8 k32), a chunk only where the tile has rows. The promotion is the ``ws``
+    kernel's expression on the transposed tile, ``acc += t · sx[row] · S[col]``, and the FP8 tensor core sums each
+    element as in the other orientation (measured on the H200, tested), so both schedules give the same bits and the
+    choice between them cannot change a row's output (batch invariance).
 
-    A CTA is two warpgroups, few registers and ~60 KB of shared memory (:data:`SWAP_CTAS` an SM), and computes one
-    ``128 × 64`` output tile of the tile table; warpgroup ``w`` owns rows ``64·w ..`` as in the ``ws`` kernel, taken
-    :data:`SWAP_GROUP` rows a pass: a tile of up to 16 rows (every decode tile) is one pass over K, a tile of 64 or
-    more rows four, each expanding the weights again (the ops give such tiles to the ``ws`` schedule:
-    :func:`swap_config`). The passes are one flat loop of K blocks:
+    A CTA is two warpgroups and computes one ``128 × 128`` output tile of the tile table (:data:`SWAP_BLOCK_N` weight
+    rows): warpgroup ``w`` runs the wgmma on weight rows ``64·w ..`` over every row of the tile, :data:`SWAP_GROUP`
+    rows a pass (a tile of up to 16 rows, every decode tile, is one pass over K; each further pass expands the
+    weights again, so the ops give tiles of many rows to the ``ws`` schedule: :func:`swap_config`). 128 weight rows a
+    CTA rather than 64 give each thread twice the expansion per K block for the same barrier, waits, loads and loop
+    (H200: 0.77-0.88 of the 64-row program's time). :func:`swap_ctas` CTAs an SM (few registers; the up-projection's
+    two expanded sources take two CTAs' worth of shared memory). The passes are one flat loop of K blocks:
 
-    * every thread takes one 16-byte expansion step a weight source (the ``ws`` producers' arithmetic,
-      :func:`_expansion_steps`) from a TMA ring of ``packed_stages`` packed K blocks; the scale word of its row
-      comes through a register, loaded a K block ahead; then a CTA-wide barrier;
+    * every thread takes two 16-byte expansion steps a weight source (the ``ws`` producers' arithmetic,
+      :func:`_expansion_steps`) from a TMA ring of ``packed_stages`` packed K blocks; the scale words of its rows
+      come through registers, loaded a K block ahead (0 past the weight rows: N need not be a multiple of 128); then
+      a CTA-wide barrier;
     * warpgroup 1 issues every load: the packed bytes, the pass's activation rows of the next K block (TMA) and,
       a K block ahead through a register, their scales;
-    * warpgroup 0 always has rows (a tile has at least one): its first chunk's wgmma of a K block runs while it
-      expands the next one, and is waited for and promoted just before the next barrier, with no condition on the
-      wait (ptxas serialises every wgmma of a kernel that waits in a divergent path). Its other chunk, and those of
-      warpgroup 1, wait at once.
+    * each warpgroup's first chunk's wgmma of a K block runs while it expands the next one, and is waited for and
+      promoted just before the next barrier, with no condition on the wait (a tile has at least one row; ptxas
+      serialises every wgmma of a kernel that waits in a divergent path). The other chunk waits at once.
 
     The expanded tiles, the activation rows and scales are double-buffered. The accumulators stay in registers and
     each pass stores its rows from them. ``block_n``, ``num_stages``, ``threads`` and ``producer_warpgroups`` are the
-    other schedules' (a swap tile is 64 columns)."""
+    other schedules'."""
     if block_m != BLOCK_M:
         raise ValueError(f"block_m must be {BLOCK_M} for the 'swap' schedule (the tile table's 128-row tiles), "
                          f"got {block_m}")
     up = kind == "up"
     SRC = 2 if up else 1
-    BN, BK, PS, RN, GR = 64, SCALE_BLOCK, packed_stages, SWAP_ROWS, SWAP_GROUP
+    BN, HB, BK, PS, RN, GR = SWAP_BLOCK_N, HALF_M, SCALE_BLOCK, packed_stages, SWAP_ROWS, SWAP_GROUP
     KB, KS = K // SCALE_BLOCK, K // FP4_BLOCK
     WG = 128
     PT = 2 * WG  # every thread expands
-    NCH = SRC * BN * GROUPS // PT  # expansion steps of a thread per K block
-    # Python-level loops (tuples, not range: the TileLang builder makes a loop over range a TIR loop), so that chunk
-    # and source index Python lists of fragments
-    CHUNK_IDS, SOURCE_IDS = tuple(range(GR // RN)), tuple(range(SRC))
+    CH = BN * GROUPS // PT  # expansion steps of a thread, a source and K block (its rows: c·64 + tx / 4)
+    NCH = SRC * CH
+    CHUNK_IDS, SOURCE_IDS, STEP_IDS = tuple(range(GR // RN)), tuple(range(SRC)), tuple(range(CH))
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     fp8 = T.float8_e4m3fn
     load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC)
 
     @T.macro
-    def load_rows(a, a_s, afull, row0, rows, g, k, buf):
-        """Pass ``g``'s activation rows of K block ``k`` into buffer ``buf``: warpgroup 0's, and warpgroup 1's where
-        it has rows in this pass."""
+    def load_rows(a, a_s, afull, row0, g, k, buf):
+        """Pass ``g``'s rows of K block ``k`` into buffer ``buf`` (rows past the tile are read and never used)."""
         r = row0 + g * GR
-        T.tma_copy(a[r:r + GR, k * BK:(k + 1) * BK], a_s[0][buf, :, :], barrier=afull[buf])
-        if rows > HALF_M + g * GR:
-            T.tma_copy(a[r + HALF_M:r + HALF_M + GR, k * BK:(k + 1) * BK], a_s[1][buf, :, :], barrier=afull[buf])
+        T.tma_copy(a[r:r + GR, k * BK:(k + 1) * BK], a_s[buf, :, :], barrier=afull[buf])
         T.barrier_arrive(afull[buf])
 
     def scale_of(a_scale, row0, rows, g, k, j):
-        """Activation scale of row ``j`` (0 .. 2·GR) of pass ``g``'s rows (warpgroup 0's, then 1's) in K block ``k``;
-        0 past the tile's rows."""
-        r = T.if_then_else(j < GR, g * GR + j, HALF_M + g * GR + j - GR)
-        return T.if_then_else(r < rows, a_scale[row0 + r, k], 0.0)
+        """Activation scale of row ``j`` (0 .. GR) of pass ``g`` in K block ``k``; 0 past the tile's rows."""
+        return T.if_then_else(g * GR + j < rows, a_scale[row0 + g * GR + j, k], 0.0)
+
+    def scale_word(s32g, s, e, n0, c, tx, k):
+        """The four e8m0 bytes of K block ``k`` of the row of step ``c`` of thread ``tx``; 0 past the weight rows."""
+        n = n0 + c * (PT // GROUPS) + tx // GROUPS
+        return T.if_then_else(n < N, s32g[s][e, n, k], T.uint32(0))
 
     @T.macro
     def promote(c, w, acc, t, xs_s, sw_s, buf):
-        """Chunk ``c``'s FP8 sums of a K block into its accumulators: exact power-of-two rescale, fp32 sum (the ws
-        kernel's expression on the transposed tile)."""
         for s in SOURCE_IDS:
-            for n, i in T.Parallel(BN, RN):
-                acc[c][s][n, i] += t[s][n, i] * xs_s[buf, w * GR + c * RN + i] * sw_s[s][buf, n]
+            for n, i in T.Parallel(HB, RN):
+                acc[c][s][n, i] += t[s][n, i] * xs_s[buf, c * RN + i] * sw_s[s][buf, w * HB + n]
 
     @T.macro
-    def store(w, g, rw, acc, out, limit, w_s, row0, n0):
-        """Pass ``g``'s rows of warpgroup ``w`` (those of the tile) from the accumulators; then they are cleared."""
+    def store(w, g, rows, acc, out, limit, w_s, row0, n0):
         for c in CHUNK_IDS:
-            for n, i in T.Parallel(BN, RN):
-                j = g * GR + c * RN + i  # the row in the warpgroup's 64
-                if j < rw and n0 + n < N:
-                    if up:  # the SwiGLU of the ws kernels' store_part
-                        out[row0 + w * HALF_M + j, n0 + n] = T.cast(
+            for n, i in T.Parallel(HB, RN):
+                j = g * GR + c * RN + i  # the row in the tile
+                col = n0 + w * HB + n
+                if j < rows and col < N:
+                    if up:
+                        out[row0 + j, col] = T.cast(
                             silu(cap_keep_nan(acc[c][0][n, i], limit)) * clamp_keep_nan(acc[c][1][n, i], limit)
-                            * w_s[w * HALF_M + j], T.bfloat16)
+                            * w_s[j], T.bfloat16)
                     else:
-                        out[row0 + w * HALF_M + j, n0 + n] = T.cast(acc[c][0][n, i], T.bfloat16)
+                        out[row0 + j, col] = T.cast(acc[c][0][n, i], T.bfloat16)
             for s in SOURCE_IDS:
                 T.clear(acc[c][s])
 
     @T.macro
-    def part(w, a, a_scale, qs_g, s32g, wts, out, limit, a_s, b_s, q_s, sw_s, xs_s, w_s, acc, t, tf, qfull, afull,
+    def part(w, a, a_scale, qs_g, s32g, out, limit, a_s, b_s, q_s, sw_s, xs_s, w_s, acc, t, tf, qfull, afull,
              tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass):
-        """Warpgroup ``w``'s program: the flat loop over the passes' K blocks (its expansion steps, the CTA-wide
-        barriers, its chunks, the loads for warpgroup 1) and each pass's stores. Both warpgroups run the same loop,
-        each in its own branch, so that the accumulators of one are not live in the other's code."""
-        rw = rows - w * HALF_M  # this warpgroup's valid rows (<= 0: none)
-        NP = n_pass * KB  # packed loads of all passes (a K block each)
+        NP = n_pass * KB
         for c in CHUNK_IDS:
             for s in SOURCE_IDS:
                 T.clear(acc[c][s])
@@ -780,8 +793,9 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
             ps = it % PS
             T.barrier_wait(qfull[ps], (it // PS) & 1)
             for s in SOURCE_IDS:  # this K block's scale words, loaded an iteration ago; the next one's now
-                sv[s] = sr[s]
-                sr[s] = s32g[s][e, n0 + tx // GROUPS, (ki + 1) % KB]
+                for c in STEP_IDS:
+                    sv[s * CH + c] = sr[s * CH + c]
+                    sr[s * CH + c] = scale_word(s32g, s, e, n0, c, tx, (ki + 1) % KB)
             load_steps(q_s[0], None, 0, ps, ki, tx, qv, sv, scales=False)
             if SRC == 2:
                 load_steps(q_s[1], None, 1, ps, ki, tx, qv, sv, scales=False)
@@ -789,75 +803,68 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
             convert_all(b_s, sw_s, buf, tx, qv, sv, ow, tab, slow, False)
             if slow[0] != 0:
                 convert_all(b_s, sw_s, buf, tx, qv, sv, ow, tab, slow, True)
-            if w == 0:  # the first chunk of the previous K block
-                T.wait_wgmma(0)
-                if it > 0:
-                    promote(0, w, acc, tf, xs_s, sw_s, 1 - buf)
+            T.wait_wgmma(0)  # the first chunk of the previous K block (unconditional: see _build_fp4_swap)
+            if it > 0:
+                promote(0, w, acc, tf, xs_s, sw_s, 1 - buf)
             if T.And(ki == 0, it > 0):  # the previous pass is complete
-                store(w, g - 1, rw, acc, out, limit, w_s, row0, n0)
+                store(w, g - 1, rows, acc, out, limit, w_s, row0, n0)
             T.fence_proxy_async()  # the generic-proxy stores of the weight tiles, before the wgmma reads them
-            # every thread has read packed slot ps and written its steps; the chunks of the previous K block are done
             T.sync_threads()
-            if w == 1:  # warpgroup 1 issues every load (TileLang elects a thread in each warpgroup's branch)
-                if it + PS < NP:  # every thread has read packed slot ps: refill it
+            if w == 1:  # warpgroup 1 issues every load
+                if it + PS < NP:
                     load_packed(qs_g, q_s, qfull, e, n0, (it + PS) % KB, ps)
-                if it + 1 < n_pass * KB:
-                    load_rows(a, a_s, afull, row0, rows, (it + 1) // KB, (it + 1) % KB, 1 - buf)
-                    if tx - WG < 2 * GR:
+                if it + 1 < NP:
+                    load_rows(a, a_s, afull, row0, (it + 1) // KB, (it + 1) % KB, 1 - buf)
+                    if tx - WG < GR:
                         xs_s[1 - buf, tx - WG] = xr[0]
-                        if it + 2 < n_pass * KB:
+                        if it + 2 < NP:
                             xr[0] = scale_of(a_scale, row0, rows, (it + 2) // KB, (it + 2) % KB, tx - WG)
             T.barrier_wait(afull[buf], (it // 2) & 1)
-            if w == 0:
-                for s in SOURCE_IDS:  # [BN, BK] @ [BK, RN] -> [BN, RN]
-                    T.wgmma_gemm(b_s[s][buf, :, :], a_s[w][buf, 0:RN, :], tf[s], transpose_B=True, clear_accum=True)
-            for c in CHUNK_IDS[1:] if w == 0 else CHUNK_IDS:
-                if g * GR + c * RN < rw:
+            for s in SOURCE_IDS:  # [HB, BK] @ [BK, RN] -> [HB, RN]: this warpgroup's weight rows
+                T.wgmma_gemm(b_s[s][buf, w * HB:(w + 1) * HB, :], a_s[buf, 0:RN, :], tf[s], transpose_B=True,
+                             clear_accum=True)
+            for c in CHUNK_IDS[1:]:
+                if g * GR + c * RN < rows:
                     for s in SOURCE_IDS:
-                        T.wgmma_gemm(b_s[s][buf, :, :], a_s[w][buf, c * RN:(c + 1) * RN, :], t[s], transpose_B=True,
-                                     clear_accum=True)
+                        T.wgmma_gemm(b_s[s][buf, w * HB:(w + 1) * HB, :], a_s[buf, c * RN:(c + 1) * RN, :], t[s],
+                                     transpose_B=True, clear_accum=True)
                     T.wait_wgmma(0)
                     promote(c, w, acc, t, xs_s, sw_s, buf)
-        if w == 0:  # the first chunk of the last K block
-            T.wait_wgmma(0)
-            promote(0, w, acc, tf, xs_s, sw_s, (n_pass * KB - 1) % 2)
-        store(w, n_pass - 1, rw, acc, out, limit, w_s, row0, n0)
+        T.wait_wgmma(0)  # the first chunk of the last K block
+        promote(0, w, acc, tf, xs_s, sw_s, (n_pass * KB - 1) % 2)
+        store(w, n_pass - 1, rows, acc, out, limit, w_s, row0, n0)
 
     @T.macro
     def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_info):
         with T.Kernel(MT * T.ceildiv(N, BN), threads=PT) as bx:
-            T.annotate_min_blocks_per_sm(SWAP_CTAS)
-            # every barrier is explicit (the warpgroups' branches run the same loop; an inserted sync in one would
-            # wait for the other); the first chunk's sums are read an iteration after the wgmma that writes them,
-            # which the initialisation check takes for a read before any write
+            T.annotate_min_blocks_per_sm(swap_ctas(kind, packed_stages))
             T.annotate_pass_configs({"tl.disable_thread_storage_sync": True, "tl.disable_buffer_init_check": True,
                                      **_NO_WS})
             if up:
                 T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
-            a0_s = T.alloc_shared((2, GR, BK), fp8)  # a pass's rows of warpgroup 0 and 1
-            a1_s = T.alloc_shared((2, GR, BK), fp8)
+            a_s = T.alloc_shared((2, GR, BK), fp8)  # a pass's rows
             b_s = shared_buffers("b_s", SRC, (2, BN, BK), fp8)  # the expanded weight tiles
             q_s = shared_buffers("q_s", SRC, (PS, BN, BK // 2), T.uint8)
             sw_s = shared_buffers("sw_s", SRC, (2, BN), T.float32)  # their rows' block scales S
-            xs_s = T.alloc_shared((2, 2 * GR), T.float32)  # the pass's rows' activation scales of a K block
+            xs_s = T.alloc_shared((2, GR), T.float32)  # the pass's rows' activation scales of a K block
             w_s = T.alloc_shared((BLOCK_M,), T.float32) if up else None
-            acc0 = [[T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
-            acc1 = [[T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
-            t0 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]  # a K block's FP8 sums of a chunk
-            t1 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]
-            tf0 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]  # ... of the first chunk
-            tf1 = [T.alloc_fragment((BN, RN), T.float32) for _ in range(SRC)]
-            xr = T.alloc_local((1,), T.float32)  # a row's activation scale of a later K block
-            qv = T.alloc_local((4 * NCH,), T.uint32)  # the packed bytes of a thread's steps (16 each)
-            sv = T.alloc_local((NCH,), T.uint32)  # ... and the scale bytes of their rows
-            sr = T.alloc_local((SRC,), T.uint32)  # ... of the next K block (a thread's row is the same in each)
-            s32g = [T.view(g, (E, N, KS // GROUPS), T.uint32) for g in ss_g]  # a row's 4 scale bytes a K block
-            ow = T.alloc_local((8,), T.uint32)  # a step's 32 e4m3 bytes
-            tab = T.alloc_local((2,), T.uint32)  # the step's e4m3 bytes of the eight magnitudes
-            slow = T.alloc_local((1,), T.int32)  # a step of this K block needs the rounding path
-            qfull = T.alloc_barrier([WG] * PS)  # the packed bytes of a load (warpgroup 1 arrives)
-            afull = T.alloc_barrier([WG] * 2)  # the activation rows of a K block
-            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a0_s, a1_s, *b_s]})
+            acc0 = [[T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
+            acc1 = [[T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)] for _ in CHUNK_IDS]
+            t0 = [T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)]
+            t1 = [T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)]
+            tf0 = [T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)]
+            tf1 = [T.alloc_fragment((HB, RN), T.float32) for _ in range(SRC)]
+            xr = T.alloc_local((1,), T.float32)
+            qv = T.alloc_local((4 * NCH,), T.uint32)
+            sv = T.alloc_local((NCH,), T.uint32)
+            sr = T.alloc_local((NCH,), T.uint32)
+            s32g = [T.view(g, (E, N, KS // GROUPS), T.uint32) for g in ss_g]
+            ow = T.alloc_local((8,), T.uint32)
+            tab = T.alloc_local((2,), T.uint32)
+            slow = T.alloc_local((1,), T.int32)
+            qfull = T.alloc_barrier([WG] * PS)
+            afull = T.alloc_barrier([WG] * 2)
+            T.annotate_layout({buf: make_swizzled_layout(buf) for buf in [a_s, *b_s]})
             NNT = T.ceildiv(N, BN)
             tx = T.get_thread_binding()
             e = T.alloc_var(T.int32, init=0)
@@ -866,29 +873,30 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
             n0 = T.alloc_var(T.int32, init=0)
             live = T.alloc_var(T.bool)
             _grouped_record(bx, NNT, tile_info, e, row0, rows, n0, live, BN)
-            if live:  # CTAs past the real tiles exit
-                n_pass = T.ceildiv(T.min(rows, HALF_M), GR)  # warpgroup 0 has the most rows
-                if tx >= WG:  # the first loads, by warpgroup 1 as in the loop (its 128 threads arrive)
+            if live:
+                n_pass = T.ceildiv(rows, GR)
+                if tx >= WG:
                     for p in T.unroll(PS):
                         if p < n_pass * KB:
                             load_packed(qs_g, q_s, qfull, e, n0, p % KB, p)
-                    load_rows(a, [a0_s, a1_s], afull, row0, rows, 0, 0, 0)
-                for s in SOURCE_IDS:  # the first K block's scale word of the thread's row, each source
-                    sr[s] = s32g[s][e, n0 + tx // GROUPS, 0]
-                for j in T.Parallel(2 * GR):
+                    load_rows(a, a_s, afull, row0, 0, 0, 0)
+                for s in SOURCE_IDS:
+                    for c in STEP_IDS:
+                        sr[s * CH + c] = scale_word(s32g, s, e, n0, c, tx, 0)
+                for j in T.Parallel(GR):
                     xs_s[0, j] = scale_of(a_scale, row0, rows, 0, 0, j)
-                if T.And(tx >= WG, tx - WG < 2 * GR):
+                if T.And(tx >= WG, tx - WG < GR):
                     xr[0] = scale_of(a_scale, row0, rows, 1 // KB, 1 % KB, tx - WG)
                 if up:
                     for i in T.Parallel(BLOCK_M):
                         w_s[i] = T.if_then_else(i < rows, wts[row0 + i], 0.0)
                 T.sync_threads()
                 if tx < WG:
-                    part(0, a, a_scale, qs_g, s32g, wts, out, limit, [a0_s, a1_s], b_s, q_s, sw_s, xs_s, w_s, acc0, t0,
-                         tf0, qfull, afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
+                    part(0, a, a_scale, qs_g, s32g, out, limit, a_s, b_s, q_s, sw_s, xs_s, w_s, acc0, t0, tf0, qfull,
+                         afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
                 else:
-                    part(1, a, a_scale, qs_g, s32g, wts, out, limit, [a0_s, a1_s], b_s, q_s, sw_s, xs_s, w_s, acc1, t1,
-                         tf1, qfull, afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
+                    part(1, a, a_scale, qs_g, s32g, out, limit, a_s, b_s, q_s, sw_s, xs_s, w_s, acc1, t1, tf1, qfull,
+                         afull, tx, row0, rows, e, n0, qv, sv, sr, ow, tab, slow, xr, n_pass)
 
     return _grouped_prim_func(kind, "swap", K, (NR, N, E, MT), body)
 
