@@ -264,6 +264,14 @@ def test_swap_schedule_needs_the_128_row_table(build):
         build(2048, schedule="swapped")
 
 
+@pytest.mark.parametrize("build", [F.build_moe_up_fp4, F.build_moe_down_fp4])
+def test_swap_schedule_takes_128_weight_rows_a_cta(build):
+    """block_n is the swap CTA's weight rows (output columns), 64 a warpgroup: 128 only, and the ops' configs say so."""
+    with pytest.raises(ValueError, match=r"block_n must be 128 for the 'swap' schedule.*got 64"):
+        build(2048, schedule="swap", block_n=64)
+    assert all(c["block_n"] == F.SWAP_BLOCK_N == 128 for c in F.SWAP_CONFIG.values())
+
+
 def _perm(n=6, dim=256, num_experts=4):
     """A CPU stand-in for a permutation: enough for the input checks, which run before any launch."""
     i32 = torch.int32

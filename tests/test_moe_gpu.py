@@ -893,7 +893,7 @@ def test_fp4_experts_match_reference(case):
 @pytest.mark.parametrize("case", list(FP4_CASES))
 @pytest.mark.parametrize("config", [{"schedule": "pipelined"}, {"schedule": "ws", "packed_stages": 2, "num_stages": 3},
                                     {"schedule": "ws", "producer_warpgroups": 1, "block_n": 32},
-                                    {"schedule": "ws"}, {"schedule": "swap", "packed_stages": 3}])
+                                    {"schedule": "ws"}, {"schedule": "swap", "packed_stages": 3, "block_n": 128}])
 def test_fp4_gemm_configs_give_the_default_bits(case, config):
     """The FP4 GEMMs in the other configs the ops and the tuner may pick: the pipelined schedule (one [128, 128] FP8
     GEMM a K block over W1 stacked on W3, where the ws kernel runs one wgmma a weight), the warp-specialised one

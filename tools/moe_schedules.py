@@ -67,6 +67,15 @@ def _schedule_config(spec: str) -> dict:
     return {"schedule": name, **_parse_config(",".join(items))}
 
 
+def _swap_base(kernel: str, spec: str) -> dict:
+    """The ops' swap config of an FP4 kernel (its block_n and packed ring) under a ``swap`` schedule, else nothing."""
+    if not (kernel.endswith("_fp4") and spec.split("+")[0] == "swap"):
+        return {}
+    from tilev4.kernels.moe_fp4 import SWAP_CONFIG
+
+    return dict(SWAP_CONFIG["up" if kernel.startswith("moe_up") else "down"])
+
+
 def _expert_bytes(kernel: str, bf16: tuple, fp8: tuple, fp4: tuple | None) -> int:
     """Bytes one expert's weights of ``kernel`` take: W1 and W3 (up) or W2 (down) in the kernel's format, with the
     scales of a quantised format."""
@@ -96,8 +105,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("moe_schedules needs a CUDA GPU")
 
-    configs = {(k, s): {**_problem(k), "block_m": 128, **extra, **_schedule_config(s)} for k in kernels
-               for s in schedules}
+    configs = {(k, s): {**_problem(k), "block_m": 128, **_swap_base(k, s), **extra, **_schedule_config(s)}
+               for k in kernels for s in schedules}
     with cf.ProcessPoolExecutor(args.jobs) as pool:  # compile in parallel; the cache serves the timing below
         list(pool.map(_build, [(k, c) for (k, _), c in configs.items()]))
 

@@ -674,7 +674,10 @@ SWAP_CTAS = 3  # CTAs of the swap schedule an SM where its shared memory lets th
 # 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6, 0.73 / 0.87 at 9, 0.83 / 0.98 at 12, 1.02 / 1.19 at
 # 18 and 1.22 / 1.41 at 24, where tiles take several passes; 128 weight rows a CTA took 0.85 / 0.77 of that time at
 # 64 tokens and 0.88 / 0.79 at 512 (session 48)
-SWAP_CONFIG = {"up": {"schedule": "swap", "packed_stages": 2}, "down": {"schedule": "swap", "packed_stages": 4}}
+# (every tunable given, so that the ops' swap configs never consult the tuned records of the ws schedule; the swap
+# program reads schedule, block_n and packed_stages only)
+SWAP_CONFIG = {kind: {"schedule": "swap", "block_n": SWAP_BLOCK_N, "packed_stages": stages, "num_stages": 4,
+                      "threads": 256} for kind, stages in (("up", 2), ("down", 4))}
 SWAP_MAX_ROWS_PER_EXPERT = 12
 
 
@@ -693,7 +696,8 @@ def swap_ctas(kind: str, packed_stages: int) -> int:
     return max(1, min(SWAP_CTAS, 232448 // (_swap_shared_bytes(kind, packed_stages) + 2048)))
 
 
-def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M) -> Any:
+def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M,
+                    block_n: int = SWAP_BLOCK_N) -> Any:
     """FP4 expert GEMM for tiles of few rows (decode): the operands swapped, every thread expanding.
 
     The ``ws`` kernels run each 64-row slab as the M of an m64 wgmma, whatever it holds: at decode a tile has one or
@@ -723,11 +727,14 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
       serialises every wgmma of a kernel that waits in a divergent path). The other chunk waits at once.
 
     The expanded tiles, the activation rows and scales are double-buffered. The accumulators stay in registers and
-    each pass stores its rows from them. ``block_n``, ``num_stages``, ``threads`` and ``producer_warpgroups`` are the
-    other schedules'."""
+    each pass stores its rows from them. ``block_n`` must be :data:`SWAP_BLOCK_N`; ``num_stages``, ``threads`` and
+    ``producer_warpgroups`` are the other schedules'."""
     if block_m != BLOCK_M:
         raise ValueError(f"block_m must be {BLOCK_M} for the 'swap' schedule (the tile table's 128-row tiles), "
                          f"got {block_m}")
+    if block_n != SWAP_BLOCK_N:
+        raise ValueError(f"block_n must be {SWAP_BLOCK_N} for the 'swap' schedule (64 weight rows a warpgroup), "
+                         f"got {block_n}")
     up = kind == "up"
     SRC = 2 if up else 1
     BN, HB, BK, PS, RN, GR = SWAP_BLOCK_N, HALF_M, SCALE_BLOCK, packed_stages, SWAP_ROWS, SWAP_GROUP
@@ -916,7 +923,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     if schedule == "ws":
         return _build_fp4_ws("up", dim, block_n, num_stages, packed_stages, producer_warpgroups)
     if schedule == "swap":
-        return _build_fp4_swap("up", dim, packed_stages, block_m)
+        return _build_fp4_swap("up", dim, packed_stages, block_m, block_n)
     # One GEMM per K block with B = [W1 rows; W3 rows] (2·block_n rows): the accumulator holds gate in its
     # first block_n columns and up in the others — two fp32 tiles of [BM, 2·BN] (acc, t) instead of the
     # three [BM, BN] tiles of two GEMMs, which with the promotion's column scales did not fit 255 registers.
@@ -1008,7 +1015,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
     if schedule == "ws":
         return _build_fp4_ws("down", inter, block_n, num_stages, packed_stages, producer_warpgroups)
     if schedule == "swap":
-        return _build_fp4_swap("down", inter, packed_stages, block_m)
+        return _build_fp4_swap("down", inter, packed_stages, block_m, block_n)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
     I, KB, KP, KS = inter, inter // SCALE_BLOCK, inter // 2, inter // FP4_BLOCK
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
