@@ -242,15 +242,17 @@ def test_factories_reject_k_off_the_scale_block(build, kwargs):
 
 def test_swap_schedule_is_taken_for_few_rows_an_expert():
     """The ops' rule: the swap schedule while an expert gets at most SWAP_MAX_ROWS_PER_EXPERT rows on average (the
-    V4-Flash decode batches), the tuned schedule (no extra keys) past that and for no rows."""
-    cap = F.SWAP_MAX_ROWS_PER_EXPERT
-    assert cap >= 2
+    V4-Flash decode batches; more for the up-projection, whose swap program gains more), the tuned schedule (no
+    extra keys) past that and for no rows."""
+    assert F.SWAP_MAX_ROWS_PER_EXPERT["up"] >= F.SWAP_MAX_ROWS_PER_EXPERT["down"] >= 2
     for kind in ("up", "down"):
+        cap = F.SWAP_MAX_ROWS_PER_EXPERT[kind]
         assert F.swap_config(kind, 64 * 6, 256) == F.SWAP_CONFIG[kind]  # 64 tokens, top-6 of 256
         assert F.swap_config(kind, cap * 256, 256)["schedule"] == "swap"
         assert F.swap_config(kind, cap * 256 + 1, 256) == {}
         assert F.swap_config(kind, 8192 * 6, 256) == {}
         assert F.swap_config(kind, 0, 256) == {}
+    assert F.swap_config("up", 768 * 6, 256)["schedule"] == "swap" and F.swap_config("down", 768 * 6, 256) == {}
     assert F.swap_config("up", 1, 1) is not F.SWAP_CONFIG["up"]  # a copy: the op may add keys
     with pytest.raises(ValueError, match="kind must be one of"):
         F.swap_config("gate", 1, 1)

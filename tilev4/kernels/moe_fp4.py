@@ -669,16 +669,14 @@ SWAP_GROUP = 16  # rows of the tile in one pass of the swap schedule's K loop
 SWAP_BLOCK_N = 128  # weight rows (output columns) of a swap CTA: 64 a warpgroup
 SWAP_CTAS = 3  # CTAs of the swap schedule an SM where its shared memory lets them (swap_ctas)
 # the ops' swap schedule (packed ring depths: the up-projection's 2 keeps two CTAs an SM in shared memory, the
-# down-projection's 4 three) and when they take it: on the H200 (V4-Flash dims, the benchmark's routing;
-# benchmarks/logs/, session 36, with 64 weight rows a CTA) it took 0.60 / 0.71 of the ws kernels' time (up / down) at
-# 1.5 rows an expert on average (64 tokens), 0.64 / 0.77 at 6, 0.73 / 0.87 at 9, 0.83 / 0.98 at 12, 1.02 / 1.19 at
-# 18 and 1.22 / 1.41 at 24, where tiles take several passes; 128 weight rows a CTA took 0.85 / 0.77 of that time at
-# 64 tokens and 0.88 / 0.79 at 512 (session 48)
-# (every tunable given, so that the ops' swap configs never consult the tuned records of the ws schedule; the swap
-# program reads schedule, block_n and packed_stages only)
+# down-projection's 4 three; every tunable given, so that the ops' swap configs never consult the tuned records of
+# the ws schedule; the swap program reads schedule, block_n and packed_stages only)
 SWAP_CONFIG = {kind: {"schedule": "swap", "block_n": SWAP_BLOCK_N, "packed_stages": stages, "num_stages": 4,
                       "threads": 256} for kind, stages in (("up", 2), ("down", 4))}
-SWAP_MAX_ROWS_PER_EXPERT = 12
+# ... and while the rows an expert gets on average are at most these: on the H200 (V4-Flash dims, the benchmark's
+# routing; benchmarks/logs/, session 48) the swap programs took 0.57 / 0.71 of the ws programs' time (up / down) at 6
+# rows an expert (256 tokens), 0.74 / 0.89 at 12, 0.95 / 1.13 at 18, 1.15 / 1.37 at 24 and 1.54 / 1.82 at 36
+SWAP_MAX_ROWS_PER_EXPERT = {"up": 18, "down": 12}
 
 
 def _swap_shared_bytes(kind: str, packed_stages: int) -> int:
@@ -1083,12 +1081,13 @@ def _check_act(name: str, q: object, s: object, n: int, k: int, device: torch.de
 
 def swap_config(kind: str, num_rows: int, num_experts: int, block_m: int = BLOCK_M) -> dict[str, Any]:
     """The config keys the FP4 ops add for ``num_rows`` sorted rows over ``num_experts`` experts: the swap schedule
-    (:data:`SWAP_CONFIG`) while the rows an expert gets on average are at most :data:`SWAP_MAX_ROWS_PER_EXPERT`,
-    else none (the tuned schedule); none for a tile table of other than 128-row tiles (the swap kernel's). The
-    schedules give the same bits, so the choice cannot change a row's output."""
+    (:data:`SWAP_CONFIG`) while the rows an expert gets on average are at most ``kind``'s
+    :data:`SWAP_MAX_ROWS_PER_EXPERT`, else none (the tuned schedule); none for a tile table of other than 128-row tiles
+    (the swap kernel's). The schedules give the same bits, so the choice cannot change a row's output (and the up- and
+    down-projections of one batch may take different ones)."""
     if kind not in SWAP_CONFIG:
         raise ValueError(f"kind must be one of {sorted(SWAP_CONFIG)}, got {kind!r}")
-    if block_m != BLOCK_M or not 0 < num_rows <= SWAP_MAX_ROWS_PER_EXPERT * num_experts:
+    if block_m != BLOCK_M or not 0 < num_rows <= SWAP_MAX_ROWS_PER_EXPERT[kind] * num_experts:
         return {}
     return dict(SWAP_CONFIG[kind])
 
