@@ -93,7 +93,8 @@ def _e4m3_byte(bits: torch.Tensor) -> torch.Tensor:
 
 
 # the kernel's expansion arithmetic (moe_fp4._group_shift / _magnitude_table / _e4m3_words) on int64 tensors
-HOST = F._WordOps(int, int, torch.maximum, lambda a, b: a.clamp(max=b), _byte_perm, _e4m3_byte)
+HOST = F._WordOps(int, int, torch.maximum, lambda a, b: a.clamp(max=b), _byte_perm, _e4m3_byte,
+                  lambda a, m, b: (a & m) | b)
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 

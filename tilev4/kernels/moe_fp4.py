@@ -240,13 +240,29 @@ class _WordOps(NamedTuple):
     min: Callable[[Any, Any], Any]
     byte_perm: Callable[[Any, Any, Any], Any]  # CUDA __byte_perm(x, y, s): byte i = byte s_i of the pair (y:x)
     e4m3_byte: Callable[[Any], Any]  # fp32 bit pattern -> its e4m3 byte (round to nearest even), as u32
+    and_or: Callable[[Any, Any, Any], Any]  # (a & m) | b
 
+
+# (a & m) | b as one LOP3: ptxas left the expansion's sign merge as an AND and an OR (two instructions a word)
+AND_OR_SOURCE = """
+__device__ __forceinline__ unsigned tilev4_and_or(unsigned a, unsigned m, unsigned b) {
+  unsigned d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(b));
+  return d;
+}
+"""
 
 _TL_OPS = _WordOps(
     T.uint32, T.int32, T.max, T.min,
     lambda x, y, sel: T.call_extern(T.uint32, "__byte_perm", x, y, sel),
     lambda bits: T.cast(T.reinterpret(T.cast(T.reinterpret(bits, T.float32), T.float8_e4m3fn), T.uint8), T.uint32),
+    lambda a, m, b: T.call_extern(T.uint32, "tilev4_and_or", a, m, b),
 )
+
+
+def _import_sources(up: bool) -> None:
+    """The device helpers an FP4 program calls: the expansion's LOP3 (and silu's ex2 / rcp for the up-projection)."""
+    T.import_source(FAST_SOURCE + AND_OR_SOURCE if up else AND_OR_SOURCE)
 
 
 def _group_shift(sc: Any, g: Any, ops: _WordOps) -> tuple[Any, Any]:
@@ -292,8 +308,8 @@ def _e4m3_words(w: Any, lo: Any, hi: Any, ops: _WordOps) -> tuple[Any, Any]:
     m = w & ops.u32(0x77777777)
     ws = w << ops.u32(4)
     signs = ops.u32(0x80808080)
-    return (ops.byte_perm(lo, hi, m) | (ops.byte_perm(ws, w, ops.u32(0x5140)) & signs),
-            ops.byte_perm(lo, hi, m >> ops.u32(16)) | (ops.byte_perm(ws, w, ops.u32(0x7362)) & signs))
+    return (ops.and_or(ops.byte_perm(ws, w, ops.u32(0x5140)), signs, ops.byte_perm(lo, hi, m)),
+            ops.and_or(ops.byte_perm(ws, w, ops.u32(0x7362)), signs, ops.byte_perm(lo, hi, m >> ops.u32(16))))
 
 
 def _loads_last(loads: int, compute: int, num_stages: int) -> tuple[list[int], list[int]]:
@@ -613,8 +629,7 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
     @T.macro
     def body(a, a_scale, qs_g, ss_g, wts, out, limit, offsets, tile_offsets, tile_info):
         with T.Kernel(MT * T.ceildiv(N, BN), threads=2 * WG + PT) as bx:
-            if up:
-                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            _import_sources(up)
             a0_s = T.alloc_shared((S, HALF_M, BK), fp8)
             a1_s = T.alloc_shared((S, HALF_M, BK), fp8)
             b_s = shared_buffers("b_s", SRC, (S, BN, BK), fp8)  # the expanded weight tiles
@@ -845,8 +860,7 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
             T.annotate_min_blocks_per_sm(swap_ctas(kind, packed_stages))
             T.annotate_pass_configs({"tl.disable_thread_storage_sync": True, "tl.disable_buffer_init_check": True,
                                      **_NO_WS})
-            if up:
-                T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            _import_sources(up)
             a_s = T.alloc_shared((2, GR, BK), fp8)  # a pass's rows
             b_s = shared_buffers("b_s", SRC, (2, BN, BK), fp8)  # the expanded weight tiles
             q_s = shared_buffers("q_s", SRC, (PS, BN, BK // 2), T.uint8)
@@ -949,7 +963,7 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
         with T.Kernel(MT * T.ceildiv(I, BN), threads=threads) as bx:
-            T.import_source(FAST_SOURCE)  # silu's ex2 / rcp
+            _import_sources(True)
             a_shared = T.alloc_shared((BM, BK), fp8)
             q1_shared = T.alloc_shared((BN, BK // 2), T.uint8)
             q3_shared = T.alloc_shared((BN, BK // 2), T.uint8)
@@ -1034,6 +1048,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
     ):
         T.annotate_pass_configs(_PASS_CONFIGS)
         with T.Kernel(MT * T.ceildiv(D, BN), threads=threads) as bx:
+            _import_sources(False)
             a_shared = T.alloc_shared((BM, BK), fp8)
             q_shared = T.alloc_shared((BN, BK // 2), T.uint8)
             s_shared = T.alloc_shared((BN, KS), T.uint8)
