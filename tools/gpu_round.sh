@@ -35,10 +35,18 @@ fi
 export TILEV4_RECORD_KERNELS=${TILEV4_RECORD_KERNELS:-$OUT/kernels.jsonl}  # what to build here next time
 for f in $TESTS; do
   echo "===== $f" >> "$log"
-  timeout -s KILL "$TEST_LIMIT" python3 -m pytest -q -n 8 -p no:cacheprovider --tb=short -rf \
+  timeout -s KILL "$TEST_LIMIT" python3 -m pytest -q -n 8 -p no:cacheprovider --tb=short -rfE \
     -o faulthandler_timeout=$((TEST_LIMIT - 20)) "$f" >> "$log" 2>&1
   rc=$?
   note "$f rc=$rc $(tail -1 "$log" | grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' | head -1)"
+  if [ "$rc" -ge 124 ]; then  # killed at its limit: what the progress lines had shown by then
+    marks=$(awk -v h="===== $f" '$0 == h { p = 1; next } p' "$log" | grep -E '^[.FEsx]+ *(\[ *[0-9]+%\])?$' \
+      | tr -cd '.FEsx')
+    note "  killed at ${TEST_LIMIT}s after $(tr -cd . <<< "$marks" | wc -c) passed, $(tr -cd FE <<< "$marks" | wc -c) failed"
+  fi
+  # the short summary's lines of failures and errors (-rfE), with their messages, into the summary too
+  awk -v h="===== $f" '$0 == h { p = 1; next } p' "$log" | grep -E '^(FAILED|ERROR) ' | cut -c1-400 \
+    | sed 's/^/    /' >> "$summary"
 done
 [ "$BENCHES" = "all" ] && BENCHES=$(python3 -c "import tilev4.bench as b; b._load_all(); print(' '.join(sorted(b.BENCHES)))")
 for b in $BENCHES; do
