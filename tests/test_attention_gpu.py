@@ -485,6 +485,27 @@ def test_batch_invariant_decode_bit_exact(batch, row, seed):
     assert torch.equal(hca_full[sl], hca_alone)
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(b=st.integers(1, 3), s=st.integers(1, 300), k=st.sampled_from([64, 200, 640, 2100]), pick=st.integers(0, 10**6),
+       seed=st.integers(0, 2**20))
+def test_batch_invariant_sparse_bit_exact(b, s, k, pick, seed):
+    """``sparse_attention(batch_invariant=True)``: a query's bits are those of the same query launched alone, whatever
+    the batch and sequence length around it (one query a CTA, several, or persistent CTAs; rows past 2048 keys in
+    fixed 2048-key splits), with unused (−1) and duplicated indices."""
+    g = _gen(seed)
+    n = 3000
+    q, kv = _randn(b, s, 64, 512, g=g), _randn(b, n, 512, g=g)
+    sink = torch.randn(64, generator=g, device="cuda")
+    idx = torch.randint(-1, n, (b, s, k), generator=g, device="cuda", dtype=torch.int32)
+    bi, si = divmod(pick % (b * s), s)
+    full = tilev4.sparse_attention(q, kv, sink, idx, batch_invariant=True, out=_poisoned(q))
+    q1 = q[bi : bi + 1, si : si + 1].contiguous()
+    alone = tilev4.sparse_attention(q1, kv[bi : bi + 1].contiguous(), sink, idx[bi : bi + 1, si : si + 1].contiguous(),
+                                    batch_invariant=True, out=_poisoned(q1))
+    assert not torch.isnan(alone).any()
+    assert torch.equal(full[bi, si].view(torch.int16), alone[0, 0].view(torch.int16))
+
+
 def test_bad_input_gpu():
     g = _gen(5)
     q, kv = _randn(1, 2, 64, 512, g=g), _randn(1, 10, 512, g=g)
