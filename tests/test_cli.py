@@ -82,3 +82,15 @@ def test_demo_builds_the_registry_before_generating(monkeypatch, capsys):
 
     assert {n for n, _ in seen} == {k.name for k in iter_registry()}
     assert "ready for sm_90a" in out and "tokens generated for 3 ragged prompts" in out
+
+
+def test_a_malformed_arch_is_a_usage_error(capsys):
+    """``--arch`` is checked before anything is built or removed: argparse's usage error (exit 2) names it."""
+    import pytest
+
+    for argv in (["compile", "--arch", "sm_9x"], ["tune", "--compile-only", "--arch", "sm_9x"],
+                 ["cache", "clear", "--arch", "sm_9x"], ["cache", "export", "x.tar.gz", "--arch", "sm_9x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "--arch must be a CUDA SM arch such as 'sm_90a' or 'sm_80', got 'sm_9x'" in capsys.readouterr().err

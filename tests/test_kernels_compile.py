@@ -214,3 +214,36 @@ def test_ws_expert_gemm_masked_rows_store_16_bytes(name, config, vec, out):
     src = compile_kernel(name, config, DEFAULT_AOT_ARCH).get_kernel_source()
     assert f"*({vec}*)({out} + " in src
     assert "tl::tma_store(" in src
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80", "sm_89", "sm_100a", "sm_120f"])
+def test_check_arch_accepts_sm_archs(arch):
+    from tilev4.kernels.registry import check_arch
+
+    assert check_arch(arch) == arch
+
+
+@pytest.mark.parametrize("arch", ["sm_9x", "90a", "sm_90A", "", None, "sm_0", "compute_90", "sm_90a "])
+def test_malformed_arch_is_a_value_error(arch, monkeypatch):
+    from tilev4.kernels.registry import check_arch, current_arch
+
+    with pytest.raises(ValueError, match=r"arch must be a CUDA SM arch such as 'sm_90a'.*got " + re.escape(repr(arch))):
+        check_arch(arch)
+    if isinstance(arch, str) and arch:
+        with pytest.raises(ValueError, match=re.escape(repr(arch))):
+            compile_kernel("rmsnorm", arch=arch)  # before any lowering
+        monkeypatch.setenv("TILEV4_ARCH", arch)
+        with pytest.raises(ValueError, match=r"\$TILEV4_ARCH must be a CUDA SM arch"):
+            current_arch()
+
+
+def test_a_hopper_kernel_for_another_arch_is_a_clear_value_error(tmp_path, monkeypatch):
+    """Most kernels need Hopper's TMA and wgmma: built for sm_80 they fail with a ValueError that names the kernel,
+    the arch and the one they are written for (TileLang's own error kept as the cause); a kernel that lowers for
+    sm_80 still builds there."""
+    monkeypatch.setenv("TILEV4_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"kernel 'csa_attention' could not be built for arch 'sm_80': tilev4's "
+                                         r"kernels are written for sm_90a .*\(InternalError: .*TMA") as err:
+        compile_kernel("csa_attention", arch="sm_80")
+    assert err.value.__cause__ is not None
+    assert compile_kernel("rmsnorm", arch="sm_80") is not None

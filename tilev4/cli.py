@@ -147,7 +147,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     from tilev4.autotune.tuner import compile_jobs
     from tilev4.kernels import get_kernel_def, iter_registry
-    from tilev4.kernels.registry import aot_configs
+    from tilev4.kernels.registry import DEFAULT_AOT_ARCH, aot_configs
 
     console = Console()
     if args.configs:
@@ -165,6 +165,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         kdefs = [get_kernel_def(k) for k in args.kernel] if args.kernel else list(iter_registry())
         jobs = [(k.name, cfg, src) for k in kdefs for cfg, src in aot_configs(k, args.arch, args.default_only)]
+    if args.arch != DEFAULT_AOT_ARCH:
+        console.print(f"note: tilev4's kernels are written for and tested on {DEFAULT_AOT_ARCH}; for {args.arch} "
+                      "only those that TileLang can lower for it build (untested there)")
     console.print(f"compiling {len(jobs)} kernel configs for [bold]{args.arch}[/bold] with {args.jobs} process(es)")
     t_all = time.perf_counter()
     with _progress(console) as progress:
@@ -490,13 +493,23 @@ def _cmd_bench_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arch_arg(value: str) -> str:
+    """``--arch``: a CUDA SM arch (``sm_90a``), else argparse's usage error naming it."""
+    from tilev4.kernels.registry import check_arch
+
+    try:
+        return check_arch(value, "--arch")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilev4", description="TileLang kernels for DeepSeek-V4")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="GPU, toolchain, versions and cache locations")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("compile", help="compile registry kernels ahead of time into the kernel cache (no GPU needed)")
-    p.add_argument("--arch", default="sm_90a", help="CUDA arch to build for (default sm_90a)")
+    p.add_argument("--arch", default="sm_90a", type=_arch_arg, help="CUDA arch to build for (default sm_90a)")
     p.add_argument("--kernel", action="append", help="only this registry kernel (repeatable)")
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile processes")
     p.add_argument("--default-only", action="store_true", help="only each kernel's default config (no tuned ones)")
@@ -534,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-only", action="store_true",
                    help="only build every candidate into the kernel cache (no GPU needed); export the cache to the "
                         "GPU machine, where `tilev4 tune` then only measures")
-    p.add_argument("--arch", help="with --compile-only: the CUDA arch to build for (default: this GPU's, else "
-                                  "sm_90a)")
+    p.add_argument("--arch", type=_arch_arg,
+                   help="with --compile-only: the CUDA arch to build for (default: this GPU's, else sm_90a)")
     p.add_argument("--retry-failed", action="store_true",
                    help="build again the candidates whose build failed in an earlier run (by default they are "
                         "skipped, except a timeout when TILEV4_COMPILE_TIMEOUT is now longer)")
@@ -553,13 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("verify", help="verify every entry; exit 1 if one does not")
     c = csub.add_parser("clear", help="remove entries")
     c.add_argument("--kernel", help="only this kernel's entries")
-    c.add_argument("--arch", help="only this arch's entries")
+    c.add_argument("--arch", type=_arch_arg, help="only this arch's entries")
     c.add_argument("--results", action="store_true", help="also remove this machine's tuning results")
     c = csub.add_parser("prune", help="remove stale entries (other toolchain, old source, bad), then the oldest")
     c.add_argument("--max-size", help="then remove the oldest entries until the cache fits, e.g. 2G")
     c = csub.add_parser("export", help="write the verified entries and tuning results to a .tar.gz")
     c.add_argument("file")
-    c.add_argument("--arch", help="only this arch's entries")
+    c.add_argument("--arch", type=_arch_arg, help="only this arch's entries")
     c.add_argument("--no-results", action="store_true", help="leave the tuning results out")
     c.add_argument("--kernel", action="append", help="only this registry kernel's entries (repeatable)")
     c.add_argument("--current-toolchain", action="store_true", help="only entries built by this machine's toolchain")

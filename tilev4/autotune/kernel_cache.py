@@ -257,9 +257,9 @@ def _write_manifest(staging: Path, key: EntryKey, extra: Mapping[str, Any]) -> N
 
 
 def _target(arch: str) -> dict[str, str]:
-    if not arch.startswith("sm_"):
-        raise ValueError(f"arch must look like 'sm_90a', got {arch!r}")
-    return {"kind": "cuda", "arch": arch}
+    from tilev4.kernels.registry import check_arch
+
+    return {"kind": "cuda", "arch": check_arch(arch)}
 
 
 def _compile_args(prim: Any) -> tuple[list[int] | None, dict[str, Any] | None, list[str] | None]:

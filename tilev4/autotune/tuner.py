@@ -715,12 +715,15 @@ def tune(
     from tilev4.autotune.identity import current_gpu, driver_version, toolchain
     from tilev4.kernels.registry import (
         DEFAULT_AOT_ARCH,
+        check_arch,
         clear_kernel_memo,
         compile_kernel,
         get_kernel_def,
         iter_registry,
     )
 
+    if arch is not None:
+        check_arch(arch)
     if not torch.cuda.is_available() and not compile_only:
         raise RuntimeError("tuning needs a CUDA GPU; none is visible (build the candidates ahead of time with "
                            "`tilev4 tune --compile-only`)")

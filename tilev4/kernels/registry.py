@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "Resolution",
     "aot_configs",
     "canonical_config",
+    "check_arch",
     "clear_kernel_memo",
     "compile_kernel",
     "current_arch",
@@ -47,6 +49,19 @@ __all__ = [
 ]
 
 DEFAULT_AOT_ARCH = "sm_90a"
+"""The arch tilev4's kernels are written for and tested on: Hopper, whose TMA, wgmma and mbarrier transactions most
+of them use. Other archs are built on request where TileLang can lower a kernel's program for them (the elementwise
+and reduction kernels, e.g. for ``sm_80``), untested; the others fail with a ``ValueError`` saying that they need
+this arch (:func:`compile_kernel`)."""
+_ARCH_RE = re.compile(r"sm_[1-9][0-9]{1,2}[af]?")
+
+
+def check_arch(arch: object, name: str = "arch") -> str:
+    """``arch`` if it names a CUDA SM arch (``sm_90a``, ``sm_80``, ``sm_100a``), else a ``ValueError`` naming
+    ``name`` and the value."""
+    if not isinstance(arch, str) or not _ARCH_RE.fullmatch(arch):
+        raise ValueError(f"{name} must be a CUDA SM arch such as 'sm_90a' or 'sm_80', got {arch!r}")
+    return arch
 
 _REGISTRY: dict[str, KernelDef] = {}
 
@@ -179,7 +194,7 @@ def current_arch() -> str:
     """
     env = os.environ.get("TILEV4_ARCH")
     if env:
-        return env
+        return check_arch(env, "$TILEV4_ARCH")
     try:
         import torch
 
@@ -296,9 +311,10 @@ def compile_kernel(name: str, config: Mapping[str, Any] | None = None, arch: str
     Tunable keys left out of ``config`` are resolved per GPU (:func:`resolve_config`). Returns
     TileLang's ``JITKernel``; calling it launches the kernel on the current stream (only possible
     on a machine with that GPU). Memory → disk cache → compile; compiled once per key across
-    processes that share the cache directory.
+    processes that share the cache directory. A malformed ``arch`` is a ``ValueError``, and so is a build that fails
+    for an arch other than :data:`DEFAULT_AOT_ARCH` (most kernels need Hopper's TMA and wgmma).
     """
-    arch = arch or current_arch()
+    arch = current_arch() if arch is None else check_arch(arch)
     mkey = _memo_key(name, config, arch)
     if mkey is not None:
         kernel = _MEMO.get(mkey)
@@ -352,7 +368,17 @@ def _compile_items(kdef: KernelDef, items: tuple[tuple[str, Any], ...], arch: st
     if kernel is not None:
         return kernel
     key = kernel_cache.entry_key(kdef.name, items, arch, kdef.source_hash)
-    kernel = kernel_cache.get(key, lambda: kdef.builder(**dict(items)))
+    try:
+        kernel = kernel_cache.get(key, lambda: kdef.builder(**dict(items)))
+    except Exception as e:
+        if arch == DEFAULT_AOT_ARCH:
+            raise
+        # TileLang's own message ("T.tma_copy() requires TMA-capable target …") says what is missing, not that the
+        # kernel is written for Hopper
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise ValueError(f"kernel {kdef.name!r} could not be built for arch {arch!r}: tilev4's kernels are written "
+                         f"for {DEFAULT_AOT_ARCH} (Hopper: TMA, wgmma) and only some of them lower for other archs "
+                         f"({type(e).__name__}: {first[:200]})") from e
     if ikey is not None:
         with _MEMO_LOCK:
             kernel = _BY_ITEMS.setdefault(ikey, kernel)
