@@ -42,15 +42,14 @@ def test_rmsnorm_batch_invariant():
     assert torch.equal(tilev4.rmsnorm(x[40:41].contiguous(), w), full[40:41])
 
 
-def _row_in_two_batches(x_row: torch.Tensor, n1: int, at1: int, n2: int, at2: int, seed: int):
-    """Two batches of random rows, ``n1`` / ``n2`` rows long, holding ``x_row`` at rows ``at1`` / ``at2``."""
-    d = x_row.shape[-1]
-    batches = []
-    for i, (n, at) in enumerate(((n1, at1), (n2, at2))):
-        x = (_cuda_randn(n, d, seed=seed + 10 + i, scale=3.0)).bfloat16()
-        x[at] = x_row
-        batches.append(x)
-    return batches
+def _row_batches(row: torch.Tensor, n1: int, at1: int, n2: int, at2: int, seed: int):
+    """``(x, at)``: ``row`` at row ``at1 % n1`` of ``n1`` random rows, at ``at2 % n2`` of ``n2`` others, and alone."""
+    out = []
+    for i, (n, at) in enumerate(((n1, at1 % n1), (n2, at2 % n2))):
+        x = _cuda_randn(n, row.shape[-1], seed=seed + 10 + i, scale=3.0).bfloat16()
+        x[at] = row
+        out.append((x, at))
+    return [*out, (row.view(1, -1), 0)]
 
 
 _INVARIANCE = dict(n1=st.integers(1, 300), n2=st.integers(1, 300), at1=st.integers(0, 299), at2=st.integers(0, 299),
@@ -62,16 +61,13 @@ _INVARIANCE = dict(n1=st.integers(1, 300), n2=st.integers(1, 300), at1=st.intege
 @given(d=st.sampled_from([512, 1536, 4096, 7168]), **_INVARIANCE)
 def test_rmsnorm_row_is_batch_invariant(d, n1, n2, at1, at2, seed):
     """A row's bits do not depend on the batch's size, the row's place in it or the other rows (one row alone too)."""
-    at1, at2 = at1 % n1, at2 % n2
     row = _cuda_randn(d, seed=seed, scale=3.0).bfloat16()
     w = _cuda_randn(d, seed=seed + 1).float()
-    outs = []
-    for x in [*_row_in_two_batches(row, n1, at1, n2, at2, seed), row.view(1, d)]:
-        outs.append(tilev4.rmsnorm(x, w, out=torch.full_like(x, float("nan"))))
-    a, b, alone = outs[0][at1], outs[1][at2], outs[2][0]
-    assert not torch.isnan(alone).any()
-    assert torch.equal(a.view(torch.int16), alone.view(torch.int16))
-    assert torch.equal(b.view(torch.int16), alone.view(torch.int16))
+    ys = [tilev4.rmsnorm(x, w, out=torch.full_like(x, float("nan")))[at]
+          for x, at in _row_batches(row, n1, at1, n2, at2, seed)]
+    assert not torch.isnan(ys[-1]).any()
+    for y in ys[:-1]:
+        assert torch.equal(y.view(torch.int16), ys[-1].view(torch.int16))
 
 
 @gpu
@@ -79,19 +75,16 @@ def test_rmsnorm_row_is_batch_invariant(d, n1, n2, at1, at2, seed):
 @given(k=st.sampled_from([128, 2048, 4096, 7168]), **_INVARIANCE)
 def test_fp8_quantize_row_is_batch_invariant(k, n1, n2, at1, at2, seed):
     """fp8_quantize: a row's bytes and scales do not depend on the batch (nor on the row's place or the others)."""
-    at1, at2 = at1 % n1, at2 % n2
     row = _cuda_randn(k, seed=seed, scale=5.0).bfloat16()
-    outs = []
-    for x in [*_row_in_two_batches(row, n1, at1, n2, at2, seed), row.view(1, k)]:
-        n = x.shape[0]
-        q = torch.full((n, k), float("nan"), device="cuda").to(torch.float8_e4m3fn)
-        s = torch.full((n, k // 128), float("nan"), device="cuda")
-        outs.append(tilev4.fp8_quantize(x, out=(q, s)))
-    (qa, sa), (qb, sb), (q1, s1) = outs
-    assert not torch.isnan(s1).any()
-    for q, s, at in ((qa, sa, at1), (qb, sb, at2)):
-        assert torch.equal(q[at].view(torch.uint8), q1[0].view(torch.uint8))
-        assert torch.equal(s[at], s1[0])
+    rows = []
+    for x, at in _row_batches(row, n1, at1, n2, at2, seed):
+        q = torch.full(x.shape, float("nan"), device="cuda").to(torch.float8_e4m3fn)
+        s = torch.full((x.shape[0], k // 128), float("nan"), device="cuda")
+        q, s = tilev4.fp8_quantize(x, out=(q, s))
+        rows.append((q[at].view(torch.uint8), s[at]))
+    assert not torch.isnan(rows[-1][1]).any()
+    for q, s in rows[:-1]:
+        assert torch.equal(q, rows[-1][0]) and torch.equal(s, rows[-1][1])
 
 
 @gpu
