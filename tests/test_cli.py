@@ -27,11 +27,14 @@ def test_compile_one_kernel_cli():
     assert main(["compile", "--arch", "sm_90a", "--kernel", "rmsnorm", "--default-only", "--jobs", "1"]) == 0
 
 
-def test_unknown_kernel_is_an_error():
-    import pytest
-
-    with pytest.raises(ValueError, match="unknown kernel"):
-        main(["compile", "--kernel", "nope"])
+def test_bad_input_is_a_message_and_exit_status_2(capsys, monkeypatch):
+    """A ValueError of bad input (here an unknown kernel, a malformed $TILEV4_ARCH) ends the command with its message
+    on stderr and status 2, not a traceback."""
+    assert main(["compile", "--kernel", "nope"]) == 2
+    assert "tilev4 compile: unknown kernel 'nope'; registered: " in capsys.readouterr().err
+    monkeypatch.setenv("TILEV4_ARCH", "sm90")
+    assert main(["info"]) == 2
+    assert "tilev4 info: $TILEV4_ARCH must be a CUDA SM arch such as 'sm_90a'" in capsys.readouterr().err
 
 
 def test_demo_runs_the_model_on_the_reference(capsys):

@@ -603,4 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "jobs", 1) < 1:
         args.jobs = 1
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as e:  # bad input (a kernel name, $TILEV4_ARCH, a config): its message, no traceback
+        print(f"tilev4 {args.command}: {e}", file=sys.stderr)
+        return 2
