@@ -17,6 +17,13 @@ def test_info_rows_report_the_toolchain():
     assert "rmsnorm" in rows["registered kernels"]
 
 
+def test_info_says_when_the_kernel_arch_is_not_the_tested_one(monkeypatch):
+    monkeypatch.setenv("TILEV4_ARCH", "sm_80")
+    assert dict(info_rows())["kernel arch"].startswith("sm_80 (the kernels are written for and tested on sm_90a")
+    monkeypatch.setenv("TILEV4_ARCH", "sm_90a")
+    assert dict(info_rows())["kernel arch"] == "sm_90a"
+
+
 def test_python_dash_m_info():
     out = subprocess.run([sys.executable, "-m", "tilev4", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -92,8 +92,11 @@ def info_rows() -> list[tuple[str, str]]:
 
     import tilev4
     from tilev4.autotune import cache_dir, toolchain, toolchain_hash
-    from tilev4.kernels import current_arch, registry_names
+    from tilev4.kernels import DEFAULT_AOT_ARCH, current_arch, registry_names
 
+    arch = current_arch()
+    if arch != DEFAULT_AOT_ARCH:
+        arch += f" (the kernels are written for and tested on {DEFAULT_AOT_ARCH}; most need its TMA and wgmma)"
     rows: list[tuple[str, str]] = [("tilev4", tilev4.__version__)]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -107,7 +110,7 @@ def info_rows() -> list[tuple[str, str]]:
     else:
         rows.append(("GPU", "none: no CUDA device visible; kernels can still be compiled ahead of time"))
     rows += [
-        ("kernel arch", current_arch()),
+        ("kernel arch", arch),
         ("CUDA (torch)", str(torch.version.cuda)),
         ("nvcc", _nvcc_version()),
         ("torch", torch.__version__),
