@@ -485,6 +485,36 @@ def test_batch_invariant_decode_bit_exact(batch, row, seed):
     assert torch.equal(hca_full[sl], hca_alone)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(b=st.integers(1, 3), s=st.integers(1, 300), pick=st.integers(0, 2), seed=st.integers(0, 2**20))
+def test_batch_invariant_prefill_bit_exact(b, s, pick, seed):
+    """CSA and HCA prefill (stream windows at ragged starts) with ``batch_invariant=True``: a sequence's outputs are
+    those of the sequence launched alone, whatever the other sequences (and, for HCA, the longer compressed cache
+    they need)."""
+    g = _gen(seed)
+    bi = pick % b
+    start = torch.randint(0, 5000, (b,), generator=g, device="cuda", dtype=torch.int32)
+    positions = start.view(b, 1) + torch.arange(s, device="cuda", dtype=torch.int32)
+    n_c = int(positions.max() + 1) // 4 + 1
+    q, kv_w, kv_c, sink, idx = _csa_case(g, b, s, 64, n_c, 512, positions, start=start, n_stream=s)
+    sl = slice(bi, bi + 1)
+    one = [t[sl].contiguous() for t in (q, kv_w, kv_c, idx, positions, start)]
+    full = tilev4.csa_attention(q, kv_w, kv_c, idx, sink, positions, window_start=start, batch_invariant=True,
+                                out=_poisoned(q))
+    alone = tilev4.csa_attention(*one[:4], sink, one[4], window_start=one[5], batch_invariant=True,
+                                 out=_poisoned(one[0]))
+    assert not torch.isnan(alone).any()
+    assert torch.equal(full[sl].view(torch.int16), alone.view(torch.int16))
+    kv_h = _randn(b, int(positions.max() + 1) // 128 + 1, 512, g=g)
+    short = int(positions[bi].max() + 1) // 128 + 1
+    full_h = tilev4.hca_attention(q, kv_w, kv_h, sink, positions, window_start=start, batch_invariant=True,
+                                  out=_poisoned(q))
+    alone_h = tilev4.hca_attention(one[0], one[1], kv_h[sl, :short].contiguous(), sink, one[4], window_start=one[5],
+                                   batch_invariant=True, out=_poisoned(one[0]))
+    assert not torch.isnan(alone_h).any()
+    assert torch.equal(full_h[sl].view(torch.int16), alone_h.view(torch.int16))
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(b=st.integers(1, 3), s=st.integers(1, 300), k=st.sampled_from([64, 200, 640, 2100]), pick=st.integers(0, 10**6),
        seed=st.integers(0, 2**20))
