@@ -39,14 +39,13 @@ for f in $TESTS; do
     -o faulthandler_timeout=$((TEST_LIMIT - 20)) "$f" >> "$log" 2>&1
   rc=$?
   note "$f rc=$rc $(tail -1 "$log" | grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' | head -1)"
+  section=$(awk -v h="===== $f" '$0 == h { p = 1; next } p' "$log")  # this file's part of the log
   if [ "$rc" -ge 124 ]; then  # killed at its limit: what the progress lines had shown by then
-    marks=$(awk -v h="===== $f" '$0 == h { p = 1; next } p' "$log" | grep -E '^[.FEsx]+ *(\[ *[0-9]+%\])?$' \
-      | tr -cd '.FEsx')
+    marks=$(grep -E '^[.FEsx]+ *(\[ *[0-9]+%\])?$' <<< "$section" | tr -cd '.FEsx')
     note "  killed at ${TEST_LIMIT}s after $(tr -cd . <<< "$marks" | wc -c) passed, $(tr -cd FE <<< "$marks" | wc -c) failed"
   fi
   # the short summary's lines of failures and errors (-rfE), with their messages, into the summary too
-  awk -v h="===== $f" '$0 == h { p = 1; next } p' "$log" | grep -E '^(FAILED|ERROR) ' | cut -c1-400 \
-    | sed 's/^/    /' >> "$summary"
+  grep -E '^(FAILED|ERROR) ' <<< "$section" | cut -c1-400 | sed 's/^/    /' >> "$summary"
 done
 [ "$BENCHES" = "all" ] && BENCHES=$(python3 -c "import tilev4.bench as b; b._load_all(); print(' '.join(sorted(b.BENCHES)))")
 for b in $BENCHES; do
