@@ -18,8 +18,10 @@ def test_registry_has_every_moe_kernel_with_flash_and_tiny_configs():
     kernels = {k.name: k for k in iter_registry() if "moe" in k.tags}
     assert set(kernels) == MOE_KERNELS
     # every config is compiled by the AOT test (10-60 s each on 2 cores): one per FP8 / FP4 GEMM at the V4-Flash K
-    # (and the FP8 up-projection quantising h)
-    assert sum(len(k.configs) for k in kernels.values()) <= 17
+    # (and the FP8 up-projection quantising h, and the FP4 GEMMs for prepared weights)
+    assert sum(len(k.configs) for k in kernels.values()) <= 19
+    for name in ("moe_up_fp4", "moe_down_fp4"):
+        assert [dict(c).get("layout", "checkpoint") for c in kernels[name].configs] == ["checkpoint", "prepared"]
     for k in kernels.values():
         assert k.summary, f"{k.name}: the factory needs a docstring"
         assert k.batch_invariant, f"{k.name}: every MoE kernel is batch-invariant"

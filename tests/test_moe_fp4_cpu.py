@@ -136,6 +136,65 @@ def test_expansion_words_are_the_e4m3_rounding_of_v_times_2_to_minus_j():
     assert (got[j <= F.FAST_SHIFT] != 0).sum() == (exact[j <= F.FAST_SHIFT] != 0).sum()  # no normal flushed
 
 
+def _words(data: torch.Tensor) -> torch.Tensor:
+    """Little-endian 32-bit words (int64) of packed bytes [..., 4·W] -> [..., W]."""
+    b = data.reshape(*data.shape[:-1], -1, 4).long()
+    return (b << torch.tensor([0, 8, 16, 24])).sum(-1)
+
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(words >> 8 * i) & 255 for i in range(4)], -1).flatten(-2).to(torch.uint8)
+
+
+def test_prepared_layout_by_hand():
+    """Element e of a word negative alone: its sign moves to bit 7 of byte e (e < 4) or bit 3 of byte e − 4; the
+    magnitudes stay where they are."""
+    for e in range(8):
+        w = torch.tensor([(0x8 | 0x5) << 4 * e])  # code −3 at element e, +0 elsewhere
+        got = _words(F.prepare_fp4_weight(F.FP4Weight(_bytes(w)[None, None].repeat(1, 1, 16),
+                                                      torch.ones(1, 1, 4, dtype=torch.uint8))).data[0, 0, :4])
+        sign = 1 << (8 * e + 7) if e < 4 else 1 << (8 * (e - 4) + 3)
+        assert got.item() == (0x5 << 4 * e) | sign, e
+
+
+def test_prepared_words_expand_to_the_checkpoint_bytes():
+    """The kernel arithmetic on prepared words (two instructions fewer) gives the bytes of the checkpoint words,
+    for every code in every nibble (all 2^16 low halves, each with a distinct high half) on both table paths."""
+    lo16 = torch.arange(1 << 16)
+    w = lo16 | ((lo16 * 0x9E37 + 0x1234) & 0xFFFF) << 16
+    prepared = _words(F.prepare_fp4_weight(F.FP4Weight(_bytes(w).view(1, -1, 64),
+                                                       torch.ones(1, (1 << 16) // 16, 4, dtype=torch.uint8))).data)
+    prepared = prepared.flatten()
+    assert not torch.equal(prepared, w)
+    for j in (0, 3, 7, 12):
+        fast = j <= F.FAST_SHIFT
+        lo, hi = F._magnitude_table(torch.full_like(w, j), fast, HOST)
+        want = F._e4m3_words(w, lo, hi, HOST)
+        got = F._e4m3_words(prepared, lo, hi, HOST, prepared=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), j
+
+
+def test_prepare_round_trip_and_expansion(gen):
+    q = F.quantize_fp4_weight(_weights(2, 24, 256, gen, spread=12.0))
+    noise = F.FP4Weight(torch.randint(0, 256, q.data.shape, generator=gen, dtype=torch.uint8).view(torch.int8),
+                        q.scale.view(torch.float8_e8m0fnu))  # the checkpoint's dtypes
+    for w in (q, noise):
+        p = F.prepare_fp4_weight(w)
+        assert p.layout == "prepared" and p.data.dtype == torch.uint8 and p.data.shape == w.data.shape
+        assert torch.equal(p.scale, w.scale.view(torch.uint8))
+        again = F.prepare_fp4_weight(p)  # already prepared: the same bytes, not a copy
+        assert again.layout == "prepared" and again.data.data_ptr() == p.data.data_ptr()
+        back = F.checkpoint_fp4_weight(p)
+        assert back.layout == "checkpoint" and torch.equal(back.data, w.data.view(torch.uint8))
+        assert torch.equal((p.data & 0x77), (w.data.view(torch.uint8) & 0x77))  # magnitudes in place
+        assert torch.equal(F.expand_fp4_weight(p), F.expand_fp4_weight(w))
+        assert F.fp4_expansion_is_exact(p) == F.fp4_expansion_is_exact(w)
+    one = F.quantize_fp4_weight(_weights(1, 8, 128, gen)[0])  # [N, K/2]: one expert
+    p1 = F.prepare_fp4_weight(one)
+    assert p1.data.shape == one.data.shape
+    assert torch.equal(F.checkpoint_fp4_weight(p1).data, one.data)
+
+
 def test_magnitude_tables_agree_where_both_hold():
     """The exponent-field table equals the converted one for every j <= FAST_SHIFT (and its smallest non-zero byte,
     0.5 · 2^-5, is e4m3's smallest normal 0x08), so the branch only chooses the cheaper construction."""
@@ -311,6 +370,16 @@ def _act(n, k):
         (lambda: F.moe_up_fp4(_perm(), *_act(6, 256), _fp4(4, 128, 256), _fp4(4, 128, 256), swiglu_limit=0.0),
          ValueError, "swiglu_limit"),
         (lambda: F.moe_down_fp4(_perm(), *_act(6, 200), _fp4(4, 256, 200)), ValueError, "inter=200"),
+        (lambda: F.moe_up_fp4(_perm(), *_act(6, 256), F.prepare_fp4_weight(_fp4(4, 128, 256)), _fp4(4, 128, 256)),
+         ValueError, "must share a layout, got {'w1': 'prepared', 'w3': 'checkpoint'}"),
+        (lambda: F.moe_down_fp4(_perm(), *_act(6, 128), F.FP4Weight(*_fp4(4, 256, 128)[:2], "packed")), ValueError,
+         r"w2.layout must be one of \('checkpoint', 'prepared'\), got 'packed'"),
+        (lambda: F.prepare_fp4_weight(F.FP4Weight(*_fp4(2, 4, 256)[:2], "Prepared")), ValueError,
+         "w.layout must be one of"),
+        (lambda: F.prepare_fp4_weight(torch.zeros(2, 4, 128, dtype=torch.uint8)), TypeError,
+         "w must be an FP4Weight"),
+        (lambda: F.build_moe_up_fp4(256, layout="prepared4"), ValueError,
+         r"layout must be one of \('checkpoint', 'prepared'\), got 'prepared4'"),
         (lambda: F.moe_down_fp4(_perm(), *_act(6, 128), F.FP4Weight(
             torch.zeros(4 * 256 * 64 + 8, dtype=torch.uint8)[8:].view(4, 256, 64), _fp4(4, 256, 128).scale)),
          ValueError, "w2.data must start at a 16-byte aligned address"),

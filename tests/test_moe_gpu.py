@@ -934,6 +934,49 @@ def test_fp4_gemm_configs_give_the_default_bits(case, config):
     assert torch.equal(h, h_default) and torch.equal(y, y_default)
 
 
+@pytest.mark.parametrize(("case", "config"), [
+    ("scale spread", {"schedule": "pipelined"}), ("scale spread", {"schedule": "ws"}),
+    ("scale spread", {"schedule": "swap", "packed_stages": 3, "block_n": 128}),
+    ("ragged tiles", {"schedule": "ws", "producer_warpgroups": 1, "block_n": 32}), ("decode", None)])
+def test_fp4_prepared_layout_gives_the_checkpoint_bits(case, config):
+    """Weights in the prepared layout (prepare_fp4_weight on the GPU: sign bits moved, two instructions a word less
+    in the expansion) give the checkpoint layout's bits: through the ops (which take the swap schedule for
+    "decode") and the whole layer (moe_experts), and in each schedule's program (``config``), including the
+    rounding path of a scale spread past 2^8."""
+    from tilev4.kernels import compile_kernel, fp8_quantize
+
+    dim, inter, num_experts, top_k, num_tokens, _, scale, spread = FP4_CASES[case]
+    _, _, w1, w2, w3, _ = _layer(dim, inter, num_experts, 0, seed=650 + len(case))
+    g = _gen(750 + len(case))
+    q = tuple(F4.quantize_fp4_weight(_spread(w, g, spread)) for w in (w1, w2, w3))
+    p1, p2, p3 = (F4.prepare_fp4_weight(w) for w in q)
+    assert p1.layout == "prepared" and not torch.equal(p1.data, q[0].data)
+    x = _randn(num_tokens, dim, g=g, scale=scale)
+    weights, experts = _random_routing(num_tokens, top_k, num_experts, g, used=range(num_experts - 1))
+    perm = K.moe_permute(x, weights, experts, num_experts)
+    n = perm.x_sorted.shape[0]
+    x8, xs = fp8_quantize(perm.x_sorted)
+    h_ckpt = F4.moe_up_fp4(perm, x8, xs, q[0], q[2], 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    h8, hs = fp8_quantize(h_ckpt)
+    y_ckpt = F4.moe_down_fp4(perm, h8, hs, q[1], out=_poison(n, dim, dtype=torch.bfloat16))
+    assert not torch.isnan(h_ckpt).any() and not torch.isnan(y_ckpt).any()
+    h = F4.moe_up_fp4(perm, x8, xs, p1, p3, 10.0, out=_poison(n, inter, dtype=torch.bfloat16))
+    y = F4.moe_down_fp4(perm, h8, hs, p2, out=_poison(n, dim, dtype=torch.bfloat16))
+    assert torch.equal(h, h_ckpt) and torch.equal(y, y_ckpt)
+    if config is None:
+        layer = K.moe_experts(x, weights, experts, q[0], q[1], q[2], weight_format="fp4")
+        assert torch.equal(K.moe_experts(x, weights, experts, p1, p2, p3, weight_format="fp4"), layer)
+        return
+    tables = (perm.offsets, perm.tile_offsets, perm.tile_info)
+    cfg = {"block_m": perm.block_m, "layout": "prepared", **config}
+    h = _poison(n, inter, dtype=torch.bfloat16)
+    compile_kernel("moe_up_fp4", {"dim": dim, **cfg})(x8, xs, perm.w_sorted, p1.data, p1.scale, p3.data, p3.scale,
+                                                      *tables, h, 10.0)
+    y = _poison(n, dim, dtype=torch.bfloat16)
+    compile_kernel("moe_down_fp4", {"inter": inter, **cfg})(h8, hs, p2.data, p2.scale, *tables, y)
+    assert torch.equal(h, h_ckpt) and torch.equal(y, y_ckpt)
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(n=st.integers(1, 700), pos=st.integers(0, 10**6), seed=st.integers(0, 2**31 - 1))
 @example(n=2000, pos=1999, seed=1)

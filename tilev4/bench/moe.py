@@ -18,7 +18,9 @@
 * FP4 weights (packed e2m1, e8m0 scales per 32 along K, expanded to FP8 in shared memory), same shapes and
   the same routed path with the FP4 GEMMs, with ``speedup_vs_bf16`` and ``speedup_vs_fp8`` against the
   other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
-  expert plus one e8m0 byte per 32 weights).
+  expert plus one e8m0 byte per 32 weights). The weights are in the prepared layout the model runtime gives them
+  (:func:`tilev4.kernels.moe_fp4.prepare_fp4_weight`); a second row runs the checkpoint layout, timed in turn with
+  the first (it must give the same bits: ``bits_equal_to_prepared``).
 
 * Two more routings of the same 8192 tokens, the routed bf16 path again:
 
@@ -339,25 +341,35 @@ def _bench_fp8(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any], graph: bool, 
 def _bench_fp4(perm: Any, quant_x: Any, fp4: tuple[Any, Any, Any], graph: bool, ms_bf16: float, ms_fp8: float,
                flops: float, touched: int, shape: str, peaks: dict[str, float]) -> list[dict[str, Any]]:
     from tilev4.kernels import fp8_quantize
-    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4
+    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4, prepare_fp4_weight
 
-    q1, q2, q3 = fp4
     n = perm.x_sorted.shape[0]
-    y = torch.empty(n, DIM, device="cuda", dtype=torch.bfloat16)
+    ys = [torch.full((n, DIM), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
 
-    def routed_fp4():
-        xs = quant_x()
-        h = moe_up_fp4(perm, perm.x_sorted, xs, q1, q3, LIMIT)
-        h8, hs = fp8_quantize(h)
-        moe_down_fp4(perm, h8, hs, q2, out=y)
+    def routed_fp4(weights: tuple[Any, Any, Any], y: torch.Tensor) -> Callable[[], None]:
+        q1, q2, q3 = weights
 
-    routed_fp4()
-    ms = time_cuda(routed_fp4, graph=graph)
+        def run() -> None:
+            xs = quant_x()
+            h = moe_up_fp4(perm, perm.x_sorted, xs, q1, q3, LIMIT)
+            h8, hs = fp8_quantize(h)
+            moe_down_fp4(perm, h8, hs, q2, out=y)
+
+        return run
+
+    runs = [routed_fp4(tuple(prepare_fp4_weight(q) for q in fp4), ys[0]), routed_fp4(fp4, ys[1])]
+    for run in runs:
+        run()
+    ms_prepared, ms_checkpoint = time_in_turn(runs, graph=graph)
     expert_bytes = sum(q.data[0].numel() + q.scale[0].numel() for q in fp4)  # packed bytes + e8m0 bytes
     work = {"flops": flops} if not graph else {"nbytes": touched * expert_bytes}
-    rec = record("moe routed FP4 (quantise x, up, quantise h, down)", shape, ms, peaks=peaks, **work)
-    rec["speedup_vs_bf16"] = ms_bf16 / ms
-    rec["speedup_vs_fp8"] = ms_fp8 / ms
-    rec["experts_touched"] = touched
-    rec["has_nan"] = bool(torch.isnan(y).any())
-    return [rec]
+    recs = [record("moe routed FP4 (quantise x, up, quantise h, down)", shape, ms_prepared, peaks=peaks, **work),
+            record("moe routed FP4, checkpoint layout", shape, ms_checkpoint, peaks=peaks, **work)]
+    for rec, y in zip(recs, ys, strict=True):
+        rec["speedup_vs_bf16"] = ms_bf16 / rec["ms"]
+        rec["speedup_vs_fp8"] = ms_fp8 / rec["ms"]
+        rec["experts_touched"] = touched
+        rec["has_nan"] = bool(torch.isnan(y).any())
+    recs[0]["fp4_layout"], recs[1]["fp4_layout"] = "prepared", "checkpoint"
+    recs[1]["bits_equal_to_prepared"] = bool(torch.equal(ys[0], ys[1]))
+    return recs

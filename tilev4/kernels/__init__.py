@@ -15,7 +15,7 @@ from tilev4.kernels.moe import (
     moe_shared_expert,
     moe_up,
 )
-from tilev4.kernels.moe_fp4 import FP4Weight, moe_down_fp4, moe_up_fp4, quantize_fp4_weight
+from tilev4.kernels.moe_fp4 import FP4Weight, moe_down_fp4, moe_up_fp4, prepare_fp4_weight, quantize_fp4_weight
 from tilev4.kernels.moe_fp8 import FP8Weight, moe_down_fp8, moe_up_fp8, quantize_fp8_weight
 from tilev4.kernels.quant import fp8_quantize
 from tilev4.kernels.registry import (
@@ -65,6 +65,7 @@ __all__ = [
     "moe_up",
     "moe_up_fp4",
     "moe_up_fp8",
+    "prepare_fp4_weight",
     "quantize_fp4_weight",
     "quantize_fp8_weight",
     "registry_names",

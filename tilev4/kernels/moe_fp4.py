@@ -36,7 +36,8 @@ off its exponent field; for ``j >= 6`` (subnormal results, rounding) the fp32 bi
 anyway, so that the exponent field stays positive) and converted by the hardware (round to nearest
 even), behind a branch uniform over the 32-group and rarely taken. Then per word four ``__byte_perm``:
 two look the magnitudes up in the table, two gather the sign bits, put on top by a masked OR (also on
-a zero: the byte of a negative value's rounding to 0 is that of −0, 0x80). One 16-byte load brings 32
+a zero: the byte of a negative value's rounding to 0 is that of −0, 0x80); for prepared weights
+(:func:`prepare_fp4_weight`) the sign bits are already in place and the two gathers go. One 16-byte load brings 32
 codes and one 16-byte store writes 16 bytes into the GEMM's swizzled tile, bank-conflict free.
 :func:`_e4m3_words` and its helpers build both the kernel's expressions and the host emulation that
 the CPU tests check against the per-element rounding for every code and shift.
@@ -67,7 +68,10 @@ Layouts: ``FP4Weight(data, scale)`` with data [E, N, K/2] uint8 (two e2m1 codes 
 holds the even element; a code is sign bit 8 | magnitude index 0..7 into 0, 0.5, 1, 1.5, 2, 3, 4, 6) and
 scale [E, N, K/32] uint8 e8m0 bytes (``2^(byte − 127)``; byte 255, e8m0's NaN, is not expected; byte 0,
 ``2^−127``, is read as 0 — :func:`quantize_fp4_weight` never writes either); the checkpoint's int8 data and
-float8_e8m0fnu scales are taken as the same bytes. K (dim for the up projection,
+float8_e8m0fnu scales are taken as the same bytes. ``FP4Weight.layout == "prepared"`` (:func:`prepare_fp4_weight`,
+once at load time) moves each word's sign bits to where the expansion puts them (:func:`_e4m3_words`: 7 instructions
+a word of 8 codes instead of 9); the kernels take either layout (the ``layout`` factory key) with the same bits.
+K (dim for the up projection,
 inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
 Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~1.1
@@ -116,8 +120,9 @@ from tilev4.kernels.moe_ws import (
 )
 from tilev4.kernels.registry import register
 
-__all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "expand_fp4_weight", "fp4_expansion_is_exact",
-           "moe_down_fp4", "moe_up_fp4", "quantize_fp4_weight", "swap_config", "swap_ctas"]
+__all__ = ["FP4Weight", "build_moe_down_fp4", "build_moe_up_fp4", "checkpoint_fp4_weight", "expand_fp4_weight",
+           "fp4_expansion_is_exact", "moe_down_fp4", "moe_up_fp4", "prepare_fp4_weight", "quantize_fp4_weight",
+           "swap_config", "swap_ctas"]
 
 SCALE_BLOCK = 128  # K block of the FP8 tensor-core sum and of the promotion (as for FP8 weights)
 FP4_BLOCK = 32  # K elements per e8m0 weight scale
@@ -134,10 +139,53 @@ _PASS_CONFIGS = _NO_WS  # cp.async software pipeline (see moe.py): its copies ar
 class FP4Weight(NamedTuple):
     """Stacked FP4 expert weights: data [E, N, K/2] uint8 (low nibble = even element), scale [E, N, K/32]
     uint8 e8m0 bytes. The checkpoint's dtypes (int8 data, float8_e8m0fnu scales) are accepted as the same
-    bytes."""
+    bytes. ``layout``: ``"checkpoint"`` (the released format: a code's sign is bit 3 of its nibble) or
+    ``"prepared"`` (:func:`prepare_fp4_weight`: the same magnitudes with the sign bits moved within each 32-bit
+    word, which the kernels expand with two instructions a word fewer)."""
 
     data: torch.Tensor
     scale: torch.Tensor
+    layout: str = "checkpoint"
+
+
+LAYOUTS = ("checkpoint", "prepared")
+
+
+def _sign_bits(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitude bits (``byte & 0x77``) and the eight sign bits [..., W, 8] (0/1, uint8) of each 32-bit word's
+    elements of checkpoint-layout bytes [..., 4·W] (element 2b in byte b's low nibble, 2b + 1 in its high one)."""
+    c = data.reshape(*data.shape[:-1], -1, 4)
+    signs = torch.stack(((c >> 3) & 1, (c >> 7) & 1), -1).flatten(-2)  # element 2b, 2b + 1 of byte b
+    return c & 0x77, signs
+
+
+def prepare_fp4_weight(w: FP4Weight) -> FP4Weight:
+    """The ``"prepared"`` layout of FP4 weights (on their device, one pass over the packed bytes; a prepared
+    weight is returned as it is, as uint8 views): in every 32-bit word of packed bytes (8 elements, element ``e``
+    at nibble ``e``) the magnitudes stay where they are and the sign of element ``b`` (b = 0..3) moves to bit 7 of
+    byte ``b``, that of element ``4 + b`` to bit 3 of byte ``b`` — where the expansion's masked ORs want them
+    (:func:`_e4m3_words`).
+    The scales are unchanged. The FP4 ops take either layout and give the same bits, the prepared one faster:
+    prepare a checkpoint's expert weights once, when they are loaded. :func:`checkpoint_fp4_weight` undoes it.
+    ``[N, K/2]`` weights (one expert) are taken as well."""
+    w = _check_any_fp4(w)
+    if w.layout == "prepared":
+        return w
+    mag, s = _sign_bits(w.data)
+    data = mag | (s[..., 4:] << 3) | (s[..., :4] << 7)
+    return FP4Weight(data.reshape(w.data.shape), w.scale, "prepared")
+
+
+def checkpoint_fp4_weight(w: FP4Weight) -> FP4Weight:
+    """The checkpoint layout of FP4 weights (the inverse of :func:`prepare_fp4_weight`; a checkpoint-layout
+    weight is returned as it is, as uint8 views)."""
+    w = _check_any_fp4(w)
+    if w.layout == "checkpoint":
+        return w
+    c = w.data.reshape(*w.data.shape[:-1], -1, 4)
+    s = torch.cat(((c >> 7) & 1, (c >> 3) & 1), -1)  # the signs of elements 0..3, then 4..7
+    data = (c & 0x77) | (s[..., 0::2] << 3) | (s[..., 1::2] << 7)
+    return FP4Weight(data.reshape(w.data.shape), w.scale)
 
 
 def quantize_fp4_weight(w: torch.Tensor) -> FP4Weight:
@@ -182,8 +230,8 @@ def _shifts(w: FP4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def expand_fp4_weight(w: FP4Weight) -> torch.Tensor:
     """The weights as the FP4 kernels use them: fp32 [E, N, K] = ``rne_e4m3(v · 2^−j) · S`` (see the module
-    docstring); equal to the dequantised weight whenever :func:`fp4_expansion_is_exact`."""
-    w = _check_fp4_layout("w", w)
+    docstring); equal to the dequantised weight whenever :func:`fp4_expansion_is_exact`. Either layout."""
+    w = checkpoint_fp4_weight(w)
     v, j, b_max = _shifts(w)
     e, n = w.data.shape[:2]
     part = (v * torch.exp2(-j.float())[..., None]).to(torch.float8_e4m3fn).float()  # exact for j <= 8
@@ -193,8 +241,8 @@ def expand_fp4_weight(w: FP4Weight) -> torch.Tensor:
 
 def fp4_expansion_is_exact(w: FP4Weight) -> bool:
     """True when every non-zero 32-group's scale is within ``2^8`` of its row's largest in the 128-K block,
-    so that the kernels compute with exactly the dequantised weights (one host sync)."""
-    w = _check_fp4_layout("w", w)
+    so that the kernels compute with exactly the dequantised weights (one host sync). Either layout."""
+    w = checkpoint_fp4_weight(w)
     v, j, _ = _shifts(w)
     nonzero = (v != 0).any(-1)
     return not bool(((j > MAX_EXACT_SHIFT) & nonzero).any())
@@ -202,12 +250,18 @@ def fp4_expansion_is_exact(w: FP4Weight) -> bool:
 
 def _as_bytes(w: FP4Weight) -> FP4Weight:
     """The uint8 views of checkpoint dtypes (int8 packed data, float8_e8m0fnu scales): the same bytes."""
-    return FP4Weight(w.data.view(torch.uint8), w.scale.view(torch.uint8))
+    return FP4Weight(w.data.view(torch.uint8), w.scale.view(torch.uint8), w.layout)
+
+
+def _check_layout_name(name: str, w: FP4Weight) -> None:
+    if w.layout not in LAYOUTS:
+        raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got {w.layout!r}")
 
 
 def _check_fp4_layout(name: str, w: object) -> FP4Weight:
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
+    _check_layout_name(name, w)
     check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, ndim=3, contiguous=True)
     e, n, kp = w.data.shape
     if (2 * kp) % SCALE_BLOCK:
@@ -217,10 +271,20 @@ def _check_fp4_layout(name: str, w: object) -> FP4Weight:
     return _as_bytes(w)
 
 
+def _check_any_fp4(w: object) -> FP4Weight:
+    """:func:`_check_fp4_layout` of a stacked [E, N, K/2] or a single [N, K/2] weight (uint8 views)."""
+    if isinstance(w, FP4Weight) and isinstance(w.data, torch.Tensor) and isinstance(w.scale, torch.Tensor) \
+            and w.data.ndim == 2 and w.scale.ndim == 2:
+        one = _check_fp4_layout("w", FP4Weight(w.data[None], w.scale[None], w.layout))
+        return FP4Weight(one.data[0], one.scale[0], one.layout)
+    return _check_fp4_layout("w", w)
+
+
 def _check_fp4_weight(name: str, w: object, e: int, n: int, k: int, device: torch.device) -> FP4Weight:
     """Check an FP4Weight of logical shape [e, n, k] on ``device``; returns its uint8 views."""
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
+    _check_layout_name(name, w)
     check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, shape=(e, n, k // 2), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=_SCALE_DTYPES, shape=(e, n, k // FP4_BLOCK), contiguous=True,
                  device=device)
@@ -296,18 +360,23 @@ def _magnitude_table(j: Any, fast: bool, ops: _WordOps) -> tuple[Any, Any]:
     return words[0], words[1]
 
 
-def _e4m3_words(w: Any, lo: Any, hi: Any, ops: _WordOps) -> tuple[Any, Any]:
+def _e4m3_words(w: Any, lo: Any, hi: Any, ops: _WordOps, prepared: bool = False) -> tuple[Any, Any]:
     """The e4m3 bytes of the eight codes of the packed word ``w`` (element 0 in the low nibble) through the table
     (lo, hi) of :func:`_magnitude_table`: two words, elements 0..3 and 4..7, element 0 in the low byte.
 
     The magnitudes are two byte permutes of the table with the indices ``w & 0x7777…`` (a selector nibble's top
-    bit would sign-extend, so it is cleared; only the low 16 bits select). The sign of element 2b + 1 is bit 7 of
-    byte b of ``w`` and that of element 2b bit 7 of byte b of ``w << 4``: a byte permute of that pair interleaves
-    them (0x5140: bytes 0, 4, 1, 5 of (w:w << 4)) and a masked OR puts them on top — also on a zero, as the
-    rounding of a negative value gives (the byte of −0 is 0x80)."""
+    bit would sign-extend, so it is cleared; only the low 16 bits select). Checkpoint layout: the sign of element
+    2b + 1 is bit 7 of byte b of ``w`` and that of element 2b bit 7 of byte b of ``w << 4``: a byte permute of that
+    pair interleaves them (0x5140: bytes 0, 4, 1, 5 of (w:w << 4)) and a masked OR puts them on top — also on a
+    zero, as the rounding of a negative value gives (the byte of −0 is 0x80). 9 instructions a word. ``prepared``
+    (:func:`prepare_fp4_weight`): the signs of elements 0..3 are already bits 7 of the word's bytes and those of
+    elements 4..7 bits 3, so the masked ORs take ``w`` and ``w << 4`` as they are: 7 instructions a word."""
     m = w & ops.u32(0x77777777)
-    ws = w << ops.u32(4)
     signs = ops.u32(0x80808080)
+    ws = w << ops.u32(4)
+    if prepared:
+        return (ops.and_or(w, signs, ops.byte_perm(lo, hi, m)),
+                ops.and_or(ws, signs, ops.byte_perm(lo, hi, m >> ops.u32(16))))
     return (ops.and_or(ops.byte_perm(ws, w, ops.u32(0x5140)), signs, ops.byte_perm(lo, hi, m)),
             ops.and_or(ops.byte_perm(ws, w, ops.u32(0x7362)), signs, ops.byte_perm(lo, hi, m >> ops.u32(16))))
 
@@ -329,7 +398,7 @@ def _expand_vec(rows: int, threads: int) -> int:
 
 
 @T.macro
-def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off, threads):
+def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off, threads, prepared):
     """b_shared[off + n, kk] = rne_e4m3(v[n, kk] · 2^−j), ``j = min(b_max − b_g, 20)`` (see the module docstring),
     for the packed tile q_shared [BN, BK/2] of K block k, and S = 2^(b_max − 127) of each row into
     sw_shared[off + n] (for the promotion).
@@ -362,13 +431,13 @@ def _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, off
             for v in T.vectorized(VEC):
                 qb[v] = q_shared[n, part * VEC + v]
             for i in T.unroll(VEC // 4):
-                ow[2 * i], ow[2 * i + 1] = _e4m3_words(qw[i], tab[0], tab[1], _TL_OPS)
+                ow[2 * i], ow[2 * i + 1] = _e4m3_words(qw[i], tab[0], tab[1], _TL_OPS, prepared)
             for h in T.unroll(VEC // 8):
                 for v in T.vectorized(16):
                     b_shared[off + n, part * 2 * VEC + 16 * h + v] = ob[16 * h + v]
 
 
-def _expansion_steps(BN: int, KS: int, PT: int, SRC: int) -> tuple[Any, Any, Any]:
+def _expansion_steps(BN: int, KS: int, PT: int, SRC: int, prepared: bool) -> tuple[Any, Any, Any]:
     """The macros ``(load_steps, convert_all, load_packed)`` of an expansion by ``PT`` threads (thread ``ptx`` of
     them) of the [BN, 64]-byte packed blocks of ``SRC`` weight sources into [BN, 128] e4m3 tiles: the first loads
     the packed bytes and scale words of a thread's steps of one source into registers, the second converts every
@@ -410,7 +479,7 @@ def _expansion_steps(BN: int, KS: int, PT: int, SRC: int) -> tuple[Any, Any, Any
                 if j > FAST_SHIFT:
                     tab[0], tab[1] = _magnitude_table(j, False, _TL_OPS)
                     for i in T.unroll(4):
-                        ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                        ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS, prepared)
                     for h in T.unroll(2):
                         for v in T.vectorized(16):
                             b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
@@ -420,7 +489,7 @@ def _expansion_steps(BN: int, KS: int, PT: int, SRC: int) -> tuple[Any, Any, Any
                 slow[0] = slow[0] | T.cast(j > FAST_SHIFT, T.int32)
                 tab[0], tab[1] = _magnitude_table(T.cast(T.min(j, FAST_SHIFT), T.uint32), True, _TL_OPS)
                 for i in T.unroll(4):
-                    ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS)
+                    ow[2 * i], ow[2 * i + 1] = _e4m3_words(qv[4 * c + i], tab[0], tab[1], _TL_OPS, prepared)
                 for h in T.unroll(2):
                     for v in T.vectorized(16):
                         b_s[slot, n, part * 32 + 16 * h + v] = ob[16 * h + v]
@@ -488,6 +557,12 @@ def _grouped_prim_func(kind: str, schedule: str, K: int, dims: tuple, body: Any)
 
 
 SCHEDULES = ("ws", "pipelined", "swap")
+
+
+def _is_prepared(layout: str) -> bool:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout == "prepared"
 # setmaxnreg of each producer and each consumer thread by producer warpgroups: with one, 64 + 2·216 <= 504 (the launch
 # allocation of 384 threads); with two, 80 + 176 <= 256 (512 threads, 128 each)
 WS_REGS = {1: (64, 216), 2: (80, 176)}
@@ -495,7 +570,7 @@ PRODUCER_BARRIER = 9  # named barrier of the producer threads (1, 2: the consume
 
 
 def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stages: int,
-                  producer_warpgroups: int = 2) -> Any:
+                  producer_warpgroups: int = 2, prepared: bool = False) -> Any:
     """Warp-specialised FP4 expert GEMM (``kind`` "up": SwiGLU epilogue, "down": bf16 out), grouped.
 
     A CTA computes one ``128 × block_n`` output tile (the tile table and launch order of every expert GEMM) with two
@@ -551,7 +626,7 @@ def _build_fp4_ws(kind: str, K: int, block_n: int, num_stages: int, packed_stage
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     fp8 = T.float8_e4m3fn
 
-    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC)
+    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC, prepared)
 
     @T.macro
     def producer(a, qs_g, ss_g, a_s, q_s, s_s, b_s, sw_s, full, empty, qfull, e, row0, rows, n0, tx, qv, sv, ow, tab,
@@ -710,7 +785,7 @@ def swap_ctas(kind: str, packed_stages: int) -> int:
 
 
 def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_M,
-                    block_n: int = SWAP_BLOCK_N) -> Any:
+                    block_n: int = SWAP_BLOCK_N, prepared: bool = False) -> Any:
     """FP4 expert GEMM for tiles of few rows (decode): the operands swapped, every thread expanding.
 
     The ``ws`` kernels run each 64-row slab as the M of an m64 wgmma, whatever it holds: at decode a tile has one or
@@ -759,7 +834,7 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
     CHUNK_IDS, SOURCE_IDS, STEP_IDS = tuple(range(GR // RN)), tuple(range(SRC)), tuple(range(CH))
     NR, N, E, MT = (T.dynamic(n) for n in ("NR", "N", "E", "MT"))
     fp8 = T.float8_e4m3fn
-    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC)
+    load_steps, convert_all, load_packed = _expansion_steps(BN, KS, PT, SRC, prepared)
 
     @T.macro
     def load_rows(a, a_s, afull, row0, g, k, buf):
@@ -920,22 +995,25 @@ def _build_fp4_swap(kind: str, K: int, packed_stages: int, block_m: int = BLOCK_
     return _grouped_prim_func(kind, "swap", K, (NR, N, E, MT), body)
 
 
-@register("moe_up_fp4", configs=[{"dim": 4096}], tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE,
-          bucket=up_bucket, harness=MOE_UP_FP4_HARNESS)
+@register("moe_up_fp4", configs=[{"dim": 4096}, {"dim": 4096, "layout": "prepared"}],
+          tags=("moe", "fp4", "batch_invariant"), space=MOE_UP_FP4_SPACE, bucket=up_bucket, harness=MOE_UP_FP4_HARNESS)
 def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_stages: int = 4, threads: int = 256,
-                     schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2):
+                     schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2,
+                     layout: str = "checkpoint"):
     """MoE grouped up-projection, FP4 weights (expanded to FP8) × FP8 activations, SwiGLU and weight fused.
     ``schedule``: "ws" (:func:`_build_fp4_ws`: ``packed_stages`` K blocks of packed bytes in flight,
     ``producer_warpgroups`` expanding them), "pipelined" (every thread copies, expands and computes in turn;
     ``threads``) or "swap" (:func:`_build_fp4_swap`: tiles of few rows, the rows as the wgmma's N; the ops take it
-    for decode-sized batches, :func:`swap_config`)."""
+    for decode-sized batches, :func:`swap_config`). ``layout``: the weights' :attr:`FP4Weight.layout` (the ops
+    pass it for prepared weights)."""
     if dim % SCALE_BLOCK:
         raise ValueError(f"dim={dim} must be a multiple of {SCALE_BLOCK}")
     check_ws_schedule(schedule, block_m, SCHEDULES)
+    prepared = _is_prepared(layout)
     if schedule == "ws":
-        return _build_fp4_ws("up", dim, block_n, num_stages, packed_stages, producer_warpgroups)
+        return _build_fp4_ws("up", dim, block_n, num_stages, packed_stages, producer_warpgroups, prepared)
     if schedule == "swap":
-        return _build_fp4_swap("up", dim, packed_stages, block_m, block_n)
+        return _build_fp4_swap("up", dim, packed_stages, block_m, block_n, prepared)
     # One GEMM per K block with B = [W1 rows; W3 rows] (2·block_n rows): the accumulator holds gate in its
     # first block_n columns and up in the others — two fp32 tiles of [BM, 2·BN] (acc, t) instead of the
     # three [BM, BN] tiles of two GEMMs, which with the promotion's column scales did not fit 255 registers.
@@ -999,8 +1077,8 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
                     T.copy(w3[e, n0, k * (BK // 2)], q3_shared, disable_tma=True)
                     for i in T.Parallel(BM):  # the row's activation scale of this K block (a power of two)
                         sx[i] = T.if_then_else(row0 + i < NR, xs[row0 + i, k], 0.0)
-                    _expand(q1_shared, s1_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)
-                    _expand(q3_shared, s3_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, BN, threads)
+                    _expand(q1_shared, s1_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads, prepared)
+                    _expand(q3_shared, s3_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, BN, threads, prepared)
                     # [BM, BK] @ [BK, 2·BN] -> [BM, 2·BN]
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, 2 * BN):  # promote: exact power-of-two rescale, fp32 sum
@@ -1015,19 +1093,22 @@ def build_moe_up_fp4(dim: int, block_m: int = BLOCK_M, block_n: int = 64, num_st
     return moe_up_fp4_kernel
 
 
-@register("moe_down_fp4", configs=[{"inter": 2048}], tags=("moe", "fp4", "batch_invariant"),
-          space=MOE_DOWN_FP4_SPACE, bucket=down_bucket, harness=MOE_DOWN_FP4_HARNESS)
+@register("moe_down_fp4", configs=[{"inter": 2048}, {"inter": 2048, "layout": "prepared"}],
+          tags=("moe", "fp4", "batch_invariant"), space=MOE_DOWN_FP4_SPACE, bucket=down_bucket,
+          harness=MOE_DOWN_FP4_HARNESS)
 def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, num_stages: int = 4,
-                       threads: int = 256, schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2):
+                       threads: int = 256, schedule: str = "ws", packed_stages: int = 4, producer_warpgroups: int = 2,
+                       layout: str = "checkpoint"):
     """MoE grouped down-projection, FP4 weights (expanded to FP8) × FP8 activations: y = h·W2ᵀ (bf16 out).
-    ``schedule``, ``packed_stages`` and ``producer_warpgroups``: as for :func:`build_moe_up_fp4`."""
+    ``schedule``, ``packed_stages``, ``producer_warpgroups`` and ``layout``: as for :func:`build_moe_up_fp4`."""
     if inter % SCALE_BLOCK:
         raise ValueError(f"inter={inter} must be a multiple of {SCALE_BLOCK}")
     check_ws_schedule(schedule, block_m, SCHEDULES)
+    prepared = _is_prepared(layout)
     if schedule == "ws":
-        return _build_fp4_ws("down", inter, block_n, num_stages, packed_stages, producer_warpgroups)
+        return _build_fp4_ws("down", inter, block_n, num_stages, packed_stages, producer_warpgroups, prepared)
     if schedule == "swap":
-        return _build_fp4_swap("down", inter, packed_stages, block_m, block_n)
+        return _build_fp4_swap("down", inter, packed_stages, block_m, block_n, prepared)
     BM, BN, BK = block_m, block_n, SCALE_BLOCK
     I, KB, KP, KS = inter, inter // SCALE_BLOCK, inter // 2, inter // FP4_BLOCK
     NR, D, E, MT = (T.dynamic(n) for n in ("NR", "D", "E", "MT"))
@@ -1076,7 +1157,7 @@ def build_moe_down_fp4(inter: int, block_m: int = BLOCK_M, block_n: int = 128, n
                     T.copy(w2[e, n0, k * (BK // 2)], q_shared, disable_tma=True)  # [BN, 64] packed e2m1
                     for i in T.Parallel(BM):
                         sx[i] = T.if_then_else(row0 + i < NR, hs[row0 + i, k], 0.0)
-                    _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads)
+                    _expand(q_shared, s_shared, b_shared, sw_shared, qw, ow, tab, k, BN, BK, 0, threads, prepared)
                     T.gemm(a_shared, b_shared, t_frag, transpose_B=True, policy=policy, clear_accum=True)
                     for i, j in T.Parallel(BM, BN):  # [BM, BK] @ [BK, BN], promoted per row and column
                         acc[i, j] += t_frag[i, j] * sx[i] * sw_shared[j]
@@ -1107,8 +1188,17 @@ def swap_config(kind: str, num_rows: int, num_experts: int, block_m: int = BLOCK
     return dict(SWAP_CONFIG[kind])
 
 
+def layout_config(weights: dict[str, FP4Weight]) -> dict[str, Any]:
+    """The config key the FP4 ops add for their weights' layout: ``{"layout": "prepared"}`` for prepared weights,
+    none for the checkpoint layout (the factories' default). The weights of one call must share a layout."""
+    layouts = {name: w.layout for name, w in weights.items()}
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"the FP4 weights of one call must share a layout, got {layouts}")
+    return {"layout": "prepared"} if "prepared" in layouts.values() else {}
+
+
 FP4_FORMAT = QuantFormat("FP4", FP4Weight, _check_fp4_weight, _check_act, "moe_up_fp4", "moe_down_fp4",
-                         inter_multiple=SCALE_BLOCK, rows_config=swap_config)
+                         inter_multiple=SCALE_BLOCK, rows_config=swap_config, weight_config=layout_config)
 
 
 def moe_up_fp4(
@@ -1132,7 +1222,8 @@ def moe_up_fp4(
             ``fp8_quantize(perm.x_sorted)``, or for a permutation of FP8 rows (``moe_permute(payload=x8_tokens)``)
             ``perm.x_sorted`` and the token scales gathered by ``perm.sorted_tokens``.
         w1, w3: :class:`FP4Weight` of [E, inter, dim] (data [E, inter, dim/2] uint8, scale [E, inter, dim/32]
-            uint8 e8m0); dim and inter multiples of 128.
+            uint8 e8m0); dim and inter multiples of 128; both in the checkpoint layout or both prepared
+            (:func:`prepare_fp4_weight`: the same bits, faster).
         swiglu_limit: the routed-expert clamp, or None.
         out: optional preallocated [N, inter] bf16.
 
@@ -1157,7 +1248,7 @@ def moe_down_fp4(
         perm: the permutation; N = its sorted rows.
         h8, h_scale: ``fp8_quantize(h)``: [N, inter] float8_e4m3fn and [N, inter/128] fp32.
         w2: :class:`FP4Weight` of [E, dim, inter] (data [E, dim, inter/2], scale [E, dim, inter/32]);
-            inter a multiple of 128.
+            inter a multiple of 128; either layout (prepared: faster).
         out: optional preallocated [N, dim] bf16.
 
     Returns:

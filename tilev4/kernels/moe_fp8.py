@@ -586,13 +586,22 @@ class QuantFormat:
     # ("up" / "down", sorted rows, experts, the tile table's M tile) -> config keys the op adds for that many rows
     # (FP4: the swap schedule for decode-sized batches, a measured rule rather than a tuned choice), or None
     rows_config: Callable[[str, int, int, int], dict[str, Any]] | None = None
+    # ({argument name: checked weight}) -> config keys the weights add (FP4: a prepared layout); raises ValueError
+    # for weights of one call that do not go together
+    weight_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
-    def config(self, kind: str, problem: dict[str, Any], perm: MoEPermutation, num_rows: int) -> dict[str, Any]:
-        """The op's config of the ``kind`` GEMM: the problem, the tile table's M tile, and the rows' keys."""
+    def weight_keys(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """The config keys of one call's weights (:attr:`weight_config`), checked before anything is launched."""
+        return {} if self.weight_config is None else self.weight_config(weights)
+
+    def config(self, kind: str, problem: dict[str, Any], perm: MoEPermutation, num_rows: int,
+               weight_keys: dict[str, Any]) -> dict[str, Any]:
+        """The op's config of the ``kind`` GEMM: the problem, the tile table's M tile, the rows' and the weights'
+        keys."""
         config = {**problem, "block_m": perm.block_m}
         if self.rows_config is not None:
             config.update(self.rows_config(kind, num_rows, perm.num_experts, perm.block_m))
-        return config
+        return {**config, **weight_keys}
 
 
 def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale: torch.Tensor, w1: Any, w3: Any,
@@ -614,6 +623,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
                          f"for {fmt.name} weights")
     w1 = fmt.check_weight("w1", w1, perm.num_experts, inter, dim, dev)
     w3 = fmt.check_weight("w3", w3, perm.num_experts, inter, dim, dev)
+    weight_keys = fmt.weight_keys({"w1": w1, "w3": w3})
     if quantize:
         if fmt.up_kernel != "moe_up_fp8":
             raise ValueError(f"quantize=True is for FP8 weights, got {fmt.name}")
@@ -626,7 +636,7 @@ def grouped_up(fmt: QuantFormat, perm: MoEPermutation, x8: torch.Tensor, x_scale
     if n:
         with torch.cuda.device(dev):
             tile_info = _check_tile_info(perm.tile_info)  # the 128-row table's records (not perm.up_tiles)
-            compile_kernel(fmt.up_kernel, fmt.config("up", {"dim": dim}, perm, n))(
+            compile_kernel(fmt.up_kernel, fmt.config("up", {"dim": dim}, perm, n, weight_keys))(
                 x8, x_scale, perm.w_sorted, w1.data, w1.scale, w3.data, w3.scale, perm.offsets, perm.tile_offsets,
                 tile_info, out, limit)
     return out
@@ -671,6 +681,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
         raise ValueError(f"h8: inter={inter} must be a multiple of {SCALE_BLOCK}")
     fmt.check_act("h8", h8, h_scale, n, inter, dev)
     w2 = fmt.check_weight("w2", w2, perm.num_experts, dim, inter, dev)
+    weight_keys = fmt.weight_keys({"w2": w2})
     if out is None:
         out = _empty((n, dim), torch.bfloat16, dev)
     else:
@@ -679,7 +690,7 @@ def grouped_down(fmt: QuantFormat, perm: MoEPermutation, h8: torch.Tensor, h_sca
     if n:
         with torch.cuda.device(dev):
             tile_info = _check_tile_info(perm.tile_info)  # the 128-row table's records (not perm.up_tiles)
-            compile_kernel(fmt.down_kernel, fmt.config("down", {"inter": inter}, perm, n))(
+            compile_kernel(fmt.down_kernel, fmt.config("down", {"inter": inter}, perm, n, weight_keys))(
                 h8, h_scale, w2.data, w2.scale, perm.offsets, perm.tile_offsets, tile_info, out)
     return out
 
