@@ -305,27 +305,43 @@ class _WordOps(NamedTuple):
     byte_perm: Callable[[Any, Any, Any], Any]  # CUDA __byte_perm(x, y, s): byte i = byte s_i of the pair (y:x)
     e4m3_byte: Callable[[Any], Any]  # fp32 bit pattern -> its e4m3 byte (round to nearest even), as u32
     and_or: Callable[[Any, Any, Any], Any]  # (a & m) | b
+    hi16: Callable[[Any], Any] = lambda x: x >> 16  # the upper half-word (the upper four selectors)
 
 
-# (a & m) | b as one LOP3: ptxas left the expansion's sign merge as an AND and an OR (two instructions a word)
+# (a & m) | b as one LOP3: ptxas left the expansion's sign merge as an AND and an OR (two instructions a word).
+# PRMT and the shift of the upper selectors as PTX: __byte_perm masks each selector nibble to 3 bits itself (a LOP3
+# per selector word), and the compiler rewrites (w & M) >> 16 as (w >> 16) & (M >> 16) (one mask more): with
+# them a word's two selectors cost three instructions, here two (the mask, then the shift; sm_90a SASS)
 AND_OR_SOURCE = """
 __device__ __forceinline__ unsigned tilev4_and_or(unsigned a, unsigned m, unsigned b) {
   unsigned d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(b));
   return d;
 }
+__device__ __forceinline__ unsigned tilev4_prmt(unsigned x, unsigned y, unsigned s) {
+  unsigned d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(x), "r"(y), "r"(s));
+  return d;
+}
+__device__ __forceinline__ unsigned tilev4_hi16(unsigned x) {
+  unsigned d;
+  asm("shr.b32 %0, %1, 16;" : "=r"(d) : "r"(x));
+  return d;
+}
 """
 
 _TL_OPS = _WordOps(
     T.uint32, T.int32, T.max, T.min,
-    lambda x, y, sel: T.call_extern(T.uint32, "__byte_perm", x, y, sel),
+    lambda x, y, sel: T.call_extern(T.uint32, "tilev4_prmt", x, y, sel),
     lambda bits: T.cast(T.reinterpret(T.cast(T.reinterpret(bits, T.float32), T.float8_e4m3fn), T.uint8), T.uint32),
     lambda a, m, b: T.call_extern(T.uint32, "tilev4_and_or", a, m, b),
+    lambda x: T.call_extern(T.uint32, "tilev4_hi16", x),
 )
 
 
 def _import_sources(up: bool) -> None:
-    """The device helpers an FP4 program calls: the expansion's LOP3 (and silu's ex2 / rcp for the up-projection)."""
+    """The device helpers an FP4 program calls: the expansion's LOP3 and PRMT (and silu's ex2 / rcp for the
+    up-projection)."""
     T.import_source(FAST_SOURCE + AND_OR_SOURCE if up else AND_OR_SOURCE)
 
 
@@ -376,9 +392,9 @@ def _e4m3_words(w: Any, lo: Any, hi: Any, ops: _WordOps, prepared: bool = False)
     ws = w << ops.u32(4)
     if prepared:
         return (ops.and_or(w, signs, ops.byte_perm(lo, hi, m)),
-                ops.and_or(ws, signs, ops.byte_perm(lo, hi, m >> ops.u32(16))))
+                ops.and_or(ws, signs, ops.byte_perm(lo, hi, ops.hi16(m))))
     return (ops.and_or(ops.byte_perm(ws, w, ops.u32(0x5140)), signs, ops.byte_perm(lo, hi, m)),
-            ops.and_or(ops.byte_perm(ws, w, ops.u32(0x7362)), signs, ops.byte_perm(lo, hi, m >> ops.u32(16))))
+            ops.and_or(ops.byte_perm(ws, w, ops.u32(0x7362)), signs, ops.byte_perm(lo, hi, ops.hi16(m))))
 
 
 def _loads_last(loads: int, compute: int, num_stages: int) -> tuple[list[int], list[int]]:
