@@ -75,7 +75,8 @@ K (dim for the up projection,
 inter for the down projection) is a multiple of 128 and static (a kernel per size).
 
 Tuning notes: every CTA that reads a weight tile expands it again (the M tiles of an expert each do), ~1.1
-integer instructions per element for the lookup on the fast path, ~2 with the scale bytes, the table,
+integer instructions per element for the lookup on the fast path (~0.9 for prepared weights), ~2 with the scale
+bytes, the table,
 addressing and the 16-byte shared loads and stores (~65 a thread per 32-group). The schedules give the same bits:
 the pipelined kernel's m64 × 128 wgmma over the stacked tile sums each element as the ws kernel's m64 × 64 a weight
 does (measured on the H200; ``tests/test_moe_gpu.py`` checks it), and so does the swap kernel's m64 × 8 with the
