@@ -472,3 +472,12 @@ def test_clock_probe_names_bad_workloads():
         sys.path.pop(0)
     assert parse_workloads("matmul, moe,matmul") == ["matmul", "moe", "matmul"]
     _assert_needs_gpu(tool)
+
+
+def test_fp4_layout_ab_checks_its_arguments():
+    script = ROOT / "tools" / "fp4_layout_ab.py"
+    bad_args = ((["--tokens", "64,x"], "--tokens"), (["--tokens", "0"], "--tokens"), (["--rounds", "0"], "--rounds"))
+    for bad, flag in bad_args:
+        run = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and flag in run.stderr, run.stderr
+    _assert_needs_gpu(script)

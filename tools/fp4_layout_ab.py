@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of timing in turn")
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args(argv)
-    tokens = [int(t) for t in args.tokens.split(",")]
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        ap.error(f"--tokens must be positive integers separated by commas, got {args.tokens!r}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if not torch.cuda.is_available():
         print("fp4_layout_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
