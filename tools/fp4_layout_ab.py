@@ -13,24 +13,8 @@ import importlib
 import json
 import sys
 import time
-from typing import Any
 
 import torch
-
-
-def _routed(perm: Any, quant_x: Any, weights: tuple[Any, Any, Any], y: torch.Tensor, limit: float) -> Any:
-    """The timed routed FP4 path on ``weights`` (w1, w2, w3) into ``y``."""
-    from tilev4.kernels import fp8_quantize
-    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4
-
-    q1, q2, q3 = weights
-
-    def run() -> None:
-        h = moe_up_fp4(perm, perm.x_sorted, quant_x(), q1, q3, limit)
-        h8, hs = fp8_quantize(h)
-        moe_down_fp4(perm, h8, hs, q2, out=y)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fp4_layout_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    from tilev4.bench import measure_peaks, record, time_in_turn
+    from tilev4.bench import measure_peaks
     from tilev4.bench import moe as B
     from tilev4.kernels import fp8_quantize
     from tilev4.kernels.moe_fp4 import prepare_fp4_weight, quantize_fp4_weight
@@ -60,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = measure_peaks()
     gen = torch.Generator(device="cuda").manual_seed(0)
     layer = B._layer(gen)
-    layouts = {"checkpoint": tuple(quantize_fp4_weight(layer[k]) for k in ("w1", "w2", "w3"))}
+    checkpoint = tuple(quantize_fp4_weight(layer[k]) for k in ("w1", "w2", "w3"))
     t0 = time.perf_counter()
-    layouts["prepared"] = tuple(prepare_fp4_weight(w) for w in layouts["checkpoint"])
+    layouts = (tuple(prepare_fp4_weight(w) for w in checkpoint), checkpoint)
     torch.cuda.synchronize()
     prepare_s = time.perf_counter() - t0
     del layer["w1"], layer["w2"], layer["w3"]
@@ -74,24 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         quant_x = B._quantize_tokens(x, perm)
         n = perm.x_sorted.shape[0]
         touched = int((perm.counts > 0).sum().item())
-        graph = num_tokens <= 256
-        outs = {name: torch.full((n, B.DIM), float("nan"), device="cuda", dtype=torch.bfloat16) for name in layouts}
-
-        runs = [_routed(perm, quant_x, layouts[name], outs[name], B.LIMIT) for name in layouts]
-        for run in runs:
-            run()
-        times = time_in_turn(runs, rounds=args.rounds, graph=graph)
-        expert_bytes = sum(w.data[0].numel() + w.scale[0].numel() for w in layouts["checkpoint"])
-        work = {"nbytes": touched * expert_bytes} if graph else {"flops": 6.0 * n * B.DIM * B.INTER}
         shape = f"T={num_tokens} dim={B.DIM} inter={B.INTER} E={B.NUM_EXPERTS} k={B.TOP_K}"
-        for name, ms in zip(layouts, times, strict=True):
-            rec = record(f"moe routed FP4, {name} layout", shape, ms, peaks=peaks, **work)
-            rec["has_nan"] = bool(torch.isnan(outs[name]).any())
-            rows.append(rec)
-        rows[-1]["bits_equal_to_checkpoint"] = bool(torch.equal(outs["prepared"], outs["checkpoint"]))
-        rows[-1]["prepared_over_checkpoint"] = times[1] / times[0]
-        for rec in rows[-2:]:
+        # the benchmark's own FP4 rows: prepared first, then the checkpoint layout, timed in turn, bits compared
+        recs = B._bench_fp4(perm, quant_x, layouts, num_tokens <= 256, float("nan"), float("nan"),
+                            6.0 * n * B.DIM * B.INTER, touched, shape, peaks, rounds=args.rounds)
+        for rec in recs:
+            del rec["speedup_vs_bf16"], rec["speedup_vs_fp8"]
+        recs[0]["prepared_over_checkpoint"] = recs[0]["ms"] / recs[1]["ms"]
+        for rec in recs:
             print(json.dumps(rec), flush=True)
+        rows += recs
     report = {"peaks": peaks, "prepare_seconds_all_experts": prepare_s, "rounds": args.rounds, "records": rows,
               "gpu": torch.cuda.get_device_name()}
     if args.json:

@@ -18,9 +18,9 @@
 * FP4 weights (packed e2m1, e8m0 scales per 32 along K, expanded to FP8 in shared memory), same shapes and
   the same routed path with the FP4 GEMMs, with ``speedup_vs_bf16`` and ``speedup_vs_fp8`` against the
   other two routed paths of the same run; decode bytes count the FP4 weights touched (``3·dim·inter/2`` per
-  expert plus one e8m0 byte per 32 weights). The weights are in the prepared layout the model runtime gives them
-  (:func:`tilev4.kernels.moe_fp4.prepare_fp4_weight`); a second row runs the checkpoint layout, timed in turn with
-  the first (it must give the same bits: ``bits_equal_to_prepared``).
+  expert plus one e8m0 byte per 32 weights). The weights are in the prepared layout, as a caller gives them once
+  at load time (:func:`tilev4.kernels.moe_fp4.prepare_fp4_weight`); a second row runs the checkpoint layout, timed
+  in turn with the first (it must give the same bits: ``bits_equal_to_prepared``).
 
 * Two more routings of the same 8192 tokens, the routed bf16 path again:
 
@@ -90,7 +90,7 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
     K = importlib.import_module("tilev4.kernels.moe")  # tilev4.kernels also exports the function `moe`
 
     from tilev4.kernels import fp8_quantize
-    from tilev4.kernels.moe_fp4 import quantize_fp4_weight
+    from tilev4.kernels.moe_fp4 import prepare_fp4_weight, quantize_fp4_weight
     from tilev4.kernels.moe_fp8 import quantize_fp8_weight
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -98,6 +98,7 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
     w1, w2, w3, shared = layer["w1"], layer["w2"], layer["w3"], layer["shared"]
     fp8 = tuple(quantize_fp8_weight(w) for w in (w1, w2, w3))
     fp4 = tuple(quantize_fp4_weight(w) for w in (w1, w2, w3))
+    fp4_layouts = (tuple(prepare_fp4_weight(q) for q in fp4), fp4)  # (prepared, checkpoint)
     expert_bytes = 3 * DIM * INTER * 2
     out = []
     for num_tokens in (8192, 64):
@@ -165,8 +166,8 @@ def bench_moe(peaks: dict[str, float]) -> list[dict[str, Any]]:
         fp8_recs = _bench_fp8(perm8, quant_x, fp8, graph, ms_routed, routed_flops, touched, shape, peaks,
                               recs[0].get("ms_sustained"))
         out += fp8_recs
-        out += _bench_fp4(perm8, quant_x, fp4, graph, ms_routed, fp8_recs[0]["ms"], routed_flops, touched, shape,
-                          peaks)
+        out += _bench_fp4(perm8, quant_x, fp4_layouts, graph, ms_routed, fp8_recs[0]["ms"], routed_flops, touched,
+                          shape, peaks)
         if num_tokens > 256:
             weights_b, experts_b = balanced_routing(num_tokens, NUM_EXPERTS, TOP_K, gen)
             out += _bench_routing(K, x, weights_b, experts_b, "balanced routing", w1, w2, w3, peaks)
@@ -338,10 +339,13 @@ def _bench_fp8(perm: Any, quant_x: Any, fp8: tuple[Any, Any, Any], graph: bool, 
     return [rec]
 
 
-def _bench_fp4(perm: Any, quant_x: Any, fp4: tuple[Any, Any, Any], graph: bool, ms_bf16: float, ms_fp8: float,
-               flops: float, touched: int, shape: str, peaks: dict[str, float]) -> list[dict[str, Any]]:
+def _bench_fp4(perm: Any, quant_x: Any, fp4_layouts: tuple[tuple[Any, ...], tuple[Any, ...]], graph: bool,
+               ms_bf16: float, ms_fp8: float, flops: float, touched: int, shape: str, peaks: dict[str, float],
+               rounds: int = 3) -> list[dict[str, Any]]:
+    """The routed FP4 path with the (prepared, checkpoint) weights (w1, w2, w3) of ``fp4_layouts``, timed in turn
+    over ``rounds`` rounds: a row each, the second's bits compared with the first's."""
     from tilev4.kernels import fp8_quantize
-    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4, prepare_fp4_weight
+    from tilev4.kernels.moe_fp4 import moe_down_fp4, moe_up_fp4
 
     n = perm.x_sorted.shape[0]
     ys = [torch.full((n, DIM), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -357,11 +361,11 @@ def _bench_fp4(perm: Any, quant_x: Any, fp4: tuple[Any, Any, Any], graph: bool, 
 
         return run
 
-    runs = [routed_fp4(tuple(prepare_fp4_weight(q) for q in fp4), ys[0]), routed_fp4(fp4, ys[1])]
+    runs = [routed_fp4(weights, y) for weights, y in zip(fp4_layouts, ys, strict=True)]
     for run in runs:
         run()
-    ms_prepared, ms_checkpoint = time_in_turn(runs, graph=graph)
-    expert_bytes = sum(q.data[0].numel() + q.scale[0].numel() for q in fp4)  # packed bytes + e8m0 bytes
+    ms_prepared, ms_checkpoint = time_in_turn(runs, rounds=rounds, graph=graph)
+    expert_bytes = sum(q.data[0].numel() + q.scale[0].numel() for q in fp4_layouts[1])  # packed + e8m0 bytes
     work = {"flops": flops} if not graph else {"nbytes": touched * expert_bytes}
     recs = [record("moe routed FP4 (quantise x, up, quantise h, down)", shape, ms_prepared, peaks=peaks, **work),
             record("moe routed FP4, checkpoint layout", shape, ms_checkpoint, peaks=peaks, **work)]

@@ -152,12 +152,11 @@ class FP4Weight(NamedTuple):
 LAYOUTS = ("checkpoint", "prepared")
 
 
-def _sign_bits(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Magnitude bits (``byte & 0x77``) and the eight sign bits [..., W, 8] (0/1, uint8) of each 32-bit word's
-    elements of checkpoint-layout bytes [..., 4·W] (element 2b in byte b's low nibble, 2b + 1 in its high one)."""
-    c = data.reshape(*data.shape[:-1], -1, 4)
-    signs = torch.stack(((c >> 3) & 1, (c >> 7) & 1), -1).flatten(-2)  # element 2b, 2b + 1 of byte b
-    return c & 0x77, signs
+def _is_prepared(layout: object, name: str = "layout") -> bool:
+    """Whether ``layout`` (one of :data:`LAYOUTS`, else a ValueError naming ``name``) is the prepared one."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
+    return layout == "prepared"
 
 
 def prepare_fp4_weight(w: FP4Weight) -> FP4Weight:
@@ -172,8 +171,9 @@ def prepare_fp4_weight(w: FP4Weight) -> FP4Weight:
     w = _check_any_fp4(w)
     if w.layout == "prepared":
         return w
-    mag, s = _sign_bits(w.data)
-    data = mag | (s[..., 4:] << 3) | (s[..., :4] << 7)
+    c = w.data.reshape(*w.data.shape[:-1], -1, 4)  # the four bytes of each word
+    s = torch.stack(((c >> 3) & 1, (c >> 7) & 1), -1).flatten(-2)  # the signs of elements 0..7 (2b, 2b + 1: byte b)
+    data = (c & 0x77) | (s[..., 4:] << 3) | (s[..., :4] << 7)
     return FP4Weight(data.reshape(w.data.shape), w.scale, "prepared")
 
 
@@ -254,15 +254,10 @@ def _as_bytes(w: FP4Weight) -> FP4Weight:
     return FP4Weight(w.data.view(torch.uint8), w.scale.view(torch.uint8), w.layout)
 
 
-def _check_layout_name(name: str, w: FP4Weight) -> None:
-    if w.layout not in LAYOUTS:
-        raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got {w.layout!r}")
-
-
 def _check_fp4_layout(name: str, w: object) -> FP4Weight:
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
-    _check_layout_name(name, w)
+    _is_prepared(w.layout, f"{name}.layout")
     check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, ndim=3, contiguous=True)
     e, n, kp = w.data.shape
     if (2 * kp) % SCALE_BLOCK:
@@ -285,7 +280,7 @@ def _check_fp4_weight(name: str, w: object, e: int, n: int, k: int, device: torc
     """Check an FP4Weight of logical shape [e, n, k] on ``device``; returns its uint8 views."""
     if not isinstance(w, FP4Weight):
         raise TypeError(f"{name} must be an FP4Weight(data, scale), got {type(w).__name__}")
-    _check_layout_name(name, w)
+    _is_prepared(w.layout, f"{name}.layout")
     check_tensor(f"{name}.data", w.data, dtype=_DATA_DTYPES, shape=(e, n, k // 2), contiguous=True, device=device)
     check_tensor(f"{name}.scale", w.scale, dtype=_SCALE_DTYPES, shape=(e, n, k // FP4_BLOCK), contiguous=True,
                  device=device)
@@ -574,12 +569,6 @@ def _grouped_prim_func(kind: str, schedule: str, K: int, dims: tuple, body: Any)
 
 
 SCHEDULES = ("ws", "pipelined", "swap")
-
-
-def _is_prepared(layout: str) -> bool:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return layout == "prepared"
 # setmaxnreg of each producer and each consumer thread by producer warpgroups: with one, 64 + 2·216 <= 504 (the launch
 # allocation of 384 threads); with two, 80 + 176 <= 256 (512 threads, 128 each)
 WS_REGS = {1: (64, 216), 2: (80, 176)}
