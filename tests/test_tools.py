@@ -79,15 +79,19 @@ def test_attention_walks_checks_its_arguments():
 
 
 def test_decode_splits_checks_its_arguments():
-    """The decode split-size comparison (a GPU tool) names a bad --split-keys / --batches / --topk, counts a row's key
-    blocks as the benchmark's inputs have them, and says when there is no GPU to run on."""
+    """The decode split-size comparison (a GPU tool) names a bad --split-keys / --batches / --topk / --queries and a
+    --shared-keys without two csa queries a sequence, counts a row's key blocks as the benchmark's inputs have them,
+    and says when there is no GPU to run on."""
 
     tool = _tool("decode_splits")
     assert tool.key_blocks("csa", 512) == 10 and tool.key_blocks("hca", 512) == 18
     script = str(ROOT / "tools" / "decode_splits.py")
-    for flag, bad in (("--split-keys", "96"), ("--split-keys", "32"), ("--batches", "0"), ("--topk", "100")):
+    for flag, bad in (("--split-keys", "96"), ("--split-keys", "32"), ("--batches", "0"), ("--topk", "100"),
+                      ("--queries", "3")):
         run = subprocess.run([sys.executable, script, flag, bad], capture_output=True, text=True, timeout=300)
         assert run.returncode != 0 and flag in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, script, "--shared-keys"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "--shared-keys needs --variant csa and --queries 2" in run.stderr, run.stderr
     _assert_needs_gpu(script)
 
 

@@ -2,6 +2,7 @@
 
     python3 tools/decode_splits.py --variant csa --heads 64 --batches 1,8,16,32 --json $OUT/decode_splits.json
     python3 tools/decode_splits.py --variant hca --split-keys 256,128 --build-only      # no GPU: prebuild
+    python3 tools/decode_splits.py --batches 64 --queries 2 --shared-keys --split-keys 128   # MTP-style, two CTAs a row
 
 The inputs are the attention benchmark's decode at 128K context: one query a sequence at position 131071, a 128-row
 window ring, and either ``--topk`` random compressed entries of 32768 (``csa``) or every compressed entry visible
@@ -9,6 +10,10 @@ there (``hca``: 1024). For each batch the tool times the op's kernel (``Attentio
 with ``num_splits`` forced to one pass and to the split counts that give ``--split-keys`` keys a piece (CUDA-graph
 replays, L2 flushed, in turn with the order reversed every other round), and checks that no output is NaN and how far
 each is from the one-pass output. ``tilev4.dsl.runtime.AttentionKernel.plan`` is the rule these numbers feed.
+``--queries 2`` gives each sequence two queries (positions 131070, 131071: MTP's decode, a 129-row ring), one CTA each
+in one pass;
+with ``--shared-keys`` both select the same compressed entries, so that two CTAs read each row's keys, the second
+mostly from L2 — what a row split over two SMs by columns of the output would read (session 53).
 """
 
 import argparse
@@ -56,34 +61,40 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     nb = key_blocks(args.variant, args.topk)
     labels = ["one pass"] + [f"{sk}-key pieces" for sk in args.split_keys]
     splits = [1] + [-(-nb // (sk // 64)) for sk in args.split_keys]
+    kernels = [k] * len(splits)
     n_c = 32768 if args.variant == "csa" else (POSITION + 1) // 128
     rows = []
     for b in args.batches:
         g = torch.Generator(device="cuda").manual_seed(1)
-        pos = torch.full((b, 1), POSITION, dtype=torch.int32, device="cuda")
-        q = torch.randn(b, 1, args.heads, D, generator=g, device="cuda").bfloat16()
+        nq = args.queries
+        pos = torch.arange(POSITION - nq + 1, POSITION + 1, dtype=torch.int32, device="cuda").repeat(b, 1)
+        q = torch.randn(b, nq, args.heads, D, generator=g, device="cuda").bfloat16()
         sink = torch.randn(args.heads, generator=g, device="cuda")
-        t = {"window_kv": torch.randn(b, 128, D, generator=g, device="cuda").bfloat16()}
+        ring = 128 + nq - 1  # a ring holds the window of each of a sequence's queries
+        t = {"window_kv": torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()}
         kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
         if args.variant == "csa":
             t["sel_kv"] = kv_c
-            t["sel_idx"] = torch.argsort(torch.rand(b, 1, n_c, generator=g, device="cuda"), dim=-1)[..., :args.topk]
-            t["sel_idx"] = t["sel_idx"].int().contiguous()
+            n_sel = 1 if args.shared_keys else nq
+            idx = torch.argsort(torch.rand(b, n_sel, n_c, generator=g, device="cuda"), dim=-1)[..., :args.topk]
+            t["sel_idx"] = idx.expand(b, nq, args.topk).int().contiguous()
         else:
             t["comp_kv"] = kv_c
         outs = []
-        for ns in splits:
+        for kk, ns in zip(kernels, splits):
             outs.append(torch.full_like(q, float("nan")))
-            k(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
+            kk(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
         o = torch.empty_like(q)
         head = (q, pos, sink)
-        fns = [lambda ns=ns, a=head, o=o, t=t: k(*a, validate=False, out=o, num_splits=ns, **t) for ns in splits]
+        fns = [lambda kk=kk, ns=ns, a=head, o=o, t=t: kk(*a, validate=False, out=o, num_splits=ns, **t)
+               for kk, ns in zip(kernels, splits)]
         ms = time_in_turn(fns, rounds=args.rounds, graph=True, warmup=3, reps=20)
-        row = {"variant": args.variant, "heads": args.heads, "batch": b, "key_blocks": nb,
+        row = {"variant": args.variant, "heads": args.heads, "batch": b, "queries": nq,
+               "shared_keys": args.shared_keys, "key_blocks": nb,
                "splits": dict(zip(labels, splits)), "us": {lbl: m * 1000 for lbl, m in zip(labels, ms)},
                "nan": any(bool(torch.isnan(x).any()) for x in outs),
                "max_abs_diff_to_one_pass": max(float((x.float() - outs[0].float()).abs().max()) for x in outs)}
-        print(f"{args.variant} H={args.heads} b={b}: "
+        print(f"{args.variant} H={args.heads} b={b} s={nq}{' shared keys' if args.shared_keys else ''}: "
               + ", ".join(f"{lbl} {us:.1f} us" for lbl, us in row["us"].items())
               + (" NaN" if row["nan"] else ""), flush=True)
         rows.append(row)
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=512, help="compressed entries a query selects (csa)")
     ap.add_argument("--batches", default="1,4,8,16,32")
     ap.add_argument("--split-keys", default="256,128,64", help="keys a piece, multiples of 64")
+    ap.add_argument("--queries", type=int, choices=(1, 2), default=1, help="queries a sequence (2: MTP's decode)")
+    ap.add_argument("--shared-keys", action="store_true",
+                    help="csa: a sequence's queries select the same compressed entries")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--build-only", action="store_true", help="compile the programs (TileLang's cache), no GPU")
     ap.add_argument("--arch", default="sm_90a", help="CUDA arch for --build-only")
@@ -109,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--split-keys must be multiples of 64, got {args.split_keys}")
         if args.topk < 1 or args.topk % 64:
             raise ValueError(f"--topk must be a positive multiple of 64, got {args.topk}")
+        if args.shared_keys and (args.variant != "csa" or args.queries < 2):
+            raise ValueError(f"--shared-keys needs --variant csa and --queries 2, got --variant {args.variant} "
+                             f"--queries {args.queries}")
     except ValueError as e:
         ap.error(str(e))
     if args.build_only:
