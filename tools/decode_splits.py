@@ -11,9 +11,8 @@ with ``num_splits`` forced to one pass and to the split counts that give ``--spl
 replays, L2 flushed, in turn with the order reversed every other round), and checks that no output is NaN and how far
 each is from the one-pass output. ``tilev4.dsl.runtime.AttentionKernel.plan`` is the rule these numbers feed.
 ``--queries 2`` gives each sequence two queries (positions 131070, 131071: MTP's decode, a 129-row ring), one CTA each
-in one pass;
-with ``--shared-keys`` both select the same compressed entries, so that two CTAs read each row's keys, the second
-mostly from L2 — what a row split over two SMs by columns of the output would read (session 53).
+in one pass; with ``--shared-keys`` both select the same compressed entries, so that two CTAs read each row's keys,
+the second mostly from L2 — what a row split over two SMs by columns of the output would read (session 53).
 """
 
 import argparse
@@ -61,16 +60,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     nb = key_blocks(args.variant, args.topk)
     labels = ["one pass"] + [f"{sk}-key pieces" for sk in args.split_keys]
     splits = [1] + [-(-nb // (sk // 64)) for sk in args.split_keys]
-    kernels = [k] * len(splits)
     n_c = 32768 if args.variant == "csa" else (POSITION + 1) // 128
+    nq = args.queries
+    ring = 128 + nq - 1  # a ring holds the window of each of a sequence's queries
     rows = []
     for b in args.batches:
         g = torch.Generator(device="cuda").manual_seed(1)
-        nq = args.queries
         pos = torch.arange(POSITION - nq + 1, POSITION + 1, dtype=torch.int32, device="cuda").repeat(b, 1)
         q = torch.randn(b, nq, args.heads, D, generator=g, device="cuda").bfloat16()
         sink = torch.randn(args.heads, generator=g, device="cuda")
-        ring = 128 + nq - 1  # a ring holds the window of each of a sequence's queries
         t = {"window_kv": torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()}
         kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
         if args.variant == "csa":
@@ -81,13 +79,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             t["comp_kv"] = kv_c
         outs = []
-        for kk, ns in zip(kernels, splits):
+        for ns in splits:
             outs.append(torch.full_like(q, float("nan")))
-            kk(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
+            k(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
         o = torch.empty_like(q)
         head = (q, pos, sink)
-        fns = [lambda kk=kk, ns=ns, a=head, o=o, t=t: kk(*a, validate=False, out=o, num_splits=ns, **t)
-               for kk, ns in zip(kernels, splits)]
+        fns = [lambda ns=ns, a=head, o=o, t=t: k(*a, validate=False, out=o, num_splits=ns, **t) for ns in splits]
         ms = time_in_turn(fns, rounds=args.rounds, graph=True, warmup=3, reps=20)
         row = {"variant": args.variant, "heads": args.heads, "batch": b, "queries": nq,
                "shared_keys": args.shared_keys, "key_blocks": nb,
