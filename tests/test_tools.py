@@ -95,6 +95,16 @@ def test_decode_splits_checks_its_arguments():
     _assert_needs_gpu(script)
 
 
+def test_decode_cold_code_checks_its_arguments():
+    """The cold-code probe of the decode program (a GPU tool) names a bad --batches / --topk / --rounds and says
+    when there is no GPU to run on."""
+    script = str(ROOT / "tools" / "decode_cold_code.py")
+    for flag, bad in (("--batches", "0"), ("--topk", "100"), ("--rounds", "0")):
+        run = subprocess.run([sys.executable, script, flag, bad], capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and flag in run.stderr, run.stderr
+    _assert_needs_gpu(script)
+
+
 def test_kernel_records_name_registry_kernels():
     """tools/records/*.jsonl (builds earlier GPU rounds loaded) read as (kernel, config) jobs of this registry."""
     from tilev4.kernels.registry import load_all_kernels, recorded_jobs
