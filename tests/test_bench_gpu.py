@@ -24,3 +24,20 @@ def test_back_to_back_measurement_adds_the_sustained_fraction():
     if available:
         assert rec["sm_mhz_sustained"] > 0 and rec["sm_mhz_sustained_matmul"] > 0 and rec["power_w_sustained"] > 0
     assert add_sustained({}, lambda: None, 1.0, seconds=0) == {}
+
+
+def test_time_cuda_runs_before_untimed_after_the_flush():
+    """``time_cuda(before=...)`` launches ``before`` once per timed launch, outside the timed interval: a ~1 ms spin
+    before a one-element add leaves the add's median far under the spin."""
+    from tilev4.bench import time_cuda
+
+    x = torch.ones(1, device="cuda")
+    calls = []
+
+    def spin():
+        calls.append(1)
+        torch.cuda._sleep(2_000_000)
+
+    ms = time_cuda(lambda: x.add_(1), warmup=2, reps=5, graph=True, before=spin)
+    assert len(calls) == 5
+    assert 0 < ms < 0.2

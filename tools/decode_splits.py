@@ -51,6 +51,51 @@ def key_blocks(variant: str, topk: int) -> int:
     return 2 + -(-(topk if variant == "csa" else (POSITION + 1) // 128) // 64)
 
 
+def decode_inputs(variant: str, b: int, heads: int, topk: int, queries: int = 1, shared_keys: bool = False,
+                  seed: int = 1) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The decode benchmark's inputs at 128K context for ``b`` sequences of ``queries`` queries: ``(q, pos, sink)``
+    and the sources' tensors (a ring of each query's window; csa: ``topk`` random entries of 32768, the same for a
+    sequence's queries with ``shared_keys``; hca: every compressed entry visible there)."""
+    import torch
+
+    n_c = 32768 if variant == "csa" else (POSITION + 1) // 128
+    ring = 128 + queries - 1  # a ring holds the window of each of a sequence's queries
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    pos = torch.arange(POSITION - queries + 1, POSITION + 1, dtype=torch.int32, device="cuda").repeat(b, 1)
+    q = torch.randn(b, queries, heads, D, generator=g, device="cuda").bfloat16()
+    sink = torch.randn(heads, generator=g, device="cuda")
+    t = {"window_kv": torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()}
+    kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
+    if variant == "csa":
+        t["sel_kv"] = kv_c
+        n_sel = 1 if shared_keys else queries
+        idx = torch.argsort(torch.rand(b, n_sel, n_c, generator=g, device="cuda"), dim=-1)[..., :topk]
+        t["sel_idx"] = idx.expand(b, queries, topk).int().contiguous()
+    else:
+        t["comp_kv"] = kv_c
+    return (q, pos, sink), t
+
+
+def add_common_args(ap: argparse.ArgumentParser, batches: str, rounds: int) -> None:
+    """The options shared by the decode probes (``tools/decode_cold_code.py`` too)."""
+    ap.add_argument("--heads", type=int, choices=(64, 128), default=64)
+    ap.add_argument("--topk", type=int, default=512, help="compressed entries a query selects (csa)")
+    ap.add_argument("--batches", default=batches)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--build-only", action="store_true", help="compile the programs (TileLang's cache), no GPU")
+    ap.add_argument("--arch", default="sm_90a", help="CUDA arch for --build-only")
+    ap.add_argument("--json", help="write the rows here")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """``--batches`` parsed in place; a bad ``--batches`` / ``--topk`` / ``--rounds`` raises ValueError naming it."""
+    args.batches = parse_ints("--batches", args.batches)
+    if args.topk < 1 or args.topk % 64:
+        raise ValueError(f"--topk must be a positive multiple of 64, got {args.topk}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
@@ -60,30 +105,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     nb = key_blocks(args.variant, args.topk)
     labels = ["one pass"] + [f"{sk}-key pieces" for sk in args.split_keys]
     splits = [1] + [-(-nb // (sk // 64)) for sk in args.split_keys]
-    n_c = 32768 if args.variant == "csa" else (POSITION + 1) // 128
     nq = args.queries
-    ring = 128 + nq - 1  # a ring holds the window of each of a sequence's queries
     rows = []
     for b in args.batches:
-        g = torch.Generator(device="cuda").manual_seed(1)
-        pos = torch.arange(POSITION - nq + 1, POSITION + 1, dtype=torch.int32, device="cuda").repeat(b, 1)
-        q = torch.randn(b, nq, args.heads, D, generator=g, device="cuda").bfloat16()
-        sink = torch.randn(args.heads, generator=g, device="cuda")
-        t = {"window_kv": torch.randn(b, ring, D, generator=g, device="cuda").bfloat16()}
-        kv_c = torch.randn(b, n_c, D, generator=g, device="cuda").bfloat16()
-        if args.variant == "csa":
-            t["sel_kv"] = kv_c
-            n_sel = 1 if args.shared_keys else nq
-            idx = torch.argsort(torch.rand(b, n_sel, n_c, generator=g, device="cuda"), dim=-1)[..., :args.topk]
-            t["sel_idx"] = idx.expand(b, nq, args.topk).int().contiguous()
-        else:
-            t["comp_kv"] = kv_c
+        head, t = decode_inputs(args.variant, b, args.heads, args.topk, nq, args.shared_keys)
+        q = head[0]
         outs = []
         for ns in splits:
             outs.append(torch.full_like(q, float("nan")))
-            k(q, pos, sink, validate=False, out=outs[-1], num_splits=ns, **t)
+            k(*head, validate=False, out=outs[-1], num_splits=ns, **t)
         o = torch.empty_like(q)
-        head = (q, pos, sink)
         fns = [lambda ns=ns, a=head, o=o, t=t: k(*a, validate=False, out=o, num_splits=ns, **t) for ns in splits]
         ms = time_in_turn(fns, rounds=args.rounds, graph=True, warmup=3, reps=20)
         row = {"variant": args.variant, "heads": args.heads, "batch": b, "queries": nq,
@@ -101,25 +132,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", choices=("csa", "hca"), default="csa")
-    ap.add_argument("--heads", type=int, choices=(64, 128), default=64)
-    ap.add_argument("--topk", type=int, default=512, help="compressed entries a query selects (csa)")
-    ap.add_argument("--batches", default="1,4,8,16,32")
+    add_common_args(ap, batches="1,4,8,16,32", rounds=4)
     ap.add_argument("--split-keys", default="256,128,64", help="keys a piece, multiples of 64")
     ap.add_argument("--queries", type=int, choices=(1, 2), default=1, help="queries a sequence (2: MTP's decode)")
     ap.add_argument("--shared-keys", action="store_true",
                     help="csa: a sequence's queries select the same compressed entries")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--build-only", action="store_true", help="compile the programs (TileLang's cache), no GPU")
-    ap.add_argument("--arch", default="sm_90a", help="CUDA arch for --build-only")
-    ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     try:
-        args.batches = parse_ints("--batches", args.batches)
+        check_common_args(args)
         args.split_keys = parse_ints("--split-keys", args.split_keys, lo=64)
         if any(sk % 64 for sk in args.split_keys):
             raise ValueError(f"--split-keys must be multiples of 64, got {args.split_keys}")
-        if args.topk < 1 or args.topk % 64:
-            raise ValueError(f"--topk must be a positive multiple of 64, got {args.topk}")
         if args.shared_keys and (args.variant != "csa" or args.queries < 2):
             raise ValueError(f"--shared-keys needs --variant csa and --queries 2, got --variant {args.variant} "
                              f"--queries {args.queries}")

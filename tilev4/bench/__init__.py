@@ -63,7 +63,8 @@ _HOST_LEAD_CYCLES = 2_000_000  # ~1 ms of GPU clock: the host's head start on a 
 
 
 def time_cuda(
-    fn: Callable[[], Any], warmup: int = 10, reps: int = 50, flush_l2: bool = True, graph: bool = False
+    fn: Callable[[], Any], warmup: int = 10, reps: int = 50, flush_l2: bool = True, graph: bool = False,
+    before: Callable[[], Any] | None = None,
 ) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` launches, each timed with CUDA events.
 
@@ -75,6 +76,8 @@ def time_cuda(
     the flush, not of the kernel.) ``graph=True`` captures ``fn`` in a
     CUDA graph and times its replays, so that only GPU time is measured (small decode kernels
     otherwise measure the host's launch path); it falls back to plain launches when capture fails.
+    ``before`` is launched after the flush and before the start event of every timed launch (untimed): what state a
+    preceding kernel leaves, e.g. the timed program's own code back in the L2.
     Without a graph, the stream spins ~1 ms (``torch.cuda._sleep``) before the start event, so that the
     host has queued all of ``fn``'s launches by the time it starts: the events time the device's work, not
     the host's Python between two of ``fn``'s kernels.
@@ -99,6 +102,8 @@ def time_cuda(
     for _ in range(reps):
         if flush is not None:
             flush.sum(dtype=torch.int64)  # a read of every byte (see above)
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if not graph:
             torch.cuda._sleep(_HOST_LEAD_CYCLES)
