@@ -49,12 +49,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         def call(a=head, o=out, tt=t):
             k(*a, validate=False, out=o, num_splits=1, **tt)
 
+        def call1(a=head1, o=out1, tt=t1):
+            k(*a, validate=False, out=o, num_splits=1, **tt)
+
         warm = torch.cuda.CUDAGraph()
         for _ in range(3):
-            k(*head1, validate=False, out=out1, num_splits=1, **t1)
+            call1()
         torch.cuda.synchronize()
         with torch.cuda.graph(warm):
-            k(*head1, validate=False, out=out1, num_splits=1, **t1)
+            call1()
         call()
         nan = bool(torch.isnan(out).any())
         how = {CASES[0]: {}, CASES[1]: {"before": lambda: tiny.add_(1)}, CASES[2]: {"before": warm.replay},
