@@ -495,3 +495,16 @@ def test_fp4_layout_ab_checks_its_arguments():
         run = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=300)
         assert run.returncode == 2 and flag in run.stderr, run.stderr
     _assert_needs_gpu(script)
+
+
+def test_wip_patches_apply_to_the_tree():
+    """Every measured-but-not-applied program under tools/wip/ is a patch that still applies to this tree (a refactor
+    of the files it touches must regenerate it)."""
+    patches = sorted((ROOT / "tools" / "wip").glob("*/*.patch"))
+    assert patches
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for p in patches:
+        run = subprocess.run(["git", "apply", "--check", str(p)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, f"{p.relative_to(ROOT)}: {run.stderr}"
