@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_on_gpu(tool: str, gpu: bool, measure: Callable[[], list[dict[str, Any]]], json_path: str | None) -> int:
-    """A GPU tool's last step (shared with ``tools/decode_splits.py``): ``measure()``'s rows written to ``json_path``
-    (if given), exit status 0; without a GPU, a message saying so and 2."""
+    """A GPU tool's last step (shared with ``tools/decode_splits.py``, ``tools/decode_cold_code.py``): ``measure()``'s
+    rows written to ``json_path`` (if given), exit status 0; without a GPU, a message saying so and 2."""
     if not gpu:
         print(f"{tool} needs a CUDA GPU (or --build-only)", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tool directory is not a package
 
 from attention_walks import run_on_gpu
-from decode_splits import add_common_args, check_common_args, decode_inputs, kernel
+from decode_splits import add_common_args, check_common_args, decode_inputs, kernel, launcher
 
 CASES = ("flushed", "flushed, tiny kernel first", "flushed, program run first on 1 row", "not flushed")
 
@@ -46,12 +46,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = torch.full_like(head[0], float("nan"))
         out1 = torch.empty_like(head1[0])
 
-        def call(a=head, o=out, tt=t):
-            k(*a, validate=False, out=o, num_splits=1, **tt)
-
-        def call1(a=head1, o=out1, tt=t1):
-            k(*a, validate=False, out=o, num_splits=1, **tt)
-
+        call, call1 = launcher(k, head, t, out), launcher(k, head1, t1, out1)
         warm = torch.cuda.CUDAGraph()
         for _ in range(3):
             call1()

@@ -17,6 +17,7 @@ the second mostly from L2 — what a row split over two SMs by columns of the ou
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,11 @@ def decode_inputs(variant: str, b: int, heads: int, topk: int, queries: int = 1,
     return (q, pos, sink), t
 
 
+def launcher(k: Any, head: tuple[Any, ...], t: dict[str, Any], out: Any, num_splits: int = 1) -> Callable[[], None]:
+    """One call of the decode program ``k`` on ``decode_inputs``'s ``(head, t)``, writing ``out``."""
+    return lambda: k(*head, validate=False, out=out, num_splits=num_splits, **t)
+
+
 def add_common_args(ap: argparse.ArgumentParser, batches: str, rounds: int) -> None:
     """The options shared by the decode probes (``tools/decode_cold_code.py`` too)."""
     ap.add_argument("--heads", type=int, choices=(64, 128), default=64)
@@ -113,9 +119,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         outs = []
         for ns in splits:
             outs.append(torch.full_like(q, float("nan")))
-            k(*head, validate=False, out=outs[-1], num_splits=ns, **t)
+            launcher(k, head, t, outs[-1], ns)()
         o = torch.empty_like(q)
-        fns = [lambda ns=ns, a=head, o=o, t=t: k(*a, validate=False, out=o, num_splits=ns, **t) for ns in splits]
+        fns = [launcher(k, head, t, o, ns) for ns in splits]
         ms = time_in_turn(fns, rounds=args.rounds, graph=True, warmup=3, reps=20)
         row = {"variant": args.variant, "heads": args.heads, "batch": b, "queries": nq,
                "shared_keys": args.shared_keys, "key_blocks": nb,
